@@ -1,0 +1,40 @@
+from django.contrib import admin
+
+from billing.models import Account, LedgerEntry, LedgerTransaction, UsageSample
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Ledger rows are immutable; corrections are new postings made through the services."""
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+class LedgerEntryInline(admin.TabularInline):
+    model = LedgerEntry
+    extra = 0
+    can_delete = False
+    readonly_fields = ["account", "amount_micros"]
+
+
+@admin.register(LedgerTransaction)
+class LedgerTransactionAdmin(ReadOnlyAdmin):
+    list_display = ["created_at", "kind", "key", "allocation"]
+    list_filter = ["kind"]
+    inlines = [LedgerEntryInline]
+
+
+@admin.register(Account)
+class AccountAdmin(ReadOnlyAdmin):
+    list_display = ["kind", "user", "currency"]
+
+
+@admin.register(UsageSample)
+class UsageSampleAdmin(ReadOnlyAdmin):
+    list_display = ["allocation", "seq", "gpu_ms", "recorded_at", "received_at"]

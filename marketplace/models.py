@@ -1,0 +1,145 @@
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+from nodes.models import Isolation, Slice, Unit
+
+
+class ApiKey(models.Model):
+    """A renter's API key: shown once, stored as a lookup part and an HMAC digest."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_keys")
+    name = models.CharField(max_length=80)
+    lookup = models.CharField(max_length=12, unique=True)
+    digest = models.CharField(max_length=64)
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.lookup})"
+
+
+class JobQuerySet(models.QuerySet):
+    def visible_to(self, user) -> "JobQuerySet":
+        if not user.is_authenticated:
+            return self.none()
+        if user.is_staff:
+            return self
+        return self.filter(renter=user)
+
+
+class Job(models.Model):
+    class State(models.TextChoices):
+        QUEUED = "queued"
+        PLACED = "placed"
+        STARTING = "starting"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+        LOST = "lost"
+
+    ACTIVE_STATES = (State.PLACED, State.STARTING, State.RUNNING)
+    FINAL_STATES = (State.SUCCEEDED, State.FAILED, State.CANCELLED, State.LOST)
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    renter = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="jobs")
+    name = models.CharField(max_length=120, blank=True)
+    image = models.CharField(max_length=255)
+    command = models.JSONField(help_text="argv list")
+    gpu_count = models.PositiveSmallIntegerField(default=1)
+    gpu_models = models.JSONField(default=list, blank=True, help_text="Empty means any model.")
+    min_vram_gb = models.PositiveIntegerField(default=0)
+    max_price_per_gpu_hour_micros = models.BigIntegerField(null=True, blank=True)
+    isolation = models.CharField(max_length=10, choices=Isolation.choices, default=Isolation.GPU)
+    allowed_countries = models.JSONField(default=list, blank=True, help_text="Empty means anywhere.")
+    max_duration_s = models.PositiveIntegerField(default=3600)
+    restartable = models.BooleanField(default=False)
+    state = models.CharField(max_length=10, choices=State.choices, default=State.QUEUED)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    exit_code = models.IntegerField(null=True, blank=True)
+    failure_reason = models.CharField(max_length=255, blank=True)
+    pending_reason = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    placed_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    objects = JobQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["state", "created_at"])]
+        constraints = [
+            models.CheckConstraint(condition=Q(gpu_count__gte=1), name="job_gpu_count_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return self.name or str(self.id)
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in self.FINAL_STATES
+
+
+class Allocation(models.Model):
+    """A lease of slices on one unit for one job, with the price locked at placement."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    job = models.ForeignKey(Job, on_delete=models.PROTECT, related_name="allocations")
+    unit = models.ForeignKey(Unit, on_delete=models.PROTECT, related_name="allocations")
+    price_per_gpu_hour_micros = models.BigIntegerField()
+    gpu_count = models.PositiveSmallIntegerField()
+    created_at = models.DateTimeField(default=timezone.now)
+    acknowledged_at = models.DateTimeField(null=True, blank=True)
+    released_at = models.DateTimeField(null=True, blank=True)
+    release_reason = models.CharField(max_length=40, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["job"], condition=Q(released_at__isnull=True), name="allocation_one_active_per_job"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"allocation {self.id} of {self.job_id} on {self.unit}"
+
+
+class Lease(models.Model):
+    """One slice held by one allocation. The partial unique index is the guarantee that no
+    slice is ever leased to two jobs at once; placement's checks are only the fast path."""
+
+    allocation = models.ForeignKey(Allocation, on_delete=models.CASCADE, related_name="leases")
+    slice = models.ForeignKey(Slice, on_delete=models.PROTECT, related_name="leases")
+    released_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["slice"], condition=Q(released_at__isnull=True), name="lease_one_active_per_slice"
+            ),
+        ]
+
+
+class AuditEvent(models.Model):
+    """An append-only record of every change of capacity, state or money."""
+
+    action = models.CharField(max_length=60, db_index=True)
+    subject_id = models.UUIDField(db_index=True)
+    actor = models.CharField(max_length=80, blank=True)
+    data = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.subject_id}"

@@ -1,0 +1,178 @@
+from datetime import datetime
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from marketplace import tokens
+from marketplace.audit import audit_record
+from marketplace.errors import StateConflict
+from marketplace.models import Allocation, ApiKey, Job
+from nodes.models import Unit
+
+API_KEY_KIND = "shs_live"
+
+
+def api_key_create(*, user, name: str, expires_at: datetime | None = None) -> tuple[ApiKey, str]:
+    """Create an API key; the plaintext is returned once and never stored."""
+    issued = tokens.token_issue(API_KEY_KIND)
+    key = ApiKey.objects.create(
+        user=user, name=name, lookup=issued.lookup, digest=issued.digest, expires_at=expires_at
+    )
+    return key, issued.plaintext
+
+
+def api_key_authenticate(*, plaintext: str) -> ApiKey | None:
+    lookup = tokens.token_lookup(plaintext, API_KEY_KIND)
+    if lookup is None:
+        return None
+    key = ApiKey.objects.select_related("user").filter(lookup=lookup, revoked_at__isnull=True).first()
+    if key is None or not tokens.token_matches(plaintext, key.digest):
+        return None
+    now = timezone.now()
+    if key.expires_at is not None and key.expires_at <= now:
+        return None
+    if not key.user.is_active:
+        return None
+    return key
+
+
+def placement_request(job_id=None) -> None:
+    """Ask the placement workers to run once the current transaction commits: for one job, or
+    a shallow pass over the oldest queued jobs when capacity may have freed."""
+    from marketplace import tasks
+
+    if job_id is None:
+        transaction.on_commit(lambda: tasks.placement_pass.delay())
+    else:
+        transaction.on_commit(lambda: tasks.job_place.delay(str(job_id)))
+
+
+@transaction.atomic
+def job_submit(*, renter, spec: dict) -> Job:
+    job = Job.objects.create(renter=renter, **spec)
+    audit_record("job.submitted", job.id, actor=f"user:{renter.pk}")
+    placement_request(job.id)
+    return job
+
+
+def _allocation_release(allocation: Allocation, *, reason: str) -> None:
+    now = timezone.now()
+    if Allocation.objects.filter(pk=allocation.pk, released_at__isnull=True).update(
+        released_at=now, release_reason=reason
+    ):
+        allocation.leases.filter(released_at__isnull=True).update(released_at=now)
+        audit_record("allocation.released", allocation.job_id, allocation=str(allocation.pk), reason=reason)
+        placement_request()
+
+
+def _active_allocation(job: Job) -> Allocation | None:
+    return job.allocations.filter(released_at__isnull=True).first()
+
+
+@transaction.atomic
+def job_cancel(*, job: Job, actor: str) -> Job:
+    """Cancel a job. A job the agent has not picked up is released at once; a running one keeps
+    its lease until the agent confirms the process has stopped (the GPUs are busy until then)."""
+    job = Job.objects.select_for_update().get(pk=job.pk)
+    if job.is_final:
+        raise StateConflict(f"The job has already ended ({job.state}).")
+    previous = job.state
+    job.state = Job.State.CANCELLED
+    job.finished_at = timezone.now()
+    job.save(update_fields=["state", "finished_at"])
+    audit_record("job.cancelled", job.id, actor=actor, previous=previous)
+    allocation = _active_allocation(job)
+    if allocation is not None and allocation.acknowledged_at is None:
+        _allocation_release(allocation, reason="cancelled")
+    return job
+
+
+def allocation_pull(*, unit: Unit) -> Allocation | None:
+    """Hand the agent its oldest placed allocation, marking the job as starting."""
+    waiting = (
+        Allocation.objects.filter(unit=unit, acknowledged_at__isnull=True, released_at__isnull=True)
+        .select_related("job")
+        .order_by("created_at")
+    )
+    for allocation in waiting:
+        with transaction.atomic():
+            now = timezone.now()
+            # The conditional updates make a repeated or concurrent pull hand out an allocation once.
+            if not Allocation.objects.filter(pk=allocation.pk, acknowledged_at__isnull=True).update(
+                acknowledged_at=now
+            ):
+                continue
+            Job.objects.filter(pk=allocation.job_id, state=Job.State.PLACED).update(state=Job.State.STARTING)
+            audit_record("allocation.acknowledged", allocation.job_id, actor=f"unit:{unit.pk}")
+        allocation.refresh_from_db()
+        return allocation
+    return None
+
+
+@transaction.atomic
+def allocation_start(*, allocation: Allocation) -> Job:
+    job = Job.objects.select_for_update().get(pk=allocation.job_id)
+    if allocation.released_at is not None or job.state not in (Job.State.STARTING, Job.State.PLACED):
+        raise StateConflict(f"This allocation must not start: the job is {job.state}.")
+    job.state = Job.State.RUNNING
+    job.started_at = timezone.now()
+    job.save(update_fields=["state", "started_at"])
+    audit_record("job.started", job.id, actor=f"unit:{allocation.unit_id}")
+    return job
+
+
+@transaction.atomic
+def allocation_finish(*, allocation: Allocation, exit_code: int | None, reason: str) -> Job:
+    """The agent reports the job's process has ended; its GPUs are free again."""
+    from billing.services import usage_post_request
+
+    job = Job.objects.select_for_update().get(pk=allocation.job_id)
+    if allocation.released_at is None:
+        _allocation_release(allocation, reason=reason or "finished")
+    if job.state in Job.ACTIVE_STATES:
+        job.state = Job.State.SUCCEEDED if exit_code == 0 else Job.State.FAILED
+        job.exit_code = exit_code
+        job.finished_at = timezone.now()
+        if job.state == Job.State.FAILED:
+            job.failure_reason = (reason or "exited")[:255] if exit_code is None else f"exit code {exit_code}"
+        job.save(update_fields=["state", "exit_code", "finished_at", "failure_reason"])
+        audit_record(f"job.{job.state}", job.id, actor=f"unit:{allocation.unit_id}", exit_code=exit_code)
+    elif job.state == Job.State.CANCELLED and job.exit_code is None:
+        job.exit_code = exit_code
+        job.save(update_fields=["exit_code"])
+    usage_post_request(allocation.pk)
+    return job
+
+
+def allocations_to_cancel(*, unit: Unit, running_ids: list) -> list:
+    """Of the allocations the agent says it runs, those it should stop now."""
+    if not running_ids:
+        return []
+    keep = Allocation.objects.filter(
+        unit=unit, pk__in=running_ids, released_at__isnull=True, job__state__in=Job.ACTIVE_STATES
+    ).values_list("pk", flat=True)
+    keep = {str(pk) for pk in keep}
+    return [str(pk) for pk in running_ids if str(pk) not in keep]
+
+
+@transaction.atomic
+def unit_jobs_lost(*, unit: Unit) -> None:
+    """The unit went offline: re-queue restartable jobs (up to the attempt cap), lose the rest.
+
+    Billing stops at the last usage sample that arrived; nothing is charged for the silence.
+    """
+    for allocation in Allocation.objects.filter(unit=unit, released_at__isnull=True).select_related("job"):
+        _allocation_release(allocation, reason="unit_offline")
+        job = allocation.job
+        if job.state not in Job.ACTIVE_STATES:
+            continue
+        if job.restartable and job.attempts < settings.JOB_MAX_ATTEMPTS:
+            Job.objects.filter(pk=job.pk).update(state=Job.State.QUEUED, placed_at=None, started_at=None)
+            audit_record("job.requeued", job.id, actor="liveness", unit=str(unit.pk), attempts=job.attempts)
+            placement_request(job.id)
+        else:
+            Job.objects.filter(pk=job.pk).update(
+                state=Job.State.LOST, finished_at=timezone.now(), failure_reason="unit went offline"
+            )
+            audit_record("job.lost", job.id, actor="liveness", unit=str(unit.pk))

@@ -1,0 +1,24 @@
+from celery import shared_task
+
+from marketplace import placement
+
+SHALLOW_PASS_JOBS = 20
+DEEP_PASS_JOBS = 1000
+
+
+@shared_task(acks_late=True)
+def job_place(job_id: str) -> None:
+    placement.job_place(job_id=job_id)
+
+
+@shared_task(acks_late=True)
+def placement_pass(limit: int = SHALLOW_PASS_JOBS) -> None:
+    """Capacity may have freed: try the oldest queued jobs."""
+    for job_id in placement.queued_job_ids(limit=limit):
+        placement.job_place(job_id=job_id)
+
+
+@shared_task
+def placement_sweep() -> None:
+    """The periodic deep pass that catches anything the event-driven passes missed."""
+    placement_pass(limit=DEEP_PASS_JOBS)

@@ -1,0 +1,38 @@
+from django.contrib import admin
+from django.contrib.auth import views as auth_views
+from django.urls import include, path
+from django.views.generic import RedirectView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from marketplace.api.errors import problem_response
+
+urlpatterns = [
+    path("", RedirectView.as_view(pattern_name="portal:unit_list", permanent=False)),
+    path("admin/", admin.site.urls),
+    path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
+    path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("portal/", include("nodes.urls")),
+    path("api/v1/", include("marketplace.api.urls")),
+    path("api/agent/v1/", include("nodes.api.urls")),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+]
+
+
+def _api_or_page(page_handler, status_code: int, code: str, detail: str):
+    def handler(request, *args, **kwargs):
+        if request.path.startswith("/api/"):
+            return problem_response(status_code, code, detail)
+        return page_handler(request, *args, **kwargs)
+
+    return handler
+
+
+def _default(name):
+    from django.views import defaults
+
+    return getattr(defaults, name)
+
+
+handler404 = _api_or_page(_default("page_not_found"), 404, "not-found", "No such resource.")
+handler500 = _api_or_page(_default("server_error"), 500, "server-error", "Something went wrong on our side.")

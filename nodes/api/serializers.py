@@ -1,0 +1,90 @@
+from rest_framework import serializers
+
+from marketplace.api.serializers import StrictSerializer
+
+
+class EnrolSerializer(StrictSerializer):
+    token = serializers.CharField(max_length=200)
+    hostname = serializers.CharField(max_length=255, required=False, allow_blank=True, default="")
+    agent_version = serializers.CharField(max_length=40, required=False, allow_blank=True, default="")
+
+
+class EnrolResultSerializer(serializers.Serializer):
+    unit_id = serializers.UUIDField()
+    credential = serializers.CharField()
+    heartbeat_interval_s = serializers.IntegerField()
+
+
+class GpuReportSerializer(serializers.Serializer):
+    index = serializers.IntegerField(min_value=0, max_value=63)
+    uuid = serializers.CharField(max_length=80)
+    model = serializers.CharField(max_length=40)
+    vram_mb = serializers.IntegerField(min_value=1, max_value=10_000_000)
+    driver_version = serializers.CharField(max_length=40, required=False, allow_blank=True, default="")
+    cuda_version = serializers.CharField(max_length=20, required=False, allow_blank=True, default="")
+    mig_mode = serializers.BooleanField(required=False, default=False)
+    healthy = serializers.BooleanField(required=False, default=True)
+
+
+class HeartbeatSerializer(serializers.Serializer):
+    gpus = GpuReportSerializer(many=True, max_length=64)
+    running = serializers.ListField(child=serializers.UUIDField(), required=False, default=list, max_length=64)
+    agent_version = serializers.CharField(max_length=40, required=False, allow_blank=True, default="")
+
+    def validate_gpus(self, value):
+        uuids = [gpu["uuid"] for gpu in value]
+        if len(set(uuids)) != len(uuids):
+            raise serializers.ValidationError("GPU uuids must be unique.")
+        return value
+
+
+class HeartbeatResultSerializer(serializers.Serializer):
+    status = serializers.CharField()
+    heartbeat_interval_s = serializers.IntegerField()
+    cancel = serializers.ListField(child=serializers.UUIDField())
+
+
+class AssignmentJobSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    image = serializers.CharField()
+    command = serializers.ListField(child=serializers.CharField())
+    gpu_count = serializers.IntegerField()
+    max_duration_s = serializers.IntegerField()
+    isolation = serializers.CharField()
+    allowed_countries = serializers.ListField(child=serializers.CharField())
+
+
+class AssignmentGpuSerializer(serializers.Serializer):
+    index = serializers.IntegerField()
+    uuid = serializers.CharField()
+
+
+class AssignmentSerializer(serializers.Serializer):
+    allocation_id = serializers.UUIDField()
+    job = AssignmentJobSerializer()
+    gpus = AssignmentGpuSerializer(many=True)
+    price_per_gpu_hour_micros = serializers.IntegerField()
+
+
+class UsageSampleSerializer(serializers.Serializer):
+    seq = serializers.IntegerField(min_value=1, max_value=2**31 - 1)
+    gpu_ms = serializers.IntegerField(min_value=0, max_value=64 * 3_600_000)
+    recorded_at = serializers.DateTimeField()
+
+
+class UsageSerializer(StrictSerializer):
+    samples = UsageSampleSerializer(many=True, min_length=1, max_length=1000)
+
+
+class UsageResultSerializer(serializers.Serializer):
+    accepted = serializers.IntegerField()
+    duplicates = serializers.IntegerField()
+
+
+class FinishSerializer(StrictSerializer):
+    exit_code = serializers.IntegerField(allow_null=True, min_value=-255, max_value=255)
+    reason = serializers.CharField(max_length=40, required=False, allow_blank=True, default="exited")
+
+
+class JobStateSerializer(serializers.Serializer):
+    state = serializers.CharField()

@@ -1,0 +1,134 @@
+import time
+
+from django.conf import settings
+from django.shortcuts import get_object_or_404
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import status
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from billing.services import SampleReport, usage_record
+from marketplace import services as market
+from marketplace.models import Allocation
+from nodes import services
+from nodes.api import serializers as s
+from nodes.api.auth import IsUnitAgent, NodeCredentialAuthentication
+
+
+class EnrolView(APIView):
+    authentication_classes: list = []
+    permission_classes: list = []
+
+    @extend_schema(request=s.EnrolSerializer, responses={201: s.EnrolResultSerializer})
+    def post(self, request):
+        data = s.EnrolSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        unit, credential = services.unit_enrol(
+            token=data.validated_data["token"],
+            hostname=data.validated_data["hostname"],
+            agent_version=data.validated_data["agent_version"],
+        )
+        body = {"unit_id": unit.pk, "credential": credential, "heartbeat_interval_s": settings.HEARTBEAT_INTERVAL_S}
+        return Response(s.EnrolResultSerializer(body).data, status=status.HTTP_201_CREATED)
+
+
+class AgentView(APIView):
+    """Base for calls made with a node credential; ``self.unit`` is the caller's own unit."""
+
+    authentication_classes = [NodeCredentialAuthentication]
+    permission_classes = [IsUnitAgent]
+
+    @property
+    def unit(self):
+        return self.request.user.unit
+
+    def own_allocation(self, allocation_id) -> Allocation:
+        # Scoped to the caller's unit: another unit's allocation is indistinguishable from none.
+        return get_object_or_404(Allocation.objects.select_related("job"), pk=allocation_id, unit=self.unit)
+
+
+class HeartbeatView(AgentView):
+    @extend_schema(request=s.HeartbeatSerializer, responses={200: s.HeartbeatResultSerializer})
+    def post(self, request):
+        data = s.HeartbeatSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        gpus = [services.GpuReport(**gpu) for gpu in data.validated_data["gpus"]]
+        if services.unit_heartbeat(unit=self.unit, gpus=gpus, agent_version=data.validated_data["agent_version"]):
+            market.placement_request()
+        cancel = market.allocations_to_cancel(unit=self.unit, running_ids=data.validated_data["running"])
+        body = {"status": self.unit.status, "heartbeat_interval_s": settings.HEARTBEAT_INTERVAL_S, "cancel": cancel}
+        return Response(s.HeartbeatResultSerializer(body).data)
+
+
+def assignment_body(allocation: Allocation) -> dict:
+    job = allocation.job
+    gpus = [
+        {"index": lease.slice.gpu.index, "uuid": lease.slice.gpu.device_uuid}
+        for lease in allocation.leases.select_related("slice__gpu").order_by("slice__gpu__index")
+    ]
+    return {
+        "allocation_id": allocation.pk,
+        "job": {
+            "id": job.pk,
+            "image": job.image,
+            "command": job.command,
+            "gpu_count": allocation.gpu_count,
+            "max_duration_s": job.max_duration_s,
+            "isolation": job.isolation,
+            "allowed_countries": job.allowed_countries,
+        },
+        "gpus": gpus,
+        "price_per_gpu_hour_micros": allocation.price_per_gpu_hour_micros,
+    }
+
+
+class NextAssignmentView(AgentView):
+    POLL_INTERVAL_S = 0.25
+
+    @extend_schema(
+        parameters=[OpenApiParameter("wait", int, description="Seconds to wait for work (long poll).")],
+        responses={200: s.AssignmentSerializer, 204: OpenApiResponse(description="No work now.")},
+    )
+    def get(self, request):
+        try:
+            wait = min(max(int(request.query_params.get("wait", 0)), 0), settings.ASSIGNMENT_LONG_POLL_MAX_S)
+        except ValueError:
+            wait = 0
+        deadline = time.monotonic() + wait
+        while True:
+            allocation = market.allocation_pull(unit=self.unit)
+            if allocation is not None:
+                return Response(s.AssignmentSerializer(assignment_body(allocation)).data)
+            if time.monotonic() >= deadline:
+                return Response(status=status.HTTP_204_NO_CONTENT)
+            time.sleep(self.POLL_INTERVAL_S)
+
+
+class AllocationStartView(AgentView):
+    @extend_schema(request=None, responses={200: s.JobStateSerializer})
+    def post(self, request, allocation_id):
+        job = market.allocation_start(allocation=self.own_allocation(allocation_id))
+        return Response({"state": job.state})
+
+
+class AllocationUsageView(AgentView):
+    @extend_schema(request=s.UsageSerializer, responses={200: s.UsageResultSerializer})
+    def post(self, request, allocation_id):
+        allocation = self.own_allocation(allocation_id)
+        data = s.UsageSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        samples = [SampleReport(**sample) for sample in data.validated_data["samples"]]
+        accepted, duplicates = usage_record(allocation=allocation, samples=samples)
+        return Response({"accepted": accepted, "duplicates": duplicates})
+
+
+class AllocationFinishView(AgentView):
+    @extend_schema(request=s.FinishSerializer, responses={200: s.JobStateSerializer})
+    def post(self, request, allocation_id):
+        allocation = self.own_allocation(allocation_id)
+        data = s.FinishSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        job = market.allocation_finish(
+            allocation=allocation, exit_code=data.validated_data["exit_code"], reason=data.validated_data["reason"]
+        )
+        return Response({"state": job.state})

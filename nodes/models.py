@@ -1,0 +1,143 @@
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+from django_countries.fields import CountryField
+
+
+class Isolation(models.TextChoices):
+    """Isolation levels, weakest to strongest; see ``Isolation.rank``."""
+
+    SHARED = "shared", "Shared (time-sliced GPU, no memory isolation)"
+    MIG = "mig", "MIG (hardware partition)"
+    GPU = "gpu", "Whole exclusive GPUs"
+    NODE = "node", "Whole exclusive unit"
+
+    @classmethod
+    def rank(cls, level: str) -> int:
+        return list(cls.values).index(level)
+
+
+def default_isolation_levels() -> list[str]:
+    return [Isolation.GPU, Isolation.NODE]
+
+
+class UnitQuerySet(models.QuerySet):
+    def visible_to(self, user) -> "UnitQuerySet":
+        if not user.is_authenticated:
+            return self.none()
+        if user.is_staff:
+            return self
+        return self.filter(owner=user)
+
+
+class Unit(models.Model):
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        ONLINE = "online"
+        SUSPECT = "suspect"
+        OFFLINE = "offline"
+        DRAINING = "draining"
+        RETIRED = "retired"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="units")
+    name = models.CharField(max_length=80)
+    country = CountryField()
+    subdivision = models.CharField(max_length=6, blank=True, help_text="ISO 3166-2 code, e.g. DE-BY")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    # Owner policy, first cut: one price for every slice and the isolation levels offered.
+    price_per_gpu_hour_micros = models.BigIntegerField(
+        default=2_000_000, help_text="Owner's price per GPU-hour in micro-units of the currency."
+    )
+    isolation_levels = models.JSONField(default=default_isolation_levels)
+    credential_lookup = models.CharField(max_length=12, unique=True, null=True, blank=True)
+    credential_digest = models.CharField(max_length=64, blank=True)
+    enrolled_at = models.DateTimeField(null=True, blank=True)
+    last_heartbeat_at = models.DateTimeField(null=True, blank=True)
+    agent_version = models.CharField(max_length=40, blank=True)
+    hostname = models.CharField(max_length=255, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    objects = UnitQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(price_per_gpu_hour_micros__gte=0), name="unit_price_not_negative"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class EnrolmentToken(models.Model):
+    """A one-time token an owner pastes on the appliance; stored only as a digest."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    unit = models.ForeignKey(Unit, on_delete=models.CASCADE, related_name="enrolment_tokens")
+    lookup = models.CharField(max_length=12, unique=True)
+    digest = models.CharField(max_length=64)
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    used_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"enrolment token {self.lookup} for {self.unit}"
+
+
+class GPU(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    unit = models.ForeignKey(Unit, on_delete=models.CASCADE, related_name="gpus")
+    index = models.PositiveSmallIntegerField()
+    device_uuid = models.CharField(max_length=80)
+    model = models.CharField(max_length=40, help_text="Normalised model name, e.g. H100")
+    vram_mb = models.PositiveIntegerField()
+    driver_version = models.CharField(max_length=40, blank=True)
+    cuda_version = models.CharField(max_length=20, blank=True)
+    mig_mode = models.BooleanField(default=False)
+    healthy = models.BooleanField(default=True)
+    present = models.BooleanField(default=True, help_text="Reported in the latest inventory.")
+
+    class Meta:
+        ordering = ["unit", "index"]
+        verbose_name = "GPU"
+        constraints = [
+            models.UniqueConstraint(fields=["unit", "device_uuid"], name="gpu_unique_device"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.unit} GPU{self.index} {self.model}"
+
+
+class Slice(models.Model):
+    """The unit of sale: a whole GPU, a MIG instance or a time-shared fraction of one."""
+
+    class Kind(models.TextChoices):
+        WHOLE = "whole"
+        MIG = "mig"
+        SHARED = "shared"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    unit = models.ForeignKey(Unit, on_delete=models.CASCADE, related_name="slices")
+    gpu = models.ForeignKey(GPU, on_delete=models.CASCADE, related_name="slices")
+    kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.WHOLE)
+    isolation = models.CharField(max_length=10, choices=Isolation.choices, default=Isolation.GPU)
+    vram_mb = models.PositiveIntegerField()
+    price_per_gpu_hour_micros = models.BigIntegerField()
+    advertised = models.BooleanField(default=True)
+
+    class Meta:
+        ordering = ["unit", "gpu__index"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["gpu"], condition=Q(kind="whole"), name="slice_one_whole_per_gpu"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.gpu} ({self.kind})"

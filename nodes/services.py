@@ -1,0 +1,170 @@
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from marketplace import tokens
+from marketplace.audit import audit_record
+from marketplace.errors import InvalidToken, NotAllowed, TokenExpired, TokenUsed
+from nodes.models import GPU, EnrolmentToken, Isolation, Slice, Unit
+
+ENROLMENT_TOKEN_KIND = "shs_enrol"
+NODE_CREDENTIAL_KIND = "shs_node"
+
+
+@dataclass(frozen=True)
+class GpuReport:
+    index: int
+    uuid: str
+    model: str
+    vram_mb: int
+    driver_version: str = ""
+    cuda_version: str = ""
+    mig_mode: bool = False
+    healthy: bool = True
+
+
+@transaction.atomic
+def unit_register(*, owner, name: str, country: str, subdivision: str = "") -> tuple[Unit, str]:
+    """Create a pending unit and return it with its one-time enrolment token."""
+    unit = Unit.objects.create(owner=owner, name=name, country=country, subdivision=subdivision)
+    audit_record("unit.registered", unit.id, actor=f"user:{owner.pk}", name=name, country=country)
+    return unit, enrolment_token_issue(unit=unit)
+
+
+@transaction.atomic
+def enrolment_token_issue(*, unit: Unit) -> str:
+    """Issue a fresh enrolment token; any earlier unused token of the unit stops working."""
+    now = timezone.now()
+    EnrolmentToken.objects.filter(unit=unit, used_at__isnull=True).update(expires_at=now)
+    issued = tokens.token_issue(ENROLMENT_TOKEN_KIND)
+    EnrolmentToken.objects.create(
+        unit=unit,
+        lookup=issued.lookup,
+        digest=issued.digest,
+        expires_at=now + settings.ENROLMENT_TOKEN_TTL,
+    )
+    return issued.plaintext
+
+
+def _enrolment_token_find(plaintext: str) -> EnrolmentToken:
+    lookup = tokens.token_lookup(plaintext, ENROLMENT_TOKEN_KIND)
+    token = EnrolmentToken.objects.select_related("unit").filter(lookup=lookup).first() if lookup else None
+    if token is None or not tokens.token_matches(plaintext, token.digest):
+        raise InvalidToken("This enrolment token is not valid. Ask the unit's owner for a new one.")
+    return token
+
+
+@transaction.atomic
+def unit_enrol(*, token: str, hostname: str, agent_version: str) -> tuple[Unit, str]:
+    """Trade a one-time enrolment token for the unit's node credential."""
+    found = _enrolment_token_find(token)
+    now = timezone.now()
+    if found.used_at is not None:
+        raise TokenUsed("This enrolment token has already been used; issue a new one in the portal.")
+    if found.expires_at <= now:
+        raise TokenExpired("This enrolment token has expired; issue a new one in the portal.")
+    unit = found.unit
+    if unit.status == Unit.Status.RETIRED:
+        raise NotAllowed("This unit is retired and cannot enrol.")
+    # Exactly one enrolment may win the token, even when two agents race with it.
+    if not EnrolmentToken.objects.filter(pk=found.pk, used_at__isnull=True).update(used_at=now):
+        raise TokenUsed("This enrolment token has already been used; issue a new one in the portal.")
+    credential = tokens.token_issue(NODE_CREDENTIAL_KIND)
+    unit.credential_lookup = credential.lookup
+    unit.credential_digest = credential.digest
+    unit.enrolled_at = now
+    unit.hostname = hostname[:255]
+    unit.agent_version = agent_version[:40]
+    unit.save(update_fields=["credential_lookup", "credential_digest", "enrolled_at", "hostname", "agent_version"])
+    audit_record("unit.enrolled", unit.id, actor="agent", hostname=hostname)
+    return unit, credential.plaintext
+
+
+def unit_authenticate(*, credential: str) -> Unit | None:
+    lookup = tokens.token_lookup(credential, NODE_CREDENTIAL_KIND)
+    if lookup is None:
+        return None
+    unit = Unit.objects.filter(credential_lookup=lookup).exclude(status=Unit.Status.RETIRED).first()
+    if unit is None or not tokens.token_matches(credential, unit.credential_digest):
+        return None
+    return unit
+
+
+def _inventory_sync(unit: Unit, reports: list[GpuReport]) -> bool:
+    """Bring the unit's GPUs and whole-GPU slices in line with the agent's report.
+
+    Returns whether anything changed, so callers know capacity may have grown.
+    """
+    known = {gpu.device_uuid: gpu for gpu in unit.gpus.all()}
+    changed = False
+    for report in reports:
+        fields = {
+            "index": report.index,
+            "model": report.model,
+            "vram_mb": report.vram_mb,
+            "driver_version": report.driver_version,
+            "cuda_version": report.cuda_version,
+            "mig_mode": report.mig_mode,
+            "healthy": report.healthy,
+            "present": True,
+        }
+        gpu = known.pop(report.uuid, None)
+        if gpu is None:
+            gpu = GPU.objects.create(unit=unit, device_uuid=report.uuid, **fields)
+            changed = True
+        elif any(getattr(gpu, name) != value for name, value in fields.items()):
+            GPU.objects.filter(pk=gpu.pk).update(**fields)
+            changed = True
+        _whole_slice_sync(unit, gpu, report)
+    if known:
+        GPU.objects.filter(pk__in=[gpu.pk for gpu in known.values()]).update(present=False)
+        Slice.objects.filter(gpu__in=known.values()).update(advertised=False)
+        changed = True
+    return changed
+
+
+def _whole_slice_sync(unit: Unit, gpu: GPU, report: GpuReport) -> None:
+    wanted = {
+        "unit": unit,
+        "isolation": Isolation.GPU,
+        "vram_mb": report.vram_mb,
+        "price_per_gpu_hour_micros": unit.price_per_gpu_hour_micros,
+        "advertised": report.healthy,
+    }
+    Slice.objects.update_or_create(gpu=gpu, kind=Slice.Kind.WHOLE, defaults=wanted)
+
+
+@transaction.atomic
+def unit_heartbeat(*, unit: Unit, gpus: list[GpuReport], agent_version: str = "") -> bool:
+    """Record that the unit is alive and what it has. Returns whether capacity may have grown."""
+    now = timezone.now()
+    was = unit.status
+    if was in (Unit.Status.PENDING, Unit.Status.SUSPECT, Unit.Status.OFFLINE):
+        unit.status = Unit.Status.ONLINE
+        audit_record("unit.came_online", unit.id, actor="agent", previous=was)
+    unit.last_heartbeat_at = now
+    if agent_version:
+        unit.agent_version = agent_version[:40]
+    unit.save(update_fields=["status", "last_heartbeat_at", "agent_version"])
+    inventory_changed = _inventory_sync(unit, gpus)
+    return inventory_changed or was != unit.status
+
+
+def units_mark_unresponsive(*, now: datetime) -> list[Unit]:
+    """Move units that stopped heartbeating to suspect or offline; return those now offline."""
+    alive = (Unit.Status.ONLINE, Unit.Status.DRAINING)
+    suspect_before = now - settings.UNIT_SUSPECT_AFTER
+    offline_before = now - settings.UNIT_OFFLINE_AFTER
+    for unit in Unit.objects.filter(status__in=alive, last_heartbeat_at__lt=suspect_before):
+        if Unit.objects.filter(pk=unit.pk, status=unit.status).update(status=Unit.Status.SUSPECT):
+            audit_record("unit.went_suspect", unit.id, last_heartbeat=unit.last_heartbeat_at.isoformat())
+    gone = []
+    candidates = Unit.objects.filter(status=Unit.Status.SUSPECT, last_heartbeat_at__lt=offline_before)
+    for unit in candidates:
+        if Unit.objects.filter(pk=unit.pk, status=Unit.Status.SUSPECT).update(status=Unit.Status.OFFLINE):
+            audit_record("unit.went_offline", unit.id, last_heartbeat=unit.last_heartbeat_at.isoformat())
+            gone.append(unit)
+    return gone

@@ -1,0 +1,16 @@
+from celery import shared_task
+from django.utils import timezone
+
+from marketplace.services import unit_jobs_lost
+from nodes.models import Unit
+from nodes.services import units_mark_unresponsive
+
+
+@shared_task
+def unit_liveness_sweep() -> None:
+    units_mark_unresponsive(now=timezone.now())
+    # Driven by state rather than by what was just marked, so work left by an interrupted
+    # sweep is picked up by the next one.
+    stranded = Unit.objects.filter(status=Unit.Status.OFFLINE, allocations__released_at__isnull=True)
+    for unit in stranded.distinct():
+        unit_jobs_lost(unit=unit)
