@@ -128,6 +128,9 @@ class Lease(models.Model):
             ),
         ]
 
+    def __str__(self) -> str:
+        return f"lease of {self.slice_id} by {self.allocation_id}"
+
 
 class AuditEvent(models.Model):
     """An append-only record of every change of capacity, state or money."""

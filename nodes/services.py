@@ -10,7 +10,7 @@ from marketplace.audit import audit_record
 from marketplace.errors import InvalidToken, NotAllowed, TokenExpired, TokenUsed
 from nodes.models import GPU, EnrolmentToken, Isolation, Slice, Unit
 
-ENROLMENT_TOKEN_KIND = "shs_enrol"
+ENROLMENT_TOKEN_KIND = "shs_enrol"  # noqa: S105 - a token prefix, not a secret
 NODE_CREDENTIAL_KIND = "shs_node"
 
 

@@ -9,7 +9,11 @@ from marketplace.models import Job
 from nodes.models import Isolation
 
 # An OCI reference: [registry/]name[:tag][@digest], lower-case path components.
-IMAGE_RE = re.compile(r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-][a-z0-9]+)*)*(:[\w][\w.-]{0,127})?(@sha256:[a-f0-9]{64})?$")
+IMAGE_RE = re.compile(
+    r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?"  # registry host or first path component
+    r"(/[a-z0-9]+([._-][a-z0-9]+)*)*"  # further path components
+    r"(:[\w][\w.-]{0,127})?(@sha256:[a-f0-9]{64})?$"  # tag and digest
+)
 
 
 class StrictSerializer(serializers.Serializer):

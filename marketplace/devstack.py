@@ -1,0 +1,100 @@
+"""Start and stop the marketplace's processes on one machine: web, Celery worker and beat, agents.
+
+Used by ``manage.py demo`` and by the end-to-end tests, so both run the very same commands.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+PYTHON = sys.executable
+REPO = Path(__file__).resolve().parent.parent
+
+
+def web_argv(port: int, *, threads: int = 8) -> list[str]:
+    return [
+        PYTHON, "-m", "gunicorn", "marketplace.wsgi", "--bind", f"127.0.0.1:{port}",
+        "--worker-class", "gthread", "--workers", "1", "--threads", str(threads),
+        "--graceful-timeout", "5", "--access-logfile", "-",
+    ]  # fmt: skip
+
+
+def worker_argv(*, concurrency: int = 2, name: str = "worker") -> list[str]:
+    return [
+        PYTHON, "-m", "celery", "-A", "marketplace", "worker", "--loglevel", "INFO",
+        "--concurrency", str(concurrency), "--hostname", f"{name}@%h",
+        "--without-mingle", "--without-gossip", "--without-heartbeat",
+    ]  # fmt: skip
+
+
+def beat_argv(schedule: Path) -> list[str]:
+    return [PYTHON, "-m", "celery", "-A", "marketplace", "beat", "--loglevel", "INFO", "--schedule", str(schedule)]
+
+
+def agent_argv(*args: str) -> list[str]:
+    return [PYTHON, "-m", "nodes.agent.cli", *args]
+
+
+def wait_http(url: str, *, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            httpx.get(url, timeout=2.0)
+            return
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer within {timeout:.0f} s") from None
+            time.sleep(0.2)
+
+
+@dataclass
+class Stack:
+    """A set of named child processes sharing one environment and one log folder."""
+
+    env: dict
+    log_dir: Path
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def start(self, name: str, argv: list[str], **env) -> subprocess.Popen:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
+        process = subprocess.Popen(
+            argv, cwd=REPO, env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+        self.processes[name] = process
+        return process
+
+    def run(self, argv: list[str], *, timeout: float = 60.0) -> subprocess.CompletedProcess:
+        return subprocess.run(argv, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def signal(self, name: str, signum: int) -> None:
+        process = self.processes[name]
+        if process.poll() is None:
+            os.killpg(process.pid, signum)
+
+    def stop(self, name: str, *, timeout: float = 10.0) -> int | None:
+        process = self.processes.pop(name)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        return process.returncode
+
+    def stop_all(self) -> None:
+        # Agents first, so they can report to a server that is still up.
+        for name in sorted(self.processes, key=lambda n: not n.startswith("agent")):
+            self.stop(name)
+
+    def log(self, name: str) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""

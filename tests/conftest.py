@@ -1,0 +1,69 @@
+import pytest
+from django.contrib.auth import get_user_model
+from rest_framework.test import APIClient
+
+from marketplace.services import api_key_create
+from nodes.services import GpuReport, unit_enrol, unit_heartbeat, unit_register
+
+
+def user_make(username: str, **extra):
+    return get_user_model().objects.create_user(username=username, password="pw-" + username, **extra)
+
+
+@pytest.fixture
+def owner(db):
+    return user_make("olivia-owner")
+
+
+@pytest.fixture
+def renter(db):
+    return user_make("rita-renter")
+
+
+@pytest.fixture
+def stranger(db):
+    return user_make("sam-stranger")
+
+
+@pytest.fixture
+def staff(db):
+    return user_make("stella-staff", is_staff=True)
+
+
+def renter_client(user) -> APIClient:
+    _, key = api_key_create(user=user, name="tests")
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
+    return client
+
+
+@pytest.fixture
+def renter_api(renter):
+    return renter_client(renter)
+
+
+@pytest.fixture
+def stranger_api(stranger):
+    return renter_client(stranger)
+
+
+def gpus_make(count: int, *, model: str = "H100", vram_mb: int = 81920, prefix: str = "GPU") -> list[GpuReport]:
+    return [GpuReport(index=i, uuid=f"{prefix}-{i}", model=model, vram_mb=vram_mb) for i in range(count)]
+
+
+def unit_online(owner, *, name: str = "shed", country: str = "DE", gpus: int = 4, **policy):
+    """A unit that has enrolled and sent one heartbeat; returns (unit, node credential)."""
+    unit, token = unit_register(owner=owner, name=name, country=country)
+    unit, credential = unit_enrol(token=token, hostname=f"{name}.local", agent_version="test")
+    if policy:
+        for field, value in policy.items():
+            setattr(unit, field, value)
+        unit.save()
+    unit_heartbeat(unit=unit, gpus=gpus_make(gpus, prefix=f"GPU-{name}"))
+    return unit, credential
+
+
+def agent_client(credential: str) -> APIClient:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {credential}")
+    return client

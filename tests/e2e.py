@@ -1,0 +1,85 @@
+"""The end-to-end harness: real web, worker and agent processes against the test database."""
+
+import socket
+import time
+from urllib.parse import quote
+
+import httpx
+from django.conf import settings
+from django.db import connection
+
+from marketplace import devstack
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_database_url() -> str:
+    """The URL of the database pytest-django created, for the child processes."""
+    db = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{db['NAME']}"
+    auth = quote(db["USER"] or "")
+    if db["PASSWORD"]:
+        auth += ":" + quote(db["PASSWORD"])
+    return f"postgres://{auth}@{db['HOST'] or 'localhost'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+def stack_env(data_dir) -> dict:
+    import os
+
+    env = {**os.environ}
+    env.update(
+        DATABASE_URL=test_database_url(),
+        SECRET_KEY=settings.SECRET_KEY,
+        DEBUG="false",
+        ALLOWED_HOSTS="127.0.0.1,localhost",
+        SHEDSHARE_DATA_DIR=str(data_dir),
+        DJANGO_SETTINGS_MODULE="marketplace.settings",
+        UNIT_SUSPECT_AFTER_S="15",
+        HEARTBEAT_INTERVAL_S="1",
+    )
+    return env
+
+
+def wait_until(predicate, *, timeout: float, interval: float = 0.25, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"Timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Renter:
+    def __init__(self, base_url: str, api_key: str) -> None:
+        self.http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=10)
+
+    def submit(self, **spec) -> dict:
+        response = self.http.post("/api/v1/jobs", json=spec)
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    def job(self, job_id: str) -> dict:
+        response = self.http.get(f"/api/v1/jobs/{job_id}")
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def wait_final(self, job_id: str, *, timeout: float = 60) -> dict:
+        final = {"succeeded", "failed", "cancelled", "lost"}
+        return wait_until(
+            lambda: (job := self.job(job_id))["state"] in final and job, timeout=timeout, what=f"job {job_id} to end"
+        )
+
+
+def stack_start(tmp_path, *, port: int) -> devstack.Stack:
+    stack = devstack.Stack(env=stack_env(tmp_path / "data"), log_dir=tmp_path / "logs")
+    stack.start("web", devstack.web_argv(port))
+    stack.start("worker", devstack.worker_argv(concurrency=2))
+    devstack.wait_http(f"http://127.0.0.1:{port}/api/schema/", timeout=30)
+    return stack

@@ -1,0 +1,103 @@
+"""The whole marketplace loop through real processes: web server, Celery worker, node agent."""
+
+import sys
+
+import pytest
+from django.db.models import Sum
+
+from billing.models import Account, LedgerEntry, LedgerTransaction
+from billing.selectors import wallet_balance_micros
+from billing.services import wallet_credit_promotional
+from marketplace import devstack
+from marketplace.models import Allocation, AuditEvent
+from marketplace.services import api_key_create
+from nodes.models import Unit
+from nodes.services import unit_register
+from tests.conftest import user_make
+from tests.e2e import Renter, free_port, stack_start, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def running_stack(tmp_path):
+    port = free_port()
+    stack = stack_start(tmp_path, port=port)
+    stack.base_url = f"http://127.0.0.1:{port}"
+    yield stack
+    stack.stop_all()
+
+
+def dump_logs(stack) -> str:
+    return "\n".join(f"===== {name}\n{stack.log(name)[-4000:]}" for name in ("web", "worker", "agent"))
+
+
+def test_a_job_travels_from_submit_to_the_bill(running_stack, tmp_path):
+    stack = running_stack
+    owner, renter = user_make("olivia-owner"), user_make("rita-renter")
+    unit, token = unit_register(owner=owner, name="Garden shed", country="DE")
+    wallet_credit_promotional(user=renter, amount_micros=50_000_000, key="e2e-credit")
+    _, api_key = api_key_create(user=renter, name="e2e")
+    config = str(tmp_path / "agent" / "agent.json")
+
+    enrolled = stack.run(devstack.agent_argv("enrol", "--url", stack.base_url, "--token", token, "--config", config))
+    assert enrolled.returncode == 0, enrolled.stderr + enrolled.stdout
+    stack.start(
+        "agent",
+        devstack.agent_argv(
+            "run", "--config", config, "--simulate", "2xH100-80GB",
+            "--work-dir", str(tmp_path / "agent" / "work"), "--usage-interval", "1",
+        ),
+    )  # fmt: skip
+    try:
+        wait_until(
+            lambda: Unit.objects.get(pk=unit.pk).status == Unit.Status.ONLINE, timeout=30, what="the unit online"
+        )
+        assert unit.gpus.count() == 2
+
+        shopper = Renter(stack.base_url, api_key)
+        ok = shopper.submit(
+            image="docker.io/library/python:3.12-slim",
+            command=[sys.executable, "-c", "import time; print('hello from a shed'); time.sleep(3)"],
+            gpu_count=2,
+            allowed_countries=["DE"],
+            max_price_per_gpu_hour="5.00",
+        )
+        failing = shopper.submit(
+            image="docker.io/library/python:3.12-slim",
+            command=[sys.executable, "-c", "raise SystemExit(3)"],
+            allowed_countries=["DE", "FR"],
+        )
+        ok, failing = shopper.wait_final(ok["id"]), shopper.wait_final(failing["id"])
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{dump_logs(stack)}") from None
+
+    assert ok["state"] == "succeeded", dump_logs(stack)
+    assert ok["exit_code"] == 0
+    assert ok["placement"]["unit_id"] == str(unit.pk)
+    assert ok["placement"]["gpu_count"] == 2
+    assert failing["state"] == "failed"
+    assert failing["exit_code"] == 3
+
+    # Usage: two GPUs for at least the three seconds the job slept, charged at the unit's price.
+    allocation = Allocation.objects.get(job_id=ok["id"])
+    assert allocation.usage_samples.aggregate(total=Sum("gpu_ms"))["total"] >= 2 * 3000
+    charged = wait_until(
+        lambda: shopper.job(ok["id"])["usage"]["cost"] != "0.000000" and shopper.job(ok["id"]),
+        timeout=15,
+        what="the usage charge",
+    )
+    assert charged["usage"]["gpu_seconds"] >= 6
+    expected = int(charged["usage"]["gpu_seconds"] * 1000) * allocation.price_per_gpu_hour_micros // 3_600_000
+    assert abs(int(float(charged["usage"]["cost"]) * 1_000_000) - expected) <= 1
+    assert LedgerTransaction.objects.filter(allocation=allocation, kind="usage").exists()
+    assert LedgerEntry.objects.aggregate(total=Sum("amount_micros"))["total"] == 0
+    assert wallet_balance_micros(renter) < 50_000_000
+    owner_payable = LedgerEntry.objects.filter(account__kind=Account.Kind.OWNER_PAYABLE, account__user=owner)
+    assert owner_payable.aggregate(total=Sum("amount_micros"))["total"] > 0
+
+    # The leases are free again and the story is in the audit trail.
+    assert not allocation.leases.filter(released_at__isnull=True).exists()
+    actions = list(AuditEvent.objects.filter(subject_id=ok["id"]).values_list("action", flat=True))
+    for step in ("job.submitted", "job.placed", "allocation.acknowledged", "job.started", "job.succeeded"):
+        assert step in actions
