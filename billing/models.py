@@ -23,6 +23,9 @@ class UsageSample(models.Model):
             models.CheckConstraint(condition=Q(gpu_ms__gte=0), name="usage_sample_not_negative"),
         ]
 
+    def __str__(self) -> str:
+        return f"usage {self.allocation_id}#{self.seq}"
+
 
 class Account(models.Model):
     class Kind(models.TextChoices):
@@ -65,6 +68,9 @@ class LedgerTransaction(models.Model):
     class Meta:
         ordering = ["created_at", "id"]
 
+    def __str__(self) -> str:
+        return self.key
+
 
 class LedgerEntry(models.Model):
     transaction = models.ForeignKey(LedgerTransaction, on_delete=models.PROTECT, related_name="entries")
@@ -73,3 +79,6 @@ class LedgerEntry(models.Model):
 
     class Meta:
         verbose_name_plural = "ledger entries"
+
+    def __str__(self) -> str:
+        return f"{self.account}: {self.amount_micros}"

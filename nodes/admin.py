@@ -6,7 +6,9 @@ from nodes.models import GPU, EnrolmentToken, Slice, Unit
 class GPUInline(admin.TabularInline):
     model = GPU
     extra = 0
-    readonly_fields = ["index", "device_uuid", "model", "vram_mb", "driver_version", "cuda_version", "healthy", "present"]
+    readonly_fields = [
+        "index", "device_uuid", "model", "vram_mb", "driver_version", "cuda_version", "healthy", "present"
+    ]  # fmt: skip
 
 
 @admin.register(Unit)

@@ -1,6 +1,6 @@
 from django import forms
-from django_countries.fields import LazyTypedChoiceField
 from django_countries import countries
+from django_countries.fields import LazyTypedChoiceField
 
 
 class UnitRegisterForm(forms.Form):

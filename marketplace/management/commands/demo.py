@@ -14,7 +14,7 @@ from marketplace.services import api_key_create
 from nodes.models import Unit
 from nodes.services import enrolment_token_issue, unit_register
 
-PASSWORD = "shedshare-demo"
+PASSWORD = "shedshare-demo"  # noqa: S105 - demo accounts exist only with DEBUG on
 UNITS = [
     {"name": "Munich garden shed", "country": "DE", "subdivision": "DE-BY", "simulate": "8xH100-80GB"},
     {"name": "Lyon orchard shed", "country": "FR", "subdivision": "FR-ARA", "simulate": "4xL40S-48GB"},
@@ -29,6 +29,8 @@ class Command(BaseCommand):
         parser.add_argument("--port", type=int, default=8000)
 
     def handle(self, *args, port: int, **options):
+        if not settings.DEBUG:
+            raise CommandError("The demo creates accounts with a known password; run it with DEBUG=true only.")
         call_command("migrate", verbosity=0)
         owner, renter = self._accounts()
         stack = devstack.Stack(env={**os.environ}, log_dir=settings.DATA_DIR / "demo-logs")
