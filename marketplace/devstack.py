@@ -21,7 +21,7 @@ def web_argv(port: int, *, threads: int = 8) -> list[str]:
     return [
         PYTHON, "-m", "gunicorn", "marketplace.wsgi", "--bind", f"127.0.0.1:{port}",
         "--worker-class", "gthread", "--workers", "1", "--threads", str(threads),
-        "--graceful-timeout", "5", "--access-logfile", "-",
+        "--graceful-timeout", "5", "--access-logfile", "-", "--no-control-socket",
     ]  # fmt: skip
 
 
@@ -38,7 +38,7 @@ def beat_argv(schedule: Path) -> list[str]:
 
 
 def agent_argv(*args: str) -> list[str]:
-    return [PYTHON, "-m", "nodes.agent.cli", *args]
+    return [PYTHON, "-m", "nodes.agent", *args]
 
 
 def wait_http(url: str, *, timeout: float = 30.0) -> None:

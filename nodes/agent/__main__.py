@@ -1,0 +1,3 @@
+from nodes.agent.cli import main
+
+main(prog_name="shedshare-agent")

@@ -1,0 +1,105 @@
+"""`shedshare-agent`: enrol a unit once, then run the agent loop."""
+
+import signal
+import socket
+from pathlib import Path
+from types import FrameType
+
+import click
+
+from nodes.agent import __version__, config, gpus, logs
+from nodes.agent.client import AgentClient, AgentError
+from nodes.agent.loop import Agent, Options
+from nodes.agent.runtime.process import ProcessRuntime
+
+CONFIG_HELP = "Config file [default: $SHEDSHARE_AGENT_CONFIG or ~/.config/shedshare/agent.json]."
+
+
+@click.group()
+@click.version_option(__version__, prog_name="shedshare-agent")
+def main() -> None:
+    """Shedshare node agent."""
+
+
+@main.command()
+@click.option("--url", required=True, help="Server base URL, e.g. https://shedshare.example.")
+@click.option("--token", required=True, help="One-time enrolment token from the owner portal.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help=CONFIG_HELP)
+@click.option("--hostname", default=socket.gethostname, show_default="this host's name")
+def enrol(url: str, token: str, config_path: Path | None, hostname: str) -> None:
+    """Exchange an enrolment token for this unit's credential and save it."""
+    path = config_path or config.default_path()
+    try:
+        with AgentClient(url) as client:
+            enrolment = client.enrol(token=token, hostname=hostname)
+        config.save_enrolment(path, url=url, unit_id=enrolment.unit_id, credential=enrolment.credential)
+    except (AgentError, OSError) as exc:
+        raise click.ClickException(f"enrolment failed: {exc}") from None
+    click.echo(f"Enrolled unit {enrolment.unit_id} with {url}; config saved to {path}")
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help=CONFIG_HELP)
+@click.option("--simulate", help="Simulated GPUs instead of NVML, e.g. 8xH100-80GB.")
+@click.option("--work-dir", type=click.Path(path_type=Path), help="Jobs' working directories.")
+@click.option("--state-dir", type=click.Path(path_type=Path), help="Job logs and agent state.")
+@click.option(
+    "--usage-interval",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds between usage samples of a running job.",
+)
+@click.option("--max-jobs", type=click.IntRange(min=1), help="Exit after this many jobs.")
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
+def run(
+    config_path: Path | None,
+    simulate: str | None,
+    work_dir: Path | None,
+    state_dir: Path | None,
+    usage_interval: float,
+    max_jobs: int | None,
+    log_level: str,
+) -> None:
+    """Heartbeat, pull assignments and run them until SIGTERM/SIGINT, then drain."""
+    logs.setup(log_level.upper())
+    try:
+        cfg = config.load(
+            config_path or config.default_path(),
+            simulate=simulate,
+            work_dir=work_dir,
+            state_dir=state_dir,
+        )
+        inventory = gpus.simulate(cfg.simulate, cfg.unit_id) if cfg.simulate else gpus.discover()
+        for folder in (cfg.state_dir, cfg.work_dir):
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except (config.ConfigError, gpus.InventoryError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    runtime = ProcessRuntime(cfg.work_dir, cfg.state_dir / "logs")
+    options = Options(usage_interval_s=usage_interval, max_jobs=max_jobs)
+    with AgentClient(cfg.url, cfg.credential) as client:
+        agent = Agent(client, runtime, inventory, options)
+        _install_signal_handlers(agent)
+        raise SystemExit(agent.run())
+
+
+def _install_signal_handlers(agent: Agent) -> None:
+    """First SIGTERM/SIGINT drains; a second one kills the running jobs, then drains."""
+    signals_seen = 0
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        agent.stop(force=signals_seen > 1)
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+if __name__ == "__main__":
+    main(prog_name="shedshare-agent")

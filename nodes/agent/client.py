@@ -1,0 +1,184 @@
+"""The agent's only HTTP code: one method per agent API call, one exception type per failure."""
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from nodes.agent import __version__
+
+API_PREFIX = "/api/agent/v1"
+
+
+class AgentError(Exception):
+    """A call failed. `retryable` says whether the same call may succeed later."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Unreachable(AgentError):
+    """No HTTP answer: connection refused, DNS, timeout."""
+
+    retryable = True
+
+
+class AuthError(AgentError):
+    # Retried because a wrong or rotated credential is fixed by a person, and dropping usage
+    # reports in the meantime would lose the owner's money.
+    retryable = True
+
+
+class NotFound(AgentError):
+    pass
+
+
+class Conflict(AgentError):
+    pass
+
+
+class BadRequest(AgentError):
+    pass
+
+
+class ServerError(AgentError):
+    retryable = True
+
+
+class RateLimited(AgentError):
+    retryable = True
+
+    def __init__(self, message: str, *, status: int | None = None, retry_after: float = 0.0):
+        super().__init__(message, status=status)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    unit_id: str
+    credential: str
+    heartbeat_interval_s: float
+
+
+class AgentClient:
+    def __init__(
+        self,
+        url: str,
+        credential: str | None = None,
+        *,
+        timeout_s: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        headers = {"User-Agent": f"shedshare-agent/{__version__}"}
+        if credential:
+            headers["Authorization"] = f"Bearer {credential}"
+        self._timeout_s = timeout_s
+        self._http = httpx.Client(
+            base_url=url.rstrip("/") + API_PREFIX,
+            headers=headers,
+            timeout=timeout_s,
+            transport=transport,
+        )
+
+    def __enter__(self) -> "AgentClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def enrol(self, *, token: str, hostname: str, agent_version: str = __version__) -> Enrolment:
+        body = {"token": token, "hostname": hostname, "agent_version": agent_version}
+        data = _json(self._call("POST", "/enrol", json=body))
+        try:
+            return Enrolment(
+                unit_id=str(data["unit_id"]),
+                credential=str(data["credential"]),
+                heartbeat_interval_s=float(data.get("heartbeat_interval_s", 5)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ServerError(f"POST /enrol: malformed answer ({exc!r})") from None
+
+    def heartbeat(self, *, gpus: list[dict[str, Any]], running: list[str]) -> dict[str, Any]:
+        body = {"gpus": gpus, "running": running, "agent_version": __version__}
+        return _json(self._call("POST", "/heartbeat", json=body))
+
+    def next_assignment(self, *, wait_s: int) -> dict[str, Any] | None:
+        """Long-poll for work; None means the server has none for us (204)."""
+        response = self._call("GET", "/assignments/next", params={"wait": wait_s}, timeout=wait_s + self._timeout_s)
+        return None if response.status_code == 204 else _json(response)
+
+    def start(self, allocation_id: str) -> None:
+        self._call("POST", f"/allocations/{quote(allocation_id, safe='')}/start", json={})
+
+    def usage(self, allocation_id: str, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        path = f"/allocations/{quote(allocation_id, safe='')}/usage"
+        return _json(self._call("POST", path, json={"samples": samples}))
+
+    def finish(self, allocation_id: str, *, exit_code: int | None, reason: str) -> None:
+        path = f"/allocations/{quote(allocation_id, safe='')}/finish"
+        self._call("POST", path, json={"exit_code": exit_code, "reason": reason})
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException:
+            raise Unreachable(f"{method} {path}: timed out") from None
+        except httpx.TransportError as exc:
+            raise Unreachable(f"{method} {path}: {type(exc).__name__}: {exc}") from None
+        if response.is_success:
+            return response
+        raise error_for(response, f"{method} {path}")
+
+
+def error_for(response: httpx.Response, call: str) -> AgentError:
+    status = response.status_code
+    message = f"{call}: {status} {_problem_text(response)}"
+    if status in (401, 403):
+        return AuthError(message, status=status)
+    if status == 404:
+        return NotFound(message, status=status)
+    if status == 409:
+        return Conflict(message, status=status)
+    if status in (429, 503):
+        return RateLimited(message, status=status, retry_after=_retry_after(response))
+    if status >= 500:
+        return ServerError(message, status=status)
+    return BadRequest(message, status=status)
+
+
+def _problem_text(response: httpx.Response) -> str:
+    try:
+        problem = response.json()
+    except ValueError:
+        problem = None
+    if not isinstance(problem, dict):
+        return response.reason_phrase or response.text[:200]
+    text = str(problem.get("detail") or problem.get("title") or response.reason_phrase)
+    if problem.get("errors"):
+        text += f" {problem['errors']}"
+    return text
+
+
+def _retry_after(response: httpx.Response) -> float:
+    # Only the delta-seconds form; an HTTP date falls back to our own backoff.
+    try:
+        return max(0.0, float(response.headers.get("Retry-After", "")))
+    except ValueError:
+        return 0.0
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise ServerError(f"{response.request.url.path}: expected a JSON object")
+    return data

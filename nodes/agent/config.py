@@ -1,0 +1,85 @@
+"""Agent configuration: a JSON file written by `enrol`, overridden by environment variables.
+
+Keys: url, unit_id, credential (written by enrol) and optionally simulate, work_dir, state_dir.
+Each key can be overridden by SHEDSHARE_AGENT_<KEY>; command-line options override both.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REQUIRED = ("url", "unit_id", "credential")
+OPTIONAL = ("simulate", "work_dir", "state_dir")
+ENV_PREFIX = "SHEDSHARE_AGENT_"
+
+
+class ConfigError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    url: str
+    unit_id: str
+    credential: str = field(repr=False)
+    state_dir: Path
+    work_dir: Path
+    simulate: str | None = None
+
+
+def default_path() -> Path:
+    env = os.environ.get(f"{ENV_PREFIX}CONFIG")
+    return Path(env).expanduser() if env else Path.home() / ".config" / "shedshare" / "agent.json"
+
+
+def load(path: Path, **overrides: Any) -> AgentConfig:
+    """Read the config file, apply environment and explicit overrides (None = not given)."""
+    values = _read(path)
+    values.update(_from_env())
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    missing = [key for key in REQUIRED if not values.get(key)]
+    if missing:
+        raise ConfigError(f"{path}: missing {', '.join(missing)}; enrol again")
+    # State lives next to the config by default so that one config file means one agent.
+    state_dir = Path(values.get("state_dir") or path.parent / "state").expanduser()
+    return AgentConfig(
+        url=str(values["url"]).rstrip("/"),
+        unit_id=str(values["unit_id"]),
+        credential=str(values["credential"]),
+        state_dir=state_dir,
+        work_dir=Path(values.get("work_dir") or state_dir / "work").expanduser(),
+        simulate=values.get("simulate") or None,
+    )
+
+
+def save_enrolment(path: Path, *, url: str, unit_id: str, credential: str) -> None:
+    """Write the enrolment atomically, readable by the owner only: it holds a credential."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # the mode above only applies when the file is new
+    with os.fdopen(fd, "w") as f:
+        json.dump({"url": url.rstrip("/"), "unit_id": unit_id, "credential": credential}, f)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"not enrolled: {path} does not exist; run `shedshare-agent enrol --url URL --token TOKEN`"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data
+
+
+def _from_env() -> dict[str, str]:
+    found = {key: os.environ.get(ENV_PREFIX + key.upper()) for key in REQUIRED + OPTIONAL}
+    return {key: value for key, value in found.items() if value}

@@ -1,0 +1,60 @@
+"""Heartbeats at the server's cadence, jittered; a shorter, backing-off cadence after errors."""
+
+import logging
+import random
+import time
+from collections.abc import Callable
+
+from nodes.agent import logs
+from nodes.agent.backoff import Backoff, jittered
+from nodes.agent.client import AgentClient, AgentError
+from nodes.agent.gpus import Gpu
+
+logger = logging.getLogger(__name__)
+
+
+class Heartbeater:
+    def __init__(
+        self,
+        client: AgentClient,
+        gpus: list[Gpu],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: Callable[[], float] = random.random,
+        error_base_s: float = 1.0,
+    ) -> None:
+        self.interval_s = 5.0
+        self.healthy = False
+        self._client = client
+        self._reports = [gpu.as_report() for gpu in gpus]
+        self._clock = clock
+        self._rng = rng
+        self._backoff = Backoff(base_s=error_base_s, cap_s=self.interval_s, rng=rng)
+        self._next_at = 0.0
+
+    def beat_if_due(self, running: list[str]) -> list[str]:
+        """Send a heartbeat when one is due; return the allocations the server wants stopped."""
+        now = self._clock()
+        if now < self._next_at:
+            return []
+        try:
+            reply = self._client.heartbeat(gpus=self._reports, running=running)
+        except AgentError as exc:
+            self._failed(now, exc)
+            return []
+        if not self.healthy:
+            logs.event(logger, "heartbeat_ok", status=reply.get("status"))
+        self.healthy = True
+        self._backoff.success()
+        self.interval_s = max(0.1, float(reply.get("heartbeat_interval_s") or self.interval_s))
+        self._next_at = now + jittered(self.interval_s, 0.1, self._rng)
+        return [str(allocation_id) for allocation_id in reply.get("cancel") or []]
+
+    def _failed(self, now: float, exc: AgentError) -> None:
+        self.healthy = False
+        # Errors never make us beat less often than the normal cadence, so a short outage
+        # does not cost the unit its online status once the server answers again.
+        self._backoff.cap_s = self.interval_s
+        delay = self._backoff.failure(at_least=getattr(exc, "retry_after", 0.0))
+        self._next_at = now + delay
+        logs.event(logger, "heartbeat_failed", logging.WARNING, retry_in_s=round(delay, 2), error=exc)

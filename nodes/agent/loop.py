@@ -1,0 +1,233 @@
+"""The agent's single-threaded main loop: heartbeat, pull, start, watch, report."""
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from nodes.agent import logs
+from nodes.agent.allocations import Allocation, InvalidAssignment, parse_assignment
+from nodes.agent.backoff import Backoff
+from nodes.agent.client import AgentClient, AgentError
+from nodes.agent.gpus import Gpu
+from nodes.agent.heartbeat import Heartbeater
+from nodes.agent.reports import Outbox, Reporter
+from nodes.agent.runtime import Runtime, StartFailed
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Options:
+    usage_interval_s: float = 10.0
+    max_jobs: int | None = None
+    tick_s: float = 0.25
+    poll_wait_s: int = 1
+    start_give_up_s: float = 60.0
+    drain_report_timeout_s: float = 30.0
+    error_base_s: float = 1.0  # first retry delay after a failed call; doubles per failure
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Agent:
+    def __init__(
+        self,
+        client: AgentClient,
+        runtime: Runtime,
+        gpus: list[Gpu],
+        options: Options | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        wall: Callable[[], str] = utc_now,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.options = options or Options()
+        self.gpus = gpus
+        self.allocations: dict[str, Allocation] = {}
+        base_s = self.options.error_base_s
+        self.reporter = Reporter(client, Outbox(), clock=clock, backoff=Backoff(base_s=base_s, cap_s=60.0, rng=rng))
+        self.heartbeater = Heartbeater(client, gpus, clock=clock, rng=rng, error_base_s=base_s)
+        self._client = client
+        self._runtime = runtime
+        self._clock, self._sleep, self._wall, self._rng = clock, sleep, wall, rng
+        self._pull_backoff = Backoff(base_s=base_s, cap_s=30.0, rng=rng)
+        self._next_pull_at = 0.0
+        self._taken = 0
+        self._stopping = False
+        self._idle_since: float | None = None
+
+    def run(self) -> int:
+        logs.event(logger, "agent_started", gpus=len(self.gpus), max_jobs=self.options.max_jobs)
+        while not self._done():
+            try:
+                self.tick()
+            except Exception:
+                # A bug in one step must not stop the reports of jobs already running.
+                logger.exception("event=tick_failed")
+            self._sleep(self.options.tick_s)
+        unsent = len(self.reporter.outbox)
+        level = logging.WARNING if unsent else logging.INFO
+        logs.event(logger, "agent_stopped", level, jobs=self._taken, unsent_reports=unsent)
+        return 0
+
+    def stop(self, force: bool = False) -> None:
+        """Take no new work and drain; with force, also kill the jobs that are running."""
+        if not self._stopping:
+            logs.event(logger, "draining", running=len(self.allocations))
+        self._stopping = True
+        if force:
+            for allocation in list(self.allocations.values()):
+                self._stop(allocation, "agent_stopped")
+
+    def tick(self) -> None:
+        for allocation_id in self.heartbeater.beat_if_due(list(self.allocations)):
+            self._cancel(allocation_id)
+        self._start_pending()
+        self._supervise()
+        self.reporter.flush()
+        self._pull()
+
+    def _winding_down(self) -> bool:
+        limit = self.options.max_jobs
+        return self._stopping or (limit is not None and self._taken >= limit)
+
+    def _done(self) -> bool:
+        if not self._winding_down() or self.allocations:
+            return False
+        if not self.reporter.outbox:
+            return True
+        now = self._clock()
+        self._idle_since = self._idle_since if self._idle_since is not None else now
+        return now - self._idle_since >= self.options.drain_report_timeout_s
+
+    def _free_gpus(self) -> dict[str, Gpu]:
+        busy = {gpu.uuid for allocation in self.allocations.values() for gpu in allocation.gpus}
+        return {gpu.uuid: gpu for gpu in self.gpus if gpu.uuid not in busy}
+
+    def _pull(self) -> None:
+        now = self._clock()
+        if self._winding_down() or not self.heartbeater.healthy or now < self._next_pull_at:
+            return
+        if not self._free_gpus():
+            return
+        # However fast the server answers "no work", ask at most once per poll_wait_s.
+        self._next_pull_at = now + self.options.poll_wait_s
+        try:
+            data = self._client.next_assignment(wait_s=self.options.poll_wait_s)
+        except AgentError as exc:
+            delay = self._pull_backoff.failure(at_least=getattr(exc, "retry_after", 0.0))
+            self._next_pull_at = self._clock() + delay
+            logs.event(logger, "pull_failed", logging.WARNING, retry_in_s=round(delay, 2), error=exc)
+            return
+        self._pull_backoff.success()
+        if data is not None:
+            self._next_pull_at = now  # there may be more work queued for our other GPUs
+            self._taken += 1
+            self._accept(data)
+
+    def _accept(self, data: dict[str, Any]) -> None:
+        try:
+            allocation = parse_assignment(data, self._free_gpus(), self._clock())
+        except InvalidAssignment as exc:
+            logs.event(logger, "assignment_refused", logging.ERROR, allocation=exc.allocation_id, error=exc)
+            if exc.allocation_id:
+                self.reporter.finish(str(exc.allocation_id), None, "start_failed")
+            return
+        allocation.start_backoff = Backoff(base_s=self.options.error_base_s, cap_s=10.0, rng=self._rng)
+        logs.event(
+            logger,
+            "assigned",
+            allocation=allocation.id,
+            job=allocation.spec.job_id,
+            gpus=[gpu.index for gpu in allocation.gpus],
+        )
+        self.allocations[allocation.id] = allocation
+        self._try_start(allocation)
+
+    def _start_pending(self) -> None:
+        now = self._clock()
+        for allocation in list(self.allocations.values()):
+            if allocation.handle is None and now >= allocation.next_start_at:
+                self._try_start(allocation)
+
+    def _try_start(self, allocation: Allocation) -> None:
+        try:
+            self._client.start(allocation.id)
+        except AgentError as exc:
+            self._start_refused(allocation, exc)
+            return
+        try:
+            handle = self._runtime.start(allocation.spec)
+        except StartFailed as exc:
+            logs.event(logger, "start_failed", logging.ERROR, allocation=allocation.id, error=exc)
+            self._abandon(allocation, "start_failed")
+            return
+        allocation.mark_started(handle, self._clock())
+        logs.event(logger, "job_started", allocation=allocation.id, job=allocation.spec.job_id)
+
+    def _start_refused(self, allocation: Allocation, exc: AgentError) -> None:
+        now = self._clock()
+        if exc.retryable and now - allocation.accepted_at < self.options.start_give_up_s:
+            allocation.next_start_at = now + allocation.start_backoff.failure()
+            logs.event(logger, "start_retry", logging.WARNING, allocation=allocation.id, error=exc)
+            return
+        logs.event(logger, "start_refused", logging.WARNING, allocation=allocation.id, error=exc)
+        self._abandon(allocation, "start_failed")
+
+    def _abandon(self, allocation: Allocation, reason: str) -> None:
+        """Give up an allocation whose job never ran: no usage, just the finish."""
+        del self.allocations[allocation.id]
+        self.reporter.finish(allocation.id, None, reason)
+
+    def _supervise(self) -> None:
+        for allocation in list(self.allocations.values()):
+            if allocation.handle is None:
+                continue
+            now = self._clock()
+            code = self._runtime.poll(allocation.handle)
+            if code is not None:
+                self._complete(allocation, code, now)
+                continue
+            if allocation.stop_reason is None and allocation.overdue(now):
+                self._stop(allocation, "timeout")
+            if now - allocation.last_sample_at >= self.options.usage_interval_s:
+                self.reporter.usage(allocation.id, allocation.sample(now, self._wall()))
+
+    def _complete(self, allocation: Allocation, exit_code: int, now: float) -> None:
+        assert allocation.handle is not None
+        reason = allocation.stop_reason or "exited"
+        self.reporter.usage(allocation.id, allocation.sample(now, self._wall()))
+        self.reporter.finish(allocation.id, exit_code, reason)
+        self._runtime.cleanup(allocation.handle)
+        del self.allocations[allocation.id]
+        logs.event(
+            logger,
+            "job_finished",
+            allocation=allocation.id,
+            exit_code=exit_code,
+            reason=reason,
+            gpu_ms=allocation.metered_ms * len(allocation.gpus),
+        )
+
+    def _cancel(self, allocation_id: str) -> None:
+        allocation = self.allocations.get(allocation_id)
+        if allocation is None:
+            logs.event(logger, "cancel_ignored", logging.DEBUG, allocation=allocation_id)
+        else:
+            self._stop(allocation, "cancelled")
+
+    def _stop(self, allocation: Allocation, reason: str) -> None:
+        if allocation.handle is None:
+            self._abandon(allocation, reason)
+            return
+        if allocation.stop_reason is None:
+            allocation.stop_reason = reason
+            self._runtime.kill(allocation.handle)
+            logs.event(logger, "job_stopping", allocation=allocation.id, reason=reason)

@@ -1,0 +1,162 @@
+"""A small fake of the server's agent API, spoken to over httpx.MockTransport or real HTTP."""
+
+import json
+import threading
+import uuid
+from collections import defaultdict, deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
+
+import httpx
+
+from nodes.agent import gpus
+
+UNIT_ID = "7b0e4c1a-2f7d-4a53-9a3e-0d5f4b6c8e21"
+CREDENTIAL = "shs_node_test"
+PREFIX = "/api/agent/v1"
+
+
+class FakeServer:
+    def __init__(self, heartbeat_interval_s: float = 0.1) -> None:
+        self.inventory = gpus.simulate("4xH100-80GB", UNIT_ID)
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.queue: deque[dict[str, Any]] = deque()
+        self.to_cancel: set[str] = set()
+        self.cancel_once_started = False
+        self.refuse_start = False
+        self.refuse_enrolment = False
+        self.failures: dict[str, int] = defaultdict(int)  # path suffix -> connection errors left
+        self.calls: list[tuple[str, str]] = []
+        self.heartbeats: list[dict[str, Any]] = []
+        self.started: list[str] = []
+        self.samples: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
+        self.finished: dict[str, dict[str, Any]] = {}
+
+    def assign(self, command: list[str], gpu_count: int = 2, max_duration_s: int = 3600) -> str:
+        allocation_id = str(uuid.uuid4())
+        self.queue.append(
+            {
+                "allocation_id": allocation_id,
+                "job": {
+                    "id": str(uuid.uuid4()),
+                    "image": "ignored:latest",
+                    "command": command,
+                    "gpu_count": gpu_count,
+                    "max_duration_s": max_duration_s,
+                    "isolation": "gpu",
+                    "allowed_countries": ["DE"],
+                },
+                "gpus": [{"index": g.index, "uuid": g.uuid} for g in self.inventory[:gpu_count]],
+                "price_per_gpu_hour_micros": 2_000_000,
+            }
+        )
+        return allocation_id
+
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self.handle)
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path.removeprefix(PREFIX)
+        self.calls.append((request.method, path))
+        for suffix, left in self.failures.items():
+            if left and path.endswith(suffix):
+                self.failures[suffix] -= 1
+                raise httpx.ConnectError("connection refused", request=request)
+        if path == "/enrol":
+            return self._enrol(json.loads(request.content))
+        if request.headers.get("Authorization") != f"Bearer {CREDENTIAL}":
+            return problem(401, "Missing or invalid credential.")
+        body = json.loads(request.content) if request.content else {}
+        return self._route(request.method, path, body)
+
+    def _route(self, method: str, path: str, body: dict[str, Any]) -> httpx.Response:
+        if path == "/heartbeat":
+            self.heartbeats.append(body)
+            return self._heartbeat_reply()
+        if path == "/assignments/next":
+            return httpx.Response(200, json=self.queue.popleft()) if self.queue else httpx.Response(204)
+        _, _, allocation_id, action = path.split("/")
+        if action == "start":
+            return self._start(allocation_id)
+        if action == "usage":
+            return self._usage(allocation_id, body["samples"])
+        self.finished[allocation_id] = body
+        return httpx.Response(200, json={})
+
+    def _enrol(self, body: dict[str, Any]) -> httpx.Response:
+        if self.refuse_enrolment or not body.get("token"):
+            return problem(400, "The enrolment token is invalid or was already used.")
+        reply = {"unit_id": UNIT_ID, "credential": CREDENTIAL, "heartbeat_interval_s": 5}
+        return httpx.Response(201, json=reply)
+
+    def _heartbeat_reply(self) -> httpx.Response:
+        cancel = sorted(self.to_cancel)
+        self.to_cancel.clear()
+        reply = {"status": "online", "heartbeat_interval_s": self.heartbeat_interval_s}
+        return httpx.Response(200, json=reply | {"cancel": cancel})
+
+    def _start(self, allocation_id: str) -> httpx.Response:
+        if self.refuse_start:
+            return problem(409, "The job was cancelled.")
+        self.started.append(allocation_id)
+        if self.cancel_once_started:
+            self.to_cancel.add(allocation_id)
+        return httpx.Response(200, json={})
+
+    def _usage(self, allocation_id: str, samples: list[dict[str, Any]]) -> httpx.Response:
+        known = self.samples[allocation_id]
+        duplicates = sum(1 for s in samples if s["seq"] in known)
+        known.update({s["seq"]: s for s in samples})
+        return httpx.Response(200, json={"accepted": len(samples) - duplicates, "duplicates": duplicates})
+
+
+def problem(status: int, detail: str) -> httpx.Response:
+    body = {"type": "about:blank", "title": "Error", "status": status, "detail": detail}
+    return httpx.Response(status, json=body, headers={"Content-Type": "application/problem+json"})
+
+
+class _HttpHandler(BaseHTTPRequestHandler):
+    """Serves a FakeServer over real HTTP, for tests that run the agent as a process."""
+
+    server: "_HttpServer"
+
+    def _serve(self) -> None:
+        content = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        request = httpx.Request(self.command, f"http://fake{self.path}", headers=dict(self.headers), content=content)
+        try:
+            response = self.server.fake.handle(request)
+        except httpx.ConnectError:
+            self.close_connection = True
+            return
+        self.send_response(response.status_code)
+        for name in ("Content-Type", "Retry-After"):
+            if name in response.headers:
+                self.send_header(name, response.headers[name])
+        self.send_header("Content-Length", str(len(response.content)))
+        self.end_headers()
+        self.wfile.write(response.content)
+
+    do_GET = do_POST = _serve
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _HttpServer(HTTPServer):
+    fake: FakeServer
+
+
+@contextmanager
+def serving(fake: FakeServer) -> Iterator[str]:
+    """Serve `fake` on a free local port; yields the base URL."""
+    httpd = _HttpServer(("127.0.0.1", 0), _HttpHandler)
+    httpd.fake = fake
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

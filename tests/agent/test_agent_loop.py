@@ -1,0 +1,150 @@
+import time
+from pathlib import Path
+
+import pytest
+
+from nodes.agent.client import AgentClient
+from nodes.agent.loop import Agent, Options
+from nodes.agent.runtime.process import ProcessRuntime
+from tests.agent.fakes import CREDENTIAL, FakeServer
+
+FAST = Options(usage_interval_s=0.2, max_jobs=1, tick_s=0.02, poll_wait_s=0, error_base_s=0.05)
+
+
+def make_agent(server: FakeServer, tmp_path: Path, options: Options = FAST, on_tick=None) -> Agent:
+    client = AgentClient("http://shed.test", CREDENTIAL, transport=server.transport())
+    runtime = ProcessRuntime(tmp_path / "work", tmp_path / "logs", kill_grace_s=1.0)
+    deadline = time.monotonic() + 20
+
+    def sleep(seconds: float) -> None:
+        if time.monotonic() > deadline:
+            raise AssertionError("the agent loop did not finish in time")
+        if on_tick:
+            on_tick(agent)
+        time.sleep(seconds)
+
+    agent = Agent(client, runtime, server.inventory, options, sleep=sleep)
+    return agent
+
+
+def seqs(server: FakeServer, allocation_id: str) -> list[int]:
+    return sorted(server.samples[allocation_id])
+
+
+def gpu_ms(server: FakeServer, allocation_id: str) -> int:
+    return sum(s["gpu_ms"] for s in server.samples[allocation_id].values())
+
+
+def test_the_agent_runs_an_assignment_and_reports_usage_then_its_exit_code(server, tmp_path):
+    allocation_id = server.assign(["sh", "-c", "sleep 1; exit 3"], gpu_count=2)
+
+    assert make_agent(server, tmp_path).run() == 0
+
+    assert server.started == [allocation_id]
+    assert server.finished[allocation_id] == {"exit_code": 3, "reason": "exited"}
+    assert seqs(server, allocation_id) == list(range(1, len(seqs(server, allocation_id)) + 1))
+    assert len(seqs(server, allocation_id)) >= 4
+    assert 2 * 950 <= gpu_ms(server, allocation_id) <= 2 * 1600
+    assert server.calls[-1] == ("POST", f"/allocations/{allocation_id}/finish")
+    assert any(allocation_id in beat["running"] for beat in server.heartbeats)
+    assert not (tmp_path / "work" / allocation_id).exists()
+
+
+def test_a_cancel_from_the_heartbeat_kills_the_job_and_reports_cancelled(server, tmp_path):
+    server.cancel_once_started = True
+    allocation_id = server.assign(["sleep", "30"], gpu_count=1)
+    began = time.monotonic()
+
+    make_agent(server, tmp_path).run()
+
+    assert time.monotonic() - began < 5
+    assert server.finished[allocation_id] == {"exit_code": 143, "reason": "cancelled"}
+    assert seqs(server, allocation_id)
+    assert server.calls[-1] == ("POST", f"/allocations/{allocation_id}/finish")
+
+
+def test_a_job_past_its_max_duration_is_killed_and_reported_as_timeout(server, tmp_path):
+    allocation_id = server.assign(["sleep", "30"], gpu_count=1, max_duration_s=1)
+
+    make_agent(server, tmp_path).run()
+
+    assert server.finished[allocation_id] == {"exit_code": 143, "reason": "timeout"}
+    assert 950 <= gpu_ms(server, allocation_id) <= 2000
+
+
+def test_a_start_refused_with_409_never_runs_the_job(server, tmp_path):
+    server.refuse_start = True
+    marker = tmp_path / "ran"
+    allocation_id = server.assign(["touch", str(marker)])
+
+    make_agent(server, tmp_path).run()
+
+    assert server.finished[allocation_id] == {"exit_code": None, "reason": "start_failed"}
+    assert not server.samples[allocation_id]
+    assert not marker.exists()
+
+
+def test_a_command_that_cannot_run_is_reported_as_start_failed(server, tmp_path):
+    allocation_id = server.assign(["/nonexistent/trainer"])
+
+    make_agent(server, tmp_path).run()
+
+    assert server.finished[allocation_id] == {"exit_code": None, "reason": "start_failed"}
+
+
+def test_reports_survive_network_errors_and_arrive_in_order(server, tmp_path):
+    server.failures["/heartbeat"] = 2
+    server.failures["/usage"] = 3
+    server.failures["/finish"] = 2
+    allocation_id = server.assign(["sh", "-c", "sleep 0.6"], gpu_count=4)
+
+    assert make_agent(server, tmp_path).run() == 0
+
+    assert server.finished[allocation_id] == {"exit_code": 0, "reason": "exited"}
+    assert seqs(server, allocation_id) == list(range(1, len(seqs(server, allocation_id)) + 1))
+    assert 4 * 550 <= gpu_ms(server, allocation_id) <= 4 * 1500
+
+
+def test_stopping_drains_the_running_job_and_takes_no_more_work(server, tmp_path):
+    first = server.assign(["sh", "-c", "sleep 0.5"], gpu_count=1)
+    server.assign(["true"], gpu_count=1)
+
+    def stop_once_started(agent: Agent) -> None:
+        if server.started:
+            agent.stop()
+
+    options = Options(usage_interval_s=0.2, tick_s=0.02, poll_wait_s=0, error_base_s=0.05)
+    assert make_agent(server, tmp_path, options, on_tick=stop_once_started).run() == 0
+
+    assert server.started == [first]
+    assert server.finished[first] == {"exit_code": 0, "reason": "exited"}
+    assert len(server.queue) == 1
+
+
+def test_a_forced_stop_kills_running_jobs(server, tmp_path):
+    allocation_id = server.assign(["sleep", "30"], gpu_count=1)
+
+    def force_stop(agent: Agent) -> None:
+        if server.started:
+            agent.stop(force=True)
+
+    make_agent(server, tmp_path, on_tick=force_stop).run()
+
+    assert server.finished[allocation_id] == {"exit_code": 143, "reason": "agent_stopped"}
+
+
+@pytest.mark.parametrize(("gpu_count", "pulls_expected"), [(1, True), (4, False)])
+def test_the_agent_pulls_only_while_it_has_free_gpus(server, tmp_path, gpu_count, pulls_expected):
+    allocation_id = server.assign(["sh", "-c", "sleep 0.5"], gpu_count=gpu_count)
+
+    def stop_when_finished(agent: Agent) -> None:
+        if server.finished:
+            agent.stop()
+
+    options = Options(usage_interval_s=1, tick_s=0.02, poll_wait_s=0)
+    make_agent(server, tmp_path, options, on_tick=stop_when_finished).run()
+
+    start = server.calls.index(("POST", f"/allocations/{allocation_id}/start"))
+    end = server.calls.index(("POST", f"/allocations/{allocation_id}/finish"))
+    pulls = [call for call in server.calls[start:end] if call[1] == "/assignments/next"]
+    assert bool(pulls) is pulls_expected

@@ -1,0 +1,157 @@
+import time
+from pathlib import Path
+
+import pytest
+
+from nodes.agent.runtime import JobSpec, StartFailed
+from nodes.agent.runtime.process import ProcessHandle, ProcessRuntime
+
+ALLOCATION = "5f0c9a4e-1b2d-4c3e-8f6a-7b8c9d0e1f2a"
+
+
+@pytest.fixture
+def runtime(tmp_path):
+    return ProcessRuntime(tmp_path / "work", tmp_path / "state" / "logs", kill_grace_s=0.5)
+
+
+def spec(*command: str) -> JobSpec:
+    return JobSpec(
+        allocation_id=ALLOCATION,
+        job_id="job-1",
+        image="ignored",
+        command=command,
+        gpu_uuids=("GPU-aaa", "GPU-bbb"),
+    )
+
+
+def wait_exit(runtime: ProcessRuntime, handle: ProcessHandle, timeout: float = 10) -> int:
+    deadline = time.monotonic() + timeout
+    while (code := runtime.poll(handle)) is None:
+        assert time.monotonic() < deadline, "the job did not exit"
+        time.sleep(0.02)
+    return code
+
+
+def wait_for_output(handle: ProcessHandle, timeout: float = 5) -> str:
+    deadline = time.monotonic() + timeout
+    while not (text := handle.log_path.read_text()):
+        assert time.monotonic() < deadline, "the job wrote nothing"
+        time.sleep(0.02)
+    return text
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def wait_dead(pid: int, timeout: float = 5) -> bool:
+    deadline = time.monotonic() + timeout
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not alive(pid)
+
+
+def test_a_job_runs_and_its_exit_code_comes_back(runtime):
+    handle = runtime.start(spec("sh", "-c", "echo hello; exit 7"))
+
+    assert wait_exit(runtime, handle) == 7
+    assert handle.log_path.read_text() == "hello\n"
+
+
+def test_a_job_sees_only_the_scrubbed_environment(runtime, monkeypatch):
+    monkeypatch.setenv("SHEDSHARE_AGENT_CREDENTIAL", "shs_node_secret")
+    handle = runtime.start(spec("sh", "-c", "env; echo cwd=$(pwd)"))
+    wait_exit(runtime, handle)
+
+    lines = set(handle.log_path.read_text().splitlines())
+    env = dict(line.split("=", 1) for line in lines if "=" in line)
+
+    assert "shs_node_secret" not in handle.log_path.read_text()
+    assert env["CUDA_VISIBLE_DEVICES"] == "GPU-aaa,GPU-bbb"
+    assert env["SHEDSHARE_ALLOCATION_ID"] == ALLOCATION
+    assert env["SHEDSHARE_JOB_ID"] == "job-1"
+    assert env["HOME"] == env["cwd"] == str(handle.workdir)
+    assert set(env) - {"PWD", "SHLVL", "_", "cwd"} <= {
+        "PATH", "HOME", "LANG", "CUDA_VISIBLE_DEVICES", "SHEDSHARE_JOB_ID",
+        "SHEDSHARE_ALLOCATION_ID",
+    }  # fmt: skip
+
+
+def test_the_working_directory_is_removed_after_the_job_and_the_log_kept(runtime, tmp_path):
+    handle = runtime.start(spec("sh", "-c", "echo data > scratch.bin"))
+    wait_exit(runtime, handle)
+    assert (handle.workdir / "scratch.bin").exists()
+
+    runtime.cleanup(handle)
+
+    assert not handle.workdir.exists()
+    assert handle.log_path.exists()
+    assert tmp_path / "work" not in handle.log_path.parents
+
+
+def test_kill_stops_the_whole_process_group_including_a_grandchild(runtime):
+    handle = runtime.start(spec("sh", "-c", "sleep 60 & echo $!; wait"))
+    grandchild = int(wait_for_output(handle))
+
+    runtime.kill(handle)
+
+    assert wait_exit(runtime, handle) == 143
+    assert wait_dead(grandchild)
+
+
+def test_a_grandchild_that_ignores_sigterm_is_killed_anyway(runtime):
+    handle = runtime.start(spec("sh", "-c", "(trap '' TERM; exec sleep 60) & echo $!; wait"))
+    grandchild = int(wait_for_output(handle))
+
+    runtime.kill(handle)
+    wait_exit(runtime, handle)
+
+    assert wait_dead(grandchild)
+
+
+def test_a_job_that_ignores_sigterm_is_killed_after_the_grace_period(runtime):
+    handle = runtime.start(spec("sh", "-c", "trap '' TERM; echo ready; sleep 60"))
+    wait_for_output(handle)
+    began = time.monotonic()
+
+    runtime.kill(handle)
+
+    assert wait_exit(runtime, handle) == 137
+    assert 0.5 <= time.monotonic() - began < 5
+
+
+def test_cleanup_kills_what_a_finished_job_left_running(runtime):
+    handle = runtime.start(spec("sh", "-c", "sleep 60 & echo $!"))
+    grandchild = int(wait_for_output(handle))
+    assert wait_exit(runtime, handle) == 0
+
+    runtime.cleanup(handle)
+
+    assert wait_dead(grandchild)
+
+
+@pytest.mark.parametrize(
+    ("job", "complaint"),
+    [
+        (spec("/nonexistent/trainer"), "cannot run '/nonexistent/trainer'"),
+        (spec(), "empty command"),
+        (JobSpec("../escape", "job", "", ("true",), ()), "unsafe allocation id"),
+    ],
+)
+def test_a_job_that_cannot_start_raises_start_failed(runtime, tmp_path, job, complaint):
+    with pytest.raises(StartFailed, match=complaint):
+        runtime.start(job)
+
+    assert not (tmp_path / "work" / ALLOCATION).exists()
+
+
+def test_an_unusable_work_dir_is_a_start_failure(tmp_path):
+    (tmp_path / "file").write_text("")
+    runtime = ProcessRuntime(tmp_path / "file" / "work", tmp_path / "logs")
+
+    with pytest.raises(StartFailed):
+        runtime.start(spec("true"))
