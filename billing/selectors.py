@@ -1,8 +1,29 @@
-from django.db.models import Sum
+from django.db.models import BigIntegerField, OuterRef, QuerySet, Subquery, Sum
+from django.db.models.functions import Coalesce
 
-from billing.models import Account, LedgerEntry
+from billing.models import Account, LedgerEntry, UsageSample
 
 
 def wallet_balance_micros(user) -> int:
     entries = LedgerEntry.objects.filter(account__kind=Account.Kind.RENTER_WALLET, account__user=user)
     return entries.aggregate(total=Sum("amount_micros"))["total"] or 0
+
+
+def _total(rows: QuerySet, group: str, field: str) -> Coalesce:
+    # order_by() drops the model's default ordering, which would otherwise split the GROUP BY.
+    total = rows.order_by().values(group).annotate(total=Sum(field)).values("total")
+    return Coalesce(Subquery(total), 0, output_field=BigIntegerField())
+
+
+def allocations_with_usage(allocations: QuerySet) -> QuerySet:
+    """Annotate each allocation with what ``billing.services.allocation_usage`` computes:
+    ``usage_gpu_ms`` recorded and ``usage_wallet_micros`` (the renter's usage legs, negative),
+    in the allocations' own query instead of two queries per row."""
+    used = UsageSample.objects.filter(allocation=OuterRef("pk"))
+    charged = LedgerEntry.objects.filter(
+        transaction__allocation=OuterRef("pk"), transaction__kind="usage", account__kind=Account.Kind.RENTER_WALLET
+    )
+    return allocations.annotate(
+        usage_gpu_ms=_total(used, "allocation", "gpu_ms"),
+        usage_wallet_micros=_total(charged, "transaction__allocation", "amount_micros"),
+    )

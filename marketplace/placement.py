@@ -67,21 +67,27 @@ def _free_slices_by_unit() -> dict[Unit, list[Slice]]:
     return by_unit
 
 
-def _busy_unit_ids() -> set:
-    return set(
-        Lease.objects.filter(released_at__isnull=True).values_list("allocation__unit_id", flat=True)
-    )
+def _busy_unit_ids(*, exclusive_only: bool) -> set:
+    """Units holding active leases; with exclusive_only, just those held whole by a node-level job."""
+    leases = Lease.objects.filter(released_at__isnull=True)
+    if exclusive_only:
+        leases = leases.filter(allocation__job__isolation=Isolation.NODE)
+    return set(leases.values_list("allocation__unit_id", flat=True).distinct())
 
 
 def candidates_for(job: Job) -> tuple[list[Candidate], dict]:
     """Feasible units for the job, best first, and the why-pending summary over all units."""
     online = Unit.objects.filter(status=Unit.Status.ONLINE)
     free = _free_slices_by_unit()
-    busy = _busy_unit_ids() if job.isolation == Isolation.NODE else set()
+    # A node-level job needs a unit nobody uses; any other job must keep off a unit held whole,
+    # even if a GPU of it has come back since that job was placed.
+    busy = _busy_unit_ids(exclusive_only=job.isolation != Isolation.NODE)
     rejected: Counter = Counter()
     found: list[Candidate] = []
     for unit in online:
         reason = _unit_rejection(job, unit)
+        if reason is None and unit.pk in busy:
+            reason = "unit_busy"
         fitting: list[Slice] = []
         if reason is None:
             reasons = Counter()
@@ -91,8 +97,9 @@ def candidates_for(job: Job) -> tuple[list[Candidate], dict]:
                     reasons[why] += 1
                 else:
                     fitting.append(slice_)
-            if job.isolation == Isolation.NODE and unit.pk in busy:
-                reason = "unit_busy"
+            if job.isolation == Isolation.NODE and reasons:
+                # The whole unit or nothing: a GPU the job cannot use would be left for others.
+                reason = reasons.most_common(1)[0][0]
             elif len(fitting) < job.gpu_count:
                 reason = reasons.most_common(1)[0][0] if reasons and not fitting else "capacity"
         if reason:

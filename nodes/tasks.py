@@ -11,6 +11,10 @@ def unit_liveness_sweep() -> None:
     units_mark_unresponsive(now=timezone.now())
     # Driven by state rather than by what was just marked, so work left by an interrupted
     # sweep is picked up by the next one.
-    stranded = Unit.objects.filter(status=Unit.Status.OFFLINE, allocations__released_at__isnull=True)
+    # allocations__released_at__isnull alone would also match units with no allocations at all
+    # (an outer join), so every unit ever lost would be revisited on every sweep.
+    stranded = Unit.objects.filter(
+        status=Unit.Status.OFFLINE, allocations__isnull=False, allocations__released_at__isnull=True
+    )
     for unit in stranded.distinct():
         unit_jobs_lost(unit=unit)

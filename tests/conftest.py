@@ -2,7 +2,7 @@ import pytest
 from django.contrib.auth import get_user_model
 from rest_framework.test import APIClient
 
-from marketplace.services import api_key_create
+from marketplace.services import api_key_create, job_submit
 from nodes.services import GpuReport, unit_enrol, unit_heartbeat, unit_register
 
 
@@ -67,3 +67,23 @@ def agent_client(credential: str) -> APIClient:
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {credential}")
     return client
+
+
+PROBLEM_KEYS = {"type", "title", "status", "detail"}
+
+JOB_SPEC = {"image": "ghcr.io/acme/train:1.0", "command": ["python", "train.py"]}
+
+
+def job_make(renter, **spec):
+    """A queued job submitted through the service with a minimal valid spec."""
+    return job_submit(renter=renter, spec={**JOB_SPEC, **spec})
+
+
+def problem_of(response, status: int) -> dict:
+    """The problem+json body of an error response, after checking its status, type and shape."""
+    assert response.status_code == status, response.content
+    assert response["Content-Type"].startswith("application/problem+json"), response["Content-Type"]
+    body = response.json()
+    assert PROBLEM_KEYS <= set(body), body
+    assert body["status"] == status
+    return body

@@ -4,7 +4,10 @@ from rest_framework.routers import SimpleRouter
 from billing.api.views import BalanceView
 from marketplace.api.views import JobViewSet
 
-router = SimpleRouter(trailing_slash="/?")
+router = SimpleRouter()
+# The constructor turns any truthy trailing_slash into "/"; set the pattern afterwards so that
+# /api/v1/jobs and /api/v1/jobs/ both resolve (a redirect would drop a POST's body).
+router.trailing_slash = "/?"
 router.register("jobs", JobViewSet, basename="job")
 
 urlpatterns = [

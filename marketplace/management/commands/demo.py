@@ -114,12 +114,10 @@ class Command(BaseCommand):
 
     def _wait(self, stack) -> None:
         stopping = []
-        signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
-        try:
-            while not stopping:
-                for name, process in list(stack.processes.items()):
-                    if process.poll() is not None:
-                        raise CommandError(f"{name} exited with {process.returncode}; see {stack.log_dir}/{name}.log")
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stopping.append(True))
+        while not stopping:
+            for name, process in list(stack.processes.items()):
+                if process.poll() is not None:
+                    raise CommandError(f"{name} exited with {process.returncode}; see {stack.log_dir}/{name}.log")
+            time.sleep(0.5)
