@@ -185,6 +185,7 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_queue_dir),
         "data_folder_out": str(_queue_dir),
+        "control_folder": str(DATA_DIR / "broker-control"),
         "polling_interval": 0.1,
     }
 CELERY_TASK_SERIALIZER = "json"
