@@ -1,0 +1,52 @@
+"""There is no Docker engine here, so check what can be checked: every command the images and
+the compose file run exists in the project, with the options they pass."""
+
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from django.core.management import get_commands, load_command_class
+
+from nodes.agent.cli import main as agent_cli
+
+DOCKER = Path(__file__).resolve().parent.parent / "docker"
+TEXT = "\n".join(path.read_text() for path in sorted(DOCKER.iterdir()) if path.is_file())
+
+
+def test_the_docker_folder_has_both_images_and_a_compose_file():
+    assert {"Dockerfile", "agent.Dockerfile", "compose.yaml"} <= {p.name for p in DOCKER.iterdir()}
+
+
+@pytest.mark.parametrize("command", sorted(set(re.findall(r'manage\.py(?:",)?[ \t]+"?(\w+)', TEXT))))
+def test_every_management_command_used_exists(command):
+    assert command in get_commands(), f"docker/ runs manage.py {command}, which does not exist"
+
+
+def test_the_unit_token_options_used_in_compose_exist():
+    parser = load_command_class("nodes", "unit_token").create_parser("manage.py", "unit_token")
+    parsed = parser.parse_args(["--owner", "o", "--unit", "u", "--country", "DE"])
+    assert (parsed.owner, parsed.unit, parsed.country) == ("o", "u", "DE")
+
+
+@pytest.mark.parametrize("target", sorted(set(re.findall(r"(\w+\.wsgi)", TEXT))))
+def test_the_wsgi_module_served_by_gunicorn_exists(target):
+    module = __import__(target, fromlist=["application"])
+    assert callable(module.application)
+
+
+@pytest.mark.parametrize("role", sorted(set(re.findall(r"celery\W+-A\W+marketplace\W+(\w+)", TEXT))))
+def test_the_celery_app_and_roles_exist(role):
+    from marketplace.celery import app
+
+    assert role in {"worker", "beat"}
+    assert app.main == "shedshare"
+
+
+@pytest.mark.parametrize("usage", sorted(set(re.findall(r"shedshare-agent ([a-z]+(?: --[a-z-]+)*)", TEXT))))
+def test_every_agent_subcommand_and_option_used_exists(usage):
+    subcommand, *options = usage.split(" ")
+    result = CliRunner().invoke(agent_cli, [subcommand, "--help"])
+    assert result.exit_code == 0, result.output
+    for option in options:
+        assert option in result.output
