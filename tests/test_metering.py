@@ -1,0 +1,213 @@
+"""Metering turns usage samples into balanced ledger postings, once, whatever order they arrive in."""
+
+from datetime import UTC, datetime
+
+import pytest
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Sum
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from billing.models import Account, LedgerEntry, LedgerTransaction, UsageSample
+from billing.selectors import wallet_balance_micros
+from billing.services import (
+    SampleReport,
+    UnbalancedTransaction,
+    account_balance,
+    account_for,
+    allocation_usage,
+    ledger_post,
+    usage_cost_micros,
+    usage_post,
+    usage_record,
+    wallet_credit_promotional,
+)
+from marketplace.models import Allocation, Job
+from tests.conftest import JOB_SPEC, unit_online
+
+AT = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def allocation_make(renter, unit, *, price: int = 2_000_000) -> Allocation:
+    job = Job.objects.create(renter=renter, state=Job.State.RUNNING, **JOB_SPEC)
+    return Allocation.objects.create(job=job, unit=unit, price_per_gpu_hour_micros=price, gpu_count=1)
+
+
+def samples(*gpu_ms: int, first: int = 1) -> list[SampleReport]:
+    return [SampleReport(seq=first + i, gpu_ms=ms, recorded_at=AT) for i, ms in enumerate(gpu_ms)]
+
+
+def ledger_total() -> int:
+    return LedgerEntry.objects.aggregate(total=Sum("amount_micros"))["total"] or 0
+
+
+def balance(kind: str, user=None) -> int:
+    return account_balance(account_for(kind, user))
+
+
+@pytest.fixture
+def unit(owner):
+    return unit_online(owner, name="shed", gpus=1)[0]
+
+
+@pytest.fixture
+def allocation(renter, unit):
+    return allocation_make(renter, unit)
+
+
+class TestCharge:
+    def test_usage_is_charged_at_the_locked_price_rounded_down(self, allocation, renter):
+        usage_record(allocation=allocation, samples=samples(1_000_000, 234_567))
+
+        txn = usage_post(allocation_id=allocation.pk)
+
+        # 1,234,567 GPU-ms at 2,000,000 micros per GPU-hour is 685,870.55 micros.
+        assert txn is not None
+        assert balance(Account.Kind.RENTER_WALLET, renter) == -685_870
+        assert allocation_usage(allocation) == (1_234_567, 685_870)
+
+    def test_the_charge_is_split_between_owner_and_platform(self, allocation, owner):
+        usage_record(allocation=allocation, samples=samples(1_234_567))
+
+        txn = usage_post(allocation_id=allocation.pk)
+
+        legs = {entry.account.kind: entry.amount_micros for entry in txn.entries.select_related("account")}
+        fee = 685_870 * settings.PLATFORM_FEE_PERCENT // 100
+        assert legs == {
+            Account.Kind.RENTER_WALLET: -685_870,
+            Account.Kind.OWNER_PAYABLE: 685_870 - fee,
+            Account.Kind.PLATFORM_FEES: fee,
+        }
+        assert sum(legs.values()) == 0
+        assert balance(Account.Kind.OWNER_PAYABLE, owner) == 685_870 - fee
+        assert txn.allocation == allocation
+        assert txn.kind == "usage"
+
+    def test_posting_twice_charges_once(self, allocation, renter):
+        usage_record(allocation=allocation, samples=samples(3_600_000))
+        usage_post(allocation_id=allocation.pk)
+
+        assert usage_post(allocation_id=allocation.pk) is None
+
+        assert LedgerTransaction.objects.filter(allocation=allocation).count() == 1
+        assert balance(Account.Kind.RENTER_WALLET, renter) == -2_000_000
+
+    def test_later_usage_charges_only_the_difference(self, allocation, renter):
+        usage_record(allocation=allocation, samples=samples(1_000))
+        usage_post(allocation_id=allocation.pk)
+        usage_record(allocation=allocation, samples=samples(1_000, first=2))
+
+        usage_post(allocation_id=allocation.pk)
+
+        # Each 1,000 GPU-ms alone is 555.5 micros; together they are 1,111.1, not 555 + 555.
+        assert balance(Account.Kind.RENTER_WALLET, renter) == -1_111
+        assert LedgerTransaction.objects.filter(allocation=allocation).count() == 2
+
+    def test_no_usage_posts_nothing(self, allocation):
+        assert usage_post(allocation_id=allocation.pk) is None
+
+        assert not LedgerTransaction.objects.exists()
+
+    def test_usage_too_small_to_cost_a_micro_posts_nothing(self, allocation):
+        usage_record(allocation=allocation, samples=samples(1))
+
+        assert usage_post(allocation_id=allocation.pk) is None
+
+    def test_duplicates_are_reported_and_not_stored(self, allocation):
+        usage_record(allocation=allocation, samples=samples(10, 20))
+
+        assert usage_record(allocation=allocation, samples=samples(10, 20, 30)) == (1, 2)
+
+        assert UsageSample.objects.filter(allocation=allocation).count() == 3
+
+    def test_the_wallet_pays_for_usage(self, allocation, renter):
+        wallet_credit_promotional(user=renter, amount_micros=5_000_000, key="welcome")
+        usage_record(allocation=allocation, samples=samples(3_600_000))
+
+        usage_post(allocation_id=allocation.pk)
+
+        assert wallet_balance_micros(renter) == 3_000_000
+
+    def test_recording_new_usage_asks_for_a_posting(self, allocation, django_capture_on_commit_callbacks):
+        with django_capture_on_commit_callbacks() as enqueued:
+            usage_record(allocation=allocation, samples=samples(10))
+        with django_capture_on_commit_callbacks() as again:
+            usage_record(allocation=allocation, samples=samples(10))
+
+        assert len(enqueued) == 1
+        assert again == []
+
+
+class TestLedger:
+    def test_unbalanced_legs_are_refused(self, renter):
+        wallet = account_for(Account.Kind.RENTER_WALLET, renter)
+        losses = account_for(Account.Kind.PLATFORM_LOSSES)
+
+        with pytest.raises(UnbalancedTransaction):
+            ledger_post(key="bad", kind="promotion", legs=[(wallet, 100), (losses, -99)])
+
+        assert not LedgerTransaction.objects.exists()
+        assert not LedgerEntry.objects.exists()
+
+    def test_a_repeated_key_posts_once(self, renter):
+        first = wallet_credit_promotional(user=renter, amount_micros=1_000_000, key="welcome")
+
+        again = wallet_credit_promotional(user=renter, amount_micros=1_000_000, key="welcome")
+
+        assert again.pk == first.pk
+        assert wallet_balance_micros(renter) == 1_000_000
+
+    def test_the_ledger_sums_to_zero_after_everything(self, renter, stranger, unit):
+        wallet_credit_promotional(user=renter, amount_micros=7_000_000, key="a")
+        wallet_credit_promotional(user=stranger, amount_micros=3_000_000, key="b")
+        for user, ms in ((renter, 5_432_109), (stranger, 999), (renter, 3_600_000)):
+            allocation = allocation_make(user, unit, price=1_234_567)
+            usage_record(allocation=allocation, samples=samples(ms, ms // 3))
+            usage_post(allocation_id=allocation.pk)
+            usage_post(allocation_id=allocation.pk)
+
+        assert LedgerTransaction.objects.count() == 5
+        assert ledger_total() == 0
+        for txn in LedgerTransaction.objects.all():
+            assert txn.entries.aggregate(total=Sum("amount_micros"))["total"] == 0
+
+
+sample_sets = st.dictionaries(
+    keys=st.integers(min_value=1, max_value=100_000),
+    values=st.integers(min_value=0, max_value=64 * 3_600_000),
+    min_size=1,
+    max_size=25,
+)
+
+
+@hypothesis_settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    distinct=sample_sets,
+    price=st.integers(min_value=0, max_value=50_000_000),
+    data=st.data(),
+)
+def test_order_and_duplicates_never_change_the_bill(renter, unit, distinct, price, data):
+    """Whatever order the samples arrive in, however often, and however they are batched and
+    posted, the renter pays the cost of the distinct samples exactly once."""
+    items = sorted(distinct.items())
+    repeats = data.draw(st.lists(st.sampled_from(items), max_size=len(items) * 2), label="duplicates")
+    delivery = data.draw(st.permutations(items + repeats), label="delivery")
+    cuts = sorted(data.draw(st.sets(st.integers(0, len(delivery)), max_size=5), label="batch cuts"))
+    batches = [delivery[a:b] for a, b in zip([0, *cuts], [*cuts, len(delivery)], strict=True) if b > a]
+
+    with transaction.atomic():
+        allocation = allocation_make(renter, unit, price=price)
+        for batch in batches:
+            usage_record(allocation=allocation, samples=[SampleReport(s, ms, AT) for s, ms in batch])
+            usage_post(allocation_id=allocation.pk)
+        usage_post(allocation_id=allocation.pk)
+
+        expected = usage_cost_micros(gpu_ms=sum(distinct.values()), price_per_gpu_hour_micros=price)
+        assert allocation_usage(allocation) == (sum(distinct.values()), expected)
+        assert balance(Account.Kind.RENTER_WALLET, renter) == -expected
+        earned = balance(Account.Kind.OWNER_PAYABLE, unit.owner) + balance(Account.Kind.PLATFORM_FEES)
+        assert earned == expected
+        assert ledger_total() == 0
+        transaction.set_rollback(True)
