@@ -8,6 +8,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Sum
 
 from billing.models import Account, LedgerEntry, LedgerTransaction, UsageSample
+from billing.selectors import allocations_with_usage
 from marketplace.audit import audit_record
 from marketplace.models import Allocation
 
@@ -90,11 +91,10 @@ def usage_cost_micros(*, gpu_ms: int, price_per_gpu_hour_micros: int) -> int:
 
 def allocation_usage(allocation: Allocation) -> tuple[int, int]:
     """(GPU-milliseconds recorded, micro-units charged so far) for one allocation."""
-    used = allocation.usage_samples.aggregate(total=Sum("gpu_ms"))["total"] or 0
-    charged = LedgerEntry.objects.filter(
-        transaction__allocation=allocation, account__kind=Account.Kind.RENTER_WALLET, transaction__kind="usage"
-    ).aggregate(total=Sum("amount_micros"))["total"] or 0
-    return used, -charged
+    totals = allocations_with_usage(Allocation.objects.filter(pk=allocation.pk)).values(
+        "usage_gpu_ms", "usage_wallet_micros"
+    )[0]
+    return totals["usage_gpu_ms"], -totals["usage_wallet_micros"]
 
 
 @transaction.atomic
