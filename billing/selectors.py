@@ -27,3 +27,17 @@ def allocations_with_usage(allocations: QuerySet) -> QuerySet:
         usage_gpu_ms=_total(used, "allocation", "gpu_ms"),
         usage_wallet_micros=_total(charged, "transaction__allocation", "amount_micros"),
     )
+
+
+def owner_payable_micros(user) -> int:
+    entries = LedgerEntry.objects.filter(account__kind=Account.Kind.OWNER_PAYABLE, account__user=user)
+    return entries.aggregate(total=Sum("amount_micros"))["total"] or 0
+
+
+def owner_earnings(user, *, limit: int = 100):
+    """The owner's latest credits from usage, with the unit that earned each."""
+    return (
+        LedgerEntry.objects.filter(account__kind=Account.Kind.OWNER_PAYABLE, account__user=user)
+        .select_related("transaction__allocation__unit")
+        .order_by("-transaction__created_at", "-id")[:limit]
+    )

@@ -1,6 +1,7 @@
 from django.db.models import Prefetch
 
 from billing.selectors import allocations_with_usage
+from billing.services import allocation_usage
 from marketplace.models import Allocation, Job
 
 
@@ -8,3 +9,16 @@ def jobs_for(user):
     """The caller's jobs with their allocations and usage, ready for serialising without N+1."""
     allocations = allocations_with_usage(Allocation.objects.select_related("unit").order_by("-created_at"))
     return Job.objects.visible_to(user).prefetch_related(Prefetch("allocations", queryset=allocations))
+
+
+def job_usage(job: Job) -> tuple[int, int]:
+    """(GPU-milliseconds, micro-units charged) over all of a job's allocations."""
+    gpu_ms = cost = 0
+    for allocation in job.allocations.all():
+        if hasattr(allocation, "usage_gpu_ms"):  # annotated by jobs_for: no queries per row
+            used, charged = allocation.usage_gpu_ms, -allocation.usage_wallet_micros
+        else:
+            used, charged = allocation_usage(allocation)
+        gpu_ms += used
+        cost += charged
+    return gpu_ms, cost

@@ -157,8 +157,10 @@ SPECTACULAR_SETTINGS = {
 # Marketplace tunables.
 ENROLMENT_TOKEN_TTL = timedelta(hours=env_int("ENROLMENT_TOKEN_TTL_HOURS", 24))
 HEARTBEAT_INTERVAL_S = env_int("HEARTBEAT_INTERVAL_S", 5)
-UNIT_SUSPECT_AFTER = timedelta(seconds=env_int("UNIT_SUSPECT_AFTER_S", 15))
-UNIT_OFFLINE_AFTER = timedelta(seconds=env_int("UNIT_OFFLINE_AFTER_S", 50))
+# Thresholds plus the sweep period keep a silent unit suspect within 15 s and offline within 50 s.
+LIVENESS_SWEEP_S = env_int("LIVENESS_SWEEP_S", 2)
+UNIT_SUSPECT_AFTER = timedelta(seconds=env_int("UNIT_SUSPECT_AFTER_S", 12))
+UNIT_OFFLINE_AFTER = timedelta(seconds=env_int("UNIT_OFFLINE_AFTER_S", 47))
 JOB_MAX_ATTEMPTS = env_int("JOB_MAX_ATTEMPTS", 3)
 ASSIGNMENT_LONG_POLL_MAX_S = env_int("ASSIGNMENT_LONG_POLL_MAX_S", 20)
 PLATFORM_FEE_PERCENT = env_int("PLATFORM_FEE_PERCENT", 15)
@@ -200,7 +202,7 @@ CELERY_TIMEZONE = TIME_ZONE
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 CELERY_BEAT_SCHEDULE = {
     "placement-sweep": {"task": "marketplace.tasks.placement_sweep", "schedule": 10.0},
-    "unit-liveness": {"task": "nodes.tasks.unit_liveness_sweep", "schedule": 5.0},
+    "unit-liveness": {"task": "nodes.tasks.unit_liveness_sweep", "schedule": float(LIVENESS_SWEEP_S)},
 }
 
 LOGGING = {

@@ -4,6 +4,8 @@ from django.urls import include, path
 from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from billing import views as billing_views
+from marketplace import views as marketplace_views
 from marketplace.api.errors import problem_response
 
 urlpatterns = [
@@ -12,6 +14,8 @@ urlpatterns = [
     path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("portal/", include("nodes.urls")),
+    path("portal/jobs/", marketplace_views.job_list, name="job_list"),
+    path("portal/earnings/", billing_views.earnings, name="earnings"),
     path("api/v1/", include("marketplace.api.urls")),
     path("api/agent/v1/", include("nodes.api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),

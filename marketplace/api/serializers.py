@@ -4,8 +4,8 @@ from django_countries import countries
 from rest_framework import serializers
 
 from billing.money import from_micros, to_micros
-from billing.services import allocation_usage
 from marketplace.models import Job
+from marketplace.selectors import job_usage
 from nodes.models import Isolation
 
 # An OCI reference: [registry/]name[:tag][@digest], lower-case path components.
@@ -110,12 +110,5 @@ class JobSerializer(serializers.ModelSerializer):
         return JobPlacementSerializer(allocation).data if allocation else None
 
     def get_usage(self, job) -> dict:
-        gpu_ms = cost = 0
-        for allocation in job.allocations.all():
-            if hasattr(allocation, "usage_gpu_ms"):  # annotated by jobs_for: no queries per row
-                used, charged = allocation.usage_gpu_ms, -allocation.usage_wallet_micros
-            else:
-                used, charged = allocation_usage(allocation)
-            gpu_ms += used
-            cost += charged
+        gpu_ms, cost = job_usage(job)
         return {"gpu_seconds": round(gpu_ms / 1000, 3), "cost": str(from_micros(cost))}
