@@ -156,23 +156,59 @@ def allocations_to_cancel(*, unit: Unit, running_ids: list) -> list:
     return [str(pk) for pk in running_ids if str(pk) not in keep]
 
 
-@transaction.atomic
-def unit_jobs_lost(*, unit: Unit) -> None:
-    """The unit went offline: re-queue restartable jobs (up to the attempt cap), lose the rest.
+def _allocation_abandon(allocation: Allocation, *, reason: str, why: str, actor: str) -> None:
+    """The job's process is gone without a finish report: free its slices, then re-queue a
+    restartable job (up to the attempt cap) and end the rest as lost.
 
     Billing stops at the last usage sample that arrived; nothing is charged for the silence.
     """
-    for allocation in Allocation.objects.filter(unit=unit, released_at__isnull=True).select_related("job"):
-        _allocation_release(allocation, reason="unit_offline")
-        job = allocation.job
-        if job.state not in Job.ACTIVE_STATES:
-            continue
-        if job.restartable and job.attempts < settings.JOB_MAX_ATTEMPTS:
-            Job.objects.filter(pk=job.pk).update(state=Job.State.QUEUED, placed_at=None, started_at=None)
-            audit_record("job.requeued", job.id, actor="liveness", unit=str(unit.pk), attempts=job.attempts)
+    _allocation_release(allocation, reason=reason)
+    job = allocation.job
+    active = Job.objects.filter(pk=job.pk, state__in=Job.ACTIVE_STATES)
+    if job.restartable and job.attempts < settings.JOB_MAX_ATTEMPTS:
+        if active.update(state=Job.State.QUEUED, placed_at=None, started_at=None):
+            audit_record("job.requeued", job.id, actor=actor, reason=reason, attempts=job.attempts)
             placement_request(job.id)
-        else:
-            Job.objects.filter(pk=job.pk).update(
-                state=Job.State.LOST, finished_at=timezone.now(), failure_reason="unit went offline"
-            )
-            audit_record("job.lost", job.id, actor="liveness", unit=str(unit.pk))
+    elif active.update(state=Job.State.LOST, finished_at=timezone.now(), failure_reason=why):
+        audit_record("job.lost", job.id, actor=actor, reason=reason)
+
+
+@transaction.atomic
+def unit_jobs_lost(*, unit: Unit) -> None:
+    """The unit went offline: every job on it is abandoned."""
+    for allocation in Allocation.objects.filter(unit=unit, released_at__isnull=True).select_related("job"):
+        _allocation_abandon(allocation, reason="unit_offline", why="unit went offline", actor="liveness")
+
+
+@transaction.atomic
+def allocations_reconcile(*, unit: Unit, running_ids: list) -> None:
+    """Abandon allocations the agent picked up a while ago but no longer reports as running or
+    still reporting on: it lost them (a crash, or an assignment whose answer never arrived)."""
+    picked_up_before = timezone.now() - settings.AGENT_LOST_GRACE
+    forgotten = (
+        Allocation.objects.filter(unit=unit, released_at__isnull=True, acknowledged_at__lt=picked_up_before)
+        .exclude(pk__in=running_ids)
+        .select_related("job")
+    )
+    for allocation in forgotten:
+        _allocation_abandon(
+            allocation, reason="agent_lost", why="the unit's agent no longer runs this job", actor=f"unit:{unit.pk}"
+        )
+
+
+@transaction.atomic
+def allocations_expire_unacknowledged(*, now: datetime) -> int:
+    """Release placements no agent picked up in time and queue their jobs again."""
+    stale = Allocation.objects.filter(
+        acknowledged_at__isnull=True, released_at__isnull=True, created_at__lt=now - settings.ASSIGNMENT_ACK_TIMEOUT
+    )
+    expired = 0
+    for allocation in stale.select_related("job"):
+        _allocation_release(allocation, reason="not_acknowledged")
+        if Job.objects.filter(pk=allocation.job_id, state=Job.State.PLACED).update(
+            state=Job.State.QUEUED, placed_at=None
+        ):
+            audit_record("job.requeued", allocation.job_id, actor="liveness", reason="not_acknowledged")
+            placement_request(allocation.job_id)
+        expired += 1
+    return expired

@@ -87,12 +87,18 @@ class Agent:
                 self._stop(allocation, "agent_stopped")
 
     def tick(self) -> None:
-        for allocation_id in self.heartbeater.beat_if_due(list(self.allocations)):
+        for allocation_id in self.heartbeater.beat_if_due(self._claimed()):
             self._cancel(allocation_id)
         self._start_pending()
         self._supervise()
         self.reporter.flush()
         self._pull()
+
+    def _claimed(self) -> list[str]:
+        """What the heartbeat says this agent holds: jobs it runs and jobs whose last reports
+        are still on their way, so the server does not take either for lost."""
+        unreported = [a for a in self.reporter.outbox.allocation_ids() if a not in self.allocations]
+        return [*self.allocations, *unreported]
 
     def _winding_down(self) -> bool:
         limit = self.options.max_jobs

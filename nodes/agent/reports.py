@@ -50,6 +50,10 @@ class Outbox:
                 batch.append(report)
         return batch
 
+    def allocation_ids(self) -> list[str]:
+        """Allocations with reports still to deliver, in order of their first report."""
+        return list(dict.fromkeys(report.allocation_id for report in self._items))
+
     def drop(self, count: int) -> None:
         for _ in range(count):
             self._items.popleft()

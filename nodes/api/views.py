@@ -55,7 +55,9 @@ class HeartbeatView(AgentView):
         gpus = [services.GpuReport(**gpu) for gpu in data.validated_data["gpus"]]
         if services.unit_heartbeat(unit=self.unit, gpus=gpus, agent_version=data.validated_data["agent_version"]):
             market.placement_request()
-        cancel = market.allocations_to_cancel(unit=self.unit, running_ids=data.validated_data["running"])
+        running = data.validated_data["running"]
+        market.allocations_reconcile(unit=self.unit, running_ids=running)
+        cancel = market.allocations_to_cancel(unit=self.unit, running_ids=running)
         body = {"status": self.unit.status, "heartbeat_interval_s": settings.HEARTBEAT_INTERVAL_S, "cancel": cancel}
         return Response(s.HeartbeatResultSerializer(body).data)
 

@@ -148,3 +148,24 @@ def test_the_agent_pulls_only_while_it_has_free_gpus(server, tmp_path, gpu_count
     end = server.calls.index(("POST", f"/allocations/{allocation_id}/finish"))
     pulls = [call for call in server.calls[start:end] if call[1] == "/assignments/next"]
     assert bool(pulls) is pulls_expected
+
+
+def test_heartbeats_keep_claiming_a_finished_job_until_its_reports_are_delivered(server, tmp_path):
+    """Otherwise the server would take a job whose finish is still on its way for lost."""
+    allocation_id = server.assign(["true"], gpu_count=1)
+    server.failures["/usage"] = 4
+    in_flight_claims = []
+    reply = server._heartbeat_reply
+
+    def recording_reply():
+        if allocation_id in server.started and allocation_id not in server.finished:
+            in_flight_claims.append(allocation_id in server.heartbeats[-1]["running"])
+        return reply()
+
+    server._heartbeat_reply = recording_reply
+
+    make_agent(server, tmp_path).run()
+
+    assert server.finished[allocation_id] == {"exit_code": 0, "reason": "exited"}
+    assert len(in_flight_claims) >= 2
+    assert all(in_flight_claims)
