@@ -31,6 +31,10 @@ class ApiKeyAdmin(admin.ModelAdmin):
     exclude = ["digest"]
     readonly_fields = ["lookup", "last_used_at"]
 
+    def has_add_permission(self, request) -> bool:
+        # A key's secret must be shown once to its owner: create keys with `manage.py api_key`.
+        return False
+
 
 @admin.register(AuditEvent)
 class AuditEventAdmin(admin.ModelAdmin):

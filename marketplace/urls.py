@@ -17,6 +17,7 @@ urlpatterns = [
     path("portal/jobs/", marketplace_views.job_list, name="job_list"),
     path("portal/earnings/", billing_views.earnings, name="earnings"),
     path("api/v1/", include("marketplace.api.urls")),
+    path("api/v1/", include("billing.api.urls")),
     path("api/agent/v1/", include("nodes.api.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),

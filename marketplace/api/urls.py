@@ -1,7 +1,6 @@
 from django.urls import include, path
 from rest_framework.routers import SimpleRouter
 
-from billing.api.views import BalanceView
 from marketplace.api.views import JobViewSet
 
 router = SimpleRouter()
@@ -12,5 +11,4 @@ router.register("jobs", JobViewSet, basename="job")
 
 urlpatterns = [
     path("", include(router.urls)),
-    path("balance", BalanceView.as_view(), name="balance"),
 ]
