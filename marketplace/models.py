@@ -61,6 +61,8 @@ class Job(models.Model):
     allowed_countries = models.JSONField(default=list, blank=True, help_text="Empty means anywhere.")
     max_duration_s = models.PositiveIntegerField(default=3600)
     restartable = models.BooleanField(default=False)
+    network_egress = models.BooleanField(default=False, help_text="May the job reach the network?")
+    sandboxed = models.BooleanField(default=False, help_text="Run under a sandboxed runtime such as gVisor.")
     state = models.CharField(max_length=10, choices=State.choices, default=State.QUEUED)
     attempts = models.PositiveSmallIntegerField(default=0)
     exit_code = models.IntegerField(null=True, blank=True)

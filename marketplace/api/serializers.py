@@ -49,6 +49,8 @@ class JobSubmitSerializer(StrictSerializer):
     )
     max_duration_s = serializers.IntegerField(min_value=1, max_value=30 * 24 * 3600, default=3600)
     restartable = serializers.BooleanField(default=False)
+    network_egress = serializers.BooleanField(default=False)
+    sandboxed = serializers.BooleanField(default=False)
 
     def validate_image(self, value: str) -> str:
         if not IMAGE_RE.match(value):
@@ -92,6 +94,7 @@ class JobSerializer(serializers.ModelSerializer):
         fields = [
             "id", "name", "state", "image", "command", "gpu_count", "gpu_models", "min_vram_gb",
             "max_price_per_gpu_hour", "isolation", "allowed_countries", "max_duration_s", "restartable",
+            "network_egress", "sandboxed",
             "attempts", "exit_code", "failure_reason", "pending_reason", "placement", "usage",
             "created_at", "placed_at", "started_at", "finished_at",
         ]  # fmt: skip

@@ -52,6 +52,8 @@ class AssignmentJobSerializer(serializers.Serializer):
     max_duration_s = serializers.IntegerField()
     isolation = serializers.CharField()
     allowed_countries = serializers.ListField(child=serializers.CharField())
+    network_egress = serializers.BooleanField()
+    sandboxed = serializers.BooleanField()
 
 
 class AssignmentGpuSerializer(serializers.Serializer):

@@ -78,6 +78,8 @@ def assignment_body(allocation: Allocation) -> dict:
             "max_duration_s": job.max_duration_s,
             "isolation": job.isolation,
             "allowed_countries": job.allowed_countries,
+            "network_egress": job.network_egress,
+            "sandboxed": job.sandboxed,
         },
         "gpus": gpus,
         "price_per_gpu_hour_micros": allocation.price_per_gpu_hour_micros,
