@@ -31,9 +31,6 @@ def _unit_rejection(job: Job, unit: Unit) -> str | None:
     offered = [Isolation.rank(level) for level in unit.isolation_levels]
     if not offered or max(offered) < Isolation.rank(job.isolation):
         return "isolation"
-    cap = job.max_price_per_gpu_hour_micros
-    if cap is not None and unit.price_per_gpu_hour_micros > cap:
-        return "price_cap"
     return None
 
 
@@ -44,7 +41,21 @@ def _slice_fits(job: Job, slice_: Slice) -> str | None:
         return "vram"
     if Isolation.rank(slice_.isolation) < Isolation.rank(job.isolation) and job.isolation != Isolation.NODE:
         return "isolation"
+    cap = job.max_price_per_gpu_hour_micros
+    if cap is not None and slice_.price_per_gpu_hour_micros > cap:
+        return "price_cap"
     return None
+
+
+def _one_per_gpu(slices: list[Slice]) -> list[Slice]:
+    """A job's GPUs are distinct devices: never two shares of one GPU for one job."""
+    seen: set = set()
+    distinct = []
+    for slice_ in slices:
+        if slice_.gpu_id not in seen:
+            seen.add(slice_.gpu_id)
+            distinct.append(slice_)
+    return distinct
 
 
 def _free_slices_by_unit() -> dict[Unit, list[Slice]]:
@@ -97,6 +108,8 @@ def candidates_for(job: Job) -> tuple[list[Candidate], dict]:
                     reasons[why] += 1
                 else:
                     fitting.append(slice_)
+            if job.isolation != Isolation.NODE:
+                fitting = _one_per_gpu(fitting)
             if job.isolation == Isolation.NODE and reasons:
                 # The whole unit or nothing: a GPU the job cannot use would be left for others.
                 reason = reasons.most_common(1)[0][0]
@@ -109,7 +122,7 @@ def candidates_for(job: Job) -> tuple[list[Candidate], dict]:
             found.append(Candidate(unit=unit, slices=take))
     # Cheapest first; among equals, the unit with the fewest free slices, to keep whole units
     # free for large jobs.
-    found.sort(key=lambda c: (c.unit.price_per_gpu_hour_micros, len(free.get(c.unit, []))))
+    found.sort(key=lambda c: (sum(s.price_per_gpu_hour_micros for s in c.slices), len(free.get(c.unit, []))))
     summary = {"units_considered": len(online), "rejected": dict(rejected)}
     return found, summary
 

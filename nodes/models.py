@@ -2,7 +2,7 @@ import uuid
 
 from django.conf import settings
 from django.db import models
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 from django_countries.fields import CountryField
 
@@ -18,6 +18,12 @@ class Isolation(models.TextChoices):
     @classmethod
     def rank(cls, level: str) -> int:
         return list(cls.values).index(level)
+
+
+class Slicing(models.TextChoices):
+    WHOLE = "whole", "Whole GPUs"
+    MIG = "mig", "MIG instances"
+    SHARED = "shared", "Shared fractions of a GPU"
 
 
 def default_isolation_levels() -> list[str]:
@@ -53,6 +59,26 @@ class Unit(models.Model):
         default=2_000_000, help_text="Owner's price per GPU-hour in micro-units of the currency."
     )
     isolation_levels = models.JSONField(default=default_isolation_levels)
+    slicing = models.CharField(max_length=10, choices=Slicing.choices, default=Slicing.WHOLE)
+    shared_fraction = models.PositiveSmallIntegerField(
+        default=2, help_text="With shared slicing, how many renters share one GPU (2 to 8)."
+    )
+    # Backyard limits. Quiet hours are read in the unit's own time zone.
+    time_zone = models.CharField(max_length=64, default="UTC", help_text="IANA time zone, e.g. Europe/Berlin")
+    quiet_hours_start = models.TimeField(null=True, blank=True)
+    quiet_hours_end = models.TimeField(null=True, blank=True)
+    quiet_hours_max_gpus = models.PositiveSmallIntegerField(
+        default=0, help_text="GPUs that may take new work during quiet hours."
+    )
+    quiet_hours_power_cap_w = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Power limit per GPU during quiet hours, in watts."
+    )
+    power_budget_kw = models.DecimalField(
+        max_digits=6, decimal_places=2, null=True, blank=True, help_text="Most the whole unit may draw, in kW."
+    )
+    thermal_stop_c = models.PositiveSmallIntegerField(default=83, help_text="Take no new work at or above this.")
+    thermal_resume_c = models.PositiveSmallIntegerField(default=75, help_text="Take work again at or below this.")
+    limits = models.JSONField(default=dict, blank=True, help_text="Limits in force, as the agent last reported.")
     credential_lookup = models.CharField(max_length=12, unique=True, null=True, blank=True)
     credential_digest = models.CharField(max_length=64, blank=True)
     enrolled_at = models.DateTimeField(null=True, blank=True)
@@ -68,6 +94,12 @@ class Unit(models.Model):
         constraints = [
             models.CheckConstraint(
                 condition=Q(price_per_gpu_hour_micros__gte=0), name="unit_price_not_negative"
+            ),
+            models.CheckConstraint(
+                condition=Q(thermal_resume_c__lt=F("thermal_stop_c")), name="unit_thermal_hysteresis"
+            ),
+            models.CheckConstraint(
+                condition=Q(shared_fraction__gte=2, shared_fraction__lte=8), name="unit_shared_fraction_range"
             ),
         ]
 
@@ -102,6 +134,8 @@ class GPU(models.Model):
     mig_mode = models.BooleanField(default=False)
     healthy = models.BooleanField(default=True)
     present = models.BooleanField(default=True, help_text="Reported in the latest inventory.")
+    temperature_c = models.SmallIntegerField(null=True, blank=True)
+    power_w = models.PositiveIntegerField(null=True, blank=True)
 
     class Meta:
         ordering = ["unit", "index"]
@@ -117,15 +151,14 @@ class GPU(models.Model):
 class Slice(models.Model):
     """The unit of sale: a whole GPU, a MIG instance or a time-shared fraction of one."""
 
-    class Kind(models.TextChoices):
-        WHOLE = "whole"
-        MIG = "mig"
-        SHARED = "shared"
+    Kind = Slicing
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     unit = models.ForeignKey(Unit, on_delete=models.CASCADE, related_name="slices")
     gpu = models.ForeignKey(GPU, on_delete=models.CASCADE, related_name="slices")
     kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.WHOLE)
+    device_uuid = models.CharField(max_length=80, help_text="What the job is given: a GPU or MIG instance UUID.")
+    share_index = models.PositiveSmallIntegerField(default=0, help_text="Which share of a shared GPU.")
     isolation = models.CharField(max_length=10, choices=Isolation.choices, default=Isolation.GPU)
     vram_mb = models.PositiveIntegerField()
     price_per_gpu_hour_micros = models.BigIntegerField()
@@ -135,7 +168,7 @@ class Slice(models.Model):
         ordering = ["unit", "gpu__index"]
         constraints = [
             models.UniqueConstraint(
-                fields=["gpu"], condition=Q(kind="whole"), name="slice_one_whole_per_gpu"
+                fields=["gpu", "kind", "device_uuid", "share_index"], name="slice_unique_per_gpu"
             ),
         ]
 

@@ -15,6 +15,13 @@ NODE_CREDENTIAL_KIND = "shs_node"
 
 
 @dataclass(frozen=True)
+class MigReport:
+    uuid: str
+    profile: str
+    memory_mb: int
+
+
+@dataclass(frozen=True)
 class GpuReport:
     index: int
     uuid: str
@@ -24,6 +31,9 @@ class GpuReport:
     cuda_version: str = ""
     mig_mode: bool = False
     healthy: bool = True
+    temperature_c: int | None = None
+    power_w: int | None = None
+    mig_instances: tuple[MigReport, ...] = ()
 
 
 @transaction.atomic
@@ -93,10 +103,12 @@ def unit_authenticate(*, credential: str) -> Unit | None:
     return unit
 
 
-def _inventory_sync(unit: Unit, reports: list[GpuReport]) -> bool:
-    """Bring the unit's GPUs and whole-GPU slices in line with the agent's report.
+def _inventory_sync(unit: Unit, reports: list[GpuReport], advertise: set[str] | None) -> bool:
+    """Bring the unit's GPUs and slices in line with the agent's report and the owner's policy.
 
-    Returns whether anything changed, so callers know capacity may have grown.
+    ``advertise`` is the GPUs the agent will take new work on now (backyard limits applied);
+    None means every healthy GPU. Returns whether anything changed, so callers know capacity
+    may have grown.
     """
     known = {gpu.device_uuid: gpu for gpu in unit.gpus.all()}
     changed = False
@@ -118,7 +130,8 @@ def _inventory_sync(unit: Unit, reports: list[GpuReport]) -> bool:
         elif any(getattr(gpu, name) != value for name, value in fields.items()):
             GPU.objects.filter(pk=gpu.pk).update(**fields)
             changed = True
-        _whole_slice_sync(unit, gpu, report)
+        offered = report.healthy and (advertise is None or report.uuid in advertise)
+        changed |= _slices_sync(unit, gpu, report, offered=offered)
     if known:
         GPU.objects.filter(pk__in=[gpu.pk for gpu in known.values()]).update(present=False)
         Slice.objects.filter(gpu__in=known.values()).update(advertised=False)
@@ -126,20 +139,99 @@ def _inventory_sync(unit: Unit, reports: list[GpuReport]) -> bool:
     return changed
 
 
-def _whole_slice_sync(unit: Unit, gpu: GPU, report: GpuReport) -> None:
-    wanted = {
-        "unit": unit,
-        "isolation": Isolation.GPU,
-        "vram_mb": report.vram_mb,
-        "price_per_gpu_hour_micros": unit.price_per_gpu_hour_micros,
-        "advertised": report.healthy,
+@dataclass(frozen=True)
+class SliceShape:
+    kind: str
+    device_uuid: str
+    share_index: int
+    isolation: str
+    vram_mb: int
+    price_per_gpu_hour_micros: int
+
+
+def slice_shapes(unit: Unit, report: GpuReport) -> list[SliceShape]:
+    """The slices the owner's policy cuts this GPU into. A GPU without MIG instances is sold
+    whole even under a MIG policy, rather than not at all."""
+    price = unit.price_per_gpu_hour_micros
+    if unit.slicing == Slice.Kind.MIG and report.mig_instances:
+        return [
+            SliceShape(
+                Slice.Kind.MIG, mig.uuid, 0, Isolation.MIG, mig.memory_mb, price * mig.memory_mb // report.vram_mb
+            )
+            for mig in report.mig_instances
+        ]
+    if unit.slicing == Slice.Kind.SHARED:
+        parts = unit.shared_fraction
+        return [
+            SliceShape(Slice.Kind.SHARED, report.uuid, n, Isolation.SHARED, report.vram_mb // parts, price // parts)
+            for n in range(parts)
+        ]
+    return [SliceShape(Slice.Kind.WHOLE, report.uuid, 0, Isolation.GPU, report.vram_mb, price)]
+
+
+def _slices_sync(unit: Unit, gpu: GPU, report: GpuReport, *, offered: bool) -> bool:
+    """Advertise the GPU's slices as the policy cuts them; withdraw slices of any other shape
+    (they are kept, not deleted, because past leases refer to them)."""
+    existing = {(s.kind, s.device_uuid, s.share_index): s for s in gpu.slices.all()}
+    changed = False
+    for shape in slice_shapes(unit, report):
+        wanted = {
+            "unit": unit,
+            "isolation": shape.isolation,
+            "vram_mb": shape.vram_mb,
+            "price_per_gpu_hour_micros": shape.price_per_gpu_hour_micros,
+            "advertised": offered,
+        }
+        current = existing.pop((shape.kind, shape.device_uuid, shape.share_index), None)
+        if current is None:
+            Slice.objects.create(
+                gpu=gpu, kind=shape.kind, device_uuid=shape.device_uuid, share_index=shape.share_index, **wanted
+            )
+            changed = True
+        elif any(getattr(current, name) != value for name, value in wanted.items() if name != "unit"):
+            Slice.objects.filter(pk=current.pk).update(**wanted)
+            changed = True
+    stale = [s.pk for s in existing.values() if s.advertised]
+    if stale:
+        Slice.objects.filter(pk__in=stale).update(advertised=False)
+        changed = True
+    return changed
+
+
+def unit_policy(unit: Unit) -> dict:
+    """The owner's policy as the agent needs it to apply backyard limits locally."""
+    quiet = None
+    if unit.quiet_hours_start is not None and unit.quiet_hours_end is not None:
+        quiet = {
+            "start": unit.quiet_hours_start.strftime("%H:%M"),
+            "end": unit.quiet_hours_end.strftime("%H:%M"),
+            "time_zone": unit.time_zone,
+            "max_gpus": unit.quiet_hours_max_gpus,
+            "power_cap_w": unit.quiet_hours_power_cap_w,
+        }
+    budget = unit.power_budget_kw
+    return {
+        "slicing": unit.slicing,
+        "shared_fraction": unit.shared_fraction,
+        "isolation_levels": unit.isolation_levels,
+        "quiet_hours": quiet,
+        "power_budget_w": None if budget is None else int(budget * 1000),
+        "thermal_stop_c": unit.thermal_stop_c,
+        "thermal_resume_c": unit.thermal_resume_c,
     }
-    Slice.objects.update_or_create(gpu=gpu, kind=Slice.Kind.WHOLE, defaults=wanted)
 
 
 @transaction.atomic
-def unit_heartbeat(*, unit: Unit, gpus: list[GpuReport], agent_version: str = "") -> bool:
-    """Record that the unit is alive and what it has. Returns whether capacity may have grown."""
+def unit_heartbeat(
+    *,
+    unit: Unit,
+    gpus: list[GpuReport],
+    agent_version: str = "",
+    advertise: list[str] | None = None,
+    limits: dict | None = None,
+) -> bool:
+    """Record that the unit is alive, what it has and what it offers now. Returns whether
+    capacity may have grown."""
     now = timezone.now()
     was = unit.status
     if was in (Unit.Status.PENDING, Unit.Status.SUSPECT, Unit.Status.OFFLINE):
@@ -148,9 +240,28 @@ def unit_heartbeat(*, unit: Unit, gpus: list[GpuReport], agent_version: str = ""
     unit.last_heartbeat_at = now
     if agent_version:
         unit.agent_version = agent_version[:40]
-    unit.save(update_fields=["status", "last_heartbeat_at", "agent_version"])
-    inventory_changed = _inventory_sync(unit, gpus)
+    fields = ["status", "last_heartbeat_at", "agent_version"]
+    if limits is not None and limits != unit.limits:
+        unit.limits = limits
+        fields.append("limits")
+        audit_record("unit.limits_changed", unit.id, actor="agent", limits=limits)
+    unit.save(update_fields=fields)
+    _telemetry_record(unit, gpus)
+    inventory_changed = _inventory_sync(unit, gpus, None if advertise is None else set(advertise))
     return inventory_changed or was != unit.status
+
+
+def gpu_report(data: dict) -> GpuReport:
+    migs = tuple(MigReport(**mig) for mig in data.get("mig_instances", ()))
+    return GpuReport(**{**data, "mig_instances": migs})
+
+
+def _telemetry_record(unit: Unit, gpus: list[GpuReport]) -> None:
+    for report in gpus:
+        if report.temperature_c is not None or report.power_w is not None:
+            GPU.objects.filter(unit=unit, device_uuid=report.uuid).update(
+                temperature_c=report.temperature_c, power_w=report.power_w
+            )
 
 
 def units_mark_unresponsive(*, now: datetime) -> list[Unit]:

@@ -15,6 +15,15 @@ class EnrolResultSerializer(serializers.Serializer):
     heartbeat_interval_s = serializers.IntegerField()
 
 
+OPTIONAL = {"required": False, "allow_null": True, "default": None}
+
+
+class MigReportSerializer(serializers.Serializer):
+    uuid = serializers.CharField(max_length=80)
+    profile = serializers.CharField(max_length=20)
+    memory_mb = serializers.IntegerField(min_value=1, max_value=10_000_000)
+
+
 class GpuReportSerializer(serializers.Serializer):
     index = serializers.IntegerField(min_value=0, max_value=63)
     uuid = serializers.CharField(max_length=80)
@@ -24,12 +33,25 @@ class GpuReportSerializer(serializers.Serializer):
     cuda_version = serializers.CharField(max_length=20, required=False, allow_blank=True, default="")
     mig_mode = serializers.BooleanField(required=False, default=False)
     healthy = serializers.BooleanField(required=False, default=True)
+    temperature_c = serializers.IntegerField(min_value=-50, max_value=200, **OPTIONAL)
+    power_w = serializers.IntegerField(min_value=0, max_value=100_000, **OPTIONAL)
+    mig_instances = MigReportSerializer(many=True, required=False, default=list, max_length=7)
 
 
 class HeartbeatSerializer(serializers.Serializer):
     gpus = GpuReportSerializer(many=True, max_length=64)
     running = serializers.ListField(child=serializers.UUIDField(), required=False, default=list, max_length=64)
     agent_version = serializers.CharField(max_length=40, required=False, allow_blank=True, default="")
+    advertise = serializers.ListField(
+        child=serializers.CharField(max_length=80), required=False, allow_null=True, default=None, max_length=64,
+        help_text="GPU uuids the agent takes new work on now; omitted or null means every healthy GPU.",
+    )
+    limits = serializers.DictField(required=False, allow_null=True, default=None, help_text="Backyard limits in force.")
+
+    def validate_limits(self, value):
+        if value is not None and len(str(value)) > 4000:
+            raise serializers.ValidationError("Too large.")
+        return value
 
     def validate_gpus(self, value):
         uuids = [gpu["uuid"] for gpu in value]
@@ -38,10 +60,29 @@ class HeartbeatSerializer(serializers.Serializer):
         return value
 
 
+class QuietHoursSerializer(serializers.Serializer):
+    start = serializers.CharField()
+    end = serializers.CharField()
+    time_zone = serializers.CharField()
+    max_gpus = serializers.IntegerField()
+    power_cap_w = serializers.IntegerField(allow_null=True)
+
+
+class PolicySerializer(serializers.Serializer):
+    slicing = serializers.CharField()
+    shared_fraction = serializers.IntegerField()
+    isolation_levels = serializers.ListField(child=serializers.CharField())
+    quiet_hours = QuietHoursSerializer(allow_null=True)
+    power_budget_w = serializers.IntegerField(allow_null=True)
+    thermal_stop_c = serializers.IntegerField()
+    thermal_resume_c = serializers.IntegerField()
+
+
 class HeartbeatResultSerializer(serializers.Serializer):
     status = serializers.CharField()
     heartbeat_interval_s = serializers.IntegerField()
     cancel = serializers.ListField(child=serializers.UUIDField())
+    policy = PolicySerializer()
 
 
 class AssignmentJobSerializer(serializers.Serializer):
@@ -58,7 +99,10 @@ class AssignmentJobSerializer(serializers.Serializer):
 
 class AssignmentGpuSerializer(serializers.Serializer):
     index = serializers.IntegerField()
-    uuid = serializers.CharField()
+    uuid = serializers.CharField(help_text="The device to give the job: a GPU or MIG instance UUID.")
+    gpu_uuid = serializers.CharField(help_text="The physical GPU it belongs to.")
+    kind = serializers.CharField(help_text="whole, mig or shared")
+    share = serializers.IntegerField(help_text="Which share of a shared GPU.")
 
 
 class AssignmentSerializer(serializers.Serializer):

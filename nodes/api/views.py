@@ -52,21 +52,39 @@ class HeartbeatView(AgentView):
     def post(self, request):
         data = s.HeartbeatSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        gpus = [services.GpuReport(**gpu) for gpu in data.validated_data["gpus"]]
-        if services.unit_heartbeat(unit=self.unit, gpus=gpus, agent_version=data.validated_data["agent_version"]):
+        beat = data.validated_data
+        gpus = [services.gpu_report(gpu) for gpu in beat["gpus"]]
+        if services.unit_heartbeat(
+            unit=self.unit,
+            gpus=gpus,
+            agent_version=beat["agent_version"],
+            advertise=beat["advertise"],
+            limits=beat["limits"],
+        ):
             market.placement_request()
         running = data.validated_data["running"]
         market.allocations_reconcile(unit=self.unit, running_ids=running)
         cancel = market.allocations_to_cancel(unit=self.unit, running_ids=running)
-        body = {"status": self.unit.status, "heartbeat_interval_s": settings.HEARTBEAT_INTERVAL_S, "cancel": cancel}
+        body = {
+            "status": self.unit.status,
+            "heartbeat_interval_s": settings.HEARTBEAT_INTERVAL_S,
+            "cancel": cancel,
+            "policy": services.unit_policy(self.unit),
+        }
         return Response(s.HeartbeatResultSerializer(body).data)
 
 
 def assignment_body(allocation: Allocation) -> dict:
     job = allocation.job
     gpus = [
-        {"index": lease.slice.gpu.index, "uuid": lease.slice.gpu.device_uuid}
-        for lease in allocation.leases.select_related("slice__gpu").order_by("slice__gpu__index")
+        {
+            "index": lease.slice.gpu.index,
+            "uuid": lease.slice.device_uuid,
+            "gpu_uuid": lease.slice.gpu.device_uuid,
+            "kind": lease.slice.kind,
+            "share": lease.slice.share_index,
+        }
+        for lease in allocation.leases.select_related("slice__gpu").order_by("slice__gpu__index", "slice__share_index")
     ]
     return {
         "allocation_id": allocation.pk,
