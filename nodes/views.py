@@ -37,8 +37,10 @@ def _owned_unit(request, unit_id) -> Unit:
 
 
 def _unit_page(request, unit: Unit, *, token: str | None = None, status: int = 200):
+    labels = {"quiet_hours": "quiet hours", "power_budget": "power budget", "thermal": "temperature"}
     context = {
         "unit": unit,
+        "in_force": [labels.get(name, name) for name in unit.limits.get("in_force", [])],
         "gpus": unit.gpus.filter(present=True),
         "token": token,
         "commands": _agent_commands(request, token) if token else [],

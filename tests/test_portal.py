@@ -173,3 +173,20 @@ def test_reissuing_needs_a_csrf_token(owner):
 
     assert response.status_code == 403
     assert EnrolmentToken.objects.filter(unit=unit).count() == 1
+
+
+def test_the_unit_page_says_which_backyard_limit_reduces_capacity(client, owner):
+    from nodes.models import Unit
+    from tests.conftest import unit_online
+
+    unit, _ = unit_online(owner, name="quiet-shed", gpus=4)
+    Unit.objects.filter(pk=unit.pk).update(
+        limits={"in_force": ["quiet_hours", "thermal"], "advertised_gpus": 0, "gpus": 4}, power_budget_kw="9.5"
+    )
+    client.force_login(owner)
+
+    page = client.get(f"/portal/units/{unit.pk}/").content.decode()
+
+    assert "Capacity is reduced now by: quiet hours, temperature" in page
+    assert "0 of 4 GPUs offered" in page
+    assert "9.50 kW" in page
