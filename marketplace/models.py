@@ -148,3 +148,23 @@ class AuditEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.action} {self.subject_id}"
+
+
+class LogChunk(models.Model):
+    """A piece of a job's output as its agent shipped it. (allocation, offset) is unique, so a
+    chunk sent again after an agent restart is stored once."""
+
+    allocation = models.ForeignKey(Allocation, on_delete=models.CASCADE, related_name="log_chunks")
+    offset = models.BigIntegerField(help_text="Byte offset of the chunk in the job's log file.")
+    data = models.TextField()
+    received_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["allocation", "offset"]
+        constraints = [
+            models.UniqueConstraint(fields=["allocation", "offset"], name="log_chunk_unique_offset"),
+            models.CheckConstraint(condition=Q(offset__gte=0), name="log_chunk_offset_not_negative"),
+        ]
+
+    def __str__(self) -> str:
+        return f"log {self.allocation_id}@{self.offset}"

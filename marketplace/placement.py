@@ -14,7 +14,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from marketplace.audit import audit_record
-from marketplace.models import Allocation, Job, Lease
+from marketplace.models import Allocation, AuditEvent, Job, Lease
 from nodes.models import Isolation, Slice, Unit
 
 
@@ -86,6 +86,12 @@ def _busy_unit_ids(*, exclusive_only: bool) -> set:
     return set(leases.values_list("allocation__unit_id", flat=True).distinct())
 
 
+def _units_that_refused(job: Job) -> set[str]:
+    """Units whose agents already refused this job; sending it there again would only repeat that."""
+    refusals = AuditEvent.objects.filter(action="allocation.refused", subject_id=job.pk)
+    return {str(unit) for unit in refusals.values_list("data__unit", flat=True)}
+
+
 def candidates_for(job: Job) -> tuple[list[Candidate], dict]:
     """Feasible units for the job, best first, and the why-pending summary over all units."""
     online = Unit.objects.filter(status=Unit.Status.ONLINE)
@@ -93,12 +99,15 @@ def candidates_for(job: Job) -> tuple[list[Candidate], dict]:
     # A node-level job needs a unit nobody uses; any other job must keep off a unit held whole,
     # even if a GPU of it has come back since that job was placed.
     busy = _busy_unit_ids(exclusive_only=job.isolation != Isolation.NODE)
+    refused = _units_that_refused(job)
     rejected: Counter = Counter()
     found: list[Candidate] = []
     for unit in online:
         reason = _unit_rejection(job, unit)
         if reason is None and unit.pk in busy:
             reason = "unit_busy"
+        if reason is None and str(unit.pk) in refused:
+            reason = "unit_refused"
         fitting: list[Slice] = []
         if reason is None:
             reasons = Counter()

@@ -1,8 +1,9 @@
-from django.db.models import Prefetch
+from django.db.models import Prefetch, Sum
+from django.db.models.functions import Length
 
 from billing.selectors import allocations_with_usage
 from billing.services import allocation_usage
-from marketplace.models import Allocation, Job
+from marketplace.models import Allocation, Job, LogChunk
 
 
 def jobs_for(user):
@@ -22,3 +23,13 @@ def job_usage(job: Job) -> tuple[int, int]:
         gpu_ms += used
         cost += charged
     return gpu_ms, cost
+
+
+def allocation_log_text(allocation: Allocation) -> str:
+    """The job's output as its agent shipped it, in order."""
+    return "".join(LogChunk.objects.filter(allocation=allocation).order_by("offset").values_list("data", flat=True))
+
+
+def allocation_log_size(allocation: Allocation) -> int:
+    """Characters of the job's output kept so far."""
+    return LogChunk.objects.filter(allocation=allocation).aggregate(size=Sum(Length("data")))["size"] or 0

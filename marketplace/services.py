@@ -1,16 +1,18 @@
 from datetime import datetime
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from marketplace import tokens
 from marketplace.audit import audit_record
 from marketplace.errors import StateConflict
-from marketplace.models import Allocation, ApiKey, Job
+from marketplace.models import Allocation, ApiKey, Job, LogChunk
+from marketplace.selectors import allocation_log_size
 from nodes.models import Unit
 
 API_KEY_KIND = "shs_live"
+REFUSED = "refused:"  # finish reasons of an agent that would not run what it was sent
 
 
 def api_key_create(*, user, name: str, expires_at: datetime | None = None) -> tuple[ApiKey, str]:
@@ -128,6 +130,10 @@ def allocation_finish(*, allocation: Allocation, exit_code: int | None, reason: 
     from billing.services import usage_post_request
 
     job = Job.objects.select_for_update().get(pk=allocation.job_id)
+    if reason.startswith(REFUSED):
+        if allocation.released_at is None:
+            _allocation_refused(allocation, job, reason=reason)
+        return job  # nothing ran, so there is no usage; a repeated refusal changes nothing
     if allocation.released_at is None:
         _allocation_release(allocation, reason=reason or "finished")
     if job.state in Job.ACTIVE_STATES:
@@ -143,6 +149,33 @@ def allocation_finish(*, allocation: Allocation, exit_code: int | None, reason: 
         job.save(update_fields=["exit_code"])
     usage_post_request(allocation.pk)
     return job
+
+
+def _allocation_refused(allocation: Allocation, job: Job, *, reason: str) -> None:
+    """The unit's agent would not run the job (residency, isolation, devices): free the slices
+    and place the job elsewhere, counted as an attempt. Placement keeps it off this unit."""
+    _allocation_release(allocation, reason=reason)
+    actor = f"unit:{allocation.unit_id}"
+    audit_record(
+        "allocation.refused",
+        job.id,
+        actor=actor,
+        allocation=str(allocation.pk),
+        unit=str(allocation.unit_id),
+        reason=reason,
+    )
+    if job.state not in Job.ACTIVE_STATES:
+        return
+    if job.attempts < settings.JOB_MAX_ATTEMPTS:
+        job.state, job.placed_at, job.started_at = Job.State.QUEUED, None, None
+        job.save(update_fields=["state", "placed_at", "started_at"])
+        audit_record("job.requeued", job.id, actor=actor, reason=reason, attempts=job.attempts)
+        placement_request(job.id)
+        return
+    job.state, job.finished_at = Job.State.FAILED, timezone.now()
+    job.failure_reason = f"refused by unit: {reason}"[:255]
+    job.save(update_fields=["state", "finished_at", "failure_reason"])
+    audit_record("job.failed", job.id, actor=actor, reason=reason)
 
 
 def allocations_to_cancel(*, unit: Unit, running_ids: list) -> list:
@@ -212,3 +245,25 @@ def allocations_expire_unacknowledged(*, now: datetime) -> int:
             placement_request(allocation.job_id)
         expired += 1
     return expired
+
+
+LOG_MAX_CHARS = 2**20  # of one allocation's output kept; the agent stops shipping once told
+
+
+def log_chunk_record(*, allocation: Allocation, offset: int, data: str) -> tuple[bool, bool]:
+    """Keep a chunk of a job's output once per (allocation, offset); returns (stored, truncated).
+
+    Past LOG_MAX_CHARS nothing more is kept. Two chunks arriving at once may both fit the check
+    and overshoot the cap by one chunk, which is cheaper than locking the allocation per chunk.
+    """
+    room = LOG_MAX_CHARS - allocation_log_size(allocation)
+    if room <= 0:
+        return False, True
+    if LogChunk.objects.filter(allocation=allocation, offset=offset).exists():
+        return False, False
+    try:
+        with transaction.atomic():
+            LogChunk.objects.create(allocation=allocation, offset=offset, data=data[:room])
+    except IntegrityError:
+        return False, False  # the same chunk arrived concurrently
+    return True, len(data) > room

@@ -207,7 +207,8 @@ class TestAssignments:
         assert body["job"]["image"] == job.image
         assert body["job"]["command"] == job.command
         assert body["job"]["gpu_count"] == 1
-        assert body["gpus"] == [{"index": 0, "uuid": "GPU-shed-0", "gpu_uuid": "GPU-shed-0", "kind": "whole", "share": 0}]
+        whole = {"index": 0, "uuid": "GPU-shed-0", "gpu_uuid": "GPU-shed-0", "kind": "whole", "share": 0}
+        assert body["gpus"] == [whole]
         assert body["price_per_gpu_hour_micros"] == allocation.price_per_gpu_hour_micros
         assert Job.objects.get(pk=job.pk).state == Job.State.STARTING
         assert Allocation.objects.get(pk=allocation.pk).acknowledged_at is not None

@@ -40,13 +40,15 @@ def test_a_job_travels_from_submit_to_the_bill(running_stack, tmp_path):
     _, api_key = api_key_create(user=renter, name="e2e")
     config = str(tmp_path / "agent" / "agent.json")
 
-    enrolled = stack.run(devstack.agent_argv("enrol", "--url", stack.base_url, "--token", token, "--config", config))
+    enrolled = stack.run(
+        devstack.agent_argv("enrol", "--url", stack.base_url, "--token", token, "--config", config, "--country", "DE")
+    )
     assert enrolled.returncode == 0, enrolled.stderr + enrolled.stdout
     stack.start(
         "agent",
         devstack.agent_argv(
             "run", "--config", config, "--simulate", "2xH100-80GB",
-            "--work-dir", str(tmp_path / "agent" / "work"), "--usage-interval", "1",
+            "--work-dir", str(tmp_path / "agent" / "work"), "--usage-interval", "1", "--dev-runtime",
         ),
     )  # fmt: skip
     try:

@@ -7,11 +7,17 @@ from nodes.agent.backoff import Backoff
 from nodes.agent.gpus import Gpu
 from nodes.agent.runtime import Handle, JobSpec
 
+# One hour of wall time per sample: for 64 GPUs that is the most GPU time the server takes in one.
+MAX_SAMPLE_WALL_MS = 3_600_000
+
 
 class InvalidAssignment(Exception):
-    def __init__(self, message: str, allocation_id: str | None) -> None:
+    """An assignment the agent will not run; `reason` is what the finish report says."""
+
+    def __init__(self, message: str, allocation_id: str | None, reason: str = "start_failed") -> None:
         super().__init__(message)
         self.allocation_id = allocation_id
+        self.reason = reason
 
 
 @dataclass
@@ -28,28 +34,36 @@ class Allocation:
     stop_reason: str | None = None
     next_start_at: float = 0.0
     start_backoff: Backoff = field(default_factory=Backoff)
+    sampled_at: str = ""  # wall-clock time (ISO 8601) of the last sample, or of the start
+    log_offset: int = 0  # bytes of the job's log already queued for the server
 
     @property
     def id(self) -> str:
         return self.spec.allocation_id
 
-    def mark_started(self, handle: Handle, now: float) -> None:
+    def mark_started(self, handle: Handle, now: float, wall: str = "") -> None:
         self.handle = handle
         self.started_at = self.last_sample_at = now
+        self.sampled_at = wall
 
     def overdue(self, now: float) -> bool:
         return self.max_duration_s is not None and now - self.started_at >= self.max_duration_s
 
-    def sample(self, now: float, recorded_at: str) -> dict[str, Any]:
-        """The next usage sample: GPU-milliseconds since the previous one.
+    def samples(self, now: float, recorded_at: str) -> list[dict[str, Any]]:
+        """The next usage samples: GPU-milliseconds since the previous one, in one sample unless
+        more than an hour is due (after a long absence of the agent).
 
         Measured from the start on every call, so rounding never accumulates across samples.
         """
         wall_ms = max(self.metered_ms, round((now - self.started_at) * 1000))
-        gpu_ms = (wall_ms - self.metered_ms) * len(self.gpus)
-        self.metered_ms, self.last_sample_at = wall_ms, now
-        self.seq += 1
-        return {"seq": self.seq, "gpu_ms": gpu_ms, "recorded_at": recorded_at}
+        samples = []
+        while not samples or self.metered_ms < wall_ms:
+            step = min(wall_ms - self.metered_ms, MAX_SAMPLE_WALL_MS)
+            self.metered_ms += step
+            self.seq += 1
+            samples.append({"seq": self.seq, "gpu_ms": step * len(self.gpus), "recorded_at": recorded_at})
+        self.last_sample_at, self.sampled_at = now, recorded_at
+        return samples
 
 
 def parse_assignment(data: dict[str, Any], free: dict[str, Gpu], now: float) -> Allocation:
@@ -64,6 +78,10 @@ def parse_assignment(data: dict[str, Any], free: dict[str, Gpu], now: float) -> 
             image=str(job.get("image", "")),
             command=tuple(_argv(job["command"])),
             gpu_uuids=uuids,
+            isolation=str(job.get("isolation", "gpu")),
+            allowed_countries=_countries(job.get("allowed_countries") or []),
+            network_egress=_flag(job, "network_egress"),
+            sandboxed=_flag(job, "sandboxed"),
         )
         max_duration = job.get("max_duration_s")
     except (KeyError, TypeError, ValueError) as exc:
@@ -72,7 +90,7 @@ def parse_assignment(data: dict[str, Any], free: dict[str, Gpu], now: float) -> 
         raise InvalidAssignment("assignment without allocation_id", None)
     unknown = [u for u in uuids if u not in free]
     if unknown or not uuids or len(set(uuids)) != len(uuids):
-        raise InvalidAssignment(f"GPUs not free here: {unknown or list(uuids)}", spec.allocation_id)
+        raise InvalidAssignment(f"GPUs not free here: {unknown or list(uuids)}", spec.allocation_id, "refused:devices")
     return Allocation(
         spec=spec,
         gpus=tuple(free[u] for u in uuids),
@@ -85,3 +103,16 @@ def _argv(command: Any) -> list[str]:
     if not isinstance(command, list) or not all(isinstance(arg, str) for arg in command):
         raise ValueError("command must be a list of strings")
     return command
+
+
+def _flag(job: dict[str, Any], key: str) -> bool:
+    value = job.get(key, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false")
+    return value
+
+
+def _countries(codes: Any) -> tuple[str, ...]:
+    if not isinstance(codes, list) or not all(isinstance(code, str) for code in codes):
+        raise ValueError("allowed_countries must be a list of country codes")
+    return tuple(code.upper() for code in codes)

@@ -8,11 +8,17 @@ from types import FrameType
 import click
 
 from nodes.agent import __version__, config, gpus, logs
+from nodes.agent.cli_inspect import doctor_command, refuse_on_failed_self_test, status_command
 from nodes.agent.client import AgentClient, AgentError
+from nodes.agent.isolation import COUNTRY, RUNTIMES
 from nodes.agent.loop import Agent, Options
-from nodes.agent.runtime.process import ProcessRuntime
+from nodes.agent.refusal import policy_for
+from nodes.agent.runtime import RuntimeUnavailable
+from nodes.agent.runtime.factory import runtime_for
+from nodes.agent.status import FILENAME as STATUS_FILE
 
 CONFIG_HELP = "Config file [default: $SHEDSHARE_AGENT_CONFIG or ~/.config/shedshare/agent.json]."
+COUNTRY_HELP = "Where this unit stands (ISO 3166-1 alpha-2, e.g. DE); jobs restricted elsewhere are refused."
 
 
 @click.group()
@@ -26,13 +32,16 @@ def main() -> None:
 @click.option("--token", required=True, help="One-time enrolment token from the owner portal.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help=CONFIG_HELP)
 @click.option("--hostname", default=socket.gethostname, show_default="this host's name")
-def enrol(url: str, token: str, config_path: Path | None, hostname: str) -> None:
+@click.option("--country", callback=lambda ctx, param, value: _country_code(value), help=COUNTRY_HELP)
+def enrol(url: str, token: str, config_path: Path | None, hostname: str, country: str | None) -> None:
     """Exchange an enrolment token for this unit's credential and save it."""
     path = config_path or config.default_path()
     try:
         with AgentClient(url) as client:
             enrolment = client.enrol(token=token, hostname=hostname)
-        config.save_enrolment(path, url=url, unit_id=enrolment.unit_id, credential=enrolment.credential)
+        config.save_enrolment(
+            path, url=url, unit_id=enrolment.unit_id, credential=enrolment.credential, country=country
+        )
     except (AgentError, OSError) as exc:
         raise click.ClickException(f"enrolment failed: {exc}") from None
     click.echo(f"Enrolled unit {enrolment.unit_id} with {url}; config saved to {path}")
@@ -52,6 +61,13 @@ def enrol(url: str, token: str, config_path: Path | None, hostname: str) -> None
 )
 @click.option("--max-jobs", type=click.IntRange(min=1), help="Exit after this many jobs.")
 @click.option(
+    "--drain",
+    type=click.Choice(config.DRAIN_POLICIES),
+    help="On SIGTERM, wait for running jobs or stop them (SIGTERM, reported as drained) [default: config, else wait].",
+)
+@click.option("--runtime", type=click.Choice(RUNTIMES), help="How jobs run [default: config, else process].")
+@click.option("--dev-runtime", is_flag=True, default=None, help="Let the process runtime take work it cannot isolate.")
+@click.option(
     "--log-level",
     default="INFO",
     show_default=True,
@@ -64,6 +80,9 @@ def run(
     state_dir: Path | None,
     usage_interval: float,
     max_jobs: int | None,
+    drain: str | None,
+    runtime: str | None,
+    dev_runtime: bool | None,
     log_level: str,
 ) -> None:
     """Heartbeat, pull assignments and run them until SIGTERM/SIGINT, then drain."""
@@ -74,18 +93,42 @@ def run(
             simulate=simulate,
             work_dir=work_dir,
             state_dir=state_dir,
+            drain=drain,
+            runtime=runtime,
+            allow_unisolated_dev_runtime=dev_runtime,
         )
         inventory = gpus.simulate(cfg.simulate, cfg.unit_id) if cfg.simulate else gpus.discover()
         for folder in (cfg.state_dir, cfg.work_dir):
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except (config.ConfigError, gpus.InventoryError, OSError) as exc:
+        job_runtime = runtime_for(cfg)
+    except (config.ConfigError, gpus.InventoryError, RuntimeUnavailable, OSError) as exc:
         raise click.ClickException(str(exc)) from None
-    runtime = ProcessRuntime(cfg.work_dir, cfg.state_dir / "logs")
-    options = Options(usage_interval_s=usage_interval, max_jobs=max_jobs)
+    refuse_on_failed_self_test(cfg, inventory)
+    options = Options(usage_interval_s=usage_interval, max_jobs=max_jobs, drain=cfg.drain)
+    policy = policy_for(cfg.isolation, inventory)
     with AgentClient(cfg.url, cfg.credential) as client:
-        agent = Agent(client, runtime, inventory, options)
+        agent = Agent(
+            client,
+            job_runtime,
+            inventory,
+            options,
+            policy=policy,
+            status_path=cfg.state_dir / STATUS_FILE,
+            state_dir=cfg.state_dir,
+        )
         _install_signal_handlers(agent)
         raise SystemExit(agent.run())
+
+
+main.add_command(doctor_command)
+main.add_command(status_command)
+
+
+def _country_code(value: str | None) -> str | None:
+    code = value.strip().upper() if value else None
+    if code is not None and not COUNTRY.fullmatch(code):
+        raise click.BadParameter("expected an ISO 3166-1 alpha-2 code such as DE")
+    return code
 
 
 def _install_signal_handlers(agent: Agent) -> None:

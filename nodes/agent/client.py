@@ -1,6 +1,8 @@
 """The agent's only HTTP code: one method per agent API call, one exception type per failure."""
 
 from dataclasses import dataclass
+from datetime import datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -77,6 +79,7 @@ class AgentClient:
         if credential:
             headers["Authorization"] = f"Bearer {credential}"
         self._timeout_s = timeout_s
+        self._root = url.rstrip("/")
         self._http = httpx.Client(
             base_url=url.rstrip("/") + API_PREFIX,
             headers=headers,
@@ -121,9 +124,24 @@ class AgentClient:
         path = f"/allocations/{quote(allocation_id, safe='')}/usage"
         return _json(self._call("POST", path, json={"samples": samples}))
 
+    def logs(self, allocation_id: str, *, offset: int, data: str) -> dict[str, Any]:
+        path = f"/allocations/{quote(allocation_id, safe='')}/logs"
+        return _json(self._call("POST", path, json={"offset": offset, "data": data}))
+
     def finish(self, allocation_id: str, *, exit_code: int | None, reason: str) -> None:
         path = f"/allocations/{quote(allocation_id, safe='')}/finish"
         self._call("POST", path, json={"exit_code": exit_code, "reason": reason})
+
+    def server_date(self) -> datetime | None:
+        """The time in the Date header of the server's OpenAPI schema, a page it serves to anyone.
+
+        Used by `doctor` to tell whether the server answers and whether our clock agrees with it.
+        """
+        response = self._call("GET", f"{self._root}/api/schema/")
+        try:
+            return parsedate_to_datetime(response.headers["Date"])
+        except (KeyError, TypeError, ValueError):
+            return None
 
     def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:

@@ -1,6 +1,7 @@
 """Agent configuration: a JSON file written by `enrol`, overridden by environment variables.
 
-Keys: url, unit_id, credential (written by enrol) and optionally simulate, work_dir, state_dir.
+Keys: url, unit_id, credential (written by enrol) and optionally simulate, work_dir, state_dir and
+the isolation keys of `isolation.IsolationConfig` (country, runtime, limits…).
 Each key can be overridden by SHEDSHARE_AGENT_<KEY>; command-line options override both.
 """
 
@@ -10,8 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nodes.agent import isolation
+from nodes.agent.isolation import IsolationConfig
+
 REQUIRED = ("url", "unit_id", "credential")
-OPTIONAL = ("simulate", "work_dir", "state_dir")
+OPTIONAL = ("simulate", "work_dir", "state_dir", "drain", *isolation.KEYS)
+DRAIN_POLICIES = ("wait", "stop")  # what SIGTERM does to running jobs: wait for them, or stop them
 ENV_PREFIX = "SHEDSHARE_AGENT_"
 
 
@@ -27,6 +32,8 @@ class AgentConfig:
     state_dir: Path
     work_dir: Path
     simulate: str | None = None
+    isolation: IsolationConfig = field(default_factory=IsolationConfig)
+    drain: str = "wait"
 
 
 def default_path() -> Path:
@@ -42,6 +49,13 @@ def load(path: Path, **overrides: Any) -> AgentConfig:
     missing = [key for key in REQUIRED if not values.get(key)]
     if missing:
         raise ConfigError(f"{path}: missing {', '.join(missing)}; enrol again")
+    try:
+        isolation_config = isolation.from_values(values)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    drain = str(values.get("drain") or "wait")
+    if drain not in DRAIN_POLICIES:
+        raise ConfigError(f"{path}: drain must be one of {', '.join(DRAIN_POLICIES)}, not {drain!r}")
     # State lives next to the config by default so that one config file means one agent.
     state_dir = Path(values.get("state_dir") or path.parent / "state").expanduser()
     return AgentConfig(
@@ -51,17 +65,20 @@ def load(path: Path, **overrides: Any) -> AgentConfig:
         state_dir=state_dir,
         work_dir=Path(values.get("work_dir") or state_dir / "work").expanduser(),
         simulate=values.get("simulate") or None,
+        isolation=isolation_config,
+        drain=drain,
     )
 
 
-def save_enrolment(path: Path, *, url: str, unit_id: str, credential: str) -> None:
+def save_enrolment(path: Path, *, url: str, unit_id: str, credential: str, country: str | None = None) -> None:
     """Write the enrolment atomically, readable by the owner only: it holds a credential."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(fd, 0o600)  # the mode above only applies when the file is new
     with os.fdopen(fd, "w") as f:
-        json.dump({"url": url.rstrip("/"), "unit_id": unit_id, "credential": credential}, f)
+        enrolment = {"url": url.rstrip("/"), "unit_id": unit_id, "credential": credential}
+        json.dump(enrolment | ({"country": country} if country else {}), f)
         f.write("\n")
     os.replace(tmp, path)
 

@@ -25,6 +25,9 @@ class Heartbeater:
     ) -> None:
         self.interval_s = 5.0
         self.healthy = False
+        self.attempts = 0  # with server_status and last_error, what `shedshare-agent status` shows
+        self.server_status: str | None = None
+        self.last_error: str | None = None
         self._client = client
         self._reports = [gpu.as_report() for gpu in gpus]
         self._clock = clock
@@ -37,6 +40,7 @@ class Heartbeater:
         now = self._clock()
         if now < self._next_at:
             return []
+        self.attempts += 1
         try:
             reply = self._client.heartbeat(gpus=self._reports, running=running)
         except AgentError as exc:
@@ -44,14 +48,14 @@ class Heartbeater:
             return []
         if not self.healthy:
             logs.event(logger, "heartbeat_ok", status=reply.get("status"))
-        self.healthy = True
+        self.healthy, self.server_status, self.last_error = True, reply.get("status"), None
         self._backoff.success()
         self.interval_s = max(0.1, float(reply.get("heartbeat_interval_s") or self.interval_s))
         self._next_at = now + jittered(self.interval_s, 0.1, self._rng)
         return [str(allocation_id) for allocation_id in reply.get("cancel") or []]
 
     def _failed(self, now: float, exc: AgentError) -> None:
-        self.healthy = False
+        self.healthy, self.last_error = False, str(exc)
         # Errors never make us beat less often than the normal cadence, so a short outage
         # does not cost the unit its online status once the server answers again.
         self._backoff.cap_s = self.interval_s

@@ -6,16 +6,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from nodes.agent import logs
+from nodes.agent import logs, logship
 from nodes.agent.allocations import Allocation, InvalidAssignment, parse_assignment
 from nodes.agent.backoff import Backoff
 from nodes.agent.client import AgentClient, AgentError
 from nodes.agent.gpus import Gpu
 from nodes.agent.heartbeat import Heartbeater
+from nodes.agent.recovery import Journal
+from nodes.agent.refusal import LocalPolicy, refuse_unfit
 from nodes.agent.reports import Outbox, Reporter
 from nodes.agent.runtime import Runtime, StartFailed
+from nodes.agent.status import StatusWriter
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +33,7 @@ class Options:
     start_give_up_s: float = 60.0
     drain_report_timeout_s: float = 30.0
     error_base_s: float = 1.0  # first retry delay after a failed call; doubles per failure
+    drain: str = "wait"  # on SIGTERM, "wait" for running jobs or "stop" them (SIGTERM, reported as drained)
 
 
 def utc_now() -> str:
@@ -47,12 +52,18 @@ class Agent:
         sleep: Callable[[float], None] = time.sleep,
         wall: Callable[[], str] = utc_now,
         rng: Callable[[], float] = random.random,
+        policy: LocalPolicy | None = None,
+        status_path: Path | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self.options = options or Options()
         self.gpus = gpus
+        self.policy = policy or LocalPolicy()
         self.allocations: dict[str, Allocation] = {}
         base_s = self.options.error_base_s
-        self.reporter = Reporter(client, Outbox(), clock=clock, backoff=Backoff(base_s=base_s, cap_s=60.0, rng=rng))
+        outbox = Outbox(state_dir / "outbox" if state_dir else None)
+        self.reporter = Reporter(client, outbox, clock=clock, backoff=Backoff(base_s=base_s, cap_s=60.0, rng=rng))
+        self._journal = Journal(state_dir / "allocations" if state_dir else None, runtime)
         self.heartbeater = Heartbeater(client, gpus, clock=clock, rng=rng, error_base_s=base_s)
         self._client = client
         self._runtime = runtime
@@ -62,9 +73,18 @@ class Agent:
         self._taken = 0
         self._stopping = False
         self._idle_since: float | None = None
+        self._stop_jobs_as: str | None = None  # set by stop(), acted on by the next tick
+        # The backyard limits in force (quiet hours, power budget, thermal derating); `status` shows them.
+        self.limits: dict[str, Any] = {}
+        self._status = StatusWriter(status_path, gpus, clock=clock) if status_path else None
 
     def run(self) -> int:
         logs.event(logger, "agent_started", gpus=len(self.gpus), max_jobs=self.options.max_jobs)
+        try:
+            self._recover()
+        except Exception:
+            # Jobs that cannot be recovered are given up by the server after its grace period.
+            logger.exception("event=recovery_failed")
         while not self._done():
             try:
                 self.tick()
@@ -78,21 +98,34 @@ class Agent:
         return 0
 
     def stop(self, force: bool = False) -> None:
-        """Take no new work and drain; with force, also kill the jobs that are running."""
+        """Take no new work and drain: let running jobs finish, or with the "stop" drain policy
+        ask them to stop (their chance to checkpoint); with force, kill them.
+
+        Called from signal handlers, so it only records what to do; the next tick does it.
+        """
         if not self._stopping:
-            logs.event(logger, "draining", running=len(self.allocations))
+            logs.event(logger, "draining", running=len(self.allocations), policy=self.options.drain)
         self._stopping = True
         if force:
-            for allocation in list(self.allocations.values()):
-                self._stop(allocation, "agent_stopped")
+            self._stop_jobs_as = "agent_stopped"
+        elif self.options.drain == "stop":
+            self._stop_jobs_as = self._stop_jobs_as or "drained"
 
     def tick(self) -> None:
+        if self._stop_jobs_as:
+            for allocation in list(self.allocations.values()):
+                self._stop(allocation, self._stop_jobs_as)
+        was_healthy = self.heartbeater.healthy
         for allocation_id in self.heartbeater.beat_if_due(self._claimed()):
             self._cancel(allocation_id)
+        if self.heartbeater.healthy and not was_healthy:
+            self.reporter.retry_now()  # the server answers again: no need to sit out the backoff
         self._start_pending()
         self._supervise()
         self.reporter.flush()
         self._pull()
+        if self._status:
+            self._status.update(self.heartbeater, list(self.allocations.values()), self.limits)
 
     def _claimed(self) -> list[str]:
         """What the heartbeat says this agent holds: jobs it runs and jobs whose last reports
@@ -136,15 +169,20 @@ class Agent:
         if data is not None:
             self._next_pull_at = now  # there may be more work queued for our other GPUs
             self._taken += 1
+            # Even if a drain began during the long poll: the server has handed this job to us,
+            # and dropping it would strand it until the server gives up on it.
             self._accept(data)
 
     def _accept(self, data: dict[str, Any]) -> None:
         try:
             allocation = parse_assignment(data, self._free_gpus(), self._clock())
+            refuse_unfit(allocation, self.gpus, self.policy)
         except InvalidAssignment as exc:
-            logs.event(logger, "assignment_refused", logging.ERROR, allocation=exc.allocation_id, error=exc)
+            logs.event(
+                logger, "assignment_refused", logging.ERROR, allocation=exc.allocation_id, reason=exc.reason, error=exc
+            )
             if exc.allocation_id:
-                self.reporter.finish(str(exc.allocation_id), None, "start_failed")
+                self.reporter.finish(str(exc.allocation_id), None, exc.reason)
             return
         allocation.start_backoff = Backoff(base_s=self.options.error_base_s, cap_s=10.0, rng=self._rng)
         logs.event(
@@ -175,7 +213,8 @@ class Agent:
             logs.event(logger, "start_failed", logging.ERROR, allocation=allocation.id, error=exc)
             self._abandon(allocation, "start_failed")
             return
-        allocation.mark_started(handle, self._clock())
+        allocation.mark_started(handle, self._clock(), self._wall())
+        self._journal.save(allocation)
         logs.event(logger, "job_started", allocation=allocation.id, job=allocation.spec.job_id)
 
     def _start_refused(self, allocation: Allocation, exc: AgentError) -> None:
@@ -204,14 +243,27 @@ class Agent:
             if allocation.stop_reason is None and allocation.overdue(now):
                 self._stop(allocation, "timeout")
             if now - allocation.last_sample_at >= self.options.usage_interval_s:
-                self.reporter.usage(allocation.id, allocation.sample(now, self._wall()))
+                self._report_progress(allocation, now)
+                self._journal.save(allocation)
+
+    def _report_progress(self, allocation: Allocation, now: float, final: bool = False) -> None:
+        for sample in allocation.samples(now, self._wall()):
+            self.reporter.usage(allocation.id, sample)
+        # A runtime whose handles keep no log file ships no logs.
+        log_path = getattr(allocation.handle, "log_path", None)
+        if log_path is None or allocation.id in self.reporter.logs_truncated:
+            return
+        for chunk in logship.new_chunks(log_path, allocation.log_offset, final=final):
+            self.reporter.logs(allocation.id, chunk.offset, chunk.end, chunk.data)
+            allocation.log_offset = chunk.end
 
     def _complete(self, allocation: Allocation, exit_code: int, now: float) -> None:
         assert allocation.handle is not None
         reason = allocation.stop_reason or "exited"
-        self.reporter.usage(allocation.id, allocation.sample(now, self._wall()))
+        self._report_progress(allocation, now, final=True)
         self.reporter.finish(allocation.id, exit_code, reason)
         self._runtime.cleanup(allocation.handle)
+        self._journal.forget(allocation.id)
         del self.allocations[allocation.id]
         logs.event(
             logger,
@@ -236,4 +288,23 @@ class Agent:
         if allocation.stop_reason is None:
             allocation.stop_reason = reason
             self._runtime.kill(allocation.handle)
+            self._journal.save(allocation)
             logs.event(logger, "job_stopping", allocation=allocation.id, reason=reason)
+
+    def _recover(self) -> None:
+        """Pick up the jobs a previous run of the agent left: adopt those still running, report
+        those that ended meanwhile, and those that vanished (a reboot) as lost."""
+        now = self._clock()
+        for found in self._journal.recover(self.reporter.outbox, self.gpus, now, self._wall()):
+            allocation = found.allocation
+            if allocation is None:
+                logs.event(logger, "job_lost_on_restart", logging.WARNING, allocation=found.allocation_id)
+                self.reporter.finish(found.allocation_id, None, "lost_on_restart")
+                self._journal.forget(found.allocation_id)
+                continue
+            logs.event(logger, "job_adopted", allocation=allocation.id, exited=found.exit_code is not None)
+            self.allocations[allocation.id] = allocation
+            if found.exit_code is not None:
+                self._complete(allocation, found.exit_code, now)
+            elif allocation.stop_reason is not None and allocation.handle is not None:
+                self._runtime.kill(allocation.handle)  # finish stopping what the last run began

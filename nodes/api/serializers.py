@@ -127,6 +127,17 @@ class UsageResultSerializer(serializers.Serializer):
     duplicates = serializers.IntegerField()
 
 
+class LogChunkSerializer(StrictSerializer):
+    offset = serializers.IntegerField(min_value=0, max_value=2**62, help_text="Byte offset in the job's log.")
+    # DRF's CharField already refuses NUL and lone surrogates, which PostgreSQL cannot store.
+    data = serializers.CharField(max_length=64 * 1024, allow_blank=True, trim_whitespace=False)
+
+
+class LogChunkResultSerializer(serializers.Serializer):
+    accepted = serializers.BooleanField(help_text="False for a chunk already stored, or past the cap.")
+    truncated = serializers.BooleanField(help_text="The cap is reached: stop sending this allocation's logs.")
+
+
 class FinishSerializer(StrictSerializer):
     exit_code = serializers.IntegerField(allow_null=True, min_value=-255, max_value=255)
     reason = serializers.CharField(max_length=40, required=False, allow_blank=True, default="exited")

@@ -144,6 +144,16 @@ class AllocationUsageView(AgentView):
         return Response({"accepted": accepted, "duplicates": duplicates})
 
 
+class AllocationLogsView(AgentView):
+    @extend_schema(request=s.LogChunkSerializer, responses={200: s.LogChunkResultSerializer})
+    def post(self, request, allocation_id):
+        allocation = self.own_allocation(allocation_id)
+        data = s.LogChunkSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        accepted, truncated = market.log_chunk_record(allocation=allocation, **data.validated_data)
+        return Response({"accepted": accepted, "truncated": truncated})
+
+
 class AllocationFinishView(AgentView):
     @extend_schema(request=s.FinishSerializer, responses={200: s.JobStateSerializer})
     def post(self, request, allocation_id):

@@ -12,10 +12,14 @@ from typing import Any
 import httpx
 
 from nodes.agent import gpus
+from nodes.agent.isolation import LEVELS
+from nodes.agent.refusal import LocalPolicy
 
 UNIT_ID = "7b0e4c1a-2f7d-4a53-9a3e-0d5f4b6c8e21"
 CREDENTIAL = "shs_node_test"
 PREFIX = "/api/agent/v1"
+# A unit in Germany that offers everything, like a `--dev-runtime` agent enrolled with `--country DE`.
+HONOURS_ALL = LocalPolicy(country="DE", isolation_levels=frozenset(LEVELS), sandbox=True, egress=True)
 
 
 class FakeServer:
@@ -33,6 +37,8 @@ class FakeServer:
         self.started: list[str] = []
         self.samples: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
         self.finished: dict[str, dict[str, Any]] = {}
+        self.logs: dict[str, dict[int, str]] = defaultdict(dict)
+        self.log_cap = 2**20
 
     def assign(self, command: list[str], gpu_count: int = 2, max_duration_s: int = 3600) -> str:
         allocation_id = str(uuid.uuid4())
@@ -64,6 +70,8 @@ class FakeServer:
             if left and path.endswith(suffix):
                 self.failures[suffix] -= 1
                 raise httpx.ConnectError("connection refused", request=request)
+        if path == "/api/schema/":  # what `doctor` asks to see that the server answers
+            return httpx.Response(200, json={"openapi": "3.0.3"})
         if path == "/enrol":
             return self._enrol(json.loads(request.content))
         if request.headers.get("Authorization") != f"Bearer {CREDENTIAL}":
@@ -82,6 +90,8 @@ class FakeServer:
             return self._start(allocation_id)
         if action == "usage":
             return self._usage(allocation_id, body["samples"])
+        if action == "logs":
+            return self._logs(allocation_id, body["offset"], body["data"])
         self.finished[allocation_id] = body
         return httpx.Response(200, json={})
 
@@ -110,6 +120,16 @@ class FakeServer:
         duplicates = sum(1 for s in samples if s["seq"] in known)
         known.update({s["seq"]: s for s in samples})
         return httpx.Response(200, json={"accepted": len(samples) - duplicates, "duplicates": duplicates})
+
+    def log_text(self, allocation_id: str) -> str:
+        return "".join(text for _, text in sorted(self.logs[allocation_id].items()))
+
+    def _logs(self, allocation_id: str, offset: int, data: str) -> httpx.Response:
+        room = self.log_cap - len(self.log_text(allocation_id))
+        accepted = room > 0 and offset not in self.logs[allocation_id]
+        if accepted:
+            self.logs[allocation_id][offset] = data[:room]
+        return httpx.Response(200, json={"accepted": accepted, "truncated": len(data) > room})
 
 
 def problem(status: int, detail: str) -> httpx.Response:

@@ -55,7 +55,7 @@ def test_an_unreachable_server_fails_enrolment_readably(tmp_path):
 
 @pytest.mark.parametrize(
     ("extra", "complaint"),
-    [([], "not enrolled"), (["--simulate", "8xH100"], "bad simulated inventory")],
+    [([], "not enrolled"), (["--simulate", "8xFOO"], "bad simulated inventory")],
 )
 def test_run_refuses_readably_without_enrolment_or_with_a_bad_inventory(tmp_path, extra, complaint):
     config = tmp_path / "agent.json"
@@ -83,10 +83,11 @@ def test_the_agent_imports_nothing_from_django_or_the_server():
 
 def test_the_agent_process_drains_its_job_on_sigterm_and_exits_cleanly(server, base_url, tmp_path):
     config = str(tmp_path / "agent.json")
-    subprocess.run(agent_argv("enrol", "--url", base_url, "--token", "t", "--config", config), check=True)
+    enrol = ["enrol", "--url", base_url, "--token", "t", "--config", config, "--country", "DE"]
+    subprocess.run(agent_argv(*enrol), check=True)
     first = server.assign(["sh", "-c", "sleep 1.5; exit 5"], gpu_count=2)
     args = ["run", "--config", config, "--simulate", "4xH100-80GB", "--usage-interval", "0.3",
-            "--work-dir", str(tmp_path / "work")]  # fmt: skip
+            "--work-dir", str(tmp_path / "work"), "--dev-runtime"]  # fmt: skip
     agent = subprocess.Popen(agent_argv(*args), stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 15

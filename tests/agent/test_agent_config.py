@@ -82,3 +82,17 @@ def test_the_default_path_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("SHEDSHARE_AGENT_CONFIG", str(tmp_path / "a.json"))
 
     assert config.default_path() == tmp_path / "a.json"
+
+
+def test_the_drain_policy_waits_unless_told_to_stop(tmp_path, monkeypatch):
+    path = enrolled(tmp_path)
+    assert config.load(path).drain == "wait"
+
+    monkeypatch.setenv("SHEDSHARE_AGENT_DRAIN", "stop")
+    assert config.load(path).drain == "stop"
+    assert config.load(path, drain="wait").drain == "wait"
+
+
+def test_an_unknown_drain_policy_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="drain must be one of wait, stop"):
+        config.load(enrolled(tmp_path), drain="later")

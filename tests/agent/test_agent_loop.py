@@ -6,7 +6,7 @@ import pytest
 from nodes.agent.client import AgentClient
 from nodes.agent.loop import Agent, Options
 from nodes.agent.runtime.process import ProcessRuntime
-from tests.agent.fakes import CREDENTIAL, FakeServer
+from tests.agent.fakes import CREDENTIAL, HONOURS_ALL, FakeServer
 
 FAST = Options(usage_interval_s=0.2, max_jobs=1, tick_s=0.02, poll_wait_s=0, error_base_s=0.05)
 
@@ -23,7 +23,7 @@ def make_agent(server: FakeServer, tmp_path: Path, options: Options = FAST, on_t
             on_tick(agent)
         time.sleep(seconds)
 
-    agent = Agent(client, runtime, server.inventory, options, sleep=sleep)
+    agent = Agent(client, runtime, server.inventory, options, sleep=sleep, policy=HONOURS_ALL)
     return agent
 
 

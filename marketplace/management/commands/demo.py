@@ -70,14 +70,15 @@ class Command(BaseCommand):
             token = enrolment_token_issue(unit=unit)
         agent_dir = settings.DATA_DIR / f"demo-agent-{number}"
         config = str(agent_dir / "agent.json")
-        enrolled = stack.run(devstack.agent_argv("enrol", "--url", base_url, "--token", token, "--config", config))
+        enrol = ("enrol", "--url", base_url, "--token", token, "--config", config, "--country", spec["country"])
+        enrolled = stack.run(devstack.agent_argv(*enrol))
         if enrolled.returncode != 0:
             raise CommandError(f"Agent {number} could not enrol: {enrolled.stderr or enrolled.stdout}")
         stack.start(
             f"agent-{number}",
             devstack.agent_argv(
                 "run", "--config", config, "--simulate", spec["simulate"], "--work-dir", str(agent_dir / "work"),
-                "--usage-interval", "5",
+                "--usage-interval", "5", "--dev-runtime",
             ),
         )  # fmt: skip
 

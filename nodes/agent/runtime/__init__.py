@@ -2,15 +2,21 @@
 
 `start` launches and returns a handle at once; `poll` never blocks; `kill` asks the job to stop
 and the runtime escalates on later polls, so a slow job never stalls heartbeats; `cleanup`
-removes whatever the job left behind once it has exited.
+removes whatever the job left behind once it has exited. A runtime that is also `Adoptable`
+lets a restarted agent find its jobs again.
 """
 
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 
 class StartFailed(Exception):
     pass
+
+
+class RuntimeUnavailable(Exception):
+    """The configured runtime cannot run anything on this machine (no engine, no sandbox)."""
 
 
 @dataclass(frozen=True)
@@ -19,11 +25,16 @@ class JobSpec:
     job_id: str
     image: str
     command: tuple[str, ...]
-    gpu_uuids: tuple[str, ...]
+    gpu_uuids: tuple[str, ...]  # whole GPUs (GPU-…) or MIG instances (MIG-…)
+    isolation: str = "gpu"
+    allowed_countries: tuple[str, ...] = ()  # empty: anywhere
+    network_egress: bool = False
+    sandboxed: bool = False
 
 
 class Handle(Protocol):
     spec: JobSpec
+    log_path: Path  # the job's output, which the agent ships to the server
 
 
 class Runtime(Protocol):
@@ -35,3 +46,22 @@ class Runtime(Protocol):
     def kill(self, handle: Handle) -> None: ...
 
     def cleanup(self, handle: Handle) -> None: ...
+
+
+@dataclass(frozen=True)
+class Adopted:
+    """A job found again after a restart; `exit_code` and `exited_at` (Unix time) are set when
+    it ended while the agent was away."""
+
+    handle: Handle
+    exit_code: int | None = None
+    exited_at: float | None = None
+
+
+@runtime_checkable
+class Adoptable(Protocol):
+    def describe(self, handle: Handle) -> dict[str, Any]:
+        """What `adopt` needs to find the job again, as JSON-able data the agent keeps on disk."""
+
+    def adopt(self, spec: JobSpec, saved: dict[str, Any]) -> Adopted | None:
+        """The job `describe` saved, or None when it is gone without a trace (a reboot)."""

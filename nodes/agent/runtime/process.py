@@ -2,7 +2,8 @@
 
 It ignores the job's image and gives no isolation beyond its own process group, a scrubbed
 environment and a private working directory, so units that take renters' work use a container
-runtime instead.
+runtime instead. Jobs run under `shim.py`, which records their exit code in a file, so that a
+job outlives the agent and a restarted agent can adopt it again.
 """
 
 import os
@@ -10,24 +11,32 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from nodes.agent.runtime import Handle, JobSpec, StartFailed
+from nodes.agent import files
+from nodes.agent.runtime import Adopted, Handle, JobSpec, StartFailed, shim
 
 SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+SHIM = Path(shim.__file__)
+KILLED = 128 + signal.SIGKILL
 
 
 @dataclass
 class ProcessHandle:
     spec: JobSpec
-    popen: subprocess.Popen[bytes]
+    pid: int  # the shim's, which leads the job's session and process group
+    started: str | None  # the pid's start time in ticks since boot, so a reused pid is not taken for it
     workdir: Path
     log_path: Path
+    exit_path: Path
+    popen: subprocess.Popen[bytes] | None = None  # None when adopted after a restart
     kill_deadline: float | None = None
 
 
@@ -52,13 +61,18 @@ class ProcessRuntime:
             raise StartFailed("the job has an empty command")
         workdir = self.work_dir / spec.allocation_id
         log_path = self.log_dir / f"{spec.allocation_id}.log"
+        exit_path = self.log_dir / f"{spec.allocation_id}.exit"
+        env = job_env(spec, workdir)
+        if shutil.which(spec.command[0], path=env["PATH"]) is None:
+            raise StartFailed(f"cannot run {spec.command[0]!r}: not found or not executable")
         try:
             self._make_fresh(workdir)
+            files.remove(exit_path)
             with open(log_path, "ab") as log:
                 popen = subprocess.Popen(
-                    spec.command,
+                    [sys.executable, "-I", str(SHIM), str(exit_path), "--", *spec.command],
                     cwd=workdir,
-                    env=job_env(spec, workdir),
+                    env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -67,33 +81,50 @@ class ProcessRuntime:
         except OSError as exc:
             shutil.rmtree(workdir, ignore_errors=True)
             raise StartFailed(f"cannot run {spec.command[0]!r}: {exc}") from None
-        return ProcessHandle(spec=spec, popen=popen, workdir=workdir, log_path=log_path)
+        return ProcessHandle(spec, popen.pid, _start_ticks(popen.pid), workdir, log_path, exit_path, popen)
 
     def poll(self, handle: Handle) -> int | None:
         assert isinstance(handle, ProcessHandle)
-        code = handle.popen.poll()
-        if code is None:
+        if _alive(handle):
             if handle.kill_deadline is not None and self._clock() >= handle.kill_deadline:
                 _signal_group(handle, signal.SIGKILL)
             return None
         if handle.kill_deadline is not None:
             # The leader is gone, but children that ignored SIGTERM may still hold the GPUs.
             _signal_group(handle, signal.SIGKILL)
-        return 128 - code if code < 0 else code
+        return _exit_code(handle)
 
     def kill(self, handle: Handle) -> None:
         assert isinstance(handle, ProcessHandle)
         if handle.kill_deadline is None:
             handle.kill_deadline = self._clock() + self.kill_grace_s
-            _signal_group(handle, signal.SIGTERM)
+            if _alive(handle):
+                _signal_group(handle, signal.SIGTERM)
 
     def cleanup(self, handle: Handle) -> None:
         """Kill anything the job left running in its group, then wipe its working directory."""
         assert isinstance(handle, ProcessHandle)
         _signal_group(handle, signal.SIGKILL)
-        with suppress(subprocess.TimeoutExpired):
-            handle.popen.wait(timeout=5)
+        if handle.popen is not None:
+            with suppress(subprocess.TimeoutExpired):
+                handle.popen.wait(timeout=5)
         shutil.rmtree(handle.workdir, ignore_errors=True)
+        files.remove(handle.exit_path)
+
+    def describe(self, handle: Handle) -> dict[str, Any]:
+        assert isinstance(handle, ProcessHandle)
+        paths = {"workdir": str(handle.workdir), "log_path": str(handle.log_path), "exit_path": str(handle.exit_path)}
+        return {"pid": handle.pid, "started": handle.started, "boot_id": _boot_id(), **paths}
+
+    def adopt(self, spec: JobSpec, saved: dict[str, Any]) -> Adopted | None:
+        paths = (Path(saved["workdir"]), Path(saved["log_path"]), Path(saved["exit_path"]))
+        handle = ProcessHandle(spec, int(saved["pid"]), saved.get("started"), *paths)
+        if saved.get("boot_id") == _boot_id() and _alive(handle):
+            return Adopted(handle)
+        exited = _read_exit(handle.exit_path)
+        if exited is None:
+            return None
+        return Adopted(handle, exit_code=exited[0], exited_at=exited[1])
 
     def _make_fresh(self, workdir: Path) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -115,6 +146,59 @@ def job_env(spec: JobSpec, workdir: Path) -> dict[str, str]:
 
 
 def _signal_group(handle: ProcessHandle, sig: signal.Signals) -> None:
-    # The job runs in its own session, so its process group id is the leader's pid.
+    # The job runs in its own session, so its process group id is the leader's pid. That pid is
+    # not reused while the group has members, so if another process owns it now the group is gone.
+    stat = _proc_stat(handle.pid)
+    if stat is not None and handle.started is not None and stat[1] != handle.started:
+        return
     with suppress(ProcessLookupError, PermissionError):
-        os.killpg(handle.popen.pid, sig)
+        os.killpg(handle.pid, sig)
+
+
+def _alive(handle: ProcessHandle) -> bool:
+    if handle.popen is not None:
+        return handle.popen.poll() is None
+    stat = _proc_stat(handle.pid)
+    return stat is not None and stat[1] == handle.started and stat[0] not in ("Z", "X")
+
+
+def _exit_code(handle: ProcessHandle) -> int:
+    exited = _read_exit(handle.exit_path)
+    if exited is not None:
+        return exited[0]
+    if handle.popen is not None and handle.popen.returncode is not None:
+        # No file: the shim died of a signal before the job ran, or could not write it.
+        code = handle.popen.returncode
+        return 128 - code if code < 0 else code
+    return KILLED  # an adopted job whose shim was killed: nobody recorded how the job ended
+
+
+def _read_exit(path: Path) -> tuple[int, float] | None:
+    try:
+        data = files.read_json(path)
+        return int(data["exit_code"]), float(data["exited_at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time in ticks since boot) of a process, from Linux's /proc."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()
+    return fields[0], fields[19]
+
+
+def _start_ticks(pid: int) -> str | None:
+    stat = _proc_stat(pid)
+    return stat[1] if stat else None
+
+
+def _boot_id() -> str:
+    # After a reboot pids and start times repeat; the boot id tells the two boots apart.
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""

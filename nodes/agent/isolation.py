@@ -1,0 +1,106 @@
+"""The owner's local isolation settings: where the unit is, what it may run and how tightly.
+
+Read from the config file or SHEDSHARE_AGENT_<KEY> like every other key. The agent checks every
+assignment against these itself, whatever the server says (see `refusal.py`), and the container
+runtime builds its limits from them (see `runtime/spec.py`).
+"""
+
+import re
+from dataclasses import dataclass, fields
+from typing import Any
+
+LEVELS = ("shared", "mig", "gpu", "node")  # weakest to strongest
+RUNTIMES = ("process", "docker")
+COUNTRY = re.compile(r"[A-Z]{2}")
+TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+
+
+@dataclass(frozen=True)
+class IsolationConfig:
+    country: str | None = None  # ISO 3166-1 alpha-2, as the owner declared it at enrolment
+    runtime: str = "process"
+    # The process runtime enforces nothing, so it takes work only when this says it is a dev box.
+    allow_unisolated_dev_runtime: bool = False
+    isolation_levels: tuple[str, ...] | None = None  # None: every level the hardware allows
+    sandbox_runtime: str = ""  # an OCI runtime such as "runsc"; empty: no sandboxed jobs
+    egress_network: str = "shedshare-egress"
+    scratch_mb: int = 4096
+    tmp_mb: int = 256
+    shm_mb: int = 1024
+    memory_mb_per_gpu: int = 32768
+    cpus_per_gpu: float = 4.0
+    pids_limit: int = 4096
+
+
+KEYS = tuple(f.name for f in fields(IsolationConfig))
+
+
+def from_values(values: dict[str, Any]) -> IsolationConfig:
+    """Parse the keys present in `values`; raises ValueError naming the bad key."""
+    parsed: dict[str, Any] = {}
+    for key in KEYS:
+        if values.get(key) is not None:
+            try:
+                parsed[key] = _PARSERS[key](values[key])
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{key}: {exc}") from None
+    return IsolationConfig(**parsed)
+
+
+def _country(value: Any) -> str | None:
+    code = str(value).strip().upper()
+    if code and not COUNTRY.fullmatch(code):
+        raise ValueError(f"{value!r} is not an ISO 3166-1 alpha-2 code such as DE")
+    return code or None
+
+
+def _choice(options: tuple[str, ...]) -> Any:
+    def parse(value: Any) -> str:
+        if value not in options:
+            raise ValueError(f"{value!r} is not one of {', '.join(options)}")
+        return str(value)
+
+    return parse
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in TRUE | FALSE:
+        raise ValueError(f"{value!r} is not true or false")
+    return text in TRUE
+
+
+def _levels(value: Any) -> tuple[str, ...]:
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+    unknown = [item for item in items if item not in LEVELS]
+    if unknown:
+        raise ValueError(f"unknown isolation levels {unknown}; known: {', '.join(LEVELS)}")
+    return tuple(item for item in LEVELS if item in items)
+
+
+def _positive(kind: type) -> Any:
+    def parse(value: Any) -> Any:
+        number = kind(value)
+        if number <= 0:
+            raise ValueError(f"{value!r} must be positive")
+        return number
+
+    return parse
+
+
+_PARSERS = {
+    "country": _country,
+    "runtime": _choice(RUNTIMES),
+    "allow_unisolated_dev_runtime": _flag,
+    "isolation_levels": _levels,
+    "sandbox_runtime": lambda value: str(value).strip(),
+    "egress_network": lambda value: str(value).strip(),
+    "scratch_mb": _positive(int),
+    "tmp_mb": _positive(int),
+    "shm_mb": _positive(int),
+    "memory_mb_per_gpu": _positive(int),
+    "cpus_per_gpu": _positive(float),
+    "pids_limit": _positive(int),
+}

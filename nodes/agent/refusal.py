@@ -1,0 +1,75 @@
+"""The agent's own check of an assignment against what its unit can honour.
+
+The server should never send such an assignment, but a unit's promises (its location, its
+isolation) are the owner's, so the agent checks them again before it starts anything. A refusal is
+reported as a finish with a `refused:…` reason; the server then places the job elsewhere.
+"""
+
+from dataclasses import dataclass
+
+from nodes.agent.allocations import Allocation, InvalidAssignment
+from nodes.agent.gpus import Gpu
+from nodes.agent.isolation import LEVELS, IsolationConfig
+from nodes.agent.runtime import JobSpec
+
+
+@dataclass(frozen=True)
+class LocalPolicy:
+    """What this unit honours. The default honours nothing: an agent must be told what it offers."""
+
+    country: str | None = None
+    isolation_levels: frozenset[str] = frozenset()
+    sandbox: bool = False
+    egress: bool = False
+
+
+def policy_for(cfg: IsolationConfig, inventory: list[Gpu]) -> LocalPolicy:
+    if cfg.runtime == "process":
+        if not cfg.allow_unisolated_dev_runtime:
+            return LocalPolicy(country=cfg.country)
+        # A development box: nothing is enforced, so every promise is nominal.
+        return LocalPolicy(country=cfg.country, isolation_levels=frozenset(LEVELS), sandbox=True, egress=True)
+    levels = cfg.isolation_levels or _hardware_levels(inventory)
+    return LocalPolicy(
+        country=cfg.country,
+        isolation_levels=frozenset(levels),
+        sandbox=bool(cfg.sandbox_runtime),
+        egress=bool(cfg.egress_network),
+    )
+
+
+def refusal(spec: JobSpec, inventory: list[Gpu], policy: LocalPolicy) -> str | None:
+    """Why this unit must not run the job (a finish reason), or None if it may."""
+    if spec.allowed_countries and policy.country not in spec.allowed_countries:
+        return "refused:residency"
+    if spec.isolation not in policy.isolation_levels or not _devices_match(spec, inventory):
+        return "refused:isolation"
+    if spec.sandboxed and not policy.sandbox:
+        return "refused:sandbox"
+    if spec.network_egress and not policy.egress:
+        return "refused:egress"
+    return None
+
+
+def refuse_unfit(allocation: Allocation, inventory: list[Gpu], policy: LocalPolicy) -> None:
+    """Raise InvalidAssignment with a `refused:…` reason if this unit must not run it."""
+    spec = allocation.spec
+    reason = refusal(spec, inventory, policy)
+    if reason:
+        here = policy.country or "no country configured"
+        message = f"cannot honour isolation={spec.isolation} countries={list(spec.allowed_countries)} here ({here})"
+        raise InvalidAssignment(message, spec.allocation_id, reason)
+
+
+def _hardware_levels(inventory: list[Gpu]) -> tuple[str, ...]:
+    has_mig = any(gpu.mig_instances for gpu in inventory)
+    return tuple(level for level in LEVELS if level != "mig" or has_mig)
+
+
+def _devices_match(spec: JobSpec, inventory: list[Gpu]) -> bool:
+    """A MIG instance is only a part of a GPU, so it satisfies `shared` and `mig` but never a job
+    that paid for whole GPUs; a `node` job must hold every GPU of the unit."""
+    partial = any(uuid.startswith("MIG-") for uuid in spec.gpu_uuids)
+    if spec.isolation == "node":
+        return not partial and set(spec.gpu_uuids) == {gpu.uuid for gpu in inventory}
+    return not (spec.isolation == "gpu" and partial)

@@ -1,0 +1,233 @@
+"""Runs a job's image in a hardened container through the Docker SDK (see `spec.py`).
+
+Like the process runtime it never blocks the loop for long: a missing image is pulled in the
+background while the job counts as started, and a failed pull or create ends it with exit code
+125, the code `docker run` itself uses when the engine cannot run a container. Containers are
+named and labelled after their allocation, so a restarted agent adopts them again.
+"""
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from contextlib import suppress
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from nodes.agent.isolation import IsolationConfig
+from nodes.agent.runtime import Adopted, Handle, JobSpec, RuntimeUnavailable, StartFailed
+from nodes.agent.runtime.container_logs import follow, in_background
+from nodes.agent.runtime.process import SAFE_ID
+from nodes.agent.runtime.spec import GpuRequest, SpecError, container_name, container_spec
+
+ENGINE_FAILED = 125
+KILLED = 128 + 15  # what the engine reports for a job ended by SIGTERM
+LOG_DRAIN_S = 2.0
+ENDED = ("exited", "dead")
+
+
+@dataclass
+class DockerHandle:
+    spec: JobSpec
+    log_path: Path
+    kwargs: dict[str, Any] | None = None
+    container: Any = None
+    pull: Future[Any] | None = None
+    output: Future[Any] | None = None
+    failed: str | None = None
+    kill_deadline: float | None = None
+
+
+def connect(sandbox_runtime: str = "") -> Any:
+    """A client for the local engine, or RuntimeUnavailable saying why there is none."""
+    try:
+        import docker
+    except ImportError:
+        docker = None
+    # Run from a source checkout without the package, "docker" resolves to the repository's
+    # docker/ folder (a namespace package), which has no client in it.
+    if not hasattr(docker, "from_env"):
+        raise RuntimeUnavailable("the docker package is not installed (pip install 'shedshare[agent]')")
+    try:
+        client = docker.from_env(max_pool_size=64)  # one streaming connection per running job
+        runtimes = client.info().get("Runtimes") or {}
+    except docker.errors.DockerException as exc:
+        raise RuntimeUnavailable(f"no Docker engine: {exc}") from None
+    if sandbox_runtime and sandbox_runtime not in runtimes:
+        # Better to stop here than to start sandboxed jobs that fail one by one.
+        raise RuntimeUnavailable(f"the engine has no {sandbox_runtime!r} runtime (it has {', '.join(runtimes)})")
+    return client
+
+
+class DockerRuntime:
+    def __init__(
+        self,
+        client: Any,
+        cfg: IsolationConfig,
+        log_dir: Path,
+        *,
+        kill_grace_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = client
+        self.cfg = cfg
+        self.log_dir = log_dir
+        self.kill_grace_s = kill_grace_s
+        self._clock = clock
+
+    def start(self, spec: JobSpec) -> DockerHandle:
+        if not SAFE_ID.fullmatch(spec.allocation_id):
+            raise StartFailed(f"unsafe allocation id {spec.allocation_id!r}")
+        try:
+            kwargs = container_spec(spec, self.cfg)
+        except SpecError as exc:
+            raise StartFailed(str(exc)) from None
+        self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        handle = DockerHandle(spec, self.log_dir / f"{spec.allocation_id}.log", kwargs)
+        if not self._image_present(spec.image):
+            handle.pull = in_background(f"pull-{spec.allocation_id}", lambda: self.client.images.pull(spec.image))
+            return handle
+        self._launch(handle)
+        if handle.failed:
+            self._remove(handle)
+            raise StartFailed(handle.failed)
+        return handle
+
+    def poll(self, handle: Handle) -> int | None:
+        assert isinstance(handle, DockerHandle)
+        if handle.pull is not None:
+            if not handle.pull.done() and handle.kill_deadline is None:
+                return None
+            self._after_pull(handle)
+        if handle.failed:
+            return ENGINE_FAILED
+        if handle.container is None:
+            return KILLED  # stopped while its image was still being pulled
+        return self._poll_container(handle)
+
+    def kill(self, handle: Handle) -> None:
+        assert isinstance(handle, DockerHandle)
+        if handle.kill_deadline is None:
+            handle.kill_deadline = self._clock() + self.kill_grace_s
+            self._signal(handle, "SIGTERM")
+
+    def cleanup(self, handle: Handle) -> None:
+        """Keep the reason a start failed in the allocation's log, then remove the container and
+        with it its tmpfs scratch."""
+        assert isinstance(handle, DockerHandle)
+        if handle.failed:
+            with open(handle.log_path, "ab") as log:
+                log.write(f"shedshare: the container did not run: {handle.failed}\n".encode())
+        self._remove(handle)
+
+    def describe(self, handle: Handle) -> dict[str, Any]:
+        assert isinstance(handle, DockerHandle)
+        return {"log_path": str(handle.log_path)}
+
+    def adopt(self, spec: JobSpec, saved: dict[str, Any]) -> Adopted | None:
+        from docker.errors import NotFound
+
+        try:
+            container = self.client.containers.get(container_name(spec.allocation_id))
+        except NotFound:
+            return None
+        handle = DockerHandle(spec, Path(saved["log_path"]), container=container)
+        if container.status not in ENDED:
+            # Output from the agent's last write on; a second of it may appear twice.
+            handle.output = follow(container, handle.log_path, since=_mtime(handle.log_path))
+            return Adopted(handle)
+        state = container.attrs["State"]
+        return Adopted(handle, exit_code=int(state["ExitCode"]), exited_at=_epoch(state.get("FinishedAt", "")))
+
+    def _image_present(self, image: str) -> bool:
+        from docker.errors import ImageNotFound
+
+        try:
+            self.client.images.get(image)
+        except ImageNotFound:
+            return False
+        return True
+
+    def _after_pull(self, handle: DockerHandle) -> None:
+        pull, handle.pull = handle.pull, None
+        assert pull is not None
+        if not pull.done():
+            return  # killed meanwhile; the pull finishes on its own and leaves only the image
+        if pull.exception() is not None:
+            handle.failed = f"cannot pull {handle.spec.image}: {pull.exception()}"
+        elif handle.kill_deadline is None:
+            self._launch(handle)
+
+    def _poll_container(self, handle: DockerHandle) -> int | None:
+        container = handle.container
+        try:
+            container.reload()
+        except Exception as exc:  # any engine error means the container is lost to us
+            handle.failed = f"lost the container: {exc}"
+            return ENGINE_FAILED
+        if container.status in ENDED:
+            if handle.output is not None:
+                # The follower ends with the container; wait for its last lines so they are shipped.
+                with suppress(Exception):
+                    handle.output.result(timeout=LOG_DRAIN_S)
+            return int(container.attrs["State"]["ExitCode"])
+        if handle.kill_deadline is not None and self._clock() >= handle.kill_deadline:
+            self._signal(handle, "SIGKILL")
+        return None
+
+    def _launch(self, handle: DockerHandle) -> None:
+        assert handle.kwargs is not None
+        try:
+            self._ensure_network(handle.kwargs["network_mode"])
+            handle.container = self.client.containers.create(**_sdk_kwargs(handle.kwargs))
+            handle.container.start()
+        except Exception as exc:  # the SDK raises several unrelated types
+            handle.failed = f"{type(exc).__name__}: {exc}"
+            return
+        handle.output = follow(handle.container, handle.log_path)
+
+    def _ensure_network(self, name: str) -> None:
+        if name == "none" or self.client.networks.list(names=[name]):
+            return
+        # A bridge of our own without inter-container traffic, so jobs cannot reach each other.
+        options = {"com.docker.network.bridge.enable_icc": "false"}
+        self.client.networks.create(name, driver="bridge", options=options, labels={"shedshare.network": "egress"})
+
+    def _signal(self, handle: DockerHandle, signal: str) -> None:
+        if handle.container is not None:
+            with suppress(Exception):  # it may have exited meanwhile; the next poll says so
+                handle.container.kill(signal=signal)
+
+    def _remove(self, handle: DockerHandle) -> None:
+        if handle.container is not None:
+            with suppress(Exception):  # already gone
+                handle.container.remove(force=True)
+
+
+def _sdk_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    from docker.types import DeviceRequest
+
+    requests: list[GpuRequest] = kwargs["device_requests"]
+    # The engine's JSON wants lists where the pure spec keeps hashable tuples.
+    devices = [
+        DeviceRequest(driver=r.driver, device_ids=list(r.device_ids), capabilities=[list(c) for c in r.capabilities])
+        for r in requests
+    ]
+    return {**kwargs, "device_requests": devices}
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
+
+
+def _epoch(timestamp: str) -> float | None:
+    # The engine writes nanoseconds (2024-05-01T10:00:00.123456789Z); Python parses microseconds.
+    try:
+        head, _, fraction = timestamp.rstrip("Z").partition(".")
+        return datetime.fromisoformat(f"{head}.{(fraction + '000000')[:6]}+00:00").timestamp()
+    except ValueError:
+        return None

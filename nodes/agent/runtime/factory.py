@@ -1,0 +1,29 @@
+"""Choose the runtime the owner configured (`runtime` key, `--runtime` flag)."""
+
+import logging
+
+from nodes.agent import logs
+from nodes.agent.config import AgentConfig
+from nodes.agent.runtime import Runtime
+from nodes.agent.runtime.process import ProcessRuntime
+
+logger = logging.getLogger(__name__)
+
+
+def runtime_for(cfg: AgentConfig) -> Runtime:
+    """The configured runtime; raises RuntimeUnavailable when it cannot work on this machine."""
+    log_dir = cfg.state_dir / "logs"
+    if cfg.isolation.runtime == "docker":
+        from nodes.agent.runtime.docker import DockerRuntime, connect
+
+        return DockerRuntime(connect(cfg.isolation.sandbox_runtime), cfg.isolation, log_dir)
+    if cfg.isolation.allow_unisolated_dev_runtime:
+        logs.event(logger, "unisolated_runtime", logging.WARNING, note="development only: jobs run as host processes")
+    else:
+        logs.event(
+            logger,
+            "refusing_all_work",
+            logging.WARNING,
+            note="the process runtime isolates nothing; use --runtime docker, or --dev-runtime on a development box",
+        )
+    return ProcessRuntime(cfg.work_dir, log_dir)

@@ -1,0 +1,112 @@
+"""A fake of the few Docker SDK calls the Docker runtime makes, with the SDK's own exceptions."""
+
+import threading
+from typing import Any
+
+from docker.errors import APIError, ImageNotFound, NotFound
+
+
+class FakeContainer:
+    def __init__(self, engine: "FakeDocker", kwargs: dict[str, Any]) -> None:
+        self.engine = engine
+        self.kwargs = kwargs
+        self.id = f"{len(engine.created):064x}"
+        self.status = "created"
+        self.attrs: dict[str, Any] = {"State": {"ExitCode": 0, "FinishedAt": "0001-01-01T00:00:00Z"}}
+        self.output = [b"hello from a container\n"]
+        self.signals: list[str] = []
+        self.exited = threading.Event()
+
+    def start(self) -> None:
+        if self.engine.fail_start:
+            raise APIError("could not select device driver \"nvidia\"")
+        self.status = "running"
+
+    def reload(self) -> None:
+        pass
+
+    def exit(self, code: int, finished_at: str = "2025-01-02T03:04:05.123456789Z") -> None:
+        self.status = "exited"
+        self.attrs["State"] = {"ExitCode": code, "FinishedAt": finished_at}
+        self.exited.set()
+
+    def kill(self, signal: str = "SIGKILL") -> None:
+        self.signals.append(signal)
+        if signal == "SIGKILL" or not self.engine.ignore_sigterm:
+            self.exit(137 if signal == "SIGKILL" else 143)
+
+    def remove(self, force: bool = False) -> None:
+        self.engine.removed.append((self.kwargs["name"], force))
+        self.engine.by_name.pop(self.kwargs["name"], None)
+
+    def logs(self, **kwargs: Any):
+        assert kwargs["stream"] and kwargs["follow"]
+        yield from self.output
+        self.exited.wait(5)  # like the engine: a followed stream ends with the container
+
+
+class _Images:
+    def __init__(self, engine: "FakeDocker") -> None:
+        self.engine = engine
+
+    def get(self, name: str) -> str:
+        if name not in self.engine.local_images:
+            raise ImageNotFound(f"No such image: {name}")
+        return name
+
+    def pull(self, name: str) -> str:
+        self.engine.pulls.append(name)
+        assert self.engine.pull_release.wait(5)
+        if self.engine.pull_error:
+            raise APIError(self.engine.pull_error)
+        self.engine.local_images.add(name)
+        return name
+
+
+class _Containers:
+    def __init__(self, engine: "FakeDocker") -> None:
+        self.engine = engine
+
+    def create(self, **kwargs: Any) -> FakeContainer:
+        container = FakeContainer(self.engine, kwargs)
+        self.engine.created.append(container)
+        self.engine.by_name[kwargs["name"]] = container
+        return container
+
+    def get(self, name: str) -> FakeContainer:
+        if name not in self.engine.by_name:
+            raise NotFound(f"No such container: {name}")
+        return self.engine.by_name[name]
+
+
+class _Networks:
+    def __init__(self, engine: "FakeDocker") -> None:
+        self.engine = engine
+
+    def list(self, names: list[str]) -> list[str]:
+        return [name for name in names if name in self.engine.bridges]
+
+    def create(self, name: str, **kwargs: Any) -> str:
+        self.engine.bridges[name] = kwargs
+        return name
+
+
+class FakeDocker:
+    def __init__(self, images: tuple[str, ...] = ("python:3.12-slim",)) -> None:
+        self.local_images = set(images)
+        self.created: list[FakeContainer] = []
+        self.by_name: dict[str, FakeContainer] = {}
+        self.removed: list[tuple[str, bool]] = []
+        self.bridges: dict[str, dict[str, Any]] = {}
+        self.pulls: list[str] = []
+        self.pull_release = threading.Event()
+        self.pull_release.set()
+        self.pull_error = ""
+        self.fail_start = False
+        self.ignore_sigterm = False
+        self.containers = _Containers(self)
+        self.images = _Images(self)
+        self.networks = _Networks(self)
+
+    def info(self) -> dict[str, Any]:
+        return {"Runtimes": {"runc": {}}}
