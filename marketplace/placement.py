@@ -14,6 +14,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from marketplace.audit import audit_record
+from marketplace.limits import REFUSED_FOR_LIMITS
 from marketplace.models import Allocation, AuditEvent, Job, Lease
 from nodes.models import Isolation, Slice, Unit
 
@@ -88,7 +89,10 @@ def _busy_unit_ids(*, exclusive_only: bool) -> set:
 
 def _units_that_refused(job: Job) -> set[str]:
     """Units whose agents already refused this job; sending it there again would only repeat that."""
-    refusals = AuditEvent.objects.filter(action="allocation.refused", subject_id=job.pk)
+    # A refusal because of a backyard limit (quiet hours, heat, power) passes; the others do not.
+    refusals = AuditEvent.objects.filter(action="allocation.refused", subject_id=job.pk).exclude(
+        data__reason=REFUSED_FOR_LIMITS
+    )
     return {str(unit) for unit in refusals.values_list("data__unit", flat=True)}
 
 

@@ -129,3 +129,14 @@ def test_other_failures_before_the_start_still_end_the_job(cheap, renter):
 
     job.refresh_from_db()
     assert (job.state, job.failure_reason) == (Job.State.FAILED, "start_failed")
+
+
+def test_a_refusal_for_backyard_limits_keeps_the_unit_a_candidate(cheap, renter):
+    """Quiet hours or heat pass; the job may come back to the same shed later."""
+    unit, agent = cheap
+    job = job_make(renter)
+    refuse(agent, job_place(job_id=job.pk), "refused:limits")
+
+    again = job_place(job_id=job.pk)
+
+    assert again is not None and again.unit_id == unit.pk

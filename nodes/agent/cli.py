@@ -97,7 +97,8 @@ def run(
             runtime=runtime,
             allow_unisolated_dev_runtime=dev_runtime,
         )
-        inventory = gpus.simulate(cfg.simulate, cfg.unit_id) if cfg.simulate else gpus.discover()
+        source = gpus.simulated_inventory(cfg.simulate, cfg.unit_id) if cfg.simulate else gpus.nvml_inventory()
+        inventory = source.read()
         for folder in (cfg.state_dir, cfg.work_dir):
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         job_runtime = runtime_for(cfg)
@@ -115,6 +116,7 @@ def run(
             policy=policy,
             status_path=cfg.state_dir / STATUS_FILE,
             state_dir=cfg.state_dir,
+            inventory=source,
         )
         _install_signal_handlers(agent)
         raise SystemExit(agent.run())

@@ -108,8 +108,17 @@ class AgentClient:
         except (KeyError, TypeError, ValueError) as exc:
             raise ServerError(f"POST /enrol: malformed answer ({exc!r})") from None
 
-    def heartbeat(self, *, gpus: list[dict[str, Any]], running: list[str]) -> dict[str, Any]:
+    def heartbeat(
+        self,
+        *,
+        gpus: list[dict[str, Any]],
+        running: list[str],
+        advertise: list[str] | None = None,
+        limits: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         body = {"gpus": gpus, "running": running, "agent_version": __version__}
+        if advertise is not None:
+            body |= {"advertise": advertise, "limits": limits or {}}
         return _json(self._call("POST", "/heartbeat", json=body))
 
     def next_assignment(self, *, wait_s: int) -> dict[str, Any] | None:

@@ -59,6 +59,7 @@ class FakeDevice:
     slowdown_c: int = 90
     power_mw: int = 71_000
     power_limit_mw: int = 700_000
+    default_power_limit_mw: int = 700_000
     ecc_uncorrected: int = 0
     utilization_pct: int = 0
     migs: list[FakeMig] = field(default_factory=list)
@@ -128,6 +129,12 @@ class FakeNvml:
 
     def nvmlDeviceGetEnforcedPowerLimit(self, handle: FakeDevice) -> object:
         return handle.answer("nvmlDeviceGetEnforcedPowerLimit", handle.power_limit_mw)
+
+    def nvmlDeviceGetPowerManagementDefaultLimit(self, handle: FakeDevice) -> object:
+        return handle.answer("nvmlDeviceGetPowerManagementDefaultLimit", handle.default_power_limit_mw)
+
+    def nvmlDeviceSetPowerManagementLimit(self, handle: FakeDevice, limit_mw: int) -> None:
+        handle.power_limit_mw = int(handle.answer("nvmlDeviceSetPowerManagementLimit", limit_mw))
 
     def nvmlDeviceGetTotalEccErrors(self, handle: FakeDevice, error_type: int, counter: int) -> object:
         return handle.answer("nvmlDeviceGetTotalEccErrors", handle.ecc_uncorrected)

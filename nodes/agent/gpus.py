@@ -1,5 +1,6 @@
 """GPU inventory, read through NVML: the real one (pynvml) or a simulated one (fake_nvml) alike."""
 
+import contextlib
 import math
 import re
 from collections.abc import Callable
@@ -53,16 +54,55 @@ class Gpu:
         return report
 
 
-def simulate(spec: str, unit_id: str) -> list[Gpu]:
+class Inventory:
+    """The unit's GPUs behind one NVML (real or fake): fresh readings, and the one setting the
+    agent changes, the power limit during quiet hours."""
+
+    def __init__(self, nvml: Any) -> None:
+        self._nvml = nvml
+        self.power_cap_w: int | None = None
+
+    def read(self) -> list[Gpu]:
+        return read_gpus(self._nvml)
+
+    def cap_power(self, watts: int | None) -> list[str]:
+        """Cap every GPU at `watts` (None: back to its default limit); returns what failed."""
+        if watts == self.power_cap_w:
+            return []
+        nvml, failed = self._nvml, []
+        try:
+            nvml.nvmlInit()
+            for index in range(nvml.nvmlDeviceGetCount()):
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                try:
+                    target = nvml.nvmlDeviceGetPowerManagementDefaultLimit(handle) if watts is None else watts * 1000
+                    nvml.nvmlDeviceSetPowerManagementLimit(handle, target)
+                except nvml.NVMLError as exc:  # e.g. not root, or below the board's minimum
+                    failed.append(f"GPU {index}: cannot set the power limit ({exc})")
+        except nvml.NVMLError as exc:
+            failed.append(f"cannot set power limits: {exc}")
+        finally:
+            _shutdown(nvml)
+        if not failed:
+            self.power_cap_w = watts
+        return failed
+
+
+def _shutdown(nvml: Any) -> None:
+    with contextlib.suppress(nvml.NVMLError):  # it never started
+        nvml.nvmlShutdown()
+
+
+def simulated_inventory(spec: str, unit_id: str) -> Inventory:
     try:
         parsed = parse_spec(spec)
     except SpecError as exc:
         raise InventoryError(str(exc)) from None
-    return read_gpus(fake_nvml.from_spec(parsed, unit_id))
+    return Inventory(fake_nvml.from_spec(parsed, unit_id))
 
 
-def discover() -> list[Gpu]:
-    """Read the real GPUs through NVML (package nvidia-ml-py)."""
+def nvml_inventory() -> Inventory:
+    """The real GPUs through NVML (package nvidia-ml-py)."""
     try:
         import pynvml
     except ImportError:
@@ -70,7 +110,15 @@ def discover() -> list[Gpu]:
             "cannot discover GPUs: nvidia-ml-py is not installed "
             "(pip install nvidia-ml-py, or use --simulate 8xH100-80GB)"
         ) from None
-    return read_gpus(pynvml)
+    return Inventory(pynvml)
+
+
+def simulate(spec: str, unit_id: str) -> list[Gpu]:
+    return simulated_inventory(spec, unit_id).read()
+
+
+def discover() -> list[Gpu]:
+    return nvml_inventory().read()
 
 
 def read_gpus(nvml: Any) -> list[Gpu]:

@@ -4,6 +4,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from typing import Any
 
 from nodes.agent import logs
 from nodes.agent.backoff import Backoff, jittered
@@ -28,6 +29,7 @@ class Heartbeater:
         self.attempts = 0  # with server_status and last_error, what `shedshare-agent status` shows
         self.server_status: str | None = None
         self.last_error: str | None = None
+        self.policy: dict[str, Any] | None = None  # the owner's policy, as the last answer carried it
         self._client = client
         self._reports = [gpu.as_report() for gpu in gpus]
         self._clock = clock
@@ -35,20 +37,35 @@ class Heartbeater:
         self._backoff = Backoff(base_s=error_base_s, cap_s=self.interval_s, rng=rng)
         self._next_at = 0.0
 
-    def beat_if_due(self, running: list[str]) -> list[str]:
-        """Send a heartbeat when one is due; return the allocations the server wants stopped."""
+    def due(self) -> bool:
+        return self._clock() >= self._next_at
+
+    def beat_if_due(
+        self,
+        running: list[str],
+        *,
+        gpus: list[Gpu] | None = None,
+        advertise: list[str] | None = None,
+        limits: dict[str, Any] | None = None,
+    ) -> list[str]:
+        """Send a heartbeat when one is due, with fresh readings and what the unit offers now if
+        given; return the allocations the server wants stopped."""
         now = self._clock()
         if now < self._next_at:
             return []
+        if gpus is not None:
+            self._reports = [gpu.as_report() for gpu in gpus]
         self.attempts += 1
         try:
-            reply = self._client.heartbeat(gpus=self._reports, running=running)
+            reply = self._client.heartbeat(gpus=self._reports, running=running, advertise=advertise, limits=limits)
         except AgentError as exc:
             self._failed(now, exc)
             return []
         if not self.healthy:
             logs.event(logger, "heartbeat_ok", status=reply.get("status"))
         self.healthy, self.server_status, self.last_error = True, reply.get("status"), None
+        if "policy" in reply:
+            self.policy = reply["policy"]
         self._backoff.success()
         self.interval_s = max(0.1, float(reply.get("heartbeat_interval_s") or self.interval_s))
         self._next_at = now + jittered(self.interval_s, 0.1, self._rng)

@@ -12,8 +12,9 @@ from typing import Any
 from nodes.agent import logs, logship
 from nodes.agent.allocations import Allocation, InvalidAssignment, parse_assignment
 from nodes.agent.backoff import Backoff
+from nodes.agent.backyard import Backyard, GpuReading, Policy
 from nodes.agent.client import AgentClient, AgentError
-from nodes.agent.gpus import Gpu
+from nodes.agent.gpus import Gpu, Inventory, InventoryError
 from nodes.agent.heartbeat import Heartbeater
 from nodes.agent.recovery import Journal
 from nodes.agent.refusal import LocalPolicy, refuse_unfit
@@ -55,6 +56,7 @@ class Agent:
         policy: LocalPolicy | None = None,
         status_path: Path | None = None,
         state_dir: Path | None = None,
+        inventory: Inventory | None = None,
     ) -> None:
         self.options = options or Options()
         self.gpus = gpus
@@ -76,6 +78,9 @@ class Agent:
         self._stop_jobs_as: str | None = None  # set by stop(), acted on by the next tick
         # The backyard limits in force (quiet hours, power budget, thermal derating); `status` shows them.
         self.limits: dict[str, Any] = {}
+        self._inventory = inventory
+        self._backyard = Backyard()
+        self._advertise: list[str] | None = None  # GPUs open to new work; None until limits are known
         self._status = StatusWriter(status_path, gpus, clock=clock) if status_path else None
 
     def run(self) -> int:
@@ -116,8 +121,14 @@ class Agent:
             for allocation in list(self.allocations.values()):
                 self._stop(allocation, self._stop_jobs_as)
         was_healthy = self.heartbeater.healthy
-        for allocation_id in self.heartbeater.beat_if_due(self._claimed()):
+        if self.heartbeater.due():
+            self._apply_limits()
+        beat = {"gpus": self.gpus, "advertise": self._advertise, "limits": self.limits}
+        policy = self.heartbeater.policy
+        for allocation_id in self.heartbeater.beat_if_due(self._claimed(), **beat):
             self._cancel(allocation_id)
+        if self.heartbeater.policy != policy:
+            self._apply_limits()  # before pulling: the owner's new policy may close GPUs at once
         if self.heartbeater.healthy and not was_healthy:
             self.reporter.retry_now()  # the server answers again: no need to sit out the backoff
         self._start_pending()
@@ -126,6 +137,34 @@ class Agent:
         self._pull()
         if self._status:
             self._status.update(self.heartbeater, list(self.allocations.values()), self.limits)
+
+    def _apply_limits(self) -> None:
+        """Fresh readings, then the owner's backyard limits: which GPUs may take new work, and
+        the power cap during quiet hours."""
+        if self._inventory is not None:
+            try:
+                self.gpus = self._inventory.read()
+            except InventoryError as exc:
+                logs.event(logger, "inventory_failed", logging.WARNING, error=exc)
+        readings = [GpuReading(g.uuid, g.healthy, g.temperature_c, g.power_w, g.power_limit_w) for g in self.gpus]
+        busy = {gpu.uuid for allocation in self.allocations.values() for gpu in allocation.gpus}
+        policy = Policy.from_server(self.heartbeater.policy)
+        limits = self._backyard.evaluate(policy, readings, busy, datetime.now(UTC))
+        report = limits.report(total=len(self.gpus))
+        if report != self.limits:
+            in_force = ",".join(limits.in_force) or "none"
+            logs.event(logger, "limits_changed", in_force=in_force, advertised=len(limits.advertise))
+        self.limits, self._advertise = report, limits.advertise
+        if self._inventory is not None:
+            for problem in self._inventory.cap_power(limits.power_cap_w):
+                logs.event(logger, "power_cap_failed", logging.WARNING, error=problem)
+
+    def _open_to_work(self) -> dict[str, Gpu]:
+        """Free GPUs that the backyard limits let take new work."""
+        free = self._free_gpus()
+        if self._advertise is None:
+            return free
+        return {uuid: gpu for uuid, gpu in free.items() if uuid in self._advertise}
 
     def _claimed(self) -> list[str]:
         """What the heartbeat says this agent holds: jobs it runs and jobs whose last reports
@@ -154,7 +193,7 @@ class Agent:
         now = self._clock()
         if self._winding_down() or not self.heartbeater.healthy or now < self._next_pull_at:
             return
-        if not self._free_gpus():
+        if not self._open_to_work():
             return
         # However fast the server answers "no work", ask at most once per poll_wait_s.
         self._next_pull_at = now + self.options.poll_wait_s
@@ -177,6 +216,7 @@ class Agent:
         try:
             allocation = parse_assignment(data, self._free_gpus(), self._clock())
             refuse_unfit(allocation, self.gpus, self.policy)
+            self._refuse_over_limits(allocation)
         except InvalidAssignment as exc:
             logs.event(
                 logger, "assignment_refused", logging.ERROR, allocation=exc.allocation_id, reason=exc.reason, error=exc
@@ -194,6 +234,14 @@ class Agent:
         )
         self.allocations[allocation.id] = allocation
         self._try_start(allocation)
+
+    def _refuse_over_limits(self, allocation: Allocation) -> None:
+        """A limit that came into force after the server placed the job (heat, quiet hours,
+        power) wins: refuse, and the server places the job again, here later or elsewhere."""
+        open_to_work = self._open_to_work()
+        if any(gpu.uuid not in open_to_work for gpu in allocation.gpus):
+            in_force = ",".join(self.limits.get("in_force", [])) or "none"
+            raise InvalidAssignment(f"backyard limits in force: {in_force}", allocation.id, "refused:limits")
 
     def _start_pending(self) -> None:
         now = self._clock()

@@ -31,6 +31,7 @@ class FakeServer:
         self.cancel_once_started = False
         self.refuse_start = False
         self.refuse_enrolment = False
+        self.policy: dict[str, Any] | None = None  # the owner's policy the heartbeat answer carries
         self.failures: dict[str, int] = defaultdict(int)  # path suffix -> connection errors left
         self.calls: list[tuple[str, str]] = []
         self.heartbeats: list[dict[str, Any]] = []
@@ -104,7 +105,7 @@ class FakeServer:
     def _heartbeat_reply(self) -> httpx.Response:
         cancel = sorted(self.to_cancel)
         self.to_cancel.clear()
-        reply = {"status": "online", "heartbeat_interval_s": self.heartbeat_interval_s}
+        reply = {"status": "online", "heartbeat_interval_s": self.heartbeat_interval_s, "policy": self.policy}
         return httpx.Response(200, json=reply | {"cancel": cancel})
 
     def _start(self, allocation_id: str) -> httpx.Response:

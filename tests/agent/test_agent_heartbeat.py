@@ -19,7 +19,7 @@ class StubClient:
         self.replies: list = []
         self.sent: list = []
 
-    def heartbeat(self, *, gpus, running):
+    def heartbeat(self, *, gpus, running, advertise=None, limits=None):
         self.sent.append(running)
         reply = self.replies.pop(0)
         if isinstance(reply, Exception):

@@ -33,7 +33,6 @@ def run_agent_watching_status(server: FakeServer, tmp_path) -> list[dict]:
         time.sleep(seconds)
 
     agent = Agent(client, runtime, server.inventory, FAST, sleep=sleep, policy=HONOURS_ALL, status_path=path)
-    agent.limits["quiet_hours"] = "22:00-07:00"
     agent.run()
     return seen
 
@@ -41,10 +40,13 @@ def run_agent_watching_status(server: FakeServer, tmp_path) -> list[dict]:
 def test_the_running_agent_keeps_a_private_status_file_with_its_jobs_heartbeat_and_limits(server, tmp_path):
     allocation_id = server.assign(["sleep", "0.5"], gpu_count=2)
     job_id = server.queue[-1]["job"]["id"]
+    server.policy = {"quiet_hours": {"start": "00:00", "end": "23:59", "time_zone": "UTC", "max_gpus": 4}}
 
     seen = run_agent_watching_status(server, tmp_path)
 
-    running = next(s for s in seen if s["allocations"] and s["allocations"][0]["state"] == "running")
+    running = next(
+        s for s in seen if s["allocations"] and s["allocations"][0]["state"] == "running" and s["limits"]["in_force"]
+    )
     assert running["pid"] == os.getpid()
     assert running["allocations"] == [
         {
@@ -58,7 +60,8 @@ def test_the_running_agent_keeps_a_private_status_file_with_its_jobs_heartbeat_a
     assert running["allocations"][0]["started_at"].endswith("Z")
     assert running["last_heartbeat_ok_at"] is not None and running["last_heartbeat_error"] is None
     assert running["server_status"] == "online"
-    assert running["limits"] == {"quiet_hours": "22:00-07:00"}
+    assert running["limits"]["in_force"] == ["quiet_hours"]
+    assert running["limits"]["gpus"] == 4
     assert [gpu["uuid"] for gpu in running["gpus"]] == [gpu.uuid for gpu in server.inventory]
     assert seen[-1]["allocations"] == []
     assert (tmp_path / "status.json").stat().st_mode & 0o777 == 0o600
