@@ -253,7 +253,8 @@ def unit_heartbeat(
 
 def gpu_report(data: dict) -> GpuReport:
     migs = tuple(MigReport(**mig) for mig in data.get("mig_instances", ()))
-    return GpuReport(**{**data, "mig_instances": migs})
+    power = data.get("power_w")
+    return GpuReport(**{**data, "mig_instances": migs, "power_w": None if power is None else round(power)})
 
 
 def _telemetry_record(unit: Unit, gpus: list[GpuReport]) -> None:

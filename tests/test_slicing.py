@@ -142,3 +142,30 @@ def test_telemetry_from_the_heartbeat_is_kept_per_gpu(owner):
 
     assert response.status_code == 200
     assert unit.gpus.values_list("temperature_c", "power_w").get() == (71, 612)
+
+
+def test_a_real_gpus_fractional_power_reading_is_accepted(owner):
+    """NVML reports milliwatts, so the agent sends watts with decimals (seen on an H200)."""
+    unit, credential = unit_online(owner, name="h200", gpus=1)
+    gpu = {**vars(gpus_make(1, prefix="GPU-h200")[0]), "power_w": 112.2, "power_limit_w": 700.0, "ecc_errors": 0}
+
+    response = agent_client(credential).post("/api/agent/v1/heartbeat", {"gpus": [gpu]}, format="json")
+
+    assert response.status_code == 200, response.content
+    assert unit.gpus.values_list("power_w", flat=True).get() == 112
+
+
+def test_the_inventory_a_real_h200_reported_is_accepted_as_it_is(owner):
+    """tests/data/h200_inventory.json is what the agent read through NVML on a real H200."""
+    import json
+    from pathlib import Path
+
+    reported = json.loads((Path(__file__).parent / "data" / "h200_inventory.json").read_text())
+    unit, credential = unit_online(owner, name="real", gpus=0)
+
+    response = agent_client(credential).post("/api/agent/v1/heartbeat", {"gpus": reported}, format="json")
+
+    assert response.status_code == 200, response.content
+    gpu = unit.gpus.get()
+    assert (gpu.model, gpu.vram_mb, gpu.driver_version, gpu.cuda_version) == ("H200", 143771, "580.159.04", "13.0")
+    assert Slice.objects.filter(unit=unit, advertised=True).count() == 1

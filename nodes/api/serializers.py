@@ -34,7 +34,7 @@ class GpuReportSerializer(serializers.Serializer):
     mig_mode = serializers.BooleanField(required=False, default=False)
     healthy = serializers.BooleanField(required=False, default=True)
     temperature_c = serializers.IntegerField(min_value=-50, max_value=200, **OPTIONAL)
-    power_w = serializers.IntegerField(min_value=0, max_value=100_000, **OPTIONAL)
+    power_w = serializers.FloatField(min_value=0, max_value=100_000, **OPTIONAL)  # NVML reads milliwatts
     mig_instances = MigReportSerializer(many=True, required=False, default=list, max_length=7)
 
 
