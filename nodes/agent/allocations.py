@@ -66,18 +66,67 @@ class Allocation:
         return samples
 
 
-def parse_assignment(data: dict[str, Any], free: dict[str, Gpu], now: float) -> Allocation:
-    """Build an Allocation, refusing GPUs we do not have free."""
+@dataclass(frozen=True)
+class Device:
+    """One device of an assignment: what the job is given, on which GPU, held as which slot."""
+
+    gpu: Gpu
+    uuid: str
+    slot: str
+
+
+def held_slots(allocations: list[Allocation]) -> dict[str, set[str]]:
+    """For each GPU uuid, the slots running jobs hold on it."""
+    held: dict[str, set[str]] = {}
+    for allocation in allocations:
+        slots = allocation.spec.slots or tuple(gpu.uuid for gpu in allocation.gpus)
+        for gpu, slot in zip(allocation.gpus, slots, strict=False):
+            held.setdefault(gpu.uuid, set()).add(slot)
+    return held
+
+
+def _device(entry: dict[str, Any], inventory: dict[str, Gpu], held: dict[str, set[str]]) -> Device | None:
+    """The device an assignment entry names, or None if this unit cannot give it now.
+
+    A whole GPU needs the GPU to be idle; a MIG instance or a share needs the GPU not to be held
+    whole, and that very instance or share to be free.
+    """
+    kind = str(entry.get("kind", "whole"))
+    uuid = str(entry["uuid"])
+    gpu = inventory.get(str(entry.get("gpu_uuid", uuid)))
+    if gpu is None:
+        return None
+    taken = held.get(gpu.uuid, set())
+    if kind == "whole":
+        return Device(gpu, gpu.uuid, gpu.uuid) if uuid == gpu.uuid and not taken else None
+    if gpu.uuid in taken:
+        return None
+    if kind == "mig":
+        known = {mig.uuid for mig in gpu.mig_instances}
+        return Device(gpu, uuid, uuid) if uuid in known and uuid not in taken else None
+    if kind == "shared":
+        slot = f"{gpu.uuid}#{int(entry.get('share', 0))}"
+        return Device(gpu, gpu.uuid, slot) if uuid == gpu.uuid and slot not in taken else None
+    return None
+
+
+def parse_assignment(
+    data: dict[str, Any], inventory: dict[str, Gpu], now: float, held: dict[str, set[str]] | None = None
+) -> Allocation:
+    """Build an Allocation, refusing devices this unit does not have or has not free."""
     allocation_id = data.get("allocation_id")
+    held = held or {}
     try:
         job = data["job"]
-        uuids = tuple(str(gpu["uuid"]) for gpu in data["gpus"])
+        entries = list(data["gpus"])
+        devices = [_device(entry, inventory, held) for entry in entries]
         spec = JobSpec(
             allocation_id=str(allocation_id),
             job_id=str(job["id"]),
             image=str(job.get("image", "")),
             command=tuple(_argv(job["command"])),
-            gpu_uuids=uuids,
+            gpu_uuids=tuple(d.uuid if d else str(e["uuid"]) for d, e in zip(devices, entries, strict=True)),
+            slots=tuple(d.slot for d in devices if d),
             isolation=str(job.get("isolation", "gpu")),
             allowed_countries=_countries(job.get("allowed_countries") or []),
             network_egress=_flag(job, "network_egress"),
@@ -88,12 +137,12 @@ def parse_assignment(data: dict[str, Any], free: dict[str, Gpu], now: float) -> 
         raise InvalidAssignment(f"malformed assignment: {exc!r}", allocation_id) from None
     if allocation_id is None:
         raise InvalidAssignment("assignment without allocation_id", None)
-    unknown = [u for u in uuids if u not in free]
-    if unknown or not uuids or len(set(uuids)) != len(uuids):
-        raise InvalidAssignment(f"GPUs not free here: {unknown or list(uuids)}", spec.allocation_id, "refused:devices")
+    gpus = [d.gpu.uuid for d in devices if d]
+    if not devices or None in devices or len(set(spec.slots)) != len(spec.slots) or len(set(gpus)) != len(gpus):
+        raise InvalidAssignment(f"devices not free here: {list(spec.gpu_uuids)}", spec.allocation_id, "refused:devices")
     return Allocation(
         spec=spec,
-        gpus=tuple(free[u] for u in uuids),
+        gpus=tuple(d.gpu for d in devices if d),
         max_duration_s=float(max_duration) if max_duration else None,
         accepted_at=now,
     )

@@ -83,8 +83,12 @@ class Backyard:
     def __init__(self) -> None:
         self.thermal_hold = False
 
-    def evaluate(self, policy: Policy, gpus: list[GpuReading], busy: set[str], now: datetime) -> Limits:
-        free = [gpu for gpu in gpus if gpu.healthy and gpu.uuid not in busy]
+    def evaluate(
+        self, policy: Policy, gpus: list[GpuReading], busy: set[str], now: datetime, room: set[str] | None = None
+    ) -> Limits:
+        """`busy`: GPUs running a job; `room`: GPUs that can take one more (by default the idle
+        ones; with MIG or shared slicing also busy GPUs with an instance or a share left)."""
+        free = [gpu for gpu in gpus if gpu.healthy and (gpu.uuid in room if room is not None else gpu.uuid not in busy)]
         in_force: list[str] = []
         cap = None
         if self._too_hot(policy, gpus):
@@ -93,7 +97,10 @@ class Backyard:
         quiet = policy.quiet_hours
         if quiet is not None and quiet.contains(now):
             in_force.append("quiet_hours")
-            free = free[: max(0, quiet.max_gpus - len(busy))]
+            # Quiet hours limit how many GPUs run at all: more work on a GPU already busy is fine.
+            partly_busy = [gpu for gpu in free if gpu.uuid in busy]
+            idle = [gpu for gpu in free if gpu.uuid not in busy]
+            free = partly_busy + idle[: max(0, quiet.max_gpus - len(busy))]
             cap = quiet.power_cap_w
         if policy.power_budget_w is not None:
             fitting = _within_budget(policy.power_budget_w, gpus, free, cap)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from nodes.agent import logs, logship
-from nodes.agent.allocations import Allocation, InvalidAssignment, parse_assignment
+from nodes.agent.allocations import Allocation, InvalidAssignment, held_slots, parse_assignment
 from nodes.agent.backoff import Backoff
 from nodes.agent.backyard import Backyard, GpuReading, Policy
 from nodes.agent.client import AgentClient, AgentError
@@ -147,9 +147,9 @@ class Agent:
             except InventoryError as exc:
                 logs.event(logger, "inventory_failed", logging.WARNING, error=exc)
         readings = [GpuReading(g.uuid, g.healthy, g.temperature_c, g.power_w, g.power_limit_w) for g in self.gpus]
-        busy = {gpu.uuid for allocation in self.allocations.values() for gpu in allocation.gpus}
+        busy = set(held_slots(list(self.allocations.values())))
         policy = Policy.from_server(self.heartbeater.policy)
-        limits = self._backyard.evaluate(policy, readings, busy, datetime.now(UTC))
+        limits = self._backyard.evaluate(policy, readings, busy, datetime.now(UTC), room=set(self._free_gpus()))
         report = limits.report(total=len(self.gpus))
         if report != self.limits:
             in_force = ",".join(limits.in_force) or "none"
@@ -186,8 +186,10 @@ class Agent:
         return now - self._idle_since >= self.options.drain_report_timeout_s
 
     def _free_gpus(self) -> dict[str, Gpu]:
-        busy = {gpu.uuid for allocation in self.allocations.values() for gpu in allocation.gpus}
-        return {gpu.uuid: gpu for gpu in self.gpus if gpu.uuid not in busy}
+        """GPUs with room for another job: not held whole (a MIG instance or a share of one may
+        still be free; the server knows which)."""
+        held = held_slots(list(self.allocations.values()))
+        return {gpu.uuid: gpu for gpu in self.gpus if gpu.uuid not in held.get(gpu.uuid, set())}
 
     def _pull(self) -> None:
         now = self._clock()
@@ -214,7 +216,8 @@ class Agent:
 
     def _accept(self, data: dict[str, Any]) -> None:
         try:
-            allocation = parse_assignment(data, self._free_gpus(), self._clock())
+            inventory = {gpu.uuid: gpu for gpu in self.gpus}
+            allocation = parse_assignment(data, inventory, self._clock(), held_slots(list(self.allocations.values())))
             refuse_unfit(allocation, self.gpus, self.policy)
             self._refuse_over_limits(allocation)
         except InvalidAssignment as exc:

@@ -30,6 +30,8 @@ class JobSpec:
     allowed_countries: tuple[str, ...] = ()  # empty: anywhere
     network_egress: bool = False
     sandboxed: bool = False
+    # What each device is held as: the GPU uuid (whole), the MIG uuid, or "<GPU uuid>#<share>".
+    slots: tuple[str, ...] = ()
 
 
 class Handle(Protocol):
