@@ -59,6 +59,7 @@ class Stack:
 
     env: dict
     log_dir: Path
+    base_url: str = ""
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def start(self, name: str, argv: list[str], **env) -> subprocess.Popen:

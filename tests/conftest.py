@@ -87,3 +87,13 @@ def problem_of(response, status: int) -> dict:
     assert set(body) >= PROBLEM_KEYS, body
     assert body["status"] == status
     return body
+
+
+@pytest.fixture
+def running_stack(tmp_path):
+    """Web server and Celery worker as real processes on the test database; see tests/e2e.py."""
+    from tests.e2e import free_port, stack_start
+
+    stack = stack_start(tmp_path, port=free_port())
+    yield stack
+    stack.stop_all()

@@ -81,5 +81,6 @@ def stack_start(tmp_path, *, port: int) -> devstack.Stack:
     stack = devstack.Stack(env=stack_env(tmp_path / "data"), log_dir=tmp_path / "logs")
     stack.start("web", devstack.web_argv(port))
     stack.start("worker", devstack.worker_argv(concurrency=2))
-    devstack.wait_http(f"http://127.0.0.1:{port}/api/schema/", timeout=30)
+    stack.base_url = f"http://127.0.0.1:{port}"
+    devstack.wait_http(f"{stack.base_url}/api/schema/", timeout=30)
     return stack

@@ -14,18 +14,9 @@ from marketplace.services import api_key_create
 from nodes.models import Unit
 from nodes.services import unit_register
 from tests.conftest import user_make
-from tests.e2e import Renter, free_port, stack_start, wait_until
+from tests.e2e import Renter, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
-
-
-@pytest.fixture
-def running_stack(tmp_path):
-    port = free_port()
-    stack = stack_start(tmp_path, port=port)
-    stack.base_url = f"http://127.0.0.1:{port}"
-    yield stack
-    stack.stop_all()
 
 
 def dump_logs(stack) -> str:
