@@ -42,6 +42,11 @@ class AgentView(APIView):
     def unit(self):
         return self.request.user.unit
 
+    def valid(self, serializer_class) -> dict:
+        data = serializer_class(data=self.request.data)
+        data.is_valid(raise_exception=True)
+        return data.validated_data
+
     def own_allocation(self, allocation_id) -> Allocation:
         # Scoped to the caller's unit: another unit's allocation is indistinguishable from none.
         return get_object_or_404(Allocation.objects.select_related("job"), pk=allocation_id, unit=self.unit)
@@ -50,9 +55,7 @@ class AgentView(APIView):
 class HeartbeatView(AgentView):
     @extend_schema(request=s.HeartbeatSerializer, responses={200: s.HeartbeatResultSerializer})
     def post(self, request):
-        data = s.HeartbeatSerializer(data=request.data)
-        data.is_valid(raise_exception=True)
-        beat = data.validated_data
+        beat = self.valid(s.HeartbeatSerializer)
         gpus = [services.gpu_report(gpu) for gpu in beat["gpus"]]
         if services.unit_heartbeat(
             unit=self.unit,
@@ -62,7 +65,7 @@ class HeartbeatView(AgentView):
             limits=beat["limits"],
         ):
             market.placement_request()
-        running = data.validated_data["running"]
+        running = beat["running"]
         market.allocations_reconcile(unit=self.unit, running_ids=running)
         cancel = market.allocations_to_cancel(unit=self.unit, running_ids=running)
         body = {
@@ -137,9 +140,7 @@ class AllocationUsageView(AgentView):
     @extend_schema(request=s.UsageSerializer, responses={200: s.UsageResultSerializer})
     def post(self, request, allocation_id):
         allocation = self.own_allocation(allocation_id)
-        data = s.UsageSerializer(data=request.data)
-        data.is_valid(raise_exception=True)
-        samples = [SampleReport(**sample) for sample in data.validated_data["samples"]]
+        samples = [SampleReport(**sample) for sample in self.valid(s.UsageSerializer)["samples"]]
         accepted, duplicates = usage_record(allocation=allocation, samples=samples)
         return Response({"accepted": accepted, "duplicates": duplicates})
 
@@ -148,9 +149,7 @@ class AllocationLogsView(AgentView):
     @extend_schema(request=s.LogChunkSerializer, responses={200: s.LogChunkResultSerializer})
     def post(self, request, allocation_id):
         allocation = self.own_allocation(allocation_id)
-        data = s.LogChunkSerializer(data=request.data)
-        data.is_valid(raise_exception=True)
-        accepted, truncated = market.log_chunk_record(allocation=allocation, **data.validated_data)
+        accepted, truncated = market.log_chunk_record(allocation=allocation, **self.valid(s.LogChunkSerializer))
         return Response({"accepted": accepted, "truncated": truncated})
 
 
@@ -158,9 +157,6 @@ class AllocationFinishView(AgentView):
     @extend_schema(request=s.FinishSerializer, responses={200: s.JobStateSerializer})
     def post(self, request, allocation_id):
         allocation = self.own_allocation(allocation_id)
-        data = s.FinishSerializer(data=request.data)
-        data.is_valid(raise_exception=True)
-        job = market.allocation_finish(
-            allocation=allocation, exit_code=data.validated_data["exit_code"], reason=data.validated_data["reason"]
-        )
+        finish = self.valid(s.FinishSerializer)
+        job = market.allocation_finish(allocation=allocation, exit_code=finish["exit_code"], reason=finish["reason"])
         return Response({"state": job.state})
