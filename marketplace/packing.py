@@ -102,9 +102,6 @@ class Placement:
     gpus: tuple[int, ...]  # GPU indices used on that node
 
 
-# ---------------------------------------------------------------------------------------------------- feasibility
-
-
 def gpu_fits(gpus: tuple[int, ...], num_gpu: int, gpu_milli: int) -> bool:
     """True when at least num_gpu GPUs each have gpu_milli free (a fraction needs one GPU with room)."""
     if num_gpu == 0:
@@ -127,9 +124,6 @@ def apply_to_state(state: State, task: Task, gpu_free: int) -> State:
         for _ in range(task.num_gpu):
             new[new.index(MILLI)] = 0
     return (cpu_left - task.cpu_milli, mem_left - task.memory_mib, tuple(sorted(new)))
-
-
-# -------------------------------------------------------------------------------------------------- fragmentation
 
 
 def task_fragmentation(cpu_left: int, gpus: tuple[int, ...], tt: TaskType) -> int:
@@ -159,9 +153,6 @@ def typical_task_types(tasks: Iterable[Task], threshold: float = 1.0) -> list[Ta
         kept.append((key, n))
         covered += n
     return [TaskType(cpu, k, milli, n / covered) for (cpu, k, milli), n in kept]
-
-
-# ------------------------------------------------------------------------------------------------------- policies
 
 
 def gpu_options(state: State, task: Task) -> list[int]:
@@ -223,9 +214,6 @@ def make_fgd(types: list[TaskType], quantize: bool = True) -> Policy:
         return best
 
     return cost
-
-
-# -------------------------------------------------------------------------------------------------------- cluster
 
 
 class Cluster:
@@ -299,9 +287,6 @@ def _pick_group(tied: list[tuple[list[int], int]], rng: random.Random) -> tuple[
     """Choose among tied groups in proportion to their size (uniform over the tied nodes)."""
     sizes = [len(members) for members, _ in tied]
     return rng.choices(tied, weights=sizes)[0]
-
-
-# --------------------------------------------------------------------------------------------------------- replay
 
 
 @dataclass
