@@ -59,3 +59,18 @@ def test_money_pages_need_a_login(client, path):
     response = client.get(path)
     assert response.status_code == 302
     assert "/accounts/login/" in response["Location"]
+
+
+def test_a_queued_job_says_in_words_why_it_waits(client, owner, renter):
+    from marketplace.models import Job
+
+    unit_online(owner, name="lyon", country="FR")
+    unit_online(owner, name="munich", country="DE", price_per_gpu_hour_micros=9_000_000)
+    job = job_make(renter, name="needs-de-cheap", allowed_countries=["DE"], max_price_per_gpu_hour_micros=1_000_000)
+    assert job_place(job_id=job.pk) is None
+    assert Job.objects.get(pk=job.pk).pending_reason["units_considered"] == 2
+    client.force_login(renter)
+
+    page = client.get("/portal/jobs/").content.decode()
+
+    assert "0 of 2 units fit: 1 outside the allowed countries, 1 above the price cap" in page
