@@ -123,13 +123,19 @@ def _inventory_sync(unit: Unit, reports: list[GpuReport], advertise: set[str] | 
             "healthy": report.healthy,
             "present": True,
         }
+        # Telemetry is stored in the same write but does not count as a change of capacity.
+        telemetry = {}
+        if report.temperature_c is not None or report.power_w is not None:
+            telemetry = {"temperature_c": report.temperature_c, "power_w": report.power_w}
         gpu = known.pop(report.uuid, None)
         if gpu is None:
-            gpu = GPU.objects.create(unit=unit, device_uuid=report.uuid, **fields)
+            gpu = GPU.objects.create(unit=unit, device_uuid=report.uuid, **fields, **telemetry)
             changed = True
-        elif any(getattr(gpu, name) != value for name, value in fields.items()):
-            GPU.objects.filter(pk=gpu.pk).update(**fields)
-            changed = True
+        else:
+            capacity_changed = any(getattr(gpu, name) != value for name, value in fields.items())
+            if capacity_changed or any(getattr(gpu, name) != value for name, value in telemetry.items()):
+                GPU.objects.filter(pk=gpu.pk).update(**fields, **telemetry)
+            changed |= capacity_changed
         offered = report.healthy and (advertise is None or report.uuid in advertise)
         changed |= _slices_sync(unit, gpu, report, offered=offered)
     if known:
@@ -246,7 +252,6 @@ def unit_heartbeat(
         fields.append("limits")
         audit_record("unit.limits_changed", unit.id, actor="agent", limits=limits)
     unit.save(update_fields=fields)
-    _telemetry_record(unit, gpus)
     inventory_changed = _inventory_sync(unit, gpus, None if advertise is None else set(advertise))
     return inventory_changed or was != unit.status
 
@@ -255,14 +260,6 @@ def gpu_report(data: dict) -> GpuReport:
     migs = tuple(MigReport(**mig) for mig in data.get("mig_instances", ()))
     power = data.get("power_w")
     return GpuReport(**{**data, "mig_instances": migs, "power_w": None if power is None else round(power)})
-
-
-def _telemetry_record(unit: Unit, gpus: list[GpuReport]) -> None:
-    for report in gpus:
-        if report.temperature_c is not None or report.power_w is not None:
-            GPU.objects.filter(unit=unit, device_uuid=report.uuid).update(
-                temperature_c=report.temperature_c, power_w=report.power_w
-            )
 
 
 def units_mark_unresponsive(*, now: datetime) -> list[Unit]:
