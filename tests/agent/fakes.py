@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 import uuid
 from collections import defaultdict, deque
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import httpx
 from nodes.agent import gpus
 from nodes.agent.isolation import LEVELS
 from nodes.agent.refusal import LocalPolicy
+from nodes.agent.runtime.process import ProcessHandle, ProcessRuntime
 
 UNIT_ID = "7b0e4c1a-2f7d-4a53-9a3e-0d5f4b6c8e21"
 CREDENTIAL = "shs_node_test"
@@ -181,3 +183,12 @@ def serving(fake: FakeServer) -> Iterator[str]:
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def wait_exit(runtime: ProcessRuntime, handle: ProcessHandle, timeout: float = 10) -> int:
+    """Poll a process-runtime job until it exits; its exit code."""
+    deadline = time.monotonic() + timeout
+    while (code := runtime.poll(handle)) is None:
+        assert time.monotonic() < deadline, "the job did not exit"
+        time.sleep(0.02)
+    return code

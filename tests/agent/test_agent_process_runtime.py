@@ -5,6 +5,7 @@ import pytest
 
 from nodes.agent.runtime import JobSpec, StartFailed
 from nodes.agent.runtime.process import ProcessHandle, ProcessRuntime
+from tests.agent.fakes import wait_exit
 
 ALLOCATION = "5f0c9a4e-1b2d-4c3e-8f6a-7b8c9d0e1f2a"
 
@@ -22,14 +23,6 @@ def spec(*command: str) -> JobSpec:
         command=command,
         gpu_uuids=("GPU-aaa", "GPU-bbb"),
     )
-
-
-def wait_exit(runtime: ProcessRuntime, handle: ProcessHandle, timeout: float = 10) -> int:
-    deadline = time.monotonic() + timeout
-    while (code := runtime.poll(handle)) is None:
-        assert time.monotonic() < deadline, "the job did not exit"
-        time.sleep(0.02)
-    return code
 
 
 def wait_for_output(handle: ProcessHandle, timeout: float = 5) -> str:

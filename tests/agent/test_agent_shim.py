@@ -8,7 +8,8 @@ import time
 import pytest
 
 from nodes.agent.runtime import JobSpec
-from nodes.agent.runtime.process import SHIM, ProcessHandle, ProcessRuntime
+from nodes.agent.runtime.process import SHIM, ProcessRuntime
+from tests.agent.fakes import wait_exit
 
 ALLOCATION = "5f0c9a4e-1b2d-4c3e-8f6a-7b8c9d0e1f2a"
 
@@ -76,14 +77,6 @@ def runtime(tmp_path):
 
 def spec(*command: str) -> JobSpec:
     return JobSpec(ALLOCATION, "job-1", "ignored", command, ("GPU-aaa",))
-
-
-def wait_exit(runtime: ProcessRuntime, handle: ProcessHandle, timeout: float = 10) -> int:
-    deadline = time.monotonic() + timeout
-    while (code := runtime.poll(handle)) is None:
-        assert time.monotonic() < deadline, "the job did not exit"
-        time.sleep(0.02)
-    return code
 
 
 class TestAdoption:
