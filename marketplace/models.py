@@ -5,7 +5,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
-from nodes.models import Isolation, Slice, Unit
+from nodes.models import Isolation, Slice, Unit, WorkloadClass
 
 
 class ApiKey(models.Model):
@@ -23,6 +23,16 @@ class ApiKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.lookup})"
+
+
+class RenterProfile(models.Model):
+    """What the platform knows about a renter beyond the login; owners may accept verified renters only."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="renter_profile")
+    verified_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"renter {self.user}"
 
 
 class JobQuerySet(models.QuerySet):
@@ -53,12 +63,25 @@ class Job(models.Model):
     name = models.CharField(max_length=120, blank=True)
     image = models.CharField(max_length=255)
     command = models.JSONField(help_text="argv list")
+    class Rank(models.TextChoices):
+        CHEAPEST = "cheapest"
+        RELIABLE = "reliable"
+
     gpu_count = models.PositiveSmallIntegerField(default=1)
+    gpu_milli = models.PositiveSmallIntegerField(
+        default=1000, help_text="Thousandths of one GPU; below 1000 only for one shared or MIG GPU."
+    )
     gpu_models = models.JSONField(default=list, blank=True, help_text="Empty means any model.")
     min_vram_gb = models.PositiveIntegerField(default=0)
+    min_cuda = models.CharField(max_length=10, blank=True, help_text="Lowest CUDA version, e.g. 12.2.")
     max_price_per_gpu_hour_micros = models.BigIntegerField(null=True, blank=True)
     isolation = models.CharField(max_length=10, choices=Isolation.choices, default=Isolation.GPU)
-    allowed_countries = models.JSONField(default=list, blank=True, help_text="Empty means anywhere.")
+    jurisdictions = models.JSONField(
+        default=list, blank=True, help_text="ISO 3166 countries, subdivisions and named sets; empty means anywhere."
+    )
+    require_verified_location = models.BooleanField(default=False)
+    workload_class = models.CharField(max_length=12, choices=WorkloadClass.choices, default=WorkloadClass.BATCH)
+    rank = models.CharField(max_length=10, choices=Rank.choices, default=Rank.CHEAPEST)
     max_duration_s = models.PositiveIntegerField(default=3600)
     restartable = models.BooleanField(default=False)
     network_egress = models.BooleanField(default=False, help_text="May the job reach the network?")
@@ -80,6 +103,10 @@ class Job(models.Model):
         indexes = [models.Index(fields=["state", "created_at"])]
         constraints = [
             models.CheckConstraint(condition=Q(gpu_count__gte=1), name="job_gpu_count_positive"),
+            models.CheckConstraint(
+                condition=Q(gpu_milli=1000) | Q(gpu_milli__gte=1, gpu_milli__lt=1000, gpu_count=1),
+                name="job_gpu_fraction_single",
+            ),
         ]
 
     def __str__(self) -> str:

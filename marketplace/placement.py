@@ -27,7 +27,7 @@ class Candidate:
 
 def _unit_rejection(job: Job, unit: Unit) -> str | None:
     """Why this unit's policy or location rules the job out, or None if it does not."""
-    if job.allowed_countries and unit.country.code not in job.allowed_countries:
+    if job.jurisdictions and unit.country.code not in job.jurisdictions:
         return "jurisdiction"
     offered = [Isolation.rank(level) for level in unit.isolation_levels]
     if not offered or max(offered) < Isolation.rank(job.isolation):

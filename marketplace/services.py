@@ -10,6 +10,7 @@ from marketplace.errors import StateConflict
 from marketplace.models import Allocation, ApiKey, Job, LogChunk
 from marketplace.selectors import allocation_log_size
 from nodes.models import Unit
+from nodes.services import units_capacity_changed
 
 API_KEY_KIND = "shs_live"
 REFUSED = "refused:"  # finish reasons of an agent that would not run what it was sent
@@ -64,6 +65,7 @@ def _allocation_release(allocation: Allocation, *, reason: str) -> None:
         released_at=now, release_reason=reason
     ):
         allocation.leases.filter(released_at__isnull=True).update(released_at=now)
+        units_capacity_changed([allocation.unit_id])
         audit_record("allocation.released", allocation.job_id, allocation=str(allocation.pk), reason=reason)
         placement_request()
 

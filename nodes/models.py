@@ -30,6 +30,25 @@ def default_isolation_levels() -> list[str]:
     return [Isolation.GPU, Isolation.NODE]
 
 
+class WorkloadClass(models.TextChoices):
+    """What a job is for, as the renter declares it; owners choose which classes they accept."""
+
+    TRAINING = "training"
+    FINE_TUNING = "fine_tuning"
+    INFERENCE = "inference"
+    BATCH = "batch"
+    INTERACTIVE = "interactive"
+
+
+def default_workload_classes() -> list[str]:
+    return list(WorkloadClass.values)
+
+
+class RentersAccepted(models.TextChoices):
+    ANY = "any", "Any renter"
+    VERIFIED = "verified", "Verified renters only"
+
+
 class UnitQuerySet(models.QuerySet):
     def visible_to(self, user) -> "UnitQuerySet":
         if not user.is_authenticated:
@@ -59,6 +78,18 @@ class Unit(models.Model):
         default=2_000_000, help_text="Owner's price per GPU-hour in micro-units of the currency."
     )
     isolation_levels = models.JSONField(default=default_isolation_levels)
+    workload_classes = models.JSONField(default=default_workload_classes)
+    renters_accepted = models.CharField(max_length=10, choices=RentersAccepted.choices, default=RentersAccepted.ANY)
+    max_job_duration_s = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Longest job the owner accepts, in seconds; empty means any."
+    )
+    availability = models.JSONField(
+        default=list,
+        blank=True,
+        help_text='Windows the unit takes jobs in, in its time zone, e.g. [{"days": [0, 1, 2, 3, 4], '
+        '"start": "08:00", "end": "20:00"}] (0 is Monday); empty means always. A job is placed only '
+        "if its max duration ends inside the window.",
+    )
     slicing = models.CharField(max_length=10, choices=Slicing.choices, default=Slicing.WHOLE)
     shared_fraction = models.PositiveSmallIntegerField(
         default=2, help_text="With shared slicing, how many renters share one GPU (2 to 8)."
@@ -79,6 +110,26 @@ class Unit(models.Model):
     thermal_stop_c = models.PositiveSmallIntegerField(default=83, help_text="Take no new work at or above this.")
     thermal_resume_c = models.PositiveSmallIntegerField(default=75, help_text="Take work again at or below this.")
     limits = models.JSONField(default=dict, blank=True, help_text="Limits in force, as the agent last reported.")
+    # Location evidence. The declared location is country + subdivision above; it is verified
+    # by the country of the agent's public address and/or an operator's attestation, and a
+    # mismatch between declared and observed unverifies the unit at once.
+    location_verified = models.BooleanField(default=False)
+    observed_ip = models.GenericIPAddressField(null=True, blank=True)
+    observed_country = models.CharField(max_length=2, blank=True)
+    observed_at = models.DateTimeField(null=True, blank=True)
+    attested_country = models.CharField(max_length=2, blank=True)
+    attested_subdivision = models.CharField(max_length=6, blank=True)
+    attested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    attested_at = models.DateTimeField(null=True, blank=True)
+    reliability = models.FloatField(
+        default=0.5, help_text="Share of recent allocations that ended without the unit losing them (smoothed)."
+    )
+    # Bumped by every change that can alter what placement may put here (leases, slices,
+    # status, policy); placement claims a unit only at the version it decided on.
+    capacity_version = models.BigIntegerField(default=0)
+    capacity_changed_at = models.DateTimeField(auto_now=True, db_index=True)
     credential_lookup = models.CharField(max_length=12, unique=True, null=True, blank=True)
     credential_digest = models.CharField(max_length=64, blank=True)
     enrolled_at = models.DateTimeField(null=True, blank=True)
@@ -105,6 +156,17 @@ class Unit(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    def save(self, *args, **kwargs):
+        """A full save (admin, portal) may change the policy: bump the capacity version so
+        placement re-reads the unit, and never write a stale version back."""
+        if self._state.adding or kwargs.get("update_fields") is not None:
+            return super().save(*args, **kwargs)
+        kwargs["update_fields"] = [
+            f.name for f in self._meta.concrete_fields if not f.primary_key and f.name != "capacity_version"
+        ]
+        super().save(*args, **kwargs)
+        Unit.objects.filter(pk=self.pk).update(capacity_version=F("capacity_version") + 1)
 
 
 class EnrolmentToken(models.Model):
@@ -162,6 +224,7 @@ class Slice(models.Model):
     isolation = models.CharField(max_length=10, choices=Isolation.choices, default=Isolation.GPU)
     vram_mb = models.PositiveIntegerField()
     price_per_gpu_hour_micros = models.BigIntegerField()
+    milli = models.PositiveSmallIntegerField(default=1000, help_text="Share of the GPU in thousandths.")
     advertised = models.BooleanField(default=True)
 
     class Meta:

@@ -3,6 +3,7 @@ from datetime import datetime
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
 from marketplace import tokens
@@ -153,6 +154,7 @@ class SliceShape:
     isolation: str
     vram_mb: int
     price_per_gpu_hour_micros: int
+    milli: int = 1000
 
 
 def slice_shapes(unit: Unit, report: GpuReport) -> list[SliceShape]:
@@ -162,14 +164,22 @@ def slice_shapes(unit: Unit, report: GpuReport) -> list[SliceShape]:
     if unit.slicing == Slice.Kind.MIG and report.mig_instances:
         return [
             SliceShape(
-                Slice.Kind.MIG, mig.uuid, 0, Isolation.MIG, mig.memory_mb, price * mig.memory_mb // report.vram_mb
+                Slice.Kind.MIG,
+                mig.uuid,
+                0,
+                Isolation.MIG,
+                mig.memory_mb,
+                price * mig.memory_mb // report.vram_mb,
+                max(1, min(1000, mig.memory_mb * 1000 // report.vram_mb)),
             )
             for mig in report.mig_instances
         ]
     if unit.slicing == Slice.Kind.SHARED:
         parts = unit.shared_fraction
         return [
-            SliceShape(Slice.Kind.SHARED, report.uuid, n, Isolation.SHARED, report.vram_mb // parts, price // parts)
+            SliceShape(
+                Slice.Kind.SHARED, report.uuid, n, Isolation.SHARED, report.vram_mb // parts, price // parts, 1000 // parts
+            )
             for n in range(parts)
         ]
     return [SliceShape(Slice.Kind.WHOLE, report.uuid, 0, Isolation.GPU, report.vram_mb, price)]
@@ -186,6 +196,7 @@ def _slices_sync(unit: Unit, gpu: GPU, report: GpuReport, *, offered: bool) -> b
             "isolation": shape.isolation,
             "vram_mb": shape.vram_mb,
             "price_per_gpu_hour_micros": shape.price_per_gpu_hour_micros,
+            "milli": shape.milli,
             "advertised": offered,
         }
         current = existing.pop((shape.kind, shape.device_uuid, shape.share_index), None)
@@ -253,7 +264,17 @@ def unit_heartbeat(
         audit_record("unit.limits_changed", unit.id, actor="agent", limits=limits)
     unit.save(update_fields=fields)
     inventory_changed = _inventory_sync(unit, gpus, None if advertise is None else set(advertise))
-    return inventory_changed or was != unit.status
+    changed = inventory_changed or was != unit.status
+    if changed:
+        units_capacity_changed([unit.pk])
+    return changed
+
+
+def units_capacity_changed(unit_ids) -> None:
+    """Tell placement these units' capacity or policy changed, so it reads them again."""
+    Unit.objects.filter(pk__in=unit_ids).update(
+        capacity_version=F("capacity_version") + 1, capacity_changed_at=timezone.now()
+    )
 
 
 def gpu_report(data: dict) -> GpuReport:
@@ -268,12 +289,16 @@ def units_mark_unresponsive(*, now: datetime) -> list[Unit]:
     suspect_before = now - settings.UNIT_SUSPECT_AFTER
     offline_before = now - settings.UNIT_OFFLINE_AFTER
     for unit in Unit.objects.filter(status__in=alive, last_heartbeat_at__lt=suspect_before):
-        if Unit.objects.filter(pk=unit.pk, status=unit.status).update(status=Unit.Status.SUSPECT):
+        if Unit.objects.filter(pk=unit.pk, status=unit.status).update(
+            status=Unit.Status.SUSPECT, capacity_version=F("capacity_version") + 1, capacity_changed_at=now
+        ):
             audit_record("unit.went_suspect", unit.id, last_heartbeat=unit.last_heartbeat_at.isoformat())
     gone = []
     candidates = Unit.objects.filter(status=Unit.Status.SUSPECT, last_heartbeat_at__lt=offline_before)
     for unit in candidates:
-        if Unit.objects.filter(pk=unit.pk, status=Unit.Status.SUSPECT).update(status=Unit.Status.OFFLINE):
+        if Unit.objects.filter(pk=unit.pk, status=Unit.Status.SUSPECT).update(
+            status=Unit.Status.OFFLINE, capacity_version=F("capacity_version") + 1, capacity_changed_at=now
+        ):
             audit_record("unit.went_offline", unit.id, last_heartbeat=unit.last_heartbeat_at.isoformat())
             gone.append(unit)
     return gone

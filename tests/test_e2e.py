@@ -53,13 +53,13 @@ def test_a_job_travels_from_submit_to_the_bill(running_stack, tmp_path):
             image="docker.io/library/python:3.12-slim",
             command=[sys.executable, "-c", "import time; print('hello from a shed'); time.sleep(3)"],
             gpu_count=2,
-            allowed_countries=["DE"],
+            jurisdictions=["DE"],
             max_price_per_gpu_hour="5.00",
         )
         failing = shopper.submit(
             image="docker.io/library/python:3.12-slim",
             command=[sys.executable, "-c", "raise SystemExit(3)"],
-            allowed_countries=["DE", "FR"],
+            jurisdictions=["DE", "FR"],
         )
         ok, failing = shopper.wait_final(ok["id"]), shopper.wait_final(failing["id"])
     except AssertionError as error:

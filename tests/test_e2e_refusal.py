@@ -34,7 +34,7 @@ def test_an_agent_refuses_a_job_its_own_location_rules_out_and_it_is_not_sent_ag
     wait_until(lambda: Unit.objects.get(pk=unit.pk).status == Unit.Status.ONLINE, timeout=30, what="the unit online")
 
     shopper = Renter(stack.base_url, api_key)
-    job = shopper.submit(image="busybox", command=["touch", str(marker)], allowed_countries=["DE"])
+    job = shopper.submit(image="busybox", command=["touch", str(marker)], jurisdictions=["DE"])
     refused = wait_until(
         lambda: AuditEvent.objects.filter(action="allocation.refused", subject_id=job["id"]).first(),
         timeout=30,

@@ -29,7 +29,7 @@ class TestSubmit:
             "min_vram_gb": 40,
             "max_price_per_gpu_hour": "2.5",
             "isolation": "gpu",
-            "allowed_countries": ["de", "FR", "de"],
+            "jurisdictions": ["de", "FR", "de"],
             "max_duration_s": 600,
             "restartable": True,
         }
@@ -40,7 +40,7 @@ class TestSubmit:
         body = response.json()
         assert body["state"] == "queued"
         assert body["gpu_models"] == ["A100", "H100"]
-        assert body["allowed_countries"] == ["DE", "FR"]
+        assert body["jurisdictions"] == ["DE", "FR"]
         assert body["max_price_per_gpu_hour"] == "2.500000"
         assert body["placement"] is None
         assert body["usage"] == {"gpu_seconds": 0, "cost": "0.000000"}
@@ -56,7 +56,7 @@ class TestSubmit:
         assert body["gpu_count"] == 1
         assert body["isolation"] == "gpu"
         assert body["gpu_models"] == []
-        assert body["allowed_countries"] == []
+        assert body["jurisdictions"] == []
         assert body["max_price_per_gpu_hour"] is None
         assert body["restartable"] is False
 
@@ -86,8 +86,8 @@ class TestSubmit:
             pytest.param({"gpu_count": "two"}, "gpu_count", id="gpu-count-not-a-number"),
             pytest.param({"max_price_per_gpu_hour": "-1"}, "max_price_per_gpu_hour", id="negative-price"),
             pytest.param({"max_price_per_gpu_hour": "cheap"}, "max_price_per_gpu_hour", id="price-not-a-number"),
-            pytest.param({"allowed_countries": ["XX"]}, "allowed_countries", id="unknown-country"),
-            pytest.param({"allowed_countries": "DE"}, "allowed_countries", id="countries-not-a-list"),
+            pytest.param({"jurisdictions": ["XX"]}, "jurisdictions", id="unknown-country"),
+            pytest.param({"jurisdictions": "DE"}, "jurisdictions", id="countries-not-a-list"),
             pytest.param({"isolation": "vm"}, "isolation", id="unknown-isolation"),
             pytest.param({"min_vram_gb": -1}, "min_vram_gb", id="negative-vram"),
             pytest.param({"max_duration_s": 0}, "max_duration_s", id="zero-duration"),

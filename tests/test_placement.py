@@ -59,9 +59,9 @@ class TestMatching:
 
         assert pending(job) == {"units_considered": 0, "rejected": {}}
 
-    def test_a_job_outside_its_allowed_countries_is_not_placed(self, owner, renter):
+    def test_a_job_outside_its_jurisdictions_is_not_placed(self, owner, renter):
         shed(owner, "de", country="DE")
-        job = job_make(renter, allowed_countries=["FR"])
+        job = job_make(renter, jurisdictions=["FR"])
 
         assert job_place(job_id=job.pk) is None
 
@@ -71,7 +71,7 @@ class TestMatching:
         shed(owner, "de", country="DE", price_per_gpu_hour_micros=1_000_000)
         france = shed(owner, "fr", country="FR", price_per_gpu_hour_micros=9_000_000)
 
-        allocation = job_place(job_id=job_make(renter, allowed_countries=["FR", "IT"]).pk)
+        allocation = job_place(job_id=job_make(renter, jurisdictions=["FR", "IT"]).pk)
 
         assert allocation.unit == france
 
@@ -241,7 +241,7 @@ class TestWhyPending:
         shed(owner, "paris", country="FR")
         shed(owner, "lyon", country="FR")
         shed(owner, "berlin", country="DE", price_per_gpu_hour_micros=5_000_000)
-        job = job_make(renter, allowed_countries=["DE"], max_price_per_gpu_hour_micros=4_000_000)
+        job = job_make(renter, jurisdictions=["DE"], max_price_per_gpu_hour_micros=4_000_000)
 
         assert job_place(job_id=job.pk) is None
 

@@ -66,7 +66,7 @@ def test_a_queued_job_says_in_words_why_it_waits(client, owner, renter):
 
     unit_online(owner, name="lyon", country="FR")
     unit_online(owner, name="munich", country="DE", price_per_gpu_hour_micros=9_000_000)
-    job = job_make(renter, name="needs-de-cheap", allowed_countries=["DE"], max_price_per_gpu_hour_micros=1_000_000)
+    job = job_make(renter, name="needs-de-cheap", jurisdictions=["DE"], max_price_per_gpu_hour_micros=1_000_000)
     assert job_place(job_id=job.pk) is None
     assert Job.objects.get(pk=job.pk).pending_reason["units_considered"] == 2
     client.force_login(renter)

@@ -44,7 +44,7 @@ class JobSubmitSerializer(StrictSerializer):
         max_digits=12, decimal_places=6, min_value=0, required=False, allow_null=True
     )
     isolation = serializers.ChoiceField(choices=Isolation.choices, default=Isolation.GPU)
-    allowed_countries = serializers.ListField(
+    jurisdictions = serializers.ListField(
         child=serializers.CharField(max_length=2), required=False, max_length=250, default=list
     )
     max_duration_s = serializers.IntegerField(min_value=1, max_value=30 * 24 * 3600, default=3600)
@@ -60,7 +60,7 @@ class JobSubmitSerializer(StrictSerializer):
     def validate_gpu_models(self, value: list[str]) -> list[str]:
         return sorted({model.strip().upper() for model in value if model.strip()})
 
-    def validate_allowed_countries(self, value: list[str]) -> list[str]:
+    def validate_jurisdictions(self, value: list[str]) -> list[str]:
         codes = sorted({code.strip().upper() for code in value})
         unknown = [code for code in codes if code not in countries]
         if unknown:
@@ -93,7 +93,7 @@ class JobSerializer(serializers.ModelSerializer):
         model = Job
         fields = [
             "id", "name", "state", "image", "command", "gpu_count", "gpu_models", "min_vram_gb",
-            "max_price_per_gpu_hour", "isolation", "allowed_countries", "max_duration_s", "restartable",
+            "max_price_per_gpu_hour", "isolation", "jurisdictions", "max_duration_s", "restartable",
             "network_egress", "sandboxed",
             "attempts", "exit_code", "failure_reason", "pending_reason", "placement", "usage",
             "created_at", "placed_at", "started_at", "finished_at",

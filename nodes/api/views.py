@@ -98,7 +98,7 @@ def assignment_body(allocation: Allocation) -> dict:
             "gpu_count": allocation.gpu_count,
             "max_duration_s": job.max_duration_s,
             "isolation": job.isolation,
-            "allowed_countries": job.allowed_countries,
+            "allowed_countries": job.jurisdictions,
             "network_egress": job.network_egress,
             "sandboxed": job.sandboxed,
         },

@@ -88,7 +88,7 @@ class Command(BaseCommand):
             "image": "docker.io/library/python:3.12-slim",
             "command": ["sh", "-c", "echo hello from a shed; sleep 5; echo done"],
             "gpu_count": 1,
-            "allowed_countries": ["DE"],
+            "jurisdictions": ["DE"],
             "max_price_per_gpu_hour": "3.00",
         }
         auth = f'-H "Authorization: Bearer {api_key}"'
