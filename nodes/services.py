@@ -178,7 +178,13 @@ def slice_shapes(unit: Unit, report: GpuReport) -> list[SliceShape]:
         parts = unit.shared_fraction
         return [
             SliceShape(
-                Slice.Kind.SHARED, report.uuid, n, Isolation.SHARED, report.vram_mb // parts, price // parts, 1000 // parts
+                Slice.Kind.SHARED,
+                report.uuid,
+                n,
+                Isolation.SHARED,
+                report.vram_mb // parts,
+                price // parts,
+                1000 // parts,
             )
             for n in range(parts)
         ]
