@@ -69,7 +69,10 @@ class Job(models.Model):
 
     gpu_count = models.PositiveSmallIntegerField(default=1)
     gpu_milli = models.PositiveSmallIntegerField(
-        default=1000, help_text="Thousandths of one GPU; below 1000 only for one shared or MIG GPU."
+        null=True,
+        blank=True,
+        help_text="Smallest share of one GPU a shared or MIG job needs, in thousandths; empty means any slice "
+        "of its isolation level (a whole GPU for gpu and node jobs). Below 1000 only for a one-GPU job.",
     )
     gpu_models = models.JSONField(default=list, blank=True, help_text="Empty means any model.")
     min_vram_gb = models.PositiveIntegerField(default=0)
@@ -104,7 +107,9 @@ class Job(models.Model):
         constraints = [
             models.CheckConstraint(condition=Q(gpu_count__gte=1), name="job_gpu_count_positive"),
             models.CheckConstraint(
-                condition=Q(gpu_milli=1000) | Q(gpu_milli__gte=1, gpu_milli__lt=1000, gpu_count=1),
+                condition=Q(gpu_milli__isnull=True)
+                | Q(gpu_milli=1000)
+                | Q(gpu_milli__gte=1, gpu_milli__lt=1000, gpu_count=1),
                 name="job_gpu_fraction_single",
             ),
         ]

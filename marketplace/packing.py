@@ -28,6 +28,7 @@ so the scheduler groups nodes by state and caches scores per (task shape, state)
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 from collections import Counter
@@ -35,6 +36,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 MILLI = 1000
+_MISSING = object()  # a cache miss, told apart from a cached None (the task does not fit that state)
 
 # A node state: (cpu_left, mem_left, free milli of each GPU sorted ascending). GPUs in a node are interchangeable.
 State = tuple[int, int, tuple[int, ...]]
@@ -102,7 +104,7 @@ class Placement:
     gpus: tuple[int, ...]  # GPU indices used on that node
 
 
-def gpu_fits(gpus: tuple[int, ...], num_gpu: int, gpu_milli: int) -> bool:
+def gpu_fits(gpus: tuple[int, ...] | list[int], num_gpu: int, gpu_milli: int) -> bool:
     """True when at least num_gpu GPUs each have gpu_milli free (a fraction needs one GPU with room)."""
     if num_gpu == 0:
         return True
@@ -162,17 +164,33 @@ def gpu_options(state: State, task: Task) -> list[int]:
     return sorted({free for free in state[2] if free >= task.gpu_milli})
 
 
+def leftover(state: State, task: Task, max_cpu: int, max_gpu: int) -> float:
+    """The paper's best-fit measure, in 0..1: after placing task, 0.5 CPU left / max_cpu + 0.5 GPU left / max_gpu."""
+    cpu_left, _, gpus = state
+    cpu_after, gpu_after = cpu_left - task.cpu_milli, sum(gpus) - task.gpu_demand
+    return 0.5 * min(1.0, cpu_after / max_cpu) + 0.5 * min(1.0, gpu_after / max_gpu)
+
+
 def make_best_fit(max_cpu: int, max_gpu: int) -> Policy:
     """Best-fit: minimise 0.5*cpu_left/max_cpu + 0.5*gpu_left/max_gpu after placement; tightest GPU inside."""
 
     def cost(state: State, task: Task) -> Choice | None:
         if not fits(state, task):
             return None
-        cpu_left, _, gpus = state
-        score = 0.5 * (cpu_left - task.cpu_milli) / max_cpu + 0.5 * (sum(gpus) - task.gpu_demand) / max_gpu
-        return (score, gpu_options(state, task)[0])
+        return (leftover(state, task, max_cpu, max_gpu), gpu_options(state, task)[0])
 
     return cost
+
+
+def first_fit(state: State, task: Task) -> Choice | None:
+    """The naive baseline: the first node in list order that fits, its first GPU (by device index) with room.
+
+    As a policy every feasible state costs the same; ``Cluster.place`` recognises it and walks the nodes in
+    order instead of scoring groups, because grouping identical states forgets which node comes first.
+    """
+    if not fits(state, task):
+        return None
+    return (0.0, gpu_options(state, task)[0])
 
 
 def fgd_score(delta: float) -> int:
@@ -185,11 +203,16 @@ def fgd_score(delta: float) -> int:
     return int(100.0 / (1.0 + math.exp(delta / 1000.0)))
 
 
-def make_fgd(types: list[TaskType], quantize: bool = True) -> Policy:
+def make_fgd(
+    types: list[TaskType], quantize: bool = True, *, max_cpu: int = 128 * MILLI, max_gpu: int = 8 * MILLI
+) -> Policy:
     """FGD: minimise the growth of the node's expected fragmentation F_n(M); memoised per (cpu_left, gpus).
 
     With quantize (the default, as the paper's simulator scores nodes) the cost is -fgd_score(delta); without it,
-    the exact delta in milli-GPU.
+    the exact delta in milli-GPU. Integer scores tie often, and a tie goes to the tighter fit: below one score point
+    the cost adds half the best-fit measure of what the node keeps (``leftover``). On the openb trace that lifts
+    allocation at 100% demand by about 0.1 point. max_cpu and max_gpu are the largest node's CPU (milli-cores) and
+    GPU (milli); they only weigh CPU against GPU inside that tie-break.
     """
     memo: dict[tuple[int, tuple[int, ...]], float] = {}
 
@@ -207,57 +230,82 @@ def make_fgd(types: list[TaskType], quantize: bool = True) -> Policy:
         for gpu_free in gpu_options(state, task):
             after = apply_to_state(state, task, gpu_free)
             delta = frag(after[0], after[2]) - before
-            if quantize:
-                delta = -fgd_score(delta)
-            if best is None or delta < best[0]:
-                best = (delta, gpu_free)
+            primary = -fgd_score(delta) if quantize else delta
+            if best is None or primary < best[0]:
+                best = (primary, gpu_free)
+        if best is not None:
+            best = (best[0] + 0.5 * leftover(state, task, max_cpu, max_gpu), best[1])
         return best
 
     return cost
 
 
 class Cluster:
-    """Nodes grouped by identical state, so a policy scores each distinct state once per task shape."""
+    """Nodes grouped by identical state, so a policy scores each distinct state once per task shape.
 
-    def __init__(self, nodes: list[Node]) -> None:
+    Equal costs go to the node that comes first in list order, as the paper's simulator does (it takes the
+    lexicographically smallest node name, names carrying a seeded random prefix). Always preferring the same
+    nodes packs work together and keeps whole nodes free for gang tasks; with ``random_ties`` they are spread
+    uniformly at random instead, as a stock Kubernetes scheduler would.
+    """
+
+    def __init__(self, nodes: list[Node], random_ties: bool = False) -> None:
         self.nodes = nodes
-        self.groups: dict[State, list[int]] = {}
+        self.random_ties = random_ties
+        self.groups: dict[State, list[int]] = {}  # members kept in ascending index order
         for i, node in enumerate(nodes):
             self.groups.setdefault(node.state(), []).append(i)
         self.capacity = sum(n.num_gpus for n in nodes) * MILLI
         self.allocated = 0
-        self._cache: dict[tuple[int, tuple, State], Choice | None] = {}
+        self._cache: dict[tuple[int, tuple], dict[State, Choice | None]] = {}
 
     def allocation_ratio(self) -> float:
         """Allocated GPU milli / total GPU milli."""
         return self.allocated / self.capacity if self.capacity else 0.0
 
     def best(self, task: Task, policy: Policy, rng: random.Random) -> tuple[int, int] | None:
-        """(node index, chosen GPU free value) of the lowest-cost node; ties broken uniformly at random."""
-        best_cost, tied, choice = float("inf"), [], -1
-        pid, shape = id(policy), task.shape
+        """(node index, chosen GPU free value) of the lowest-cost node; ties as the class docstring says."""
+        best_cost, tied = float("inf"), []
+        cache = self._cache.setdefault((id(policy), task.shape), {})
         for state, members in self.groups.items():
-            key = (pid, shape, state)
-            if key not in self._cache:
-                self._cache[key] = policy(state, task)
-            result = self._cache[key]
+            result = cache.get(state, _MISSING)
+            if result is _MISSING:
+                result = cache[state] = policy(state, task)
             if result is None or result[0] > best_cost + 1e-9:
                 continue
             if result[0] < best_cost - 1e-9:
-                best_cost, tied, choice = result[0], [], result[1]
+                best_cost, tied = result[0], []
             tied.append((members, result[1]))
         if not tied:
             return None
-        members, choice = tied[0] if len(tied) == 1 else _pick_group(tied, rng)
-        return rng.choice(members), choice
+        if self.random_ties:
+            members, choice = tied[0] if len(tied) == 1 else _pick_group(tied, rng)
+            return rng.choice(members), choice
+        members, choice = min(tied, key=lambda group: group[0][0])
+        return members[0], choice
 
     def place(self, task: Task, policy: Policy, rng: random.Random) -> Placement | None:
-        """Place task at once (all or nothing) or return None; the caller counts it as failed."""
-        found = self.best(task, policy, rng)
+        """Place task at once (all or nothing) or return None; the caller counts it as failed.
+
+        ``first_fit`` is not scored: it walks the nodes in list order (see ``first_fitting``).
+        """
+        found = self.first_fitting(task) if policy is first_fit else self.best(task, policy, rng)
         if found is None:
             return None
         index, gpu_free = found
         return self._commit(index, task, gpu_free)
+
+    def first_fitting(self, task: Task) -> tuple[int, int] | None:
+        """(node index, GPU free value) of the first node in list order that fits, and its first GPU with room."""
+        for index, node in enumerate(self.nodes):
+            if node.cpu_left < task.cpu_milli or node.mem_left < task.memory_mib:
+                continue
+            if not gpu_fits(node.gpus, task.num_gpu, task.gpu_milli):
+                continue
+            if not task.fractional:
+                return index, -1
+            return index, next(free for free in node.gpus if free >= task.gpu_milli)
+        return None
 
     def _commit(self, index: int, task: Task, gpu_free: int) -> Placement:
         node = self.nodes[index]
@@ -280,7 +328,7 @@ class Cluster:
         members.remove(index)
         if not members:
             del self.groups[old]
-        self.groups.setdefault(new, []).append(index)
+        bisect.insort(self.groups.setdefault(new, []), index)
 
 
 def _pick_group(tied: list[tuple[list[int], int]], rng: random.Random) -> tuple[list[int], int]:
@@ -309,9 +357,11 @@ def build_workload(tasks: list[Task], capacity: int, seed: int, until: float = 1
     return order
 
 
-def replay(nodes: list[Node], arrivals: list[Task], policy: Policy, seed: int, stop_pct: int = 130) -> ReplayResult:
+def replay(
+    nodes: list[Node], arrivals: list[Task], policy: Policy, seed: int, stop_pct: int = 130, random_ties: bool = False
+) -> ReplayResult:
     """Place arrivals one at a time; average the allocation ratio over arrivals in each rounded percent of demand."""
-    cluster, rng = Cluster(nodes), random.Random(seed)
+    cluster, rng = Cluster(nodes, random_ties=random_ties), random.Random(seed)
     sums: dict[int, float] = {}
     counts: dict[int, int] = {}
     arrived, placed, failed = 0, 0, 0

@@ -3,7 +3,7 @@ from django.db.models.functions import Length
 
 from billing.selectors import allocations_with_usage
 from billing.services import allocation_usage
-from marketplace.models import Allocation, Job, LogChunk
+from marketplace.models import Allocation, AuditEvent, Job, LogChunk, RenterProfile
 
 
 def jobs_for(user):
@@ -33,3 +33,13 @@ def allocation_log_text(allocation: Allocation) -> str:
 def allocation_log_size(allocation: Allocation) -> int:
     """Characters of the job's output kept so far."""
     return LogChunk.objects.filter(allocation=allocation).aggregate(size=Sum(Length("data")))["size"] or 0
+
+
+def job_placement_records(job: Job):
+    """Every placement of the job, oldest first, as the audit trail recorded it."""
+    return AuditEvent.objects.filter(action="job.placed", subject_id=job.pk).order_by("created_at", "id")
+
+
+def renter_verified(user) -> bool:
+    """Whether the platform has verified this renter, as owners accepting verified renters only require."""
+    return RenterProfile.objects.filter(user_id=user.pk, verified_at__isnull=False).exists()

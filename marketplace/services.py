@@ -10,7 +10,7 @@ from marketplace.errors import StateConflict
 from marketplace.models import Allocation, ApiKey, Job, LogChunk
 from marketplace.selectors import allocation_log_size
 from nodes.models import Unit
-from nodes.services import units_capacity_changed
+from nodes.services import unit_reliability_update, units_capacity_changed
 
 API_KEY_KIND = "shs_live"
 REFUSED = "refused:"  # finish reasons of an agent that would not run what it was sent
@@ -66,6 +66,7 @@ def _allocation_release(allocation: Allocation, *, reason: str) -> None:
     ):
         allocation.leases.filter(released_at__isnull=True).update(released_at=now)
         units_capacity_changed([allocation.unit_id])
+        unit_reliability_update(allocation.unit_id, now=now)
         audit_record("allocation.released", allocation.job_id, allocation=str(allocation.pk), reason=reason)
         placement_request()
 

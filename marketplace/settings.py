@@ -162,11 +162,17 @@ LIVENESS_SWEEP_S = env_int("LIVENESS_SWEEP_S", 2)
 UNIT_SUSPECT_AFTER = timedelta(seconds=env_int("UNIT_SUSPECT_AFTER_S", 12))
 UNIT_OFFLINE_AFTER = timedelta(seconds=env_int("UNIT_OFFLINE_AFTER_S", 47))
 JOB_MAX_ATTEMPTS = env_int("JOB_MAX_ATTEMPTS", 3)
+# A placement worker re-reads changed units at most this often while placing job after job.
+PLACEMENT_REFRESH_INTERVAL_S = env_int("PLACEMENT_REFRESH_INTERVAL_MS", 20) / 1000
 # A placement no agent has pulled after this long is released and its job queued again.
 ASSIGNMENT_ACK_TIMEOUT = timedelta(seconds=env_int("ASSIGNMENT_ACK_TIMEOUT_S", 60))
 # An agent that pulled a job this long ago but no longer reports it has lost it.
 AGENT_LOST_GRACE = timedelta(seconds=env_int("AGENT_LOST_GRACE_S", 30))
 ASSIGNMENT_LONG_POLL_MAX_S = env_int("ASSIGNMENT_LONG_POLL_MAX_S", 20)
+# How many reverse proxies in front of the web server append to X-Forwarded-For. The agent's
+# public address (location evidence) is read that many hops from the right; with 0 the header is
+# ignored, because anyone can send it.
+TRUSTED_PROXY_COUNT = env_int("TRUSTED_PROXY_COUNT", 0)
 PLATFORM_FEE_PERCENT = env_int("PLATFORM_FEE_PERCENT", 15)
 CURRENCY = env_str("CURRENCY", "usd")
 

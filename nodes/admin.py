@@ -1,6 +1,18 @@
-from django.contrib import admin
+from django.contrib import admin, messages
 
+from nodes import services
 from nodes.models import GPU, EnrolmentToken, Slice, Unit
+
+LOCATION_EVIDENCE = [
+    "location_verified", "observed_ip", "observed_country", "observed_at",
+    "attested_country", "attested_subdivision", "attested_by", "attested_at",
+]  # fmt: skip
+
+
+OWNER_POLICY = [
+    "price_per_gpu_hour_micros", "isolation_levels", "workload_classes", "renters_accepted",
+    "max_job_duration_s", "availability", "time_zone", "reliability",
+]  # fmt: skip
 
 
 class GPUInline(admin.TabularInline):
@@ -13,12 +25,46 @@ class GPUInline(admin.TabularInline):
 
 @admin.register(Unit)
 class UnitAdmin(admin.ModelAdmin):
-    list_display = ["name", "owner", "country", "status", "last_heartbeat_at", "price_per_gpu_hour_micros"]
-    list_filter = ["status", "country"]
-    search_fields = ["name", "owner__username", "hostname"]
-    readonly_fields = ["id", "credential_lookup", "enrolled_at", "last_heartbeat_at", "agent_version", "hostname"]
+    list_display = [
+        "name", "owner", "country", "subdivision", "location_verified", "observed_country", "status",
+        "last_heartbeat_at", "price_per_gpu_hour_micros", "reliability",
+    ]  # fmt: skip
+    list_filter = ["status", "location_verified", "country"]
+    search_fields = ["name", "owner__username", "hostname", "observed_ip"]
+    readonly_fields = [
+        "id", "credential_lookup", "enrolled_at", "last_heartbeat_at", "agent_version", "hostname",
+        *LOCATION_EVIDENCE, "capacity_version", "capacity_changed_at",
+    ]  # fmt: skip
     exclude = ["credential_digest"]
     inlines = [GPUInline]
+    actions = ["attest_location", "revoke_attestation"]
+
+    def get_readonly_fields(self, request, obj=None):
+        return [*super().get_readonly_fields(request, obj), "reliability"]  # computed from allocations
+
+    def get_fieldsets(self, request, obj=None):
+        """Every field as Django lists them, with the owner's placement policy in its own group."""
+        fields = [f for f in super().get_fieldsets(request, obj)[0][1]["fields"] if f not in OWNER_POLICY]
+        return [(None, {"fields": fields}), ("Owner policy", {"fields": OWNER_POLICY})]
+
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        if change and {"country", "subdivision"} & set(form.changed_data):
+            previous = (str(form.initial.get("country") or ""), form.initial.get("subdivision") or "")
+            services.unit_location_declared(unit=obj, previous=previous, actor=f"user:{request.user.pk}")
+
+    @admin.action(description="Attest declared location", permissions=["change"])
+    def attest_location(self, request, queryset):
+        for unit in queryset:
+            services.unit_location_attest(unit=unit, by=request.user)
+        verified = queryset.filter(location_verified=True).count()
+        self.message_user(request, f"Attested {len(queryset)} unit(s); {verified} verified now.", messages.SUCCESS)
+
+    @admin.action(description="Revoke location attestation", permissions=["change"])
+    def revoke_attestation(self, request, queryset):
+        for unit in queryset:
+            services.unit_location_attestation_revoke(unit=unit, by=request.user)
+        self.message_user(request, f"Revoked the attestation of {len(queryset)} unit(s).", messages.SUCCESS)
 
 
 @admin.register(EnrolmentToken)

@@ -1,10 +1,14 @@
 import uuid
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import F, Q
 from django.utils import timezone
 from django_countries.fields import CountryField
+
+from nodes import availability
 
 
 class Isolation(models.TextChoices):
@@ -47,6 +51,17 @@ def default_workload_classes() -> list[str]:
 class RentersAccepted(models.TextChoices):
     ANY = "any", "Any renter"
     VERIFIED = "verified", "Verified renters only"
+
+
+def _choice_subset(values, choices: type[models.TextChoices]) -> list[str]:
+    """A non-empty list of distinct choice values, in the choices' order; ValueError otherwise."""
+    allowed = list(choices.values)
+    if not isinstance(values, list) or not values:
+        raise ValueError(f"Choose at least one of: {', '.join(allowed)}.")
+    unknown = [repr(v) for v in values if v not in allowed]
+    if unknown:
+        raise ValueError(f"Unknown {', '.join(unknown)}; choose from: {', '.join(allowed)}.")
+    return [v for v in allowed if v in values]
 
 
 class UnitQuerySet(models.QuerySet):
@@ -167,6 +182,27 @@ class Unit(models.Model):
         ]
         super().save(*args, **kwargs)
         Unit.objects.filter(pk=self.pk).update(capacity_version=F("capacity_version") + 1)
+
+    def clean(self):
+        """Check the owner's policy and normalise it in place; the admin and the portal call this."""
+        errors = {}
+        try:
+            self.availability = availability.validate(self.availability)
+        except ValueError as error:
+            errors["availability"] = str(error)
+        for field, choices in (("workload_classes", WorkloadClass), ("isolation_levels", Isolation)):
+            try:
+                setattr(self, field, _choice_subset(getattr(self, field), choices))
+            except ValueError as error:
+                errors[field] = str(error)
+        if self.renters_accepted not in RentersAccepted.values:
+            errors["renters_accepted"] = f"Choose one of: {', '.join(RentersAccepted.values)}."
+        try:
+            ZoneInfo(self.time_zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            errors["time_zone"] = f"{self.time_zone!r} is not an IANA time zone such as Europe/Berlin."
+        if errors:
+            raise ValidationError(errors)
 
 
 class EnrolmentToken(models.Model):

@@ -1,14 +1,18 @@
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
+from django.db.models import Count, F, FloatField, Q, Subquery
+from django.db.models.functions import Cast, Coalesce
 from django.utils import timezone
 
 from marketplace import tokens
 from marketplace.audit import audit_record
 from marketplace.errors import InvalidToken, NotAllowed, TokenExpired, TokenUsed
+from marketplace.limits import REFUSED_FOR_LIMITS
+from marketplace.models import Allocation
+from nodes import geolocation
 from nodes.models import GPU, EnrolmentToken, Isolation, Slice, Unit
 
 ENROLMENT_TOKEN_KIND = "shs_enrol"  # noqa: S105 - a token prefix, not a secret
@@ -69,8 +73,9 @@ def _enrolment_token_find(plaintext: str) -> EnrolmentToken:
 
 
 @transaction.atomic
-def unit_enrol(*, token: str, hostname: str, agent_version: str) -> tuple[Unit, str]:
-    """Trade a one-time enrolment token for the unit's node credential."""
+def unit_enrol(*, token: str, hostname: str, agent_version: str, address: str = "") -> tuple[Unit, str]:
+    """Trade a one-time enrolment token for the unit's node credential. ``address`` is the
+    agent's public address as the server saw it: evidence for the unit's location."""
     found = _enrolment_token_find(token)
     now = timezone.now()
     if found.used_at is not None:
@@ -89,8 +94,13 @@ def unit_enrol(*, token: str, hostname: str, agent_version: str) -> tuple[Unit, 
     unit.enrolled_at = now
     unit.hostname = hostname[:255]
     unit.agent_version = agent_version[:40]
-    unit.save(update_fields=["credential_lookup", "credential_digest", "enrolled_at", "hostname", "agent_version"])
-    audit_record("unit.enrolled", unit.id, actor="agent", hostname=hostname)
+    observed = _address_observe(unit, address, now)
+    unit.save(
+        update_fields=["credential_lookup", "credential_digest", "enrolled_at", "hostname", "agent_version", *observed]
+    )
+    audit_record("unit.enrolled", unit.id, actor="agent", hostname=hostname, address=unit.observed_ip or "")
+    if observed:
+        unit_location_verify(unit=unit, actor="agent")
     return unit, credential.plaintext
 
 
@@ -244,6 +254,29 @@ def unit_policy(unit: Unit) -> dict:
     }
 
 
+POLICY_FIELDS = (
+    "price_per_gpu_hour_micros", "isolation_levels", "workload_classes", "renters_accepted",
+    "max_job_duration_s", "availability",
+)  # fmt: skip
+
+
+@transaction.atomic
+def unit_policy_update(*, unit: Unit, actor: str, **policy) -> Unit:
+    """Change the owner's placement policy: checked by ``Unit.full_clean`` (ValidationError),
+    written alone so a concurrent heartbeat's fields are not overwritten, and announced to
+    placement by a new capacity version. Slice prices follow at the next heartbeat."""
+    unknown = set(policy) - set(POLICY_FIELDS)
+    if unknown:
+        raise TypeError(f"not policy fields: {sorted(unknown)}")
+    for field, value in policy.items():
+        setattr(unit, field, value)
+    unit.full_clean()
+    unit.save(update_fields=list(policy))
+    units_capacity_changed([unit.pk])
+    audit_record("unit.policy_changed", unit.id, actor=actor, **{f: getattr(unit, f) for f in policy})
+    return unit
+
+
 @transaction.atomic
 def unit_heartbeat(
     *,
@@ -252,9 +285,10 @@ def unit_heartbeat(
     agent_version: str = "",
     advertise: list[str] | None = None,
     limits: dict | None = None,
+    address: str = "",
 ) -> bool:
-    """Record that the unit is alive, what it has and what it offers now. Returns whether
-    capacity may have grown."""
+    """Record that the unit is alive, what it has and what it offers now, and the public
+    address it called from. Returns whether capacity may have grown."""
     now = timezone.now()
     was = unit.status
     if was in (Unit.Status.PENDING, Unit.Status.SUSPECT, Unit.Status.OFFLINE):
@@ -268,12 +302,140 @@ def unit_heartbeat(
         unit.limits = limits
         fields.append("limits")
         audit_record("unit.limits_changed", unit.id, actor="agent", limits=limits)
-    unit.save(update_fields=fields)
+    observed = _address_observe(unit, address, now)
+    unit.save(update_fields=fields + observed)
+    was_verified = unit.location_verified
+    if observed:
+        unit_location_verify(unit=unit, actor="agent")
+    became_verified = unit.location_verified and not was_verified
     inventory_changed = _inventory_sync(unit, gpus, None if advertise is None else set(advertise))
     changed = inventory_changed or was != unit.status
     if changed:
         units_capacity_changed([unit.pk])
-    return changed
+    return changed or became_verified
+
+
+def _address_observe(unit: Unit, address: str, now: datetime) -> list[str]:
+    """Take the agent's public address as location evidence; returns the fields it changed.
+
+    Heartbeats arrive thousands of times a second at scale, so the address is looked up only
+    when it differs from the last one. A private or unknown address is no evidence: the
+    observed country becomes "" and verification rests on an attestation alone.
+    """
+    address = geolocation.address_normalise(address)
+    if not address or address == unit.observed_ip:
+        return []
+    country = geolocation.country_of(address)
+    if country != unit.observed_country:
+        audit_record(
+            "unit.location_observed", unit.id, actor="agent", address=address, country=country,
+            previous=unit.observed_country,
+        )  # fmt: skip
+    unit.observed_ip, unit.observed_country, unit.observed_at = address, country, now
+    return ["observed_ip", "observed_country", "observed_at"]
+
+
+def location_attested(unit: Unit) -> bool:
+    """Whether an operator's attestation vouches for the location the unit declares now; a
+    changed declaration leaves the old attestation on record but without effect."""
+    return (
+        unit.attested_at is not None
+        and unit.attested_country == unit.country.code
+        and unit.attested_subdivision == unit.subdivision
+    )
+
+
+def location_mismatch(unit: Unit) -> bool:
+    return bool(unit.observed_country) and unit.observed_country != unit.country.code
+
+
+def location_evidence(unit: Unit) -> list[str]:
+    """What vouches for the declared location now: "address", "attestation", both or neither."""
+    if location_mismatch(unit):
+        return []
+    return [
+        name
+        for name, holds in (("address", bool(unit.observed_country)), ("attestation", location_attested(unit)))
+        if holds
+    ]
+
+
+@transaction.atomic(savepoint=False)  # no savepoint: this runs inside every heartbeat that moves address
+def unit_location_verify(*, unit: Unit, actor: str = "system") -> bool:
+    """Recompute whether the unit's declared location is verified, and return it.
+
+    Verified: the evidence does not contradict the declaration, and either the agent's address
+    is in the declared country or an attestation vouches for the declared country and
+    subdivision. A mismatch unverifies the unit whatever was attested. Placement sees the
+    change at once because the capacity version moves with it.
+    """
+    evidence = location_evidence(unit)
+    verified = bool(evidence)
+    if location_mismatch(unit):
+        audit_record(
+            "unit.location_mismatch", unit.id, actor=actor, declared=unit.country.code,
+            subdivision=unit.subdivision, observed=unit.observed_country, address=unit.observed_ip or "",
+        )  # fmt: skip
+    if verified != unit.location_verified:
+        unit.location_verified = verified
+        Unit.objects.filter(pk=unit.pk).update(location_verified=verified)
+        units_capacity_changed([unit.pk])
+        audit_record(
+            "unit.location_verified" if verified else "unit.location_unverified", unit.id, actor=actor,
+            country=unit.country.code, subdivision=unit.subdivision, evidence=evidence,
+        )  # fmt: skip
+    return verified
+
+
+@transaction.atomic
+def unit_location_declare(*, unit: Unit, country: str, subdivision: str = "", actor: str) -> Unit:
+    """The owner declares where the unit is. An earlier attestation no longer matches a new
+    declaration, so the unit stays verified only if its address agrees."""
+    if subdivision and not subdivision.startswith(f"{country}-"):
+        raise ValueError(f"The subdivision {subdivision} is not in {country}.")
+    previous = (unit.country.code, unit.subdivision)
+    unit.country, unit.subdivision = country, subdivision
+    unit.save(update_fields=["country", "subdivision"])
+    if previous != (country, subdivision):
+        unit_location_declared(unit=unit, previous=previous, actor=actor)
+    return unit
+
+
+def unit_location_declared(*, unit: Unit, previous: tuple[str, str], actor: str) -> None:
+    """After the declared location changed (here or in the admin): audit it and re-verify."""
+    audit_record(
+        "unit.location_declared", unit.id, actor=actor, country=unit.country.code, subdivision=unit.subdivision,
+        previous_country=previous[0], previous_subdivision=previous[1],
+    )  # fmt: skip
+    units_capacity_changed([unit.pk])
+    unit_location_verify(unit=unit, actor=actor)
+
+
+@transaction.atomic
+def unit_location_attest(*, unit: Unit, by) -> Unit:
+    """An operator vouches for the location the unit declares now."""
+    unit.attested_country, unit.attested_subdivision = unit.country.code, unit.subdivision
+    unit.attested_by, unit.attested_at = by, timezone.now()
+    unit.save(update_fields=["attested_country", "attested_subdivision", "attested_by", "attested_at"])
+    audit_record(
+        "unit.location_attested", unit.id, actor=f"user:{by.pk}", country=unit.country.code,
+        subdivision=unit.subdivision,
+    )  # fmt: skip
+    unit_location_verify(unit=unit, actor=f"user:{by.pk}")
+    return unit
+
+
+@transaction.atomic
+def unit_location_attestation_revoke(*, unit: Unit, by) -> Unit:
+    """Withdraw an operator's attestation; the unit stays verified only if its address agrees."""
+    if unit.attested_at is None:
+        return unit
+    revoked = {"country": unit.attested_country, "subdivision": unit.attested_subdivision}
+    unit.attested_country, unit.attested_subdivision, unit.attested_by, unit.attested_at = "", "", None, None
+    unit.save(update_fields=["attested_country", "attested_subdivision", "attested_by", "attested_at"])
+    audit_record("unit.location_attestation_revoked", unit.id, actor=f"user:{by.pk}", **revoked)
+    unit_location_verify(unit=unit, actor=f"user:{by.pk}")
+    return unit
 
 
 def units_capacity_changed(unit_ids) -> None:
@@ -308,3 +470,31 @@ def units_mark_unresponsive(*, now: datetime) -> list[Unit]:
             audit_record("unit.went_offline", unit.id, last_heartbeat=unit.last_heartbeat_at.isoformat())
             gone.append(unit)
     return gone
+
+
+RELIABILITY_WINDOW = timedelta(days=30)
+# Release reasons that mean the unit lost a job it had taken: it went offline, its agent forgot
+# the job or never picked it up, or the owner stopped the agent under it. Every other ending
+# (the job's own exit or timeout, a renter's cancel, a refusal while backyard limits are in
+# force) is the unit keeping its word.
+UNIT_LOST_REASONS = ("unit_offline", "agent_lost", "not_acknowledged", "agent_stopped", "drained")
+_UNIT_LOST = Q(release_reason__in=UNIT_LOST_REASONS) | (
+    Q(release_reason__startswith="refused:") & ~Q(release_reason=REFUSED_FOR_LIMITS)
+)
+
+
+def unit_reliability_update(unit_id, *, now: datetime | None = None) -> None:
+    """Recompute the unit's reliability from its allocations released in the last 30 days, as
+    (kept + 1) / (total + 2) so a new unit starts at 0.5. One UPDATE with the count as a
+    subquery. Leaves the capacity version alone: reliability ranks units, it never makes one
+    more or less able to take a job."""
+    since = (now or timezone.now()) - RELIABILITY_WINDOW
+    total, lost = Count("pk"), Count("pk", filter=_UNIT_LOST)
+    score = (
+        Allocation.objects.filter(unit_id=unit_id, released_at__gte=since)
+        .order_by()
+        .values("unit_id")
+        .annotate(score=(Cast(total - lost, FloatField()) + 1.0) / (Cast(total, FloatField()) + 2.0))
+        .values("score")
+    )
+    Unit.objects.filter(pk=unit_id).update(reliability=Coalesce(Subquery(score), 0.5))

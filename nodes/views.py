@@ -1,9 +1,10 @@
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from nodes import services
-from nodes.forms import UnitRegisterForm
+from nodes.forms import UnitPolicyForm, UnitRegisterForm
 from nodes.models import Unit
 from nodes.selectors import units_for
 
@@ -36,10 +37,13 @@ def _owned_unit(request, unit_id) -> Unit:
     return get_object_or_404(Unit.objects.visible_to(request.user), pk=unit_id)
 
 
-def _unit_page(request, unit: Unit, *, token: str | None = None, status: int = 200):
+def _unit_page(
+    request, unit: Unit, *, token: str | None = None, policy_form: UnitPolicyForm | None = None, status: int = 200
+):
     labels = {"quiet_hours": "quiet hours", "power_budget": "power budget", "thermal": "temperature"}
     context = {
         "unit": unit,
+        "policy_form": policy_form or UnitPolicyForm.for_unit(unit),
         "in_force": [labels.get(name, name) for name in unit.limits.get("in_force", [])],
         "gpus": unit.gpus.filter(present=True),
         "token": token,
@@ -60,3 +64,19 @@ def unit_token_reissue(request, unit_id):
     if unit.status == Unit.Status.RETIRED:
         return redirect("portal:unit_detail", unit_id=unit.pk)
     return _unit_page(request, unit, token=services.enrolment_token_issue(unit=unit))
+
+
+@login_required
+@require_POST
+def unit_policy_edit(request, unit_id):
+    unit = _owned_unit(request, unit_id)
+    form = UnitPolicyForm.for_unit(unit, request.POST)
+    if form.is_valid():
+        try:
+            services.unit_policy_update(unit=unit, actor=f"user:{request.user.pk}", **form.policy())
+        except ValidationError as error:
+            form.add_model_errors(error)
+        else:
+            return redirect("portal:unit_detail", unit_id=unit.pk)
+        unit = _owned_unit(request, unit_id)  # show the stored policy, not the rejected one
+    return _unit_page(request, unit, policy_form=form)

@@ -2,8 +2,17 @@ import pytest
 from django.contrib.auth import get_user_model
 from rest_framework.test import APIClient
 
+from marketplace import placement
 from marketplace.services import api_key_create, job_submit
 from nodes.services import GpuReport, unit_enrol, unit_heartbeat, unit_register
+
+
+@pytest.fixture(autouse=True)
+def placement_view_reset():
+    """Each test starts with a fresh capacity view: the database under it is rolled back."""
+    placement.engine_reset()
+    yield
+    placement.engine_reset()
 
 
 def user_make(username: str, **extra):

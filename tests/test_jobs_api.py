@@ -60,6 +60,49 @@ class TestSubmit:
         assert body["max_price_per_gpu_hour"] is None
         assert body["restartable"] is False
 
+    def test_placement_requirements_are_stored_normalised(self, renter_api):
+        spec = {
+            **JOB_SPEC,
+            "jurisdictions": ["eu+eea+ch", "uk", "de-by"],
+            "require_verified_location": True,
+            "gpu_milli": 250,
+            "isolation": "shared",
+            "min_cuda": "12.02",
+            "workload_class": "inference",
+            "rank": "reliable",
+        }
+
+        body = renter_api.post(JOBS, spec, format="json").json()
+
+        assert body["jurisdictions"] == ["CH", "DE-BY", "EEA", "EU", "GB"]
+        assert (body["require_verified_location"], body["gpu_milli"], body["min_cuda"]) == (True, 250, "12.2")
+        assert (body["workload_class"], body["rank"]) == ("inference", "reliable")
+        job = Job.objects.get(pk=body["id"])
+        assert (job.gpu_milli, job.min_cuda, job.workload_class, job.rank) == (250, "12.2", "inference", "reliable")
+
+    def test_verified_location_without_jurisdictions_means_anywhere_but_verified(self, renter_api):
+        body = renter_api.post(JOBS, {**JOB_SPEC, "require_verified_location": True}, format="json").json()
+
+        assert (body["jurisdictions"], body["require_verified_location"]) == ([], True)
+
+    def test_the_new_requirements_have_defaults(self, renter_api):
+        body = renter_api.post(JOBS, JOB_SPEC, format="json").json()
+
+        assert body["require_verified_location"] is False
+        assert (body["gpu_milli"], body["min_cuda"], body["workload_class"], body["rank"]) == (
+            None,
+            "",
+            "batch",
+            "cheapest",
+        )
+
+    def test_an_unknown_jurisdiction_is_named_in_a_readable_error(self, renter_api):
+        body = problem_of(
+            renter_api.post(JOBS, {**JOB_SPEC, "jurisdictions": ["EU", "XX", "DE-ZZ"]}, format="json"), 400
+        )
+
+        assert "DE-ZZ, XX" in body["errors"]["jurisdictions"][0]
+
     def test_a_trailing_slash_is_accepted(self, renter_api):
         response = renter_api.post(f"{JOBS}/", JOB_SPEC, format="json")
 
@@ -88,6 +131,21 @@ class TestSubmit:
             pytest.param({"max_price_per_gpu_hour": "cheap"}, "max_price_per_gpu_hour", id="price-not-a-number"),
             pytest.param({"jurisdictions": ["XX"]}, "jurisdictions", id="unknown-country"),
             pytest.param({"jurisdictions": "DE"}, "jurisdictions", id="countries-not-a-list"),
+            pytest.param({"jurisdictions": ["DE-ZZ"]}, "jurisdictions", id="unknown-subdivision"),
+            pytest.param({"jurisdictions": ["EU", "EUR"]}, "jurisdictions", id="unknown-named-set"),
+            pytest.param({"jurisdictions": ["EU+"]}, "jurisdictions", id="empty-part"),
+            pytest.param({"jurisdictions": [["DE"]]}, "jurisdictions", id="nested-list"),
+            pytest.param({"require_verified_location": "maybe"}, "require_verified_location", id="verified-not-bool"),
+            pytest.param({"gpu_milli": 0}, "gpu_milli", id="fraction-0"),
+            pytest.param({"gpu_milli": 1001}, "gpu_milli", id="fraction-over-one-gpu"),
+            pytest.param({"gpu_milli": 500}, "gpu_milli", id="fraction-of-an-exclusive-gpu"),
+            pytest.param(
+                {"gpu_milli": 500, "gpu_count": 2, "isolation": "shared"}, "gpu_milli", id="fraction-of-two-gpus"
+            ),
+            pytest.param({"min_cuda": "twelve"}, "min_cuda", id="cuda-not-a-version"),
+            pytest.param({"min_cuda": "12.2.1"}, "min_cuda", id="cuda-with-patch"),
+            pytest.param({"workload_class": "mining"}, "workload_class", id="unknown-workload-class"),
+            pytest.param({"rank": "fastest"}, "rank", id="unknown-rank"),
             pytest.param({"isolation": "vm"}, "isolation", id="unknown-isolation"),
             pytest.param({"min_vram_gb": -1}, "min_vram_gb", id="negative-vram"),
             pytest.param({"max_duration_s": 0}, "max_duration_s", id="zero-duration"),
@@ -151,7 +209,13 @@ class TestRead:
 
         placement = renter_api.get(job_url(job)).json()["placement"]
 
-        assert placement == {"unit_id": str(unit.pk), "country": "DE", "price_per_gpu_hour": "2.000000", "gpu_count": 1}
+        assert placement == {
+            "unit_id": str(unit.pk),
+            "country": "DE",
+            "subdivision": "",
+            "price_per_gpu_hour": "2.000000",
+            "gpu_count": 1,
+        }
 
     def test_another_renters_job_is_a_404(self, renter, stranger_api):
         job = job_make(renter)

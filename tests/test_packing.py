@@ -12,6 +12,14 @@ def cluster(*gpu_counts: int) -> Cluster:
     return Cluster([Node(f"n{i}", 64000, 262144, g) for i, g in enumerate(gpu_counts)])
 
 
+def cluster_of(*free_gpus: list[int]) -> Cluster:
+    """A cluster whose nodes start with the given free milli per GPU (not all GPUs idle)."""
+    nodes = [Node(f"n{i}", 64000, 262144, len(gpus)) for i, gpus in enumerate(free_gpus)]
+    for node, gpus in zip(nodes, free_gpus, strict=True):
+        node.gpus = list(gpus)
+    return Cluster(nodes)
+
+
 def frac(milli: int, cpu: int = 1000) -> Task:
     return Task(cpu, 1024, 1, milli)
 
@@ -75,9 +83,7 @@ def test_fgd_prefers_less_fragmenting_gpu_where_best_fit_differs(quantize):
     # FGD puts it on the full GPU (1000 -> 600), so both GPUs still fit a 600 task: zero fragmentation.
     fgd = packing.make_fgd([TaskType(1000, 1, 600, 1.0)], quantize=quantize)
     for policy, expected in ((BEST_FIT, [200, 1000]), (fgd, [600, 600])):
-        c = Cluster([Node("n0", 64000, 262144, 2)])
-        c.nodes[0].gpus = [600, 1000]
-        c.groups = {c.nodes[0].state(): [0]}
+        c = cluster_of([600, 1000])
         c.place(frac(400), policy, random.Random(0))
         assert sorted(c.nodes[0].gpus) == expected
 
@@ -130,3 +136,46 @@ def test_build_workload_reaches_demand_target():
     arrivals = packing.build_workload(tasks, capacity=4000, seed=1, until=1.3)
     assert sum(t.gpu_demand for t in arrivals) >= 5200
     assert sorted(arrivals[:2], key=lambda t: t.num_gpu * t.gpu_milli) == tasks
+
+
+def test_first_fit_takes_the_first_node_in_list_order_and_its_first_gpu_with_room():
+    c = cluster_of([1000, 300], [1000] * 8, [1000] * 8)  # on node 0, GPU 1 is the tighter fit but GPU 0 comes first
+    rng = random.Random(0)
+
+    assert c.place(frac(200), packing.first_fit, rng) == packing.Placement(0, (0,))
+    assert c.place(whole(4), packing.first_fit, rng) == packing.Placement(1, (0, 1, 2, 3))
+    assert c.place(frac(900), packing.first_fit, rng) == packing.Placement(1, (4,))  # node 0 has 800 and 300 left
+    assert [c.place(whole(1), packing.first_fit, rng).node for _ in range(5)] == [1, 1, 1, 2, 2]
+
+
+def test_first_fit_skips_nodes_short_of_cpu_or_memory_whatever_their_gpus():
+    c = Cluster([Node("small", 2000, 262144, 8), Node("lowmem", 64000, 512, 8), Node("big", 64000, 262144, 8)])
+    assert c.place(Task(4000, 1024, 1, 500), packing.first_fit, random.Random(0)).node == 2
+    assert c.place(Task(64001, 0, 0, 0), packing.first_fit, random.Random(0)) is None
+
+
+def test_first_fit_as_a_plain_policy_scores_every_feasible_state_alike():
+    assert packing.first_fit((64000, 1024, (300, 1000)), frac(200)) == (0.0, 300)
+    assert packing.first_fit((64000, 1024, (300, 1000)), whole(2)) is None
+
+
+def test_equal_costs_go_to_the_node_first_in_list_order():
+    # FGD sees no fragmentation either way, so b and c always tie; the small node cannot take the task at all.
+    c = Cluster([Node("small", 2000, 262144, 8), Node("b", 64000, 262144, 8), Node("c", 64000, 262144, 8)])
+    fgd = packing.make_fgd([TaskType(1000, 1, 1000, 1.0)])
+    rng = random.Random(0)
+    assert [c.place(whole(1, cpu=4000), fgd, rng).node for _ in range(3)] == [1, 1, 1]
+
+
+def test_random_ties_spread_equal_costs_over_the_tied_nodes():
+    c = Cluster([Node(f"n{i}", 64000, 262144, 8) for i in range(4)], random_ties=True)
+    rng = random.Random(1)
+    chosen = {c.best(whole(1), BEST_FIT, rng)[0] for _ in range(40)}
+    assert chosen == {0, 1, 2, 3}
+
+
+def test_fgd_gives_equal_scores_to_the_tighter_fit_before_list_order():
+    # Whole-GPU workload: taking one idle GPU fragments nothing on either node, so both score alike.
+    fgd = packing.make_fgd([TaskType(1000, 1, 1000, 1.0)])
+    c = cluster_of([1000] * 8, [0] * 6 + [1000] * 2)
+    assert c.place(whole(1), fgd, random.Random(0)).node == 1

@@ -261,15 +261,22 @@ class TestWhyPending:
 
 
 class TestUnitHealth:
-    @pytest.mark.parametrize("status", [Unit.Status.SUSPECT, Unit.Status.OFFLINE, Unit.Status.DRAINING])
-    def test_a_unit_that_is_not_online_is_not_used(self, owner, renter, status):
+    @pytest.mark.parametrize(
+        ("status", "reason"),
+        [
+            (Unit.Status.SUSPECT, "unit_offline"),
+            (Unit.Status.OFFLINE, "unit_offline"),
+            (Unit.Status.DRAINING, "unit_draining"),
+        ],
+    )
+    def test_a_unit_that_is_not_online_is_not_used_and_says_why(self, owner, renter, status, reason):
         unit = shed(owner, "sick")
         Unit.objects.filter(pk=unit.pk).update(status=status)
         job = job_make(renter)
 
         assert job_place(job_id=job.pk) is None
 
-        assert pending(job) == {"units_considered": 0, "rejected": {}}
+        assert pending(job) == {"units_considered": 1, "rejected": {reason: 1}}
 
     def test_a_unit_with_a_stale_heartbeat_is_not_used(self, owner, renter):
         unit = shed(owner, "quiet")

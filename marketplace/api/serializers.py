@@ -1,12 +1,12 @@
 import re
 
-from django_countries import countries
 from rest_framework import serializers
 
 from billing.money import from_micros, to_micros
+from marketplace import jurisdictions
 from marketplace.models import Job
 from marketplace.selectors import job_usage
-from nodes.models import Isolation
+from nodes.models import Isolation, WorkloadClass
 
 # An OCI reference: [registry/]name[:tag][@digest], lower-case path components.
 IMAGE_RE = re.compile(
@@ -14,6 +14,7 @@ IMAGE_RE = re.compile(
     r"(/[a-z0-9]+([._-][a-z0-9]+)*)*"  # further path components
     r"(:[\w][\w.-]{0,127})?(@sha256:[a-f0-9]{64})?$"  # tag and digest
 )
+CUDA_RE = re.compile(r"^(?P<major>\d{1,2})(\.(?P<minor>\d{1,2}))?$")
 
 
 class StrictSerializer(serializers.Serializer):
@@ -45,8 +46,30 @@ class JobSubmitSerializer(StrictSerializer):
     )
     isolation = serializers.ChoiceField(choices=Isolation.choices, default=Isolation.GPU)
     jurisdictions = serializers.ListField(
-        child=serializers.CharField(max_length=2), required=False, max_length=250, default=list
+        child=serializers.CharField(max_length=40),
+        required=False,
+        max_length=250,
+        default=list,
+        help_text="ISO 3166-1 countries (DE), ISO 3166-2 subdivisions (DE-BY) and named sets "
+        f"({', '.join(sorted(jurisdictions.NAMED_SETS))}); UK means GB and A+B means both. Empty: anywhere.",
     )
+    require_verified_location = serializers.BooleanField(
+        default=False, help_text="Only units whose declared location is backed by evidence."
+    )
+    gpu_milli = serializers.IntegerField(
+        min_value=1,
+        max_value=1000,
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="Smallest share of one GPU a shared or MIG job needs, in thousandths; below 1000 only with "
+        "gpu_count 1 and isolation shared or mig. Empty: any slice of the isolation level.",
+    )
+    min_cuda = serializers.CharField(
+        max_length=10, required=False, allow_blank=True, default="", help_text="Lowest CUDA version, e.g. 12.2."
+    )
+    workload_class = serializers.ChoiceField(choices=WorkloadClass.choices, default=WorkloadClass.BATCH)
+    rank = serializers.ChoiceField(choices=Job.Rank.choices, default=Job.Rank.CHEAPEST)
     max_duration_s = serializers.IntegerField(min_value=1, max_value=30 * 24 * 3600, default=3600)
     restartable = serializers.BooleanField(default=False)
     network_egress = serializers.BooleanField(default=False)
@@ -61,11 +84,32 @@ class JobSubmitSerializer(StrictSerializer):
         return sorted({model.strip().upper() for model in value if model.strip()})
 
     def validate_jurisdictions(self, value: list[str]) -> list[str]:
-        codes = sorted({code.strip().upper() for code in value})
-        unknown = [code for code in codes if code not in countries]
-        if unknown:
-            raise serializers.ValidationError(f"Unknown ISO 3166-1 country codes: {', '.join(unknown)}.")
-        return codes
+        try:
+            return jurisdictions.normalise(value)
+        except ValueError as error:
+            raise serializers.ValidationError(str(error)) from None
+
+    def validate_min_cuda(self, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return ""
+        match = CUDA_RE.match(value)
+        if not match:
+            raise serializers.ValidationError("Not a CUDA version; use MAJOR.MINOR, e.g. 12.2.")
+        return f"{int(match['major'])}.{int(match['minor'] or 0)}"
+
+    def validate(self, data: dict) -> dict:
+        fraction = data.get("gpu_milli")
+        shareable = (Isolation.SHARED, Isolation.MIG)
+        if (
+            fraction is not None
+            and fraction < 1000
+            and (data.get("gpu_count", 1) != 1 or data.get("isolation") not in shareable)
+        ):
+            raise serializers.ValidationError(
+                {"gpu_milli": "A fraction of a GPU needs gpu_count 1 and isolation shared or mig."}
+            )
+        return data
 
     def to_spec(self) -> dict:
         data = dict(self.validated_data)
@@ -77,6 +121,7 @@ class JobSubmitSerializer(StrictSerializer):
 class JobPlacementSerializer(serializers.Serializer):
     unit_id = serializers.UUIDField(source="unit.id")
     country = serializers.CharField(source="unit.country.code")
+    subdivision = serializers.CharField(source="unit.subdivision")
     price_per_gpu_hour = serializers.SerializerMethodField()
     gpu_count = serializers.IntegerField()
 
@@ -93,7 +138,8 @@ class JobSerializer(serializers.ModelSerializer):
         model = Job
         fields = [
             "id", "name", "state", "image", "command", "gpu_count", "gpu_models", "min_vram_gb",
-            "max_price_per_gpu_hour", "isolation", "jurisdictions", "max_duration_s", "restartable",
+            "max_price_per_gpu_hour", "isolation", "jurisdictions", "require_verified_location",
+            "gpu_milli", "min_cuda", "workload_class", "rank", "max_duration_s", "restartable",
             "network_egress", "sandboxed",
             "attempts", "exit_code", "failure_reason", "pending_reason", "placement", "usage",
             "created_at", "placed_at", "started_at", "finished_at",
@@ -115,3 +161,21 @@ class JobSerializer(serializers.ModelSerializer):
     def get_usage(self, job) -> dict:
         gpu_ms, cost = job_usage(job)
         return {"gpu_seconds": round(gpu_ms / 1000, 3), "cost": str(from_micros(cost))}
+
+
+class PlacementRecordSerializer(serializers.Serializer):
+    """One ``job.placed`` audit event: where the job went and which rules allowed it."""
+
+    placed_at = serializers.DateTimeField(source="created_at")
+    allocation_id = serializers.UUIDField(source="data.allocation", allow_null=True)
+    unit_id = serializers.UUIDField(source="data.unit", allow_null=True)
+    country = serializers.CharField(source="data.country", default="")
+    subdivision = serializers.CharField(source="data.subdivision", default="")
+    price_per_gpu_hour = serializers.SerializerMethodField()
+    policy = serializers.JSONField(
+        source="data.policy", default=dict, help_text="Each rule of the job and the owner's policy that held."
+    )
+
+    def get_price_per_gpu_hour(self, event) -> str | None:
+        micros = event.data.get("price_per_gpu_hour_micros")
+        return None if micros is None else str(from_micros(micros))

@@ -8,11 +8,23 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from billing.services import SampleReport, usage_record
+from marketplace import jurisdictions
 from marketplace import services as market
 from marketplace.models import Allocation
 from nodes import services
 from nodes.api import serializers as s
 from nodes.api.auth import IsUnitAgent, NodeCredentialAuthentication
+
+
+def client_address(request) -> str:
+    """The address the caller connected from. Behind TRUSTED_PROXY_COUNT proxies it is the
+    entry that many hops from the right of X-Forwarded-For: the hops left of it were written by
+    the caller and prove nothing."""
+    hops = settings.TRUSTED_PROXY_COUNT
+    if hops > 0:
+        forwarded = [hop.strip() for hop in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",") if hop.strip()]
+        return forwarded[-hops] if len(forwarded) >= hops else ""
+    return request.META.get("REMOTE_ADDR", "")
 
 
 class EnrolView(APIView):
@@ -27,6 +39,7 @@ class EnrolView(APIView):
             token=data.validated_data["token"],
             hostname=data.validated_data["hostname"],
             agent_version=data.validated_data["agent_version"],
+            address=client_address(request),
         )
         body = {"unit_id": unit.pk, "credential": credential, "heartbeat_interval_s": settings.HEARTBEAT_INTERVAL_S}
         return Response(s.EnrolResultSerializer(body).data, status=status.HTTP_201_CREATED)
@@ -63,6 +76,7 @@ class HeartbeatView(AgentView):
             agent_version=beat["agent_version"],
             advertise=beat["advertise"],
             limits=beat["limits"],
+            address=client_address(request),
         ):
             market.placement_request()
         running = beat["running"]
@@ -98,7 +112,8 @@ def assignment_body(allocation: Allocation) -> dict:
             "gpu_count": allocation.gpu_count,
             "max_duration_s": job.max_duration_s,
             "isolation": job.isolation,
-            "allowed_countries": job.jurisdictions,
+            # The agent checks its own country before it starts; it knows countries only.
+            "allowed_countries": jurisdictions.countries_of(job.jurisdictions),
             "network_egress": job.network_egress,
             "sandboxed": job.sandboxed,
         },

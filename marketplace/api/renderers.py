@@ -1,0 +1,39 @@
+import csv
+import io
+import json
+
+from rest_framework.renderers import BaseRenderer, JSONRenderer
+
+
+def _flatten(record: dict, prefix: str = "") -> dict:
+    """Nested objects become dotted columns (policy.jurisdiction.matched); lists stay JSON."""
+    flat = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, list) else value
+    return flat
+
+
+class CsvRenderer(BaseRenderer):
+    """A list of records as CSV, one row each, for ``?format=csv`` or ``Accept: text/csv``.
+
+    An error is not a list: it is rendered as the JSON problem document it already is.
+    """
+
+    media_type = "text/csv"
+    format = "csv"
+    charset = "utf-8"
+
+    def render(self, data, accepted_media_type=None, renderer_context=None):
+        if not isinstance(data, list):
+            return JSONRenderer().render(data, accepted_media_type, renderer_context)
+        rows = [_flatten(record) for record in data]
+        columns = list(dict.fromkeys(column for row in rows for column in row))
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return out.getvalue().encode(self.charset)
