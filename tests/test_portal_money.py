@@ -73,4 +73,4 @@ def test_a_queued_job_says_in_words_why_it_waits(client, owner, renter):
 
     page = client.get("/portal/jobs/").content.decode()
 
-    assert "0 of 2 units fit: 1 outside the allowed countries, 1 above the price cap" in page
+    assert "0 of 2 units fit: 1 outside the allowed jurisdictions, 1 above the price cap" in page

@@ -5,6 +5,7 @@ from rest_framework import serializers
 from billing.money import from_micros, to_micros
 from marketplace import jurisdictions
 from marketplace.models import Job
+from marketplace.pending import pending_summary
 from marketplace.selectors import job_usage
 from nodes.models import Isolation, WorkloadClass
 
@@ -131,6 +132,11 @@ class JobPlacementSerializer(serializers.Serializer):
 
 class JobSerializer(serializers.ModelSerializer):
     max_price_per_gpu_hour = serializers.SerializerMethodField()
+    pending_reason = serializers.JSONField(
+        help_text='For a queued job, the last placement pass counted over all units: {"units_considered": 412, '
+        '"rejected": {"jurisdiction": 301, "price_cap": 77, "vram": 34}}. Empty once placed.'
+    )
+    pending_summary = serializers.SerializerMethodField()
     placement = serializers.SerializerMethodField()
     usage = serializers.SerializerMethodField()
 
@@ -141,7 +147,7 @@ class JobSerializer(serializers.ModelSerializer):
             "max_price_per_gpu_hour", "isolation", "jurisdictions", "require_verified_location",
             "gpu_milli", "min_cuda", "workload_class", "rank", "max_duration_s", "restartable",
             "network_egress", "sandboxed",
-            "attempts", "exit_code", "failure_reason", "pending_reason", "placement", "usage",
+            "attempts", "exit_code", "failure_reason", "pending_reason", "pending_summary", "placement", "usage",
             "created_at", "placed_at", "started_at", "finished_at",
         ]  # fmt: skip
         read_only_fields = fields
@@ -149,6 +155,12 @@ class JobSerializer(serializers.ModelSerializer):
     def get_max_price_per_gpu_hour(self, job) -> str | None:
         micros = job.max_price_per_gpu_hour_micros
         return None if micros is None else str(from_micros(micros))
+
+    def get_pending_summary(self, job) -> str | None:
+        """The pending reason in words, e.g. "0 of 412 units fit: 301 outside the allowed jurisdictions, …"."""
+        if job.state != Job.State.QUEUED or not job.pending_reason:
+            return None
+        return pending_summary(job.pending_reason)
 
     def _latest_allocation(self, job):
         allocations = list(job.allocations.all())

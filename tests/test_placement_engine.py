@@ -1,0 +1,180 @@
+"""The placement engine's own machinery: the capacity view, versioned claims, the packing policy
+deciding among equals, and signatures that found nothing not being searched again."""
+
+from unittest import mock
+
+from django.utils import timezone
+
+from marketplace import placement
+from marketplace.models import Allocation, Job, Lease
+from marketplace.placement import Engine, job_place
+from marketplace.services import allocation_finish
+from nodes.models import Unit
+from nodes.services import units_capacity_changed
+from tests.conftest import job_make, renter_client, unit_online
+
+
+def shed(owner, name: str, **kwargs) -> Unit:
+    unit, _ = unit_online(owner, name=name, **kwargs)
+    return unit
+
+
+def free_slices(unit: Unit) -> int:
+    leased = Lease.objects.filter(slice__unit=unit, released_at__isnull=True).count()
+    return unit.slices.filter(advertised=True).count() - leased
+
+
+class TestPackingPolicy:
+    def test_among_equal_prices_the_packing_policy_keeps_room_for_the_workload(self, owner, renter):
+        """With two-GPU jobs in the mix, a two-GPU job goes where it leaves two GPUs together
+        (fragmentation gradient descent), not where it would leave one stranded (best fit)."""
+        three = shed(owner, "three", gpus=3)
+        four = shed(owner, "four", gpus=4)
+        jobs = [job_make(renter, gpu_count=2) for _ in range(5)]  # the recent workload: pairs
+
+        allocation = job_place(job_id=jobs[0].pk)
+
+        assert allocation.unit == four
+        assert (free_slices(three), free_slices(four)) == (3, 2)
+
+    def test_a_single_gpu_job_goes_where_nothing_is_left_stranded(self, owner, renter):
+        """One free GPU on a unit can take a one-GPU job without leaving anything unusable."""
+        roomy = shed(owner, "roomy", gpus=4)
+        snug = shed(owner, "snug", gpus=3)
+        pair = job_place(job_id=job_make(renter, gpu_count=2).pk)
+        assert pair.unit == roomy  # 4 -> 2 keeps a pair; 3 -> 1 would strand one
+        for _ in range(4):
+            job_make(renter, gpu_count=2)  # pairs are the workload the policy plans for
+
+        single = job_place(job_id=job_make(renter).pk)
+
+        # Taking one of snug's three leaves a pair; taking one of roomy's two would strand one.
+        assert single.unit == snug
+
+
+class TestCapacityView:
+    def test_a_claim_on_a_stale_view_loses_cleanly_and_tries_elsewhere(self, owner, renter):
+        first = shed(owner, "first", gpus=1, price_per_gpu_hour_micros=1_000_000)
+        second = shed(owner, "second", gpus=1, price_per_gpu_hour_micros=2_000_000)
+        engine = placement.engine()
+        engine.view.refresh()
+        # Another worker leases the cheap unit's only GPU behind this worker's view.
+        rival = Engine()
+        rival.view.refresh()
+        taken = rival.place(job_make(renter), placement.Pass())
+        assert taken.unit == first
+        job = job_make(renter)
+
+        allocation = engine.place(job, placement.Pass())
+
+        assert allocation.unit == second
+        assert Lease.objects.filter(released_at__isnull=True).count() == 2
+
+    def test_a_policy_change_reaches_placement_at_once(self, owner, renter):
+        unit = shed(owner, "picky", gpus=2)
+        assert job_place(job_id=job_make(renter).pk) is not None
+        unit.refresh_from_db()
+        unit.workload_classes = ["inference"]
+        unit.save()  # a full save, as the admin and the portal do
+
+        job = job_make(renter, workload_class="training")
+
+        assert job_place(job_id=job.pk) is None
+        job.refresh_from_db()
+        assert job.pending_reason == {"units_considered": 1, "rejected": {"workload_class": 1}}
+
+    def test_a_freed_slice_is_seen_by_the_next_pass(self, owner, renter):
+        unit = shed(owner, "single", gpus=1)
+        first = job_place(job_id=job_make(renter).pk)
+        waiting = job_make(renter)
+        assert job_place(job_id=waiting.pk) is None
+
+        allocation_finish(allocation=first, exit_code=0, reason="")
+
+        assert placement.placement_pass(limit=10) == 1
+        assert Allocation.objects.get(job=waiting, released_at__isnull=True).unit == unit
+
+    def test_a_retired_unit_leaves_the_view(self, owner, renter):
+        unit = shed(owner, "old")
+        placement.engine().view.refresh()
+        Unit.objects.filter(pk=unit.pk).update(status=Unit.Status.RETIRED)
+        units_capacity_changed([unit.pk])
+        job = job_make(renter)
+
+        assert job_place(job_id=job.pk) is None
+
+        job.refresh_from_db()
+        assert job.pending_reason == {"units_considered": 0, "rejected": {}}
+
+
+class TestSignatureCache:
+    def test_an_identical_job_is_not_searched_for_again_until_capacity_grows(self, owner, renter):
+        shed(owner, "small", gpus=2)
+        first = job_make(renter, gpu_count=4)
+        assert job_place(job_id=first.pk) is None
+        twin = job_make(renter, gpu_count=4)
+
+        with mock.patch.object(Engine, "candidates", autospec=True, side_effect=Engine.candidates) as search:
+            assert job_place(job_id=twin.pk) is None
+            assert search.call_count == 0
+            twin.refresh_from_db()
+            assert twin.pending_reason == {"units_considered": 1, "rejected": {"capacity": 1}}
+
+            shed(owner, "big", gpus=4)  # capacity grew
+            allocation = job_place(job_id=twin.pk)
+
+        assert search.call_count == 1
+        assert allocation is not None and allocation.unit.name == "big"
+
+    def test_a_different_signature_is_searched(self, owner, renter):
+        shed(owner, "small", gpus=2)
+        assert job_place(job_id=job_make(renter, gpu_count=4).pk) is None
+
+        assert job_place(job_id=job_make(renter, gpu_count=2).pk) is not None
+
+
+class TestResidencyEvidence:
+    def test_a_subdivision_job_needing_verification_needs_the_subdivision_attested(self, owner, renter, staff):
+        unit = shed(owner, "munich", gpus=2)
+        Unit.objects.filter(pk=unit.pk).update(subdivision="DE-BY", location_verified=True)
+        units_capacity_changed([unit.pk])
+        job = job_make(renter, jurisdictions=["DE-BY"], require_verified_location=True)
+
+        assert job_place(job_id=job.pk) is None
+        job.refresh_from_db()
+        assert job.pending_reason["rejected"] == {"location_unverified": 1}
+
+        Unit.objects.filter(pk=unit.pk).update(
+            attested_country="DE", attested_subdivision="DE-BY", attested_by=staff, attested_at=timezone.now()
+        )
+        units_capacity_changed([unit.pk])
+
+        assert job_place(job_id=job.pk).unit == unit
+
+    def test_a_country_job_needing_verification_takes_address_evidence(self, owner, renter):
+        unit = shed(owner, "munich", gpus=2)
+        Unit.objects.filter(pk=unit.pk).update(subdivision="DE-BY", location_verified=True)
+        units_capacity_changed([unit.pk])
+
+        allocation = job_place(job_id=job_make(renter, jurisdictions=["EU"], require_verified_location=True).pk)
+
+        assert allocation.unit == unit
+
+
+class TestWhyPendingInWords:
+    def test_the_api_says_why_in_a_sentence(self, owner, renter):
+        shed(owner, "paris", country="FR")
+        shed(owner, "berlin", country="DE", price_per_gpu_hour_micros=5_000_000)
+        api = renter_client(renter)
+        job_id = api.post(
+            "/api/v1/jobs",
+            {"image": "busybox", "command": ["true"], "jurisdictions": ["DE"], "max_price_per_gpu_hour": "4"},
+            format="json",
+        ).json()["id"]
+        job_place(job_id=job_id)
+
+        body = api.get(f"/api/v1/jobs/{job_id}").json()
+
+        assert body["state"] == Job.State.QUEUED
+        assert body["pending_reason"] == {"units_considered": 2, "rejected": {"jurisdiction": 1, "price_cap": 1}}
+        assert body["pending_summary"] == "0 of 2 units fit: 1 outside the allowed jurisdictions, 1 above the price cap"
