@@ -63,6 +63,7 @@ class Job(models.Model):
     name = models.CharField(max_length=120, blank=True)
     image = models.CharField(max_length=255)
     command = models.JSONField(help_text="argv list")
+
     class Rank(models.TextChoices):
         CHEAPEST = "cheapest"
         RELIABLE = "reliable"

@@ -25,7 +25,7 @@ REASONS = {
 
 
 def pending_summary(reason: dict | None) -> str:
-    """"0 of 3 units fit: 2 outside the allowed jurisdictions, 1 above the price cap"."""
+    """ "0 of 3 units fit: 2 outside the allowed jurisdictions, 1 above the price cap"."""
     reason = reason or {}
     # Most common reason first; names break ties, since PostgreSQL's jsonb does not keep key order.
     rejected = sorted((reason.get("rejected") or {}).items(), key=lambda item: (-item[1], item[0]))

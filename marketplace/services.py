@@ -19,9 +19,7 @@ REFUSED = "refused:"  # finish reasons of an agent that would not run what it wa
 def api_key_create(*, user, name: str, expires_at: datetime | None = None) -> tuple[ApiKey, str]:
     """Create an API key; the plaintext is returned once and never stored."""
     issued = tokens.token_issue(API_KEY_KIND)
-    key = ApiKey.objects.create(
-        user=user, name=name, lookup=issued.lookup, digest=issued.digest, expires_at=expires_at
-    )
+    key = ApiKey.objects.create(user=user, name=name, lookup=issued.lookup, digest=issued.digest, expires_at=expires_at)
     return key, issued.plaintext
 
 

@@ -91,9 +91,7 @@ def _database(url: str) -> dict:
     return config
 
 
-DATABASES = {
-    "default": _database(env_str("DATABASE_URL", f"sqlite:///{DATA_DIR / 'shedshare.sqlite3'}"))
-}
+DATABASES = {"default": _database(env_str("DATABASE_URL", f"sqlite:///{DATA_DIR / 'shedshare.sqlite3'}"))}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [

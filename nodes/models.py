@@ -158,9 +158,7 @@ class Unit(models.Model):
     class Meta:
         ordering = ["created_at"]
         constraints = [
-            models.CheckConstraint(
-                condition=Q(price_per_gpu_hour_micros__gte=0), name="unit_price_not_negative"
-            ),
+            models.CheckConstraint(condition=Q(price_per_gpu_hour_micros__gte=0), name="unit_price_not_negative"),
             models.CheckConstraint(
                 condition=Q(thermal_resume_c__lt=F("thermal_stop_c")), name="unit_thermal_hysteresis"
             ),
@@ -266,9 +264,7 @@ class Slice(models.Model):
     class Meta:
         ordering = ["unit", "gpu__index"]
         constraints = [
-            models.UniqueConstraint(
-                fields=["gpu", "kind", "device_uuid", "share_index"], name="slice_unique_per_gpu"
-            ),
+            models.UniqueConstraint(fields=["gpu", "kind", "device_uuid", "share_index"], name="slice_unique_per_gpu"),
         ]
 
     def __str__(self) -> str:

@@ -43,7 +43,11 @@ class HeartbeatSerializer(serializers.Serializer):
     running = serializers.ListField(child=serializers.UUIDField(), required=False, default=list, max_length=64)
     agent_version = serializers.CharField(max_length=40, required=False, allow_blank=True, default="")
     advertise = serializers.ListField(
-        child=serializers.CharField(max_length=80), required=False, allow_null=True, default=None, max_length=64,
+        child=serializers.CharField(max_length=80),
+        required=False,
+        allow_null=True,
+        default=None,
+        max_length=64,
         help_text="GPU uuids the agent takes new work on now; omitted or null means every healthy GPU.",
     )
     limits = serializers.DictField(required=False, allow_null=True, default=None, help_text="Backyard limits in force.")

@@ -19,7 +19,7 @@ class FakeContainer:
 
     def start(self) -> None:
         if self.engine.fail_start:
-            raise APIError("could not select device driver \"nvidia\"")
+            raise APIError('could not select device driver "nvidia"')
         self.status = "running"
 
     def reload(self) -> None:
