@@ -6,11 +6,13 @@ Model (as in Weng et al., "Beware of Fragmentation", USENIX ATC'23):
 * a task asks either for a fraction of one GPU (``num_gpu == 1`` and ``gpu_milli < 1000``; several fractional
   tasks may share a GPU), for ``k`` whole GPUs on one node (gang: all or nothing), or for no GPU at all.
 
-Policies score a (node state, task) pair; lower cost wins. Two are provided:
+Policies score a (node state, task) pair; lower cost wins. Three are provided:
 
-* ``best_fit`` — the paper's Best-fit baseline: least remaining (CPU, GPU) after placement, each normalised by the
-  largest node, weighted 0.5/0.5; inside a node a fractional task goes on the tightest GPU that fits.
-* ``fgd`` — Fragmentation Gradient Descent: place the task where the node's *expected fragmentation* grows least.
+* ``make_fgd`` — Fragmentation Gradient Descent, the policy placement uses: place the task where the node's
+  *expected fragmentation* grows least; equal scores go to the tighter fit (best-fit's measure, ``leftover``).
+* ``make_best_fit`` — the paper's Best-fit baseline: least remaining (CPU, GPU) after placement, each normalised by
+  the largest node, weighted 0.5/0.5; inside a node a fractional task goes on the tightest GPU that fits.
+* ``first_fit`` — the naive baseline: the first node in list order that fits.
 
 Expected fragmentation of a node n (the paper's F_n(M)) for a workload M of task types m with popularity p_m::
 
@@ -141,10 +143,12 @@ def node_fragmentation(cpu_left: int, gpus: tuple[int, ...], types: Iterable[Tas
     return sum(tt.weight * task_fragmentation(cpu_left, gpus, tt) for tt in types)
 
 
-def typical_task_types(tasks: Iterable[Task], threshold: float = 1.0) -> list[TaskType]:
+def typical_task_types(tasks: Iterable[Task], threshold: float = 0.95) -> list[TaskType]:
     """Task-type popularity from the workload, most popular first, keeping types covering `threshold` of tasks.
 
-    Types are keyed by (cpu, num_gpu, gpu_milli), as the paper's simulator does; weights are renormalised to 1.
+    Types are keyed by (cpu, num_gpu, gpu_milli) and cut at 95% of tasks, as the paper's simulator does; weights
+    are renormalised to 1. The cut matters: on the openb trace 90% or 99% of tasks cost 0.1 to 0.4 points of
+    allocation against 95%, because rare shapes then either vanish or pull equal scores apart.
     """
     counts = Counter((t.cpu_milli, t.num_gpu, t.gpu_milli) for t in tasks)
     total = sum(counts.values())
@@ -197,8 +201,8 @@ def fgd_score(delta: float) -> int:
     """The paper simulator's node score for a fragmentation change: int(100 * sigmoid(-delta / 1000)), in 0..100.
 
     Integer scores make near-equal placements tie (about 40 milli of resolution near 0; large gains or losses
-    saturate at 100 / 0) and ties are then broken at random, as the Kubernetes scheduler does. On the openb trace
-    this spreads load better than the exact argmin (about +0.5 points of allocation at 100% arrived demand).
+    saturate at 100 / 0), and the tie-break then packs (see ``make_fgd`` and ``Cluster``). That beats the exact
+    argmin on the openb trace, and this resolution is a sweet spot: 35, 70 or 200 steps lose 0.3 to 0.7 points.
     """
     return int(100.0 / (1.0 + math.exp(delta / 1000.0)))
 

@@ -48,6 +48,9 @@ GANGS = [(1, 55), (2, 20), (4, 15), (8, 10)]
 HEARTBEAT_EVERY_S = 4.0
 
 
+HELP = "Placement throughput (a backlog, N workers) or submit-to-placed latency at a fixed rate, on PostgreSQL."
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--mode", choices=["throughput", "latency"], default="throughput")
     parser.add_argument("--units", type=int, default=10_000)
@@ -62,7 +65,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--keep-database", action="store_true", help="leave the scratch database for inspection")
 
 
-def run(options: dict) -> dict:
+def run(**options) -> dict:
     if connection.vendor != "postgresql":
         raise CommandError("bench placement needs PostgreSQL: set DATABASE_URL to a PostgreSQL server.")
     if options["units"] < 1 or options["workers"] < 1:

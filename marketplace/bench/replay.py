@@ -54,15 +54,18 @@ def make_policy(name: str, nodes: list[packing.Node], tasks: list[packing.Task])
     """The production FGD policy built from the trace's own task mix, or a baseline."""
     if name == "first_fit":
         return packing.first_fit
+    largest = {"max_cpu": max(n.cpu_milli for n in nodes), "max_gpu": max(n.num_gpus for n in nodes) * packing.MILLI}
     if name == "best_fit":
-        return packing.make_best_fit(max(n.cpu_milli for n in nodes), max(n.num_gpus for n in nodes) * packing.MILLI)
-    return packing.make_fgd(packing.typical_task_types(tasks))
+        return packing.make_best_fit(**largest)
+    return packing.make_fgd(packing.typical_task_types(tasks), **largest)
 
 
 def node_order(nodes: list[packing.Node], policy_name: str, seed: int) -> list[packing.Node]:
-    """First-fit walks the trace's node order. Scored policies give ties to the node first in list order, and the
-    paper's simulator ranks nodes by a seeded random permutation (a random prefix on each node name), so they get
-    a seeded shuffle of the trace's order."""
+    """The trace's node order for first-fit; a seeded shuffle of it for scored policies.
+
+    Scored policies give ties to the node first in list order, and the paper's simulator ranks nodes by a seeded
+    random permutation (a random prefix on each node name), so the replay does the same.
+    """
     if policy_name == "first_fit":
         return nodes
     shuffled = list(nodes)

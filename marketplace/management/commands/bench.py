@@ -4,9 +4,9 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
-from marketplace.bench import replay
+from marketplace.bench import placement, replay
 
-BENCHMARKS = {"replay-openb": replay}
+BENCHMARKS = {"placement": placement, "replay-openb": replay}
 
 
 class Command(BaseCommand):
