@@ -17,23 +17,23 @@ Ranking: the job's preference first (cheapest, or most reliable), then the packi
 
 from __future__ import annotations
 
-import heapq
-import itertools
+import json
 import random
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from uuid import UUID
 
+from celery.utils.log import current_process_index
 from django.conf import settings
-from django.db import IntegrityError, connection, transaction
-from django.db.models import F
+from django.db import DatabaseError, IntegrityError, transaction
+from django.db.models import F, Q
 from django.utils import timezone
 
 from marketplace import jurisdictions, packing
-from marketplace.audit import audit_record
 from marketplace.limits import REFUSED_FOR_LIMITS
 from marketplace.models import Allocation, AuditEvent, Job, Lease, RenterProfile
 from nodes import availability
@@ -46,6 +46,8 @@ REFRESH_OVERLAP = timedelta(seconds=1)
 REBUILD_AFTER_S = 60.0
 # How many other units to try when claims keep losing races, before leaving the job queued.
 CLAIM_TRIES = 8
+# How many queued jobs a pass decides for and claims in one transaction.
+PASS_BATCH = 50
 # How long a signature that found nothing is believed, even if no capacity changed (windows open).
 NOTHING_FOUND_TTL_S = 30.0
 # How long a unit whose heartbeats stopped is skipped before it is tried again.
@@ -116,7 +118,13 @@ class Group:
     id: int
     profile: Profile
     profile_id: int
+    shards: int
+    price: int | None  # the cheapest free slice on its units; None when nothing is free
     members: dict[UUID, None] = field(default_factory=dict)  # an ordered set
+    by_shard: list[dict[UUID, None]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.by_shard = [{} for _ in range(self.shards)]
 
 
 @dataclass(frozen=True)
@@ -159,16 +167,19 @@ def signature(job: Job) -> tuple:
 class CapacityView:
     """The placement worker's picture of every enrolled unit, grouped by key."""
 
-    def __init__(self) -> None:
+    def __init__(self, shards: int = 1) -> None:
+        self.shards = shards
         self.units: dict[UUID, UnitState] = {}
         # Groups and profiles get small integer ids, so judging a job against every group is a
         # loop of cheap lookups rather than hashing whole keys.
         self.group_by_key: dict[tuple, Group] = {}
         self.groups: dict[int, Group] = {}  # the groups that have members
+        self.buckets: dict[int, dict[int, Group]] = {}  # the same with free slices, by cheapest price
         self.group_of: dict[UUID, Group] = {}
         self.profile_ids: dict[Profile, int] = {}
         self.signature_ids: dict[tuple, int] = {}
         self.refreshed_at: datetime | None = None
+        self.doubtful: set[UUID] = set()  # units to read again at the next refresh
         self.refreshed_mono = 0.0
         self.built_at = 0.0
         self.epoch = 0  # bumped when capacity may have grown, so failed signatures are retried
@@ -192,9 +203,10 @@ class CapacityView:
         rows = Unit.objects.filter(capacity_changed_at__gte=self.refreshed_at - REFRESH_OVERLAP).values_list(
             "id", "capacity_version"
         )
-        changed = [unit_id for unit_id, version in rows if self._version(unit_id) != version]
+        changed = {unit_id for unit_id, version in rows if self._version(unit_id) != version} | self.doubtful
+        self.doubtful = set()
         if changed:
-            self._load(changed)
+            self._load(sorted(changed))
         self.refreshed_at = started
         self.refreshed_mono = time.monotonic()
 
@@ -203,6 +215,7 @@ class CapacityView:
         self.units.clear()
         self.group_by_key.clear()
         self.groups.clear()
+        self.buckets.clear()
         self.group_of.clear()
         self.profile_ids.clear()
         self.signature_ids.clear()
@@ -223,13 +236,21 @@ class CapacityView:
     def _load(self, unit_ids: list | None) -> None:
         """Read units (all when unit_ids is None) with their free slices and put them in the view."""
         for chunk in _chunks(unit_ids):
-            units = Unit.objects.filter(status__in=PLACEABLE)
-            slices = Slice.objects.filter(advertised=True, gpu__present=True, gpu__healthy=True)
-            leases = Lease.objects.filter(released_at__isnull=True)
+            units = Unit.objects.filter(status__in=PLACEABLE).order_by()
+            slices = Slice.objects.order_by()
+            leases = Lease.objects.filter(released_at__isnull=True).order_by()
             if chunk is not None:
                 units = units.filter(pk__in=chunk)
                 slices = slices.filter(unit_id__in=chunk)
-                leases = leases.filter(slice__unit_id__in=chunk)
+            rows = list(
+                slices.values_list(
+                    "id", "unit_id", "gpu_id", "gpu__model", "gpu__cuda_version", "kind", "isolation", "vram_mb",
+                    "price_per_gpu_hour_micros", "milli", "advertised", "gpu__present", "gpu__healthy",
+                )
+            )  # fmt: skip
+            if chunk is not None:
+                # By slice, so the partial unique index on active leases answers it directly.
+                leases = leases.filter(slice_id__in=[row[0] for row in rows])
             held = set()
             busy_units: dict[UUID, bool] = {}  # unit id -> held whole by a node-level job
             for slice_id, unit_id, isolation in leases.values_list(
@@ -238,12 +259,9 @@ class CapacityView:
                 held.add(slice_id)
                 busy_units[unit_id] = busy_units.get(unit_id, False) or isolation == Isolation.NODE
             free: dict[UUID, dict] = defaultdict(lambda: defaultdict(list))
-            for row in slices.values_list(
-                "id", "unit_id", "gpu_id", "gpu__model", "gpu__cuda_version", "kind", "isolation", "vram_mb",
-                "price_per_gpu_hour_micros", "milli",
-            ):  # fmt: skip
-                slice_id, unit_id, gpu_id, model, cuda, kind, isolation, vram_mb, price, milli = row
-                if slice_id in held:
+            for row in rows:
+                slice_id, unit_id, gpu_id, model, cuda, kind, isolation, vram_mb, price, milli, *offered = row
+                if slice_id in held or not all(offered):
                     continue
                 shape = SliceShape(model, vram_mb, cuda_tuple(cuda), kind, isolation, price, milli)
                 free[unit_id][gpu_id].append((slice_id, shape))
@@ -270,9 +288,14 @@ class CapacityView:
         group = self.group_by_key.get(key)
         if group is None:
             profile_id = self.profile_ids.setdefault(state.profile, len(self.profile_ids))
-            group = self.group_by_key[key] = Group(len(self.group_by_key), state.profile, profile_id)
+            prices = [shape.price for slices in state.free.values() for _, shape in slices]
+            group = Group(len(self.group_by_key), state.profile, profile_id, self.shards, min(prices, default=None))
+            self.group_by_key[key] = group
         group.members[state.id] = None
+        group.by_shard[state.id.int % self.shards][state.id] = None
         self.groups[group.id] = group
+        if group.price is not None:
+            self.buckets.setdefault(group.price, {})[group.id] = group
         self.group_of[state.id] = group
 
     def _drop(self, unit_id: UUID) -> None:
@@ -280,20 +303,38 @@ class CapacityView:
         group = self.group_of.pop(unit_id, None)
         if group is not None:
             del group.members[unit_id]
+            del group.by_shard[unit_id.int % self.shards][unit_id]
             if not group.members:
                 del self.groups[group.id]
+                if group.price is not None:
+                    bucket = self.buckets[group.price]
+                    del bucket[group.id]
+                    if not bucket:
+                        del self.buckets[group.price]
+
+    def forget(self, unit_id: UUID) -> None:
+        """Drop a unit whose state in the view is in doubt; the next refresh reads it again."""
+        self._drop(unit_id)
+        self.doubtful.add(unit_id)
+
+    def bump(self, unit_id: UUID, version: int) -> None:
+        """Our claim on the unit was won: the view of it stays, at the unit's new version."""
+        state = self.units.get(unit_id)
+        if state is not None:
+            state.version = version
 
     def signature_id(self, job: Job) -> int:
         sig = signature(job)
         return self.signature_ids.setdefault(sig, len(self.signature_ids))
 
     def taken(self, state: UnitState, slice_ids: set, *, exclusive: bool) -> None:
-        """Record our own lease in the view."""
+        """Record a lease about to be claimed; the version moves only once the claim is won."""
+        state = self.units[state.id]
         free = {gpu: [s for s in slices if s[0] not in slice_ids] for gpu, slices in state.free.items()}
         self._put(
             UnitState(
                 state.id,
-                state.version + 1,
+                state.version,
                 state.profile,
                 {gpu: slices for gpu, slices in free.items() if slices},
                 busy=True,
@@ -515,47 +556,122 @@ def slices_for(state: UnitState, choice: Choice) -> list[UUID]:
 # The engine
 
 
+@dataclass
+class Decision:
+    """A job matched to slices of a unit, not yet claimed."""
+
+    job: Job
+    unit: UnitState  # as the view had it before this batch touched it
+    choice: Choice
+    slice_ids: list[UUID]
+    price: int
+    summary: dict
+
+
 class Engine:
     """One worker's placement loop over its capacity view."""
 
-    def __init__(self, seed: int | None = None) -> None:
-        self.view = CapacityView()
+    def __init__(self, shard: int = 0, shards: int = 1) -> None:
+        self.view = CapacityView(shards)
+        self.shard = shard % shards
         self.lock = threading.Lock()
-        self.rng = random.Random(seed)
+        self.stats: Counter = Counter()  # claims won and lost, for benchmarks and operators
         # Requirement signatures that found no unit: (view epoch, when, why-pending). Jobs with
         # the same signature skip the search until capacity may have grown.
         self.nothing_found: dict[tuple, tuple[int, float, dict]] = {}
         # Units whose claim found them silent: kept out until this (monotonic) time.
         self.unresponsive: dict[UUID, float] = {}
 
-    def place(self, job: Job, run: Pass) -> Allocation | None:
-        """Try to place one queued job; record why it is still pending if it cannot be placed."""
+    def place(self, jobs: list[Job], run: Pass) -> tuple[list[Allocation], list[Job]]:
+        """Decide for each job in turn against the view, then claim all decisions at once.
+
+        The caller holds the jobs locked in its transaction. Returns the allocations made and
+        the jobs whose unit changed under them (a lost race), which may be tried again.
+        """
+        decisions: list[Decision] = []
+        before: dict[UUID, UnitState] = {}
+        pending: dict[UUID, tuple[Job, dict]] = {}
+        for job in jobs:
+            decision = self._decide(job, run, pending)
+            if decision is None:
+                continue
+            unit_id = decision.unit.id
+            before.setdefault(unit_id, decision.unit)
+            # Taken in the view at once, so the batch's next job sees the unit as it will be.
+            self.view.taken(decision.unit, set(decision.slice_ids), exclusive=job.isolation == Isolation.NODE)
+            decisions.append(decision)
+        try:
+            allocations, lost = self._claim(decisions, before) if decisions else ([], [])
+            _pending_record(pending.values())
+        except DatabaseError:
+            # The transaction is lost (say, a deadlock with another writer): so are this batch's
+            # tentative leases in the view.
+            for unit_id in before:
+                self.view.forget(unit_id)
+            raise
+        return allocations, lost
+
+    def _decide(self, job: Job, run: Pass, pending: dict) -> Decision | None:
         sig = signature(job)
         excluded = self._excluded(job)
         known = self.nothing_found.get(sig)
         fresh = known and known[0] == self.view.epoch and time.monotonic() - known[1] < NOTHING_FOUND_TTL_S
         if fresh and not excluded:
-            _pending(job, known[2])
+            pending[job.pk] = (job, known[2])
             return None
-        for _ in range(CLAIM_TRIES):
-            ranked, summary = self.candidates(job, run, excluded)
-            if not ranked:
-                if not excluded:
-                    self.nothing_found[sig] = (self.view.epoch, time.monotonic(), summary)
-                _pending(job, summary)
-                return None
-            unit_id, choice = ranked[0]
-            outcome = self.claim(job, unit_id, choice, summary)
-            if isinstance(outcome, Allocation):
-                return outcome
-            if outcome == "job_gone":
-                return None
-            if outcome == "unit_unresponsive":
-                excluded[unit_id] = outcome
-        # Every try lost a race to another worker: the units still free are contended.
-        summary["rejected"]["lost_race"] = summary["units_considered"] - sum(summary["rejected"].values())
-        _pending(job, summary)
-        return None
+        picked, summary = self.candidates(job, run, excluded)
+        if picked is None:
+            if not excluded:
+                self.nothing_found[sig] = (self.view.epoch, time.monotonic(), summary)
+            pending[job.pk] = (job, summary)
+            return None
+        unit_id, choice = picked
+        state = self.view.units[unit_id]
+        slice_ids = slices_for(state, choice)
+        shapes = {slice_id: shape for slices in state.free.values() for slice_id, shape in slices}
+        price = max(shapes[slice_id].price for slice_id in slice_ids)
+        return Decision(job, state, choice, slice_ids, price, summary)
+
+    def _claim(self, decisions: list[Decision], before: dict[UUID, UnitState]) -> tuple[list[Allocation], list[Job]]:
+        """Lease what was decided on every unit still at the version decided on; the rest lose.
+
+        The units are locked in one statement, in key order, so workers never deadlock; the
+        partial unique index on active leases remains the guarantee behind it all.
+        """
+        now = timezone.now()
+        fresh_after = now - settings.UNIT_SUSPECT_AFTER
+        rows = (
+            Unit.objects.select_for_update()
+            .filter(pk__in=sorted(before))
+            .order_by("pk")
+            .values_list("pk", "capacity_version", "status", "last_heartbeat_at")
+        )
+        won = set()
+        for unit_id, version, status, heartbeat in rows:
+            if version != before[unit_id].version:
+                self.stats["units_changed"] += 1
+            elif status == Unit.Status.ONLINE and heartbeat is not None and heartbeat >= fresh_after:
+                won.add(unit_id)
+            else:
+                # Same version, so the unit missed heartbeats; keep away until liveness decides.
+                self.unresponsive[unit_id] = time.monotonic() + UNRESPONSIVE_HOLD_S
+                self.stats["units_unresponsive"] += 1
+        winners = [d for d in decisions if d.unit.id in won]
+        try:
+            with transaction.atomic():
+                allocations = _lease(winners, won, now)
+        except IntegrityError:
+            # Only a lease made behind the capacity version's back gets here; the index held.
+            allocations, winners, won = [], [], set()
+        for unit_id in before:
+            if unit_id in won:
+                self.view.bump(unit_id, before[unit_id].version + 1)
+            else:
+                self.view.reload(unit_id)
+        lost = [d.job for d in decisions if d.unit.id not in won]
+        self.stats["placed"] += len(allocations)
+        self.stats["lost_race"] += len(lost)
+        return allocations, lost
 
     def _excluded(self, job: Job) -> dict[UUID, str]:
         """Units this job must not go to now, and why."""
@@ -566,16 +682,40 @@ class Engine:
             excluded.update(dict.fromkeys(_units_that_refused(job), "unit_refused"))
         return excluded
 
-    def candidates(self, job: Job, run: Pass, excluded: dict[UUID, str]) -> tuple[list[tuple[UUID, Choice]], dict]:
-        """The best feasible units (one per group, best first) and the why-pending summary,
-        which counts every unit in the view exactly once."""
+    def candidates(self, job: Job, run: Pass, excluded: dict[UUID, str]) -> tuple[tuple[UUID, Choice] | None, dict]:
+        """The unit to try (and what to take there), if any fits, and the why-pending summary.
+
+        A job that ranks by price is first looked for among the cheapest units only, stopping
+        at the first price some unit can take it at; only if that finds nothing are all units
+        judged, which is also what the why-pending summary, counting every unit in the view
+        exactly once, needs.
+        """
         view = self.view
+        units = {"units_considered": len(view.units)}
+        if job.rank == Job.Rank.CHEAPEST and job.isolation != Isolation.NODE:
+            found: list = []
+            for price in sorted(view.buckets):
+                if found and price * job.gpu_count > min(found, key=lambda item: item[0])[0][0]:
+                    break
+                found.extend(self._judge(job, run, excluded, view.buckets[price].values(), Counter()))
+            picked = self._pick(found)
+            if picked is not None:
+                return picked, units
         rejected: Counter = Counter()
-        found: list[tuple[tuple, list, Choice]] = []
+        picked = self._pick(self._judge(job, run, excluded, view.groups.values(), rejected))
+        if len(view.choices) > CHOICE_CACHE_SIZE:
+            view.choices.clear()
+        return picked, {**units, "rejected": dict(sorted(rejected.items()))}
+
+    def _judge(self, job: Job, run: Pass, excluded: dict, groups: Iterable[Group], rejected: Counter) -> list:
+        """The groups that can take the job, as (rank, group, eligible units or None, choice);
+        every unit of the others is counted in ``rejected`` under the first reason found."""
+        view = self.view
+        found: list[tuple[tuple, Group, list | None, Choice]] = []
         verdicts: dict[int, str | None] = {}
         sid = view.signature_id(job)
         choices = view.choices
-        for group in view.groups.values():
+        for group in groups:
             reason = verdicts.get(group.profile_id, "")
             if reason == "":
                 reason = verdicts[group.profile_id] = profile_rejection(job, group.profile, run)
@@ -589,136 +729,82 @@ class Engine:
             if reason is not None:
                 rejected[reason] += len(members)
                 continue
-            eligible = members
-            if excluded:
-                eligible = [unit_id for unit_id in members if unit_id not in excluded]
-                for unit_id in members:
-                    if unit_id in excluded:
-                        rejected[excluded[unit_id]] += 1
+            if not excluded:
+                found.append((choice.rank, group, None, choice))
+                continue
+            eligible = [unit_id for unit_id in members if unit_id not in excluded]
+            for unit_id in members:
+                if unit_id in excluded:
+                    rejected[excluded[unit_id]] += 1
             if eligible:
-                found.append((choice.rank, eligible, choice))
-        ranked = self._pick(found)
-        if len(choices) > CHOICE_CACHE_SIZE:
-            choices.clear()
-        summary = {"units_considered": len(view.units), "rejected": dict(sorted(rejected.items()))}
-        return ranked, summary
+                found.append((choice.rank, group, eligible, choice))
+        return found
 
-    def _pick(self, found: list[tuple[tuple, list, Choice]]) -> list[tuple[UUID, Choice]]:
-        """Units to claim, best first: one per tier of equally ranked groups, drawn at random
-        over all the tier's units (as the packing policy's ties are broken), which also keeps
-        concurrent workers from all reaching for the same unit."""
-        best = heapq.nsmallest(CLAIM_TRIES * 4, found, key=lambda item: item[0])
-        ranked = []
-        for _, tier in itertools.groupby(best, key=lambda item: item[0]):
-            tier = list(tier)
-            sizes = [len(eligible) for _, eligible, _ in tier]
-            _, eligible, choice = tier[0] if len(tier) == 1 else self.rng.choices(tier, weights=sizes)[0]
-            ranked.append((self._member(eligible), choice))
-            if len(ranked) == CLAIM_TRIES:
-                break
-        return ranked
+    def _pick(self, found: list[tuple[tuple, Group, list | None, Choice]]) -> tuple[UUID, Choice] | None:
+        """The unit to claim: the job's preference decides first (price, or reliability); among
+        units it cannot tell apart, the packing policy's best group that has a unit in this
+        worker's shard, so concurrent workers pack their own units rather than all reach for
+        the same one. Within a group, the unit that has been in it longest (a stable order,
+        which packs better than chance)."""
+        if not found:
+            return None
+        best = min(found, key=lambda item: item[0])
+        preference = best[0][:-1]
+        tier = sorted((item for item in found if item[0][:-1] == preference), key=lambda item: item[0])
+        for _, group, eligible, choice in tier:
+            own = group.by_shard[self.shard] if eligible is None else self._own(eligible)
+            if own:
+                return next(iter(own)), choice
+        # No unit of this shard will do: another shard's, at random, to avoid its own worker.
+        _, group, eligible, choice = tier[0]
+        members = list(group.members if eligible is None else eligible)
+        return members[random.randrange(len(members))], choice
 
-    def _member(self, members) -> UUID:
-        if len(members) == 1:
-            return next(iter(members))
-        if isinstance(members, dict):
-            members = list(members)
-        return members[self.rng.randrange(len(members))]
-
-    def claim(self, job: Job, unit_id: UUID, choice: Choice, summary: dict) -> Allocation | str:
-        state = self.view.units[unit_id]
-        slice_ids = slices_for(state, choice)
-        shapes = {slice_id: shape for slices in state.free.values() for slice_id, shape in slices}
-        price = max(shapes[s].price for s in slice_ids)
-        now = timezone.now()
-        try:
-            with transaction.atomic():
-                _commit_without_waiting_for_disk()
-                fresh_after = now - settings.UNIT_SUSPECT_AFTER
-                if not Unit.objects.filter(
-                    pk=unit_id,
-                    capacity_version=state.version,
-                    status=Unit.Status.ONLINE,
-                    last_heartbeat_at__gte=fresh_after,
-                ).update(capacity_version=F("capacity_version") + 1, capacity_changed_at=now):
-                    raise _Stale
-                if not Job.objects.filter(pk=job.pk, state=Job.State.QUEUED).update(
-                    state=Job.State.PLACED, placed_at=now, attempts=F("attempts") + 1, pending_reason={}
-                ):
-                    raise _JobGone
-                allocation = Allocation.objects.create(
-                    job=job,
-                    unit_id=unit_id,
-                    price_per_gpu_hour_micros=price,
-                    gpu_count=len(slice_ids),
-                    created_at=now,
-                )
-                Lease.objects.bulk_create([Lease(allocation=allocation, slice_id=s) for s in slice_ids])
-                audit_record(
-                    "job.placed",
-                    job.id,
-                    actor="placement",
-                    allocation=str(allocation.id),
-                    unit=str(unit_id),
-                    country=state.profile.country,
-                    subdivision=state.profile.subdivision,
-                    price_per_gpu_hour_micros=price,
-                    slices=[str(s) for s in slice_ids],
-                    policy=placement_record(job, state, choice, price, summary),
-                )
-        except _Stale:
-            return self._lost(unit_id, state.version)
-        except _JobGone:
-            return "job_gone"
-        except IntegrityError:
-            # Only a lease made behind the capacity version's back can get here; the index held.
-            self.view.reload(unit_id)
-            return "lost_race"
-        self.view.taken(state, set(slice_ids), exclusive=job.isolation == Isolation.NODE)
-        job.state, job.placed_at, job.attempts = Job.State.PLACED, now, job.attempts + 1
-        return allocation
-
-    def _lost(self, unit_id: UUID, version: int) -> str:
-        """The claim found the unit changed or silent: re-read it and say which."""
-        self.view.reload(unit_id)
-        state = self.view.units.get(unit_id)
-        if state is not None and state.version == version:
-            # Same version, so the unit missed heartbeats; keep away until liveness decides.
-            self.unresponsive[unit_id] = time.monotonic() + UNRESPONSIVE_HOLD_S
-            return "unit_unresponsive"
-        return "lost_race"
-
-    def run_pass(self, jobs: list[Job]) -> int:
-        """Place these queued jobs in order; return how many were placed."""
-        with self.lock:
-            self.view.refresh(force=True)
-            run = Pass()
-            placed = 0
-            for job in jobs:
-                placed += self.place(job, run) is not None
-            return placed
+    def _own(self, units: list[UUID]) -> list[UUID]:
+        return [unit_id for unit_id in units if unit_id.int % self.view.shards == self.shard]
 
 
-class _Stale(Exception):
-    pass
-
-
-class _JobGone(Exception):
-    pass
-
-
-def _commit_without_waiting_for_disk() -> None:
-    """On PostgreSQL, let this transaction commit without waiting for its WAL to reach disk.
-
-    A placement is worth that trade: if the server crashes within the next fraction of a second
-    the whole placement is lost at once (never half of it), the job is still queued and its
-    slices free, and an agent that had already pulled it is told to stop at its next
-    reconciliation. Waiting for the disk instead would cap placement at the disk's flush rate.
-    Money is never written this way.
-    """
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute("SET LOCAL synchronous_commit TO OFF")
+def _lease(decisions: list[Decision], units: set[UUID], now: datetime) -> list[Allocation]:
+    """Write the placements: units' versions, jobs, allocations, leases and the audit trail."""
+    if not decisions:
+        return []
+    Unit.objects.filter(pk__in=units).update(capacity_version=F("capacity_version") + 1, capacity_changed_at=now)
+    Job.objects.filter(pk__in=[d.job.pk for d in decisions], state=Job.State.QUEUED).update(
+        state=Job.State.PLACED, placed_at=now, attempts=F("attempts") + 1, pending_reason={}
+    )
+    allocations = [
+        Allocation(
+            job=d.job, unit_id=d.unit.id, price_per_gpu_hour_micros=d.price, gpu_count=len(d.slice_ids), created_at=now
+        )
+        for d in decisions
+    ]
+    Allocation.objects.bulk_create(allocations)
+    Lease.objects.bulk_create(
+        [Lease(allocation=a, slice_id=s) for a, d in zip(allocations, decisions, strict=True) for s in d.slice_ids]
+    )
+    AuditEvent.objects.bulk_create(
+        [
+            AuditEvent(
+                action="job.placed",
+                subject_id=d.job.pk,
+                actor="placement",
+                created_at=now,
+                data={
+                    "allocation": str(a.id),
+                    "unit": str(d.unit.id),
+                    "country": d.unit.profile.country,
+                    "subdivision": d.unit.profile.subdivision,
+                    "price_per_gpu_hour_micros": d.price,
+                    "slices": [str(s) for s in d.slice_ids],
+                    "policy": placement_record(d.job, d.unit, d.choice, d.price, d.summary),
+                },
+            )
+            for a, d in zip(allocations, decisions, strict=True)
+        ]
+    )
+    for d in decisions:
+        d.job.state, d.job.placed_at, d.job.attempts = Job.State.PLACED, now, d.job.attempts + 1
+    return allocations
 
 
 def placement_record(job: Job, state: UnitState, choice: Choice, price: int, summary: dict) -> dict:
@@ -765,20 +851,34 @@ def _units_that_refused(job: Job) -> set[UUID]:
     return {UUID(str(unit)) for unit in refusals.values_list("data__unit", flat=True)}
 
 
-def _pending(job: Job, summary: dict) -> None:
-    if job.pending_reason != summary:
-        Job.objects.filter(pk=job.pk, state=Job.State.QUEUED).update(pending_reason=summary)
-        job.pending_reason = summary
+def _pending_record(jobs: Iterable[tuple[Job, dict]]) -> None:
+    """Store why each job is still pending; jobs told the same thing share one update."""
+    by_summary: dict[str, tuple[dict, list]] = {}
+    for job, summary in jobs:
+        if job.pending_reason != summary:
+            by_summary.setdefault(json.dumps(summary, sort_keys=True), (summary, []))[1].append(job.pk)
+            job.pending_reason = summary
+    for summary, ids in by_summary.values():
+        Job.objects.filter(pk__in=ids, state=Job.State.QUEUED).update(pending_reason=summary)
 
 
 _engine: Engine | None = None
 
 
 def engine() -> Engine:
-    """This process's placement engine (one per Celery worker process)."""
+    """This process's placement engine (one per Celery worker process). With PLACEMENT_SHARDS
+    above one, the worker's process index picks the shard of units it prefers."""
     global _engine
     if _engine is None:
-        _engine = Engine()
+        index = current_process_index(base=0) or 0
+        _engine = Engine(shard=index, shards=max(1, settings.PLACEMENT_SHARDS))
+    return _engine
+
+
+def engine_start(*, shard: int, shards: int) -> Engine:
+    """Give this process a fresh engine for one shard of the units (benchmarks, tests)."""
+    global _engine
+    _engine = Engine(shard=shard, shards=shards)
     return _engine
 
 
@@ -789,21 +889,72 @@ def engine_reset() -> None:
 
 
 def job_place(*, job_id) -> Allocation | None:
-    """Try to place one queued job now (the fast path on submit)."""
-    job = Job.objects.filter(pk=job_id, state=Job.State.QUEUED).first()
-    if job is None:
-        return None
+    """Try to place one queued job now (the fast path on submit). A job another worker holds
+    is left to it."""
     eng = engine()
     with eng.lock:
-        eng.view.refresh()
-        return eng.place(job, Pass())
+        for _ in range(CLAIM_TRIES):
+            with transaction.atomic():
+                job = Job.objects.select_for_update(skip_locked=True).filter(pk=job_id, state=Job.State.QUEUED).first()
+                if job is None:
+                    return None
+                eng.view.refresh()
+                allocations, lost = eng.place([job], Pass())
+            if not lost:
+                return allocations[0] if allocations else None
+    return None
 
 
-def placement_pass(*, limit: int) -> int:
-    """Capacity may have changed: try the oldest queued jobs, up to limit, on a fresh view;
-    return how many were placed."""
-    jobs = list(Job.objects.filter(state=Job.State.QUEUED).order_by("created_at")[:limit])
-    return engine().run_pass(jobs) if jobs else 0
+def placement_pass(*, limit: int, batch: int = PASS_BATCH, observe: Callable[[float, int], None] | None = None) -> int:
+    """Capacity may have changed: try the oldest queued jobs, up to limit, in batches, each
+    claimed in one transaction; return how many were placed.
+
+    Jobs are locked with SKIP LOCKED, so workers running passes at once share the queue out
+    between them rather than all deciding for the same jobs. ``observe`` is told each batch's
+    seconds from locking its jobs to commit and how many it placed (benchmarks).
+    """
+    eng = engine()
+    placed = seen = 0
+    after: tuple | None = None
+    lost_races: Counter = Counter()  # jobs that lost a race and will be tried again
+    with eng.lock:
+        eng.view.refresh(force=True)
+        while seen < limit:
+            began = time.perf_counter()
+            retry = list(lost_races)
+            with transaction.atomic():
+                jobs = _queued_locked(after, min(batch, limit - seen), retry)
+                if not jobs:
+                    break
+                allocations, lost = eng.place(jobs, Pass())
+            if observe is not None:
+                observe(time.perf_counter() - began, len(allocations))
+            placed += len(allocations)
+            fresh = [job for job in jobs if job.pk not in lost_races]
+            if fresh:
+                after = (fresh[-1].created_at, fresh[-1].pk)
+            seen += len(fresh)
+            lost_again = {job.pk for job in lost}
+            for pk in retry:
+                if pk not in lost_again:
+                    del lost_races[pk]
+            lost_races.update(lost_again)
+            for pk in [pk for pk, count in lost_races.items() if count >= CLAIM_TRIES]:
+                del lost_races[pk]  # left for the next pass
+            eng.view.refresh()
+    return placed
+
+
+def _queued_locked(after: tuple | None, count: int, retry: list) -> list[Job]:
+    """Queued jobs after the keyset position, oldest first, that no other worker holds; plus
+    the jobs to try again."""
+    queued = Job.objects.select_for_update(skip_locked=True).filter(state=Job.State.QUEUED)
+    jobs = list(queued.filter(pk__in=retry)) if retry else []
+    later = queued.order_by("created_at", "id")
+    if after is not None:
+        created_at, pk = after
+        later = later.filter(Q(created_at__gt=created_at) | Q(created_at=created_at, id__gt=pk))
+    return jobs + list(later[:count])
 
 
 def queued_job_ids(*, limit: int) -> list:

@@ -162,6 +162,9 @@ UNIT_OFFLINE_AFTER = timedelta(seconds=env_int("UNIT_OFFLINE_AFTER_S", 47))
 JOB_MAX_ATTEMPTS = env_int("JOB_MAX_ATTEMPTS", 3)
 # A placement worker re-reads changed units at most this often while placing job after job.
 PLACEMENT_REFRESH_INTERVAL_S = env_int("PLACEMENT_REFRESH_INTERVAL_MS", 20) / 1000
+# Placement worker processes prefer disjoint shards of the units, so that concurrent workers pack
+# their own units instead of racing for the same best one; set it to the worker's concurrency.
+PLACEMENT_SHARDS = env_int("PLACEMENT_SHARDS", 1)
 # A placement no agent has pulled after this long is released and its job queued again.
 ASSIGNMENT_ACK_TIMEOUT = timedelta(seconds=env_int("ASSIGNMENT_ACK_TIMEOUT_S", 60))
 # An agent that pulled a job this long ago but no longer reports it has lost it.

@@ -21,7 +21,10 @@ class Isolation(models.TextChoices):
 
     @classmethod
     def rank(cls, level: str) -> int:
-        return list(cls.values).index(level)
+        return _ISOLATION_RANK[level]
+
+
+_ISOLATION_RANK = {level: rank for rank, level in enumerate(Isolation.values)}
 
 
 class Slicing(models.TextChoices):

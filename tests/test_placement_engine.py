@@ -53,7 +53,8 @@ class TestPackingPolicy:
 
 
 class TestCapacityView:
-    def test_a_claim_on_a_stale_view_loses_cleanly_and_tries_elsewhere(self, owner, renter):
+    def test_a_claim_on_a_stale_view_loses_cleanly_and_tries_elsewhere(self, owner, renter, settings):
+        settings.PLACEMENT_REFRESH_INTERVAL_S = 60  # this worker will not look again by itself
         first = shed(owner, "first", gpus=1, price_per_gpu_hour_micros=1_000_000)
         second = shed(owner, "second", gpus=1, price_per_gpu_hour_micros=2_000_000)
         engine = placement.engine()
@@ -61,13 +62,14 @@ class TestCapacityView:
         # Another worker leases the cheap unit's only GPU behind this worker's view.
         rival = Engine()
         rival.view.refresh()
-        taken = rival.place(job_make(renter), placement.Pass())
-        assert taken.unit == first
+        (taken,), lost = rival.place([job_make(renter)], placement.Pass())
+        assert taken.unit == first and lost == []
         job = job_make(renter)
 
-        allocation = engine.place(job, placement.Pass())
+        allocation = job_place(job_id=job.pk)
 
         assert allocation.unit == second
+        assert engine.stats == {"units_changed": 1, "lost_race": 1, "placed": 1}
         assert Lease.objects.filter(released_at__isnull=True).count() == 2
 
     def test_a_policy_change_reaches_placement_at_once(self, owner, renter):
