@@ -29,7 +29,7 @@ from uuid import UUID
 
 from celery.utils.log import current_process_index
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError, transaction
+from django.db import DatabaseError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -41,7 +41,7 @@ from nodes.models import Isolation, RentersAccepted, Slice, Unit
 
 # Units are re-read when changed within this long before the last refresh, so a transaction
 # that committed a little after it stamped its change is not missed.
-REFRESH_OVERLAP = timedelta(seconds=1)
+REFRESH_OVERLAP = timedelta(milliseconds=500)
 # The view is rebuilt from scratch at least this often (the deep pass), whatever was missed.
 REBUILD_AFTER_S = 60.0
 # How many other units to try when claims keep losing races, before leaving the job queued.
@@ -656,13 +656,9 @@ class Engine:
                 # Same version, so the unit missed heartbeats; keep away until liveness decides.
                 self.unresponsive[unit_id] = time.monotonic() + UNRESPONSIVE_HOLD_S
                 self.stats["units_unresponsive"] += 1
-        winners = [d for d in decisions if d.unit.id in won]
-        try:
-            with transaction.atomic():
-                allocations = _lease(winners, won, now)
-        except IntegrityError:
-            # Only a lease made behind the capacity version's back gets here; the index held.
-            allocations, winners, won = [], [], set()
+        # A lease made behind the capacity version's back would make this raise IntegrityError
+        # (the index holds); the whole batch then rolls back and its units are read again.
+        allocations = _lease([d for d in decisions if d.unit.id in won], won, now)
         for unit_id in before:
             if unit_id in won:
                 self.view.bump(unit_id, before[unit_id].version + 1)

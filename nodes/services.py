@@ -417,6 +417,7 @@ def unit_location_attest(*, unit: Unit, by) -> Unit:
     unit.attested_country, unit.attested_subdivision = unit.country.code, unit.subdivision
     unit.attested_by, unit.attested_at = by, timezone.now()
     unit.save(update_fields=["attested_country", "attested_subdivision", "attested_by", "attested_at"])
+    units_capacity_changed([unit.pk])  # placement reads whether the subdivision is attested
     audit_record(
         "unit.location_attested", unit.id, actor=f"user:{by.pk}", country=unit.country.code,
         subdivision=unit.subdivision,
@@ -433,6 +434,7 @@ def unit_location_attestation_revoke(*, unit: Unit, by) -> Unit:
     revoked = {"country": unit.attested_country, "subdivision": unit.attested_subdivision}
     unit.attested_country, unit.attested_subdivision, unit.attested_by, unit.attested_at = "", "", None, None
     unit.save(update_fields=["attested_country", "attested_subdivision", "attested_by", "attested_at"])
+    units_capacity_changed([unit.pk])  # placement reads whether the subdivision is attested
     audit_record("unit.location_attestation_revoked", unit.id, actor=f"user:{by.pk}", **revoked)
     unit_location_verify(unit=unit, actor=f"user:{by.pk}")
     return unit
