@@ -29,7 +29,7 @@ from uuid import UUID
 
 from celery.utils.log import current_process_index
 from django.conf import settings
-from django.db import DatabaseError, transaction
+from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -234,7 +234,13 @@ class CapacityView:
         return None if state is None else state.version
 
     def _load(self, unit_ids: list | None) -> None:
-        """Read units (all when unit_ids is None) with their free slices and put them in the view."""
+        """Read units (all when unit_ids is None) with their free slices and put them in the view.
+
+        The units (and so their versions) are read before their slices and leases: a lease
+        committed in between then shows with the version before it, and a claim at that
+        version loses, as it should. The other order would pair the new version with the old
+        leases, and only the index would stop the claim.
+        """
         for chunk in _chunks(unit_ids):
             units = Unit.objects.filter(status__in=PLACEABLE).order_by()
             slices = Slice.objects.order_by()
@@ -242,6 +248,14 @@ class CapacityView:
             if chunk is not None:
                 units = units.filter(pk__in=chunk)
                 slices = slices.filter(unit_id__in=chunk)
+            unit_rows = list(
+                units.values(
+                    "id", "capacity_version", "status", "country", "subdivision", "location_verified",
+                    "isolation_levels", "workload_classes", "renters_accepted", "max_job_duration_s",
+                    "availability", "time_zone", "reliability", "observed_country", "attested_at", "attested_country",
+                    "attested_subdivision",
+                )
+            )  # fmt: skip
             rows = list(
                 slices.values_list(
                     "id", "unit_id", "gpu_id", "gpu__model", "gpu__cuda_version", "kind", "isolation", "vram_mb",
@@ -266,12 +280,7 @@ class CapacityView:
                 shape = SliceShape(model, vram_mb, cuda_tuple(cuda), kind, isolation, price, milli)
                 free[unit_id][gpu_id].append((slice_id, shape))
             seen = set()
-            for unit in units.values(
-                "id", "capacity_version", "status", "country", "subdivision", "location_verified",
-                "isolation_levels", "workload_classes", "renters_accepted", "max_job_duration_s",
-                "availability", "time_zone", "reliability", "observed_country", "attested_at", "attested_country",
-                "attested_subdivision",
-            ):  # fmt: skip
+            for unit in unit_rows:
                 seen.add(unit["id"])
                 self._put(_unit_state(unit, free.get(unit["id"], {}), busy_units))
             for unit_id in chunk or ():
@@ -425,10 +434,7 @@ def profile_rejection(job: Job, profile: Profile, run: Pass) -> str | None:
     matched = jurisdictions.match(job.jurisdictions, profile.country, profile.subdivision) if job.jurisdictions else ""
     if matched is None:
         return "jurisdiction"
-    # Address evidence proves a country only; a job held to a subdivision needs an operator's
-    # attestation of that subdivision.
-    unproven = not profile.verified or ("-" in matched and not profile.subdivision_attested)
-    if job.require_verified_location and unproven:
+    if job.require_verified_location and not _location_proven(job, profile, matched):
         return "location_unverified"
     offered = [Isolation.rank(level) for level in profile.isolation_levels]
     if not offered or max(offered) < Isolation.rank(job.isolation):
@@ -442,6 +448,18 @@ def profile_rejection(job: Job, profile: Profile, run: Pass) -> str | None:
     if not availability.allows(profile.availability, profile.time_zone, run.now, job.max_duration_s):
         return "availability"
     return None
+
+
+def _location_proven(job: Job, profile: Profile, matched: str) -> bool:
+    """Whether the evidence covers the code that admits the unit. Address evidence proves a
+    country only, so a unit admitted by a subdivision alone needs an operator's attestation of
+    that subdivision; a broader code of the job that admits it too is enough otherwise."""
+    if not profile.verified:
+        return False
+    if "-" not in matched or profile.subdivision_attested:
+        return True
+    broader = [code for code in job.jurisdictions if "-" not in code]
+    return bool(broader) and jurisdictions.match(broader, profile.country, profile.subdivision) is not None
 
 
 def slice_rejection(job: Job, shape: SliceShape) -> str | None:
@@ -669,6 +687,20 @@ class Engine:
         self.stats["lost_race"] += len(lost)
         return allocations, lost
 
+    def give_up(self, jobs: list[Job]) -> None:
+        """Jobs that kept losing races stay queued until the next pass, saying why: every unit
+        that could take them is counted as taken by another job meanwhile."""
+        run = Pass()
+        notes = []
+        for job in jobs:
+            rejected: Counter = Counter()
+            self._judge(job, run, self._excluded(job), self.view.groups.values(), rejected)
+            considered = len(self.view.units)
+            if contended := considered - sum(rejected.values()):
+                rejected["lost_race"] += contended
+            notes.append((job, {"units_considered": considered, "rejected": dict(sorted(rejected.items()))}))
+        _pending_record(notes)
+
     def _excluded(self, job: Job) -> dict[UUID, str]:
         """Units this job must not go to now, and why."""
         now = time.monotonic()
@@ -890,14 +922,19 @@ def job_place(*, job_id) -> Allocation | None:
     eng = engine()
     with eng.lock:
         for _ in range(CLAIM_TRIES):
-            with transaction.atomic():
-                job = Job.objects.select_for_update(skip_locked=True).filter(pk=job_id, state=Job.State.QUEUED).first()
-                if job is None:
-                    return None
-                eng.view.refresh()
-                allocations, lost = eng.place([job], Pass())
+            try:
+                with transaction.atomic():
+                    queued = Job.objects.select_for_update(skip_locked=True).filter(pk=job_id, state=Job.State.QUEUED)
+                    job = queued.first()
+                    if job is None:
+                        return None
+                    eng.view.refresh()
+                    allocations, lost = eng.place([job], Pass())
+            except IntegrityError:
+                continue  # the index turned a claim down: rolled back, its units read again
             if not lost:
                 return allocations[0] if allocations else None
+        eng.give_up([job])
     return None
 
 
@@ -913,16 +950,21 @@ def placement_pass(*, limit: int, batch: int = PASS_BATCH, observe: Callable[[fl
     placed = seen = 0
     after: tuple | None = None
     lost_races: Counter = Counter()  # jobs that lost a race and will be tried again
+    losing: dict = {}
     with eng.lock:
         eng.view.refresh(force=True)
         while seen < limit:
             began = time.perf_counter()
             retry = list(lost_races)
-            with transaction.atomic():
-                jobs = _queued_locked(after, min(batch, limit - seen), retry)
-                if not jobs:
-                    break
-                allocations, lost = eng.place(jobs, Pass())
+            try:
+                with transaction.atomic():
+                    jobs = _queued_locked(after, min(batch, limit - seen), retry)
+                    if not jobs:
+                        break
+                    allocations, lost = eng.place(jobs, Pass())
+            except IntegrityError:
+                allocations, lost = [], jobs  # the index turned a claim down: all rolled back
+            losing.update({job.pk: job for job in lost})
             if observe is not None:
                 observe(time.perf_counter() - began, len(allocations))
             placed += len(allocations)
@@ -935,8 +977,10 @@ def placement_pass(*, limit: int, batch: int = PASS_BATCH, observe: Callable[[fl
                 if pk not in lost_again:
                     del lost_races[pk]
             lost_races.update(lost_again)
-            for pk in [pk for pk, count in lost_races.items() if count >= CLAIM_TRIES]:
+            given_up = [pk for pk, count in lost_races.items() if count >= CLAIM_TRIES]
+            for pk in given_up:
                 del lost_races[pk]  # left for the next pass
+            eng.give_up([losing[pk] for pk in given_up])
             eng.view.refresh()
     return placed
 
