@@ -78,7 +78,9 @@ TEMPLATES = [
 
 
 def _database(url: str) -> dict:
-    config = dj_database_url.parse(url, conn_max_age=env_int("DB_CONN_MAX_AGE", 0))
+    # Connections are kept (and checked before reuse): a Celery worker placing jobs one task at
+    # a time would otherwise open a new PostgreSQL connection for every task.
+    config = dj_database_url.parse(url, conn_max_age=env_int("DB_CONN_MAX_AGE", 60), conn_health_checks=True)
     if config["ENGINE"] == "django.db.backends.sqlite3":
         # Web, worker, beat and test processes share one file: WAL lets readers run beside the
         # writer, IMMEDIATE transactions take the write lock up front instead of failing on

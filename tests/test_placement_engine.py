@@ -8,7 +8,7 @@ from django.utils import timezone
 from marketplace import placement
 from marketplace.models import Allocation, Job, Lease
 from marketplace.placement import Engine, job_place
-from marketplace.services import allocation_finish
+from marketplace.services import allocation_finish, job_cancel
 from nodes.models import Unit
 from nodes.services import units_capacity_changed
 from tests.conftest import job_make, renter_client, unit_online
@@ -24,15 +24,22 @@ def free_slices(unit: Unit) -> int:
     return unit.slices.filter(advertised=True).count() - leased
 
 
+def pairs_of_late(renter) -> None:
+    """Recent jobs that asked for two GPUs each: the workload the packing policy plans for."""
+    for _ in range(4):
+        job_cancel(job=job_make(renter, gpu_count=2), actor="test")
+
+
 class TestPackingPolicy:
     def test_among_equal_prices_the_packing_policy_keeps_room_for_the_workload(self, owner, renter):
         """With two-GPU jobs in the mix, a two-GPU job goes where it leaves two GPUs together
         (fragmentation gradient descent), not where it would leave one stranded (best fit)."""
         three = shed(owner, "three", gpus=3)
         four = shed(owner, "four", gpus=4)
-        jobs = [job_make(renter, gpu_count=2) for _ in range(5)]  # the recent workload: pairs
+        pairs_of_late(renter)
+        job = job_make(renter, gpu_count=2)
 
-        allocation = job_place(job_id=jobs[0].pk)
+        allocation = job_place(job_id=job.pk)
 
         assert allocation.unit == four
         assert (free_slices(three), free_slices(four)) == (3, 2)
@@ -43,8 +50,7 @@ class TestPackingPolicy:
         snug = shed(owner, "snug", gpus=3)
         pair = job_place(job_id=job_make(renter, gpu_count=2).pk)
         assert pair.unit == roomy  # 4 -> 2 keeps a pair; 3 -> 1 would strand one
-        for _ in range(4):
-            job_make(renter, gpu_count=2)  # pairs are the workload the policy plans for
+        pairs_of_late(renter)
 
         single = job_place(job_id=job_make(renter).pk)
 
