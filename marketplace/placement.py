@@ -35,7 +35,8 @@ from django.utils import timezone
 
 from marketplace import jurisdictions, packing
 from marketplace.limits import REFUSED_FOR_LIMITS
-from marketplace.models import Allocation, AuditEvent, Job, Lease, RenterProfile
+from marketplace.models import Allocation, AuditEvent, Job, Lease
+from marketplace.selectors import renter_verified
 from nodes import availability
 from nodes.models import Isolation, RentersAccepted, Slice, Unit
 
@@ -136,6 +137,7 @@ class Choice:
     rank: tuple
     cost: float
     take: tuple[tuple[int, int], ...]  # (position of the GPU in the unit's sorted GPUs, slice milli) pairs
+    price: int  # per GPU-hour: the dearest slice taken, which the allocation locks
 
 
 def cuda_tuple(version: str) -> tuple[int, ...]:
@@ -334,8 +336,7 @@ class CapacityView:
         if state is not None:
             state.version = version
 
-    def signature_id(self, job: Job) -> int:
-        sig = signature(job)
+    def signature_id(self, sig: tuple) -> int:
         return self.signature_ids.setdefault(sig, len(self.signature_ids))
 
     def taken(self, state: UnitState, slice_ids: set, *, exclusive: bool) -> None:
@@ -422,8 +423,7 @@ class Pass:
 
     def renter_verified(self, renter_id) -> bool:
         if renter_id not in self.verified_renters:
-            profiles = RenterProfile.objects.filter(user_id=renter_id, verified_at__isnull=False)
-            self.verified_renters[renter_id] = profiles.exists()
+            self.verified_renters[renter_id] = renter_verified(renter_id)
         return self.verified_renters[renter_id]
 
 
@@ -514,7 +514,7 @@ def choose(job: Job, state: UnitState, policy: packing.Policy) -> Choice | str:
             return "capacity"
         take = tuple((position, shape.milli) for position, shapes in usable for shape in shapes)
         price = max(shape.price for _, shapes in usable for shape in shapes)
-        return _choice(job, state, price * len(take), len(usable), take)
+        return _choice(job, state, price, len(usable), take)
     if len(usable) < job.gpu_count:
         return reasons.most_common(1)[0][0] if reasons and not usable else "capacity"
     return _pack(job, state, usable, policy)
@@ -549,16 +549,17 @@ def _pack(job: Job, state: UnitState, usable: list, policy: packing.Policy) -> C
         chosen = sorted(devices, key=lambda d: (d[1], d[0]))[:gang]
         take = tuple((position, shape.milli) for position, _, shape in chosen)
         price = max(shape.price for _, _, shape in chosen)
-    return _choice(job, state, price * len(take), cost, take)
+    return _choice(job, state, price, cost, take)
 
 
 def _choice(job: Job, state: UnitState, price: int, cost: float, take: tuple) -> Choice:
-    # The job's preference first, then the packing policy; equal ranks are drawn at random.
+    # The job's preference first (by what the whole job costs an hour), then the packing policy.
+    total = price * len(take)
     if job.rank == Job.Rank.RELIABLE:
-        rank = (-state.profile.reliability, price, cost)
+        rank = (-state.profile.reliability, total, cost)
     else:
-        rank = (price, -state.profile.reliability, cost)
-    return Choice(rank=rank, cost=cost, take=take)
+        rank = (total, -state.profile.reliability, cost)
+    return Choice(rank=rank, cost=cost, take=take, price=price)
 
 
 def slices_for(state: UnitState, choice: Choice) -> list[UUID]:
@@ -581,10 +582,9 @@ class Decision:
     """A job matched to slices of a unit, not yet claimed."""
 
     job: Job
-    unit: UnitState  # as the view had it before this batch touched it
+    unit: UnitState  # as the view had it when deciding
     choice: Choice
     slice_ids: list[UUID]
-    price: int
     summary: dict
 
 
@@ -639,7 +639,7 @@ class Engine:
         if fresh and not excluded:
             pending[job.pk] = (job, known[2])
             return None
-        picked, summary = self.candidates(job, run, excluded)
+        picked, summary = self.candidates(job, sig, run, excluded)
         if picked is None:
             if not excluded:
                 self.nothing_found[sig] = (self.view.epoch, time.monotonic(), summary)
@@ -647,10 +647,7 @@ class Engine:
             return None
         unit_id, choice = picked
         state = self.view.units[unit_id]
-        slice_ids = slices_for(state, choice)
-        shapes = {slice_id: shape for slices in state.free.values() for slice_id, shape in slices}
-        price = max(shapes[slice_id].price for slice_id in slice_ids)
-        return Decision(job, state, choice, slice_ids, price, summary)
+        return Decision(job, state, choice, slices_for(state, choice), summary)
 
     def _claim(self, decisions: list[Decision], before: dict[UUID, UnitState]) -> tuple[list[Allocation], list[Job]]:
         """Lease what was decided on every unit still at the version decided on; the rest lose.
@@ -696,7 +693,8 @@ class Engine:
         notes = []
         for job in jobs:
             rejected: Counter = Counter()
-            self._judge(job, run, self._excluded(job), self.view.groups.values(), rejected)
+            sid = self.view.signature_id(signature(job))
+            self._judge(job, sid, run, self._excluded(job), self.view.groups.values(), rejected)
             considered = len(self.view.units)
             if contended := considered - sum(rejected.values()):
                 rejected["lost_race"] += contended
@@ -712,7 +710,9 @@ class Engine:
             excluded.update(dict.fromkeys(_units_that_refused(job), "unit_refused"))
         return excluded
 
-    def candidates(self, job: Job, run: Pass, excluded: dict[UUID, str]) -> tuple[tuple[UUID, Choice] | None, dict]:
+    def candidates(
+        self, job: Job, sig: tuple, run: Pass, excluded: dict[UUID, str]
+    ) -> tuple[tuple[UUID, Choice] | None, dict]:
         """The unit to try (and what to take there), if any fits, and the why-pending summary.
 
         A job that ranks by price is first looked for among the cheapest units only, stopping
@@ -721,29 +721,29 @@ class Engine:
         exactly once, needs.
         """
         view = self.view
+        sid = view.signature_id(sig)
         units = {"units_considered": len(view.units)}
         if job.rank == Job.Rank.CHEAPEST and job.isolation != Isolation.NODE:
             found: list = []
             for price in sorted(view.buckets):
-                if found and price * job.gpu_count > min(found, key=lambda item: item[0])[0][0]:
+                if found and price * job.gpu_count > min(item[0][0] for item in found):
                     break
-                found.extend(self._judge(job, run, excluded, view.buckets[price].values(), Counter()))
+                found.extend(self._judge(job, sid, run, excluded, view.buckets[price].values(), Counter()))
             picked = self._pick(found)
             if picked is not None:
                 return picked, units
         rejected: Counter = Counter()
-        picked = self._pick(self._judge(job, run, excluded, view.groups.values(), rejected))
+        picked = self._pick(self._judge(job, sid, run, excluded, view.groups.values(), rejected))
         if len(view.choices) > CHOICE_CACHE_SIZE:
             view.choices.clear()
         return picked, {**units, "rejected": dict(sorted(rejected.items()))}
 
-    def _judge(self, job: Job, run: Pass, excluded: dict, groups: Iterable[Group], rejected: Counter) -> list:
+    def _judge(self, job: Job, sid: int, run: Pass, excluded: dict, groups: Iterable[Group], rejected: Counter) -> list:
         """The groups that can take the job, as (rank, group, eligible units or None, choice);
         every unit of the others is counted in ``rejected`` under the first reason found."""
         view = self.view
         found: list[tuple[tuple, Group, list | None, Choice]] = []
         verdicts: dict[int, str | None] = {}
-        sid = view.signature_id(job)
         choices = view.choices
         for group in groups:
             reason = verdicts.get(group.profile_id, "")
@@ -804,7 +804,11 @@ def _lease(decisions: list[Decision], units: set[UUID], now: datetime) -> list[A
     )
     allocations = [
         Allocation(
-            job=d.job, unit_id=d.unit.id, price_per_gpu_hour_micros=d.price, gpu_count=len(d.slice_ids), created_at=now
+            job=d.job,
+            unit_id=d.unit.id,
+            price_per_gpu_hour_micros=d.choice.price,
+            gpu_count=len(d.slice_ids),
+            created_at=now,
         )
         for d in decisions
     ]
@@ -824,9 +828,9 @@ def _lease(decisions: list[Decision], units: set[UUID], now: datetime) -> list[A
                     "unit": str(d.unit.id),
                     "country": d.unit.profile.country,
                     "subdivision": d.unit.profile.subdivision,
-                    "price_per_gpu_hour_micros": d.price,
+                    "price_per_gpu_hour_micros": d.choice.price,
                     "slices": [str(s) for s in d.slice_ids],
-                    "policy": placement_record(d.job, d.unit, d.choice, d.price, d.summary),
+                    "policy": placement_record(d.job, d.unit, d.choice, d.summary),
                 },
             )
             for a, d in zip(allocations, decisions, strict=True)
@@ -837,7 +841,7 @@ def _lease(decisions: list[Decision], units: set[UUID], now: datetime) -> list[A
     return allocations
 
 
-def placement_record(job: Job, state: UnitState, choice: Choice, price: int, summary: dict) -> dict:
+def placement_record(job: Job, state: UnitState, choice: Choice, summary: dict) -> dict:
     """Which of the job's rules and the owner's policy allowed this placement, for the audit trail."""
     profile = state.profile
     where = profile.subdivision or profile.country
@@ -851,7 +855,7 @@ def placement_record(job: Job, state: UnitState, choice: Choice, price: int, sum
             "attested": state.evidence.get("attested", False),
         },
         "isolation": {"required": job.isolation, "offered": list(profile.isolation_levels)},
-        "price": {"cap_per_gpu_hour_micros": job.max_price_per_gpu_hour_micros, "per_gpu_hour_micros": price},
+        "price": {"cap_per_gpu_hour_micros": job.max_price_per_gpu_hour_micros, "per_gpu_hour_micros": choice.price},
         "requirements": {
             "gpu_count": job.gpu_count,
             "gpu_models": list(job.gpu_models),
@@ -1004,7 +1008,3 @@ def _queued_locked(after: tuple | None, count: int, retry: list) -> list[Job]:
         created_at, pk = after
         later = later.filter(Q(created_at__gt=created_at) | Q(created_at=created_at, id__gt=pk))
     return jobs + list(later[:count])
-
-
-def queued_job_ids(*, limit: int) -> list:
-    return list(Job.objects.filter(state=Job.State.QUEUED).order_by("created_at").values_list("id", flat=True)[:limit])

@@ -40,6 +40,6 @@ def job_placement_records(job: Job):
     return AuditEvent.objects.filter(action="job.placed", subject_id=job.pk).order_by("created_at", "id")
 
 
-def renter_verified(user) -> bool:
+def renter_verified(user_id) -> bool:
     """Whether the platform has verified this renter, as owners accepting verified renters only require."""
-    return RenterProfile.objects.filter(user_id=user.pk, verified_at__isnull=False).exists()
+    return RenterProfile.objects.filter(user_id=user_id, verified_at__isnull=False).exists()

@@ -42,9 +42,9 @@ def test_the_unit_admin_groups_the_owner_policy_and_shows_reliability_read_only(
 
 
 def test_a_renter_without_a_verified_profile_is_not_verified(renter):
-    assert not renter_verified(renter)
+    assert not renter_verified(renter.pk)
     RenterProfile.objects.create(user=renter)
-    assert not renter_verified(renter)
+    assert not renter_verified(renter.pk)
 
 
 def test_the_operator_verifies_renters_from_the_list(renter, stranger, operator):
@@ -58,5 +58,5 @@ def test_the_operator_verifies_renters_from_the_list(renter, stranger, operator)
     )
 
     assert response.status_code == 302
-    assert renter_verified(renter)
+    assert renter_verified(renter.pk)
     assert RenterProfile.objects.get(user=stranger).verified_at == earlier  # the first verification stands

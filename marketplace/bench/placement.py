@@ -82,7 +82,7 @@ def run(**options) -> dict:
         renter = populate(rng, options["units"], options["gpus_per_unit"])
         setup_s = time.perf_counter() - started
         tps = pgbench_tps(database, seconds=options["pgbench_seconds"], clients=options["workers"])
-        with heartbeats(options["units"]):
+        with heartbeats():
             if options["mode"] == "throughput":
                 result = throughput(rng, renter, options)
             else:
@@ -223,7 +223,7 @@ def job_spec(rng: random.Random) -> dict:
 
 
 @contextmanager
-def heartbeats(units: int):
+def heartbeats():
     """Keep every unit's heartbeat fresh while the benchmark runs, at the write rate of one
     heartbeat per unit every HEARTBEAT_EVERY_S (as 10,000 agents would send), in slices of the
     units so that no one statement holds many rows for long. Rows are locked in key order, as
