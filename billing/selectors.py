@@ -1,4 +1,4 @@
-from django.db.models import BigIntegerField, OuterRef, QuerySet, Subquery, Sum
+from django.db.models import BigIntegerField, F, OuterRef, Q, QuerySet, Subquery, Sum
 from django.db.models.functions import Coalesce
 
 from billing.models import Account, LedgerEntry, UsageSample
@@ -19,7 +19,10 @@ def allocations_with_usage(allocations: QuerySet) -> QuerySet:
     """Annotate each allocation with what ``billing.services.allocation_usage`` computes:
     ``usage_gpu_ms`` recorded and ``usage_wallet_micros`` (the renter's usage legs, negative),
     in the allocations' own query instead of two queries per row."""
-    used = UsageSample.objects.filter(allocation=OuterRef("pk"))
+    # A preempted interruptible job is billed up to its notice, not for the grace period after it.
+    used = UsageSample.objects.filter(allocation=OuterRef("pk")).filter(
+        Q(allocation__preempted_at__isnull=True) | Q(recorded_at__lte=F("allocation__preempted_at"))
+    )
     charged = LedgerEntry.objects.filter(
         transaction__allocation=OuterRef("pk"), transaction__kind="usage", account__kind=Account.Kind.RENTER_WALLET
     )

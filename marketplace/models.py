@@ -88,6 +88,11 @@ class Job(models.Model):
     rank = models.CharField(max_length=10, choices=Rank.choices, default=Rank.CHEAPEST)
     max_duration_s = models.PositiveIntegerField(default=3600)
     restartable = models.BooleanField(default=False)
+    interruptible = models.BooleanField(
+        default=False,
+        help_text="Run at the unit's interruptible price; an on-demand job may stop it (with notice) to take its "
+        "GPUs, and it is queued again. Usage is billed up to the notice.",
+    )
     network_egress = models.BooleanField(default=False, help_text="May the job reach the network?")
     sandboxed = models.BooleanField(default=False, help_text="Run under a sandboxed runtime such as gVisor.")
     state = models.CharField(max_length=10, choices=State.choices, default=State.QUEUED)
@@ -104,7 +109,8 @@ class Job(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
-        indexes = [models.Index(fields=["state", "created_at"])]
+        # By state and age (the placement queue); by age alone (the recent workload packing plans for).
+        indexes = [models.Index(fields=["state", "created_at"]), models.Index(fields=["created_at"])]
         constraints = [
             models.CheckConstraint(condition=Q(gpu_count__gte=1), name="job_gpu_count_positive"),
             models.CheckConstraint(
@@ -135,6 +141,11 @@ class Allocation(models.Model):
     acknowledged_at = models.DateTimeField(null=True, blank=True)
     released_at = models.DateTimeField(null=True, blank=True)
     release_reason = models.CharField(max_length=40, blank=True)
+    interruptible = models.BooleanField(default=False)
+    # An on-demand job needed these slices: the agent is told to stop the job (its notice), and
+    # usage after this moment is not billed.
+    preempted_at = models.DateTimeField(null=True, blank=True)
+    preempted_by = models.ForeignKey(Job, on_delete=models.SET_NULL, null=True, blank=True, related_name="preemptions")
 
     class Meta:
         ordering = ["-created_at"]

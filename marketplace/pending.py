@@ -32,4 +32,8 @@ def pending_summary(reason: dict | None) -> str:
     parts = [f"{count} {REASONS.get(name, name.replace('_', ' '))}" for name, count in rejected]
     considered = reason.get("units_considered", 0)
     fitting = max(considered - sum(count for _, count in rejected), 0)
-    return f"{fitting} of {considered} units fit" + (": " + ", ".join(parts) if parts else "")
+    summary = f"{fitting} of {considered} units fit" + (": " + ", ".join(parts) if parts else "")
+    if stopping := (reason.get("preempting") or {}).get("allocations"):
+        jobs = "job is" if stopping == 1 else "jobs are"
+        summary += f"; {stopping} interruptible {jobs} being stopped to make room"
+    return summary

@@ -17,6 +17,7 @@ Ranking: the job's preference first (cheapest, or most reliable), then the packi
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import threading
@@ -25,6 +26,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import NamedTuple
 from uuid import UUID
 
 from celery.utils.log import current_process_index
@@ -43,8 +45,14 @@ from nodes.models import Isolation, RentersAccepted, Slice, Unit
 # Units are re-read when changed within this long before the last refresh, so a transaction
 # that committed a little after it stamped its change is not missed.
 REFRESH_OVERLAP = timedelta(milliseconds=500)
-# The view is rebuilt from scratch at least this often (the deep pass), whatever was missed.
-REBUILD_AFTER_S = 60.0
+# Every unit's version is checked against the view this often, to catch a change the refresh
+# window missed (a transaction that committed long after it stamped its change).
+AUDIT_AFTER_S = 10.0
+# The packing policy is derived again from the recent workload this often.
+POLICY_AFTER_S = 60.0
+# The view is rebuilt from scratch about every PLACEMENT_REBUILD_INTERVAL_S, give or take this
+# share, so that the worker's processes are not all busy rebuilding at once.
+REBUILD_JITTER = 0.2
 # How many other units to try when claims keep losing races, before leaving the job queued.
 CLAIM_TRIES = 8
 # How many queued jobs a pass decides for and claims in one transaction.
@@ -56,6 +64,9 @@ NOTHING_FOUND_TTL_S = 30.0
 # How long a unit whose heartbeats stopped is skipped before it is tried again.
 UNRESPONSIVE_HOLD_S = 2.0
 CHOICE_CACHE_SIZE = 200_000
+# An on-demand job that stopped interruptible jobs waits this long for their agents to free the
+# GPUs before it may stop others.
+PREEMPTION_WAIT_S = 120.0
 # How many recent jobs describe the workload the packing policy plans for.
 WORKLOAD_SAMPLE = 1000
 # The workload assumed before any job was seen: mostly single GPUs, some gangs.
@@ -68,9 +79,11 @@ DEFAULT_TASK_TYPES = [
 PLACEABLE = (Unit.Status.ONLINE, Unit.Status.SUSPECT, Unit.Status.OFFLINE, Unit.Status.DRAINING)
 
 
-@dataclass(frozen=True)
-class Profile:
-    """Everything about a unit a job's or owner's rules look at, apart from its free slices."""
+class Profile(NamedTuple):
+    """Everything about a unit a job's or owner's rules look at, apart from its free slices.
+
+    Named tuples rather than dataclasses: the view hashes, compares and sorts these by the
+    hundred thousand, and a tuple does that in C."""
 
     status: str
     country: str
@@ -80,15 +93,15 @@ class Profile:
     isolation_levels: tuple[str, ...]
     workload_classes: tuple[str, ...]
     renters_accepted: str
+    interruptible_price_percent: int
     max_job_duration_s: int | None
     availability: tuple
     time_zone: str
     reliability: float  # rounded, so units of nearly equal standing group together
 
 
-@dataclass(frozen=True, order=True)
-class SliceShape:
-    """A free slice as a job sees it (its id aside)."""
+class SliceShape(NamedTuple):
+    """A free slice as a job sees it (its id aside); ordered field by field."""
 
     model: str
     vram_mb: int
@@ -108,6 +121,10 @@ class UnitState:
     busy: bool  # holds at least one active lease
     exclusive: bool  # held whole by a node-level job
     evidence: dict = field(default_factory=dict)
+    # Slices held by interruptible jobs no one has stopped yet: gpu id -> (slice, shape, allocation)
+    preemptible: dict[UUID, list[tuple[UUID, SliceShape, UUID]]] = field(default_factory=dict)
+    firm_busy: bool = False  # holds a lease no on-demand job can take away
+    firm_exclusive: bool = False
 
     def key(self) -> tuple:
         gpus = tuple(sorted(tuple(sorted(shape for _, shape in slices)) for slices in self.free.values() if slices))
@@ -164,6 +181,7 @@ def signature(job: Job) -> tuple:
         job.workload_class,
         job.max_duration_s,
         job.rank,
+        job.interruptible,
         job.renter_id,
     )
 
@@ -180,39 +198,67 @@ class CapacityView:
         self.groups: dict[int, Group] = {}  # the groups that have members
         self.buckets: dict[int, dict[int, Group]] = {}  # the same with free slices, by cheapest price
         self.group_of: dict[UUID, Group] = {}
+        self.preemptible_units: set[UUID] = set()  # units running interruptible jobs
         self.profile_ids: dict[Profile, int] = {}
         self.signature_ids: dict[tuple, int] = {}
+        self.shapes: dict[tuple, SliceShape] = {}  # slice columns -> their (shared) shape
         self.refreshed_at: datetime | None = None
         self.doubtful: set[UUID] = set()  # units to read again at the next refresh
         self.refreshed_mono = 0.0
-        self.built_at = 0.0
+        self.built_at = self.audited_at = self.policy_at = 0.0
+        self.rebuild_after = 0.0
+        self.task_types: list[packing.TaskType] = DEFAULT_TASK_TYPES
         self.epoch = 0  # bumped when capacity may have grown, so failed signatures are retried
         self.policy: packing.Policy = packing.make_fgd(DEFAULT_TASK_TYPES)
         self.choices: dict[tuple[int, int], Choice | str] = {}  # (signature id, group id) -> verdict
 
     # Loading
 
-    def refresh(self, *, force: bool = False) -> None:
-        """Re-read the units whose capacity version moved; rebuild everything now and then.
+    def refresh(self, *, force: bool = False, rebuild: bool = True) -> None:
+        """Re-read the units whose capacity version moved; rebuild everything now and then
+        (unless told not to: the fast path rebuilds after its commit, not with jobs held).
 
         Unless forced, a worker placing job after job re-reads at most every
         PLACEMENT_REFRESH_INTERVAL_S: a staler view only costs a lost claim, never a wrong one.
         """
-        if self.refreshed_at is None or time.monotonic() - self.built_at > REBUILD_AFTER_S:
+        if self.refreshed_at is None or (rebuild and self.rebuild_due()):
             self.rebuild()
             return
         if not force and time.monotonic() - self.refreshed_mono < settings.PLACEMENT_REFRESH_INTERVAL_S:
             return
         started = timezone.now()
-        rows = Unit.objects.filter(capacity_changed_at__gte=self.refreshed_at - REFRESH_OVERLAP).values_list(
-            "id", "capacity_version"
-        )
-        changed = {unit_id for unit_id, version in rows if self._version(unit_id) != version} | self.doubtful
+        if time.monotonic() - self.audited_at > AUDIT_AFTER_S:
+            # Every unit's version: a unit the view lacks, holds at another version, or holds
+            # but is no longer placeable is read again.
+            versions = dict(Unit.objects.filter(status__in=PLACEABLE).values_list("id", "capacity_version"))
+            changed = {unit_id for unit_id, version in versions.items() if self._version(unit_id) != version}
+            changed |= self.units.keys() - versions.keys()
+            self.audited_at = time.monotonic()
+        else:
+            rows = Unit.objects.filter(capacity_changed_at__gte=self.refreshed_at - REFRESH_OVERLAP).values_list(
+                "id", "capacity_version"
+            )
+            changed = {unit_id for unit_id, version in rows if self._version(unit_id) != version}
+        changed |= self.doubtful
         self.doubtful = set()
         if changed:
             self._load(sorted(changed))
+        if time.monotonic() - self.policy_at > POLICY_AFTER_S:
+            self._policy_update()
         self.refreshed_at = started
         self.refreshed_mono = time.monotonic()
+
+    def rebuild_due(self) -> bool:
+        return time.monotonic() - self.built_at > self.rebuild_after
+
+    def _policy_update(self) -> None:
+        """Plan packing for the workload seen lately; past verdicts stand only if it is unchanged."""
+        task_types = _workload_types()
+        if task_types != self.task_types:
+            self.task_types = task_types
+            self.policy = packing.make_fgd(task_types)
+            self.choices.clear()
+        self.policy_at = time.monotonic()
 
     def rebuild(self) -> None:
         started = timezone.now()
@@ -221,13 +267,22 @@ class CapacityView:
         self.groups.clear()
         self.buckets.clear()
         self.group_of.clear()
+        self.preemptible_units.clear()
         self.profile_ids.clear()
         self.signature_ids.clear()
+        self.shapes.clear()
         self.choices.clear()
-        self.policy = packing.make_fgd(_workload_types())
+        self.task_types = _workload_types()
+        self.policy = packing.make_fgd(self.task_types)
         self._load(None)
+        # The view is a million small objects that live long: leave them out of the cyclic
+        # garbage collector's full passes, which would otherwise stall placement for a good
+        # fraction of a second now and then. (They are still freed when no longer referenced.)
+        gc.freeze()
         self.refreshed_at = started
-        self.built_at = self.refreshed_mono = time.monotonic()
+        self.built_at = self.audited_at = self.policy_at = self.refreshed_mono = time.monotonic()
+        jitter = random.uniform(1 - REBUILD_JITTER, 1 + REBUILD_JITTER)
+        self.rebuild_after = settings.PLACEMENT_REBUILD_INTERVAL_S * jitter
         self.epoch += 1
 
     def reload(self, unit_id: UUID) -> None:
@@ -255,7 +310,8 @@ class CapacityView:
             unit_rows = list(
                 units.values(
                     "id", "capacity_version", "status", "country", "subdivision", "location_verified",
-                    "isolation_levels", "workload_classes", "renters_accepted", "max_job_duration_s",
+                    "isolation_levels", "workload_classes", "renters_accepted", "interruptible_price_percent",
+                    "max_job_duration_s",
                     "availability", "time_zone", "reliability", "observed_country", "attested_at", "attested_country",
                     "attested_subdivision",
                 )
@@ -271,29 +327,55 @@ class CapacityView:
                 leases = leases.filter(slice_id__in=[row[0] for row in rows])
             held = set()
             busy_units: dict[UUID, bool] = {}  # unit id -> held whole by a node-level job
-            for slice_id, unit_id, isolation in leases.values_list(
-                "slice_id", "slice__unit_id", "allocation__job__isolation"
-            ):
+            firm_units: dict[UUID, bool] = {}  # the same, counting only leases no job can take away
+            interruptible: dict[UUID, UUID] = {}  # slice id -> the allocation an on-demand job may stop
+            for slice_id, unit_id, isolation, allocation_id, can_stop, stopping in leases.values_list(
+                "slice_id", "slice__unit_id", "allocation__job__isolation", "allocation_id",
+                "allocation__interruptible", "allocation__preempted_at",
+            ):  # fmt: skip
                 held.add(slice_id)
-                busy_units[unit_id] = busy_units.get(unit_id, False) or isolation == Isolation.NODE
+                node = isolation == Isolation.NODE
+                busy_units[unit_id] = busy_units.get(unit_id, False) or node
+                if can_stop and stopping is None:
+                    interruptible[slice_id] = allocation_id
+                else:
+                    firm_units[unit_id] = firm_units.get(unit_id, False) or node
             free: dict[UUID, dict] = defaultdict(lambda: defaultdict(list))
+            preempt: dict[UUID, dict] = defaultdict(lambda: defaultdict(list))
+            shapes = self.shapes
             for row in rows:
                 slice_id, unit_id, gpu_id, model, cuda, kind, isolation, vram_mb, price, milli, *offered = row
-                if slice_id in held or not all(offered):
+                if not all(offered) or (slice_id in held and slice_id not in interruptible):
                     continue
-                shape = SliceShape(model, vram_mb, cuda_tuple(cuda), kind, isolation, price, milli)
-                free[unit_id][gpu_id].append((slice_id, shape))
+                # Thousands of slices share a handful of shapes: one object each.
+                described = (model, vram_mb, cuda, kind, isolation, price, milli)
+                shape = shapes.get(described)
+                if shape is None:
+                    shape = SliceShape(model, vram_mb, cuda_tuple(cuda), kind, isolation, price, milli)
+                    shapes[described] = shape
+                if slice_id in held:
+                    preempt[unit_id][gpu_id].append((slice_id, shape, interruptible[slice_id]))
+                else:
+                    free[unit_id][gpu_id].append((slice_id, shape))
             seen = set()
             for unit in unit_rows:
                 seen.add(unit["id"])
-                self._put(_unit_state(unit, free.get(unit["id"], {}), busy_units))
+                state = _unit_state(unit, free.get(unit["id"], {}), busy_units)
+                state.preemptible = dict(preempt.get(unit["id"], {}))
+                state.firm_busy, state.firm_exclusive = unit["id"] in firm_units, firm_units.get(unit["id"], False)
+                self._put(state)
             for unit_id in chunk or ():
                 if unit_id not in seen:
                     self._drop(unit_id)
 
     def _put(self, state: UnitState) -> None:
         old = self.units.get(state.id)
-        if old is None or old.profile != state.profile or not _free_ids(state) <= _free_ids(old):
+        if (
+            old is None
+            or old.profile != state.profile
+            or not _free_ids(state) <= _free_ids(old)
+            or not _preemptible_ids(state) <= _preemptible_ids(old)
+        ):
             self.epoch += 1
         self._drop(state.id)
         self.units[state.id] = state
@@ -310,9 +392,12 @@ class CapacityView:
         if group.price is not None:
             self.buckets.setdefault(group.price, {})[group.id] = group
         self.group_of[state.id] = group
+        if state.preemptible:
+            self.preemptible_units.add(state.id)
 
     def _drop(self, unit_id: UUID) -> None:
         self.units.pop(unit_id, None)
+        self.preemptible_units.discard(unit_id)
         group = self.group_of.pop(unit_id, None)
         if group is not None:
             del group.members[unit_id]
@@ -352,8 +437,19 @@ class CapacityView:
                 busy=True,
                 exclusive=state.exclusive or exclusive,
                 evidence=state.evidence,
+                preemptible=state.preemptible,
+                firm_busy=True,
+                firm_exclusive=state.firm_exclusive or exclusive,
             )
         )
+
+    def preempting(self, unit_id: UUID, allocation_ids: set[UUID]) -> None:
+        """Record interruptible jobs about to be stopped: no other job may count on stopping them."""
+        state = self.units[unit_id]
+        left = {gpu: [s for s in slices if s[2] not in allocation_ids] for gpu, slices in state.preemptible.items()}
+        state.preemptible = {gpu: slices for gpu, slices in left.items() if slices}
+        if not state.preemptible:
+            self.preemptible_units.discard(unit_id)
 
 
 def _chunks(unit_ids: list | None, size: int = 500):
@@ -366,6 +462,10 @@ def _chunks(unit_ids: list | None, size: int = 500):
 
 def _free_ids(state: UnitState) -> set:
     return {slice_id for slices in state.free.values() for slice_id, _ in slices}
+
+
+def _preemptible_ids(state: UnitState) -> set:
+    return {held[0] for slices in state.preemptible.values() for held in slices}
 
 
 def _unit_state(row: dict, free: dict, busy_units: dict) -> UnitState:
@@ -382,6 +482,7 @@ def _unit_state(row: dict, free: dict, busy_units: dict) -> UnitState:
         isolation_levels=tuple(sorted(row["isolation_levels"] or ())),
         workload_classes=tuple(sorted(row["workload_classes"] or ())),
         renters_accepted=row["renters_accepted"],
+        interruptible_price_percent=row["interruptible_price_percent"],
         max_job_duration_s=row["max_job_duration_s"],
         availability=availability.key(row["availability"] or []),
         time_zone=row["time_zone"],
@@ -393,11 +494,16 @@ def _unit_state(row: dict, free: dict, busy_units: dict) -> UnitState:
         id=row["id"],
         version=row["capacity_version"],
         profile=profile,
-        free={gpu: sorted(slices, key=lambda s: (s[1], str(s[0]))) for gpu, slices in free.items()},
+        free={gpu: sorted(slices, key=_by_shape) for gpu, slices in free.items()},
         busy=row["id"] in busy_units,
         exclusive=busy_units.get(row["id"], False),
         evidence=evidence,
     )
+
+
+def _by_shape(free_slice: tuple[UUID, SliceShape]) -> tuple:
+    slice_id, shape = free_slice
+    return shape, slice_id.int
 
 
 def _workload_types() -> list[packing.TaskType]:
@@ -464,7 +570,12 @@ def _location_proven(job: Job, profile: Profile, matched: str) -> bool:
     return bool(broader) and jurisdictions.match(broader, profile.country, profile.subdivision) is not None
 
 
-def slice_rejection(job: Job, shape: SliceShape) -> str | None:
+def charged(job: Job, profile: Profile, price: int) -> int:
+    """What the job pays per GPU-hour for a slice at this price: less if it is interruptible."""
+    return price * profile.interruptible_price_percent // 100 if job.interruptible else price
+
+
+def slice_rejection(job: Job, shape: SliceShape, profile: Profile) -> str | None:
     if job.gpu_models and shape.model not in job.gpu_models:
         return "gpu_model"
     if shape.vram_mb < job.min_vram_gb * 1024:
@@ -474,7 +585,7 @@ def slice_rejection(job: Job, shape: SliceShape) -> str | None:
     if Isolation.rank(shape.isolation) < Isolation.rank(job.isolation) and job.isolation != Isolation.NODE:
         return "isolation"
     cap = job.max_price_per_gpu_hour_micros
-    if cap is not None and shape.price > cap:
+    if cap is not None and charged(job, profile, shape.price) > cap:
         return "price_cap"
     if job.gpu_milli is not None and shape.milli < job.gpu_milli:
         return "gpu_share"
@@ -499,7 +610,7 @@ def choose(job: Job, state: UnitState, policy: packing.Policy) -> Choice | str:
     for position, slices in enumerate(gpus):
         fitting = []
         for _, shape in slices:
-            why = slice_rejection(job, shape)
+            why = slice_rejection(job, shape, state.profile)
             if why:
                 reasons[why] += 1
             else:
@@ -554,6 +665,7 @@ def _pack(job: Job, state: UnitState, usable: list, policy: packing.Policy) -> C
 
 def _choice(job: Job, state: UnitState, price: int, cost: float, take: tuple) -> Choice:
     # The job's preference first (by what the whole job costs an hour), then the packing policy.
+    price = charged(job, state.profile, price)
     total = price * len(take)
     if job.rank == Job.Rank.RELIABLE:
         rank = (-state.profile.reliability, total, cost)
@@ -586,6 +698,7 @@ class Decision:
     choice: Choice
     slice_ids: list[UUID]
     summary: dict
+    preempts: set[UUID] = field(default_factory=set)  # interruptible allocations to stop first
 
 
 class Engine:
@@ -618,10 +731,15 @@ class Engine:
             unit_id = decision.unit.id
             before.setdefault(unit_id, decision.unit)
             # Taken in the view at once, so the batch's next job sees the unit as it will be.
-            self.view.taken(decision.unit, set(decision.slice_ids), exclusive=job.isolation == Isolation.NODE)
+            if decision.preempts:
+                self.view.preempting(unit_id, decision.preempts)
+            else:
+                self.view.taken(decision.unit, set(decision.slice_ids), exclusive=job.isolation == Isolation.NODE)
             decisions.append(decision)
         try:
-            allocations, lost = self._claim(decisions, before) if decisions else ([], [])
+            allocations, lost, preempting = self._claim(decisions, before) if decisions else ([], [], [])
+            for decision in preempting:
+                pending[decision.job.pk] = (decision.job, decision.summary)
             _pending_record(pending.values())
         except DatabaseError:
             # The transaction is lost (say, a deadlock with another writer): so are this batch's
@@ -634,23 +752,73 @@ class Engine:
     def _decide(self, job: Job, run: Pass, pending: dict) -> Decision | None:
         sig = signature(job)
         excluded = self._excluded(job)
+        waiting = _preemption_waited_for(job)
         known = self.nothing_found.get(sig)
         fresh = known and known[0] == self.view.epoch and time.monotonic() - known[1] < NOTHING_FOUND_TTL_S
         if fresh and not excluded:
-            pending[job.pk] = (job, known[2])
+            pending[job.pk] = (job, known[2] if waiting is None else {**known[2], "preempting": waiting})
             return None
         picked, summary = self.candidates(job, sig, run, excluded)
         if picked is None:
-            if not excluded:
+            if waiting is None and not job.interruptible and (found := self.preemption(job, run, excluded)):
+                state, choice, slice_ids, preempts = found
+                since = {"allocations": len(preempts), "since": run.now.isoformat()}
+                return Decision(job, state, choice, slice_ids, {**summary, "preempting": since}, preempts)
+            if not excluded and waiting is None:
                 self.nothing_found[sig] = (self.view.epoch, time.monotonic(), summary)
-            pending[job.pk] = (job, summary)
+            pending[job.pk] = (job, summary if waiting is None else {**summary, "preempting": waiting})
             return None
         unit_id, choice = picked
         state = self.view.units[unit_id]
         return Decision(job, state, choice, slices_for(state, choice), summary)
 
-    def _claim(self, decisions: list[Decision], before: dict[UUID, UnitState]) -> tuple[list[Allocation], list[Job]]:
+    def preemption(
+        self, job: Job, run: Pass, excluded: dict[UUID, str]
+    ) -> tuple[UnitState, Choice, list[UUID], set[UUID]] | None:
+        """Where an on-demand job that fits nowhere could run once interruptible jobs stop: the
+        unit where the fewest must stop, then by the job's preference. Returns the unit, the
+        choice, its slices and the interruptible allocations to stop."""
+        view = self.view
+        best = None
+        verdicts: dict[Profile, str | None] = {}
+        for unit_id in view.preemptible_units:
+            if unit_id in excluded:
+                continue
+            state = view.units[unit_id]
+            if state.profile not in verdicts:
+                verdicts[state.profile] = profile_rejection(job, state.profile, run)
+            if verdicts[state.profile] is not None:
+                continue
+            freed = {gpu: list(slices) for gpu, slices in state.free.items()}
+            for gpu, slices in state.preemptible.items():
+                freed.setdefault(gpu, []).extend((slice_id, shape) for slice_id, shape, _ in slices)
+            room = UnitState(
+                state.id,
+                state.version,
+                state.profile,
+                {gpu: sorted(slices, key=_by_shape) for gpu, slices in freed.items()},
+                busy=state.firm_busy,
+                exclusive=state.firm_exclusive,
+                evidence=state.evidence,
+            )
+            choice = choose(job, room, view.policy)
+            if isinstance(choice, str):
+                continue
+            slice_ids = slices_for(room, choice)
+            taken = set(slice_ids)
+            stop = {held[2] for slices in state.preemptible.values() for held in slices if held[0] in taken}
+            if not stop:
+                continue  # it fits without stopping anyone: the view was stale; the next pass sees it
+            key = (len(stop), choice.rank)
+            if best is None or key < best[0]:
+                best = (key, (state, choice, slice_ids, stop))
+        return None if best is None else best[1]
+
+    def _claim(
+        self, decisions: list[Decision], before: dict[UUID, UnitState]
+    ) -> tuple[list[Allocation], list[Job], list[Decision]]:
         """Lease what was decided on every unit still at the version decided on; the rest lose.
+        Decisions that need interruptible jobs stopped first stop them (and are returned).
 
         The units are locked in one statement, in key order, so workers never deadlock; the
         partial unique index on active leases remains the guarantee behind it all.
@@ -673,18 +841,26 @@ class Engine:
                 # Same version, so the unit missed heartbeats; keep away until liveness decides.
                 self.unresponsive[unit_id] = time.monotonic() + UNRESPONSIVE_HOLD_S
                 self.stats["units_unresponsive"] += 1
+        if won:
+            Unit.objects.filter(pk__in=won).update(capacity_version=F("capacity_version") + 1, capacity_changed_at=now)
         # A lease made behind the capacity version's back would make this raise IntegrityError
         # (the index holds); the whole batch then rolls back and its units are read again.
-        allocations = _lease([d for d in decisions if d.unit.id in won], won, now)
+        allocations = _lease([d for d in decisions if d.unit.id in won and not d.preempts], now)
+        preempting = [d for d in decisions if d.unit.id in won and d.preempts]
+        _preempt(preempting, now)
+        # An interruptible job's slices can be stopped by others: read from the database, not tentatively held.
+        reread = {d.unit.id for d in decisions if d.job.interruptible and not d.preempts}
         for unit_id in before:
-            if unit_id in won:
+            if unit_id in won and unit_id not in reread:
                 self.view.bump(unit_id, before[unit_id].version + 1)
             else:
                 self.view.reload(unit_id)
         lost = [d.job for d in decisions if d.unit.id not in won]
         self.stats["placed"] += len(allocations)
+        if preempting:
+            self.stats["preempting"] += len(preempting)
         self.stats["lost_race"] += len(lost)
-        return allocations, lost
+        return allocations, lost, preempting
 
     def give_up(self, jobs: list[Job]) -> None:
         """Jobs that kept losing races stay queued until the next pass, saying why: every unit
@@ -723,7 +899,8 @@ class Engine:
         view = self.view
         sid = view.signature_id(sig)
         units = {"units_considered": len(view.units)}
-        if job.rank == Job.Rank.CHEAPEST and job.isolation != Isolation.NODE:
+        # (Buckets are by list price, which orders what an interruptible job pays only per unit.)
+        if job.rank == Job.Rank.CHEAPEST and job.isolation != Isolation.NODE and not job.interruptible:
             found: list = []
             for price in sorted(view.buckets):
                 if found and price * job.gpu_count > min(item[0][0] for item in found):
@@ -794,11 +971,10 @@ class Engine:
         return [unit_id for unit_id in units if unit_id.int % self.view.shards == self.shard]
 
 
-def _lease(decisions: list[Decision], units: set[UUID], now: datetime) -> list[Allocation]:
-    """Write the placements: units' versions, jobs, allocations, leases and the audit trail."""
+def _lease(decisions: list[Decision], now: datetime) -> list[Allocation]:
+    """Write the placements: jobs, allocations, leases and the audit trail."""
     if not decisions:
         return []
-    Unit.objects.filter(pk__in=units).update(capacity_version=F("capacity_version") + 1, capacity_changed_at=now)
     Job.objects.filter(pk__in=[d.job.pk for d in decisions], state=Job.State.QUEUED).update(
         state=Job.State.PLACED, placed_at=now, attempts=F("attempts") + 1, pending_reason={}
     )
@@ -809,6 +985,7 @@ def _lease(decisions: list[Decision], units: set[UUID], now: datetime) -> list[A
             price_per_gpu_hour_micros=d.choice.price,
             gpu_count=len(d.slice_ids),
             created_at=now,
+            interruptible=d.job.interruptible,
         )
         for d in decisions
     ]
@@ -841,6 +1018,36 @@ def _lease(decisions: list[Decision], units: set[UUID], now: datetime) -> list[A
     return allocations
 
 
+def _preempt(decisions: list[Decision], now: datetime) -> None:
+    """Tell the interruptible jobs in the way to stop (their agents hear it at the next
+    heartbeat); the on-demand jobs stay queued and are placed as soon as the slices free."""
+    for d in decisions:
+        stopping = Allocation.objects.filter(pk__in=d.preempts, released_at__isnull=True, preempted_at__isnull=True)
+        stopped = list(stopping.values_list("pk", "job_id", "unit_id"))
+        stopping.update(preempted_at=now, preempted_by=d.job)
+        AuditEvent.objects.bulk_create(
+            [
+                AuditEvent(
+                    action="job.preempted",
+                    subject_id=job_id,
+                    actor="placement",
+                    created_at=now,
+                    data={"allocation": str(pk), "unit": str(unit_id), "for_job": str(d.job.pk)},
+                )
+                for pk, job_id, unit_id in stopped
+            ]
+        )
+
+
+def _preemption_waited_for(job: Job) -> dict | None:
+    """The interruptible jobs this job is waiting on to stop, while that is worth waiting for."""
+    waiting = (job.pending_reason or {}).get("preempting")
+    if not waiting:
+        return None
+    since = datetime.fromisoformat(waiting["since"])
+    return waiting if (timezone.now() - since).total_seconds() < PREEMPTION_WAIT_S else None
+
+
 def placement_record(job: Job, state: UnitState, choice: Choice, summary: dict) -> dict:
     """Which of the job's rules and the owner's policy allowed this placement, for the audit trail."""
     profile = state.profile
@@ -855,7 +1062,12 @@ def placement_record(job: Job, state: UnitState, choice: Choice, summary: dict) 
             "attested": state.evidence.get("attested", False),
         },
         "isolation": {"required": job.isolation, "offered": list(profile.isolation_levels)},
-        "price": {"cap_per_gpu_hour_micros": job.max_price_per_gpu_hour_micros, "per_gpu_hour_micros": choice.price},
+        "price": {
+            "cap_per_gpu_hour_micros": job.max_price_per_gpu_hour_micros,
+            "per_gpu_hour_micros": choice.price,
+            "interruptible": job.interruptible,
+            "interruptible_price_percent": profile.interruptible_price_percent if job.interruptible else None,
+        },
         "requirements": {
             "gpu_count": job.gpu_count,
             "gpu_models": list(job.gpu_models),
@@ -931,23 +1143,30 @@ def job_place(*, job_id) -> Allocation | None:
     """
     eng = engine()
     with eng.lock:
-        for _ in range(CLAIM_TRIES):
-            try:
-                with transaction.atomic():
-                    queued = Job.objects.select_for_update(skip_locked=True).filter(state=Job.State.QUEUED)
-                    job = queued.filter(pk=job_id).first()
-                    if job is None:
-                        return None
-                    fresh = queued.filter(pending_reason={}).exclude(pk=job_id).order_by("created_at", "id")
-                    jobs = [job, *fresh[: FAST_BATCH - 1]]
-                    eng.view.refresh()
-                    allocations, lost = eng.place(jobs, Pass())
-            except IntegrityError:
-                continue  # the index turned a claim down: rolled back, its units read again
-            mine = next((a for a in allocations if a.job_id == job.pk), None)
-            if job not in lost:
-                return mine
-        eng.give_up([job])
+        allocation = _job_place(eng, job_id)
+        # The periodic rebuild of the view, when due, waits until no job is held for it.
+        if eng.view.rebuild_due():
+            eng.view.rebuild()
+    return allocation
+
+
+def _job_place(eng: Engine, job_id) -> Allocation | None:
+    for _ in range(CLAIM_TRIES):
+        try:
+            with transaction.atomic():
+                queued = Job.objects.select_for_update(skip_locked=True).filter(state=Job.State.QUEUED)
+                job = queued.filter(pk=job_id).first()
+                if job is None:
+                    return None
+                fresh = queued.filter(pending_reason={}).exclude(pk=job_id).order_by("created_at", "id")
+                jobs = [job, *fresh[: FAST_BATCH - 1]]
+                eng.view.refresh(rebuild=False)
+                allocations, lost = eng.place(jobs, Pass())
+        except IntegrityError:
+            continue  # the index turned a claim down: rolled back, its units read again
+        if job not in lost:
+            return next((a for a in allocations if a.job_id == job.pk), None)
+    eng.give_up([job])
     return None
 
 

@@ -135,7 +135,11 @@ def allocation_finish(*, allocation: Allocation, exit_code: int | None, reason: 
         if allocation.released_at is None:
             _allocation_refused(allocation, job, reason=reason)
         return job  # nothing ran, so there is no usage; a repeated refusal changes nothing
-    if allocation.released_at is None:
+    # Stopped by the agent for the notice, whatever its exit code (a job that checkpoints on
+    # SIGTERM may well exit 0): preempted, not done. A job that ended by itself meanwhile is done.
+    if allocation.preempted_at is not None and reason == "preempted" and job.state in Job.ACTIVE_STATES:
+        _allocation_preempted(allocation, job)
+    elif allocation.released_at is None:
         _allocation_release(allocation, reason=reason or "finished")
     if job.state in Job.ACTIVE_STATES:
         job.state = Job.State.SUCCEEDED if exit_code == 0 else Job.State.FAILED
@@ -150,6 +154,20 @@ def allocation_finish(*, allocation: Allocation, exit_code: int | None, reason: 
         job.save(update_fields=["exit_code"])
     usage_post_request(allocation.pk)
     return job
+
+
+def _allocation_preempted(allocation: Allocation, job: Job) -> None:
+    """An interruptible job stopped for an on-demand one: the slices go to that job first, and
+    this one waits in the queue again (a preemption is not one of its attempts)."""
+    if allocation.released_at is None:
+        _allocation_release(allocation, reason="preempted")
+    if allocation.preempted_by_id is not None:
+        placement_request(allocation.preempted_by_id)
+    job.state, job.placed_at, job.started_at = Job.State.QUEUED, None, None
+    job.attempts = max(job.attempts - 1, 0)
+    job.save(update_fields=["state", "placed_at", "started_at", "attempts"])
+    audit_record("job.requeued", job.id, actor=f"unit:{allocation.unit_id}", reason="preempted")
+    placement_request(job.id)
 
 
 def _allocation_refused(allocation: Allocation, job: Job, *, reason: str) -> None:
@@ -177,6 +195,17 @@ def _allocation_refused(allocation: Allocation, job: Job, *, reason: str) -> Non
     job.failure_reason = f"refused by unit: {reason}"[:255]
     job.save(update_fields=["state", "finished_at", "failure_reason"])
     audit_record("job.failed", job.id, actor=actor, reason=reason)
+
+
+def allocations_to_preempt(*, unit: Unit, running_ids: list) -> list:
+    """Of the allocations the agent says it runs, the interruptible ones placement asked to
+    stop for an on-demand job: the agent's notice, repeated at every heartbeat until they end."""
+    if not running_ids:
+        return []
+    stopping = Allocation.objects.filter(
+        unit=unit, pk__in=running_ids, released_at__isnull=True, preempted_at__isnull=False
+    ).values_list("pk", flat=True)
+    return [str(pk) for pk in stopping]
 
 
 def allocations_to_cancel(*, unit: Unit, running_ids: list) -> list:

@@ -164,6 +164,8 @@ UNIT_OFFLINE_AFTER = timedelta(seconds=env_int("UNIT_OFFLINE_AFTER_S", 47))
 JOB_MAX_ATTEMPTS = env_int("JOB_MAX_ATTEMPTS", 3)
 # A placement worker re-reads changed units at most this often while placing job after job.
 PLACEMENT_REFRESH_INTERVAL_S = env_int("PLACEMENT_REFRESH_INTERVAL_MS", 20) / 1000
+# ... and rebuilds its view from scratch about this often (each process at its own moment).
+PLACEMENT_REBUILD_INTERVAL_S = env_int("PLACEMENT_REBUILD_INTERVAL_S", 600)
 # Placement worker processes prefer disjoint shards of the units, so that concurrent workers pack
 # their own units instead of racing for the same best one; set it to the worker's concurrency.
 PLACEMENT_SHARDS = env_int("PLACEMENT_SHARDS", 1)
@@ -209,6 +211,12 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_TIME_LIMIT = 60
 CELERY_TASK_SOFT_TIME_LIMIT = 50
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Celery's Django fix-up would close the database connection around every task (a new
+# connection each time costs more than most of our tasks); the connection is kept for this many
+# tasks instead, and marketplace.celery drops it by CONN_MAX_AGE and health, as Django does.
+CELERY_DB_REUSE_MAX = 10_000
+# Each worker process builds its placement capacity view before taking tasks (seconds at 10,000 units).
+CELERY_WORKER_PROC_ALIVE_TIMEOUT = 120
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TIMEZONE = TIME_ZONE

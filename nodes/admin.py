@@ -11,7 +11,7 @@ LOCATION_EVIDENCE = [
 
 OWNER_POLICY = [
     "price_per_gpu_hour_micros", "isolation_levels", "workload_classes", "renters_accepted",
-    "max_job_duration_s", "availability", "time_zone", "reliability",
+    "interruptible_price_percent", "max_job_duration_s", "availability", "time_zone", "reliability",
 ]  # fmt: skip
 
 

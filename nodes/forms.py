@@ -46,6 +46,12 @@ class UnitPolicyForm(forms.Form):
         choices=WorkloadClass.choices, widget=forms.CheckboxSelectMultiple, label="Workloads accepted"
     )
     renters_accepted = forms.ChoiceField(choices=RentersAccepted.choices, widget=forms.RadioSelect)
+    interruptible_price_percent = forms.IntegerField(
+        min_value=1,
+        max_value=100,
+        label="Interruptible price, % of the price",
+        help_text="Interruptible jobs pay this share of your price; an on-demand job may stop them to take the GPUs.",
+    )
     max_job_hours = forms.DecimalField(
         required=False,
         min_value=Decimal("0.01"),
@@ -72,6 +78,7 @@ class UnitPolicyForm(forms.Form):
             "isolation_levels": unit.isolation_levels,
             "workload_classes": unit.workload_classes,
             "renters_accepted": unit.renters_accepted,
+            "interruptible_price_percent": unit.interruptible_price_percent,
             "max_job_hours": None if hours is None else round(hours, 2),
             "availability": _availability_text(unit.availability),
         }
@@ -96,6 +103,7 @@ class UnitPolicyForm(forms.Form):
             "isolation_levels": data["isolation_levels"],
             "workload_classes": data["workload_classes"],
             "renters_accepted": data["renters_accepted"],
+            "interruptible_price_percent": data["interruptible_price_percent"],
             "max_job_duration_s": None if hours is None else int(hours * 3600),
             "availability": data["availability"],
         }

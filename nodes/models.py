@@ -3,6 +3,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import F, Q
 from django.utils import timezone
@@ -98,6 +99,12 @@ class Unit(models.Model):
     isolation_levels = models.JSONField(default=default_isolation_levels)
     workload_classes = models.JSONField(default=default_workload_classes)
     renters_accepted = models.CharField(max_length=10, choices=RentersAccepted.choices, default=RentersAccepted.ANY)
+    interruptible_price_percent = models.PositiveSmallIntegerField(
+        default=50,
+        validators=[MinValueValidator(1), MaxValueValidator(100)],
+        help_text="What an interruptible job pays, as a percentage of the price; on-demand jobs may stop it "
+        "(with notice) to take its GPUs.",
+    )
     max_job_duration_s = models.PositiveIntegerField(
         null=True, blank=True, help_text="Longest job the owner accepts, in seconds; empty means any."
     )

@@ -256,7 +256,7 @@ def unit_policy(unit: Unit) -> dict:
 
 POLICY_FIELDS = (
     "price_per_gpu_hour_micros", "isolation_levels", "workload_classes", "renters_accepted",
-    "max_job_duration_s", "availability",
+    "interruptible_price_percent", "max_job_duration_s", "availability",
 )  # fmt: skip
 
 

@@ -1,14 +1,21 @@
 """The placement engine's own machinery: the capacity view, versioned claims, the packing policy
 deciding among equals, and signatures that found nothing not being searched again."""
 
+import gc
+from datetime import timedelta
 from unittest import mock
 
+from celery.fixups.django import DjangoWorkerFixup
+from django.db import DatabaseError, connection
+from django.db.models import F
 from django.utils import timezone
 
-from marketplace import placement
+from marketplace import celery_app, placement
 from marketplace.models import Allocation, Job, Lease
 from marketplace.placement import Engine, job_place
 from marketplace.services import allocation_finish, job_cancel
+from marketplace.tasks import job_place as job_place_task
+from marketplace.tasks import placement_view_build
 from nodes.models import Unit
 from nodes.services import units_capacity_changed
 from tests.conftest import job_make, renter_client, unit_online
@@ -113,6 +120,96 @@ class TestCapacityView:
 
         job.refresh_from_db()
         assert job.pending_reason == {"units_considered": 0, "rejected": {}}
+
+    def test_a_change_the_refresh_window_missed_is_caught_by_the_version_check(self, owner, renter, settings):
+        """A transaction that stamped its change long before it committed falls outside the
+        refresh window; the periodic check of every unit's version still finds it."""
+        unit = shed(owner, "late", gpus=2)
+        view = placement.engine().view
+        view.refresh()
+        long_ago = timezone.now() - timedelta(minutes=5)
+        Unit.objects.filter(pk=unit.pk).update(
+            capacity_version=F("capacity_version") + 1, capacity_changed_at=long_ago, workload_classes=["inference"]
+        )
+        version = Unit.objects.get(pk=unit.pk).capacity_version
+
+        view.refresh(force=True)
+        assert view.units[unit.pk].version == version - 1  # outside the window: not seen yet
+
+        view.audited_at -= placement.AUDIT_AFTER_S
+        view.refresh(force=True)
+        assert view.units[unit.pk].version == version
+        assert view.units[unit.pk].profile.workload_classes == ("inference",)
+
+    def test_the_fast_path_rebuilds_the_view_only_once_its_job_is_placed(self, owner, renter):
+        shed(owner, "one", gpus=1)
+        view = placement.engine().view
+        view.refresh()
+        view.rebuild_after = 0  # a rebuild is due
+        job = job_make(renter)
+        states = []
+        rebuild = view.rebuild
+
+        def recorded():
+            states.append(Job.objects.get(pk=job.pk).state)
+            rebuild()
+
+        with mock.patch.object(view, "rebuild", side_effect=recorded):
+            allocation = job_place(job_id=job.pk)
+
+        assert allocation is not None
+        assert states == [Job.State.PLACED]
+        assert view.units  # rebuilt, and whole again
+
+    def test_a_rebuilt_view_is_left_out_of_full_garbage_collections(self, owner):
+        shed(owner, "frozen")
+        gc.unfreeze()
+
+        placement.engine().view.refresh()
+
+        assert gc.get_freeze_count() > 0
+
+    def test_the_packing_policy_follows_the_recent_workload(self, owner, renter):
+        shed(owner, "planner", gpus=4)
+        view = placement.engine().view
+        view.refresh()
+        assert view.task_types == placement.DEFAULT_TASK_TYPES  # nothing seen yet
+        pairs_of_late(renter)
+        view.choices[0, 0] = "stale"
+
+        view.policy_at -= placement.POLICY_AFTER_S
+        view.refresh(force=True)
+
+        assert [(t.num_gpu, t.weight) for t in view.task_types] == [(2, 1.0)]
+        assert view.choices == {}  # verdicts under the old policy are gone
+
+
+class TestWorkerProcess:
+    def test_a_new_worker_process_builds_its_view_before_taking_tasks(self, owner):
+        unit = shed(owner, "ready")
+
+        placement_view_build()
+
+        assert unit.pk in placement.engine().view.units
+
+    def test_a_view_that_cannot_be_built_at_start_is_left_to_the_first_task(self, owner, caplog):
+        with mock.patch.object(placement.CapacityView, "refresh", side_effect=DatabaseError("server gone")):
+            placement_view_build()
+
+        assert "could not be built at start" in caplog.text
+
+    def test_the_worker_keeps_its_database_connection_between_tasks(self, db):
+        """Celery's Django fix-up closes the connection around every task unless told to reuse
+        it; a new connection per task would cost more than most placements."""
+        fixup = DjangoWorkerFixup(celery_app)
+        connection.ensure_connection()
+        before = connection.connection
+
+        for _ in range(10):
+            fixup.on_task_prerun(sender=job_place_task)
+            fixup.on_task_postrun(sender=job_place_task)
+
+        assert connection.connection is before and not connection.closed_in_transaction
 
 
 class TestSignatureCache:

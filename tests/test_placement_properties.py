@@ -116,6 +116,7 @@ unit_specs = st.fixed_dictionaries(
         "time_zone": st.sampled_from(ZONES),
         "windows": st.one_of(st.just([]), st.just([]), windows),
         "price": st.sampled_from(PRICES),
+        "interruptible_price_percent": st.sampled_from([25, 50, 100]),
         "reliability": st.sampled_from([0.2, 0.5, 0.9]),
         "slicing": often(Slicing.WHOLE, st.sampled_from(Slicing.values)),
         "shared_fraction": st.integers(2, 4),
@@ -174,6 +175,7 @@ def job_specs(draw, near: list[str]) -> dict:
         spec["min_cuda"] = draw(often("", st.sampled_from(["11.8", "12.2", "12.3", "12.10"])))
     if "price" in rules:
         spec["max_price_per_gpu_hour_micros"] = draw(st.sampled_from([300_000, 1_000_000, 1_500_000, 2_000_000]))
+        spec["interruptible"] = draw(st.booleans())
     if "residency" in rules:
         # Mostly codes that name the units' own places, often at several levels at once.
         codes = draw(
@@ -271,6 +273,7 @@ def unit_build(world: World, spec: dict, n: int, now: datetime) -> None:
         subdivision=subdivision,
         status=spec["status"],
         price_per_gpu_hour_micros=spec["price"],
+        interruptible_price_percent=spec["interruptible_price_percent"],
         isolation_levels=spec["isolation_levels"],
         workload_classes=spec["workload_classes"],
         renters_accepted=spec["renters_accepted"],
@@ -378,6 +381,14 @@ def version(text: str) -> tuple[int, ...]:
     return tuple(numbers + [0] * (3 - len(numbers)))
 
 
+def pays(job: Job, s: Slice) -> int:
+    """The price per GPU-hour the job pays for this slice: the unit's interruptible share of it
+    for an interruptible job."""
+    if not job.interruptible:
+        return s.price_per_gpu_hour_micros
+    return s.price_per_gpu_hour_micros * s.unit.interruptible_price_percent // 100
+
+
 def slice_breaks(job: Job, s: Slice) -> list[str]:
     """The job's requirements this slice does not meet."""
     broken = []
@@ -390,10 +401,7 @@ def slice_breaks(job: Job, s: Slice) -> list[str]:
     order = list(Isolation.values)
     if job.isolation != Isolation.NODE and order.index(s.isolation) < order.index(job.isolation):
         broken.append("isolation")
-    if (
-        job.max_price_per_gpu_hour_micros is not None
-        and s.price_per_gpu_hour_micros > job.max_price_per_gpu_hour_micros
-    ):
+    if job.max_price_per_gpu_hour_micros is not None and pays(job, s) > job.max_price_per_gpu_hour_micros:
         broken.append("price")
     if job.gpu_milli is not None and s.milli < job.gpu_milli:
         broken.append("share")
@@ -513,7 +521,8 @@ def placement_checked(job: Job, before: dict[UUID, Facts], renter_verified: bool
     assert all(s.pk in free_ids for s in taken), "a slice that was not free"
     assert {s.pk: slice_breaks(job, s) for s in taken if slice_breaks(job, s)} == {}
     assert allocation.gpu_count == len(taken)
-    assert allocation.price_per_gpu_hour_micros == max(s.price_per_gpu_hour_micros for s in taken)
+    assert allocation.price_per_gpu_hour_micros == max(pays(job, s) for s in taken)
+    assert allocation.interruptible == job.interruptible
     if job.isolation == Isolation.NODE:
         assert not f.busy, "a node job on a unit someone else uses"
         assert {s.pk for s in taken} == free_ids, "a node job must hold the whole unit"
@@ -632,7 +641,8 @@ PLAIN_UNIT = {
     "stale_heartbeat": False, "isolation_levels": list(Isolation.values),
     "workload_classes": list(WorkloadClass.values), "renters_accepted": RentersAccepted.ANY,
     "max_job_duration_s": None, "time_zone": "UTC", "windows": [],
-    "price": 1_000_000, "reliability": 0.5, "slicing": Slicing.WHOLE, "shared_fraction": 2, "gpus": [PLAIN_GPU],
+    "price": 1_000_000, "interruptible_price_percent": 50, "reliability": 0.5, "slicing": Slicing.WHOLE,
+    "shared_fraction": 2, "gpus": [PLAIN_GPU],
     "held": "none", "held_mask": 0, "history": False, "copies": 1,
 }  # fmt: skip
 PLAIN_JOB = {
@@ -677,6 +687,18 @@ def job_spec(**changes) -> dict:
         [
             ([], job_spec(jurisdictions=["FR"])),
             ([("attestation revoked", 0, 0)], job_spec(jurisdictions=["DE-BY"], require_verified_location=True)),
+        ],
+    ),
+    unverified_profile=False,
+)
+# An interruptible job's price cap holds against its share of the price (500,000 here), and an
+# on-demand job after it may stop it rather than wait.
+@example(
+    scenario=(
+        [unit_spec()],
+        [
+            ([], job_spec(max_price_per_gpu_hour_micros=600_000, interruptible=True)),
+            ([], job_spec()),
         ],
     ),
     unverified_profile=False,

@@ -13,6 +13,7 @@ POLICY = {
     "isolation_levels": ["gpu", "node"],
     "workload_classes": ["training", "batch"],
     "renters_accepted": "verified",
+    "interruptible_price_percent": "40",
     "max_job_hours": "12",
     "availability": "mon-fri 08:00-20:00\nfri-sun 22:00-06:00",
 }
@@ -64,6 +65,7 @@ def test_an_owner_saves_their_units_policy(owner, unit):
     assert saved.isolation_levels == ["gpu", "node"]
     assert saved.workload_classes == ["training", "batch"]
     assert saved.renters_accepted == "verified"
+    assert saved.interruptible_price_percent == 40
     assert saved.max_job_duration_s == 12 * 3600
     assert saved.availability == [
         {"days": [0, 1, 2, 3, 4], "start": "08:00", "end": "20:00"},

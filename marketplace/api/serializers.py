@@ -73,6 +73,12 @@ class JobSubmitSerializer(StrictSerializer):
     rank = serializers.ChoiceField(choices=Job.Rank.choices, default=Job.Rank.CHEAPEST)
     max_duration_s = serializers.IntegerField(min_value=1, max_value=30 * 24 * 3600, default=3600)
     restartable = serializers.BooleanField(default=False)
+    interruptible = serializers.BooleanField(
+        default=False,
+        help_text="Pay the unit's interruptible price (a share of its price, set by the owner). An on-demand job "
+        "may stop it to take its GPUs: the job gets SIGTERM and a grace period, usage is billed up to the "
+        "notice, and it is queued again.",
+    )
     network_egress = serializers.BooleanField(default=False)
     sandboxed = serializers.BooleanField(default=False)
 
@@ -134,7 +140,8 @@ class JobSerializer(serializers.ModelSerializer):
     max_price_per_gpu_hour = serializers.SerializerMethodField()
     pending_reason = serializers.JSONField(
         help_text='For a queued job, the last placement pass counted over all units: {"units_considered": 412, '
-        '"rejected": {"jurisdiction": 301, "price_cap": 77, "vram": 34}}. Empty once placed.'
+        '"rejected": {"jurisdiction": 301, "price_cap": 77, "vram": 34}}, and "preempting": {"allocations": 1, '
+        '"since": …} while interruptible jobs are being stopped to make room for it. Empty once placed.'
     )
     pending_summary = serializers.SerializerMethodField()
     placement = serializers.SerializerMethodField()
@@ -146,7 +153,7 @@ class JobSerializer(serializers.ModelSerializer):
             "id", "name", "state", "image", "command", "gpu_count", "gpu_models", "min_vram_gb",
             "max_price_per_gpu_hour", "isolation", "jurisdictions", "require_verified_location",
             "gpu_milli", "min_cuda", "workload_class", "rank", "max_duration_s", "restartable",
-            "network_egress", "sandboxed",
+            "interruptible", "network_egress", "sandboxed",
             "attempts", "exit_code", "failure_reason", "pending_reason", "pending_summary", "placement", "usage",
             "created_at", "placed_at", "started_at", "finished_at",
         ]  # fmt: skip

@@ -382,12 +382,14 @@ def latency(rng: random.Random, renter, options: dict, database: dict) -> dict:
     log = tempfile.NamedTemporaryFile("w+", prefix="bench-worker-", suffix=".log", delete=False)  # noqa: SIM115
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "marketplace", "worker", "-c", str(options["workers"]), "-O", "fair",
-         "--loglevel", "WARNING", "--without-gossip", "--without-mingle", "--without-heartbeat",
+         "--loglevel", "INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
          "-n", f"bench-{os.getpid()}@%h"],
         env=env, cwd=settings.BASE_DIR, stdout=subprocess.DEVNULL, stderr=log,
     )  # fmt: skip
     try:
-        # A burst first, so every worker process has built its capacity view before we measure.
+        # Every worker process builds its capacity view before it takes tasks; measuring starts
+        # once all have, and a burst has gone through.
+        _wait_views_built(log.name, options["workers"], timeout=300)
         warm = [job_submit(renter=renter, spec=job_spec(rng)) for _ in range(options["workers"] * 3)]
         _wait_placed([job.pk for job in warm], timeout=120)
         time.sleep(1.0)
@@ -426,6 +428,16 @@ def latency(rng: random.Random, renter, options: dict, database: dict) -> dict:
         "worker_log": log.name,
         "left_queued_why": _pending_reasons(),
     }
+
+
+def _wait_views_built(log_path: str, processes: int, *, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(log_path) as log:
+            if log.read().count("Capacity view built") >= processes:
+                return
+        time.sleep(0.2)
+    raise CommandError(f"The worker's processes did not build their capacity views in {timeout:.0f} s: see {log_path}.")
 
 
 def _wait_placed(job_ids: list, *, timeout: float) -> None:

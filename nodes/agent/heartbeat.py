@@ -30,6 +30,9 @@ class Heartbeater:
         self.server_status: str | None = None
         self.last_error: str | None = None
         self.policy: dict[str, Any] | None = None  # the owner's policy, as the last answer carried it
+        # Of the allocations the last answer asked to stop, those it asked to stop for an
+        # on-demand job (`preempt`): stopped as "preempted", so the server re-queues them.
+        self.preempting: set[str] = set()
         self._client = client
         self._reports = [gpu.as_report() for gpu in gpus]
         self._clock = clock
@@ -49,7 +52,9 @@ class Heartbeater:
         limits: dict[str, Any] | None = None,
     ) -> list[str]:
         """Send a heartbeat when one is due, with fresh readings and what the unit offers now if
-        given; return the allocations the server wants stopped."""
+        given; return the allocations the server wants stopped: those it cancels (`cancel`), then
+        those it preempts (`preempt`, which older servers never send), each once. An id in
+        `preempt`, whether or not also in `cancel`, lands in `preempting`."""
         now = self._clock()
         if now < self._next_at:
             return []
@@ -69,7 +74,10 @@ class Heartbeater:
         self._backoff.success()
         self.interval_s = max(0.1, float(reply.get("heartbeat_interval_s") or self.interval_s))
         self._next_at = now + jittered(self.interval_s, 0.1, self._rng)
-        return [str(allocation_id) for allocation_id in reply.get("cancel") or []]
+        cancel = [str(allocation_id) for allocation_id in reply.get("cancel") or []]
+        preempt = [str(allocation_id) for allocation_id in reply.get("preempt") or []]
+        self.preempting = set(preempt)
+        return list(dict.fromkeys([*cancel, *preempt]))
 
     def _failed(self, now: float, exc: AgentError) -> None:
         self.healthy, self.last_error = False, str(exc)

@@ -326,11 +326,19 @@ class Agent:
         )
 
     def _cancel(self, allocation_id: str) -> None:
+        """Stop what the server asked to stop: as "preempted" when it wants the room for an
+        on-demand job (the SIGTERM is the job's notice to checkpoint; the server re-queues it),
+        else as "cancelled"."""
         allocation = self.allocations.get(allocation_id)
         if allocation is None:
             logs.event(logger, "cancel_ignored", logging.DEBUG, allocation=allocation_id)
-        else:
+            return
+        if allocation_id not in self.heartbeater.preempting:
             self._stop(allocation, "cancelled")
+            return
+        if allocation.stop_reason is None:  # once, however often the notice comes
+            logs.event(logger, "job_preempted", allocation=allocation.id, job=allocation.spec.job_id)
+        self._stop(allocation, "preempted")
 
     def _stop(self, allocation: Allocation, reason: str) -> None:
         if allocation.handle is None:

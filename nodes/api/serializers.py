@@ -86,6 +86,11 @@ class HeartbeatResultSerializer(serializers.Serializer):
     status = serializers.CharField()
     heartbeat_interval_s = serializers.IntegerField()
     cancel = serializers.ListField(child=serializers.UUIDField())
+    preempt = serializers.ListField(
+        child=serializers.UUIDField(),
+        help_text="Interruptible jobs to stop for an on-demand job: SIGTERM now (the job's notice), then kill "
+        "after the grace period; report them finished with reason 'preempted'.",
+    )
     policy = PolicySerializer()
 
 

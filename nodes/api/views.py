@@ -86,6 +86,7 @@ class HeartbeatView(AgentView):
             "status": self.unit.status,
             "heartbeat_interval_s": settings.HEARTBEAT_INTERVAL_S,
             "cancel": cancel,
+            "preempt": market.allocations_to_preempt(unit=self.unit, running_ids=running),
             "policy": services.unit_policy(self.unit),
         }
         return Response(s.HeartbeatResultSerializer(body).data)

@@ -31,12 +31,17 @@ class FakeServer:
         self.queue: deque[dict[str, Any]] = deque()
         self.to_cancel: set[str] = set()
         self.cancel_once_started = False
+        # Preemption notices (`preempt` in the heartbeat answer), which older servers never send:
+        # only an answer with something to preempt carries the key.
+        self.to_preempt: set[str] = set()
+        self.preempt_once_started = False
         self.refuse_start = False
         self.refuse_enrolment = False
         self.policy: dict[str, Any] | None = None  # the owner's policy the heartbeat answer carries
         self.failures: dict[str, int] = defaultdict(int)  # path suffix -> connection errors left
         self.calls: list[tuple[str, str]] = []
         self.heartbeats: list[dict[str, Any]] = []
+        self.replies: list[dict[str, Any]] = []  # the heartbeat answers
         self.started: list[str] = []
         self.samples: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
         self.finished: dict[str, dict[str, Any]] = {}
@@ -105,10 +110,13 @@ class FakeServer:
         return httpx.Response(201, json=reply)
 
     def _heartbeat_reply(self) -> httpx.Response:
-        cancel = sorted(self.to_cancel)
+        cancel, preempt = sorted(self.to_cancel), sorted(self.to_preempt)
         self.to_cancel.clear()
+        self.to_preempt.clear()
         reply = {"status": "online", "heartbeat_interval_s": self.heartbeat_interval_s, "policy": self.policy}
-        return httpx.Response(200, json=reply | {"cancel": cancel})
+        reply |= {"cancel": cancel} | ({"preempt": preempt} if preempt else {})
+        self.replies.append(reply)
+        return httpx.Response(200, json=reply)
 
     def _start(self, allocation_id: str) -> httpx.Response:
         if self.refuse_start:
@@ -116,6 +124,8 @@ class FakeServer:
         self.started.append(allocation_id)
         if self.cancel_once_started:
             self.to_cancel.add(allocation_id)
+        if self.preempt_once_started:
+            self.to_preempt.add(allocation_id)
         return httpx.Response(200, json={})
 
     def _usage(self, allocation_id: str, samples: list[dict[str, Any]]) -> httpx.Response:

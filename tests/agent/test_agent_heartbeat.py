@@ -27,8 +27,11 @@ class StubClient:
         return reply
 
 
-def ok(interval=5, cancel=()):
-    return {"status": "online", "heartbeat_interval_s": interval, "cancel": list(cancel)}
+def ok(interval=5, cancel=(), preempt=None):
+    reply = {"status": "online", "heartbeat_interval_s": interval, "cancel": list(cancel)}
+    if preempt is not None:  # older servers never send the key
+        reply["preempt"] = list(preempt)
+    return reply
 
 
 @pytest.fixture
@@ -59,6 +62,36 @@ def test_the_first_heartbeat_goes_at_once_and_returns_the_cancel_list(client, cl
 
     assert heartbeater(client, clock).beat_if_due(["a-1", "a-2"]) == ["a-1"]
     assert client.sent == [["a-1", "a-2"]]
+
+
+def test_an_answer_without_preempt_preempts_nothing(client, clock):
+    client.replies = [ok(cancel=["a-1", "a-2"])]
+    beater = heartbeater(client, clock)
+
+    assert beater.beat_if_due(["a-1", "a-2"]) == ["a-1", "a-2"]
+    assert beater.preempting == set()
+
+
+def test_preempted_allocations_come_after_the_cancelled_ones_each_once_and_are_remembered(client, clock):
+    client.replies = [ok(cancel=["a-1", "a-2"], preempt=["a-3", "a-2", "a-4"])]
+    beater = heartbeater(client, clock)
+
+    assert beater.beat_if_due(["a-1", "a-2", "a-3", "a-4"]) == ["a-1", "a-2", "a-3", "a-4"]
+    assert beater.preempting == {"a-2", "a-3", "a-4"}
+
+
+def test_each_answer_replaces_what_is_being_preempted(client, clock):
+    client.replies = [ok(preempt=["a-1"]), Unreachable("down"), ok(cancel=["a-1"])]
+    beater = heartbeater(client, clock)
+
+    assert beater.beat_if_due(["a-1"]) == ["a-1"]
+    assert beater.preempting == {"a-1"}
+    clock.now += 10
+    assert beater.beat_if_due(["a-1"]) == []
+    assert beater.preempting == {"a-1"}  # a failed beat changes nothing
+    clock.now += 10
+    assert beater.beat_if_due(["a-1"]) == ["a-1"]
+    assert beater.preempting == set()
 
 
 @pytest.mark.parametrize(("rng", "expected"), [(0.0, 9.0), (0.5, 10.0), (0.999, 11.0)])

@@ -1,3 +1,4 @@
+import logging
 import time
 from pathlib import Path
 
@@ -50,17 +51,56 @@ def test_the_agent_runs_an_assignment_and_reports_usage_then_its_exit_code(serve
     assert not (tmp_path / "work" / allocation_id).exists()
 
 
-def test_a_cancel_from_the_heartbeat_kills_the_job_and_reports_cancelled(server, tmp_path):
+def test_a_cancel_from_the_heartbeat_kills_the_job_and_reports_cancelled(server, tmp_path, caplog):
     server.cancel_once_started = True
     allocation_id = server.assign(["sleep", "30"], gpu_count=1)
     began = time.monotonic()
 
-    make_agent(server, tmp_path).run()
+    with caplog.at_level(logging.INFO, logger="nodes.agent.loop"):
+        make_agent(server, tmp_path).run()
 
     assert time.monotonic() - began < 5
     assert server.finished[allocation_id] == {"exit_code": 143, "reason": "cancelled"}
     assert seqs(server, allocation_id)
     assert server.calls[-1] == ("POST", f"/allocations/{allocation_id}/finish")
+    # As from a server that predates preemption: no answer carried the key, nothing was preempted.
+    assert any(allocation_id in reply["cancel"] for reply in server.replies)
+    assert not any("preempt" in reply for reply in server.replies)
+    assert "event=job_preempted" not in caplog.text
+
+
+def test_a_preemption_notice_sends_sigterm_to_checkpoint_and_reports_preempted(server, tmp_path, caplog):
+    server.preempt_once_started = True
+    checkpoint = tmp_path / "checkpoint"
+    script = f"trap 'echo saved > {checkpoint}; exit 0' TERM; sleep 30 & wait"
+    allocation_id = server.assign(["sh", "-c", script], gpu_count=1)
+    began = time.monotonic()
+
+    with caplog.at_level(logging.INFO, logger="nodes.agent.loop"):
+        make_agent(server, tmp_path).run()
+
+    assert time.monotonic() - began < 5
+    assert any(reply.get("preempt") == [allocation_id] and not reply["cancel"] for reply in server.replies)
+    assert checkpoint.read_text() == "saved\n"  # the job had its notice and checkpointed
+    assert server.finished[allocation_id] == {"exit_code": 0, "reason": "preempted"}
+    assert server.calls[-1] == ("POST", f"/allocations/{allocation_id}/finish")
+    assert caplog.text.count("event=job_preempted") == 1
+    assert f"event=job_preempted allocation={allocation_id}" in caplog.text
+
+
+def test_an_allocation_both_cancelled_and_preempted_is_reported_preempted(server, tmp_path, caplog):
+    server.cancel_once_started = True
+    server.preempt_once_started = True
+    allocation_id = server.assign(["sleep", "30"], gpu_count=1)
+
+    with caplog.at_level(logging.INFO, logger="nodes.agent.loop"):
+        make_agent(server, tmp_path).run()
+
+    assert any(
+        reply["cancel"] == [allocation_id] and reply.get("preempt") == [allocation_id] for reply in server.replies
+    )
+    assert server.finished[allocation_id] == {"exit_code": 143, "reason": "preempted"}
+    assert "event=job_preempted" in caplog.text
 
 
 def test_a_job_past_its_max_duration_is_killed_and_reported_as_timeout(server, tmp_path):
