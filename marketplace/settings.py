@@ -184,8 +184,19 @@ CURRENCY = env_str("CURRENCY", "usd")
 # Stripe (used from the billing issue on; tests point the SDK at a local fake).
 STRIPE_SECRET_KEY = env_str("STRIPE_SECRET_KEY", "")
 STRIPE_PUBLISHABLE_KEY = env_str("STRIPE_PUBLISHABLE_KEY", "")
-STRIPE_WEBHOOK_SECRET = env_str("STRIPE_WEBHOOK_SECRET", "")
+# Webhook signing secrets, comma-separated: during a rotation both the old and the new one hold.
+STRIPE_WEBHOOK_SECRETS = env_list("STRIPE_WEBHOOK_SECRETS", [])
+STRIPE_WEBHOOK_TOLERANCE_S = env_int("STRIPE_WEBHOOK_TOLERANCE_S", 300)
 STRIPE_API_BASE = env_str("STRIPE_API_BASE", "")
+# Micro-units per minor unit of CURRENCY (cents): amounts are rounded to it only towards Stripe.
+MICROS_PER_MINOR = 10_000
+# An outbox row older than this is looked up at Stripe before it is sent again (Stripe keeps
+# idempotency keys for 24 hours).
+OUTBOX_LOOKUP_AFTER = timedelta(hours=env_int("OUTBOX_LOOKUP_AFTER_H", 20))
+# A job is placed only if the renter's wallet covers this long a run of it; running jobs are
+# stopped before the wallet would fall below WALLET_FLOOR.
+WALLET_MIN_RUN_S = env_int("WALLET_MIN_RUN_S", 600)
+WALLET_FLOOR_MICROS = env_int("WALLET_FLOOR_MICROS", 0)
 
 
 def _broker_url() -> str:
