@@ -4,8 +4,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
-from django.db.models import Sum
+from django.core.cache import cache
+from django.db import connection, transaction
+from django.db.models import Q, Sum
+from django.utils import timezone
 
 from billing.models import Account, LedgerEntry, LedgerTransaction, UsageSample
 from billing.selectors import allocations_with_usage
@@ -13,6 +15,8 @@ from marketplace.audit import audit_record
 from marketplace.models import Allocation
 
 MS_PER_HOUR = 3_600_000
+# Samples per INSERT: five parameters a row stays well under SQLite's 32,766 and PostgreSQL's 65,535.
+INSERT_ROWS = 1000
 
 
 class UnbalancedTransaction(ValueError):
@@ -31,57 +35,97 @@ def account_for(kind: str, user=None) -> Account:
     return account
 
 
-@transaction.atomic
+def _accounts(*wanted: tuple[str, object]) -> list[Account]:
+    """The accounts for (kind, user id) pairs, read in one query; any missing is created."""
+    match = Q()
+    for kind, user_id in wanted:
+        match |= Q(kind=kind, user_id=user_id) if user_id is not None else Q(kind=kind, user__isnull=True)
+    found = {(a.kind, a.user_id): a for a in Account.objects.filter(match, currency=settings.CURRENCY)}
+    return [
+        found.get((kind, user_id))
+        or Account.objects.get_or_create(kind=kind, user_id=user_id, currency=settings.CURRENCY)[0]
+        for kind, user_id in wanted
+    ]
+
+
 def ledger_post(
     *, key: str, kind: str, legs: list[tuple[Account, int]], allocation=None, memo: str = ""
 ) -> LedgerTransaction:
     """Post one balanced transaction, once per key: a repeated key returns the first posting."""
     if sum(amount for _, amount in legs) != 0:
         raise UnbalancedTransaction(f"Legs of {key} sum to {sum(a for _, a in legs)}, not zero.")
-    existing = LedgerTransaction.objects.filter(key=key).first()
-    if existing is not None:
-        return existing
-    txn = LedgerTransaction.objects.create(key=key, kind=kind, allocation=allocation, memo=memo)
-    LedgerEntry.objects.bulk_create(
-        [LedgerEntry(transaction=txn, account=account, amount_micros=amount) for account, amount in legs if amount]
-    )
-    audit_record(f"ledger.{kind}_posted", allocation.job_id if allocation else txn.pk, key=key)
-    return txn
+    # No savepoint inside a caller's transaction (two round trips per posting): any error here
+    # is the caller's error too.
+    with transaction.atomic(savepoint=False):
+        existing = LedgerTransaction.objects.filter(key=key).first()
+        if existing is not None:
+            return existing
+        txn = LedgerTransaction.objects.create(key=key, kind=kind, allocation=allocation, memo=memo)
+        LedgerEntry.objects.bulk_create(
+            [LedgerEntry(transaction=txn, account=account, amount_micros=amount) for account, amount in legs if amount]
+        )
+        audit_record(f"ledger.{kind}_posted", allocation.job_id if allocation else txn.pk, key=key)
+        return txn
 
 
 def account_balance(account: Account) -> int:
     return account.entries.aggregate(total=Sum("amount_micros"))["total"] or 0
 
 
+@transaction.atomic
 def usage_record(*, allocation: Allocation, samples: list[SampleReport]) -> tuple[int, int]:
-    """Store the agent's samples; a (allocation, seq) already stored is a duplicate and ignored."""
-    seen = set(
-        UsageSample.objects.filter(allocation=allocation, seq__in=[s.seq for s in samples]).values_list(
-            "seq", flat=True
-        )
+    """Store the agent's samples; a (allocation, seq) already stored, or repeated within the
+    batch (the first one counts), is a duplicate and ignored. Returns (accepted, duplicates)."""
+    unique = list({sample.seq: sample for sample in reversed(samples)}.values())
+    accepted = sum(
+        _samples_insert(allocation.pk, unique[start : start + INSERT_ROWS])
+        for start in range(0, len(unique), INSERT_ROWS)
     )
-    accepted = 0
-    for sample in samples:
-        if sample.seq in seen:
-            continue
-        try:
-            with transaction.atomic():
-                UsageSample.objects.create(
-                    allocation=allocation, seq=sample.seq, gpu_ms=sample.gpu_ms, recorded_at=sample.recorded_at
-                )
-        except IntegrityError:
-            continue  # the same sample arrived concurrently
-        seen.add(sample.seq)
-        accepted += 1
     if accepted:
         usage_post_request(allocation.pk)
     return accepted, len(samples) - accepted
 
 
-def usage_post_request(allocation_id) -> None:
+# Table and columns are fixed by the model; only the VALUES placeholders vary with the batch.
+SAMPLES_INSERT = (
+    "INSERT INTO billing_usagesample (allocation_id, seq, gpu_ms, recorded_at, received_at) VALUES {rows} "
+    "ON CONFLICT (allocation_id, seq) DO NOTHING RETURNING seq"
+)
+
+
+def _samples_insert(allocation_id, samples: list[SampleReport]) -> int:
+    """Insert in one statement, skipping (allocation, seq) pairs already stored; returns how many
+    rows were new. RETURNING lists only the rows this statement inserted (PostgreSQL, SQLite >=
+    3.35), so the count stays exact when the same samples arrive concurrently: the second
+    statement waits for the first and then skips its rows."""
+    prep = connection.ops.adapt_datetimefield_value
+    allocation_id = UsageSample._meta.get_field("allocation").get_db_prep_save(allocation_id, connection)
+    received_at = prep(timezone.now())
+    params = []
+    for sample in samples:
+        params += [allocation_id, sample.seq, sample.gpu_ms, prep(sample.recorded_at), received_at]
+    rows = ", ".join(["(%s, %s, %s, %s, %s)"] * len(samples))
+    with connection.cursor() as cursor:
+        cursor.execute(SAMPLES_INSERT.format(rows=rows), params)
+        return len(cursor.fetchall())
+
+
+def usage_post_request(allocation_id, *, at_once: bool = False) -> None:
+    """Ask for the allocation's usage to be posted: at once when the job has ended, otherwise
+    within USAGE_POSTING_INTERVAL_S, one posting for every sample that arrives meanwhile."""
     from billing import tasks
 
-    transaction.on_commit(lambda: tasks.usage_post.delay(str(allocation_id)))
+    interval = settings.USAGE_POSTING_INTERVAL_S
+    if at_once or interval <= 0:
+        transaction.on_commit(lambda: tasks.usage_post.delay(str(allocation_id)))
+        return
+
+    def schedule() -> None:
+        # The mark lapses just before the posting runs, so a sample after it asks again.
+        if cache.add(f"usage-post:{allocation_id}", True, timeout=max(interval - 1, 1)):
+            tasks.usage_post.apply_async((str(allocation_id),), countdown=interval)
+
+    transaction.on_commit(schedule)
 
 
 def usage_cost_micros(*, gpu_ms: int, price_per_gpu_hour_micros: int) -> int:
@@ -105,18 +149,22 @@ def usage_post(*, allocation_id) -> LedgerTransaction | None:
     reordered or late samples can never change the total; the allocation row lock serialises
     concurrent postings for the same allocation.
     """
-    allocation = Allocation.objects.select_for_update().select_related("job", "unit").get(pk=allocation_id)
+    # Only the allocation row is locked (the job and unit are read, not changed), so a posting
+    # never holds a unit that placement or a heartbeat wants. The totals are read in a statement
+    # after the lock is granted: under READ COMMITTED that one sees the posting we waited for.
+    allocation = Allocation.objects.select_for_update(of=("self",)).select_related("job", "unit").get(pk=allocation_id)
     used_ms, charged = allocation_usage(allocation)
     due = usage_cost_micros(gpu_ms=used_ms, price_per_gpu_hour_micros=allocation.price_per_gpu_hour_micros)
     delta = due - charged
     if delta <= 0:
         return None
     fee = delta * settings.PLATFORM_FEE_PERCENT // 100
-    legs = [
-        (account_for(Account.Kind.RENTER_WALLET, allocation.job.renter), -delta),
-        (account_for(Account.Kind.OWNER_PAYABLE, allocation.unit.owner), delta - fee),
-        (account_for(Account.Kind.PLATFORM_FEES), fee),
-    ]
+    wallet, payable, fees = _accounts(
+        (Account.Kind.RENTER_WALLET, allocation.job.renter_id),
+        (Account.Kind.OWNER_PAYABLE, allocation.unit.owner_id),
+        (Account.Kind.PLATFORM_FEES, None),
+    )
+    legs = [(wallet, -delta), (payable, delta - fee), (fees, fee)]
     return ledger_post(
         key=f"usage:{allocation.pk}:{used_ms}",
         kind="usage",

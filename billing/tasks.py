@@ -1,11 +1,61 @@
-from celery import shared_task
+from datetime import timedelta
 
-from billing import services
+from celery import shared_task
+from django.utils import timezone
+
+from billing import meters, services, wallet
 from marketplace.models import Allocation
 
 
 @shared_task(acks_late=True)
 def usage_post(allocation_id: str) -> None:
-    """Idempotent: posting charges only what is not yet charged."""
-    if Allocation.objects.filter(pk=allocation_id).exists():
+    """Idempotent: posting charges only what is not yet charged. Then the renter's running
+    jobs are stopped if the wallet no longer covers stopping them."""
+    renter_id = Allocation.objects.filter(pk=allocation_id).values_list("job__renter_id", flat=True).first()
+    if renter_id is not None:
         services.usage_post(allocation_id=allocation_id)
+        wallet.wallet_guard(renter_id=renter_id)
+
+
+@shared_task(acks_late=True)
+def outbox_send(message_id: str) -> None:
+    """Idempotent: a row already sent or failed is left alone, and the key makes a resend safe."""
+    from billing import outbox
+
+    outbox.outbox_send(message_id)
+
+
+@shared_task
+def outbox_sweep() -> None:
+    """Send outbox rows that are due (new or backing off), and retry webhook events that could
+    not be processed yet, both oldest first and in bounded batches."""
+    from billing import outbox, webhooks
+
+    outbox.outbox_sweep()
+    webhooks.webhook_sweep()
+
+
+@shared_task(bind=True, acks_late=True, max_retries=5)
+def webhook_process(self, event_id: str) -> None:
+    """Idempotent: processing re-reads the object at Stripe. A few quick retries cover a webhook
+    that beat our own commit; after them the sweep keeps trying."""
+    from billing import webhooks
+
+    if not webhooks.webhook_process(event_id=event_id) and self.request.retries < self.max_retries:
+        raise self.retry(countdown=5 * 2**self.request.retries)
+
+
+@shared_task(acks_late=True)
+def meter_events_enqueue() -> int:
+    """Hourly, a few minutes past the hour: postpaid usage of the hour just ended as meter events,
+    and of the two hours before it in case a run was missed. Idempotent per renter and hour."""
+    this_hour = timezone.now().replace(minute=0, second=0, microsecond=0)
+    return sum(meters.meter_events_enqueue(hour_start=this_hour - timedelta(hours=back)) for back in (3, 2, 1))
+
+
+@shared_task(acks_late=True)
+def payouts_run() -> int:
+    """Daily: pay owners what is due. Idempotent per owner and day; returns how many were paid."""
+    from billing import payouts
+
+    return len(payouts.payouts_run())

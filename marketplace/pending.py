@@ -1,5 +1,7 @@
 """Why-pending in words: the reasons placement counts, and one sentence summing them up."""
 
+from billing.money import from_micros
+
 # Every reason placement can give for a unit not taking a job, as a renter would read it.
 REASONS = {
     "unit_offline": "offline",
@@ -33,6 +35,10 @@ def pending_summary(reason: dict | None) -> str:
     considered = reason.get("units_considered", 0)
     fitting = max(considered - sum(count for _, count in rejected), 0)
     summary = f"{fitting} of {considered} units fit" + (": " + ", ".join(parts) if parts else "")
+    if short := reason.get("wallet"):
+        needed, available = (from_micros(short[key]) for key in ("needed_micros", "available_micros"))
+        minutes = short.get("run_s", 0) // 60
+        summary += f"; the wallet does not cover a {minutes}-minute run ({needed} needed, {available} available)"
     if stopping := (reason.get("preempting") or {}).get("allocations"):
         jobs = "job is" if stopping == 1 else "jobs are"
         summary += f"; {stopping} interruptible {jobs} being stopped to make room"

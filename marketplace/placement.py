@@ -35,6 +35,7 @@ from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
+from billing import wallet
 from marketplace import jurisdictions, packing
 from marketplace.limits import REFUSED_FOR_LIMITS
 from marketplace.models import Allocation, AuditEvent, Job, Lease
@@ -526,11 +527,30 @@ class Pass:
 
     now: datetime = field(default_factory=timezone.now)
     verified_renters: dict = field(default_factory=dict)
+    funds: dict = field(default_factory=dict)  # renter id -> micro-units left for new work (None: postpaid)
 
     def renter_verified(self, renter_id) -> bool:
         if renter_id not in self.verified_renters:
             self.verified_renters[renter_id] = renter_verified(renter_id)
         return self.verified_renters[renter_id]
+
+    def short_of_funds(self, job: Job, choice: Choice) -> dict | None:
+        """None when the renter's wallet covers a minimum run of the job at the chosen price
+        (set aside for the rest of the pass); otherwise what that needs and what there is."""
+        if settings.WALLET_MIN_RUN_S <= 0:
+            return None
+        if job.renter_id not in self.funds:
+            self.funds[job.renter_id] = wallet.wallet_available_micros(job.renter_id)
+        available = self.funds[job.renter_id]
+        if available is None:
+            return None
+        needed = wallet.run_cost_micros(
+            price_per_gpu_hour_micros=choice.price, gpus=len(choice.take), seconds=settings.WALLET_MIN_RUN_S
+        )
+        if needed > available:
+            return {"needed_micros": needed, "available_micros": max(available, 0), "run_s": settings.WALLET_MIN_RUN_S}
+        self.funds[job.renter_id] = available - needed
+        return None
 
 
 def profile_rejection(job: Job, profile: Profile, run: Pass) -> str | None:
@@ -762,6 +782,9 @@ class Engine:
         if picked is None:
             if waiting is None and not job.interruptible and (found := self.preemption(job, run, excluded)):
                 state, choice, slice_ids, preempts = found
+                if short := run.short_of_funds(job, choice):
+                    pending[job.pk] = (job, {**summary, "wallet": short})
+                    return None
                 since = {"allocations": len(preempts), "since": run.now.isoformat()}
                 return Decision(job, state, choice, slice_ids, {**summary, "preempting": since}, preempts)
             if not excluded and waiting is None:
@@ -769,6 +792,9 @@ class Engine:
             pending[job.pk] = (job, summary if waiting is None else {**summary, "preempting": waiting})
             return None
         unit_id, choice = picked
+        if short := run.short_of_funds(job, choice):
+            pending[job.pk] = (job, {**summary, "wallet": short})
+            return None
         state = self.view.units[unit_id]
         return Decision(job, state, choice, slices_for(state, choice), summary)
 

@@ -77,17 +77,27 @@ def _active_allocation(job: Job) -> Allocation | None:
 def job_cancel(*, job: Job, actor: str) -> Job:
     """Cancel a job. A job the agent has not picked up is released at once; a running one keeps
     its lease until the agent confirms the process has stopped (the GPUs are busy until then)."""
+    return _job_end(job, state=Job.State.CANCELLED, actor=actor, action="job.cancelled", release_as="cancelled")
+
+
+@transaction.atomic
+def job_stop(*, job: Job, actor: str, reason: str) -> Job:
+    """End a job for the platform's reasons (its wallet ran dry): failed, with the reason, and
+    stopped the way a cancel is."""
+    return _job_end(job, state=Job.State.FAILED, actor=actor, action="job.stopped", release_as="stopped", why=reason)
+
+
+def _job_end(job: Job, *, state: str, actor: str, action: str, release_as: str, why: str = "") -> Job:
     job = Job.objects.select_for_update().get(pk=job.pk)
     if job.is_final:
         raise StateConflict(f"The job has already ended ({job.state}).")
     previous = job.state
-    job.state = Job.State.CANCELLED
-    job.finished_at = timezone.now()
-    job.save(update_fields=["state", "finished_at"])
-    audit_record("job.cancelled", job.id, actor=actor, previous=previous)
+    job.state, job.finished_at, job.failure_reason = state, timezone.now(), why or job.failure_reason
+    job.save(update_fields=["state", "finished_at", "failure_reason"])
+    audit_record(action, job.id, actor=actor, previous=previous, **({"reason": why} if why else {}))
     allocation = _active_allocation(job)
     if allocation is not None and allocation.acknowledged_at is None:
-        _allocation_release(allocation, reason="cancelled")
+        _allocation_release(allocation, reason=release_as)
     return job
 
 
@@ -152,7 +162,7 @@ def allocation_finish(*, allocation: Allocation, exit_code: int | None, reason: 
     elif job.state == Job.State.CANCELLED and job.exit_code is None:
         job.exit_code = exit_code
         job.save(update_fields=["exit_code"])
-    usage_post_request(allocation.pk)
+    usage_post_request(allocation.pk, at_once=True)
     return job
 
 

@@ -4,6 +4,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
+from celery.schedules import crontab
 from django.core.management.utils import get_random_secret_key
 
 from marketplace.env import env_bool, env_int, env_list, env_str
@@ -196,7 +197,14 @@ OUTBOX_LOOKUP_AFTER = timedelta(hours=env_int("OUTBOX_LOOKUP_AFTER_H", 20))
 # A job is placed only if the renter's wallet covers this long a run of it; running jobs are
 # stopped before the wallet would fall below WALLET_FLOOR.
 WALLET_MIN_RUN_S = env_int("WALLET_MIN_RUN_S", 600)
+# A running job's usage is posted to the ledger at most this often (a job's end is posted at once).
+USAGE_POSTING_INTERVAL_S = env_int("USAGE_POSTING_INTERVAL_S", 15)
 WALLET_FLOOR_MICROS = env_int("WALLET_FLOOR_MICROS", 0)
+# Owner payouts: a share of the payable and all earned in the last days stay back (chargebacks
+# arrive late), and transfers under the minimum (minor units) wait for the next run.
+PAYOUT_RESERVE_PERCENT = env_int("PAYOUT_RESERVE_PERCENT", 10)
+PAYOUT_HOLD_DAYS = env_int("PAYOUT_HOLD_DAYS", 7)
+PAYOUT_MINIMUM_MINOR = env_int("PAYOUT_MINIMUM_MINOR", 100)
 
 
 def _broker_url() -> str:
@@ -235,6 +243,11 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 CELERY_BEAT_SCHEDULE = {
     "placement-sweep": {"task": "marketplace.tasks.placement_sweep", "schedule": 10.0},
     "unit-liveness": {"task": "nodes.tasks.unit_liveness_sweep", "schedule": float(LIVENESS_SWEEP_S)},
+    # Five minutes past the hour, when the agents' samples of the hour just ended are in (a later
+    # one is billed in the next hour's event).
+    "meter-events": {"task": "billing.tasks.meter_events_enqueue", "schedule": crontab(minute=5)},
+    "stripe-outbox-sweep": {"task": "billing.tasks.outbox_sweep", "schedule": 30.0},
+    "owner-payouts": {"task": "billing.tasks.payouts_run", "schedule": crontab(hour=6, minute=0)},
 }
 
 LOGGING = {

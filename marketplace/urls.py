@@ -5,6 +5,7 @@ from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from billing import views as billing_views
+from billing.api import views as billing_api_views
 from marketplace import views as marketplace_views
 from marketplace.api.errors import problem_response
 
@@ -16,9 +17,12 @@ urlpatterns = [
     path("portal/", include("nodes.urls")),
     path("portal/jobs/", marketplace_views.job_list, name="job_list"),
     path("portal/earnings/", billing_views.earnings, name="earnings"),
+    path("portal/payouts/connect/", billing_views.payouts_connect, name="payouts_connect"),
+    path("portal/payouts/return/", billing_views.payouts_return, name="payouts_return"),
     path("api/v1/", include("marketplace.api.urls")),
     path("api/v1/", include("billing.api.urls")),
     path("api/agent/v1/", include("nodes.api.urls")),
+    path("api/stripe/webhook", billing_api_views.stripe_webhook, name="stripe-webhook"),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
 ]

@@ -106,3 +106,17 @@ def running_stack(tmp_path):
     stack = stack_start(tmp_path, port=free_port())
     yield stack
     stack.stop_all()
+
+
+@pytest.fixture
+def stripe_fake(settings):
+    """Stripe answered in memory through the real SDK: a fresh ``FakeStripe`` per test."""
+    from billing import stripe_api
+    from billing.stripe_fake import FakeStripe
+
+    fake = FakeStripe()
+    settings.STRIPE_SECRET_KEY = "sk_test_fake"
+    settings.STRIPE_WEBHOOK_SECRETS = ["whsec_test_current"]
+    stripe_api.install(fake)
+    yield fake
+    stripe_api.uninstall()

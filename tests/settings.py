@@ -20,3 +20,8 @@ STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 
 # Tests change the database between placements faster than a worker's refresh interval.
 PLACEMENT_REFRESH_INTERVAL_S = 0
+
+# Most tests place jobs for renters with empty wallets; the wallet's tests turn the check on.
+WALLET_MIN_RUN_S = 0
+# Usage is posted as soon as it is recorded, so tests see it at once.
+USAGE_POSTING_INTERVAL_S = 0

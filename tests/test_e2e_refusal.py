@@ -2,6 +2,7 @@
 
 import pytest
 
+from billing.services import wallet_credit_promotional
 from marketplace import devstack
 from marketplace.models import AuditEvent
 from marketplace.services import api_key_create
@@ -16,6 +17,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 def test_an_agent_refuses_a_job_its_own_location_rules_out_and_it_is_not_sent_again(running_stack, tmp_path):
     stack = running_stack
     owner, renter = user_make("olivia-owner"), user_make("rita-renter")
+    wallet_credit_promotional(user=renter, amount_micros=50_000_000, key="e2e-credit")  # the stack checks wallets
     # The server believes the unit is in Germany; its owner configured the agent in France.
     unit, token = unit_register(owner=owner, name="Border shed", country="DE")
     _, api_key = api_key_create(user=renter, name="e2e")

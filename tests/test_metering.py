@@ -1,16 +1,20 @@
 """Metering turns usage samples into balanced ledger postings, once, whatever order they arrive in."""
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from unittest import mock
 
 import pytest
 from django.conf import settings
+from django.core.cache import cache
 from django.db import transaction
 from django.db.models import Sum
+from django.test import override_settings
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from billing.models import Account, LedgerEntry, LedgerTransaction, UsageSample
+from billing.meters import meter_events_enqueue
+from billing.models import Account, BillingProfile, LedgerEntry, LedgerTransaction, OutboxMessage, UsageSample
 from billing.selectors import wallet_balance_micros
 from billing.services import (
     SampleReport,
@@ -21,6 +25,7 @@ from billing.services import (
     ledger_post,
     usage_cost_micros,
     usage_post,
+    usage_post_request,
     usage_record,
     wallet_credit_promotional,
 )
@@ -139,6 +144,28 @@ class TestCharge:
         assert len(enqueued) == 1
         assert again == []
 
+    def test_samples_within_the_posting_interval_share_one_posting(
+        self, allocation, settings, django_capture_on_commit_callbacks
+    ):
+        settings.USAGE_POSTING_INTERVAL_S = 15
+        cache.delete(f"usage-post:{allocation.pk}")
+        with mock.patch("billing.tasks.usage_post.apply_async") as scheduled:
+            for first in (1, 2, 3):
+                with django_capture_on_commit_callbacks(execute=True):
+                    usage_record(allocation=allocation, samples=samples(10, first=first))
+
+        scheduled.assert_called_once_with((str(allocation.pk),), countdown=15)
+
+    def test_a_finished_job_is_posted_at_once(self, allocation, settings, django_capture_on_commit_callbacks):
+        settings.USAGE_POSTING_INTERVAL_S = 15
+        with (
+            mock.patch("billing.tasks.usage_post.delay") as now,
+            django_capture_on_commit_callbacks(execute=True),
+        ):
+            usage_post_request(allocation.pk, at_once=True)
+
+        now.assert_called_once_with(str(allocation.pk))
+
 
 class TestLedger:
     def test_unbalanced_legs_are_refused(self, renter):
@@ -211,3 +238,106 @@ def test_order_and_duplicates_never_change_the_bill(renter, unit, distinct, pric
         assert earned == expected
         assert ledger_total() == 0
         transaction.set_rollback(True)
+
+
+@hypothesis_settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    gpu_ms=st.integers(min_value=1, max_value=64 * 3_600_000),
+    price=st.integers(min_value=1, max_value=50_000_000),
+    fee_percent=st.integers(min_value=0, max_value=100),
+)
+def test_the_fee_split_creates_and_loses_no_unit(renter, unit, gpu_ms, price, fee_percent):
+    """Whatever the amount and the platform's percentage, the owner's and the platform's shares
+    add up to exactly what the renter is charged, and the posting's legs sum to zero."""
+    with transaction.atomic(), override_settings(PLATFORM_FEE_PERCENT=fee_percent):
+        allocation = allocation_make(renter, unit, price=price)
+        usage_record(allocation=allocation, samples=samples(gpu_ms))
+
+        txn = usage_post(allocation_id=allocation.pk)
+
+        charge = usage_cost_micros(gpu_ms=gpu_ms, price_per_gpu_hour_micros=price)
+        kinds = (Account.Kind.RENTER_WALLET, Account.Kind.OWNER_PAYABLE, Account.Kind.PLATFORM_FEES)
+        legs = dict.fromkeys(kinds, 0)
+        for entry in txn.entries.select_related("account") if txn else []:
+            legs[entry.account.kind] += entry.amount_micros
+        assert legs[Account.Kind.RENTER_WALLET] == -charge
+        assert legs[Account.Kind.OWNER_PAYABLE] + legs[Account.Kind.PLATFORM_FEES] == charge
+        assert 0 <= legs[Account.Kind.PLATFORM_FEES] <= charge * fee_percent / 100
+        assert sum(legs.values()) == 0
+        transaction.set_rollback(True)
+
+
+class TestBatchIngest:
+    def test_a_sample_repeated_within_a_batch_counts_once_and_the_first_wins(self, allocation):
+        batch = [SampleReport(1, 100, AT), SampleReport(2, 200, AT), SampleReport(1, 999, AT)]
+
+        assert usage_record(allocation=allocation, samples=batch) == (2, 1)
+
+        assert allocation_usage(allocation)[0] == 300
+
+    def test_a_large_batch_is_stored_whole_in_one_call(self, allocation, django_capture_on_commit_callbacks):
+        with django_capture_on_commit_callbacks() as enqueued:
+            result = usage_record(allocation=allocation, samples=samples(*[10] * 2500))
+
+        assert result == (2500, 0)
+        assert UsageSample.objects.filter(allocation=allocation).count() == 2500
+        assert len(enqueued) == 1, "one posting request per batch"
+
+
+HOUR = datetime(2026, 1, 1, 10, tzinfo=UTC)
+
+
+def meter_values() -> list[tuple[str, int]]:
+    rows = OutboxMessage.objects.filter(operation="billing.meter_events.create").order_by("created_at")
+    return [(row.payload["identifier"], int(row.payload["payload"]["value"])) for row in rows]
+
+
+class TestMeterEvents:
+    @pytest.fixture
+    def postpaid(self, renter):
+        BillingProfile.objects.create(user=renter, postpaid=True, stripe_customer_id="cus_rita")
+        return renter
+
+    def test_an_hour_of_usage_is_one_event_with_a_deterministic_identifier(self, postpaid, allocation):
+        usage_record(allocation=allocation, samples=[SampleReport(1, 1_800_000, HOUR + timedelta(minutes=30))])
+
+        assert meter_events_enqueue(hour_start=HOUR) == 1
+
+        message = OutboxMessage.objects.get()
+        assert message.operation == "billing.meter_events.create"
+        assert message.user == postpaid
+        assert message.payload == {
+            "event_name": "gpu_usage",
+            "identifier": f"{postpaid.pk}:2026-01-01T10:00:00+00:00",
+            "timestamp": int(HOUR.timestamp()),
+            "payload": {"stripe_customer_id": "cus_rita", "value": "1000000"},
+        }
+
+    def test_running_twice_for_the_same_hour_writes_no_second_event(self, postpaid, allocation):
+        usage_record(allocation=allocation, samples=[SampleReport(1, 1_800_000, HOUR)])
+        meter_events_enqueue(hour_start=HOUR)
+        usage_record(allocation=allocation, samples=[SampleReport(2, 1_800_000, HOUR)])
+
+        assert meter_events_enqueue(hour_start=HOUR) == 0
+
+        assert meter_values() == [(f"{postpaid.pk}:{HOUR.isoformat()}", 1_000_000)]
+
+    def test_a_sample_that_arrives_after_its_hour_was_reported_is_billed_the_next_hour(self, postpaid, allocation):
+        usage_record(allocation=allocation, samples=[SampleReport(1, 1_800_000, HOUR)])
+        meter_events_enqueue(hour_start=HOUR)
+        late = SampleReport(2, 900_000, HOUR + timedelta(minutes=59))
+        usage_record(allocation=allocation, samples=[late, SampleReport(3, 900_000, HOUR + timedelta(minutes=70))])
+
+        meter_events_enqueue(hour_start=HOUR + timedelta(hours=1))
+
+        assert [value for _, value in meter_values()] == [1_000_000, 1_000_000]
+        usage_post(allocation_id=allocation.pk)
+        assert sum(value for _, value in meter_values()) == -balance(Account.Kind.RENTER_WALLET, postpaid)
+
+    def test_prepaid_renters_and_quiet_hours_send_nothing(self, renter, stranger, unit):
+        BillingProfile.objects.create(user=stranger, postpaid=True, stripe_customer_id="cus_sam")
+        usage_record(allocation=allocation_make(renter, unit), samples=[SampleReport(1, 3_600_000, HOUR)])
+
+        assert meter_events_enqueue(hour_start=HOUR) == 0
+
+        assert not OutboxMessage.objects.exists()

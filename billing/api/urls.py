@@ -1,7 +1,9 @@
 from django.urls import path
 
-from billing.api.views import BalanceView
+from billing.api.views import BalanceView, TopUpCreateView, TopUpDetailView
 
 urlpatterns = [
     path("balance", BalanceView.as_view(), name="balance"),
+    path("top-ups", TopUpCreateView.as_view(), name="top-up-create"),
+    path("top-ups/<uuid:topup_id>", TopUpDetailView.as_view(), name="top-up-detail"),
 ]

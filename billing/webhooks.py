@@ -1,0 +1,150 @@
+"""Stripe webhooks: verified on the raw body, stored once per event id, processed afterwards.
+
+Processing never trusts the event's snapshot: it re-reads the object at Stripe and acts on what
+Stripe says now, so duplicate and out-of-order deliveries all end in the same state.
+"""
+
+import json
+import logging
+from datetime import timedelta
+
+import stripe
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from billing.models import BillingProfile, TopUp, WebhookEvent
+from billing.stripe_api import client
+from billing.topups import topup_credit, topup_fail
+
+log = logging.getLogger(__name__)
+
+# An event that still cannot be processed after this many tries needs a person (see last_error).
+WEBHOOK_MAX_ATTEMPTS = 20
+WEBHOOK_RETRY_AFTER = timedelta(minutes=1)
+SWEEP_BATCH = 100
+
+
+class WebhookRejected(Exception):
+    """The request is not a genuine, fresh Stripe event; the endpoint answers 400."""
+
+
+class NotYet(Exception):
+    """The event names something we have not committed yet; try again later."""
+
+
+def webhook_verify(*, payload: bytes, signature: str) -> dict:
+    """The event in ``payload`` if one of the configured secrets signed it recently enough.
+    During a secret rotation Stripe signs with both, and either one verifies."""
+    secrets = [s for s in settings.STRIPE_WEBHOOK_SECRETS if s]
+    if not secrets:
+        raise WebhookRejected("No webhook signing secret is configured.")
+    problem = "No Stripe-Signature header."
+    for secret in secrets:
+        try:
+            stripe.WebhookSignature.verify_header(payload, signature, secret, settings.STRIPE_WEBHOOK_TOLERANCE_S)
+        except stripe.SignatureVerificationError as error:
+            problem = str(error)
+        except UnicodeDecodeError:
+            raise WebhookRejected("The body is not UTF-8.") from None
+        else:
+            break
+    else:
+        raise WebhookRejected(problem)
+    try:
+        event = json.loads(payload)
+    except ValueError:
+        raise WebhookRejected("The body is not JSON.") from None
+    if not isinstance(event, dict) or not event.get("id") or not event.get("type"):
+        raise WebhookRejected("The body is not a Stripe event.")
+    return event
+
+
+def webhook_receive(*, payload: bytes, signature: str) -> tuple[WebhookEvent, bool]:
+    """Verify and store one delivery; (event, created). A repeated delivery stores nothing."""
+    event = webhook_verify(payload=payload, signature=signature)
+    fields = {"type": event["type"][:80], "account": event.get("account") or "", "payload": event}
+    try:
+        with transaction.atomic():
+            stored, created = WebhookEvent.objects.get_or_create(event_id=event["id"], defaults=fields)
+    except IntegrityError:  # the same event delivered twice at once: the other request stored it
+        return WebhookEvent.objects.get(event_id=event["id"]), False
+    if created:
+        from billing import tasks
+
+        transaction.on_commit(lambda: tasks.webhook_process.delay(event["id"]))
+    return stored, created
+
+
+def _payment_intent_event(event: WebhookEvent) -> None:
+    pi_id = event.payload["data"]["object"]["id"]
+    options = {"stripe_account": event.account} if event.account else {}
+    payment_intent = client().v1.payment_intents.retrieve(pi_id, options=options).to_dict()
+    topup_id = (payment_intent.get("metadata") or {}).get("topup_id")
+    if not topup_id:
+        return  # not a top-up: nothing of ours to change
+    topup = TopUp.objects.filter(pk=topup_id).first()
+    if topup is None:
+        # Stripe can tell us about a PaymentIntent before the transaction that wrote the top-up
+        # is visible to this worker.
+        raise NotYet(f"top-up {topup_id} is not there yet")
+    status = payment_intent["status"]
+    if status == "succeeded":
+        topup_credit(topup=topup, payment_intent=payment_intent)
+    elif status == "canceled":
+        topup_fail(topup=topup, reason="canceled")
+    elif event.type == "payment_intent.payment_failed" and status == "requires_payment_method":
+        error = payment_intent.get("last_payment_error") or {}
+        topup_fail(topup=topup, reason=error.get("code") or "payment_failed")
+
+
+def _account_updated(event: WebhookEvent) -> None:
+    account_id = event.account or event.payload["data"]["object"]["id"]
+    account = client().v1.accounts.retrieve(account_id)
+    BillingProfile.objects.filter(stripe_account_id=account.id).update(payouts_enabled=bool(account.payouts_enabled))
+
+
+def _handler(event_type: str):
+    if event_type.startswith("payment_intent."):
+        return _payment_intent_event
+    if event_type == "account.updated":
+        return _account_updated
+    return None
+
+
+def webhook_process(*, event_id: str) -> bool:
+    """Act on one stored event; True once it is processed (now or before), False to try later."""
+    event = WebhookEvent.objects.get(event_id=event_id)
+    if event.processed_at is not None:
+        return True
+    handler = _handler(event.type)
+    try:
+        if handler is not None:
+            handler(event)
+    except (NotYet, stripe.StripeError) as error:
+        WebhookEvent.objects.filter(pk=event.pk).update(
+            attempts=event.attempts + 1, last_error=f"{type(error).__name__}: {error}"[:2000]
+        )
+        level = logging.ERROR if event.attempts + 1 >= WEBHOOK_MAX_ATTEMPTS else logging.INFO
+        log.log(level, "webhook %s %s not processed (attempt %d): %s", event.type, event_id, event.attempts + 1, error)
+        return False
+    WebhookEvent.objects.filter(pk=event.pk, processed_at__isnull=True).update(
+        processed_at=timezone.now(), attempts=event.attempts + 1, last_error=""
+    )
+    return True
+
+
+def webhook_sweep(limit: int = SWEEP_BATCH) -> int:
+    """Retry events left unprocessed for a minute, oldest first; returns how many were tried."""
+    due = WebhookEvent.objects.filter(
+        processed_at__isnull=True,
+        received_at__lte=timezone.now() - WEBHOOK_RETRY_AFTER,
+        attempts__lt=WEBHOOK_MAX_ATTEMPTS,
+    ).order_by("received_at")
+    event_ids = list(due.values_list("event_id", flat=True)[:limit])
+    for event_id in event_ids:
+        try:
+            webhook_process(event_id=event_id)
+        except Exception:  # one broken event must not stop the rest of the sweep
+            log.exception("webhook %s could not be processed", event_id)
+    return len(event_ids)
