@@ -20,6 +20,7 @@ class UsageSample(models.Model):
 
     class Meta:
         ordering = ["allocation", "seq"]
+        indexes = [models.Index(fields=["received_at"])]  # the rating sweep: what arrived lately
         constraints = [
             models.UniqueConstraint(fields=["allocation", "seq"], name="usage_sample_unique_seq"),
             models.CheckConstraint(condition=Q(gpu_ms__gte=0), name="usage_sample_not_negative"),
@@ -56,8 +57,9 @@ class Account(models.Model):
 
 
 class LedgerTransaction(models.Model):
-    """A balanced set of entries. Written only by ``billing.services.ledger_post``, which
-    refuses legs that do not sum to zero; rows are never updated or deleted."""
+    """A balanced set of entries. Written only by ``billing.services`` (``ledger_post``, which
+    refuses legs that do not sum to zero, and ``usage_rate``, which posts many usage charges
+    at once, each split into legs summing to zero); rows are never updated or deleted."""
 
     key = models.CharField(max_length=120, unique=True, help_text="Idempotency key of the posting.")
     kind = models.CharField(max_length=40)

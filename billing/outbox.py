@@ -77,6 +77,18 @@ def _payment_intent_sent(message: OutboxMessage) -> None:
     topup_payment_intent_sent(message=message)
 
 
+def _transfer_reversal_sent(message: OutboxMessage) -> None:
+    from billing.disputes import transfer_reversal_sent
+
+    transfer_reversal_sent(message=message)
+
+
+def _transfer_reversal_failed(message: OutboxMessage, error: stripe.StripeError) -> None:
+    from billing.disputes import transfer_reversal_refused
+
+    transfer_reversal_refused(message=message, code=getattr(error, "code", None) or "")
+
+
 def _meter_event_duplicate(error: stripe.InvalidRequestError) -> bool:
     # Stripe refuses a meter event whose identifier it already holds: that event did arrive.
     return "identifier" in str(error.user_message or error).lower() and "already" in str(error).lower()
@@ -90,6 +102,9 @@ class Operation:
     on_sent: Callable[[OutboxMessage], None] | None = None
     # True when an InvalidRequestError means "already done" rather than "refused".
     already_done: Callable[[stripe.InvalidRequestError], bool] | None = None
+    # Called when Stripe refuses the row for good (not for an idempotency conflict, our bug);
+    # the error's ``code`` says why (``balance_insufficient``, ...).
+    on_failed: Callable[[OutboxMessage, stripe.StripeError], None] | None = None
 
 
 OPERATIONS: dict[str, Operation] = {
@@ -107,7 +122,12 @@ OPERATIONS: dict[str, Operation] = {
         send=lambda c, p, o: c.v1.transfers.create(params=p, options=o),
         lookup=_lookup_by_listing(lambda c: c.v1.transfers, lambda p: {"destination": p["destination"]}),
     ),
-    "transfers.create_reversal": Operation(send=_reversal_create, lookup=_reversal_lookup),
+    "transfers.create_reversal": Operation(
+        send=_reversal_create,
+        lookup=_reversal_lookup,
+        on_sent=_transfer_reversal_sent,
+        on_failed=_transfer_reversal_failed,
+    ),
     "refunds.create": Operation(
         send=lambda c, p, o: c.v1.refunds.create(params=p, options=o),
         lookup=_lookup_by_listing(lambda c: c.v1.refunds),
@@ -209,6 +229,9 @@ def _fail(message: OutboxMessage, error: Exception, *, bug: bool = False) -> Non
         operation=message.operation,
         error=message.last_error,
     )
+    operation = OPERATIONS.get(message.operation)
+    if not bug and operation is not None and operation.on_failed is not None:
+        operation.on_failed(message, error)
 
 
 def _sent(message: OutboxMessage, obj, operation: Operation) -> None:

@@ -91,7 +91,8 @@ def payout_amount_micros(*, owner, now: datetime) -> int:
             amount_micros__gt=0,
             transaction__created_at__gt=now - timedelta(days=settings.PAYOUT_HOLD_DAYS),
         )
-        .exclude(transaction__kind=PAYOUT_REVERSAL)
+        # Owed again, not newly earned: a refused payout, or an owner's transfer reversed at Stripe.
+        .exclude(transaction__kind__in=[PAYOUT_REVERSAL, "transfer_reversal"])
         .aggregate(total=Sum("amount_micros"))["total"]
         or 0
     )

@@ -1,10 +1,10 @@
 """The ledger and metering. ``ledger_post`` is the only writer of ledger rows."""
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 
 from django.conf import settings
-from django.core.cache import cache
 from django.db import connection, transaction
 from django.db.models import Q, Sum
 from django.utils import timezone
@@ -72,17 +72,18 @@ def account_balance(account: Account) -> int:
     return account.entries.aggregate(total=Sum("amount_micros"))["total"] or 0
 
 
-@transaction.atomic
 def usage_record(*, allocation: Allocation, samples: list[SampleReport]) -> tuple[int, int]:
     """Store the agent's samples; a (allocation, seq) already stored, or repeated within the
-    batch (the first one counts), is a duplicate and ignored. Returns (accepted, duplicates)."""
+    batch (the first one counts), is a duplicate and ignored. Returns (accepted, duplicates).
+    One statement (a batch the agent sends fits in one) needs no transaction of its own."""
     unique = list({sample.seq: sample for sample in reversed(samples)}.values())
-    accepted = sum(
-        _samples_insert(allocation.pk, unique[start : start + INSERT_ROWS])
-        for start in range(0, len(unique), INSERT_ROWS)
-    )
-    if accepted:
-        usage_post_request(allocation.pk)
+    with transaction.atomic() if len(unique) > INSERT_ROWS else nullcontext():
+        accepted = sum(
+            _samples_insert(allocation.pk, unique[start : start + INSERT_ROWS])
+            for start in range(0, len(unique), INSERT_ROWS)
+        )
+    if accepted and settings.USAGE_POSTING_INTERVAL_S <= 0:
+        usage_post_request(allocation.pk)  # otherwise the rating sweep posts it within the interval
     return accepted, len(samples) - accepted
 
 
@@ -110,22 +111,12 @@ def _samples_insert(allocation_id, samples: list[SampleReport]) -> int:
         return len(cursor.fetchall())
 
 
-def usage_post_request(allocation_id, *, at_once: bool = False) -> None:
-    """Ask for the allocation's usage to be posted: at once when the job has ended, otherwise
-    within USAGE_POSTING_INTERVAL_S, one posting for every sample that arrives meanwhile."""
+def usage_post_request(allocation_id) -> None:
+    """Ask for the allocation's usage to be posted now (its job ended); running jobs' usage is
+    posted by the rating sweep every USAGE_POSTING_INTERVAL_S."""
     from billing import tasks
 
-    interval = settings.USAGE_POSTING_INTERVAL_S
-    if at_once or interval <= 0:
-        transaction.on_commit(lambda: tasks.usage_post.delay(str(allocation_id)))
-        return
-
-    def schedule() -> None:
-        # The mark lapses just before the posting runs, so a sample after it asks again.
-        if cache.add(f"usage-post:{allocation_id}", True, timeout=max(interval - 1, 1)):
-            tasks.usage_post.apply_async((str(allocation_id),), countdown=interval)
-
-    transaction.on_commit(schedule)
+    transaction.on_commit(lambda: tasks.usage_post.delay(str(allocation_id)))
 
 
 def usage_cost_micros(*, gpu_ms: int, price_per_gpu_hour_micros: int) -> int:
@@ -172,6 +163,68 @@ def usage_post(*, allocation_id) -> LedgerTransaction | None:
         allocation=allocation,
         memo=f"{used_ms} GPU-ms at {allocation.price_per_gpu_hour_micros} micros/GPU-hour",
     )
+
+
+@transaction.atomic
+def usage_rate(allocation_ids) -> list[LedgerTransaction]:
+    """Post the usage not yet charged of many allocations at once, as ``usage_post`` does for
+    one: the allocations are locked in key order in one statement, their totals read in one
+    statement after the locks are granted, and the postings written in two bulk inserts."""
+    ids = sorted(set(allocation_ids))
+    locked = Allocation.objects.select_for_update(of=("self",)).filter(pk__in=ids).order_by("pk")
+    list(locked.values_list("pk", flat=True))
+    rows = allocations_with_usage(Allocation.objects.filter(pk__in=ids)).values_list(
+        "pk", "price_per_gpu_hour_micros", "job__renter_id", "unit__owner_id", "usage_gpu_ms", "usage_wallet_micros"
+    )
+    due = []
+    for pk, price, renter_id, owner_id, used_ms, wallet_micros in rows:
+        delta = usage_cost_micros(gpu_ms=used_ms, price_per_gpu_hour_micros=price) + wallet_micros
+        if delta > 0:
+            due.append((pk, price, renter_id, owner_id, used_ms, delta))
+    if not due:
+        return []
+    wanted = {(Account.Kind.PLATFORM_FEES, None)}
+    for _, _, renter_id, owner_id, _, _ in due:
+        wanted |= {(Account.Kind.RENTER_WALLET, renter_id), (Account.Kind.OWNER_PAYABLE, owner_id)}
+    accounts = {(a.kind, a.user_id): a for a in _accounts(*wanted)}
+    txns = LedgerTransaction.objects.bulk_create(
+        [
+            LedgerTransaction(
+                key=f"usage:{pk}:{used_ms}",
+                kind="usage",
+                allocation_id=pk,
+                memo=f"{used_ms} GPU-ms at {price} micros/GPU-hour",
+            )
+            for pk, price, _, _, used_ms, _ in due
+        ]
+    )
+    entries = []
+    for txn, (_, _, renter_id, owner_id, _, delta) in zip(txns, due, strict=True):
+        fee = delta * settings.PLATFORM_FEE_PERCENT // 100
+        legs = [
+            (accounts[Account.Kind.RENTER_WALLET, renter_id], -delta),
+            (accounts[Account.Kind.OWNER_PAYABLE, owner_id], delta - fee),
+            (accounts[Account.Kind.PLATFORM_FEES, None], fee),
+        ]
+        entries += [LedgerEntry(transaction=txn, account=a, amount_micros=amount) for a, amount in legs if amount]
+    LedgerEntry.objects.bulk_create(entries)
+    return txns
+
+
+def usage_rate_since(since: datetime, *, chunk: int = 500) -> tuple[list[LedgerTransaction], set]:
+    """Rate every allocation that received samples since then; returns the postings and the
+    renters charged. Rating is idempotent, so overlapping windows cost only a re-read."""
+    ids = list(
+        UsageSample.objects.filter(received_at__gte=since).order_by().values_list("allocation_id", flat=True).distinct()
+    )
+    postings = []
+    for start in range(0, len(ids), chunk):
+        postings += usage_rate(ids[start : start + chunk])
+    if not postings:
+        return [], set()
+    charged = Allocation.objects.filter(pk__in=[txn.allocation_id for txn in postings])
+    renters = set(charged.values_list("job__renter_id", flat=True))
+    return postings, renters
 
 
 @transaction.atomic

@@ -172,6 +172,8 @@ class FakeStripe(stripe.HTTPClient):
     def __init__(self) -> None:
         super().__init__()
         self.available = DEFAULT_AVAILABLE
+        # Connected accounts' balances in cents, by account id; an account not named here has plenty.
+        self.connected_available: dict[str, int] = {}
         self.calls: list[Call] = []
         self.headers: list[dict[str, str]] = []  # request headers (lower-cased), one per call
         self.meter_events: list[dict] = []
@@ -204,6 +206,7 @@ class FakeStripe(stripe.HTTPClient):
             ("get", "/v1/refunds", self._refund_list),
             ("get", "/v1/refunds/{id}", self._refund_retrieve),
             ("get", "/v1/charges/{id}", self._charge_retrieve),
+            ("get", "/v1/disputes/{id}", self._dispute_retrieve),
             ("post", "/v1/billing/meter_events", self._meter_event_create),
         ]
         self._routes = [
@@ -280,6 +283,35 @@ class FakeStripe(stripe.HTTPClient):
             if fields.get("details_submitted"):
                 account["capabilities"]["transfers"] = "active"
             return copy.deepcopy(account)
+
+    def dispute(self, charge_id: str, *, amount: int | None = None, status: str = "needs_response") -> dict:
+        """The cardholder disputed a charge: a dispute (``dp_…``) for ``amount`` (the whole
+        charge by default); call it again with the dispute's id via :meth:`dispute_close`."""
+        with self._lock:
+            charge = self._find("charge", charge_id)
+            charge["disputed"] = True
+            return copy.deepcopy(
+                self._put(
+                    "dispute",
+                    {
+                        "id": new_id("dp"),
+                        "object": "dispute",
+                        "amount": charge["amount_captured"] if amount is None else amount,
+                        "charge": charge_id,
+                        "currency": charge["currency"],
+                        "payment_intent": charge["payment_intent"],
+                        "reason": "fraudulent",
+                        "status": status,
+                    },
+                )
+            )
+
+    def dispute_close(self, dispute_id: str, status: str) -> dict:
+        """The dispute ended: ``won`` (the money comes back) or ``lost``."""
+        with self._lock:
+            dispute = self._find("dispute", dispute_id)
+            dispute["status"] = status
+            return copy.deepcopy(dispute)
 
     def event(self, type: str, obj: dict, *, account: str | None = None) -> dict:
         """A Stripe event (``evt_…``) carrying a snapshot of ``obj``; ``account`` marks a Connect
@@ -595,6 +627,9 @@ class FakeStripe(stripe.HTTPClient):
     def _charge_retrieve(self, params: dict, id_: str) -> dict:
         return self._find("charge", id_)
 
+    def _dispute_retrieve(self, params: dict, id_: str) -> dict:
+        return self._find("dispute", id_)
+
     # -- refunds ------------------------------------------------------------------------------
 
     def _refund_create(self, params: dict) -> dict:
@@ -785,6 +820,16 @@ class FakeStripe(stripe.HTTPClient):
                 f"Transfer {id_} has {left} left to reverse; {amount} requested.",
                 param="amount",
             )
+        destination = transfer["destination"]
+        if amount > self.connected_available.get(destination, amount):
+            raise StripeFault(
+                400,
+                "invalid_request_error",
+                f"Insufficient funds in the connected account {destination} to reverse {amount}.",
+                code="balance_insufficient",
+            )
+        if destination in self.connected_available:
+            self.connected_available[destination] -= amount
         transfer["amount_reversed"] += amount
         transfer["reversed"] = transfer["amount_reversed"] == transfer["amount"]
         self.available += amount

@@ -1,6 +1,7 @@
 from datetime import timedelta
 
 from celery import shared_task
+from django.conf import settings
 from django.utils import timezone
 
 from billing import meters, services, wallet
@@ -14,6 +15,16 @@ def usage_post(allocation_id: str) -> None:
     renter_id = Allocation.objects.filter(pk=allocation_id).values_list("job__renter_id", flat=True).first()
     if renter_id is not None:
         services.usage_post(allocation_id=allocation_id)
+        wallet.wallet_guard(renter_id=renter_id)
+
+
+@shared_task
+def usage_rate_sweep() -> None:
+    """Post the running jobs' usage that arrived lately (a window of a few intervals, so a
+    late or missed sweep loses nothing), then check the wallets of the renters charged."""
+    since = timezone.now() - timedelta(seconds=3 * settings.USAGE_POSTING_INTERVAL_S + 30)
+    _, renters = services.usage_rate_since(since)
+    for renter_id in renters:
         wallet.wallet_guard(renter_id=renter_id)
 
 

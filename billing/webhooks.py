@@ -109,6 +109,10 @@ def _handler(event_type: str):
         return _payment_intent_event
     if event_type == "account.updated":
         return _account_updated
+    if event_type == "charge.refunded" or event_type.startswith("charge.dispute."):
+        from billing import disputes
+
+        return disputes.refund_event if event_type == "charge.refunded" else disputes.dispute_event
     return None
 
 

@@ -162,7 +162,7 @@ def allocation_finish(*, allocation: Allocation, exit_code: int | None, reason: 
     elif job.state == Job.State.CANCELLED and job.exit_code is None:
         job.exit_code = exit_code
         job.save(update_fields=["exit_code"])
-    usage_post_request(allocation.pk, at_once=True)
+    usage_post_request(allocation.pk)
     return job
 
 

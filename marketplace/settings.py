@@ -197,7 +197,8 @@ OUTBOX_LOOKUP_AFTER = timedelta(hours=env_int("OUTBOX_LOOKUP_AFTER_H", 20))
 # A job is placed only if the renter's wallet covers this long a run of it; running jobs are
 # stopped before the wallet would fall below WALLET_FLOOR.
 WALLET_MIN_RUN_S = env_int("WALLET_MIN_RUN_S", 600)
-# A running job's usage is posted to the ledger at most this often (a job's end is posted at once).
+# Running jobs' usage is posted to the ledger every this often, in bulk (a job's end is posted at
+# once); 0 posts each agent report as it arrives.
 USAGE_POSTING_INTERVAL_S = env_int("USAGE_POSTING_INTERVAL_S", 15)
 WALLET_FLOOR_MICROS = env_int("WALLET_FLOOR_MICROS", 0)
 # Owner payouts: a share of the payable and all earned in the last days stay back (chargebacks
@@ -242,6 +243,7 @@ CELERY_TIMEZONE = TIME_ZONE
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 CELERY_BEAT_SCHEDULE = {
     "placement-sweep": {"task": "marketplace.tasks.placement_sweep", "schedule": 10.0},
+    "usage-rating": {"task": "billing.tasks.usage_rate_sweep", "schedule": float(max(USAGE_POSTING_INTERVAL_S, 1))},
     "unit-liveness": {"task": "nodes.tasks.unit_liveness_sweep", "schedule": float(LIVENESS_SWEEP_S)},
     # Five minutes past the hour, when the agents' samples of the hour just ended are in (a later
     # one is billed in the next hour's event).

@@ -1,14 +1,13 @@
 """Metering turns usage samples into balanced ledger postings, once, whatever order they arrive in."""
 
 from datetime import UTC, datetime, timedelta
-from unittest import mock
 
 import pytest
 from django.conf import settings
-from django.core.cache import cache
 from django.db import transaction
 from django.db.models import Sum
 from django.test import override_settings
+from django.utils import timezone
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -25,7 +24,8 @@ from billing.services import (
     ledger_post,
     usage_cost_micros,
     usage_post,
-    usage_post_request,
+    usage_rate,
+    usage_rate_since,
     usage_record,
     wallet_credit_promotional,
 )
@@ -144,27 +144,36 @@ class TestCharge:
         assert len(enqueued) == 1
         assert again == []
 
-    def test_samples_within_the_posting_interval_share_one_posting(
-        self, allocation, settings, django_capture_on_commit_callbacks
-    ):
+    def test_with_a_posting_interval_the_sweep_posts_running_jobs_in_bulk(self, allocation, renter, settings):
         settings.USAGE_POSTING_INTERVAL_S = 15
-        cache.delete(f"usage-post:{allocation.pk}")
-        with mock.patch("billing.tasks.usage_post.apply_async") as scheduled:
-            for first in (1, 2, 3):
-                with django_capture_on_commit_callbacks(execute=True):
-                    usage_record(allocation=allocation, samples=samples(10, first=first))
+        other = allocation_make(renter, allocation.unit, price=3_600_000)
+        since = timezone.now()
+        usage_record(allocation=allocation, samples=samples(60_000, 60_000))
+        usage_record(allocation=other, samples=samples(1_000))
 
-        scheduled.assert_called_once_with((str(allocation.pk),), countdown=15)
+        postings, renters = usage_rate_since(since)
 
-    def test_a_finished_job_is_posted_at_once(self, allocation, settings, django_capture_on_commit_callbacks):
-        settings.USAGE_POSTING_INTERVAL_S = 15
-        with (
-            mock.patch("billing.tasks.usage_post.delay") as now,
-            django_capture_on_commit_callbacks(execute=True),
-        ):
-            usage_post_request(allocation.pk, at_once=True)
+        assert len(postings) == 2 and renters == {renter.pk}
+        assert allocation_usage(allocation) == (120_000, 120_000 * 2_000_000 // 3_600_000)
+        assert allocation_usage(other) == (1_000, 1_000)
+        assert usage_rate_since(since) == ([], set())  # nothing new: nothing posted twice
+        usage_record(allocation=allocation, samples=samples(30_000, first=3))
+        (more,), _ = usage_rate_since(since)
+        assert more.allocation_id == allocation.pk
+        assert allocation_usage(allocation)[1] == 150_000 * 2_000_000 // 3_600_000
 
-        now.assert_called_once_with(str(allocation.pk))
+    def test_bulk_rating_and_single_posting_agree_and_never_double_charge(self, allocation, renter):
+        usage_record(allocation=allocation, samples=samples(7_000, 11_000))
+        usage_post(allocation_id=allocation.pk)
+        usage_record(allocation=allocation, samples=samples(13_000, first=3))
+
+        usage_rate([allocation.pk, allocation.pk])
+        usage_post(allocation_id=allocation.pk)
+
+        expected = usage_cost_micros(gpu_ms=31_000, price_per_gpu_hour_micros=2_000_000)
+        assert allocation_usage(allocation) == (31_000, expected)
+        assert wallet_balance_micros(renter) == -expected
+        assert LedgerEntry.objects.aggregate(total=Sum("amount_micros"))["total"] == 0
 
 
 class TestLedger:

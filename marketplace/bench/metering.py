@@ -4,10 +4,10 @@
 postpaid) on ``--units`` units report ``--samples`` samples spread over ``--hours`` hours, in
 batches of about ``--batch`` per call as the agent sends them: some batches sent twice (a lost
 answer), some overlapping the one before, some arriving late. Every batch goes through
-``usage_record``, and the postings it asks for through ``usage_post`` as the Celery worker
-would run them (one per allocation per USAGE_POSTING_INTERVAL_S of the simulated clock), in the
-order the samples arrive; as the simulated clock passes each hour, that hour's meter
-events are enqueued. ``expected_micros`` is computed here from the samples fed, not read back.
+``usage_record``, in the order the samples arrive, and the rating sweep posts the usage that
+arrived every USAGE_POSTING_INTERVAL_S of the simulated clock, as beat and the worker would; as
+the simulated clock passes each hour, that hour's meter events are enqueued. ``expected_micros``
+is computed here from the samples fed, not read back.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import CommandError
 from django.db import connection
 from django.db.models import Sum
+from django.utils import timezone
 
 from marketplace.bench.placement import scratch_database
 
@@ -155,24 +156,18 @@ def feed(calls: list, *, start: datetime, hours: int) -> dict:
     from billing import services
     from billing.meters import meter_events_enqueue
 
-    interval = timedelta(seconds=settings.USAGE_POSTING_INTERVAL_S)
-    due: dict = {}  # allocation id -> when (on the simulated clock) its requested posting runs
-    clock = [start]
-
-    def request(allocation_id, at_once: bool = False) -> None:
-        due.setdefault(allocation_id, clock[0] + (timedelta(0) if at_once else interval))
-
+    interval = timedelta(seconds=max(settings.USAGE_POSTING_INTERVAL_S, 1))
     accepted = duplicates = 0
     next_hour = start
+    next_sweep = start + interval
     meter_s = 0.0
-    with mock.patch.object(services, "usage_post_request", request):
+    swept_from = timezone.now()
+    with mock.patch.object(services, "usage_post_request", lambda allocation_id: None):
         started = time.perf_counter()
         for arrival, allocation, samples in calls:
-            clock[0] = arrival
-            for allocation_id, when in list(due.items()):
-                if when <= arrival:
-                    del due[allocation_id]
-                    services.usage_post(allocation_id=allocation_id)
+            while arrival >= next_sweep:  # the rating sweep's beat, on the simulated clock
+                swept_from = _sweep(swept_from)
+                next_sweep += interval
             while arrival >= next_hour + timedelta(hours=1) + METER_GRACE:
                 began = time.perf_counter()
                 meter_events_enqueue(hour_start=next_hour)
@@ -181,8 +176,7 @@ def feed(calls: list, *, start: datetime, hours: int) -> dict:
             new, repeated = services.usage_record(allocation=allocation, samples=samples)
             accepted += new
             duplicates += repeated
-        for allocation_id in list(due):
-            services.usage_post(allocation_id=allocation_id)  # the jobs end: their last usage posted
+        _sweep(swept_from)  # the jobs end: their last usage posted
         seconds = time.perf_counter() - started - meter_s
     began = time.perf_counter()
     while next_hour < start + timedelta(hours=hours + 1):
@@ -197,6 +191,16 @@ def feed(calls: list, *, start: datetime, hours: int) -> dict:
         "duplicates_ignored": duplicates,
         "meter_enqueue_s": round(meter_s, 2),
     }
+
+
+def _sweep(since):
+    """One run of the rating sweep over what arrived since the last one began; returns when
+    this one began (its samples are stamped on the real clock)."""
+    from billing import services
+
+    began = timezone.now()
+    services.usage_rate_since(since)
+    return began
 
 
 def account(postpaid: set, fed: dict, options: dict) -> dict:
