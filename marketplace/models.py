@@ -8,8 +8,15 @@ from django.utils import timezone
 from nodes.models import Isolation, Slice, Unit, WorkloadClass
 
 
+def api_key_scopes_default() -> list[str]:
+    return list(ApiKey.SCOPES)
+
+
 class ApiKey(models.Model):
     """A renter's API key: shown once, stored as a lookup part and an HMAC digest."""
+
+    # read: safe methods; submit: submit and cancel jobs; billing: top-ups.
+    SCOPES = ("read", "submit", "billing")
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_keys")
@@ -20,9 +27,34 @@ class ApiKey(models.Model):
     expires_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
+    scopes = models.JSONField(default=api_key_scopes_default)
 
     def __str__(self) -> str:
         return f"{self.name} ({self.lookup})"
+
+
+class IdempotencyRecord(models.Model):
+    """The stored answer to a POST made with an ``Idempotency-Key``; a retry gets it back.
+
+    The unique constraint is what makes two concurrent requests with one key create one thing:
+    the second insert waits for the first transaction and then fails."""
+
+    id = models.BigAutoField(primary_key=True)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    key = models.CharField(max_length=255)
+    endpoint = models.CharField(max_length=300)  # "POST /api/v1/jobs"
+    request_hash = models.CharField(max_length=64)
+    response_status = models.PositiveSmallIntegerField()
+    response_body = models.JSONField()
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["user", "key", "endpoint"], name="idempotency_record_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.endpoint} {self.key}"
 
 
 class RenterProfile(models.Model):

@@ -1,3 +1,4 @@
+from collections.abc import Sequence
 from datetime import datetime
 
 from django.conf import settings
@@ -6,7 +7,7 @@ from django.utils import timezone
 
 from marketplace import tokens
 from marketplace.audit import audit_record
-from marketplace.errors import StateConflict
+from marketplace.errors import DomainError, StateConflict
 from marketplace.models import Allocation, ApiKey, Job, LogChunk
 from marketplace.selectors import allocation_log_size
 from nodes.models import Unit
@@ -16,11 +17,32 @@ API_KEY_KIND = "shs_live"
 REFUSED = "refused:"  # finish reasons of an agent that would not run what it was sent
 
 
-def api_key_create(*, user, name: str, expires_at: datetime | None = None) -> tuple[ApiKey, str]:
-    """Create an API key; the plaintext is returned once and never stored."""
+def api_key_create(
+    *, user, name: str, expires_at: datetime | None = None, scopes: Sequence[str] | None = None
+) -> tuple[ApiKey, str]:
+    """Create an API key; the plaintext is returned once and never stored. No scopes means all."""
+    scopes = ApiKey.SCOPES if scopes is None else scopes
+    unknown = set(scopes) - set(ApiKey.SCOPES)
+    if unknown or not scopes:
+        raise DomainError(f"Scopes must be a non-empty subset of {', '.join(ApiKey.SCOPES)}.")
     issued = tokens.token_issue(API_KEY_KIND)
-    key = ApiKey.objects.create(user=user, name=name, lookup=issued.lookup, digest=issued.digest, expires_at=expires_at)
+    key = ApiKey.objects.create(
+        user=user,
+        name=name,
+        lookup=issued.lookup,
+        digest=issued.digest,
+        expires_at=expires_at,
+        scopes=[scope for scope in ApiKey.SCOPES if scope in scopes],
+    )
     return key, issued.plaintext
+
+
+def api_key_revoke(*, key: ApiKey) -> ApiKey:
+    """Revoke a key; revoking it again changes nothing."""
+    if ApiKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now()):
+        audit_record("api_key.revoked", key.pk, actor=f"user:{key.user_id}")
+    key.refresh_from_db()
+    return key
 
 
 def api_key_authenticate(*, plaintext: str) -> ApiKey | None:

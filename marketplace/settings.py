@@ -136,15 +136,26 @@ REST_FRAMEWORK = {
         "marketplace.api.auth.ApiKeyAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PERMISSION_CLASSES": [
+        "rest_framework.permissions.IsAuthenticated",
+        "marketplace.api.auth.ApiKeyScopePermission",
+    ],
+    "DEFAULT_THROTTLE_CLASSES": [
+        "marketplace.api.auth.ApiKeyRateThrottle",
+        "marketplace.api.auth.ApiKeySubmitThrottle",
+    ],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_CONTENT_NEGOTIATION_CLASS": "marketplace.api.renderers.FormatNegotiation",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "marketplace.api.errors.problem_exception_handler",
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
     "PAGE_SIZE": 50,
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
+# Per API key (per user for session logins); DRF's "<count>/<sec|min|hour|day>".
+API_RATE_LIMIT = env_str("API_RATE_LIMIT", "120/min")
+API_SUBMIT_RATE_LIMIT = env_str("API_SUBMIT_RATE_LIMIT", "30/min")
 SPECTACULAR_SETTINGS = {
     "TITLE": "Shedshare API",
     "DESCRIPTION": "Renter and node-agent APIs of the Shedshare GPU marketplace.",
@@ -153,6 +164,10 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "marketplace.api.schema.problem_responses",  # the errors every view can answer with
+    ],
 }
 
 # Marketplace tunables.

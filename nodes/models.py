@@ -167,6 +167,11 @@ class Unit(models.Model):
 
     class Meta:
         ordering = ["created_at"]
+        # Offer search: online units in price, reliability or name order, read by keyset.
+        indexes = [
+            models.Index(fields=["status", field, "id"], name=f"unit_offers_by_{field[:5]}")
+            for field in ("price_per_gpu_hour_micros", "reliability", "name")
+        ]
         constraints = [
             models.CheckConstraint(condition=Q(price_per_gpu_hour_micros__gte=0), name="unit_price_not_negative"),
             models.CheckConstraint(
@@ -246,6 +251,11 @@ class GPU(models.Model):
     class Meta:
         ordering = ["unit", "index"]
         verbose_name = "GPU"
+        # Offer search reads usable GPUs by unit (first free one, how many) and by model.
+        indexes = [
+            models.Index(fields=fields, condition=Q(present=True, healthy=True), name=name)
+            for fields, name in ((["unit", "index"], "gpu_usable_by_unit"), (["model", "unit"], "gpu_usable_by_model"))
+        ]
         constraints = [
             models.UniqueConstraint(fields=["unit", "device_uuid"], name="gpu_unique_device"),
         ]

@@ -1,5 +1,6 @@
 import pytest
 from django.contrib.auth import get_user_model
+from django.core.cache import cache
 from rest_framework.test import APIClient
 
 from marketplace import placement
@@ -13,6 +14,14 @@ def placement_view_reset():
     placement.engine_reset()
     yield
     placement.engine_reset()
+
+
+@pytest.fixture(autouse=True)
+def cache_reset():
+    """Rate-limit counters and other cached state do not carry from one test to the next."""
+    cache.clear()
+    yield
+    cache.clear()
 
 
 def user_make(username: str, **extra):

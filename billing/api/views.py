@@ -23,6 +23,8 @@ class BalanceView(APIView):
 
 
 class TopUpCreateView(APIView):
+    write_scopes = ("billing",)
+
     @extend_schema(
         summary="Top up the wallet",
         description="Makes a Stripe PaymentIntent for the amount; confirm it with Stripe.js and the "

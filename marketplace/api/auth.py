@@ -1,6 +1,7 @@
+from django.conf import settings
 from django.utils import timezone
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
-from rest_framework import authentication, exceptions
+from rest_framework import authentication, exceptions, permissions, throttling
 
 from marketplace.models import ApiKey
 from marketplace.services import API_KEY_KIND, api_key_authenticate
@@ -32,6 +33,62 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
 
     def authenticate_header(self, request) -> str:
         return 'Bearer realm="api"'
+
+
+def scopes_needed(request, view) -> tuple[str, ...]:
+    """Reads need ``read``; writes need the view's ``write_scopes``. A view that names none is
+    closed to keys for writes, so a new endpoint is never writable by a narrowed key by accident."""
+    if request.method in permissions.SAFE_METHODS:
+        return ("read",)
+    return tuple(getattr(view, "write_scopes", ())) or ApiKey.SCOPES
+
+
+class ApiKeyScopePermission(permissions.BasePermission):
+    """Requests made with an API key need the key's scopes; session logins have them all."""
+
+    def has_permission(self, request, view) -> bool:
+        key = request.auth
+        if not isinstance(key, ApiKey):
+            return True
+        for scope in scopes_needed(request, view):
+            if scope not in key.scopes:
+                raise exceptions.PermissionDenied(f"This API key lacks the '{scope}' scope.", code="scope_missing")
+        return True
+
+
+class ApiKeyRateThrottle(throttling.SimpleRateThrottle):
+    """Counts each API key's requests (each user's, for session logins); other callers, such as
+    node agents, are not counted here."""
+
+    scope = "api"
+    setting = "API_RATE_LIMIT"
+
+    def get_rate(self) -> str:
+        return getattr(settings, self.setting)
+
+    def counts(self, request, view) -> bool:
+        return True
+
+    def get_cache_key(self, request, view) -> str | None:
+        if not self.counts(request, view):
+            return None
+        if isinstance(request.auth, ApiKey):
+            ident = f"key:{request.auth.pk}"
+        elif request.auth is None and request.user.is_authenticated:
+            ident = f"user:{request.user.pk}"
+        else:
+            return None
+        return f"throttle:{self.scope}:{ident}"
+
+
+class ApiKeySubmitThrottle(ApiKeyRateThrottle):
+    """A tighter limit on writes that need the ``submit`` scope: submitting and cancelling jobs."""
+
+    scope = "submit"
+    setting = "API_SUBMIT_RATE_LIMIT"
+
+    def counts(self, request, view) -> bool:
+        return request.method not in permissions.SAFE_METHODS and "submit" in scopes_needed(request, view)
 
 
 class ApiKeyScheme(OpenApiAuthenticationExtension):

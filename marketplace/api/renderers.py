@@ -2,6 +2,8 @@ import csv
 import io
 import json
 
+from rest_framework.exceptions import ValidationError
+from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.renderers import BaseRenderer, JSONRenderer
 
 
@@ -37,3 +39,15 @@ class CsvRenderer(BaseRenderer):
         writer.writeheader()
         writer.writerows(rows)
         return out.getvalue().encode(self.charset)
+
+
+class FormatNegotiation(DefaultContentNegotiation):
+    """An unknown ``?format=`` is a 400 naming the parameter and the formats on offer, not DRF's
+    bare 404 (the resource exists; the request asked for it in a form it does not come in)."""
+
+    def filter_renderers(self, renderers, format):
+        found = [renderer for renderer in renderers if renderer.format == format]
+        if not found:
+            offered = ", ".join(renderer.format for renderer in renderers)
+            raise ValidationError({"format": [f"Unknown format {format!r}; one of {offered}."]})
+        return found

@@ -1,9 +1,10 @@
 import re
 
+from django.conf import settings
 from rest_framework import serializers
 
 from billing.money import from_micros, to_micros
-from marketplace import jurisdictions
+from marketplace import job_reads, jurisdictions
 from marketplace.models import Job
 from marketplace.pending import pending_summary
 from marketplace.selectors import job_usage
@@ -198,3 +199,76 @@ class PlacementRecordSerializer(serializers.Serializer):
     def get_price_per_gpu_hour(self, event) -> str | None:
         micros = event.data.get("price_per_gpu_hour_micros")
         return None if micros is None else str(from_micros(micros))
+
+
+class JobEventSerializer(serializers.Serializer):
+    """One step of a job's timeline; ``context["job"]`` is the job, to tell the renter from staff."""
+
+    at = serializers.DateTimeField(source="created_at")
+    action = serializers.CharField(help_text="Dotted name, e.g. job.submitted, job.placed, allocation.released.")
+    actor = serializers.SerializerMethodField(help_text='"renter", "staff", "unit:<id>", "placement", "liveness"…')
+    detail = serializers.SerializerMethodField(
+        help_text="What the event recorded that is the renter's to see: allocation, unit, country, subdivision, "
+        "reason, previous, exit_code, attempts, price_per_gpu_hour and, for job.placed, the policy that held."
+    )
+
+    def get_actor(self, event) -> str:
+        return job_reads.event_actor(event, self.context["job"])
+
+    def get_detail(self, event) -> dict:
+        return job_reads.event_detail(event)
+
+
+class JobLogQuerySerializer(serializers.Serializer):
+    offset = serializers.IntegerField(min_value=0, default=0, help_text="Byte offset (UTF-8) to read from.")
+    limit_bytes = serializers.IntegerField(min_value=1, max_value=1_048_576, default=65_536)
+    wait = serializers.IntegerField(
+        min_value=0, max_value=25, default=0, help_text="Seconds to wait for output past offset or the job's end."
+    )
+
+
+class JobLogSerializer(serializers.Serializer):
+    offset = serializers.IntegerField()
+    next_offset = serializers.IntegerField(help_text="The offset to ask for next.")
+    data = serializers.CharField(trim_whitespace=False)
+    complete = serializers.BooleanField(help_text="The job has ended and nothing is stored past next_offset.")
+
+
+class AllocationUsageSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    unit = serializers.UUIDField(source="unit_id")
+    gpu_seconds = serializers.SerializerMethodField()
+    cost = serializers.SerializerMethodField()
+    price_per_gpu_hour = serializers.SerializerMethodField()
+    started = serializers.DateTimeField(source="created_at")
+    released = serializers.DateTimeField(source="released_at", allow_null=True)
+
+    def get_gpu_seconds(self, allocation) -> float:
+        return round(allocation.usage_gpu_ms / 1000, 3)
+
+    def get_cost(self, allocation) -> str:
+        return str(from_micros(-allocation.usage_wallet_micros))
+
+    def get_price_per_gpu_hour(self, allocation) -> str:
+        return str(from_micros(allocation.price_per_gpu_hour_micros))
+
+
+class JobUsageSerializer(serializers.Serializer):
+    gpu_seconds = serializers.FloatField()
+    cost = serializers.CharField(help_text="Charged so far, a decimal string.")
+    currency = serializers.CharField()
+    price_per_gpu_hour = serializers.CharField(allow_null=True, help_text="Of the latest allocation; null if none.")
+    allocations = AllocationUsageSerializer(many=True, help_text="Oldest first.")
+
+
+def job_usage_data(allocations: list) -> dict:
+    """The usage endpoint's body from ``job_reads.job_allocations_usage``."""
+    gpu_ms = sum(a.usage_gpu_ms for a in allocations)
+    cost = -sum(a.usage_wallet_micros for a in allocations)
+    return {
+        "gpu_seconds": round(gpu_ms / 1000, 3),
+        "cost": str(from_micros(cost)),
+        "currency": settings.CURRENCY,
+        "price_per_gpu_hour": str(from_micros(allocations[-1].price_per_gpu_hour_micros)) if allocations else None,
+        "allocations": AllocationUsageSerializer(allocations, many=True).data,
+    }

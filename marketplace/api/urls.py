@@ -1,6 +1,8 @@
-from django.urls import include, path
+from django.urls import include, path, re_path
 from rest_framework.routers import SimpleRouter
 
+from marketplace.api.keys import ApiKeyViewSet
+from marketplace.api.offers import OfferSearchView
 from marketplace.api.views import JobViewSet
 
 router = SimpleRouter()
@@ -8,7 +10,9 @@ router = SimpleRouter()
 # /api/v1/jobs and /api/v1/jobs/ both resolve (a redirect would drop a POST's body).
 router.trailing_slash = "/?"
 router.register("jobs", JobViewSet, basename="job")
+router.register("api-keys", ApiKeyViewSet, basename="api-key")
 
 urlpatterns = [
+    re_path(r"^offers/?$", OfferSearchView.as_view(), name="offers"),
     path("", include(router.urls)),
 ]

@@ -31,7 +31,15 @@ class EnrolView(APIView):
     authentication_classes: list = []
     permission_classes: list = []
 
-    @extend_schema(request=s.EnrolSerializer, responses={201: s.EnrolResultSerializer})
+    @extend_schema(
+        request=s.EnrolSerializer,
+        responses={
+            201: s.EnrolResultSerializer,
+            401: OpenApiResponse(description="problem+json: the enrolment token is not valid"),
+            409: OpenApiResponse(description="problem+json: the enrolment token was used already"),
+            410: OpenApiResponse(description="problem+json: the enrolment token has expired"),
+        },
+    )
     def post(self, request):
         data = s.EnrolSerializer(data=request.data)
         data.is_valid(raise_exception=True)
@@ -146,7 +154,13 @@ class NextAssignmentView(AgentView):
 
 
 class AllocationStartView(AgentView):
-    @extend_schema(request=None, responses={200: s.JobStateSerializer})
+    @extend_schema(
+        request=None,
+        responses={
+            200: s.JobStateSerializer,
+            409: OpenApiResponse(description="problem+json: the job is past starting (cancelled, ended)"),
+        },
+    )
     def post(self, request, allocation_id):
         job = market.allocation_start(allocation=self.own_allocation(allocation_id))
         return Response({"state": job.state})

@@ -4,9 +4,9 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
-from marketplace.bench import metering, placement, replay
+from marketplace.bench import metering, offers, placement, replay
 
-BENCHMARKS = {"placement": placement, "replay-openb": replay, "metering": metering}
+BENCHMARKS = {"placement": placement, "replay-openb": replay, "metering": metering, "offers": offers}
 
 
 class Command(BaseCommand):

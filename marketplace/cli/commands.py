@@ -1,0 +1,197 @@
+"""`shedshare`: log in, search offers, submit and follow jobs, read the balance."""
+
+import json
+import os
+import uuid
+from datetime import UTC, datetime
+from time import sleep
+from typing import Any
+
+import click
+
+from marketplace.cli import config, render
+from marketplace.cli.client import VERSION, CliError, RenterClient, Unreachable
+from marketplace.cli.jobfile import load_spec
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+FINAL_STATES = ("succeeded", "failed", "cancelled", "lost")
+JOB_STATES = ("queued", "placed", "starting", "running", *FINAL_STATES)
+# Waits before resending a submit that got no answer; the Idempotency-Key makes the resend safe.
+SUBMIT_RETRY_DELAYS_S = (1.0, 3.0)
+LOG_WAIT_S = 20
+
+
+class Group(click.Group):
+    """Turns every API and configuration failure into one readable line on stderr and exit 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (CliError, config.NotLoggedIn) as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=Group)
+@click.version_option(VERSION, prog_name="shedshare")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON instead of tables, for scripts.")
+@click.pass_context
+def main(ctx: click.Context, as_json: bool) -> None:
+    """Shedshare renter CLI. Credentials: `shedshare login`, or SHEDSHARE_URL and SHEDSHARE_API_KEY."""
+    ctx.obj = as_json
+
+
+def _client() -> RenterClient:
+    credentials = config.load()
+    return RenterClient(credentials.url, credentials.key)
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+@main.command()
+@click.option("--url", help=f"Server base URL [default: $SHEDSHARE_URL, the saved one, else {DEFAULT_URL}].")
+@click.option("--key", help="API key (shs_live_…); asked for when left out.")
+@click.pass_obj
+def login(as_json: bool, url: str | None, key: str | None) -> None:
+    """Check an API key against the server and save both to the config file (mode 0600)."""
+    path = config.default_path()
+    url = url or os.environ.get("SHEDSHARE_URL") or config.read(path).get("url") or DEFAULT_URL
+    key = (key or click.prompt("API key", hide_input=True)).strip()
+    with RenterClient(url, key) as client:
+        balance = client.balance()
+    config.save(path, config.Credentials(url=url, key=key))
+    if as_json:
+        _print_json({"url": url, "config": str(path), "balance": balance})
+    else:
+        click.echo(f"Logged in to {url}; balance {balance['balance']} {balance['currency']}. Saved to {path}")
+
+
+@main.command()
+@click.argument("query", default="")
+@click.option("--sort", help="Field to sort on, e.g. price_per_gpu_hour or -reliability.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="Most offers to show.")
+@click.pass_obj
+def offers(as_json: bool, query: str, sort: str | None, limit: int) -> None:
+    """Search offers, e.g. 'gpu_name in [H100,B200] country in [DE,FR] price_per_gpu_hour<=2.5'."""
+    with _client() as client:
+        found = client.offers(query, sort=sort, limit=limit)
+    if as_json:
+        _print_json(found)
+    else:
+        render.table(found, render.OFFER_COLUMNS, empty="No offers match.")
+
+
+@main.command()
+@click.argument("spec_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--wait", is_flag=True, help="Follow the job until it ends; exit 0 only if it succeeded.")
+@click.option(
+    "--idempotency-key",
+    default=lambda: str(uuid.uuid4()),
+    show_default="a random one",
+    help="Sent as Idempotency-Key: the same key never submits twice.",
+)
+@click.option("--interval", type=click.FloatRange(min=0), default=2.0, show_default=True, help="Seconds between polls.")
+@click.pass_context
+def submit(ctx: click.Context, spec_file: str, wait: bool, idempotency_key: str, interval: float) -> None:
+    """Submit the job described in SPEC_FILE (YAML or JSON; see the README)."""
+    spec = load_spec(spec_file)
+    with _client() as client:
+        job = _submit(client, spec, idempotency_key)
+        if not wait:
+            if ctx.obj:
+                _print_json(job)
+            else:
+                click.echo(f"Submitted job {job['id']} ({job['state']})")
+            return
+        click.echo(f"Submitted job {job['id']}", err=ctx.obj)
+        job = _follow(client, job, interval, err=ctx.obj)
+    if ctx.obj:
+        _print_json(job)
+    ctx.exit(0 if job["state"] == "succeeded" else 1)
+
+
+def _submit(client: RenterClient, spec: dict, idempotency_key: str) -> dict:
+    for delay in (*SUBMIT_RETRY_DELAYS_S, None):
+        try:
+            return client.submit(spec, idempotency_key=idempotency_key)
+        except Unreachable as exc:
+            if delay is None:
+                hint = f"Retry with --idempotency-key {idempotency_key} to avoid a duplicate."
+                raise Unreachable(f"{exc}\n  {hint}") from None
+            sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _follow(client: RenterClient, job: dict, interval: float, *, err: bool) -> dict:
+    """Poll the job, printing a line whenever its state or why-pending changes, until it ends."""
+    shown = None
+    while True:
+        line = render.job_line(job)
+        if line != shown:
+            click.echo(f"{datetime.now(UTC):%H:%M:%S}  {line}", err=err)
+            shown = line
+        if job["state"] in FINAL_STATES:
+            return job
+        sleep(interval)
+        job = client.job(job["id"])
+
+
+@main.command()
+@click.option("--state", type=click.Choice(JOB_STATES), help="Only jobs in this state.")
+@click.pass_obj
+def jobs(as_json: bool, state: str | None) -> None:
+    """List your jobs, newest first."""
+    with _client() as client:
+        found = client.jobs(state=state)
+    if as_json:
+        _print_json(found)
+    else:
+        render.table(found, render.JOB_COLUMNS, empty="No jobs.")
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the job's log is complete.")
+@click.option("--offset", type=click.IntRange(min=0), default=0, help="Start at this byte offset.")
+@click.pass_obj
+def logs(as_json: bool, job_id: str, follow: bool, offset: int) -> None:
+    """Print a job's log; with -f, follow it until the job ends. --json prints one JSON page per line."""
+    with _client() as client:
+        while True:
+            page = client.logs(job_id, offset=offset, wait_s=LOG_WAIT_S if follow else 0)
+            if as_json:
+                click.echo(json.dumps(page))
+            elif page.get("data"):
+                click.echo(page["data"], nl=False)
+            next_offset = page.get("next_offset", offset)
+            if page.get("complete") or (next_offset == offset and not follow):
+                return
+            if next_offset == offset:
+                sleep(1)  # a server that did not hold the request open for `wait`
+            offset = next_offset
+
+
+@main.command()
+@click.argument("job_id")
+@click.pass_obj
+def cancel(as_json: bool, job_id: str) -> None:
+    """Cancel a job."""
+    with _client() as client:
+        job = client.cancel(job_id)
+    if as_json:
+        _print_json(job)
+    else:
+        click.echo(render.job_line(job))
+
+
+@main.command()
+@click.pass_obj
+def balance(as_json: bool) -> None:
+    """Show your wallet balance."""
+    with _client() as client:
+        wallet = client.balance()
+    if as_json:
+        _print_json(wallet)
+    else:
+        click.echo(f"{wallet['balance']} {wallet['currency']}")

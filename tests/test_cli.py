@@ -1,0 +1,371 @@
+"""The `shedshare` renter CLI, run with click's CliRunner against the real app over WSGI (no network)."""
+
+import json
+import stat
+
+import httpx
+import pytest
+from click.testing import CliRunner
+from django.core import signals
+from django.core.handlers.wsgi import WSGIHandler
+from django.db import close_old_connections
+
+from billing.services import wallet_credit_promotional
+from marketplace.cli import client as cli_client
+from marketplace.cli import commands, main
+from marketplace.models import Job
+from marketplace.services import api_key_create, job_cancel
+from tests.conftest import JOB_SPEC, job_make
+
+SERVER = "http://testserver"
+JOB_YAML = """\
+name: fine-tune
+image: ghcr.io/acme/train:1.0
+command: [python, train.py, --epochs, "3"]
+gpu_count: 1
+jurisdictions: [EU]
+max_price_per_gpu_hour: 2.5
+"""
+
+
+@pytest.fixture
+def wsgi_app(db, monkeypatch):
+    """The Django app as the CLI's transport. Django closes the database connection after each
+    request, which would end the test's transaction; its own test client unhooks this the same way."""
+    signals.request_started.disconnect(close_old_connections)
+    signals.request_finished.disconnect(close_old_connections)
+    monkeypatch.setattr(cli_client, "transport", httpx.WSGITransport(app=WSGIHandler()))
+    yield
+    signals.request_started.connect(close_old_connections)
+    signals.request_finished.connect(close_old_connections)
+
+
+@pytest.fixture
+def config_path(tmp_path, monkeypatch):
+    path = tmp_path / "shedshare" / "config.json"
+    monkeypatch.setenv("SHEDSHARE_CONFIG", str(path))
+    monkeypatch.delenv("SHEDSHARE_URL", raising=False)
+    monkeypatch.delenv("SHEDSHARE_API_KEY", raising=False)
+    return path
+
+
+@pytest.fixture
+def api_key(renter):
+    return api_key_create(user=renter, name="cli")[1]
+
+
+@pytest.fixture
+def logged_in(wsgi_app, config_path, api_key, monkeypatch):
+    monkeypatch.setenv("SHEDSHARE_URL", SERVER)
+    monkeypatch.setenv("SHEDSHARE_API_KEY", api_key)
+
+
+def run(*args: str, input: str | None = None):
+    return CliRunner().invoke(main, list(args), input=input, catch_exceptions=False)
+
+
+def fake_server(monkeypatch, handler) -> list[httpx.Request]:
+    """An httpx.MockTransport in place of the server; returns the requests it saw."""
+    seen = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return handler(request)
+
+    monkeypatch.setattr(cli_client, "transport", httpx.MockTransport(record))
+    monkeypatch.setenv("SHEDSHARE_URL", SERVER)
+    monkeypatch.setenv("SHEDSHARE_API_KEY", "shs_live_fake")
+    return seen
+
+
+@pytest.fixture
+def job_file(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(JOB_YAML)
+    return path
+
+
+class TestLogin:
+    def test_login_checks_the_key_and_saves_it_readable_by_the_owner_only(self, wsgi_app, config_path, api_key):
+        result = run("login", "--url", SERVER, input=api_key + "\n")
+
+        assert result.exit_code == 0, result.output
+        assert "Logged in to http://testserver" in result.stdout
+        assert stat.S_IMODE(config_path.stat().st_mode) == 0o600
+        assert json.loads(config_path.read_text()) == {"url": SERVER, "key": api_key}
+        assert run("balance").exit_code == 0
+
+    def test_a_wrong_key_is_refused_and_nothing_is_saved(self, wsgi_app, config_path):
+        result = run("login", "--url", SERVER, "--key", "shs_live_wrong")
+
+        assert result.exit_code == 1
+        assert "Unauthorized (401)" in result.stderr
+        assert "shedshare login" in result.stderr
+        assert not config_path.exists()
+
+    def test_without_credentials_commands_say_how_to_log_in(self, config_path):
+        result = run("jobs")
+
+        assert result.exit_code == 1
+        assert "not logged in: run `shedshare login`" in result.stderr
+
+
+class TestSubmit:
+    def test_submit_prints_the_job_id(self, logged_in, job_file, renter):
+        result = run("submit", str(job_file))
+
+        assert result.exit_code == 0, result.output
+        job = Job.objects.get(renter=renter)
+        assert result.stdout == f"Submitted job {job.pk} (queued)\n"
+        assert job.command == ["python", "train.py", "--epochs", "3"]
+        assert job.jurisdictions == ["EU"]
+        assert job.max_price_per_gpu_hour_micros == 2_500_000
+
+    def test_json_prints_the_created_job(self, logged_in, tmp_path, renter):
+        path = tmp_path / "job.json"
+        path.write_text(json.dumps(JOB_SPEC))
+
+        result = run("--json", "submit", str(path))
+
+        assert result.exit_code == 0, result.output
+        body = json.loads(result.stdout)
+        assert body["id"] == str(Job.objects.get(renter=renter).pk)
+        assert body["state"] == "queued"
+
+    def test_a_bad_spec_shows_the_field_errors_and_exits_1(self, logged_in, tmp_path, renter):
+        path = tmp_path / "job.yaml"
+        path.write_text("image: Not An Image\ngpu_count: 0\ncolour: red\n")
+
+        result = run("submit", str(path))
+
+        assert result.exit_code == 1
+        assert result.stdout == ""
+        assert "Invalid request (400)" in result.stderr
+        assert "colour: Unknown field." in result.stderr
+        assert not Job.objects.filter(renter=renter).exists()
+
+    def test_a_file_that_is_not_a_mapping_is_refused_before_any_call(self, logged_in, tmp_path):
+        path = tmp_path / "job.yaml"
+        path.write_text("- just\n- a list\n")
+
+        result = run("submit", str(path))
+
+        assert result.exit_code == 1
+        assert "a job file is a mapping" in result.stderr
+
+    def test_a_resend_after_a_network_error_carries_the_same_idempotency_key(self, monkeypatch, job_file):
+        monkeypatch.setattr(commands, "SUBMIT_RETRY_DELAYS_S", (0.0,))
+        job = {"id": "0b7a0d0e-0000-4000-8000-000000000001", "state": "queued"}
+
+        def first_fails(request):
+            if len(seen) == 1:
+                raise httpx.ConnectError("connection reset")
+            return httpx.Response(201, json=job)
+
+        seen = fake_server(monkeypatch, first_fails)
+
+        result = run("submit", str(job_file), "--idempotency-key", "k-123")
+
+        assert result.exit_code == 0, result.output
+        assert [r.headers["Idempotency-Key"] for r in seen] == ["k-123", "k-123"]
+        assert json.loads(seen[1].content)["name"] == "fine-tune"
+
+    def test_wait_shows_why_pending_then_the_end_and_exits_1_unless_it_succeeded(
+        self, logged_in, job_file, renter, monkeypatch
+    ):
+        def meanwhile(seconds):
+            job = Job.objects.get(renter=renter)
+            if not job.pending_reason:
+                job.pending_reason = {"units_considered": 3, "rejected": {"jurisdiction": 3}}
+                job.save(update_fields=["pending_reason"])
+            else:
+                job_cancel(job=job, actor="test")
+
+        monkeypatch.setattr(commands, "sleep", meanwhile)
+
+        result = run("submit", str(job_file), "--wait")
+
+        assert result.exit_code == 1, result.output
+        lines = result.stdout.splitlines()
+        assert "queued" in lines[1]
+        assert "(0 of 3 units fit: 3 outside the allowed jurisdictions)" in lines[2]
+        assert lines[-1].endswith("cancelled")
+
+    def test_wait_exits_0_when_the_job_succeeds(self, monkeypatch, job_file):
+        states = iter(["placed", "running", "succeeded"])
+        job = {"id": "0b7a0d0e-0000-4000-8000-000000000002", "state": "queued", "exit_code": None}
+
+        def server(request):
+            if request.method == "POST":
+                return httpx.Response(201, json=job)
+            return httpx.Response(200, json={**job, "state": next(states)})
+
+        fake_server(monkeypatch, server)
+        monkeypatch.setattr(commands, "sleep", lambda seconds: None)
+
+        result = run("submit", str(job_file), "--wait")
+
+        assert result.exit_code == 0, result.output
+        assert [line.split()[-1] for line in result.stdout.splitlines()[1:]] == [
+            "queued",
+            "placed",
+            "running",
+            "succeeded",
+        ]
+
+
+class TestJobs:
+    def test_jobs_lists_the_renters_jobs_and_filters_by_state(self, logged_in, renter, stranger):
+        kept, cancelled = job_make(renter, name="kept"), job_make(renter, name="dropped")
+        job_cancel(job=cancelled, actor="test")
+        foreign = job_make(stranger)
+
+        everything = run("jobs")
+        only_cancelled = run("jobs", "--state", "cancelled")
+
+        assert everything.exit_code == 0, everything.output
+        assert everything.stdout.startswith("ID")
+        assert str(kept.pk) in everything.stdout and str(cancelled.pk) in everything.stdout
+        assert str(foreign.pk) not in everything.stdout
+        assert str(kept.pk) not in only_cancelled.stdout and str(cancelled.pk) in only_cancelled.stdout
+
+    def test_jobs_follows_the_pages(self, logged_in, renter, settings):
+        settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "PAGE_SIZE": 2}
+        made = {str(job_make(renter).pk) for _ in range(5)}
+
+        result = run("--json", "jobs")
+
+        assert {job["id"] for job in json.loads(result.stdout)} == made
+
+    def test_cancel(self, logged_in, renter):
+        job = job_make(renter)
+
+        result = run("cancel", str(job.pk))
+
+        assert result.exit_code == 0, result.output
+        assert result.stdout == f"{job.pk}  cancelled\n"
+        job.refresh_from_db()
+        assert job.state == Job.State.CANCELLED
+
+    def test_another_renters_job_is_not_found(self, logged_in, stranger):
+        job = job_make(stranger)
+
+        result = run("cancel", str(job.pk))
+
+        assert result.exit_code == 1
+        assert "(404)" in result.stderr
+        job.refresh_from_db()
+        assert job.state == Job.State.QUEUED
+
+
+class TestMoneyAndErrors:
+    def test_balance(self, logged_in, renter):
+        wallet_credit_promotional(user=renter, amount_micros=12_500_000, key="cli-test")
+
+        human, raw = run("balance"), run("--json", "balance")
+
+        assert human.stdout.startswith("12.500000 ")
+        assert json.loads(raw.stdout)["balance"] == "12.500000"
+
+    def test_an_unreachable_server_is_named_without_a_traceback(self, monkeypatch, config_path):
+        def refuse(request):
+            raise httpx.ConnectError("[Errno 111] Connection refused")
+
+        fake_server(monkeypatch, refuse)
+        monkeypatch.setenv("SHEDSHARE_URL", "http://127.0.0.1:9")
+
+        result = CliRunner().invoke(main, ["balance"])
+
+        assert result.exit_code == 1
+        assert (
+            result.stderr
+            == "Error: could not reach http://127.0.0.1:9/api/v1/balance: [Errno 111] Connection refused\n"
+        )
+
+
+OFFER = {
+    "unit": "garden-shed",
+    "country": "DE",
+    "subdivision": "DE-BY",
+    "location_verified": True,
+    "gpu_model": "H100",
+    "vram_gb": 80,
+    "free_gpus": 4,
+    "isolation_levels": ["gpu", "node"],
+    "price_per_gpu_hour": "2.100000",
+    "reliability": 0.991,
+    "limits_in_force": ["quiet hours"],
+}
+
+
+class TestOffers:
+    def test_offers_prints_a_table_following_the_cursor_up_to_the_limit(self, monkeypatch):
+        def server(request):
+            if "cursor" in request.url.params:
+                return httpx.Response(200, json={"results": [{**OFFER, "unit": "b"}] * 3, "next": None})
+            return httpx.Response(200, json={"results": [OFFER], "next": f"{SERVER}/api/v1/offers?cursor=2"})
+
+        seen = fake_server(monkeypatch, server)
+
+        result = run("offers", "gpu_name=H100 num_gpus>=2", "--sort", "-reliability", "--limit", "3")
+
+        assert result.exit_code == 0, result.output
+        header, first, *rest = result.stdout.splitlines()
+        assert header.split() == [
+            "UNIT", "WHERE", "VERIFIED", "GPU", "VRAM", "FREE", "ISOLATION", "PRICE/GPU-H", "RELIABILITY", "LIMITS"
+        ]  # fmt: skip
+        assert first.split() == [
+            "garden-shed", "DE-BY", "yes", "H100", "80", "GB", "4", "gpu,node", "2.100000", "0.991", "quiet", "hours"
+        ]  # fmt: skip
+        assert len(rest) == 2
+        assert seen[0].url.params["q"] == "gpu_name=H100 num_gpus>=2"
+        assert seen[0].url.params["sort"] == "-reliability"
+        assert seen[0].url.params["limit"] == "3"
+
+    def test_a_bad_query_shows_the_servers_detail(self, monkeypatch):
+        problem = {"type": "/problems/invalid-query", "title": "Invalid query", "status": 400,
+                   "detail": "Unknown field 'gpu_nam' at 'gpu_nam=H100'."}  # fmt: skip
+        fake_server(
+            monkeypatch,
+            lambda r: httpx.Response(400, json=problem, headers={"Content-Type": "application/problem+json"}),
+        )
+
+        result = run("offers", "gpu_nam=H100")
+
+        assert result.exit_code == 1
+        assert "Invalid query (400)" in result.stderr
+        assert "Unknown field 'gpu_nam' at 'gpu_nam=H100'." in result.stderr
+
+
+class TestLogs:
+    def test_follow_prints_each_page_until_complete(self, monkeypatch):
+        pages = iter(
+            [
+                {"offset": 0, "next_offset": 6, "data": "epoch\n", "complete": False},
+                {"offset": 6, "next_offset": 6, "data": "", "complete": False},
+                {"offset": 6, "next_offset": 11, "data": "done\n", "complete": True},
+            ]
+        )
+        seen = fake_server(monkeypatch, lambda request: httpx.Response(200, json=next(pages)))
+        monkeypatch.setattr(commands, "sleep", lambda seconds: None)
+
+        result = run("logs", "-f", "job-1")
+
+        assert result.exit_code == 0, result.output
+        assert result.stdout == "epoch\ndone\n"
+        assert [r.url.params["offset"] for r in seen] == ["0", "6", "6"]
+        assert {r.url.params["wait"] for r in seen} == {str(commands.LOG_WAIT_S)}
+
+    def test_without_follow_it_stops_at_the_end_of_what_is_stored(self, monkeypatch):
+        pages = iter(
+            [
+                {"offset": 0, "next_offset": 4, "data": "abc\n", "complete": False},
+                {"offset": 4, "next_offset": 4, "data": "", "complete": False},
+            ]
+        )
+        seen = fake_server(monkeypatch, lambda request: httpx.Response(200, json=next(pages)))
+
+        result = run("logs", "job-1")
+
+        assert result.stdout == "abc\n"
+        assert [r.url.params["wait"] for r in seen] == ["0", "0"]
