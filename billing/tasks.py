@@ -1,3 +1,4 @@
+import logging
 from datetime import timedelta
 
 from celery import shared_task
@@ -6,6 +7,10 @@ from django.utils import timezone
 
 from billing import meters, services, wallet
 from marketplace.models import Allocation
+
+log = logging.getLogger(__name__)
+# The daily reconciliation looks back this far (two days, so a missed run leaves no gap).
+RECONCILE_WINDOW = timedelta(days=2)
 
 
 @shared_task(acks_late=True)
@@ -70,3 +75,22 @@ def payouts_run() -> int:
     from billing import payouts
 
     return len(payouts.payouts_run())
+
+
+@shared_task
+def stripe_reconcile() -> int:
+    """The daily look at the ledger, the outbox and Stripe (``manage.py reconcile_stripe``):
+    each drift is logged as an error for the operators; returns how many there were."""
+    from django.core.exceptions import ImproperlyConfigured
+
+    from billing import reconcile
+
+    try:
+        drift = reconcile.reconcile(since=timezone.now() - RECONCILE_WINDOW)
+    except ImproperlyConfigured as error:
+        log.warning("Stripe reconciliation skipped: %s", error)
+        return 0
+    for found in drift:
+        log.error(found.line())
+    log.info("Stripe reconciliation: %d drift(s) over the last %s.", len(drift), RECONCILE_WINDOW)
+    return len(drift)

@@ -265,6 +265,8 @@ CELERY_BEAT_SCHEDULE = {
     "meter-events": {"task": "billing.tasks.meter_events_enqueue", "schedule": crontab(minute=5)},
     "stripe-outbox-sweep": {"task": "billing.tasks.outbox_sweep", "schedule": 30.0},
     "owner-payouts": {"task": "billing.tasks.payouts_run", "schedule": crontab(hour=6, minute=0)},
+    "stripe-reconcile": {"task": "billing.tasks.stripe_reconcile", "schedule": crontab(hour=5, minute=30)},
+    "idempotency-prune": {"task": "marketplace.tasks.idempotency_records_prune", "schedule": crontab(minute=17)},
 }
 
 LOGGING = {

@@ -31,6 +31,14 @@ def placement_sweep() -> None:
     placement.placement_pass(limit=DEEP_PASS_JOBS)
 
 
+@shared_task
+def idempotency_records_prune() -> int:
+    """Idempotency keys are kept a day (see marketplace.api.idempotency); older ones go."""
+    from marketplace.api.idempotency import idempotency_records_prune as prune
+
+    return prune()
+
+
 @worker_process_init.connect
 def placement_view_build(**_) -> None:
     """Build the process's capacity view before it takes its first task, so the first submits

@@ -8,7 +8,7 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
-from marketplace import services
+from marketplace import services, tasks
 from marketplace.api.idempotency import idempotency_records_prune
 from marketplace.models import IdempotencyRecord, Job
 from tests.conftest import JOB_SPEC, problem_of, renter_client
@@ -72,6 +72,13 @@ class TestReplay:
 
         assert idempotency_records_prune() == 1
         assert list(IdempotencyRecord.objects.values_list("key", flat=True)) == ["new"]
+
+    def test_the_hourly_task_prunes_them(self, renter_api):
+        submit(renter_api, key="old")
+        IdempotencyRecord.objects.update(created_at=timezone.now() - timedelta(hours=25))
+
+        assert tasks.idempotency_records_prune() == 1
+        assert not IdempotencyRecord.objects.exists()
 
 
 @pytest.mark.django_db(transaction=True)

@@ -12,6 +12,7 @@ from billing.models import Account, LedgerEntry, LedgerTransaction, OutboxMessag
 from billing.payouts import payouts_run
 from billing.services import account_for
 from billing.stripe_api import client
+from billing.tasks import stripe_reconcile
 from billing.topups import topup_create, topup_credit
 from tests.test_payouts import NOW, OLD, earned, onboarded, transfer_of
 
@@ -176,3 +177,22 @@ def test_a_refused_and_reversed_payout_is_settled_not_drift(owner, renter, strip
     code, lines = reconcile()
 
     assert [line for line in lines if "outbox.failed" in line] == []
+
+
+def test_the_daily_task_logs_each_drift_as_an_error(renter, paid_up, caplog):
+    stuck = OutboxMessage.objects.create(
+        operation="customers.create", payload={}, user=renter, created_at=timezone.now() - timedelta(hours=2)
+    )
+
+    with caplog.at_level("INFO", logger="billing.tasks"):
+        assert stripe_reconcile() == 1
+
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith("DRIFT outbox.stuck") and str(stuck.id) in errors[0]
+
+
+def test_the_daily_task_without_stripe_configured_skips_with_a_warning(settings, caplog):
+    settings.STRIPE_SECRET_KEY = ""
+
+    assert stripe_reconcile() == 0
+    assert "Stripe reconciliation skipped" in caplog.text
