@@ -247,6 +247,22 @@ def _sent(message: OutboxMessage, obj, operation: Operation) -> None:
         operation.on_sent(message)
 
 
+def outbox_profile_object(*, user, field: str, operation: str, payload: dict) -> str:
+    """The Stripe id kept in ``field`` of the user's BillingProfile (a Customer, a Connect
+    account), made now through the outbox if there is none. One pending row per user and
+    operation, written under the profile's row lock so that two first requests at once make one
+    object, and sent at once. Empty when Stripe could not be reached (the sweep keeps trying)."""
+    with transaction.atomic():
+        profile, _ = BillingProfile.objects.get_or_create(user=user)
+        profile = BillingProfile.objects.select_for_update().get(pk=profile.pk)
+        if getattr(profile, field):
+            return getattr(profile, field)
+        pending = OutboxMessage.objects.filter(user=user, operation=operation, state=OutboxMessage.State.PENDING)
+        message = pending.first() or outbox_enqueue(operation=operation, payload=payload, user=user)
+    outbox_send(message.id)
+    return getattr(BillingProfile.objects.get(user=user), field)
+
+
 def outbox_send(message_id) -> OutboxMessage:
     """Send one row to Stripe if it is still pending; safe to call any number of times."""
     with transaction.atomic():

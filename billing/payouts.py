@@ -17,7 +17,7 @@ from django.db.models.functions import Concat
 from django.utils import timezone
 
 from billing.models import Account, BillingProfile, LedgerEntry, LedgerTransaction, OutboxMessage
-from billing.outbox import outbox_enqueue, outbox_send
+from billing.outbox import outbox_enqueue, outbox_profile_object
 from billing.selectors import owner_payable_micros
 from billing.services import account_for, ledger_post
 from billing.stripe_api import client
@@ -30,36 +30,18 @@ PAYOUT = "payout"
 PAYOUT_REVERSAL = "payout_reversal"
 
 
-def _account_message(owner) -> OutboxMessage | None:
-    """The pending ``accounts.create`` row for the owner, written if there is none yet; None when
-    the owner already has a Connect account."""
-    with transaction.atomic():
-        profile, _ = BillingProfile.objects.get_or_create(user=owner)
-        # Locked so that two first clicks of one owner at once make one account, not two.
-        profile = BillingProfile.objects.select_for_update().get(pk=profile.pk)
-        if profile.stripe_account_id:
-            return None
-        pending = OutboxMessage.objects.filter(
-            user=owner, operation="accounts.create", state=OutboxMessage.State.PENDING
-        ).first()
-        if pending is not None:
-            return pending
-        payload = {
-            "type": "express",
-            "capabilities": {"transfers": {"requested": True}},
-            "metadata": {"owner_id": str(owner.pk)},
-        }
-        if owner.email:
-            payload["email"] = owner.email
-        return outbox_enqueue(operation="accounts.create", payload=payload, user=owner)
-
-
 def connect_account_ensure(*, owner) -> str:
     """The owner's Connect account id, made now (through the outbox) if there is none."""
-    message = _account_message(owner)
-    if message is not None:
-        outbox_send(message.id)
-    account_id = BillingProfile.objects.get(user=owner).stripe_account_id
+    payload = {
+        "type": "express",
+        "capabilities": {"transfers": {"requested": True}},
+        "metadata": {"owner_id": str(owner.pk)},
+    }
+    if owner.email:
+        payload["email"] = owner.email
+    account_id = outbox_profile_object(
+        user=owner, field="stripe_account_id", operation="accounts.create", payload=payload
+    )
     if not account_id:
         raise PaymentsUnavailable("Stripe could not be reached to set up payouts; please try again shortly.")
     return account_id

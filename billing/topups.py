@@ -11,8 +11,8 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import QuerySet
 
-from billing.models import Account, BillingProfile, OutboxMessage, TopUp
-from billing.outbox import outbox_enqueue, outbox_send
+from billing.models import Account, OutboxMessage, TopUp
+from billing.outbox import outbox_enqueue, outbox_profile_object, outbox_send
 from billing.services import account_for, ledger_post
 from marketplace.audit import audit_record
 from marketplace.errors import DomainError
@@ -51,32 +51,15 @@ def topup_amount_check(amount_minor) -> int:
     return amount_minor
 
 
-def _customer_message(renter) -> OutboxMessage | None:
-    """The pending ``customers.create`` row for the renter, written if there is none yet; None
-    when the renter already has a Customer."""
-    with transaction.atomic():
-        profile, _ = BillingProfile.objects.get_or_create(user=renter)
-        # Locked so that two first top-ups of one renter at once make one Customer, not two.
-        profile = BillingProfile.objects.select_for_update().get(pk=profile.pk)
-        if profile.stripe_customer_id:
-            return None
-        pending = OutboxMessage.objects.filter(
-            user=renter, operation="customers.create", state=OutboxMessage.State.PENDING
-        ).first()
-        if pending is not None:
-            return pending
-        payload = {"email": renter.email or None, "metadata": {"renter_id": str(renter.pk)}}
-        return outbox_enqueue(
-            operation="customers.create", payload={k: v for k, v in payload.items() if v}, user=renter
-        )
-
-
 def topup_customer_ensure(*, renter) -> str:
     """The renter's Stripe Customer id, made now (through the outbox) if there is none."""
-    message = _customer_message(renter)
-    if message is not None:
-        outbox_send(message.id)
-    customer_id = BillingProfile.objects.get(user=renter).stripe_customer_id
+    payload = {"email": renter.email or None, "metadata": {"renter_id": str(renter.pk)}}
+    customer_id = outbox_profile_object(
+        user=renter,
+        field="stripe_customer_id",
+        operation="customers.create",
+        payload={k: v for k, v in payload.items() if v},
+    )
     if not customer_id:
         raise PaymentsUnavailable("Stripe could not be reached to set up payments; please try again shortly.")
     return customer_id
