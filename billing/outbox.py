@@ -20,7 +20,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from billing.models import BillingProfile, OutboxMessage
-from billing.stripe_api import client
+from billing.stripe_api import PaymentsUnavailable, client, configured
 from marketplace.audit import audit_record
 
 log = logging.getLogger(__name__)
@@ -251,7 +251,10 @@ def outbox_profile_object(*, user, field: str, operation: str, payload: dict) ->
     """The Stripe id kept in ``field`` of the user's BillingProfile (a Customer, a Connect
     account), made now through the outbox if there is none. One pending row per user and
     operation, written under the profile's row lock so that two first requests at once make one
-    object, and sent at once. Empty when Stripe could not be reached (the sweep keeps trying)."""
+    object, and sent at once. Empty when Stripe could not be reached (the sweep keeps trying);
+    PaymentsUnavailable when no Stripe account is configured at all (nothing is queued then)."""
+    if not configured():
+        raise PaymentsUnavailable("Payments are not set up on this marketplace: it has no Stripe account.")
     with transaction.atomic():
         profile, _ = BillingProfile.objects.get_or_create(user=user)
         profile = BillingProfile.objects.select_for_update().get(pk=profile.pk)

@@ -9,6 +9,8 @@ import stripe
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
+from marketplace.errors import DomainError
+
 _installed: stripe.HTTPClient | None = None
 
 
@@ -25,6 +27,17 @@ def uninstall() -> None:
 
 def installed() -> stripe.HTTPClient | None:
     return _installed
+
+
+def configured() -> bool:
+    """Whether this marketplace can talk to Stripe (a key, or an installed fake)."""
+    return bool(settings.STRIPE_SECRET_KEY) or _installed is not None
+
+
+class PaymentsUnavailable(DomainError):
+    status = 503
+    code = "payments-unavailable"
+    title = "Payments are unavailable"
 
 
 def client(*, stripe_account: str | None = None) -> stripe.StripeClient:

@@ -14,6 +14,7 @@ from django.db.models import QuerySet
 from billing.models import Account, OutboxMessage, TopUp
 from billing.outbox import outbox_enqueue, outbox_profile_object, outbox_send
 from billing.services import account_for, ledger_post
+from billing.stripe_api import PaymentsUnavailable
 from marketplace.audit import audit_record
 from marketplace.errors import DomainError
 
@@ -27,12 +28,6 @@ TOPUP_MAX_MINOR = 1_000_000
 class TopUpAmountInvalid(DomainError, ValueError):
     code = "top-up-amount-invalid"
     title = "Invalid top-up amount"
-
-
-class PaymentsUnavailable(DomainError):
-    status = 503
-    code = "payments-unavailable"
-    title = "Payments are unavailable"
 
 
 def topups_visible_to(user) -> QuerySet:

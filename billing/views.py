@@ -9,7 +9,7 @@ from django.urls import reverse
 from billing.models import BillingProfile
 from billing.payouts import connect_onboarding_link
 from billing.selectors import owner_earnings, owner_payable_micros
-from billing.topups import PaymentsUnavailable
+from billing.stripe_api import PaymentsUnavailable
 
 log = logging.getLogger(__name__)
 

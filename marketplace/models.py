@@ -244,3 +244,29 @@ class LogChunk(models.Model):
 
     def __str__(self) -> str:
         return f"log {self.allocation_id}@{self.offset}"
+
+
+class OfferSnapshot(models.Model):
+    """What an online unit offers now, as of its ``capacity_version``: the free GPU count and its
+    first free GPU's model, VRAM and CUDA version.
+
+    Offer search reads these columns (indexed, so sorting by them is a short index scan) instead
+    of counting every unit's free slices per request. Every change that can alter a unit's free
+    capacity bumps its capacity version (placement depends on that too), so a row whose version
+    differs from the unit's is stale, and search recomputes exactly those before it reads."""
+
+    unit = models.OneToOneField(Unit, on_delete=models.CASCADE, primary_key=True, related_name="offer")
+    version = models.BigIntegerField()
+    free_gpus = models.PositiveSmallIntegerField()
+    gpu_model = models.CharField(max_length=40, blank=True)
+    vram_mb = models.PositiveIntegerField(null=True)
+    cuda_version = models.CharField(max_length=20, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=[field, "unit"], condition=Q(free_gpus__gt=0), name=f"offer_by_{field[:8]}")
+            for field in ("free_gpus", "vram_mb", "gpu_model")
+        ]
+
+    def __str__(self) -> str:
+        return f"offer of {self.unit_id} at version {self.version}"

@@ -18,11 +18,11 @@ import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
-from django.db.models import Count, Exists, IntegerField, OuterRef, Q, QuerySet, Subquery, Value
+from django.db.models import Count, Exists, F, IntegerField, OuterRef, Q, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
 
 from marketplace import jurisdictions
-from marketplace.models import Lease
+from marketplace.models import Lease, OfferSnapshot
 from marketplace.placement import cuda_tuple
 from nodes.models import GPU, Isolation, Slice, Unit
 
@@ -109,9 +109,9 @@ def _jurisdiction(text: str) -> tuple[str, ...]:
 
 ALL = OPERATORS
 FIELDS = {
-    "gpu_name": ("model", ALL, str),
+    "gpu_name": ("gpu_model", ALL, str),
     "num_gpus": ("free_gpus", ALL, _number(int)),
-    "gpu_ram": ("vram_mb", ALL, _gigabytes),  # a free GPU's, like gpu_name and cuda
+    "gpu_ram": ("vram_mb", ALL, _gigabytes),  # the offer's GPU's, like gpu_name and cuda
     "country": ("country", EQUALITY, _country),
     "subdivision": ("subdivision", EQUALITY, str.upper),
     "jurisdiction": (None, EQUALITY, _jurisdiction),
@@ -269,15 +269,10 @@ def _isolation_q(clause: Clause) -> Q:
     return ~offers if clause.op in ("!=", "notin") else offers
 
 
-def _free_gpu_q(condition: Q) -> Q:
-    """Units with a free GPU that meets ``condition``: a semi-join the GPU indexes answer."""
-    return Q(pk__in=free_gpus().filter(condition).values("unit_id"))
-
-
 def _cuda_q(clause: Clause) -> Q:
-    known = GPU.objects.order_by().values_list("cuda_version", flat=True).distinct()
+    known = OfferSnapshot.objects.order_by().values_list("cuda_version", flat=True).distinct()
     versions = [version for version in known if _holds(clause.op, cuda_tuple(version), clause.values)]
-    return _free_gpu_q(Q(cuda_version__in=versions))
+    return Q(cuda__in=versions)
 
 
 def compile_clauses(clauses: list[Clause]) -> Q:
@@ -290,8 +285,6 @@ def compile_clauses(clauses: list[Clause]) -> Q:
             where &= _isolation_q(clause)
         elif clause.field == "cuda":
             where &= _cuda_q(clause)
-        elif clause.field in ("gpu_name", "gpu_ram"):
-            where &= _free_gpu_q(_compare(expression, clause.op, clause.values))
         else:
             where &= _compare(expression, clause.op, clause.values)
     return where
@@ -303,29 +296,72 @@ def compile_clauses(clauses: list[Clause]) -> Q:
 def free_gpus() -> QuerySet:
     """GPUs placement could lease now: present, healthy, with an advertised slice not leased.
 
-    Read from the GPU side, so the partial indexes on usable GPUs answer "the unit's first free
-    GPU" and "units with a free H100" without touching every slice of every unit."""
+    Read from the GPU side, so the partial index on usable GPUs answers "the unit's first free
+    GPU" without touching every slice of every unit."""
     active = Lease.objects.filter(slice=OuterRef("pk"), released_at__isnull=True)
     free = Slice.objects.filter(gpu=OuterRef("pk"), advertised=True).exclude(Exists(active))
     return GPU.objects.filter(present=True, healthy=True).filter(Exists(free))
 
 
-def offers() -> QuerySet:
-    """One row per online unit with a free GPU, annotated with what the offer shows.
+def snapshots_refresh() -> int:
+    """Recompute the offer snapshot of every online unit whose capacity version moved since its
+    snapshot was taken (or that has none); return how many were recomputed.
 
-    GPU model, VRAM and CUDA version are those of the unit's first free GPU (by index); units
-    are sold as one model in practice, and a mixed unit shows its first."""
+    The version and the free GPUs are read in one statement, so a snapshot is always consistent
+    with the version it records; a change committed meanwhile bumps the version again and the
+    next search recomputes that unit. When nothing changed this is one join of two narrow tables."""
+    stale = list(
+        Unit.objects.filter(status=Unit.Status.ONLINE)
+        .annotate(seen=F("offer__version"))
+        .filter(Q(seen__isnull=True) | ~Q(seen=F("capacity_version")))
+        .values_list("pk", flat=True)
+    )
+    if not stale:
+        return 0
+    # Asked apart from the check: the correlated subqueries' estimate over every online unit
+    # would have PostgreSQL JIT-compile the check (~200 ms) even when nothing is stale.
     mine = free_gpus().filter(unit=OuterRef("pk")).order_by()
     first = mine.order_by("index")
     count = mine.values("unit").annotate(n=Count("pk")).values("n")
-    return (
-        Unit.objects.filter(status=Unit.Status.ONLINE)
-        .filter(Exists(mine))
+    rows = (
+        Unit.objects.filter(pk__in=stale)
         .annotate(
             gpu_model=Subquery(first.values("model")[:1]),
             vram_mb=Subquery(first.values("vram_mb")[:1]),
             cuda=Subquery(first.values("cuda_version")[:1]),
             free_gpus=Coalesce(Subquery(count, output_field=IntegerField()), Value(0)),
+        )
+        .order_by("pk")  # upserts lock rows in key order, so concurrent refreshes never deadlock
+        .values_list("pk", "capacity_version", "free_gpus", "gpu_model", "vram_mb", "cuda")
+    )
+    snapshots = [
+        OfferSnapshot(unit_id=unit_id, version=version, free_gpus=free, gpu_model=model or "", vram_mb=vram,
+                      cuda_version=cuda or "")
+        for unit_id, version, free, model, vram, cuda in rows
+    ]  # fmt: skip
+    OfferSnapshot.objects.bulk_create(
+        snapshots,
+        update_conflicts=True,
+        unique_fields=["unit"],
+        update_fields=["version", "free_gpus", "gpu_model", "vram_mb", "cuda_version"],
+    )
+    return len(snapshots)
+
+
+def offers() -> QuerySet:
+    """One row per online unit with a free GPU, annotated with what the offer shows, from the
+    units' offer snapshots (call ``snapshots_refresh`` first).
+
+    GPU model, VRAM and CUDA version are those of the unit's first free GPU (by index), and the
+    GPU filters look at that GPU: units are sold as one model in practice, and a mixed unit
+    offers its first free model."""
+    return (
+        Unit.objects.filter(status=Unit.Status.ONLINE, offer__free_gpus__gt=0)
+        .annotate(
+            gpu_model=F("offer__gpu_model"),
+            vram_mb=F("offer__vram_mb"),
+            cuda=F("offer__cuda_version"),
+            free_gpus=F("offer__free_gpus"),
         )
         .only(
             "id",
@@ -342,4 +378,5 @@ def offers() -> QuerySet:
 
 
 def search(clauses: list[Clause]) -> QuerySet:
+    snapshots_refresh()
     return offers().filter(compile_clauses(clauses))

@@ -258,6 +258,7 @@ CELERY_TIMEZONE = TIME_ZONE
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 CELERY_BEAT_SCHEDULE = {
     "placement-sweep": {"task": "marketplace.tasks.placement_sweep", "schedule": 10.0},
+    "offer-snapshots": {"task": "marketplace.tasks.offer_snapshots_refresh", "schedule": 5.0},
     "usage-rating": {"task": "billing.tasks.usage_rate_sweep", "schedule": float(max(USAGE_POSTING_INTERVAL_S, 1))},
     "unit-liveness": {"task": "nodes.tasks.unit_liveness_sweep", "schedule": float(LIVENESS_SWEEP_S)},
     # Five minutes past the hour, when the agents' samples of the hour just ended are in (a later

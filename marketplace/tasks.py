@@ -39,6 +39,14 @@ def idempotency_records_prune() -> int:
     return prune()
 
 
+@shared_task
+def offer_snapshots_refresh() -> int:
+    """Keep offer snapshots warm, so a search after a burst of placements seldom recomputes many."""
+    from marketplace.offers import snapshots_refresh
+
+    return snapshots_refresh()
+
+
 @worker_process_init.connect
 def placement_view_build(**_) -> None:
     """Build the process's capacity view before it takes its first task, so the first submits

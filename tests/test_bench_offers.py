@@ -25,7 +25,7 @@ def bench(*args) -> dict:
 def test_the_mix_of_searches_runs_through_the_api_and_reports_latencies():
     result = bench("--units", "60", "--gpus-per-unit", "2", "--repeats", "2")
 
-    assert result["units"] == 60
+    assert result["units"] == 60 and result["churn_per_search"] == 20
     assert set(result["per_query"]) == set(MIX)
     assert result["queries"] >= 2 * len(MIX)
     assert 0 < result["p50_ms"] <= result["p99_ms"]

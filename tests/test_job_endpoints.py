@@ -61,6 +61,12 @@ class TestListFilters:
         }
         assert self.ids(renter_api, "created_before=2026-02-01") == {str(jobs["old"].pk)}
 
+    def test_any_utc_offset_python_reads_is_taken(self, renter_api, jobs):
+        # PostgreSQL refuses offsets beyond ±15:59; the bound is compared in UTC (the live fuzzer found this).
+        assert self.ids(renter_api, "created_after=2026-01-31T07:01:00-16:59") == self.ids(
+            renter_api, "created_after=2026-02-01T00:00:00Z"
+        )
+
     def test_name_matches_a_part_in_any_case(self, renter_api, jobs):
         assert self.ids(renter_api, "name=SWEEP") == {str(jobs["old"].pk), str(jobs["queued"].pk)}
 
@@ -70,6 +76,7 @@ class TestListFilters:
             ("state=sleeping", "state"),
             ("created_after=yesterday", "created_after"),
             ("created_before=2026-13-01", "created_before"),
+            ("created_after=0001-01-01T00:00:00+05:00", "created_after"),
         ],
     )
     def test_a_bad_value_is_a_problem_naming_the_parameter(self, renter_api, jobs, query, parameter):

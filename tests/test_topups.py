@@ -117,6 +117,13 @@ class TestTopUpApi:
         assert body["type"] == "/problems/top-up-amount-invalid"
         assert not TopUp.objects.exists()
 
+    def test_without_stripe_configured_a_top_up_is_a_503_and_leaves_nothing(self, renter_api, settings):
+        settings.STRIPE_SECRET_KEY = ""  # and no fake installed: a marketplace not set up for payments
+        body = problem_of(renter_api.post("/api/v1/top-ups", {"amount": "25.00"}, format="json"), 503)
+        assert body["type"] == "/problems/payments-unavailable"
+        assert "no Stripe account" in body["detail"]
+        assert not TopUp.objects.exists() and not OutboxMessage.objects.exists()
+
     def test_strangers_without_a_key_are_turned_away(self, client, stripe_fake):
         response = client.post("/api/v1/top-ups", {"amount": "25.00"}, content_type="application/json")
         assert response.status_code in (401, 403)

@@ -1,6 +1,6 @@
 """The query parameters of GET /api/v1/jobs, parsed explicitly (django-filter is not a dependency)."""
 
-from datetime import datetime, time
+from datetime import UTC, datetime, time
 
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
@@ -49,7 +49,11 @@ def _moment(params, name: str) -> datetime | None:
         moment = None
     if moment is None:
         raise ValidationError({name: ["Not an ISO 8601 date or time, e.g. 2026-05-01 or 2026-05-01T12:00:00Z."]})
-    return timezone.make_aware(moment) if timezone.is_naive(moment) else moment
+    try:
+        # In UTC: PostgreSQL refuses offsets Python takes (beyond ±15:59).
+        return (timezone.make_aware(moment) if timezone.is_naive(moment) else moment).astimezone(UTC)
+    except OverflowError:
+        raise ValidationError({name: ["Out of range: between years 1 and 9999 in UTC."]}) from None
 
 
 def jobs_filter(jobs, params):

@@ -5,7 +5,6 @@ import binascii
 import json
 
 from django.core.exceptions import ValidationError
-from django.db import connection, transaction
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers
@@ -79,17 +78,6 @@ def _after(expression: str, descending: bool, value, unit_id):
     return offers.Q(**{f"{expression}__{beyond}": value}) | offers.Q(**{expression: value, f"pk__{beyond}": unit_id})
 
 
-def _fetch(rows) -> list:
-    if connection.vendor != "postgresql":
-        return list(rows)
-    # The correlated subqueries' cost estimates cross jit_above_cost, and PostgreSQL then spends
-    # ~70 ms compiling a query that runs in ~10 ms; a short keyset page never repays JIT.
-    with transaction.atomic():
-        with connection.cursor() as cursor:
-            cursor.execute("SET LOCAL jit = off")
-        return list(rows)
-
-
 class OfferSearchView(APIView):
     """Offers: one per online unit with free GPUs."""
 
@@ -144,7 +132,7 @@ class OfferSearchView(APIView):
                 rows = rows.filter(_after(expression, descending, value, unit_id))
             except (ValueError, TypeError, ValidationError) as error:
                 return _invalid("cursor", str(error))
-        page = _fetch(rows[: limit + 1])
+        page = list(rows[: limit + 1])
         following = None
         if len(page) > limit:
             page = page[:limit]

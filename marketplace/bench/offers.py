@@ -4,7 +4,9 @@ database of ``--units`` online units, reporting p50/p99 request latency overall 
 Requests go through Django's test client with a renter's API key, so authentication, parsing,
 the query, serialisation and the cursor are all in the time. The placement benchmark's
 ``populate`` builds the units; a tenth are then taken offline, a tenth have no GPU advertised
-and reliabilities are spread, so filters and sorts have something to skip.
+and reliabilities are spread, so filters and sorts have something to skip. Before every search
+``--churn`` random units have their capacity changed (their version bumped, as a lease or a
+heartbeat would), so each search also pays for recomputing that many offer snapshots.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--units", type=int, default=10_000)
     parser.add_argument("--gpus-per-unit", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=20, help="times each search (and its pages) is run")
+    parser.add_argument("--churn", type=int, default=20, help="units whose capacity changes before each search")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--keep-database", action="store_true", help="leave the scratch database for inspection")
 
@@ -58,8 +61,8 @@ def add_arguments(parser) -> None:
 def run(**options) -> dict:
     if connection.vendor != "postgresql":
         raise CommandError("bench offers needs PostgreSQL: set DATABASE_URL to a PostgreSQL server.")
-    if options["units"] < 1 or options["repeats"] < 1:
-        raise CommandError("--units and --repeats must be at least 1.")
+    if options["units"] < 1 or options["repeats"] < 1 or options["churn"] < 0:
+        raise CommandError("--units and --repeats must be at least 1, --churn at least 0.")
     # The client is the test client's host, and one key asks far faster than a renter may.
     unthrottled = override_settings(ALLOWED_HOSTS=["testserver"], API_RATE_LIMIT="1000000/min")
     with scratch_database(keep=options["keep_database"]), unthrottled:
@@ -70,12 +73,13 @@ def run(**options) -> dict:
         timings: dict[str, list[float]] = {name: [] for name in MIX}
         for repeat in range(options["repeats"] + 1):
             for name, (params, pages) in MIX.items():
-                for elapsed in _search(client, params, pages):
+                for elapsed in _search(client, params, pages, options["churn"]):
                     if repeat:  # the first round warms caches and is not counted
                         timings[name].append(elapsed)
     every = [t for times in timings.values() for t in times]
     return {
         "units": options["units"],
+        "churn_per_search": options["churn"],
         "queries": len(every),
         "p50_ms": _percentile(every, 50),
         "p99_ms": _percentile(every, 99),
@@ -107,9 +111,20 @@ def _client(renter) -> APIClient:
     return client
 
 
-def _search(client: APIClient, params: dict, pages: int) -> list[float]:
+def _churn(units: int) -> None:
+    if units:
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "UPDATE nodes_unit SET capacity_version = capacity_version + 1 WHERE id IN "
+                "(SELECT id FROM nodes_unit WHERE status = 'online' ORDER BY random() LIMIT %s)",
+                [units],
+            )
+
+
+def _search(client: APIClient, params: dict, pages: int, churn: int) -> list[float]:
     timings, url, query = [], OFFERS, params
     for _ in range(pages):
+        _churn(churn)
         started = time.perf_counter()
         response = client.get(url, query)
         timings.append((time.perf_counter() - started) * 1000)
