@@ -1,10 +1,8 @@
 from django.contrib import admin
-from django.contrib.auth import views as auth_views
 from django.urls import include, path
 from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-from billing import views as billing_views
 from billing.api import views as billing_api_views
 from marketplace import views as marketplace_views
 from marketplace.api.errors import problem_response
@@ -12,13 +10,10 @@ from marketplace.api.errors import problem_response
 urlpatterns = [
     path("", RedirectView.as_view(pattern_name="portal:unit_list", permanent=False)),
     path("admin/", admin.site.urls),
-    path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
-    path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("accounts/", include("marketplace.accounts.urls")),
     path("portal/", include("nodes.urls")),
+    path("portal/", include("billing.urls")),
     path("portal/jobs/", marketplace_views.job_list, name="job_list"),
-    path("portal/earnings/", billing_views.earnings, name="earnings"),
-    path("portal/payouts/connect/", billing_views.payouts_connect, name="payouts_connect"),
-    path("portal/payouts/return/", billing_views.payouts_return, name="payouts_return"),
     path("api/v1/", include("marketplace.api.urls")),
     path("api/v1/", include("billing.api.urls")),
     path("api/agent/v1/", include("nodes.api.urls")),

@@ -1,0 +1,1 @@
+"""People's accounts in the portal: sign-up, log in and out, password reset, profile."""
