@@ -1,27 +1,102 @@
+import csv
 import logging
+from datetime import UTC
+from decimal import Decimal
 
 import stripe
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
+from django.http import StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
+from django.utils import timezone
 
-from billing.models import BillingProfile
+from billing import charts
+from billing.money import from_micros
 from billing.payouts import connect_onboarding_link
-from billing.selectors import owner_earnings, owner_payable_micros
+from billing.selectors import (
+    connect_status,
+    gpu_hours,
+    owner_earnings_by_day,
+    owner_payable_micros,
+    owner_transfers,
+    owner_unit_utilisation,
+    owner_usage_lines,
+    usage_line_gpu_ms,
+)
+from billing.statements import Period
 from billing.stripe_api import PaymentsUnavailable
 
 log = logging.getLogger(__name__)
 
+RECENT_EARNINGS = 20
+RECENT_TRANSFERS = 20
+CSV_HEADER = ["date", "unit", "job_id", "gpu_seconds", "amount", "currency"]
+
+
+def _recent_lines(user) -> list[dict]:
+    lines = owner_usage_lines(user).order_by("-transaction__created_at", "-pk")[:RECENT_EARNINGS]
+    return [{**line, "gpu_hours": gpu_hours(usage_line_gpu_ms(line))} for line in lines]
+
 
 @login_required
 def earnings(request):
+    now = timezone.now()
+    period = Period.default(today=now.astimezone(UTC).date())
+    currency = settings.CURRENCY.upper()
+    per_day = owner_earnings_by_day(request.user, period)
+    units = owner_unit_utilisation(request.user, period, now=now)
     context = {
         "payable_micros": owner_payable_micros(request.user),
-        "entries": owner_earnings(request.user),
-        "currency": settings.CURRENCY.upper(),
+        "currency": currency,
+        "period": period,
+        "per_day": per_day,
+        "earnings_chart": charts.earnings_chart(per_day, currency),
+        "units": [{**unit, "chart": charts.utilisation_chart(unit, n)} for n, unit in enumerate(units, 1)],
+        "lines": _recent_lines(request.user),
+        "transfers": owner_transfers(request.user, limit=RECENT_TRANSFERS),
+        "connect": connect_status(request.user),
     }
     return render(request, "billing/earnings.html", context)
+
+
+class _Echo:
+    """A file-like sink that hands back each CSV row written to it, for streaming."""
+
+    def write(self, value: str) -> str:
+        return value
+
+
+def _csv_rows(lines):
+    writer = csv.writer(_Echo())
+    yield writer.writerow(CSV_HEADER)
+    for line in lines:
+        gpu_ms = usage_line_gpu_ms(line)
+        yield writer.writerow(
+            [
+                line["posted_at"].astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                _cell(line["unit_name"] or ""),
+                line["job_id"] or "",
+                "" if gpu_ms is None else Decimal(gpu_ms).scaleb(-3),  # exact: 3,600,000 ms -> 3600.000
+                from_micros(line["amount_micros"]),
+                line["currency"].upper(),
+            ]
+        )
+
+
+def _cell(text: str) -> str:
+    # A unit name is the owner's free text: one starting like a formula would run in a spreadsheet.
+    return f"'{text}" if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+@login_required
+def earnings_csv(request):
+    """Every usage earning of the caller's, oldest first, streamed: an owner's history can be long."""
+    lines = owner_usage_lines(request.user).order_by("transaction__created_at", "pk").iterator(chunk_size=2000)
+    response = StreamingHttpResponse(_csv_rows(lines), content_type="text/csv; charset=utf-8")
+    today = timezone.now().astimezone(UTC).date().isoformat()
+    response["Content-Disposition"] = f'attachment; filename="shedshare-earnings-{today}.csv"'
+    return response
 
 
 @login_required
@@ -36,13 +111,12 @@ def payouts_connect(request):
         )
     except (PaymentsUnavailable, stripe.StripeError):
         log.exception("onboarding link for user %s failed", request.user.pk)
-        context = {"profile": BillingProfile.objects.filter(user=request.user).first(), "unavailable": True}
+        context = {"connect": connect_status(request.user), "unavailable": True}
         return render(request, "billing/payouts_return.html", context, status=503)
     return redirect(url)
 
 
 @login_required
 def payouts_return(request):
-    """The owner's payout standing as we last heard it from Stripe (``account.updated``)."""
-    profile = BillingProfile.objects.filter(user=request.user).first()
-    return render(request, "billing/payouts_return.html", {"profile": profile})
+    """The owner's payout standing as Stripe says it now: they have just come back from its onboarding."""
+    return render(request, "billing/payouts_return.html", {"connect": connect_status(request.user, live=True)})

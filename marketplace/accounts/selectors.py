@@ -1,0 +1,11 @@
+"""Reads about people's accounts."""
+
+from django.contrib.auth import get_user_model
+
+
+def email_in_use(email: str, *, exclude=None) -> bool:
+    """Whether an account other than ``exclude`` has this address; case does not make two addresses different."""
+    users = get_user_model().objects.filter(email__iexact=email)
+    if exclude is not None:
+        users = users.exclude(pk=exclude.pk)
+    return users.exists()
