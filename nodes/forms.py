@@ -1,27 +1,48 @@
+import functools
 import json
+import zoneinfo
 from decimal import Decimal
 
 import pycountry
 from django import forms
+from django.conf import settings
 from django_countries import countries
 from django_countries.fields import LazyTypedChoiceField
 
 from nodes import availability
-from nodes.models import Isolation, RentersAccepted, Unit, WorkloadClass
+from nodes.models import Isolation, RentersAccepted, Slicing, Unit, WorkloadClass
 
 MICROS = 1_000_000
+# Policy fields the form edits under the model's own names.
+LIMIT_FIELDS = (
+    "slicing", "shared_fraction", "time_zone", "quiet_hours_start", "quiet_hours_end", "quiet_hours_max_gpus",
+    "quiet_hours_power_cap_w", "power_budget_kw", "thermal_stop_c", "thermal_resume_c",
+)  # fmt: skip
 
 
-class UnitRegisterForm(forms.Form):
-    name = forms.CharField(max_length=80, help_text="Something you will recognise, e.g. 'Garden shed'.")
+@functools.cache
+def time_zones() -> list[str]:
+    """IANA time zones by name; the list an owner picks from."""
+    return sorted(zoneinfo.available_timezones() | {"UTC"})
+
+
+class UnitLocationForm(forms.Form):
+    """Where the unit is, as its owner declares it; evidence then verifies it."""
+
     country = LazyTypedChoiceField(choices=countries)
     subdivision = forms.RegexField(
         regex=r"^[A-Z]{2}-[A-Z0-9]{1,3}$",
         required=False,
         max_length=6,
-        help_text="Optional ISO 3166-2 code, e.g. DE-BY.",
+        label="Subdivision (optional)",
+        help_text="ISO 3166-2 code of the state or region, e.g. DE-BY for Bavaria.",
         error_messages={"invalid": "Use an ISO 3166-2 code such as DE-BY."},
     )
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Every country by name, and no country chosen until the owner picks one.
+        self.fields["country"].choices = [("", "Choose a country…"), *countries]
 
     def clean(self):
         data = super().clean()
@@ -33,11 +54,21 @@ class UnitRegisterForm(forms.Form):
         return data
 
 
+class UnitRegisterForm(UnitLocationForm):
+    name = forms.CharField(max_length=80, help_text="Something you will recognise, e.g. 'Garden shed'.")
+
+    field_order = ["name", "country", "subdivision"]
+
+
 class UnitPolicyForm(forms.Form):
     """The owner's side of the match: what the unit sells, to whom, and when."""
 
     price_per_gpu_hour = forms.DecimalField(
-        min_value=0, max_digits=12, decimal_places=6, help_text="What a renter pays per GPU-hour."
+        min_value=0,
+        max_digits=12,
+        decimal_places=6,
+        label="Price per GPU-hour",
+        help_text="What a renter pays for one whole GPU for an hour; slices pay their share of it.",
     )
     isolation_levels = forms.MultipleChoiceField(
         choices=Isolation.choices, widget=forms.CheckboxSelectMultiple, label="Isolation levels offered"
@@ -67,6 +98,69 @@ class UnitPolicyForm(forms.Form):
         "'fri-sun 22:00-06:00' (past midnight); empty means always.",
     )
 
+    slicing = forms.ChoiceField(
+        choices=Slicing.choices,
+        widget=forms.RadioSelect,
+        help_text="How each GPU is sold. MIG instances are the ones configured on the appliance (nvidia-smi mig); "
+        "a GPU without any is sold whole.",
+    )
+    shared_fraction = forms.IntegerField(
+        min_value=2,
+        max_value=8,
+        label="Renters per shared GPU",
+        help_text="With shared slicing: how many renters share one GPU, 2 to 8. Shared slices have no memory "
+        "isolation, and renters are told so.",
+    )
+    time_zone = forms.ChoiceField(
+        label="Time zone", help_text="Quiet hours and availability windows are read in this time zone."
+    )
+    quiet_hours_start = forms.TimeField(
+        required=False,
+        label="Quiet hours start",
+        widget=forms.TimeInput(attrs={"type": "time"}, format="%H:%M"),
+        help_text="Leave start and end empty for no quiet hours.",
+    )
+    quiet_hours_end = forms.TimeField(
+        required=False,
+        label="Quiet hours end",
+        widget=forms.TimeInput(attrs={"type": "time"}, format="%H:%M"),
+        help_text="May be past midnight, e.g. 22:00 to 07:00.",
+    )
+    quiet_hours_max_gpus = forms.IntegerField(
+        min_value=0,
+        max_value=64,
+        label="GPUs taking new work during quiet hours",
+        help_text="0 means none: running jobs go on, no new ones start.",
+    )
+    quiet_hours_power_cap_w = forms.IntegerField(
+        required=False,
+        min_value=50,
+        max_value=2000,
+        label="Power cap per GPU during quiet hours, in W",
+        help_text="Empty means no cap.",
+    )
+    power_budget_kw = forms.DecimalField(
+        required=False,
+        min_value=Decimal("0.1"),
+        max_value=Decimal("9999.99"),
+        max_digits=6,
+        decimal_places=2,
+        label="Power budget, in kW",
+        help_text="The most the whole unit may draw; no new job starts that would pass it. Empty means none.",
+    )
+    thermal_stop_c = forms.IntegerField(
+        min_value=40,
+        max_value=100,
+        label="Thermal stop threshold, in °C",
+        help_text="No new work while the hottest GPU is at or above this.",
+    )
+    thermal_resume_c = forms.IntegerField(
+        min_value=20,
+        max_value=99,
+        label="Thermal resume threshold, in °C",
+        help_text="Work resumes once the hottest GPU is at or below this; it must be below the stop threshold.",
+    )
+
     # Where the model's checks land on this form.
     MODEL_FIELDS = {"price_per_gpu_hour_micros": "price_per_gpu_hour", "max_job_duration_s": "max_job_hours"}
 
@@ -81,12 +175,46 @@ class UnitPolicyForm(forms.Form):
             "interruptible_price_percent": unit.interruptible_price_percent,
             "max_job_hours": None if hours is None else round(hours, 2),
             "availability": _availability_text(unit.availability),
+            **{name: getattr(unit, name) for name in LIMIT_FIELDS},
         }
         form = cls(data, initial=initial)
         form.fields["availability"].help_text = form.fields["availability"].help_text.replace(
             "the unit's time zone", f"the unit's time zone ({unit.time_zone})"
         )
         return form
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["time_zone"].choices = [("", "Choose a time zone…"), *((zone, zone) for zone in time_zones())]
+        self.fields["price_per_gpu_hour"].label = f"Price per GPU-hour, in {settings.CURRENCY.upper()}"
+
+    FIELDSETS = (
+        ("Price", ("price_per_gpu_hour", "interruptible_price_percent")),
+        ("Slicing", ("slicing", "shared_fraction")),
+        ("Who and what", ("isolation_levels", "workload_classes", "renters_accepted", "max_job_hours")),
+        ("When", ("time_zone", "availability")),
+        ("Quiet hours", ("quiet_hours_start", "quiet_hours_end", "quiet_hours_max_gpus", "quiet_hours_power_cap_w")),
+        ("Power and temperature", ("power_budget_kw", "thermal_stop_c", "thermal_resume_c")),
+    )
+
+    def fieldsets(self) -> list[tuple[str, list]]:
+        """The fields in groups, each shown as a fieldset with a legend."""
+        return [(legend, [self[name] for name in names]) for legend, names in self.FIELDSETS]
+
+    def clean(self):
+        data = super().clean()
+        start, end = data.get("quiet_hours_start"), data.get("quiet_hours_end")
+        if "quiet_hours_start" in data and "quiet_hours_end" in data:
+            if start is None and end is not None:
+                self.add_error("quiet_hours_start", "Give the start too, or leave both empty for no quiet hours.")
+            elif end is None and start is not None:
+                self.add_error("quiet_hours_end", "Give the end too, or leave both empty for no quiet hours.")
+            elif start is not None and start == end:
+                self.add_error("quiet_hours_end", "The end must differ from the start.")
+        stop, resume = data.get("thermal_stop_c"), data.get("thermal_resume_c")
+        if stop is not None and resume is not None and resume >= stop:
+            self.add_error("thermal_resume_c", f"The resume threshold must be below the stop threshold ({stop} °C).")
+        return data
 
     def clean_availability(self) -> list[dict]:
         try:
@@ -106,6 +234,7 @@ class UnitPolicyForm(forms.Form):
             "interruptible_price_percent": data["interruptible_price_percent"],
             "max_job_duration_s": None if hours is None else int(hours * 3600),
             "availability": data["availability"],
+            **{name: data[name] for name in LIMIT_FIELDS},
         }
 
     def add_model_errors(self, error) -> None:

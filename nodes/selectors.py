@@ -1,12 +1,173 @@
-from django.db.models import Count, Q
+from dataclasses import dataclass
 
-from nodes.models import Unit
+from django.db.models import Count, Exists, IntegerField, Max, OuterRef, Prefetch, Q, Subquery, Sum
+from django.db.models.functions import Coalesce
+from django.utils.crypto import salted_hmac
+from django_countries import countries
+
+from marketplace.models import Allocation, Lease
+from nodes import services
+from nodes.models import GPU, Slice, Unit
+
+
+def _per_unit(gpus, value) -> Subquery:
+    """One aggregate over the unit's present GPUs, as a correlated subquery: joining GPUs and
+    slices in the outer query would multiply the rows under every sum."""
+    rows = gpus.filter(unit=OuterRef("pk"), present=True).order_by().values("unit").annotate(value=value)
+    return Subquery(rows.values("value"), output_field=IntegerField())
 
 
 def units_for(user):
-    """The caller's units with GPU counts, for the portal list."""
-    busy = Q(slices__leases__released_at__isnull=True, slices__leases__isnull=False)
+    """The caller's units with live GPU figures for the portal: GPUs present, busy (running at
+    least one lease) and free (healthy and idle), the hottest GPU and the draw of all of them,
+    from the latest telemetry. One query however many units."""
+    active = Lease.objects.filter(slice__gpu=OuterRef("pk"), released_at__isnull=True)
+    gpus = GPU.objects.annotate(busy=Exists(active))
     return Unit.objects.visible_to(user).annotate(
-        gpu_total=Count("gpus", filter=Q(gpus__present=True), distinct=True),
-        gpu_busy=Count("slices", filter=busy, distinct=True),
+        gpu_total=Coalesce(_per_unit(gpus, Count("pk")), 0),
+        gpu_busy=Coalesce(_per_unit(gpus.filter(busy=True), Count("pk")), 0),
+        gpu_free=Coalesce(_per_unit(gpus.filter(busy=False, healthy=True), Count("pk")), 0),
+        hottest_c=_per_unit(GPU.objects, Max("temperature_c")),
+        power_w=_per_unit(GPU.objects, Sum("power_w")),
     )
+
+
+def unit_gpus(unit: Unit) -> list[GPU]:
+    """The unit's GPUs with the slices its policy cuts them into now (and any still leased),
+    each slice marked ``leased``."""
+    leased = Exists(Lease.objects.filter(slice=OuterRef("pk"), released_at__isnull=True))
+    slices = Slice.objects.annotate(leased=leased).filter(Q(advertised=True) | Q(leased=True)).order_by("share_index")
+    return list(unit.gpus.filter(present=True).prefetch_related(Prefetch("slices", queryset=slices)))
+
+
+@dataclass(frozen=True)
+class Running:
+    """A job running on the unit as its owner may see it: never who the renter is."""
+
+    job: str
+    renter: str
+    gpus: list[int]
+    started_at: object
+    interruptible: bool
+    price_per_gpu_hour_micros: int
+
+
+def unit_running(unit: Unit) -> list[Running]:
+    """What runs on the unit now, the renter shown only by an alias."""
+    allocations = (
+        Allocation.objects.filter(unit=unit, released_at__isnull=True)
+        .select_related("job")
+        .prefetch_related(Prefetch("leases", queryset=Lease.objects.select_related("slice__gpu")))
+        .order_by("created_at")
+    )
+    return [
+        Running(
+            job=allocation.job.name or str(allocation.job_id)[:8],
+            renter=renter_alias(owner_id=unit.owner_id, renter_id=allocation.job.renter_id),
+            gpus=sorted({lease.slice.gpu.index for lease in allocation.leases.all()}),
+            started_at=allocation.job.started_at or allocation.created_at,
+            interruptible=allocation.interruptible,
+            price_per_gpu_hour_micros=allocation.price_per_gpu_hour_micros,
+        )
+        for allocation in allocations
+    ]
+
+
+def renter_alias(*, owner_id, renter_id) -> str:
+    """A stable name for a renter as one owner sees them, e.g. "renter 7f3a9c": keyed with the
+    secret key and the owner, so it tells owners nothing about who the renter is and two owners
+    cannot match their renters up."""
+    digest = salted_hmac("shedshare.portal.renter_alias", f"{owner_id}:{renter_id}").hexdigest()
+    return f"renter {digest[:6]}"
+
+
+def limits_explained(unit: Unit, *, hottest_c: int | None = None) -> list[str]:
+    """Why the unit offers less than it has, in words, from what its agent last reported."""
+    reasons = []
+    if unit.status == Unit.Status.DRAINING:
+        reasons.append("Draining for maintenance: running jobs finish, no new work is placed")
+    for name in unit.limits.get("in_force", []):
+        explain = _LIMIT_REASONS.get(name)
+        reasons.append(explain(unit, hottest_c) if explain else f"{name.replace('_', ' ').capitalize()} (as reported)")
+    return reasons
+
+
+def _quiet_hours_reason(unit: Unit, _hottest_c) -> str:
+    if unit.quiet_hours_start is None or unit.quiet_hours_end is None:
+        return "Quiet hours"
+    window = f"{unit.quiet_hours_start:%H:%M}–{unit.quiet_hours_end:%H:%M} ({unit.time_zone})"
+    gpus = unit.quiet_hours_max_gpus
+    text = f"Quiet hours {window}: at most {gpus} GPU{'' if gpus == 1 else 's'} take{'s' if gpus == 1 else ''} new work"
+    if unit.quiet_hours_power_cap_w:
+        text += f", each capped at {unit.quiet_hours_power_cap_w} W"
+    return text
+
+
+def _power_reason(unit: Unit, _hottest_c) -> str:
+    if unit.power_budget_kw is None:
+        return "Power budget"
+    return f"Power budget {unit.power_budget_kw} kW: too little headroom left for another job"
+
+
+def _thermal_reason(unit: Unit, hottest_c) -> str:
+    resume = f"no new work until it is at or below {unit.thermal_resume_c} °C"
+    if hottest_c is not None and hottest_c >= unit.thermal_stop_c:
+        return f"Temperature {hottest_c} °C ≥ {unit.thermal_stop_c} °C stop threshold: {resume}"
+    if hottest_c is not None:
+        return f"Temperature {hottest_c} °C, still above the {unit.thermal_resume_c} °C resume threshold: {resume}"
+    return f"Temperature reached the {unit.thermal_stop_c} °C stop threshold: {resume}"
+
+
+_LIMIT_REASONS = {"quiet_hours": _quiet_hours_reason, "power_budget": _power_reason, "thermal": _thermal_reason}
+
+
+@dataclass(frozen=True)
+class Location:
+    """The unit's location evidence, as its owner sees it."""
+
+    declared: str
+    declared_name: str
+    declared_subdivision: str
+    observed: str
+    observed_name: str
+    observed_at: object
+    attested: bool
+    attested_earlier: bool
+    verified: bool
+    mismatch: bool
+
+
+def unit_location(unit: Unit) -> Location:
+    return Location(
+        declared=unit.country.code,
+        declared_name=unit.country.name,
+        declared_subdivision=unit.subdivision,
+        observed=unit.observed_country,
+        observed_name=countries.name(unit.observed_country) if unit.observed_country else "",
+        observed_at=unit.observed_at,
+        attested=services.location_attested(unit),
+        attested_earlier=unit.attested_at is not None and not services.location_attested(unit),
+        verified=unit.location_verified,
+        mismatch=services.location_mismatch(unit),
+    )
+
+
+@dataclass(frozen=True)
+class SlicePrice:
+    kind: str
+    on_demand_micros: int
+    interruptible_micros: int
+
+
+def slice_prices(unit: Unit) -> list[SlicePrice]:
+    """What each kind of slice costs a renter per hour under the unit's one price per GPU-hour,
+    cut as ``services.slice_shapes`` cuts it. MIG is shown for a 10 GB instance of an 80 GB GPU:
+    an instance pays its share of the GPU's memory."""
+    price, percent = unit.price_per_gpu_hour_micros, unit.interruptible_price_percent
+    shares = unit.shared_fraction
+    rows = (
+        ("Whole GPU", price),
+        (f"Shared, 1/{shares} of a GPU", price // shares),
+        ("MIG instance, 10 GB of an 80 GB GPU", price * 10 // 80),
+    )
+    return [SlicePrice(kind, micros, micros * percent // 100) for kind, micros in rows]

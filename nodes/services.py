@@ -1,5 +1,6 @@
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta
+from decimal import Decimal
 
 from django.conf import settings
 from django.db import transaction
@@ -9,7 +10,7 @@ from django.utils import timezone
 
 from marketplace import tokens
 from marketplace.audit import audit_record
-from marketplace.errors import InvalidToken, NotAllowed, TokenExpired, TokenUsed
+from marketplace.errors import InvalidToken, NotAllowed, StateConflict, TokenExpired, TokenUsed
 from marketplace.limits import REFUSED_FOR_LIMITS
 from marketplace.models import Allocation
 from nodes import geolocation
@@ -257,6 +258,9 @@ def unit_policy(unit: Unit) -> dict:
 POLICY_FIELDS = (
     "price_per_gpu_hour_micros", "isolation_levels", "workload_classes", "renters_accepted",
     "interruptible_price_percent", "max_job_duration_s", "availability",
+    # Slicing and backyard limits: the agent reads them with its next heartbeat.
+    "slicing", "shared_fraction", "time_zone", "quiet_hours_start", "quiet_hours_end", "quiet_hours_max_gpus",
+    "quiet_hours_power_cap_w", "power_budget_kw", "thermal_stop_c", "thermal_resume_c",
 )  # fmt: skip
 
 
@@ -273,7 +277,50 @@ def unit_policy_update(*, unit: Unit, actor: str, **policy) -> Unit:
     unit.full_clean()
     unit.save(update_fields=list(policy))
     units_capacity_changed([unit.pk])
-    audit_record("unit.policy_changed", unit.id, actor=actor, **{f: getattr(unit, f) for f in policy})
+    audit_record("unit.policy_changed", unit.id, actor=actor, **{f: _audit_value(getattr(unit, f)) for f in policy})
+    return unit
+
+
+def _audit_value(value):
+    """Policy values as the audit row's JSON can hold them: times as "HH:MM", kW as a string."""
+    if isinstance(value, time):
+        return value.strftime("%H:%M")
+    if isinstance(value, Decimal):
+        return str(value)
+    return value
+
+
+DRAINABLE = (Unit.Status.ONLINE, Unit.Status.SUSPECT)
+
+
+@transaction.atomic
+def unit_drain(*, unit: Unit, actor: str) -> Unit:
+    """Take no new work on the unit, for maintenance; running jobs go on to their end.
+    Draining a unit that is draining already changes nothing."""
+    previous = unit.status
+    if not Unit.objects.filter(pk=unit.pk, status__in=DRAINABLE).update(status=Unit.Status.DRAINING):
+        unit.refresh_from_db(fields=["status"])
+        if unit.status == Unit.Status.DRAINING:
+            return unit
+        raise StateConflict(f"Only an online unit can be drained; this one is {unit.get_status_display().lower()}.")
+    unit.status = Unit.Status.DRAINING
+    units_capacity_changed([unit.pk])
+    audit_record("unit.drain_started", unit.id, actor=actor, previous=previous)
+    return unit
+
+
+@transaction.atomic
+def unit_resume(*, unit: Unit, actor: str) -> Unit:
+    """Take work again after a drain. The liveness sweep moves the unit on from online as usual
+    if its agent has stopped heartbeating meanwhile. Resuming a unit that is online changes nothing."""
+    if not Unit.objects.filter(pk=unit.pk, status=Unit.Status.DRAINING).update(status=Unit.Status.ONLINE):
+        unit.refresh_from_db(fields=["status"])
+        if unit.status == Unit.Status.ONLINE:
+            return unit
+        raise StateConflict(f"Only a draining unit can resume; this one is {unit.get_status_display().lower()}.")
+    unit.status = Unit.Status.ONLINE
+    units_capacity_changed([unit.pk])
+    audit_record("unit.drain_ended", unit.id, actor=actor)
     return unit
 
 
