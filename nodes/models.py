@@ -154,6 +154,9 @@ class Unit(models.Model):
     # Bumped by every change that can alter what placement may put here (leases, slices,
     # status, policy); placement claims a unit only at the version it decided on.
     capacity_version = models.BigIntegerField(default=0)
+    # The owner's drain for maintenance, remembered apart from liveness: a drained unit that
+    # misses heartbeats goes suspect and offline like any other, and comes back draining.
+    drain_requested = models.BooleanField(default=False)
     capacity_changed_at = models.DateTimeField(auto_now=True, db_index=True)
     credential_lookup = models.CharField(max_length=12, unique=True, null=True, blank=True)
     credential_digest = models.CharField(max_length=64, blank=True)

@@ -4,7 +4,7 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count, F, FloatField, Q, Subquery
+from django.db.models import Case, Count, F, FloatField, Q, Subquery, Value, When
 from django.db.models.functions import Cast, Coalesce
 from django.utils import timezone
 
@@ -295,15 +295,19 @@ DRAINABLE = (Unit.Status.ONLINE, Unit.Status.SUSPECT)
 
 @transaction.atomic
 def unit_drain(*, unit: Unit, actor: str) -> Unit:
-    """Take no new work on the unit, for maintenance; running jobs go on to their end.
+    """Take no new work on the unit, for maintenance; running jobs go on to their end. The drain
+    is remembered (``drain_requested``) until the owner resumes, whatever liveness does meanwhile.
     Draining a unit that is draining already changes nothing."""
     previous = unit.status
-    if not Unit.objects.filter(pk=unit.pk, status__in=DRAINABLE).update(status=Unit.Status.DRAINING):
-        unit.refresh_from_db(fields=["status"])
-        if unit.status == Unit.Status.DRAINING:
+    drained = Unit.objects.filter(pk=unit.pk, status__in=DRAINABLE, drain_requested=False).update(
+        drain_requested=True,
+        status=Case(When(status=Unit.Status.ONLINE, then=Value(Unit.Status.DRAINING)), default=F("status")),
+    )
+    unit.refresh_from_db(fields=["status", "drain_requested"])
+    if not drained:
+        if unit.drain_requested:
             return unit
         raise StateConflict(f"Only an online unit can be drained; this one is {unit.get_status_display().lower()}.")
-    unit.status = Unit.Status.DRAINING
     units_capacity_changed([unit.pk])
     audit_record("unit.drain_started", unit.id, actor=actor, previous=previous)
     return unit
@@ -312,13 +316,14 @@ def unit_drain(*, unit: Unit, actor: str) -> Unit:
 @transaction.atomic
 def unit_resume(*, unit: Unit, actor: str) -> Unit:
     """Take work again after a drain. The liveness sweep moves the unit on from online as usual
-    if its agent has stopped heartbeating meanwhile. Resuming a unit that is online changes nothing."""
-    if not Unit.objects.filter(pk=unit.pk, status=Unit.Status.DRAINING).update(status=Unit.Status.ONLINE):
-        unit.refresh_from_db(fields=["status"])
-        if unit.status == Unit.Status.ONLINE:
-            return unit
-        raise StateConflict(f"Only a draining unit can resume; this one is {unit.get_status_display().lower()}.")
-    unit.status = Unit.Status.ONLINE
+    if its agent has stopped heartbeating meanwhile. Resuming a unit not draining changes nothing."""
+    resumed = Unit.objects.filter(pk=unit.pk, drain_requested=True).update(
+        drain_requested=False,
+        status=Case(When(status=Unit.Status.DRAINING, then=Value(Unit.Status.ONLINE)), default=F("status")),
+    )
+    unit.refresh_from_db(fields=["status", "drain_requested"])
+    if not resumed:
+        return unit
     units_capacity_changed([unit.pk])
     audit_record("unit.drain_ended", unit.id, actor=actor)
     return unit
@@ -339,12 +344,16 @@ def unit_heartbeat(
     now = timezone.now()
     was = unit.status
     if was in (Unit.Status.PENDING, Unit.Status.SUSPECT, Unit.Status.OFFLINE):
-        unit.status = Unit.Status.ONLINE
-        audit_record("unit.came_online", unit.id, actor="agent", previous=was)
+        # Decided in the database, not from the copy loaded for this request, so an owner's
+        # drain made meanwhile is kept: a drained unit comes back draining.
+        back = Case(When(drain_requested=True, then=Value(Unit.Status.DRAINING)), default=Value(Unit.Status.ONLINE))
+        if Unit.objects.filter(pk=unit.pk, status=was).update(status=back):
+            unit.refresh_from_db(fields=["status", "drain_requested"])
+            audit_record("unit.came_online", unit.id, actor="agent", previous=was, status=unit.status)
     unit.last_heartbeat_at = now
     if agent_version:
         unit.agent_version = agent_version[:40]
-    fields = ["status", "last_heartbeat_at", "agent_version"]
+    fields = ["last_heartbeat_at", "agent_version"]
     if limits is not None and limits != unit.limits:
         unit.limits = limits
         fields.append("limits")

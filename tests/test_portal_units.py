@@ -1,8 +1,10 @@
 """The owner portal's units: live status, the unit page, enrolment, maintenance, location and scoping."""
 
 import re
+from datetime import timedelta
 
 import pytest
+from django.conf import settings
 from django.test import Client
 from django.utils import timezone
 
@@ -10,8 +12,15 @@ from marketplace.models import AuditEvent
 from marketplace.placement import job_place
 from nodes.models import EnrolmentToken, Unit
 from nodes.selectors import renter_alias
-from nodes.services import GpuReport, unit_enrol, unit_heartbeat, unit_location_verify, unit_register
-from tests.conftest import job_make, unit_online, user_make
+from nodes.services import (
+    GpuReport,
+    unit_enrol,
+    unit_heartbeat,
+    unit_location_verify,
+    unit_register,
+    units_mark_unresponsive,
+)
+from tests.conftest import gpus_make, job_make, unit_online, user_make
 
 UNITS = "/portal/units/"
 ROWS = "/portal/units/rows/"
@@ -281,6 +290,27 @@ class TestMaintenance:
         assert response.status_code == 409
         assert "Only an online unit can be drained; this one is pending." in response.content.decode()
         assert stored(unit).status == Unit.Status.PENDING
+
+    def test_a_drained_unit_that_misses_heartbeats_comes_back_draining(self, owner, garage):
+        logged_in(owner).post(url(garage, "drain/"))
+        later = timezone.now() + settings.UNIT_OFFLINE_AFTER + timedelta(seconds=1)
+        units_mark_unresponsive(now=later)  # suspect
+        units_mark_unresponsive(now=later)  # offline
+        assert stored(garage).status == Unit.Status.OFFLINE
+
+        unit_heartbeat(unit=stored(garage), gpus=gpus_make(2, prefix=f"GPU-{garage.name}"))
+
+        assert (stored(garage).status, stored(garage).drain_requested) == (Unit.Status.DRAINING, True)
+        logged_in(owner).post(url(garage, "resume/"))
+        assert (stored(garage).status, stored(garage).drain_requested) == (Unit.Status.ONLINE, False)
+
+    def test_a_heartbeat_loaded_before_a_drain_does_not_undo_it(self, owner, garage):
+        loaded = stored(garage)  # a heartbeat request read the unit, then the owner drained it
+        logged_in(owner).post(url(garage, "drain/"))
+
+        unit_heartbeat(unit=loaded, gpus=gpus_make(2, prefix=f"GPU-{garage.name}"))
+
+        assert stored(garage).status == Unit.Status.DRAINING
 
     def test_maintenance_takes_a_post(self, owner, garage):
         assert logged_in(owner).get(url(garage, "drain/")).status_code == 405
