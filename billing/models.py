@@ -95,6 +95,11 @@ class BillingProfile(models.Model):
     stripe_customer_id = models.CharField(max_length=64, blank=True)
     stripe_account_id = models.CharField(max_length=64, blank=True, help_text="Connect account (owners).")
     payouts_enabled = models.BooleanField(default=False, help_text="As Stripe last said in account.updated.")
+    # The rest of the Connect account's standing as of that account.updated, so the portal can
+    # tell onboarding left half-done from an account Stripe restricted without asking Stripe.
+    details_submitted = models.BooleanField(default=False)
+    requirements_due = models.JSONField(default=list, blank=True, help_text="requirements past_due + currently_due")
+    disabled_reason = models.CharField(max_length=80, blank=True)
     postpaid = models.BooleanField(default=False, help_text="Billed monthly through Stripe Billing meters.")
 
     def __str__(self) -> str:

@@ -209,17 +209,37 @@ class ConnectStatus:
         return list(dict.fromkeys(STRIPE_NEEDS.get(field, field.replace("_", " ")) for field in self.needs))
 
 
+def _standing(account_id: str, *, payouts_enabled: bool, details_submitted: bool, needs, disabled_reason: str):
+    if payouts_enabled:
+        state = ConnectState.ENABLED
+    elif not details_submitted:
+        state = ConnectState.INCOMPLETE
+    else:
+        state = ConnectState.RESTRICTED
+    return ConnectStatus(state, account_id, tuple(needs), disabled_reason or "")
+
+
 def connect_status(user, *, live: bool = False) -> ConnectStatus:
-    """The owner's payout standing: as we last heard it from Stripe (``account.updated``), which
-    cannot tell onboarding left half-done from an account Stripe restricted; with ``live``, as
-    Stripe says now (the onboarding return page), falling back to what we know if it cannot."""
+    """The owner's payout standing as we last heard it from Stripe (``account.updated``); with
+    ``live``, as Stripe says now (the onboarding return page), falling back to what we know if
+    Stripe cannot be reached."""
     if not configured():
         return ConnectStatus(ConnectState.UNAVAILABLE)
-    profile = BillingProfile.objects.filter(user=user).values("stripe_account_id", "payouts_enabled").first()
+    profile = (
+        BillingProfile.objects.filter(user=user)
+        .values("stripe_account_id", "payouts_enabled", "details_submitted", "requirements_due", "disabled_reason")
+        .first()
+    )
     if not profile or not profile["stripe_account_id"]:
         return ConnectStatus(ConnectState.NOT_CONNECTED)
     account_id = profile["stripe_account_id"]
-    known = ConnectStatus(ConnectState.ENABLED if profile["payouts_enabled"] else ConnectState.INCOMPLETE, account_id)
+    known = _standing(
+        account_id,
+        payouts_enabled=profile["payouts_enabled"],
+        details_submitted=profile["details_submitted"],
+        needs=profile["requirements_due"] or (),
+        disabled_reason=profile["disabled_reason"],
+    )
     if not live:
         return known
     try:
@@ -228,11 +248,10 @@ def connect_status(user, *, live: bool = False) -> ConnectStatus:
         log.warning("Connect account %s of user %s could not be read", account_id, user.pk, exc_info=True)
         return known
     requirements = account.get("requirements") or {}
-    needs = tuple(dict.fromkeys((requirements.get("past_due") or []) + (requirements.get("currently_due") or [])))
-    if account.get("payouts_enabled"):
-        state = ConnectState.ENABLED
-    elif not account.get("details_submitted"):
-        state = ConnectState.INCOMPLETE
-    else:
-        state = ConnectState.RESTRICTED
-    return ConnectStatus(state, account_id, needs, requirements.get("disabled_reason") or "")
+    return _standing(
+        account_id,
+        payouts_enabled=bool(account.get("payouts_enabled")),
+        details_submitted=bool(account.get("details_submitted")),
+        needs=dict.fromkeys((requirements.get("past_due") or []) + (requirements.get("currently_due") or [])),
+        disabled_reason=requirements.get("disabled_reason") or "",
+    )

@@ -100,8 +100,15 @@ def _payment_intent_event(event: WebhookEvent) -> None:
 
 def _account_updated(event: WebhookEvent) -> None:
     account_id = event.account or event.payload["data"]["object"]["id"]
-    account = client().v1.accounts.retrieve(account_id)
-    BillingProfile.objects.filter(stripe_account_id=account.id).update(payouts_enabled=bool(account.payouts_enabled))
+    account = client().v1.accounts.retrieve(account_id).to_dict()
+    requirements = account.get("requirements") or {}
+    due = list(dict.fromkeys((requirements.get("past_due") or []) + (requirements.get("currently_due") or [])))
+    BillingProfile.objects.filter(stripe_account_id=account["id"]).update(
+        payouts_enabled=bool(account.get("payouts_enabled")),
+        details_submitted=bool(account.get("details_submitted")),
+        requirements_due=due,
+        disabled_reason=(requirements.get("disabled_reason") or "")[:80],
+    )
 
 
 def _handler(event_type: str):

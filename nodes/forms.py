@@ -1,5 +1,6 @@
 import functools
 import json
+import uuid
 import zoneinfo
 from decimal import Decimal
 
@@ -56,6 +57,9 @@ class UnitLocationForm(forms.Form):
 
 class UnitRegisterForm(UnitLocationForm):
     name = forms.CharField(max_length=80, help_text="Something you will recognise, e.g. 'Garden shed'.")
+    # One per form shown: sending the same form twice (a reload of the token page, a double
+    # click) reaches the unit the first sending registered instead of registering another.
+    submission = forms.UUIDField(widget=forms.HiddenInput, initial=uuid.uuid4, required=False)
 
     field_order = ["name", "country", "subdivision"]
 

@@ -15,6 +15,9 @@ from nodes import selectors, services
 from nodes.forms import UnitLocationForm, UnitPolicyForm, UnitRegisterForm
 from nodes.models import Unit
 
+# The session remembers which unit each recent registration form made (see UnitRegisterForm).
+REGISTRATIONS, REGISTRATIONS_KEPT = "unit_registrations", 20
+
 
 def _agent_commands(request, token: str) -> list[str]:
     server = request.build_absolute_uri("/").rstrip("/")
@@ -63,7 +66,18 @@ def unit_register_view(request):
     form = UnitRegisterForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         issued_at = timezone.now()
-        unit, token = services.unit_register(owner=request.user, **form.cleaned_data)
+        location = {name: form.cleaned_data[name] for name in ("name", "country", "subdivision")}
+        registered = request.session.setdefault(REGISTRATIONS, {})
+        submission = str(form.cleaned_data["submission"] or "")
+        earlier = selectors.units_for(request.user).filter(pk=registered.get(submission), enrolled_at__isnull=True)
+        if submission and (unit := earlier.first()):
+            # The same form again: its unit is registered already. The token shown then cannot be
+            # shown again (only its hash is kept), so the unit gets a fresh one.
+            return _token_page(request, unit, services.enrolment_token_issue(unit=unit), issued_at)
+        unit, token = services.unit_register(owner=request.user, **location)
+        if submission:
+            registered[submission] = str(unit.pk)
+        request.session[REGISTRATIONS] = dict(list(registered.items())[-REGISTRATIONS_KEPT:])
         return _token_page(request, unit, token, issued_at, status=201)
     return render(request, "nodes/unit_register.html", {"form": form}, status=400 if form.errors else 200)
 

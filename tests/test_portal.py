@@ -5,9 +5,10 @@ import re
 import pytest
 from django.test import Client
 
+from marketplace.errors import TokenExpired
 from nodes.models import EnrolmentToken, Unit
 from nodes.services import unit_enrol, unit_register
-from tests.conftest import unit_online
+from tests.conftest import unit_online, user_make
 
 UNITS = "/portal/units/"
 REGISTER = "/portal/units/new/"
@@ -79,6 +80,38 @@ def test_registering_a_unit_shows_the_token_and_the_enrol_command(owner):
     assert f"shedshare-agent enrol --url http://testserver --token {token}" in response.content.decode()
     enrolled, _ = unit_enrol(token=token, hostname="shed.local", agent_version="test")
     assert enrolled == unit
+
+
+def test_sending_the_register_form_again_reaches_the_same_unit_with_a_fresh_token(owner):
+    client = logged_in(owner)
+    submission = client.get(REGISTER).context["form"]["submission"].value()
+    form = {"name": "Garden shed", "country": "DE", "submission": submission}
+    first = client.post(REGISTER, form)
+
+    again = client.post(REGISTER, form)  # a reload of the token page, or a double click
+
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert Unit.objects.filter(owner=owner).count() == 1
+    old, new = token_shown(first), token_shown(again)
+    assert old != new
+    with pytest.raises(TokenExpired):
+        unit_enrol(token=old, hostname="shed.local", agent_version="test")
+    assert unit_enrol(token=new, hostname="shed.local", agent_version="test")[0] == Unit.objects.get(owner=owner)
+
+    again_after_enrolment = client.post(REGISTER, form)  # the unit has an agent now: this is a new unit
+    assert again_after_enrolment.status_code == 201 and Unit.objects.filter(owner=owner).count() == 2
+
+
+def test_another_owners_registration_form_registers_a_unit_of_ones_own(owner):
+    stranger = user_make("stan-stranger")
+    theirs = logged_in(stranger)
+    submission = theirs.get(REGISTER).context["form"]["submission"].value()
+    theirs.post(REGISTER, {"name": "Their shed", "country": "FR", "submission": submission})
+
+    mine = logged_in(owner).post(REGISTER, {"name": "My shed", "country": "DE", "submission": submission})
+
+    assert mine.status_code == 201
+    assert Unit.objects.get(owner=owner).name == "My shed"
 
 
 def test_the_token_is_not_shown_again(owner):

@@ -215,3 +215,30 @@ def test_the_portal_works_with_javascript_disabled(portal, chromium, owner):
         screenshot(page, "13-no-javascript-earnings")
     finally:
         context.close()
+
+
+def test_a_unit_can_be_registered_with_the_keyboard_alone(portal, browser_page, owner):
+    page = browser_page
+    page.goto(f"{portal}/accounts/login/")
+    page.get_by_label("Username:").fill(owner.username)
+    page.get_by_label("Password:").fill("pw-" + owner.username)
+    page.get_by_role("button", name="Log in").click()
+    page.goto(f"{portal}/portal/units/new/")
+
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent") == "Skip to content"
+    for _ in range(20):  # past the header's links, in the order they are read
+        if page.evaluate("document.activeElement.name") == "name":
+            break
+        page.keyboard.press("Tab")
+    page.keyboard.type("Keyboard shed")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.name") == "country"
+    page.keyboard.type("Netherlands")  # a select's type-ahead
+    page.keyboard.press("Tab")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent") == "Register and get an enrolment token"
+    page.keyboard.press("Enter")
+
+    expect(page.get_by_role("heading", level=1)).to_have_text("Enrol Keyboard shed")
+    assert Unit.objects.get(owner=owner, name="Keyboard shed").country.code == "NL"

@@ -9,7 +9,8 @@ from django.utils import timezone
 
 from billing.models import Account, BillingProfile, LedgerTransaction, TopUp, WebhookEvent
 from billing.outbox import outbox_enqueue, outbox_send
-from billing.selectors import wallet_balance_micros
+from billing.payouts import connect_account_ensure
+from billing.selectors import connect_status, wallet_balance_micros
 from billing.services import account_balance, account_for
 from billing.stripe_api import client as stripe_client
 from billing.stripe_fake import sign
@@ -228,6 +229,25 @@ class TestOtherEvents:
 
         assert WebhookEvent.objects.get(event_id=event["id"]).account == account_id
         assert BillingProfile.objects.get(user=owner).payouts_enabled is True
+
+    def test_connect_account_updated_keeps_what_a_restricted_account_still_needs(self, client, owner, stripe_fake):
+        account_id = connect_account_ensure(owner=owner)
+        requirements = {"past_due": ["external_account"], "currently_due": ["individual.dob.day", "external_account"]}
+        stripe_fake.account_update(
+            account_id,
+            details_submitted=True,
+            requirements={**requirements, "disabled_reason": "requirements.past_due"},
+        )
+
+        event = stripe_fake.event("account.updated", stripe_fake.get("account", account_id), account=account_id)
+        assert deliver_and_process(client, event)
+
+        profile = BillingProfile.objects.get(user=owner)
+        assert (profile.payouts_enabled, profile.details_submitted) == (False, True)
+        assert profile.requirements_due == ["external_account", "individual.dob.day"]
+        assert profile.disabled_reason == "requirements.past_due"
+        status = connect_status(owner)  # what the earnings page shows, without asking Stripe
+        assert (status.state, status.needs) == ("restricted", ("external_account", "individual.dob.day"))
 
     def test_platform_events_have_no_account_and_unknown_types_are_stored_and_processed(self, client, stripe_fake):
         event = stripe_fake.event("invoice.finalized", {"id": "in_1", "object": "invoice"})
