@@ -52,15 +52,6 @@ def owner_payable_micros(user) -> int:
     return entries.aggregate(total=Sum("amount_micros"))["total"] or 0
 
 
-def owner_earnings(user, *, limit: int = 100):
-    """The owner's latest credits from usage, with the unit that earned each."""
-    return (
-        LedgerEntry.objects.filter(account__kind=Account.Kind.OWNER_PAYABLE, account__user=user)
-        .select_related("transaction__allocation__unit")
-        .order_by("-transaction__created_at", "-id")[:limit]
-    )
-
-
 def owner_usage_lines(user) -> QuerySet:
     """One row per usage posting that credited the owner: what a job earned them (after the
     fee), when, on which unit, with ``key`` and ``previous_key`` for ``usage_line_gpu_ms``."""
