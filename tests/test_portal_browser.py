@@ -1,8 +1,10 @@
 """The owner's whole journey through the portal in a real browser (Debian's Chromium):
 sign up → register a unit → enrol a simulated agent → the unit comes online without a reload →
 edit the policy (a validation error first) → earnings after a renter's job → start Stripe Connect
-onboarding against the local Stripe fake. Every page passes axe-core's WCAG A/AA check, and a
-screenshot of each step is kept (tests/browser.py says where).
+onboarding against the local Stripe fake. Every page of the journey, and then every page a person
+can open, passes axe-core's WCAG A/AA check, and a screenshot of each step is kept
+(tests/browser.py says where). The same pages work with JavaScript off, and a unit can be
+registered with the keyboard alone.
 
 The web server is pytest-django's live server, in this process, so the Stripe fake installed by
 the ``stripe_fake`` fixture answers it; Celery tasks run eagerly in it, standing in for the worker.
@@ -21,10 +23,11 @@ from billing.services import wallet_credit_promotional
 from marketplace import devstack
 from marketplace.celery import app as celery_app
 from marketplace.models import Job
+from marketplace.placement import job_place
 from marketplace.services import api_key_create
 from nodes.models import Unit
 from tests.browser import assert_accessible, screenshot
-from tests.conftest import user_make
+from tests.conftest import job_make, unit_online, user_make
 from tests.e2e import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -190,12 +193,7 @@ def test_the_portal_works_with_javascript_disabled(portal, chromium, owner):
     context = chromium.new_context(java_script_enabled=False)
     page = context.new_page()
     try:
-        page.goto(f"{portal}/accounts/login/")
-        page.get_by_label("Username:").fill(owner.username)
-        page.get_by_label("Password:").fill("pw-" + owner.username)
-        page.get_by_role("button", name="Log in").click()
-        expect(page.get_by_role("heading", level=1)).to_have_text("My units")
-
+        log_in(page, portal, owner)
         page.get_by_role("link", name="Register a unit").click()
         page.get_by_label("Name:", exact=True).fill("Quiet shed")
         page.get_by_label("Country:", exact=True).select_option(label="France")
@@ -217,12 +215,17 @@ def test_the_portal_works_with_javascript_disabled(portal, chromium, owner):
         context.close()
 
 
+def log_in(page, portal: str, user) -> None:
+    page.goto(f"{portal}/accounts/login/")
+    page.get_by_label("Username:").fill(user.username)
+    page.get_by_label("Password:").fill("pw-" + user.username)  # tests.conftest.user_make's password
+    page.get_by_role("button", name="Log in").click()
+    expect(page.get_by_role("heading", level=1)).to_have_text("My units")
+
+
 def test_a_unit_can_be_registered_with_the_keyboard_alone(portal, browser_page, owner):
     page = browser_page
-    page.goto(f"{portal}/accounts/login/")
-    page.get_by_label("Username:").fill(owner.username)
-    page.get_by_label("Password:").fill("pw-" + owner.username)
-    page.get_by_role("button", name="Log in").click()
+    log_in(page, portal, owner)
     page.goto(f"{portal}/portal/units/new/")
 
     page.keyboard.press("Tab")
@@ -242,3 +245,39 @@ def test_a_unit_can_be_registered_with_the_keyboard_alone(portal, browser_page, 
 
     expect(page.get_by_role("heading", level=1)).to_have_text("Enrol Keyboard shed")
     assert Unit.objects.get(owner=owner, name="Keyboard shed").country.code == "NL"
+
+
+# Every page a person can open, for the accessibility sweep below: (path, who is logged in). The
+# unit's page is filled in with a unit that has GPUs, a running job and limits in force.
+PAGES = [
+    ("/accounts/login/", None),
+    ("/accounts/signup/", None),
+    ("/accounts/password-reset/", None),
+    ("/accounts/password-reset/sent/", None),
+    ("/accounts/password-reset/complete/", None),
+    ("/accounts/profile/", "owner"),
+    ("/accounts/password-change/", "owner"),
+    ("/accounts/password-change/done/", "owner"),
+    ("/portal/units/", "owner"),
+    ("/portal/units/new/", "owner"),
+    ("/portal/units/{unit}/", "owner"),
+    ("/portal/earnings/", "owner"),
+    ("/portal/payouts/return/", "owner"),
+    ("/portal/jobs/", "renter"),
+]
+
+
+def test_every_page_passes_the_accessibility_check(portal, browser_page, owner, renter):
+    unit, _ = unit_online(owner, name="Busy shed", gpus=2)
+    Unit.objects.filter(pk=unit.pk).update(limits={"in_force": ["quiet_hours", "thermal"], "advertised_gpus": 1})
+    job_place(job_id=job_make(renter, name="sweep-job").pk)
+    page, people, logged_in = browser_page, {"owner": owner, "renter": renter}, None
+    for path, who in PAGES:
+        if who != logged_in:
+            page.context.clear_cookies()
+            if who:
+                log_in(page, portal, people[who])
+            logged_in = who
+        response = page.goto(portal + path.format(unit=unit.pk))
+        assert response.status == 200, path
+        assert_accessible(page)
