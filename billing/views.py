@@ -26,6 +26,7 @@ from billing.selectors import (
 )
 from billing.statements import Period
 from billing.stripe_api import PaymentsUnavailable
+from marketplace.api.renderers import spreadsheet_safe
 
 log = logging.getLogger(__name__)
 
@@ -75,18 +76,13 @@ def _csv_rows(lines):
         yield writer.writerow(
             [
                 line["posted_at"].astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                _cell(line["unit_name"] or ""),
+                spreadsheet_safe(line["unit_name"] or ""),
                 line["job_id"] or "",
                 "" if gpu_ms is None else Decimal(gpu_ms).scaleb(-3),  # exact: 3,600,000 ms -> 3600.000
                 from_micros(line["amount_micros"]),
                 line["currency"].upper(),
             ]
         )
-
-
-def _cell(text: str) -> str:
-    # A unit name is the owner's free text: one starting like a formula would run in a spreadsheet.
-    return f"'{text}" if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 @login_required

@@ -130,6 +130,14 @@ class TestUsageStatement:
                 {"day": "2026-01-11", "gpu_seconds": "5400.000", "cost": "3.000000"},
             ]
 
+    def test_a_csv_never_hands_a_spreadsheet_a_formula(self, renter, history):
+        Job.objects.filter(name="train-a").update(name="=HYPERLINK(1)")
+
+        response = renter_client(renter).get(f"/api/v1/statements/usage?{RANGE}&group=job&format=csv")
+
+        names = [row["job_name"] for row in csv.DictReader(io.StringIO(response.content.decode()))]
+        assert sorted(names) == ["'=HYPERLINK(1)", "train-b"]
+
     def test_defaults_to_the_last_30_days(self, renter, history):
         body = renter_client(renter).get("/api/v1/statements/usage?to=2026-01-11").json()
         assert body["from"] == "2025-12-13"

@@ -1,6 +1,7 @@
 import csv
 import io
 import json
+from decimal import Decimal, InvalidOperation
 
 from rest_framework.exceptions import ValidationError
 from rest_framework.negotiation import DefaultContentNegotiation
@@ -19,10 +20,27 @@ def _flatten(record: dict, prefix: str = "") -> dict:
     return flat
 
 
+# A cell starting with one of these is run as a formula by spreadsheets (CSV injection).
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value):
+    """A cell a spreadsheet shows as the text it is: text that starts like a formula gets a
+    leading apostrophe. Numbers, and text that reads as one (a negative amount), stay as they are."""
+    if not isinstance(value, str) or value[:1] not in FORMULA_START:
+        return value
+    try:
+        Decimal(value)
+    except InvalidOperation:
+        return f"'{value}"
+    return value
+
+
 class CsvRenderer(BaseRenderer):
     """A list of records as CSV, one row each, for ``?format=csv`` or ``Accept: text/csv``.
 
-    An error is not a list: it is rendered as the JSON problem document it already is.
+    An error is not a list: it is rendered as the JSON problem document it already is. Names
+    people chose (jobs, units) are made spreadsheet-safe.
     """
 
     media_type = "text/csv"
@@ -32,7 +50,7 @@ class CsvRenderer(BaseRenderer):
     def render(self, data, accepted_media_type=None, renderer_context=None):
         if not isinstance(data, list):
             return JSONRenderer().render(data, accepted_media_type, renderer_context)
-        rows = [_flatten(record) for record in data]
+        rows = [{k: spreadsheet_safe(v) for k, v in _flatten(record).items()} for record in data]
         columns = list(dict.fromkeys(column for row in rows for column in row))
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
