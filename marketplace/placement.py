@@ -41,7 +41,7 @@ from marketplace.limits import REFUSED_FOR_LIMITS
 from marketplace.models import Allocation, AuditEvent, Job, Lease
 from marketplace.selectors import renter_verified
 from nodes import availability
-from nodes.models import Isolation, RentersAccepted, Slice, Unit
+from nodes.models import Isolation, RentersAccepted, Slice, Unit, interruptible_price
 
 # Units are re-read when changed within this long before the last refresh, so a transaction
 # that committed a little after it stamped its change is not missed.
@@ -592,7 +592,7 @@ def _location_proven(job: Job, profile: Profile, matched: str) -> bool:
 
 def charged(job: Job, profile: Profile, price: int) -> int:
     """What the job pays per GPU-hour for a slice at this price: less if it is interruptible."""
-    return price * profile.interruptible_price_percent // 100 if job.interruptible else price
+    return interruptible_price(price, profile.interruptible_price_percent) if job.interruptible else price
 
 
 def slice_rejection(job: Job, shape: SliceShape, profile: Profile) -> str | None:

@@ -77,6 +77,11 @@ class UnitQuerySet(models.QuerySet):
         return self.filter(owner=user)
 
 
+def interruptible_price(price_micros: int, percent: int) -> int:
+    """What an interruptible job pays per GPU-hour for a slice at this price."""
+    return price_micros * percent // 100
+
+
 class Unit(models.Model):
     class Status(models.TextChoices):
         PENDING = "pending"

@@ -1,3 +1,4 @@
+import copy
 from dataclasses import dataclass
 
 from django.db.models import Count, Exists, IntegerField, Max, OuterRef, Prefetch, Q, Subquery, Sum
@@ -7,7 +8,7 @@ from django_countries import countries
 
 from marketplace.models import Allocation, Lease
 from nodes import services
-from nodes.models import GPU, Slice, Unit
+from nodes.models import GPU, Slice, Unit, interruptible_price
 
 
 def _per_unit(gpus, value) -> Subquery:
@@ -159,15 +160,35 @@ class SlicePrice:
     interruptible_micros: int
 
 
+# An 80 GB GPU with one 10 GB MIG instance: what the portal prices each kind of slice on.
+_SAMPLE_GPU = services.GpuReport(
+    index=0,
+    uuid="sample",
+    model="",
+    vram_mb=81920,
+    mig_instances=(services.MigReport(uuid="sample-mig", profile="1g.10gb", memory_mb=10240),),
+)
+_SLICE_KINDS = (
+    (Slice.Kind.WHOLE, "Whole GPU"),
+    (Slice.Kind.SHARED, "Shared, 1/{shares} of a GPU"),
+    (Slice.Kind.MIG, "MIG instance, 10 GB of an 80 GB GPU"),
+)
+
+
 def slice_prices(unit: Unit) -> list[SlicePrice]:
     """What each kind of slice costs a renter per hour under the unit's one price per GPU-hour,
-    cut as ``services.slice_shapes`` cuts it. MIG is shown for a 10 GB instance of an 80 GB GPU:
-    an instance pays its share of the GPU's memory."""
-    price, percent = unit.price_per_gpu_hour_micros, unit.interruptible_price_percent
-    shares = unit.shared_fraction
-    rows = (
-        ("Whole GPU", price),
-        (f"Shared, 1/{shares} of a GPU", price // shares),
-        ("MIG instance, 10 GB of an 80 GB GPU", price * 10 // 80),
-    )
-    return [SlicePrice(kind, micros, micros * percent // 100) for kind, micros in rows]
+    priced by ``services.slice_shapes`` itself on a sample GPU (an instance pays its share of the
+    GPU's memory), on demand and interruptible."""
+    rows = []
+    for kind, label in _SLICE_KINDS:
+        cut = copy.copy(unit)
+        cut.slicing = kind
+        price = services.slice_shapes(cut, _SAMPLE_GPU)[0].price_per_gpu_hour_micros
+        rows.append(
+            SlicePrice(
+                label.format(shares=unit.shared_fraction),
+                price,
+                interruptible_price(price, unit.interruptible_price_percent),
+            )
+        )
+    return rows
