@@ -69,7 +69,7 @@ def unit_register_view(request):
         location = {name: form.cleaned_data[name] for name in ("name", "country", "subdivision")}
         registered = request.session.setdefault(REGISTRATIONS, {})
         submission = str(form.cleaned_data["submission"] or "")
-        earlier = selectors.units_for(request.user).filter(pk=registered.get(submission), enrolled_at__isnull=True)
+        earlier = Unit.objects.visible_to(request.user).filter(pk=registered.get(submission), enrolled_at__isnull=True)
         if submission and (unit := earlier.first()):
             # The same form again: its unit is registered already. The token shown then cannot be
             # shown again (only its hash is kept), so the unit gets a fresh one.
