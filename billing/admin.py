@@ -1,6 +1,7 @@
 from django.contrib import admin
 
-from billing.models import Account, LedgerEntry, LedgerTransaction, UsageSample
+from billing.models import Account, LedgerEntry, LedgerTransaction
+from marketplace.jobs.models import UsageSample
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):

@@ -11,7 +11,7 @@ from decimal import Decimal
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
-from billing.templatetags.money import micros
+from marketplace.kernel.templatetags.money import micros
 
 WIDTH, HEIGHT = 720, 220
 LEFT, RIGHT, TOP, BOTTOM = 64, 8, 12, 28

@@ -20,7 +20,7 @@ from billing.selectors import owner_payable_micros, wallet_balance_micros
 from billing.services import account_for, ledger_post
 from billing.stripe_api import client
 from billing.webhooks import NotYet
-from marketplace.audit import audit_record
+from marketplace.kernel.audit import audit_record
 
 log = logging.getLogger(__name__)
 

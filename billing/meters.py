@@ -15,8 +15,9 @@ from django.db.models import BigIntegerField, F, Min, Q, Sum
 from django.db.models.fields.json import KeyTextTransform, KeyTransform
 from django.db.models.functions import Cast
 
-from billing.models import BillingProfile, OutboxMessage, UsageSample
-from billing.services import usage_cost_micros
+from billing.models import BillingProfile, OutboxMessage
+from marketplace.jobs.models import UsageSample
+from marketplace.kernel.money import usage_cost_micros
 
 EVENT_NAME = "gpu_usage"
 OPERATION = "billing.meter_events.create"

@@ -5,29 +5,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
-from marketplace.models import Allocation
-
-
-class UsageSample(models.Model):
-    """GPU time reported by an agent for one allocation; (allocation, seq) is unique, so a
-    repeated or replayed sample can never be counted twice."""
-
-    allocation = models.ForeignKey(Allocation, on_delete=models.PROTECT, related_name="usage_samples")
-    seq = models.PositiveIntegerField()
-    gpu_ms = models.BigIntegerField(help_text="GPU-milliseconds in this sample (GPUs x wall time).")
-    recorded_at = models.DateTimeField(help_text="When the agent took the sample.")
-    received_at = models.DateTimeField(default=timezone.now)
-
-    class Meta:
-        ordering = ["allocation", "seq"]
-        indexes = [models.Index(fields=["received_at"])]  # the rating sweep: what arrived lately
-        constraints = [
-            models.UniqueConstraint(fields=["allocation", "seq"], name="usage_sample_unique_seq"),
-            models.CheckConstraint(condition=Q(gpu_ms__gte=0), name="usage_sample_not_negative"),
-        ]
-
-    def __str__(self) -> str:
-        return f"usage {self.allocation_id}#{self.seq}"
+from marketplace.jobs.models import Allocation
 
 
 class Account(models.Model):

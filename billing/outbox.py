@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from billing.models import BillingProfile, OutboxMessage
 from billing.stripe_api import PaymentsUnavailable, client, configured
-from marketplace.audit import audit_record
+from marketplace.kernel.audit import audit_record
 
 log = logging.getLogger(__name__)
 

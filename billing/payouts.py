@@ -21,7 +21,7 @@ from billing.outbox import outbox_enqueue, outbox_profile_object
 from billing.selectors import owner_payable_micros
 from billing.services import account_for, ledger_post
 from billing.stripe_api import PaymentsUnavailable, client
-from marketplace.audit import audit_record
+from marketplace.kernel.audit import audit_record
 
 log = logging.getLogger(__name__)
 

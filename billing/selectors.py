@@ -8,9 +8,10 @@ import stripe
 from django.db.models import BigIntegerField, Count, Exists, F, OuterRef, Q, QuerySet, Subquery, Sum, Value
 from django.db.models.functions import Coalesce, Concat, TruncDate
 
-from billing.models import Account, BillingProfile, LedgerEntry, LedgerTransaction, OutboxMessage, UsageSample
+from billing.models import Account, BillingProfile, LedgerEntry, LedgerTransaction, OutboxMessage
 from billing.statements import Period, owner_earnings_lines
 from billing.stripe_api import client, configured
+from marketplace.jobs.models import UsageSample
 from nodes.models import Unit
 
 log = logging.getLogger(__name__)
@@ -28,23 +29,6 @@ def _total(rows: QuerySet, group: str, field: str) -> Coalesce:
     # order_by() drops the model's default ordering, which would otherwise split the GROUP BY.
     total = rows.order_by().values(group).annotate(total=Sum(field)).values("total")
     return Coalesce(Subquery(total), 0, output_field=BigIntegerField())
-
-
-def allocations_with_usage(allocations: QuerySet) -> QuerySet:
-    """Annotate each allocation with what ``billing.services.allocation_usage`` computes:
-    ``usage_gpu_ms`` recorded and ``usage_wallet_micros`` (the renter's usage legs, negative),
-    in the allocations' own query instead of two queries per row."""
-    # A preempted interruptible job is billed up to its notice, not for the grace period after it.
-    used = UsageSample.objects.filter(allocation=OuterRef("pk")).filter(
-        Q(allocation__preempted_at__isnull=True) | Q(recorded_at__lte=F("allocation__preempted_at"))
-    )
-    charged = LedgerEntry.objects.filter(
-        transaction__allocation=OuterRef("pk"), transaction__kind="usage", account__kind=Account.Kind.RENTER_WALLET
-    )
-    return allocations.annotate(
-        usage_gpu_ms=_total(used, "allocation", "gpu_ms"),
-        usage_wallet_micros=_total(charged, "transaction__allocation", "amount_micros"),
-    )
 
 
 def owner_payable_micros(user) -> int:
@@ -246,3 +230,12 @@ def connect_status(user, *, live: bool = False) -> ConnectStatus:
         needs=dict.fromkeys((requirements.get("past_due") or []) + (requirements.get("currently_due") or [])),
         disabled_reason=requirements.get("disabled_reason") or "",
     )
+
+
+def allocations_charged(allocations: QuerySet) -> QuerySet:
+    """Annotate each allocation with ``usage_wallet_micros``: the renter's usage legs so far
+    (negative), in the allocations' own query (it answers ``marketplace.jobs.ports.allocations_charged``)."""
+    charged = LedgerEntry.objects.filter(
+        transaction__allocation=OuterRef("pk"), transaction__kind="usage", account__kind=Account.Kind.RENTER_WALLET
+    )
+    return allocations.annotate(usage_wallet_micros=_total(charged, "transaction__allocation", "amount_micros"))

@@ -1,33 +1,21 @@
-"""The ledger and metering. ``ledger_post`` is the only writer of ledger rows."""
+"""The ledger and rating. ``ledger_post`` is the only writer of ledger rows; usage samples are
+recorded by the jobs app (``marketplace.jobs.usage``) and rated here."""
 
-from contextlib import nullcontext
-from dataclasses import dataclass
 from datetime import datetime
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import Q, Sum
-from django.utils import timezone
 
-from billing.models import Account, LedgerEntry, LedgerTransaction, UsageSample
-from billing.selectors import allocations_with_usage
-from marketplace.audit import audit_record
-from marketplace.models import Allocation
-
-MS_PER_HOUR = 3_600_000
-# Samples per INSERT: five parameters a row stays well under SQLite's 32,766 and PostgreSQL's 65,535.
-INSERT_ROWS = 1000
+from billing.models import Account, LedgerEntry, LedgerTransaction
+from marketplace.jobs.models import Allocation, UsageSample
+from marketplace.jobs.selectors import allocation_usage, allocations_with_usage
+from marketplace.kernel.audit import audit_record
+from marketplace.kernel.money import usage_cost_micros
 
 
 class UnbalancedTransaction(ValueError):
     pass
-
-
-@dataclass(frozen=True)
-class SampleReport:
-    seq: int
-    gpu_ms: int
-    recorded_at: datetime
 
 
 def account_for(kind: str, user=None) -> Account:
@@ -72,64 +60,12 @@ def account_balance(account: Account) -> int:
     return account.entries.aggregate(total=Sum("amount_micros"))["total"] or 0
 
 
-def usage_record(*, allocation: Allocation, samples: list[SampleReport]) -> tuple[int, int]:
-    """Store the agent's samples; a (allocation, seq) already stored, or repeated within the
-    batch (the first one counts), is a duplicate and ignored. Returns (accepted, duplicates).
-    One statement (a batch the agent sends fits in one) needs no transaction of its own."""
-    unique = list({sample.seq: sample for sample in reversed(samples)}.values())
-    with transaction.atomic() if len(unique) > INSERT_ROWS else nullcontext():
-        accepted = sum(
-            _samples_insert(allocation.pk, unique[start : start + INSERT_ROWS])
-            for start in range(0, len(unique), INSERT_ROWS)
-        )
-    if accepted and settings.USAGE_POSTING_INTERVAL_S <= 0:
-        usage_post_request(allocation.pk)  # otherwise the rating sweep posts it within the interval
-    return accepted, len(samples) - accepted
-
-
-# Table and columns are fixed by the model; only the VALUES placeholders vary with the batch.
-SAMPLES_INSERT = (
-    "INSERT INTO billing_usagesample (allocation_id, seq, gpu_ms, recorded_at, received_at) VALUES {rows} "
-    "ON CONFLICT (allocation_id, seq) DO NOTHING RETURNING seq"
-)
-
-
-def _samples_insert(allocation_id, samples: list[SampleReport]) -> int:
-    """Insert in one statement, skipping (allocation, seq) pairs already stored; returns how many
-    rows were new. RETURNING lists only the rows this statement inserted (PostgreSQL, SQLite >=
-    3.35), so the count stays exact when the same samples arrive concurrently: the second
-    statement waits for the first and then skips its rows."""
-    prep = connection.ops.adapt_datetimefield_value
-    allocation_id = UsageSample._meta.get_field("allocation").get_db_prep_save(allocation_id, connection)
-    received_at = prep(timezone.now())
-    params = []
-    for sample in samples:
-        params += [allocation_id, sample.seq, sample.gpu_ms, prep(sample.recorded_at), received_at]
-    rows = ", ".join(["(%s, %s, %s, %s, %s)"] * len(samples))
-    with connection.cursor() as cursor:
-        cursor.execute(SAMPLES_INSERT.format(rows=rows), params)
-        return len(cursor.fetchall())
-
-
 def usage_post_request(allocation_id) -> None:
     """Ask for the allocation's usage to be posted now (its job ended); running jobs' usage is
     posted by the rating sweep every USAGE_POSTING_INTERVAL_S."""
     from billing import tasks
 
     transaction.on_commit(lambda: tasks.usage_post.delay(str(allocation_id)))
-
-
-def usage_cost_micros(*, gpu_ms: int, price_per_gpu_hour_micros: int) -> int:
-    """Cost of GPU time at a price per GPU-hour, rounded down to a whole micro-unit."""
-    return gpu_ms * price_per_gpu_hour_micros // MS_PER_HOUR
-
-
-def allocation_usage(allocation: Allocation) -> tuple[int, int]:
-    """(GPU-milliseconds recorded, micro-units charged so far) for one allocation."""
-    totals = allocations_with_usage(Allocation.objects.filter(pk=allocation.pk)).values(
-        "usage_gpu_ms", "usage_wallet_micros"
-    )[0]
-    return totals["usage_gpu_ms"], -totals["usage_wallet_micros"]
 
 
 @transaction.atomic

@@ -13,7 +13,8 @@ from django.db.models import Exists, F, OuterRef, Q, Subquery, Sum
 from django.db.models.functions import TruncDate
 from django.utils import timezone
 
-from billing.models import Account, LedgerEntry, LedgerTransaction, OutboxMessage, TopUp, UsageSample
+from billing.models import Account, LedgerEntry, LedgerTransaction, OutboxMessage, TopUp
+from marketplace.jobs.models import UsageSample
 
 DEFAULT_DAYS = 30
 MAX_DAYS = 366

@@ -1,7 +1,7 @@
 """The one seam through which Shedshare talks to Stripe.
 
 Everything that calls Stripe gets its ``stripe.StripeClient`` from :func:`client`. Tests and the
-development stack swap the network for an in-process fake (``billing.stripe_fake.FakeStripe``)
+development stack swap the network for an in-process fake (``tests.stripe_fake.FakeStripe``)
 with :func:`install`; the SDK above it (encoding, error mapping, idempotency headers) stays real.
 """
 
@@ -9,7 +9,7 @@ import stripe
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-from marketplace.errors import DomainError
+from marketplace.kernel.errors import DomainError
 
 _installed: stripe.HTTPClient | None = None
 

@@ -6,7 +6,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from billing import meters, services, wallet
-from marketplace.models import Allocation
+from marketplace.jobs.models import Allocation
 
 log = logging.getLogger(__name__)
 # The daily reconciliation looks back this far (two days, so a missed run leaves no gap).

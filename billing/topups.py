@@ -15,8 +15,8 @@ from billing.models import Account, OutboxMessage, TopUp
 from billing.outbox import outbox_enqueue, outbox_profile_object, outbox_send
 from billing.services import account_for, ledger_post
 from billing.stripe_api import PaymentsUnavailable
-from marketplace.audit import audit_record
-from marketplace.errors import DomainError
+from marketplace.kernel.audit import audit_record
+from marketplace.kernel.errors import DomainError
 
 log = logging.getLogger(__name__)
 

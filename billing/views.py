@@ -12,7 +12,6 @@ from django.urls import reverse
 from django.utils import timezone
 
 from billing import charts
-from billing.money import from_micros
 from billing.payouts import connect_onboarding_link
 from billing.selectors import (
     connect_status,
@@ -26,7 +25,8 @@ from billing.selectors import (
 )
 from billing.statements import Period
 from billing.stripe_api import PaymentsUnavailable
-from marketplace.api.renderers import spreadsheet_safe
+from marketplace.kernel.api.renderers import spreadsheet_safe
+from marketplace.kernel.money import from_micros
 
 log = logging.getLogger(__name__)
 

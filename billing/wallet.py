@@ -8,20 +8,16 @@ from django.db.models import F, Sum
 
 from billing.models import BillingProfile
 from billing.selectors import wallet_balance_micros
-from billing.services import MS_PER_HOUR
-from marketplace.errors import StateConflict
-from marketplace.models import Allocation, Job
+from marketplace.jobs.models import Allocation, Job
+from marketplace.jobs.services import job_stop
+from marketplace.kernel.errors import StateConflict
+from marketplace.kernel.money import run_cost_micros
 
 # How long a stop takes to reach the job and end it (the next heartbeat, then the kill grace):
 # running jobs are stopped while the wallet still covers this much more of them, beyond the
 # usage not yet posted (USAGE_POSTING_INTERVAL_S).
 STOP_MARGIN_S = 60
 WALLET_EXHAUSTED = "stopped: the wallet reached its floor; top up to run again"
-
-
-def run_cost_micros(*, price_per_gpu_hour_micros: int, gpus: int, seconds: int) -> int:
-    """What `seconds` of a job on `gpus` GPUs costs at a price per GPU-hour, rounded up."""
-    return -(-price_per_gpu_hour_micros * gpus * seconds * 1000 // MS_PER_HOUR)
 
 
 def postpaid(renter_id) -> bool:
@@ -57,8 +53,6 @@ def wallet_guard(*, renter_id) -> list[Job]:
     margin_s = STOP_MARGIN_S + settings.USAGE_POSTING_INTERVAL_S
     if balance - _running_cost_micros(renter_id, margin_s) >= settings.WALLET_FLOOR_MICROS:
         return []
-    from marketplace.services import job_stop  # placement reads this module; services reach placement
-
     stopped = []
     for job in Job.objects.filter(renter_id=renter_id, state__in=Job.ACTIVE_STATES):
         try:

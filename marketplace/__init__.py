@@ -1,3 +1,3 @@
-from marketplace.celery import app as celery_app
+"""Shedshare's Django project: settings, URLs, the Celery app and the WSGI/ASGI entry points.
 
-__all__ = ["celery_app"]
+This package imports nothing, so its sub-packages (the renter CLI among them) load alone."""

@@ -4,7 +4,7 @@ from celery import Celery
 from celery.signals import task_postrun, task_prerun
 from django.db import close_old_connections
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.settings")
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.settings.production")
 
 app = Celery("shedshare")
 app.config_from_object("django.conf:settings", namespace="CELERY")

@@ -4,8 +4,8 @@ from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from billing.api import views as billing_api_views
-from marketplace import views as marketplace_views
-from marketplace.api.errors import problem_response
+from marketplace.jobs import views as jobs_views
+from marketplace.kernel.api.errors import problem_response
 
 urlpatterns = [
     path("", RedirectView.as_view(pattern_name="portal:unit_list", permanent=False)),
@@ -13,10 +13,10 @@ urlpatterns = [
     path("accounts/", include("marketplace.accounts.urls")),
     path("portal/", include("nodes.urls")),
     path("portal/", include("billing.urls")),
-    path("portal/jobs/", marketplace_views.job_list, name="job_list"),
-    path("api/v1/", include("marketplace.api.urls")),
+    path("portal/jobs/", jobs_views.job_list, name="job_list"),
+    path("api/v1/", include("marketplace.jobs.api.urls")),
     path("api/v1/", include("billing.api.urls")),
-    path("api/agent/v1/", include("nodes.api.urls")),
+    path("api/agent/v1/", include("marketplace.jobs.agent_api.urls")),
     path("api/stripe/webhook", billing_api_views.stripe_webhook, name="stripe-webhook"),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),

@@ -6,8 +6,7 @@ from django.db.models.functions import Coalesce
 from django.utils.crypto import salted_hmac
 from django_countries import countries
 
-from marketplace.models import Allocation, Lease
-from nodes import services
+from nodes import ports, services
 from nodes.models import GPU, Slice, Unit, interruptible_price
 
 
@@ -22,8 +21,7 @@ def units_for(user):
     """The caller's units with live GPU figures for the portal: GPUs present, busy (running at
     least one lease) and free (healthy and idle), the hottest GPU and the draw of all of them,
     from the latest telemetry. One query however many units."""
-    active = Lease.objects.filter(slice__gpu=OuterRef("pk"), released_at__isnull=True)
-    gpus = GPU.objects.annotate(busy=Exists(active))
+    gpus = GPU.objects.annotate(busy=Exists(ports.slices_leased().filter(gpu=OuterRef("pk"))))
     return Unit.objects.visible_to(user).annotate(
         gpu_total=Coalesce(_per_unit(gpus, Count("pk")), 0),
         gpu_busy=Coalesce(_per_unit(gpus.filter(busy=True), Count("pk")), 0),
@@ -36,7 +34,7 @@ def units_for(user):
 def unit_gpus(unit: Unit) -> list[GPU]:
     """The unit's GPUs with the slices its policy cuts them into now (and any still leased),
     each slice marked ``leased``."""
-    leased = Exists(Lease.objects.filter(slice=OuterRef("pk"), released_at__isnull=True))
+    leased = Exists(ports.slices_leased().filter(pk=OuterRef("pk")))
     slices = Slice.objects.annotate(leased=leased).filter(Q(advertised=True) | Q(leased=True)).order_by("share_index")
     return list(unit.gpus.filter(present=True).prefetch_related(Prefetch("slices", queryset=slices)))
 
@@ -54,24 +52,8 @@ class Running:
 
 
 def unit_running(unit: Unit) -> list[Running]:
-    """What runs on the unit now, the renter shown only by an alias."""
-    allocations = (
-        Allocation.objects.filter(unit=unit, released_at__isnull=True)
-        .select_related("job")
-        .prefetch_related(Prefetch("leases", queryset=Lease.objects.select_related("slice__gpu")))
-        .order_by("created_at")
-    )
-    return [
-        Running(
-            job=allocation.job.name or str(allocation.job_id)[:8],
-            renter=renter_alias(owner_id=unit.owner_id, renter_id=allocation.job.renter_id),
-            gpus=sorted({lease.slice.gpu.index for lease in allocation.leases.all()}),
-            started_at=allocation.job.started_at or allocation.created_at,
-            interruptible=allocation.interruptible,
-            price_per_gpu_hour_micros=allocation.price_per_gpu_hour_micros,
-        )
-        for allocation in allocations
-    ]
+    """What runs on the unit now, the renter shown only by an alias (the jobs app answers)."""
+    return ports.unit_running(unit)
 
 
 def renter_alias(*, owner_id, renter_id) -> str:

@@ -1,18 +1,15 @@
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta
+from datetime import datetime, time
 from decimal import Decimal
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Case, Count, F, FloatField, Q, Subquery, Value, When
-from django.db.models.functions import Cast, Coalesce
+from django.db.models import Case, F, Value, When
 from django.utils import timezone
 
-from marketplace import tokens
-from marketplace.audit import audit_record
-from marketplace.errors import InvalidToken, NotAllowed, StateConflict, TokenExpired, TokenUsed
-from marketplace.limits import REFUSED_FOR_LIMITS
-from marketplace.models import Allocation
+from marketplace.kernel import tokens
+from marketplace.kernel.audit import audit_record
+from marketplace.kernel.errors import InvalidToken, NotAllowed, StateConflict, TokenExpired, TokenUsed
 from nodes import geolocation
 from nodes.models import GPU, EnrolmentToken, Isolation, Slice, Unit
 
@@ -528,31 +525,3 @@ def units_mark_unresponsive(*, now: datetime) -> list[Unit]:
             audit_record("unit.went_offline", unit.id, last_heartbeat=unit.last_heartbeat_at.isoformat())
             gone.append(unit)
     return gone
-
-
-RELIABILITY_WINDOW = timedelta(days=30)
-# Release reasons that mean the unit lost a job it had taken: it went offline, its agent forgot
-# the job or never picked it up, or the owner stopped the agent under it. Every other ending
-# (the job's own exit or timeout, a renter's cancel, a refusal while backyard limits are in
-# force) is the unit keeping its word.
-UNIT_LOST_REASONS = ("unit_offline", "agent_lost", "not_acknowledged", "agent_stopped", "drained")
-_UNIT_LOST = Q(release_reason__in=UNIT_LOST_REASONS) | (
-    Q(release_reason__startswith="refused:") & ~Q(release_reason=REFUSED_FOR_LIMITS)
-)
-
-
-def unit_reliability_update(unit_id, *, now: datetime | None = None) -> None:
-    """Recompute the unit's reliability from its allocations released in the last 30 days, as
-    (kept + 1) / (total + 2) so a new unit starts at 0.5. One UPDATE with the count as a
-    subquery. Leaves the capacity version alone: reliability ranks units, it never makes one
-    more or less able to take a job."""
-    since = (now or timezone.now()) - RELIABILITY_WINDOW
-    total, lost = Count("pk"), Count("pk", filter=_UNIT_LOST)
-    score = (
-        Allocation.objects.filter(unit_id=unit_id, released_at__gte=since)
-        .order_by()
-        .values("unit_id")
-        .annotate(score=(Cast(total - lost, FloatField()) + 1.0) / (Cast(total, FloatField()) + 2.0))
-        .values("score")
-    )
-    Unit.objects.filter(pk=unit_id).update(reliability=Coalesce(Subquery(score), 0.5))

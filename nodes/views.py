@@ -10,7 +10,7 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from django.views.decorators.http import require_GET, require_POST
 
-from marketplace.errors import StateConflict
+from marketplace.kernel.errors import StateConflict
 from nodes import selectors, services
 from nodes.forms import UnitLocationForm, UnitPolicyForm, UnitRegisterForm
 from nodes.models import Unit

@@ -5,8 +5,9 @@ from django.contrib.auth import get_user_model
 from django.core.cache import cache
 from rest_framework.test import APIClient
 
-from marketplace import placement
-from marketplace.services import api_key_create, job_submit
+from marketplace.accounts.services import api_key_create
+from marketplace.jobs import placement
+from marketplace.jobs.services import job_submit
 from nodes.services import GpuReport, unit_enrol, unit_heartbeat, unit_register
 
 
@@ -123,7 +124,7 @@ def running_stack(tmp_path):
 def stripe_fake(settings):
     """Stripe answered in memory through the real SDK: a fresh ``FakeStripe`` per test."""
     from billing import stripe_api
-    from billing.stripe_fake import FakeStripe
+    from tests.stripe_fake import FakeStripe
 
     fake = FakeStripe()
     settings.STRIPE_SECRET_KEY = "sk_test_fake"

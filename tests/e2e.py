@@ -8,7 +8,7 @@ import httpx
 from django.conf import settings
 from django.db import connection
 
-from marketplace import devstack
+from marketplace.devtools import devstack
 
 
 def free_port() -> int:
@@ -38,7 +38,7 @@ def stack_env(data_dir) -> dict:
         DEBUG="false",
         ALLOWED_HOSTS="127.0.0.1,localhost",
         SHEDSHARE_DATA_DIR=str(data_dir),
-        DJANGO_SETTINGS_MODULE="marketplace.settings",
+        DJANGO_SETTINGS_MODULE="marketplace.settings.production",
         UNIT_SUSPECT_AFTER_S="15",
         HEARTBEAT_INTERVAL_S="1",
         # The tests' clients (the live fuzzer above all) ask far faster than a renter may.

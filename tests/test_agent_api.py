@@ -6,10 +6,10 @@ import pytest
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from billing.models import UsageSample
-from marketplace.models import Allocation, AuditEvent, Job
-from marketplace.placement import job_place
-from marketplace.services import job_cancel
+from marketplace.jobs.models import Allocation, Job, UsageSample
+from marketplace.jobs.placement import job_place
+from marketplace.jobs.services import job_cancel
+from marketplace.kernel.models import AuditEvent
 from nodes.models import GPU, Slice, Unit
 from nodes.services import unit_enrol, unit_register
 from tests.conftest import agent_client, gpus_make, job_make, problem_of, renter_client, unit_online

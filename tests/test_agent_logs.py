@@ -2,10 +2,10 @@
 
 import pytest
 
-from marketplace import services
-from marketplace.models import LogChunk
-from marketplace.placement import job_place
-from marketplace.selectors import allocation_log_text
+from marketplace.jobs import services
+from marketplace.jobs.models import LogChunk
+from marketplace.jobs.placement import job_place
+from marketplace.jobs.selectors import allocation_log_text
 from tests.conftest import agent_client, job_make, problem_of, unit_online
 
 AGENT = "/api/agent/v1"

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 from django.db.models import Sum
 
-from billing.models import Account, LedgerEntry, UsageSample
-from billing.services import usage_cost_micros, wallet_credit_promotional
-from marketplace import devstack
-from marketplace.models import Allocation
-from marketplace.selectors import allocation_log_text
-from marketplace.services import api_key_create
+from billing.models import Account, LedgerEntry
+from billing.services import wallet_credit_promotional
+from marketplace.accounts.services import api_key_create
+from marketplace.devtools import devstack
+from marketplace.jobs.models import Allocation, UsageSample
+from marketplace.jobs.selectors import allocation_log_text
+from marketplace.kernel.money import usage_cost_micros
 from nodes.models import Unit
 from nodes.services import unit_register
 from tests.conftest import user_make

@@ -24,9 +24,9 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from billing.topups import topup_create
-from marketplace import job_reads
-from marketplace.placement import job_place
-from marketplace.services import api_key_create
+from marketplace.accounts.services import api_key_create
+from marketplace.jobs import job_reads
+from marketplace.jobs.placement import job_place
 from tests.conftest import job_make, unit_online
 
 CHECKS = [

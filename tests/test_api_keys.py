@@ -7,9 +7,11 @@ from django.core.management import call_command
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from marketplace.models import ApiKey, AuditEvent, Job
-from marketplace.services import api_key_authenticate, api_key_create
-from marketplace.tokens import token_digest
+from marketplace.accounts.models import ApiKey
+from marketplace.accounts.services import api_key_authenticate, api_key_create
+from marketplace.jobs.models import Job
+from marketplace.kernel.models import AuditEvent
+from marketplace.kernel.tokens import token_digest
 from tests.conftest import JOB_SPEC, job_make, problem_of
 
 KEYS = "/api/v1/api-keys"

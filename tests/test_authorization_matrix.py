@@ -35,13 +35,16 @@ from django.urls import URLResolver, get_resolver, resolve
 from drf_spectacular.generators import SchemaGenerator
 from rest_framework.test import APIClient
 
-from billing.models import TopUp, UsageSample
+from billing.models import TopUp
 from billing.selectors import wallet_balance_micros
-from billing.services import SampleReport, usage_record
 from billing.topups import topup_create
-from marketplace.models import Allocation, ApiKey, AuditEvent, Job, LogChunk
-from marketplace.placement import job_place
-from marketplace.services import api_key_create, log_chunk_record
+from marketplace.accounts.models import ApiKey
+from marketplace.accounts.services import api_key_create
+from marketplace.jobs.models import Allocation, Job, LogChunk, UsageSample
+from marketplace.jobs.placement import job_place
+from marketplace.jobs.services import log_chunk_record
+from marketplace.jobs.usage import SampleReport, usage_record
+from marketplace.kernel.models import AuditEvent
 from tests.conftest import JOB_SPEC, agent_client, job_make, unit_online, user_make
 
 PREFIXES = ("/api/v1/", "/api/agent/v1/")

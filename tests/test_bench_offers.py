@@ -10,7 +10,7 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection
 
-from marketplace.bench.offers import MIX
+from marketplace.devtools.bench.offers import MIX
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

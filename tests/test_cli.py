@@ -11,10 +11,11 @@ from django.core.handlers.wsgi import WSGIHandler
 from django.db import close_old_connections
 
 from billing.services import wallet_credit_promotional
+from marketplace.accounts.services import api_key_create
 from marketplace.cli import client as cli_client
 from marketplace.cli import commands, main
-from marketplace.models import Job
-from marketplace.services import api_key_create, job_cancel
+from marketplace.jobs.models import Job
+from marketplace.jobs.services import job_cancel
 from tests.conftest import JOB_SPEC, job_make
 
 SERVER = "http://testserver"

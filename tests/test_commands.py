@@ -5,7 +5,7 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
-from marketplace.services import api_key_authenticate
+from marketplace.accounts.services import api_key_authenticate
 from nodes.models import Unit
 from nodes.services import unit_enrol
 

@@ -12,13 +12,17 @@ from django.db import connection
 from django.db.models import Count, Sum
 from django.utils import timezone
 
-from billing.models import LedgerEntry, UsageSample
-from billing.services import SampleReport, allocation_usage, usage_cost_micros, usage_post, usage_record
-from marketplace.errors import TokenUsed
-from marketplace.models import Allocation, AuditEvent, Job, Lease
-from marketplace.placement import job_place
-from marketplace.services import allocation_pull
-from marketplace.tokens import token_digest
+from billing.models import LedgerEntry
+from billing.services import usage_post
+from marketplace.jobs.models import Allocation, Job, Lease, UsageSample
+from marketplace.jobs.placement import job_place
+from marketplace.jobs.selectors import allocation_usage
+from marketplace.jobs.services import allocation_pull
+from marketplace.jobs.usage import SampleReport, usage_record
+from marketplace.kernel.errors import TokenUsed
+from marketplace.kernel.models import AuditEvent
+from marketplace.kernel.money import usage_cost_micros
+from marketplace.kernel.tokens import token_digest
 from nodes.models import Slice
 from nodes.services import unit_enrol, unit_register
 from tests.conftest import JOB_SPEC, unit_online, user_make

@@ -2,7 +2,7 @@
 
 import pytest
 
-from marketplace.api.renderers import CsvRenderer, spreadsheet_safe
+from marketplace.kernel.api.renderers import CsvRenderer, spreadsheet_safe
 
 
 @pytest.mark.parametrize(

@@ -14,10 +14,10 @@ from billing.payouts import payouts_run
 from billing.selectors import owner_payable_micros, wallet_balance_micros
 from billing.services import account_balance, account_for, ledger_post
 from billing.stripe_api import client as stripe_client
-from billing.stripe_fake import sign
 from billing.topups import topup_create
 from billing.webhooks import webhook_process
 from tests.conftest import user_make
+from tests.stripe_fake import sign
 from tests.test_payouts import onboarded
 
 pytestmark = pytest.mark.django_db

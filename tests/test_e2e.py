@@ -8,9 +8,10 @@ from django.db.models import Sum
 from billing.models import Account, LedgerEntry, LedgerTransaction
 from billing.selectors import wallet_balance_micros
 from billing.services import wallet_credit_promotional
-from marketplace import devstack
-from marketplace.models import Allocation, AuditEvent
-from marketplace.services import api_key_create
+from marketplace.accounts.services import api_key_create
+from marketplace.devtools import devstack
+from marketplace.jobs.models import Allocation
+from marketplace.kernel.models import AuditEvent
 from nodes.models import Unit
 from nodes.services import unit_register
 from tests.conftest import user_make

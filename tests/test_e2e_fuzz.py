@@ -9,7 +9,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
-from marketplace.services import api_key_create
+from marketplace.accounts.services import api_key_create
 from tests.conftest import user_make
 from tests.e2e import Renter
 from tests.test_api_fuzz import AGENT_PREFIX, CHECKS, OPERATIONS, cases

@@ -3,9 +3,9 @@
 import pytest
 
 from billing.services import wallet_credit_promotional
-from marketplace import devstack
-from marketplace.models import AuditEvent
-from marketplace.services import api_key_create
+from marketplace.accounts.services import api_key_create
+from marketplace.devtools import devstack
+from marketplace.kernel.models import AuditEvent
 from nodes.models import Unit
 from nodes.services import unit_register
 from tests.conftest import user_make

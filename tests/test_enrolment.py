@@ -6,7 +6,7 @@ import pytest
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from marketplace import tokens
+from marketplace.kernel import tokens
 from nodes.models import EnrolmentToken, Unit
 from nodes.services import enrolment_token_issue, unit_register
 from tests.conftest import agent_client, problem_of

@@ -8,9 +8,10 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
-from marketplace import services, tasks
-from marketplace.api.idempotency import idempotency_records_prune
-from marketplace.models import IdempotencyRecord, Job
+from marketplace.jobs import services, tasks
+from marketplace.jobs.models import Job
+from marketplace.kernel.api.idempotency import idempotency_records_prune
+from marketplace.kernel.models import IdempotencyRecord
 from tests.conftest import JOB_SPEC, problem_of, renter_client
 
 JOBS = "/api/v1/jobs"

@@ -7,11 +7,13 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
 
-from billing.services import SampleReport, usage_post, usage_record, wallet_credit_promotional
-from marketplace import job_reads
-from marketplace.models import AuditEvent, Job
-from marketplace.placement import job_place
-from marketplace.services import job_cancel, log_chunk_record
+from billing.services import usage_post, wallet_credit_promotional
+from marketplace.jobs import job_reads
+from marketplace.jobs.models import Job
+from marketplace.jobs.placement import job_place
+from marketplace.jobs.services import job_cancel, log_chunk_record
+from marketplace.jobs.usage import SampleReport, usage_record
+from marketplace.kernel.models import AuditEvent
 from tests.conftest import job_make, problem_of, unit_online
 
 JOBS = "/api/v1/jobs"

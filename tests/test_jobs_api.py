@@ -4,8 +4,9 @@ import pytest
 from rest_framework.test import APIClient
 
 from billing.services import wallet_credit_promotional
-from marketplace.models import AuditEvent, Job
-from marketplace.placement import job_place
+from marketplace.jobs.models import Job
+from marketplace.jobs.placement import job_place
+from marketplace.kernel.models import AuditEvent
 from tests.conftest import JOB_SPEC, job_make, problem_of, renter_client, unit_online
 
 JOBS = "/api/v1/jobs"

@@ -3,8 +3,8 @@
 import pycountry
 import pytest
 
-from marketplace import jurisdictions
-from marketplace.jurisdictions import countries_of, describe, match, normalise
+from marketplace.jobs import jurisdictions
+from marketplace.jobs.jurisdictions import countries_of, describe, match, normalise
 
 
 class TestNormalise:

@@ -7,9 +7,11 @@ import pytest
 from django.conf import settings
 from django.utils import timezone
 
-from marketplace.models import Allocation, AuditEvent, Job, Lease
-from marketplace.placement import job_place
-from marketplace.services import allocation_pull, allocation_start, unit_jobs_lost
+from marketplace.jobs.models import Allocation, Job, Lease
+from marketplace.jobs.placement import job_place
+from marketplace.jobs import services as jobs_services
+from marketplace.jobs.services import allocation_pull, allocation_start, unit_jobs_lost
+from marketplace.kernel.models import AuditEvent
 from nodes import tasks
 from nodes.models import Unit
 from nodes.services import unit_heartbeat, units_mark_unresponsive
@@ -205,7 +207,7 @@ class TestSweepTask:
         running_on(shed, renter)
         Unit.objects.filter(pk=shed.pk).update(status=Unit.Status.OFFLINE)
 
-        with mock.patch.object(tasks, "unit_jobs_lost", wraps=unit_jobs_lost) as handled:
+        with mock.patch.object(jobs_services, "unit_jobs_lost", wraps=unit_jobs_lost) as handled:
             tasks.unit_liveness_sweep()
 
         assert [call.kwargs["unit"].pk for call in handled.call_args_list] == [shed.pk]

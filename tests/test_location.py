@@ -11,8 +11,9 @@ from django.contrib.auth import get_user_model
 from django.test import Client
 from rest_framework.test import APIClient
 
-from marketplace.models import AuditEvent, Job
-from marketplace.placement import job_place
+from marketplace.jobs.models import Job
+from marketplace.jobs.placement import job_place
+from marketplace.kernel.models import AuditEvent
 from nodes import geolocation
 from nodes.forms import UnitRegisterForm
 from nodes.models import Unit

@@ -13,23 +13,22 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from billing.meters import meter_events_enqueue
-from billing.models import Account, BillingProfile, LedgerEntry, LedgerTransaction, OutboxMessage, UsageSample
+from billing.models import Account, BillingProfile, LedgerEntry, LedgerTransaction, OutboxMessage
 from billing.selectors import wallet_balance_micros
 from billing.services import (
-    SampleReport,
     UnbalancedTransaction,
     account_balance,
     account_for,
-    allocation_usage,
     ledger_post,
-    usage_cost_micros,
     usage_post,
     usage_rate,
     usage_rate_since,
-    usage_record,
     wallet_credit_promotional,
 )
-from marketplace.models import Allocation, Job
+from marketplace.jobs.models import Allocation, Job, UsageSample
+from marketplace.jobs.selectors import allocation_usage
+from marketplace.jobs.usage import SampleReport, usage_record
+from marketplace.kernel.money import usage_cost_micros
 from tests.conftest import JOB_SPEC, unit_online
 
 AT = datetime(2026, 1, 1, tzinfo=UTC)

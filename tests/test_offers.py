@@ -2,9 +2,9 @@
 
 import pytest
 
-from marketplace import offers, tasks
-from marketplace.placement import job_place
-from marketplace.services import job_cancel
+from marketplace.jobs import offers, tasks
+from marketplace.jobs.placement import job_place
+from marketplace.jobs.services import job_cancel
 from nodes.models import GPU, Unit
 from nodes.services import unit_heartbeat
 from tests.conftest import gpus_make, job_make, problem_of, unit_online

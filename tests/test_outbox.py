@@ -7,7 +7,7 @@ from django.utils import timezone
 
 from billing.models import BillingProfile, OutboxMessage
 from billing.outbox import outbox_backoff, outbox_due, outbox_enqueue, outbox_send, outbox_sweep
-from marketplace.models import AuditEvent
+from marketplace.kernel.models import AuditEvent
 
 pytestmark = pytest.mark.django_db
 

@@ -6,8 +6,8 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
-from marketplace.models import RenterProfile
-from marketplace.selectors import renter_verified
+from marketplace.accounts.models import RenterProfile
+from marketplace.accounts.selectors import renter_verified
 from nodes.services import unit_register
 from tests.conftest import user_make
 
@@ -53,7 +53,7 @@ def test_the_operator_verifies_renters_from_the_list(renter, stranger, operator)
     RenterProfile.objects.create(user=stranger, verified_at=earlier)
 
     response = admin_client(operator).post(
-        "/admin/marketplace/renterprofile/",
+        "/admin/accounts/renterprofile/",
         {"action": "verify_renter", "_selected_action": [str(profile.pk), str(stranger.renter_profile.pk)]},
     )
 

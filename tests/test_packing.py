@@ -1,11 +1,11 @@
-"""Unit tests for marketplace.packing on tiny synthetic clusters (no database, no trace replay)."""
+"""Unit tests for marketplace.jobs.packing on tiny synthetic clusters (no database, no trace replay)."""
 
 import random
 
 import pytest
 
-from marketplace import packing
-from marketplace.packing import Cluster, Node, Task, TaskType
+from marketplace.jobs import packing
+from marketplace.jobs.packing import Cluster, Node, Task, TaskType
 
 
 def cluster(*gpu_counts: int) -> Cluster:

@@ -6,9 +6,10 @@ import pytest
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from marketplace.models import Allocation, AuditEvent, Job, Lease
-from marketplace.placement import job_place
-from marketplace.services import allocation_finish, job_cancel
+from marketplace.jobs.models import Allocation, Job, Lease
+from marketplace.jobs.placement import job_place
+from marketplace.jobs.services import allocation_finish, job_cancel
+from marketplace.kernel.models import AuditEvent
 from nodes.models import GPU, Slice, Unit
 from nodes.services import GpuReport, unit_heartbeat
 from tests.conftest import gpus_make, job_make, unit_online

@@ -10,12 +10,13 @@ from django.db import DatabaseError, connection
 from django.db.models import F
 from django.utils import timezone
 
-from marketplace import celery_app, placement
-from marketplace.models import Allocation, Job, Lease
-from marketplace.placement import Engine, job_place
-from marketplace.services import allocation_finish, job_cancel
-from marketplace.tasks import job_place as job_place_task
-from marketplace.tasks import placement_view_build
+from marketplace.celery import app as celery_app
+from marketplace.jobs import placement
+from marketplace.jobs.models import Allocation, Job, Lease
+from marketplace.jobs.placement import Engine, job_place
+from marketplace.jobs.services import allocation_finish, job_cancel
+from marketplace.jobs.tasks import job_place as job_place_task
+from marketplace.jobs.tasks import placement_view_build
 from nodes.models import Unit
 from nodes.services import units_capacity_changed
 from tests.conftest import job_make, renter_client, unit_online

@@ -27,9 +27,10 @@ from hypothesis import HealthCheck, example, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from marketplace import jurisdictions, placement
-from marketplace.models import Allocation, Job, Lease, RenterProfile
-from marketplace.services import allocation_finish
+from marketplace.accounts.models import RenterProfile
+from marketplace.jobs import jurisdictions, placement
+from marketplace.jobs.models import Allocation, Job, Lease
+from marketplace.jobs.services import allocation_finish
 from nodes.models import GPU, Isolation, RentersAccepted, Slice, Slicing, Unit, WorkloadClass
 from nodes.services import (
     unit_location_attest,

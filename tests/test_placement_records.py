@@ -12,9 +12,9 @@ from django.contrib.auth import get_user_model
 from django.test import Client
 from django.utils import timezone
 
-from marketplace.models import AuditEvent
-from marketplace.placement import job_place
-from marketplace.services import allocations_expire_unacknowledged
+from marketplace.jobs.placement import job_place
+from marketplace.jobs.services import allocations_expire_unacknowledged
+from marketplace.kernel.models import AuditEvent
 from tests.conftest import job_make, problem_of, renter_client, unit_online
 
 
@@ -128,7 +128,7 @@ class TestAdminExport:
         client = Client()
         client.force_login(operator)
 
-        page = client.get("/admin/marketplace/auditevent/", {"subject_id": str(job.pk)}).content.decode()
+        page = client.get("/admin/kernel/auditevent/", {"subject_id": str(job.pk)}).content.decode()
 
         assert f">{job.pk}</a>" in page
         assert str(unit.pk) not in page  # the unit's own events are filtered out

@@ -21,8 +21,9 @@ import pytest
 from django.db import IntegrityError, connection, connections
 from django.db.models import Count, F
 
-from marketplace import placement
-from marketplace.models import Allocation, AuditEvent, Job, Lease
+from marketplace.jobs import placement
+from marketplace.jobs.models import Allocation, Job, Lease
+from marketplace.kernel.models import AuditEvent
 from nodes.models import Isolation, Slice, Unit
 from tests.conftest import JOB_SPEC, unit_online, user_make
 

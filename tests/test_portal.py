@@ -5,7 +5,7 @@ import re
 import pytest
 from django.test import Client
 
-from marketplace.errors import TokenExpired
+from marketplace.kernel.errors import TokenExpired
 from nodes.models import EnrolmentToken, Unit
 from nodes.services import unit_enrol, unit_register
 from tests.conftest import unit_online, user_make

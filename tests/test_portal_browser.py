@@ -20,11 +20,11 @@ from playwright.sync_api import expect
 
 from billing.models import BillingProfile
 from billing.services import wallet_credit_promotional
-from marketplace import devstack
+from marketplace.accounts.services import api_key_create
 from marketplace.celery import app as celery_app
-from marketplace.models import Job
-from marketplace.placement import job_place
-from marketplace.services import api_key_create
+from marketplace.devtools import devstack
+from marketplace.jobs.models import Job
+from marketplace.jobs.placement import job_place
 from nodes.models import Unit
 from tests.browser import assert_accessible, screenshot
 from tests.conftest import job_make, unit_online, user_make

@@ -7,8 +7,9 @@ import pytest
 
 from billing.models import BillingProfile, LedgerTransaction
 from billing.payouts import connect_account_ensure, payouts_run
-from billing.services import SampleReport, usage_post, usage_record
-from marketplace.placement import job_place
+from billing.services import usage_post
+from marketplace.jobs.placement import job_place
+from marketplace.jobs.usage import SampleReport, usage_record
 from tests.conftest import job_make, unit_online
 from tests.test_payouts import OLD, earned, onboarded, transfer_of
 
@@ -66,7 +67,7 @@ def test_money_pages_need_a_login(client, path):
 
 
 def test_a_queued_job_says_in_words_why_it_waits(client, owner, renter):
-    from marketplace.models import Job
+    from marketplace.jobs.models import Job
 
     unit_online(owner, name="lyon", country="FR")
     unit_online(owner, name="munich", country="DE", price_per_gpu_hour_micros=9_000_000)

@@ -8,7 +8,7 @@ import pytest
 from django.core.exceptions import ValidationError
 from django.test import Client
 
-from marketplace.models import AuditEvent
+from marketplace.kernel.models import AuditEvent
 from nodes.forms import UnitPolicyForm
 from nodes.models import Unit
 from nodes.services import unit_policy, unit_policy_update, unit_register

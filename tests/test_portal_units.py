@@ -8,8 +8,8 @@ from django.conf import settings
 from django.test import Client
 from django.utils import timezone
 
-from marketplace.models import AuditEvent
-from marketplace.placement import job_place
+from marketplace.jobs.placement import job_place
+from marketplace.kernel.models import AuditEvent
 from nodes.models import EnrolmentToken, Unit
 from nodes.selectors import renter_alias
 from nodes.services import (

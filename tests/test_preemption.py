@@ -6,11 +6,14 @@ from unittest import mock
 
 from django.utils import timezone
 
-from billing.services import SampleReport, allocation_usage, usage_post, usage_record
-from marketplace.models import Allocation, AuditEvent, Job, Lease
-from marketplace.pending import pending_summary
-from marketplace.placement import PREEMPTION_WAIT_S, job_place
-from marketplace.services import allocation_finish, allocation_pull, allocation_start
+from billing.services import usage_post
+from marketplace.jobs.models import Allocation, Job, Lease
+from marketplace.jobs.pending import pending_summary
+from marketplace.jobs.placement import PREEMPTION_WAIT_S, job_place
+from marketplace.jobs.selectors import allocation_usage
+from marketplace.jobs.services import allocation_finish, allocation_pull, allocation_start
+from marketplace.jobs.usage import SampleReport, usage_record
+from marketplace.kernel.models import AuditEvent
 from tests.conftest import agent_client, gpus_make, job_make, unit_online
 
 PRICE = 2_000_000
@@ -91,7 +94,7 @@ class TestPreemption:
         assert reply["preempt"] == [str(spot.pk)]
         assert reply["cancel"] == []
 
-        with mock.patch("marketplace.services.placement_request") as requested:
+        with mock.patch("marketplace.jobs.services.placement_request") as requested:
             allocation_finish(allocation=spot, exit_code=0, reason="preempted")  # it checkpointed and left
 
         # The waiting job is placed first, then the interrupted one looks for room again.

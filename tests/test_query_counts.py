@@ -6,8 +6,9 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from billing.services import SampleReport, usage_post, usage_record
-from marketplace.placement import job_place
+from billing.services import usage_post
+from marketplace.jobs.placement import job_place
+from marketplace.jobs.usage import SampleReport, usage_record
 from tests.conftest import job_make, unit_online
 
 JOBS = "/api/v1/jobs"

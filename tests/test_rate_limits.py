@@ -4,7 +4,7 @@ import pytest
 from django.core.cache import cache
 from rest_framework.test import APIClient
 
-from marketplace.models import Job
+from marketplace.jobs.models import Job
 from tests.conftest import JOB_SPEC, problem_of, renter_client
 
 JOBS = "/api/v1/jobs"

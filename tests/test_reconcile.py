@@ -6,9 +6,9 @@ import pytest
 from django.conf import settings
 from django.utils import timezone
 
-from marketplace.models import Allocation, Job, Lease
-from marketplace.placement import job_place
-from marketplace.services import allocation_pull, allocation_start, allocations_expire_unacknowledged
+from marketplace.jobs.models import Allocation, Job, Lease
+from marketplace.jobs.placement import job_place
+from marketplace.jobs.services import allocation_pull, allocation_start, allocations_expire_unacknowledged
 from tests.conftest import agent_client, gpus_make, job_make, unit_online
 
 pytestmark = pytest.mark.django_db

@@ -2,9 +2,10 @@
 
 import pytest
 
-from marketplace.models import AuditEvent, Job
-from marketplace.placement import job_place
-from marketplace.services import job_cancel
+from marketplace.jobs.models import Job
+from marketplace.jobs.placement import job_place
+from marketplace.jobs.services import job_cancel
+from marketplace.kernel.models import AuditEvent
 from tests.conftest import agent_client, job_make, unit_online
 
 AGENT = "/api/agent/v1"

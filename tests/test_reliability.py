@@ -5,10 +5,11 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from marketplace.models import Allocation, Job
-from marketplace.services import unit_jobs_lost
+from marketplace.jobs.models import Allocation, Job
+from marketplace.jobs.services import unit_jobs_lost
+from marketplace.jobs.units import unit_reliability_update
 from nodes.models import Unit
-from nodes.services import unit_register, unit_reliability_update
+from nodes.services import unit_register
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 
-from marketplace.env import env_bool, env_int, env_list
+from marketplace.kernel.env import env_bool, env_int, env_list
 
-PROBE = "import marketplace.settings as s; print(s.DATABASES['default']['ENGINE'], s.CELERY_BROKER_URL)"
+PROBE = "import marketplace.settings.base as s; print(s.DATABASES['default']['ENGINE'], s.CELERY_BROKER_URL)"
 
 
 def settings_import(**env) -> subprocess.CompletedProcess:
@@ -19,7 +19,7 @@ def settings_import(**env) -> subprocess.CompletedProcess:
         [
             sys.executable,
             "-c",
-            "import marketplace.settings as s; print(s.DATABASES['default']['ENGINE'], s.CELERY_BROKER_URL)",
+            "import marketplace.settings.base as s; print(s.DATABASES['default']['ENGINE'], s.CELERY_BROKER_URL)",
         ],
         env={**clean, **env},
         capture_output=True,

@@ -4,8 +4,8 @@ from datetime import time
 
 import pytest
 
-from marketplace.models import Job
-from marketplace.placement import job_place
+from marketplace.jobs.models import Job
+from marketplace.jobs.placement import job_place
 from nodes.models import Slice, Slicing, Unit
 from nodes.services import GpuReport, MigReport, unit_heartbeat
 from tests.conftest import agent_client, gpus_make, job_make, unit_online

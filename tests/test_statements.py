@@ -7,9 +7,10 @@ from datetime import UTC, datetime
 import pytest
 
 from billing.models import Account, LedgerTransaction, OutboxMessage, TopUp
-from billing.services import SampleReport, account_for, ledger_post, usage_post, usage_record, wallet_credit_promotional
+from billing.services import account_for, ledger_post, usage_post, wallet_credit_promotional
 from billing.topups import topup_create, topup_credit
-from marketplace.models import Allocation, Job
+from marketplace.jobs.models import Allocation, Job
+from marketplace.jobs.usage import SampleReport, usage_record
 from tests.conftest import JOB_SPEC, problem_of, renter_client, unit_online
 
 pytestmark = pytest.mark.django_db

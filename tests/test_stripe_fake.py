@@ -9,7 +9,7 @@ import stripe
 from django.core.exceptions import ImproperlyConfigured
 
 from billing import stripe_api
-from billing.stripe_fake import FakeStripe, parse_params, sign
+from tests.stripe_fake import FakeStripe, parse_params, sign
 
 
 def topup_intent(client, key: str | None = None, *, amount: int = 2500) -> stripe.PaymentIntent:

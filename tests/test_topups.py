@@ -4,7 +4,7 @@ from billing.models import BillingProfile, OutboxMessage, TopUp
 from billing.outbox import outbox_send
 from billing.selectors import wallet_balance_micros
 from billing.topups import PaymentsUnavailable, TopUpAmountInvalid, topup_create, topup_credit, topup_fail
-from marketplace.models import AuditEvent
+from marketplace.kernel.models import AuditEvent
 from tests.conftest import problem_of
 
 pytestmark = pytest.mark.django_db

@@ -8,13 +8,15 @@ from django.utils import timezone
 
 from billing.models import BillingProfile
 from billing.selectors import wallet_balance_micros
-from billing.services import SampleReport, usage_record, wallet_credit_promotional
+from billing.services import wallet_credit_promotional
 from billing.tasks import usage_post
-from billing.wallet import STOP_MARGIN_S, WALLET_EXHAUSTED, run_cost_micros, wallet_guard
-from marketplace.models import Allocation, Job
-from marketplace.pending import pending_summary
-from marketplace.placement import job_place
-from marketplace.services import allocation_pull, allocation_start
+from billing.wallet import STOP_MARGIN_S, WALLET_EXHAUSTED, wallet_guard
+from marketplace.jobs.models import Allocation, Job
+from marketplace.jobs.pending import pending_summary
+from marketplace.jobs.placement import job_place
+from marketplace.jobs.services import allocation_pull, allocation_start
+from marketplace.jobs.usage import SampleReport, usage_record
+from marketplace.kernel.money import run_cost_micros
 from tests.conftest import job_make, unit_online
 
 PRICE = 3_600_000  # per GPU-hour: 1,000 micros per GPU-second

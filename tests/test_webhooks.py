@@ -13,11 +13,11 @@ from billing.payouts import connect_account_ensure
 from billing.selectors import connect_status, wallet_balance_micros
 from billing.services import account_balance, account_for
 from billing.stripe_api import client as stripe_client
-from billing.stripe_fake import sign
 from billing.topups import topup_create
 from billing.webhooks import webhook_process, webhook_sweep
-from marketplace.models import AuditEvent
+from marketplace.kernel.models import AuditEvent
 from tests.conftest import problem_of
+from tests.stripe_fake import sign
 
 pytestmark = pytest.mark.django_db
 

@@ -12,9 +12,9 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from billing.money import from_micros
 from billing.statements import EARNINGS_GROUPS, MAX_DAYS, USAGE_GROUPS, Period, owner_statement, renter_statement
-from marketplace.api.renderers import CsvRenderer
+from marketplace.kernel.api.renderers import CsvRenderer
+from marketplace.kernel.money import from_micros
 
 
 def _date(params, name: str) -> date | None:

@@ -8,11 +8,11 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from billing.api.serializers import BalanceSerializer, TopUpCreateSerializer, TopUpSerializer
-from billing.money import from_micros
 from billing.selectors import wallet_balance_micros
 from billing.topups import topup_create, topups_visible_to
 from billing.webhooks import WebhookRejected, webhook_receive
-from marketplace.api.errors import problem_response
+from marketplace.kernel.api.errors import problem_response
+from marketplace.kernel.money import from_micros
 
 
 class BalanceView(APIView):

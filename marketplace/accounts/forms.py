@@ -2,6 +2,7 @@ from django import forms
 from django.contrib.auth.forms import SetPasswordMixin, UserCreationForm
 from django.core.exceptions import ValidationError
 
+from marketplace.accounts.models import User
 from marketplace.accounts.selectors import email_in_use
 from marketplace.accounts.services import EMAIL_TAKEN
 
@@ -27,6 +28,7 @@ class SignUpForm(_EmailForm, UserCreationForm):
     password1, password2 = SetPasswordMixin.create_password_fields(label2="Confirm password")
 
     class Meta(UserCreationForm.Meta):
+        model = User
         fields = ("username", "email")
 
 

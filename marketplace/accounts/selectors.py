@@ -2,6 +2,8 @@
 
 from django.contrib.auth import get_user_model
 
+from marketplace.accounts.models import RenterProfile
+
 
 def email_in_use(email: str, *, exclude=None) -> bool:
     """Whether an account other than ``exclude`` has this address; case does not make two addresses different."""
@@ -9,3 +11,8 @@ def email_in_use(email: str, *, exclude=None) -> bool:
     if exclude is not None:
         users = users.exclude(pk=exclude.pk)
     return users.exists()
+
+
+def renter_verified(user_id) -> bool:
+    """Whether the platform has verified this renter, as owners accepting verified renters only require."""
+    return RenterProfile.objects.filter(user_id=user_id, verified_at__isnull=False).exists()

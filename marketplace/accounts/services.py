@@ -1,10 +1,18 @@
-"""Writes to people's accounts: signing up and editing a profile."""
+"""Writes to people's accounts: signing up, editing a profile, and renter API keys."""
+
+from collections.abc import Sequence
+from datetime import datetime
 
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 
+from marketplace.accounts.models import ApiKey
 from marketplace.accounts.selectors import email_in_use
+from marketplace.kernel import tokens
+from marketplace.kernel.audit import audit_record
+from marketplace.kernel.errors import DomainError
 
 EMAIL_TAKEN = "Another account already uses this email address."
 
@@ -12,7 +20,7 @@ EMAIL_TAKEN = "Another account already uses this email address."
 def _email_free(email: str, *, user=None) -> None:
     # Password resets go to an address, so an address must lead to one account. The forms check
     # this first to show the error beside the field; this check is the one every write passes, and
-    # the unique index on LOWER(email) (migration 0010) decides between two writes at once.
+    # the unique index on LOWER(email) (``User.Meta``) decides between two writes at once.
     if email_in_use(email, exclude=user):
         raise ValidationError({"email": EMAIL_TAKEN}, code="unique")
 
@@ -38,3 +46,49 @@ def user_profile_update(*, user, first_name: str, last_name: str, email: str):
             return user
     except IntegrityError:
         raise ValidationError({"email": EMAIL_TAKEN}, code="unique") from None
+
+
+API_KEY_KIND = "shs_live"
+
+
+def api_key_create(
+    *, user, name: str, expires_at: datetime | None = None, scopes: Sequence[str] | None = None
+) -> tuple[ApiKey, str]:
+    """Create an API key; the plaintext is returned once and never stored. No scopes means all."""
+    scopes = ApiKey.SCOPES if scopes is None else scopes
+    unknown = set(scopes) - set(ApiKey.SCOPES)
+    if unknown or not scopes:
+        raise DomainError(f"Scopes must be a non-empty subset of {', '.join(ApiKey.SCOPES)}.")
+    issued = tokens.token_issue(API_KEY_KIND)
+    key = ApiKey.objects.create(
+        user=user,
+        name=name,
+        lookup=issued.lookup,
+        digest=issued.digest,
+        expires_at=expires_at,
+        scopes=[scope for scope in ApiKey.SCOPES if scope in scopes],
+    )
+    return key, issued.plaintext
+
+
+def api_key_revoke(*, key: ApiKey) -> ApiKey:
+    """Revoke a key; revoking it again changes nothing."""
+    if ApiKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now()):
+        audit_record("api_key.revoked", key.pk, actor=f"user:{key.user_id}")
+    key.refresh_from_db()
+    return key
+
+
+def api_key_authenticate(*, plaintext: str) -> ApiKey | None:
+    lookup = tokens.token_lookup(plaintext, API_KEY_KIND)
+    if lookup is None:
+        return None
+    key = ApiKey.objects.select_related("user").filter(lookup=lookup, revoked_at__isnull=True).first()
+    if key is None or not tokens.token_matches(plaintext, key.digest):
+        return None
+    now = timezone.now()
+    if key.expires_at is not None and key.expires_at <= now:
+        return None
+    if not key.user.is_active:
+        return None
+    return key

@@ -1,0 +1,33 @@
+from django.contrib import admin, messages
+from django.contrib.auth.admin import UserAdmin
+from django.utils import timezone
+
+from marketplace.accounts.models import ApiKey, RenterProfile, User
+
+admin.site.register(User, UserAdmin)
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    list_display = ["name", "user", "lookup", "created_at", "expires_at", "revoked_at", "last_used_at"]
+    exclude = ["digest"]
+    readonly_fields = ["lookup", "last_used_at"]
+
+    def has_add_permission(self, request) -> bool:
+        # A key's secret must be shown once to its owner: create keys with `manage.py api_key`.
+        return False
+
+
+@admin.register(RenterProfile)
+class RenterProfileAdmin(admin.ModelAdmin):
+    list_display = ["user", "verified_at"]
+    list_filter = [("verified_at", admin.EmptyFieldListFilter)]
+    search_fields = ["user__username", "user__email"]
+    readonly_fields = ["verified_at"]
+    actions = ["verify_renter"]
+
+    @admin.action(description="Verify renter", permissions=["change"])
+    def verify_renter(self, request, queryset):
+        # Keep the first verification time of renters verified already.
+        verified = queryset.filter(verified_at__isnull=True).update(verified_at=timezone.now())
+        self.message_user(request, f"Verified {verified} renter(s).", messages.SUCCESS)

@@ -1,0 +1,50 @@
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from rest_framework import authentication, exceptions, permissions
+
+from marketplace.kernel.api.auth import bearer_token
+from nodes.models import Unit
+from nodes.services import NODE_CREDENTIAL_KIND, unit_authenticate
+
+
+class UnitAgent:
+    """The principal behind a node credential: it may act for its own unit and nothing else."""
+
+    is_authenticated = True
+    is_staff = False
+    is_active = True
+
+    def __init__(self, unit: Unit) -> None:
+        self.unit = unit
+        self.pk = None
+
+    def __str__(self) -> str:
+        return f"agent of unit {self.unit.pk}"
+
+
+class NodeCredentialAuthentication(authentication.BaseAuthentication):
+    def authenticate(self, request):
+        token = bearer_token(request)
+        if token is None:
+            return None
+        if not token.startswith(f"{NODE_CREDENTIAL_KIND}_"):
+            raise exceptions.AuthenticationFailed("This endpoint takes a node credential (shs_node_...).")
+        unit = unit_authenticate(credential=token)
+        if unit is None:
+            raise exceptions.AuthenticationFailed("Unknown or replaced node credential; enrol the agent again.")
+        return UnitAgent(unit), unit
+
+    def authenticate_header(self, request) -> str:
+        return 'Bearer realm="agent"'
+
+
+class IsUnitAgent(permissions.BasePermission):
+    def has_permission(self, request, view) -> bool:
+        return isinstance(request.user, UnitAgent)
+
+
+class NodeCredentialScheme(OpenApiAuthenticationExtension):
+    target_class = "marketplace.jobs.agent_api.auth.NodeCredentialAuthentication"
+    name = "NodeCredential"
+
+    def get_security_definition(self, auto_schema):
+        return {"type": "http", "scheme": "bearer", "description": "A unit's node credential, shs_node_..."}

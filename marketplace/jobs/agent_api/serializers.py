@@ -1,0 +1,156 @@
+from rest_framework import serializers
+
+from marketplace.kernel.api.serializers import StrictSerializer
+
+
+class EnrolSerializer(StrictSerializer):
+    token = serializers.CharField(max_length=200)
+    hostname = serializers.CharField(max_length=255, required=False, allow_blank=True, default="")
+    agent_version = serializers.CharField(max_length=40, required=False, allow_blank=True, default="")
+
+
+class EnrolResultSerializer(serializers.Serializer):
+    unit_id = serializers.UUIDField()
+    credential = serializers.CharField()
+    heartbeat_interval_s = serializers.IntegerField()
+
+
+OPTIONAL = {"required": False, "allow_null": True, "default": None}
+
+
+class MigReportSerializer(serializers.Serializer):
+    uuid = serializers.CharField(max_length=80)
+    profile = serializers.CharField(max_length=20)
+    memory_mb = serializers.IntegerField(min_value=1, max_value=10_000_000)
+
+
+class GpuReportSerializer(serializers.Serializer):
+    index = serializers.IntegerField(min_value=0, max_value=63)
+    uuid = serializers.CharField(max_length=80)
+    model = serializers.CharField(max_length=40)
+    vram_mb = serializers.IntegerField(min_value=1, max_value=10_000_000)
+    driver_version = serializers.CharField(max_length=40, required=False, allow_blank=True, default="")
+    cuda_version = serializers.CharField(max_length=20, required=False, allow_blank=True, default="")
+    mig_mode = serializers.BooleanField(required=False, default=False)
+    healthy = serializers.BooleanField(required=False, default=True)
+    temperature_c = serializers.IntegerField(min_value=-50, max_value=200, **OPTIONAL)
+    power_w = serializers.FloatField(min_value=0, max_value=100_000, **OPTIONAL)  # NVML reads milliwatts
+    mig_instances = MigReportSerializer(many=True, required=False, default=list, max_length=7)
+
+
+class HeartbeatSerializer(serializers.Serializer):
+    gpus = GpuReportSerializer(many=True, max_length=64)
+    running = serializers.ListField(child=serializers.UUIDField(), required=False, default=list, max_length=64)
+    agent_version = serializers.CharField(max_length=40, required=False, allow_blank=True, default="")
+    advertise = serializers.ListField(
+        child=serializers.CharField(max_length=80),
+        required=False,
+        allow_null=True,
+        default=None,
+        max_length=64,
+        help_text="GPU uuids the agent takes new work on now; omitted or null means every healthy GPU.",
+    )
+    limits = serializers.DictField(required=False, allow_null=True, default=None, help_text="Backyard limits in force.")
+
+    def validate_limits(self, value):
+        if value is not None and len(str(value)) > 4000:
+            raise serializers.ValidationError("Too large.")
+        return value
+
+    def validate_gpus(self, value):
+        uuids = [gpu["uuid"] for gpu in value]
+        if len(set(uuids)) != len(uuids):
+            raise serializers.ValidationError("GPU uuids must be unique.")
+        return value
+
+
+class QuietHoursSerializer(serializers.Serializer):
+    start = serializers.CharField()
+    end = serializers.CharField()
+    time_zone = serializers.CharField()
+    max_gpus = serializers.IntegerField()
+    power_cap_w = serializers.IntegerField(allow_null=True)
+
+
+class PolicySerializer(serializers.Serializer):
+    slicing = serializers.CharField()
+    shared_fraction = serializers.IntegerField()
+    isolation_levels = serializers.ListField(child=serializers.CharField())
+    quiet_hours = QuietHoursSerializer(allow_null=True)
+    power_budget_w = serializers.IntegerField(allow_null=True)
+    thermal_stop_c = serializers.IntegerField()
+    thermal_resume_c = serializers.IntegerField()
+
+
+class HeartbeatResultSerializer(serializers.Serializer):
+    status = serializers.CharField()
+    heartbeat_interval_s = serializers.IntegerField()
+    cancel = serializers.ListField(child=serializers.UUIDField())
+    preempt = serializers.ListField(
+        child=serializers.UUIDField(),
+        help_text="Interruptible jobs to stop for an on-demand job: SIGTERM now (the job's notice), then kill "
+        "after the grace period; report them finished with reason 'preempted'.",
+    )
+    policy = PolicySerializer()
+
+
+class AssignmentJobSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    image = serializers.CharField()
+    command = serializers.ListField(child=serializers.CharField())
+    gpu_count = serializers.IntegerField()
+    max_duration_s = serializers.IntegerField()
+    isolation = serializers.CharField()
+    allowed_countries = serializers.ListField(child=serializers.CharField())
+    network_egress = serializers.BooleanField()
+    sandboxed = serializers.BooleanField()
+
+
+class AssignmentGpuSerializer(serializers.Serializer):
+    index = serializers.IntegerField()
+    uuid = serializers.CharField(help_text="The device to give the job: a GPU or MIG instance UUID.")
+    gpu_uuid = serializers.CharField(help_text="The physical GPU it belongs to.")
+    kind = serializers.CharField(help_text="whole, mig or shared")
+    share = serializers.IntegerField(help_text="Which share of a shared GPU.")
+
+
+class AssignmentSerializer(serializers.Serializer):
+    allocation_id = serializers.UUIDField()
+    job = AssignmentJobSerializer()
+    gpus = AssignmentGpuSerializer(many=True)
+    price_per_gpu_hour_micros = serializers.IntegerField()
+
+
+class UsageSampleSerializer(serializers.Serializer):
+    seq = serializers.IntegerField(min_value=1, max_value=2**31 - 1)
+    gpu_ms = serializers.IntegerField(min_value=0, max_value=64 * 3_600_000)
+    recorded_at = serializers.DateTimeField()
+
+
+class UsageSerializer(StrictSerializer):
+    samples = UsageSampleSerializer(many=True, min_length=1, max_length=1000)
+
+
+class UsageResultSerializer(serializers.Serializer):
+    accepted = serializers.IntegerField()
+    duplicates = serializers.IntegerField()
+
+
+class LogChunkSerializer(StrictSerializer):
+    offset = serializers.IntegerField(min_value=0, max_value=2**62, help_text="Byte offset in the job's log.")
+    # DRF's CharField already refuses NUL and lone surrogates, which PostgreSQL cannot store.
+    data = serializers.CharField(max_length=64 * 1024, allow_blank=True, trim_whitespace=False)
+
+
+class LogChunkResultSerializer(serializers.Serializer):
+    accepted = serializers.BooleanField(help_text="False for a chunk already stored, or past the cap.")
+    truncated = serializers.BooleanField(help_text="The cap is reached: stop sending this allocation's logs.")
+
+
+class FinishSerializer(StrictSerializer):
+    exit_code = serializers.IntegerField(allow_null=True, min_value=-255, max_value=255)
+    reason = serializers.CharField(max_length=40, required=False, allow_blank=True, default="exited")
+
+
+class JobStateSerializer(serializers.Serializer):
+    state = serializers.CharField()

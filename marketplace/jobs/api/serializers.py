@@ -1,0 +1,264 @@
+import re
+
+from django.conf import settings
+from rest_framework import serializers
+
+from marketplace.jobs import job_reads, jurisdictions
+from marketplace.jobs.models import Job
+from marketplace.jobs.pending import pending_summary
+from marketplace.jobs.selectors import job_usage
+from marketplace.kernel.api.serializers import StrictSerializer
+from marketplace.kernel.money import from_micros, to_micros
+from nodes.models import Isolation, WorkloadClass
+
+# An OCI reference: [registry/]name[:tag][@digest], lower-case path components.
+IMAGE_RE = re.compile(
+    r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?"  # registry host or first path component
+    r"(/[a-z0-9]+([._-][a-z0-9]+)*)*"  # further path components
+    r"(:[\w][\w.-]{0,127})?(@sha256:[a-f0-9]{64})?$"  # tag and digest
+)
+CUDA_RE = re.compile(r"^(?P<major>\d{1,2})(\.(?P<minor>\d{1,2}))?$")
+
+
+class JobSubmitSerializer(StrictSerializer):
+    name = serializers.CharField(max_length=120, required=False, allow_blank=True)
+    image = serializers.CharField(max_length=255)
+    command = serializers.ListField(
+        child=serializers.CharField(max_length=4096, allow_blank=True, trim_whitespace=False),
+        min_length=1,
+        max_length=256,
+    )
+    gpu_count = serializers.IntegerField(min_value=1, max_value=8, default=1)
+    gpu_models = serializers.ListField(
+        child=serializers.CharField(max_length=40), required=False, max_length=16, default=list
+    )
+    min_vram_gb = serializers.IntegerField(min_value=0, max_value=4096, default=0)
+    max_price_per_gpu_hour = serializers.DecimalField(
+        max_digits=12, decimal_places=6, min_value=0, required=False, allow_null=True
+    )
+    isolation = serializers.ChoiceField(choices=Isolation.choices, default=Isolation.GPU)
+    jurisdictions = serializers.ListField(
+        child=serializers.CharField(max_length=40),
+        required=False,
+        max_length=250,
+        default=list,
+        help_text="ISO 3166-1 countries (DE), ISO 3166-2 subdivisions (DE-BY) and named sets "
+        f"({', '.join(sorted(jurisdictions.NAMED_SETS))}); UK means GB and A+B means both. Empty: anywhere.",
+    )
+    require_verified_location = serializers.BooleanField(
+        default=False, help_text="Only units whose declared location is backed by evidence."
+    )
+    gpu_milli = serializers.IntegerField(
+        min_value=1,
+        max_value=1000,
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="Smallest share of one GPU a shared or MIG job needs, in thousandths; below 1000 only with "
+        "gpu_count 1 and isolation shared or mig. Empty: any slice of the isolation level.",
+    )
+    min_cuda = serializers.CharField(
+        max_length=10, required=False, allow_blank=True, default="", help_text="Lowest CUDA version, e.g. 12.2."
+    )
+    workload_class = serializers.ChoiceField(choices=WorkloadClass.choices, default=WorkloadClass.BATCH)
+    rank = serializers.ChoiceField(choices=Job.Rank.choices, default=Job.Rank.CHEAPEST)
+    max_duration_s = serializers.IntegerField(min_value=1, max_value=30 * 24 * 3600, default=3600)
+    restartable = serializers.BooleanField(default=False)
+    interruptible = serializers.BooleanField(
+        default=False,
+        help_text="Pay the unit's interruptible price (a share of its price, set by the owner). An on-demand job "
+        "may stop it to take its GPUs: the job gets SIGTERM and a grace period, usage is billed up to the "
+        "notice, and it is queued again.",
+    )
+    network_egress = serializers.BooleanField(default=False)
+    sandboxed = serializers.BooleanField(default=False)
+
+    def validate_image(self, value: str) -> str:
+        if not IMAGE_RE.match(value):
+            raise serializers.ValidationError("Not a valid image reference, e.g. ghcr.io/acme/train:1.2.")
+        return value
+
+    def validate_gpu_models(self, value: list[str]) -> list[str]:
+        return sorted({model.strip().upper() for model in value if model.strip()})
+
+    def validate_jurisdictions(self, value: list[str]) -> list[str]:
+        try:
+            return jurisdictions.normalise(value)
+        except ValueError as error:
+            raise serializers.ValidationError(str(error)) from None
+
+    def validate_min_cuda(self, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return ""
+        match = CUDA_RE.match(value)
+        if not match:
+            raise serializers.ValidationError("Not a CUDA version; use MAJOR.MINOR, e.g. 12.2.")
+        return f"{int(match['major'])}.{int(match['minor'] or 0)}"
+
+    def validate(self, data: dict) -> dict:
+        fraction = data.get("gpu_milli")
+        shareable = (Isolation.SHARED, Isolation.MIG)
+        if (
+            fraction is not None
+            and fraction < 1000
+            and (data.get("gpu_count", 1) != 1 or data.get("isolation") not in shareable)
+        ):
+            raise serializers.ValidationError(
+                {"gpu_milli": "A fraction of a GPU needs gpu_count 1 and isolation shared or mig."}
+            )
+        return data
+
+    def to_spec(self) -> dict:
+        data = dict(self.validated_data)
+        price = data.pop("max_price_per_gpu_hour", None)
+        data["max_price_per_gpu_hour_micros"] = None if price is None else to_micros(price)
+        return data
+
+
+class JobPlacementSerializer(serializers.Serializer):
+    unit_id = serializers.UUIDField(source="unit.id")
+    country = serializers.CharField(source="unit.country.code")
+    subdivision = serializers.CharField(source="unit.subdivision")
+    price_per_gpu_hour = serializers.SerializerMethodField()
+    gpu_count = serializers.IntegerField()
+
+    def get_price_per_gpu_hour(self, allocation) -> str:
+        return str(from_micros(allocation.price_per_gpu_hour_micros))
+
+
+class JobSerializer(serializers.ModelSerializer):
+    max_price_per_gpu_hour = serializers.SerializerMethodField()
+    pending_reason = serializers.JSONField(
+        help_text='For a queued job, the last placement pass counted over all units: {"units_considered": 412, '
+        '"rejected": {"jurisdiction": 301, "price_cap": 77, "vram": 34}}, and "preempting": {"allocations": 1, '
+        '"since": …} while interruptible jobs are being stopped to make room for it. Empty once placed.'
+    )
+    pending_summary = serializers.SerializerMethodField()
+    placement = serializers.SerializerMethodField()
+    usage = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Job
+        fields = [
+            "id", "name", "state", "image", "command", "gpu_count", "gpu_models", "min_vram_gb",
+            "max_price_per_gpu_hour", "isolation", "jurisdictions", "require_verified_location",
+            "gpu_milli", "min_cuda", "workload_class", "rank", "max_duration_s", "restartable",
+            "interruptible", "network_egress", "sandboxed",
+            "attempts", "exit_code", "failure_reason", "pending_reason", "pending_summary", "placement", "usage",
+            "created_at", "placed_at", "started_at", "finished_at",
+        ]  # fmt: skip
+        read_only_fields = fields
+
+    def get_max_price_per_gpu_hour(self, job) -> str | None:
+        micros = job.max_price_per_gpu_hour_micros
+        return None if micros is None else str(from_micros(micros))
+
+    def get_pending_summary(self, job) -> str | None:
+        """The pending reason in words, e.g. "0 of 412 units fit: 301 outside the allowed jurisdictions, …"."""
+        if job.state != Job.State.QUEUED or not job.pending_reason:
+            return None
+        return pending_summary(job.pending_reason)
+
+    def _latest_allocation(self, job):
+        allocations = list(job.allocations.all())
+        return allocations[0] if allocations else None
+
+    def get_placement(self, job) -> dict | None:
+        allocation = self._latest_allocation(job)
+        return JobPlacementSerializer(allocation).data if allocation else None
+
+    def get_usage(self, job) -> dict:
+        gpu_ms, cost = job_usage(job)
+        return {"gpu_seconds": round(gpu_ms / 1000, 3), "cost": str(from_micros(cost))}
+
+
+class PlacementRecordSerializer(serializers.Serializer):
+    """One ``job.placed`` audit event: where the job went and which rules allowed it."""
+
+    placed_at = serializers.DateTimeField(source="created_at")
+    allocation_id = serializers.UUIDField(source="data.allocation", allow_null=True)
+    unit_id = serializers.UUIDField(source="data.unit", allow_null=True)
+    country = serializers.CharField(source="data.country", default="")
+    subdivision = serializers.CharField(source="data.subdivision", default="")
+    price_per_gpu_hour = serializers.SerializerMethodField()
+    policy = serializers.JSONField(
+        source="data.policy", default=dict, help_text="Each rule of the job and the owner's policy that held."
+    )
+
+    def get_price_per_gpu_hour(self, event) -> str | None:
+        micros = event.data.get("price_per_gpu_hour_micros")
+        return None if micros is None else str(from_micros(micros))
+
+
+class JobEventSerializer(serializers.Serializer):
+    """One step of a job's timeline; ``context["job"]`` is the job, to tell the renter from staff."""
+
+    at = serializers.DateTimeField(source="created_at")
+    action = serializers.CharField(help_text="Dotted name, e.g. job.submitted, job.placed, allocation.released.")
+    actor = serializers.SerializerMethodField(help_text='"renter", "staff", "unit:<id>", "placement", "liveness"…')
+    detail = serializers.SerializerMethodField(
+        help_text="What the event recorded that is the renter's to see: allocation, unit, country, subdivision, "
+        "reason, previous, exit_code, attempts, price_per_gpu_hour and, for job.placed, the policy that held."
+    )
+
+    def get_actor(self, event) -> str:
+        return job_reads.event_actor(event, self.context["job"])
+
+    def get_detail(self, event) -> dict:
+        return job_reads.event_detail(event)
+
+
+class JobLogQuerySerializer(serializers.Serializer):
+    offset = serializers.IntegerField(min_value=0, default=0, help_text="Byte offset (UTF-8) to read from.")
+    limit_bytes = serializers.IntegerField(min_value=1, max_value=1_048_576, default=65_536)
+    wait = serializers.IntegerField(
+        min_value=0, max_value=25, default=0, help_text="Seconds to wait for output past offset or the job's end."
+    )
+
+
+class JobLogSerializer(serializers.Serializer):
+    offset = serializers.IntegerField()
+    next_offset = serializers.IntegerField(help_text="The offset to ask for next.")
+    data = serializers.CharField(trim_whitespace=False)
+    complete = serializers.BooleanField(help_text="The job has ended and nothing is stored past next_offset.")
+
+
+class AllocationUsageSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    unit = serializers.UUIDField(source="unit_id")
+    gpu_seconds = serializers.SerializerMethodField()
+    cost = serializers.SerializerMethodField()
+    price_per_gpu_hour = serializers.SerializerMethodField()
+    started = serializers.DateTimeField(source="created_at")
+    released = serializers.DateTimeField(source="released_at", allow_null=True)
+
+    def get_gpu_seconds(self, allocation) -> float:
+        return round(allocation.usage_gpu_ms / 1000, 3)
+
+    def get_cost(self, allocation) -> str:
+        return str(from_micros(-allocation.usage_wallet_micros))
+
+    def get_price_per_gpu_hour(self, allocation) -> str:
+        return str(from_micros(allocation.price_per_gpu_hour_micros))
+
+
+class JobUsageSerializer(serializers.Serializer):
+    gpu_seconds = serializers.FloatField()
+    cost = serializers.CharField(help_text="Charged so far, a decimal string.")
+    currency = serializers.CharField()
+    price_per_gpu_hour = serializers.CharField(allow_null=True, help_text="Of the latest allocation; null if none.")
+    allocations = AllocationUsageSerializer(many=True, help_text="Oldest first.")
+
+
+def job_usage_data(allocations: list) -> dict:
+    """The usage endpoint's body from ``job_reads.job_allocations_usage``."""
+    gpu_ms = sum(a.usage_gpu_ms for a in allocations)
+    cost = -sum(a.usage_wallet_micros for a in allocations)
+    return {
+        "gpu_seconds": round(gpu_ms / 1000, 3),
+        "cost": str(from_micros(cost)),
+        "currency": settings.CURRENCY,
+        "price_per_gpu_hour": str(from_micros(allocations[-1].price_per_gpu_hour_micros)) if allocations else None,
+        "allocations": AllocationUsageSerializer(allocations, many=True).data,
+    }

@@ -1,0 +1,117 @@
+from django.http import HttpResponse
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import ValidationError
+from rest_framework.renderers import JSONRenderer
+from rest_framework.response import Response
+
+from marketplace.jobs import job_reads, services
+from marketplace.jobs.api import serializers as s
+from marketplace.jobs.api.filters import JOB_LIST_PARAMETERS, jobs_filter
+from marketplace.jobs.api.serializers import JobSerializer, JobSubmitSerializer, PlacementRecordSerializer
+from marketplace.jobs.selectors import job_placement_records, jobs_for
+from marketplace.kernel.api.idempotency import idempotent
+from marketplace.kernel.api.renderers import CsvRenderer
+from marketplace.kernel.api.text import PlainTextRenderer
+
+
+@extend_schema_view(list=extend_schema(parameters=JOB_LIST_PARAMETERS))
+class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """A renter's jobs. Every lookup goes through ``jobs_for``, so another renter's job is a 404."""
+
+    serializer_class = JobSerializer
+    lookup_value_regex = "[0-9a-f-]{36}"
+    write_scopes = ("submit",)
+
+    def get_queryset(self):
+        # The caller's own jobs, staff included (Job.objects.visible_to shows staff every job;
+        # the admin is the staff tool), as the portal's job list does.
+        return jobs_for(self.request.user).filter(renter=self.request.user)
+
+    def filter_queryset(self, queryset):
+        # Only the list filters: a detail lookup with ?state=… must still find the job.
+        return jobs_filter(queryset, self.request.query_params) if self.action == "list" else queryset
+
+    @extend_schema(request=JobSubmitSerializer, responses={201: JobSerializer})
+    @idempotent
+    def create(self, request):
+        submitted = JobSubmitSerializer(data=request.data)
+        submitted.is_valid(raise_exception=True)
+        job = services.job_submit(renter=request.user, spec=submitted.to_spec())
+        job = self.get_queryset().get(pk=job.pk)
+        return Response(JobSerializer(job).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(
+        request=None,
+        responses={200: JobSerializer, 409: OpenApiResponse(description="problem+json: the job has already ended")},
+    )
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        job = services.job_cancel(job=self.get_object(), actor=f"user:{request.user.pk}")
+        return Response(JobSerializer(self.get_queryset().get(pk=job.pk)).data)
+
+    @extend_schema(
+        summary="The job's placement records",
+        description="Every placement of the job, oldest first, with the rules that allowed it: the audit "
+        "trail of its residency and policy decisions. JSON, or CSV with ?format=csv or Accept: text/csv.",
+        parameters=[OpenApiParameter("format", str, enum=["json", "csv"], required=False)],
+        responses={200: PlacementRecordSerializer(many=True)},
+    )
+    @action(detail=True, methods=["get"], renderer_classes=[JSONRenderer, CsvRenderer], pagination_class=None)
+    def placements(self, request, pk=None):
+        records = PlacementRecordSerializer(job_placement_records(self.get_object()), many=True).data
+        response = Response(records)
+        if request.accepted_renderer.format == "csv":
+            response["Content-Disposition"] = f'attachment; filename="job-{pk}-placements.csv"'
+        return response
+
+    @extend_schema(
+        summary="The job's timeline",
+        description="What happened to the job, oldest first, from its audit trail; other people are not named.",
+        responses={200: s.JobEventSerializer(many=True)},
+    )
+    @action(detail=True, methods=["get"])
+    def events(self, request, pk=None):
+        job = self.get_object()
+        page = self.paginate_queryset(job_reads.job_events(job))
+        return self.get_paginated_response(s.JobEventSerializer(page, many=True, context={"job": job}).data)
+
+    @extend_schema(
+        summary="The job's output",
+        description="The stored output of the job's allocations in order, paged by UTF-8 byte offset. With wait, "
+        "waits until there is output past offset or the job has ended. Raw text with ?format=txt or Accept: "
+        "text/plain, with the page in the X-Log-Offset, X-Log-Next-Offset and X-Log-Complete headers.",
+        parameters=[
+            s.JobLogQuerySerializer,
+            OpenApiParameter("format", str, enum=["json", "txt"], required=False),
+        ],
+        responses={
+            (200, "application/json"): s.JobLogSerializer,
+            (200, "text/plain"): OpenApiResponse(str, description="The page's text."),
+        },
+    )
+    @action(detail=True, methods=["get"], renderer_classes=[JSONRenderer, PlainTextRenderer], pagination_class=None)
+    def logs(self, request, pk=None):
+        job = self.get_object()
+        query = s.JobLogQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        offset, limit, wait = (query.validated_data[k] for k in ("offset", "limit_bytes", "wait"))
+        if wait:
+            job_reads.job_log_wait(job, offset=offset, wait_s=wait)
+        try:
+            page = job_reads.job_log_read(job, offset=offset, limit=limit)
+        except ValueError as error:
+            raise ValidationError({"offset": [str(error)]}) from None
+        if request.accepted_renderer.format != "txt":
+            return Response(s.JobLogSerializer(page).data)
+        # Not a DRF Response: that drops the Content-Type of an empty body (a page with no output yet).
+        response = HttpResponse(page.data, content_type="text/plain; charset=utf-8")
+        response["X-Log-Offset"], response["X-Log-Next-Offset"] = str(page.offset), str(page.next_offset)
+        response["X-Log-Complete"] = "true" if page.complete else "false"
+        return response
+
+    @extend_schema(summary="The job's usage and cost so far", responses={200: s.JobUsageSerializer})
+    @action(detail=True, methods=["get"], pagination_class=None)
+    def usage(self, request, pk=None):
+        return Response(s.job_usage_data(job_reads.job_allocations_usage(self.get_object())))

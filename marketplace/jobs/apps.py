@@ -1,0 +1,17 @@
+from django.apps import AppConfig
+
+
+class JobsConfig(AppConfig):
+    name = "marketplace.jobs"
+    label = "jobs"
+    verbose_name = "Jobs"
+
+    def ready(self) -> None:
+        # Jobs answers what nodes asks of it: what is leased and running on a unit, and what
+        # follows a liveness sweep.
+        from marketplace.jobs import services, units
+        from nodes import ports
+
+        ports.slices_leased.provide(units.slices_leased)
+        ports.unit_running.provide(units.unit_running)
+        ports.liveness_swept.register(services.liveness_followup)

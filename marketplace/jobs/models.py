@@ -1,0 +1,219 @@
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+from nodes.models import Isolation, Slice, Unit, WorkloadClass
+
+
+class JobQuerySet(models.QuerySet):
+    def visible_to(self, user) -> "JobQuerySet":
+        if not user.is_authenticated:
+            return self.none()
+        if user.is_staff:
+            return self
+        return self.filter(renter=user)
+
+
+class Job(models.Model):
+    class State(models.TextChoices):
+        QUEUED = "queued"
+        PLACED = "placed"
+        STARTING = "starting"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+        LOST = "lost"
+
+    ACTIVE_STATES = (State.PLACED, State.STARTING, State.RUNNING)
+    FINAL_STATES = (State.SUCCEEDED, State.FAILED, State.CANCELLED, State.LOST)
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    renter = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="jobs")
+    name = models.CharField(max_length=120, blank=True)
+    image = models.CharField(max_length=255)
+    command = models.JSONField(help_text="argv list")
+
+    class Rank(models.TextChoices):
+        CHEAPEST = "cheapest"
+        RELIABLE = "reliable"
+
+    gpu_count = models.PositiveSmallIntegerField(default=1)
+    gpu_milli = models.PositiveSmallIntegerField(
+        null=True,
+        blank=True,
+        help_text="Smallest share of one GPU a shared or MIG job needs, in thousandths; empty means any slice "
+        "of its isolation level (a whole GPU for gpu and node jobs). Below 1000 only for a one-GPU job.",
+    )
+    gpu_models = models.JSONField(default=list, blank=True, help_text="Empty means any model.")
+    min_vram_gb = models.PositiveIntegerField(default=0)
+    min_cuda = models.CharField(max_length=10, blank=True, help_text="Lowest CUDA version, e.g. 12.2.")
+    max_price_per_gpu_hour_micros = models.BigIntegerField(null=True, blank=True)
+    isolation = models.CharField(max_length=10, choices=Isolation.choices, default=Isolation.GPU)
+    jurisdictions = models.JSONField(
+        default=list, blank=True, help_text="ISO 3166 countries, subdivisions and named sets; empty means anywhere."
+    )
+    require_verified_location = models.BooleanField(default=False)
+    workload_class = models.CharField(max_length=12, choices=WorkloadClass.choices, default=WorkloadClass.BATCH)
+    rank = models.CharField(max_length=10, choices=Rank.choices, default=Rank.CHEAPEST)
+    max_duration_s = models.PositiveIntegerField(default=3600)
+    restartable = models.BooleanField(default=False)
+    interruptible = models.BooleanField(
+        default=False,
+        help_text="Run at the unit's interruptible price; an on-demand job may stop it (with notice) to take its "
+        "GPUs, and it is queued again. Usage is billed up to the notice.",
+    )
+    network_egress = models.BooleanField(default=False, help_text="May the job reach the network?")
+    sandboxed = models.BooleanField(default=False, help_text="Run under a sandboxed runtime such as gVisor.")
+    state = models.CharField(max_length=10, choices=State.choices, default=State.QUEUED)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    exit_code = models.IntegerField(null=True, blank=True)
+    failure_reason = models.CharField(max_length=255, blank=True)
+    pending_reason = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    placed_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    objects = JobQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        # By state and age (the placement queue); by age alone (the recent workload packing plans for).
+        indexes = [models.Index(fields=["state", "created_at"]), models.Index(fields=["created_at"])]
+        constraints = [
+            models.CheckConstraint(condition=Q(gpu_count__gte=1), name="job_gpu_count_positive"),
+            models.CheckConstraint(
+                condition=Q(gpu_milli__isnull=True)
+                | Q(gpu_milli=1000)
+                | Q(gpu_milli__gte=1, gpu_milli__lt=1000, gpu_count=1),
+                name="job_gpu_fraction_single",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name or str(self.id)
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in self.FINAL_STATES
+
+
+class Allocation(models.Model):
+    """A lease of slices on one unit for one job, with the price locked at placement."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    job = models.ForeignKey(Job, on_delete=models.PROTECT, related_name="allocations")
+    unit = models.ForeignKey(Unit, on_delete=models.PROTECT, related_name="allocations")
+    price_per_gpu_hour_micros = models.BigIntegerField()
+    gpu_count = models.PositiveSmallIntegerField()
+    created_at = models.DateTimeField(default=timezone.now)
+    acknowledged_at = models.DateTimeField(null=True, blank=True)
+    released_at = models.DateTimeField(null=True, blank=True)
+    release_reason = models.CharField(max_length=40, blank=True)
+    interruptible = models.BooleanField(default=False)
+    # An on-demand job needed these slices: the agent is told to stop the job (its notice), and
+    # usage after this moment is not billed.
+    preempted_at = models.DateTimeField(null=True, blank=True)
+    preempted_by = models.ForeignKey(Job, on_delete=models.SET_NULL, null=True, blank=True, related_name="preemptions")
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["job"], condition=Q(released_at__isnull=True), name="allocation_one_active_per_job"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"allocation {self.id} of {self.job_id} on {self.unit}"
+
+
+class Lease(models.Model):
+    """One slice held by one allocation. The partial unique index is the guarantee that no
+    slice is ever leased to two jobs at once; placement's checks are only the fast path."""
+
+    allocation = models.ForeignKey(Allocation, on_delete=models.CASCADE, related_name="leases")
+    slice = models.ForeignKey(Slice, on_delete=models.PROTECT, related_name="leases")
+    released_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["slice"], condition=Q(released_at__isnull=True), name="lease_one_active_per_slice"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"lease of {self.slice_id} by {self.allocation_id}"
+
+
+class LogChunk(models.Model):
+    """A piece of a job's output as its agent shipped it. (allocation, offset) is unique, so a
+    chunk sent again after an agent restart is stored once."""
+
+    allocation = models.ForeignKey(Allocation, on_delete=models.CASCADE, related_name="log_chunks")
+    offset = models.BigIntegerField(help_text="Byte offset of the chunk in the job's log file.")
+    data = models.TextField()
+    received_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["allocation", "offset"]
+        constraints = [
+            models.UniqueConstraint(fields=["allocation", "offset"], name="log_chunk_unique_offset"),
+            models.CheckConstraint(condition=Q(offset__gte=0), name="log_chunk_offset_not_negative"),
+        ]
+
+    def __str__(self) -> str:
+        return f"log {self.allocation_id}@{self.offset}"
+
+
+class OfferSnapshot(models.Model):
+    """What an online unit offers now, as of its ``capacity_version``: the free GPU count and its
+    first free GPU's model, VRAM and CUDA version.
+
+    Offer search reads these columns (indexed, so sorting by them is a short index scan) instead
+    of counting every unit's free slices per request. Every change that can alter a unit's free
+    capacity bumps its capacity version (placement depends on that too), so a row whose version
+    differs from the unit's is stale, and search recomputes exactly those before it reads."""
+
+    unit = models.OneToOneField(Unit, on_delete=models.CASCADE, primary_key=True, related_name="offer")
+    version = models.BigIntegerField()
+    free_gpus = models.PositiveSmallIntegerField()
+    gpu_model = models.CharField(max_length=40, blank=True)
+    vram_mb = models.PositiveIntegerField(null=True)
+    cuda_version = models.CharField(max_length=20, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=[field, "unit"], condition=Q(free_gpus__gt=0), name=f"offer_by_{field[:8]}")
+            for field in ("free_gpus", "vram_mb", "gpu_model")
+        ]
+
+    def __str__(self) -> str:
+        return f"offer of {self.unit_id} at version {self.version}"
+
+
+class UsageSample(models.Model):
+    """GPU time reported by an agent for one allocation; (allocation, seq) is unique, so a
+    repeated or replayed sample can never be counted twice."""
+
+    allocation = models.ForeignKey(Allocation, on_delete=models.PROTECT, related_name="usage_samples")
+    seq = models.PositiveIntegerField()
+    gpu_ms = models.BigIntegerField(help_text="GPU-milliseconds in this sample (GPUs x wall time).")
+    recorded_at = models.DateTimeField(help_text="When the agent took the sample.")
+    received_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["allocation", "seq"]
+        indexes = [models.Index(fields=["received_at"])]  # the rating sweep: what arrived lately
+        constraints = [
+            models.UniqueConstraint(fields=["allocation", "seq"], name="usage_sample_unique_seq"),
+            models.CheckConstraint(condition=Q(gpu_ms__gte=0), name="usage_sample_not_negative"),
+        ]
+
+    def __str__(self) -> str:
+        return f"usage {self.allocation_id}#{self.seq}"

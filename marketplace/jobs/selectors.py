@@ -1,0 +1,61 @@
+from django.db.models import BigIntegerField, F, OuterRef, Prefetch, Q, QuerySet, Subquery, Sum
+from django.db.models.functions import Coalesce, Length
+
+from marketplace.jobs import ports
+from marketplace.jobs.models import Allocation, Job, LogChunk, UsageSample
+from marketplace.kernel.models import AuditEvent
+
+
+def allocations_with_usage(allocations: QuerySet) -> QuerySet:
+    """Annotate each allocation with ``usage_gpu_ms`` recorded and ``usage_wallet_micros`` (the
+    renter's usage legs so far, negative; billing answers that through ``ports.allocations_charged``),
+    in the allocations' own query instead of two queries per row."""
+    # A preempted interruptible job is billed up to its notice, not for the grace period after it.
+    used = UsageSample.objects.filter(allocation=OuterRef("pk")).filter(
+        Q(allocation__preempted_at__isnull=True) | Q(recorded_at__lte=F("allocation__preempted_at"))
+    )
+    total = used.order_by().values("allocation").annotate(total=Sum("gpu_ms")).values("total")
+    allocations = allocations.annotate(usage_gpu_ms=Coalesce(Subquery(total), 0, output_field=BigIntegerField()))
+    return ports.allocations_charged(allocations)
+
+
+def allocation_usage(allocation: Allocation) -> tuple[int, int]:
+    """(GPU-milliseconds recorded, micro-units charged so far) for one allocation."""
+    totals = allocations_with_usage(Allocation.objects.filter(pk=allocation.pk)).values(
+        "usage_gpu_ms", "usage_wallet_micros"
+    )[0]
+    return totals["usage_gpu_ms"], -totals["usage_wallet_micros"]
+
+
+def jobs_for(user):
+    """The caller's jobs with their allocations and usage, ready for serialising without N+1."""
+    allocations = allocations_with_usage(Allocation.objects.select_related("unit").order_by("-created_at"))
+    return Job.objects.visible_to(user).prefetch_related(Prefetch("allocations", queryset=allocations))
+
+
+def job_usage(job: Job) -> tuple[int, int]:
+    """(GPU-milliseconds, micro-units charged) over all of a job's allocations."""
+    gpu_ms = cost = 0
+    for allocation in job.allocations.all():
+        if hasattr(allocation, "usage_gpu_ms"):  # annotated by jobs_for: no queries per row
+            used, charged = allocation.usage_gpu_ms, -allocation.usage_wallet_micros
+        else:
+            used, charged = allocation_usage(allocation)
+        gpu_ms += used
+        cost += charged
+    return gpu_ms, cost
+
+
+def allocation_log_text(allocation: Allocation) -> str:
+    """The job's output as its agent shipped it, in order."""
+    return "".join(LogChunk.objects.filter(allocation=allocation).order_by("offset").values_list("data", flat=True))
+
+
+def allocation_log_size(allocation: Allocation) -> int:
+    """Characters of the job's output kept so far."""
+    return LogChunk.objects.filter(allocation=allocation).aggregate(size=Sum(Length("data")))["size"] or 0
+
+
+def job_placement_records(job: Job):
+    """Every placement of the job, oldest first, as the audit trail recorded it."""
+    return AuditEvent.objects.filter(action="job.placed", subject_id=job.pk).order_by("created_at", "id")

@@ -1,0 +1,300 @@
+from datetime import datetime
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from marketplace.jobs import ports
+from marketplace.jobs.models import Allocation, Job, LogChunk
+from marketplace.jobs.selectors import allocation_log_size
+from marketplace.jobs.units import unit_reliability_update
+from marketplace.kernel.audit import audit_record
+from marketplace.kernel.errors import StateConflict
+from nodes.models import Unit
+from nodes.services import units_capacity_changed
+
+REFUSED = "refused:"  # finish reasons of an agent that would not run what it was sent
+
+
+def placement_request(job_id=None) -> None:
+    """Ask the placement workers to run once the current transaction commits: for one job, or
+    a shallow pass over the oldest queued jobs when capacity may have freed."""
+    from marketplace.jobs import tasks
+
+    if job_id is None:
+        transaction.on_commit(lambda: tasks.placement_pass.delay())
+    else:
+        transaction.on_commit(lambda: tasks.job_place.delay(str(job_id)))
+
+
+@transaction.atomic
+def job_submit(*, renter, spec: dict) -> Job:
+    job = Job.objects.create(renter=renter, **spec)
+    audit_record("job.submitted", job.id, actor=f"user:{renter.pk}")
+    placement_request(job.id)
+    return job
+
+
+def _allocation_release(allocation: Allocation, *, reason: str) -> None:
+    now = timezone.now()
+    if Allocation.objects.filter(pk=allocation.pk, released_at__isnull=True).update(
+        released_at=now, release_reason=reason
+    ):
+        allocation.leases.filter(released_at__isnull=True).update(released_at=now)
+        units_capacity_changed([allocation.unit_id])
+        unit_reliability_update(allocation.unit_id, now=now)
+        audit_record("allocation.released", allocation.job_id, allocation=str(allocation.pk), reason=reason)
+        placement_request()
+
+
+def _active_allocation(job: Job) -> Allocation | None:
+    return job.allocations.filter(released_at__isnull=True).first()
+
+
+@transaction.atomic
+def job_cancel(*, job: Job, actor: str) -> Job:
+    """Cancel a job. A job the agent has not picked up is released at once; a running one keeps
+    its lease until the agent confirms the process has stopped (the GPUs are busy until then)."""
+    return _job_end(job, state=Job.State.CANCELLED, actor=actor, action="job.cancelled", release_as="cancelled")
+
+
+@transaction.atomic
+def job_stop(*, job: Job, actor: str, reason: str) -> Job:
+    """End a job for the platform's reasons (its wallet ran dry): failed, with the reason, and
+    stopped the way a cancel is."""
+    return _job_end(job, state=Job.State.FAILED, actor=actor, action="job.stopped", release_as="stopped", why=reason)
+
+
+def _job_end(job: Job, *, state: str, actor: str, action: str, release_as: str, why: str = "") -> Job:
+    job = Job.objects.select_for_update().get(pk=job.pk)
+    if job.is_final:
+        raise StateConflict(f"The job has already ended ({job.state}).")
+    previous = job.state
+    job.state, job.finished_at, job.failure_reason = state, timezone.now(), why or job.failure_reason
+    job.save(update_fields=["state", "finished_at", "failure_reason"])
+    audit_record(action, job.id, actor=actor, previous=previous, **({"reason": why} if why else {}))
+    allocation = _active_allocation(job)
+    if allocation is not None and allocation.acknowledged_at is None:
+        _allocation_release(allocation, reason=release_as)
+    return job
+
+
+def allocation_pull(*, unit: Unit) -> Allocation | None:
+    """Hand the agent its oldest placed allocation, marking the job as starting."""
+    waiting = (
+        Allocation.objects.filter(unit=unit, acknowledged_at__isnull=True, released_at__isnull=True)
+        .select_related("job")
+        .order_by("created_at")
+    )
+    for allocation in waiting:
+        with transaction.atomic():
+            now = timezone.now()
+            # The conditional updates make a repeated or concurrent pull hand out an allocation once.
+            if not Allocation.objects.filter(pk=allocation.pk, acknowledged_at__isnull=True).update(
+                acknowledged_at=now
+            ):
+                continue
+            Job.objects.filter(pk=allocation.job_id, state=Job.State.PLACED).update(state=Job.State.STARTING)
+            audit_record("allocation.acknowledged", allocation.job_id, actor=f"unit:{unit.pk}")
+        allocation.refresh_from_db()
+        return allocation
+    return None
+
+
+@transaction.atomic
+def allocation_start(*, allocation: Allocation) -> Job:
+    job = Job.objects.select_for_update().get(pk=allocation.job_id)
+    if allocation.released_at is not None or job.state not in (Job.State.STARTING, Job.State.PLACED):
+        raise StateConflict(f"This allocation must not start: the job is {job.state}.")
+    job.state = Job.State.RUNNING
+    job.started_at = timezone.now()
+    job.save(update_fields=["state", "started_at"])
+    audit_record("job.started", job.id, actor=f"unit:{allocation.unit_id}")
+    return job
+
+
+@transaction.atomic
+def allocation_finish(*, allocation: Allocation, exit_code: int | None, reason: str) -> Job:
+    """The agent reports the job's process has ended; its GPUs are free again."""
+    job = Job.objects.select_for_update().get(pk=allocation.job_id)
+    if reason.startswith(REFUSED):
+        if allocation.released_at is None:
+            _allocation_refused(allocation, job, reason=reason)
+        return job  # nothing ran, so there is no usage; a repeated refusal changes nothing
+    # Stopped by the agent for the notice, whatever its exit code (a job that checkpoints on
+    # SIGTERM may well exit 0): preempted, not done. A job that ended by itself meanwhile is done.
+    if allocation.preempted_at is not None and reason == "preempted" and job.state in Job.ACTIVE_STATES:
+        _allocation_preempted(allocation, job)
+    elif allocation.released_at is None:
+        _allocation_release(allocation, reason=reason or "finished")
+    if job.state in Job.ACTIVE_STATES:
+        job.state = Job.State.SUCCEEDED if exit_code == 0 else Job.State.FAILED
+        job.exit_code = exit_code
+        job.finished_at = timezone.now()
+        if job.state == Job.State.FAILED:
+            job.failure_reason = (reason or "exited")[:255] if exit_code is None else f"exit code {exit_code}"
+        job.save(update_fields=["state", "exit_code", "finished_at", "failure_reason"])
+        audit_record(f"job.{job.state}", job.id, actor=f"unit:{allocation.unit_id}", exit_code=exit_code)
+    elif job.state == Job.State.CANCELLED and job.exit_code is None:
+        job.exit_code = exit_code
+        job.save(update_fields=["exit_code"])
+    ports.usage_due(allocation.pk)
+    return job
+
+
+def _allocation_preempted(allocation: Allocation, job: Job) -> None:
+    """An interruptible job stopped for an on-demand one: the slices go to that job first, and
+    this one waits in the queue again (a preemption is not one of its attempts)."""
+    if allocation.released_at is None:
+        _allocation_release(allocation, reason="preempted")
+    if allocation.preempted_by_id is not None:
+        placement_request(allocation.preempted_by_id)
+    job.state, job.placed_at, job.started_at = Job.State.QUEUED, None, None
+    job.attempts = max(job.attempts - 1, 0)
+    job.save(update_fields=["state", "placed_at", "started_at", "attempts"])
+    audit_record("job.requeued", job.id, actor=f"unit:{allocation.unit_id}", reason="preempted")
+    placement_request(job.id)
+
+
+def _allocation_refused(allocation: Allocation, job: Job, *, reason: str) -> None:
+    """The unit's agent would not run the job (residency, isolation, devices): free the slices
+    and place the job elsewhere, counted as an attempt. Placement keeps it off this unit."""
+    _allocation_release(allocation, reason=reason)
+    actor = f"unit:{allocation.unit_id}"
+    audit_record(
+        "allocation.refused",
+        job.id,
+        actor=actor,
+        allocation=str(allocation.pk),
+        unit=str(allocation.unit_id),
+        reason=reason,
+    )
+    if job.state not in Job.ACTIVE_STATES:
+        return
+    if job.attempts < settings.JOB_MAX_ATTEMPTS:
+        job.state, job.placed_at, job.started_at = Job.State.QUEUED, None, None
+        job.save(update_fields=["state", "placed_at", "started_at"])
+        audit_record("job.requeued", job.id, actor=actor, reason=reason, attempts=job.attempts)
+        placement_request(job.id)
+        return
+    job.state, job.finished_at = Job.State.FAILED, timezone.now()
+    job.failure_reason = f"refused by unit: {reason}"[:255]
+    job.save(update_fields=["state", "finished_at", "failure_reason"])
+    audit_record("job.failed", job.id, actor=actor, reason=reason)
+
+
+def allocations_to_preempt(*, unit: Unit, running_ids: list) -> list:
+    """Of the allocations the agent says it runs, the interruptible ones placement asked to
+    stop for an on-demand job: the agent's notice, repeated at every heartbeat until they end."""
+    if not running_ids:
+        return []
+    stopping = Allocation.objects.filter(
+        unit=unit, pk__in=running_ids, released_at__isnull=True, preempted_at__isnull=False
+    ).values_list("pk", flat=True)
+    return [str(pk) for pk in stopping]
+
+
+def allocations_to_cancel(*, unit: Unit, running_ids: list) -> list:
+    """Of the allocations the agent says it runs, those it should stop now."""
+    if not running_ids:
+        return []
+    keep = Allocation.objects.filter(
+        unit=unit, pk__in=running_ids, released_at__isnull=True, job__state__in=Job.ACTIVE_STATES
+    ).values_list("pk", flat=True)
+    keep = {str(pk) for pk in keep}
+    return [str(pk) for pk in running_ids if str(pk) not in keep]
+
+
+def _allocation_abandon(allocation: Allocation, *, reason: str, why: str, actor: str) -> None:
+    """The job's process is gone without a finish report: free its slices, then re-queue a
+    restartable job (up to the attempt cap) and end the rest as lost.
+
+    Billing stops at the last usage sample that arrived; nothing is charged for the silence.
+    """
+    _allocation_release(allocation, reason=reason)
+    job = allocation.job
+    active = Job.objects.filter(pk=job.pk, state__in=Job.ACTIVE_STATES)
+    if job.restartable and job.attempts < settings.JOB_MAX_ATTEMPTS:
+        if active.update(state=Job.State.QUEUED, placed_at=None, started_at=None):
+            audit_record("job.requeued", job.id, actor=actor, reason=reason, attempts=job.attempts)
+            placement_request(job.id)
+    elif active.update(state=Job.State.LOST, finished_at=timezone.now(), failure_reason=why):
+        audit_record("job.lost", job.id, actor=actor, reason=reason)
+
+
+@transaction.atomic
+def unit_jobs_lost(*, unit: Unit) -> None:
+    """The unit went offline: every job on it is abandoned."""
+    for allocation in Allocation.objects.filter(unit=unit, released_at__isnull=True).select_related("job"):
+        _allocation_abandon(allocation, reason="unit_offline", why="unit went offline", actor="liveness")
+
+
+@transaction.atomic
+def allocations_reconcile(*, unit: Unit, running_ids: list) -> None:
+    """Abandon allocations the agent picked up a while ago but no longer reports as running or
+    still reporting on: it lost them (a crash, or an assignment whose answer never arrived)."""
+    picked_up_before = timezone.now() - settings.AGENT_LOST_GRACE
+    forgotten = (
+        Allocation.objects.filter(unit=unit, released_at__isnull=True, acknowledged_at__lt=picked_up_before)
+        .exclude(pk__in=running_ids)
+        .select_related("job")
+    )
+    for allocation in forgotten:
+        _allocation_abandon(
+            allocation, reason="agent_lost", why="the unit's agent no longer runs this job", actor=f"unit:{unit.pk}"
+        )
+
+
+@transaction.atomic
+def allocations_expire_unacknowledged(*, now: datetime) -> int:
+    """Release placements no agent picked up in time and queue their jobs again."""
+    stale = Allocation.objects.filter(
+        acknowledged_at__isnull=True, released_at__isnull=True, created_at__lt=now - settings.ASSIGNMENT_ACK_TIMEOUT
+    )
+    expired = 0
+    for allocation in stale.select_related("job"):
+        _allocation_release(allocation, reason="not_acknowledged")
+        if Job.objects.filter(pk=allocation.job_id, state=Job.State.PLACED).update(
+            state=Job.State.QUEUED, placed_at=None
+        ):
+            audit_record("job.requeued", allocation.job_id, actor="liveness", reason="not_acknowledged")
+            placement_request(allocation.job_id)
+        expired += 1
+    return expired
+
+
+def liveness_followup(*, now: datetime) -> None:
+    """After the liveness sweep (``nodes.ports.liveness_swept``): release placements no agent
+    picked up, and deal with the jobs of units gone offline."""
+    allocations_expire_unacknowledged(now=now)
+    # Driven by state rather than by what was just marked, so work left by an interrupted
+    # sweep is picked up by the next one.
+    # allocations__released_at__isnull alone would also match units with no allocations at all
+    # (an outer join), so every unit ever lost would be revisited on every sweep.
+    stranded = Unit.objects.filter(
+        status=Unit.Status.OFFLINE, allocations__isnull=False, allocations__released_at__isnull=True
+    )
+    for unit in stranded.distinct():
+        unit_jobs_lost(unit=unit)
+
+
+LOG_MAX_CHARS = 2**20  # of one allocation's output kept; the agent stops shipping once told
+
+
+def log_chunk_record(*, allocation: Allocation, offset: int, data: str) -> tuple[bool, bool]:
+    """Keep a chunk of a job's output once per (allocation, offset); returns (stored, truncated).
+
+    Past LOG_MAX_CHARS nothing more is kept. Two chunks arriving at once may both fit the check
+    and overshoot the cap by one chunk, which is cheaper than locking the allocation per chunk.
+    """
+    room = LOG_MAX_CHARS - allocation_log_size(allocation)
+    if room <= 0:
+        return False, True
+    if LogChunk.objects.filter(allocation=allocation, offset=offset).exists():
+        return False, False
+    try:
+        with transaction.atomic():
+            LogChunk.objects.create(allocation=allocation, offset=offset, data=data[:room])
+    except IntegrityError:
+        return False, False  # the same chunk arrived concurrently
+    return True, len(data) > room

@@ -1,0 +1,68 @@
+"""What the jobs app tells about units: their slices leased now, what runs on them for their
+owner's page, and their reliability from the allocations they kept. The first two answer
+``nodes.ports``."""
+
+from datetime import datetime, timedelta
+
+from django.db.models import Count, Exists, FloatField, OuterRef, Prefetch, Q, QuerySet, Subquery
+from django.db.models.functions import Cast, Coalesce
+from django.utils import timezone
+
+from marketplace.jobs.models import Allocation, Lease
+from nodes.agent.protocol import REFUSED_FOR_LIMITS
+from nodes.models import Slice, Unit
+from nodes.selectors import Running, renter_alias
+
+
+def slices_leased() -> QuerySet:
+    """The slices some allocation holds now."""
+    return Slice.objects.filter(Exists(Lease.objects.filter(slice=OuterRef("pk"), released_at__isnull=True)))
+
+
+def unit_running(unit: Unit) -> list[Running]:
+    """What runs on the unit now, the renter shown only by an alias."""
+    allocations = (
+        Allocation.objects.filter(unit=unit, released_at__isnull=True)
+        .select_related("job")
+        .prefetch_related(Prefetch("leases", queryset=Lease.objects.select_related("slice__gpu")))
+        .order_by("created_at")
+    )
+    return [
+        Running(
+            job=allocation.job.name or str(allocation.job_id)[:8],
+            renter=renter_alias(owner_id=unit.owner_id, renter_id=allocation.job.renter_id),
+            gpus=sorted({lease.slice.gpu.index for lease in allocation.leases.all()}),
+            started_at=allocation.job.started_at or allocation.created_at,
+            interruptible=allocation.interruptible,
+            price_per_gpu_hour_micros=allocation.price_per_gpu_hour_micros,
+        )
+        for allocation in allocations
+    ]
+
+
+RELIABILITY_WINDOW = timedelta(days=30)
+# Release reasons that mean the unit lost a job it had taken: it went offline, its agent forgot
+# the job or never picked it up, or the owner stopped the agent under it. Every other ending
+# (the job's own exit or timeout, a renter's cancel, a refusal while backyard limits are in
+# force) is the unit keeping its word.
+UNIT_LOST_REASONS = ("unit_offline", "agent_lost", "not_acknowledged", "agent_stopped", "drained")
+_UNIT_LOST = Q(release_reason__in=UNIT_LOST_REASONS) | (
+    Q(release_reason__startswith="refused:") & ~Q(release_reason=REFUSED_FOR_LIMITS)
+)
+
+
+def unit_reliability_update(unit_id, *, now: datetime | None = None) -> None:
+    """Recompute the unit's reliability from its allocations released in the last 30 days, as
+    (kept + 1) / (total + 2) so a new unit starts at 0.5. One UPDATE with the count as a
+    subquery. Leaves the capacity version alone: reliability ranks units, it never makes one
+    more or less able to take a job."""
+    since = (now or timezone.now()) - RELIABILITY_WINDOW
+    total, lost = Count("pk"), Count("pk", filter=_UNIT_LOST)
+    score = (
+        Allocation.objects.filter(unit_id=unit_id, released_at__gte=since)
+        .order_by()
+        .values("unit_id")
+        .annotate(score=(Cast(total - lost, FloatField()) + 1.0) / (Cast(total, FloatField()) + 2.0))
+        .values("score")
+    )
+    Unit.objects.filter(pk=unit_id).update(reliability=Coalesce(Subquery(score), 0.5))

@@ -1,0 +1,44 @@
+from django.contrib import admin
+from django.http import JsonResponse
+from django.urls import reverse
+from django.utils.html import format_html
+
+from marketplace.kernel.models import AuditEvent
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(admin.ModelAdmin):
+    list_display = ["created_at", "action", "subject", "actor"]
+    list_filter = ["action"]
+    search_fields = ["=subject_id", "actor"]
+    date_hierarchy = "created_at"
+    actions = ["export_json"]
+
+    @admin.display(description="subject", ordering="subject_id")
+    def subject(self, event):
+        # A link that narrows the list to this subject: one job's or one unit's whole trail.
+        url = f"{reverse('admin:kernel_auditevent_changelist')}?subject_id={event.subject_id}"
+        return format_html('<a href="{}">{}</a>', url, event.subject_id)
+
+    @admin.action(description="Export selected events as JSON")
+    def export_json(self, request, queryset):
+        events = [
+            {
+                "id": event.pk,
+                "created_at": event.created_at.isoformat(),
+                "action": event.action,
+                "subject_id": str(event.subject_id),
+                "actor": event.actor,
+                "data": event.data,
+            }
+            for event in queryset.order_by("created_at", "id")
+        ]
+        response = JsonResponse(events, safe=False, json_dumps_params={"indent": 2})
+        response["Content-Disposition"] = 'attachment; filename="audit-events.json"'
+        return response
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False

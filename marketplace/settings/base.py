@@ -1,0 +1,289 @@
+"""Django settings shared by every deployment, read from the environment (see README "Configuration").
+
+``production`` adds what only a deployment behind TLS needs; ``test`` what the suite needs."""
+
+import importlib.util
+from datetime import timedelta
+from pathlib import Path
+
+import dj_database_url
+from celery.schedules import crontab
+from django.core.management.utils import get_random_secret_key
+
+from marketplace.kernel.env import env_bool, env_int, env_list, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent.parent
+DATA_DIR = Path(env_str("SHEDSHARE_DATA_DIR", str(BASE_DIR / ".data")))
+DATA_DIR.mkdir(parents=True, exist_ok=True)
+
+DEBUG = env_bool("DEBUG", False)
+
+
+def _development_secret_key() -> str:
+    # Tokens are HMACs keyed with SECRET_KEY, so every process of a development install must
+    # agree on it: generate one once and keep it beside the data.
+    path = DATA_DIR / "dev-secret-key"
+    if not path.exists():
+        path.write_text(get_random_secret_key())
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+# Production must provide a secret key; only development generates one.
+SECRET_KEY = env_str("SECRET_KEY", required=not DEBUG) or _development_secret_key()
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"] if DEBUG else [])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+PUBLIC_URL = env_str("PUBLIC_URL", "http://127.0.0.1:8000")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "django_countries",
+    "marketplace.apps.ProjectConfig",
+    "marketplace.kernel",
+    "marketplace.accounts",
+    "nodes",
+    "marketplace.jobs",
+    "billing",
+]
+# Development tools (benchmarks, the demo) are left out of the wheel and the image.
+if importlib.util.find_spec("marketplace.devtools") is not None:
+    INSTALLED_APPS.append("marketplace.devtools")
+AUTH_USER_MODEL = "accounts.User"
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "marketplace.urls"
+WSGI_APPLICATION = "marketplace.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+
+def _database(url: str) -> dict:
+    # Connections are kept (and checked before reuse): a Celery worker placing jobs one task at
+    # a time would otherwise open a new PostgreSQL connection for every task.
+    config = dj_database_url.parse(url, conn_max_age=env_int("DB_CONN_MAX_AGE", 60), conn_health_checks=True)
+    if config["ENGINE"] == "django.db.backends.sqlite3":
+        # Web, worker, beat and test processes share one file: WAL lets readers run beside the
+        # writer, IMMEDIATE transactions take the write lock up front instead of failing on
+        # upgrade, and the timeout turns contention into waiting.
+        config["OPTIONS"] = {
+            "timeout": 30,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        }
+    return config
+
+
+DATABASES = {"default": _database(env_str("DATABASE_URL", f"sqlite:///{DATA_DIR / 'shedshare.sqlite3'}"))}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "portal:unit_list"
+LOGOUT_REDIRECT_URL = "login"
+
+LANGUAGE_CODE = "en"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+# Hashed, compressed file names where collectstatic has been run for them (the Docker image sets
+# STATIC_MANIFEST=true for both); otherwise (development, the demo, tests) whitenoise serves the
+# apps' static folders as they are.
+STATIC_MANIFEST = env_bool("STATIC_MANIFEST", False)
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"
+        if STATIC_MANIFEST
+        else "django.contrib.staticfiles.storage.StaticFilesStorage"
+    },
+}
+WHITENOISE_USE_FINDERS = not STATIC_MANIFEST
+
+EMAIL_BACKEND = env_str("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "marketplace.accounts.api.auth.ApiKeyAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": [
+        "rest_framework.permissions.IsAuthenticated",
+        "marketplace.accounts.api.auth.ApiKeyScopePermission",
+    ],
+    "DEFAULT_THROTTLE_CLASSES": [
+        "marketplace.accounts.api.auth.ApiKeyRateThrottle",
+        "marketplace.accounts.api.auth.ApiKeySubmitThrottle",
+    ],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_CONTENT_NEGOTIATION_CLASS": "marketplace.kernel.api.renderers.FormatNegotiation",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "marketplace.kernel.api.errors.problem_exception_handler",
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 50,
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+# Per API key (per user for session logins); DRF's "<count>/<sec|min|hour|day>".
+API_RATE_LIMIT = env_str("API_RATE_LIMIT", "120/min")
+API_SUBMIT_RATE_LIMIT = env_str("API_SUBMIT_RATE_LIMIT", "30/min")
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Shedshare API",
+    "DESCRIPTION": "Renter and node-agent APIs of the Shedshare GPU marketplace.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "marketplace.kernel.api.schema.problem_responses",  # the errors every view can answer with
+    ],
+}
+
+# Marketplace tunables.
+ENROLMENT_TOKEN_TTL = timedelta(hours=env_int("ENROLMENT_TOKEN_TTL_HOURS", 24))
+HEARTBEAT_INTERVAL_S = env_int("HEARTBEAT_INTERVAL_S", 5)
+# Thresholds plus the sweep period keep a silent unit suspect within 15 s and offline within 50 s.
+LIVENESS_SWEEP_S = env_int("LIVENESS_SWEEP_S", 2)
+UNIT_SUSPECT_AFTER = timedelta(seconds=env_int("UNIT_SUSPECT_AFTER_S", 12))
+UNIT_OFFLINE_AFTER = timedelta(seconds=env_int("UNIT_OFFLINE_AFTER_S", 47))
+JOB_MAX_ATTEMPTS = env_int("JOB_MAX_ATTEMPTS", 3)
+# A placement worker re-reads changed units at most this often while placing job after job.
+PLACEMENT_REFRESH_INTERVAL_S = env_int("PLACEMENT_REFRESH_INTERVAL_MS", 20) / 1000
+# ... and rebuilds its view from scratch about this often (each process at its own moment).
+PLACEMENT_REBUILD_INTERVAL_S = env_int("PLACEMENT_REBUILD_INTERVAL_S", 600)
+# Placement worker processes prefer disjoint shards of the units, so that concurrent workers pack
+# their own units instead of racing for the same best one; set it to the worker's concurrency.
+PLACEMENT_SHARDS = env_int("PLACEMENT_SHARDS", 1)
+# A placement no agent has pulled after this long is released and its job queued again.
+ASSIGNMENT_ACK_TIMEOUT = timedelta(seconds=env_int("ASSIGNMENT_ACK_TIMEOUT_S", 60))
+# An agent that pulled a job this long ago but no longer reports it has lost it.
+AGENT_LOST_GRACE = timedelta(seconds=env_int("AGENT_LOST_GRACE_S", 30))
+ASSIGNMENT_LONG_POLL_MAX_S = env_int("ASSIGNMENT_LONG_POLL_MAX_S", 20)
+# How many reverse proxies in front of the web server append to X-Forwarded-For. The agent's
+# public address (location evidence) is read that many hops from the right; with 0 the header is
+# ignored, because anyone can send it.
+TRUSTED_PROXY_COUNT = env_int("TRUSTED_PROXY_COUNT", 0)
+PLATFORM_FEE_PERCENT = env_int("PLATFORM_FEE_PERCENT", 15)
+CURRENCY = env_str("CURRENCY", "usd")
+
+# Stripe (used from the billing issue on; tests point the SDK at a local fake).
+STRIPE_SECRET_KEY = env_str("STRIPE_SECRET_KEY", "")
+STRIPE_PUBLISHABLE_KEY = env_str("STRIPE_PUBLISHABLE_KEY", "")
+# Webhook signing secrets, comma-separated: during a rotation both the old and the new one hold.
+STRIPE_WEBHOOK_SECRETS = env_list("STRIPE_WEBHOOK_SECRETS", [])
+STRIPE_WEBHOOK_TOLERANCE_S = env_int("STRIPE_WEBHOOK_TOLERANCE_S", 300)
+STRIPE_API_BASE = env_str("STRIPE_API_BASE", "")
+# Micro-units per minor unit of CURRENCY (cents): amounts are rounded to it only towards Stripe.
+MICROS_PER_MINOR = 10_000
+# An outbox row older than this is looked up at Stripe before it is sent again (Stripe keeps
+# idempotency keys for 24 hours).
+OUTBOX_LOOKUP_AFTER = timedelta(hours=env_int("OUTBOX_LOOKUP_AFTER_H", 20))
+# A job is placed only if the renter's wallet covers this long a run of it; running jobs are
+# stopped before the wallet would fall below WALLET_FLOOR.
+WALLET_MIN_RUN_S = env_int("WALLET_MIN_RUN_S", 600)
+# Running jobs' usage is posted to the ledger every this often, in bulk (a job's end is posted at
+# once); 0 posts each agent report as it arrives.
+USAGE_POSTING_INTERVAL_S = env_int("USAGE_POSTING_INTERVAL_S", 15)
+WALLET_FLOOR_MICROS = env_int("WALLET_FLOOR_MICROS", 0)
+# Owner payouts: a share of the payable and all earned in the last days stay back (chargebacks
+# arrive late), and transfers under the minimum (minor units) wait for the next run.
+PAYOUT_RESERVE_PERCENT = env_int("PAYOUT_RESERVE_PERCENT", 10)
+PAYOUT_HOLD_DAYS = env_int("PAYOUT_HOLD_DAYS", 7)
+PAYOUT_MINIMUM_MINOR = env_int("PAYOUT_MINIMUM_MINOR", 100)
+
+
+def _broker_url() -> str:
+    return env_str("CELERY_BROKER_URL") or env_str("REDIS_URL") or "filesystem://"
+
+
+CELERY_BROKER_URL = _broker_url()
+if CELERY_BROKER_URL.startswith("filesystem://"):
+    # The embedded default: messages are files in one folder shared by every process on this
+    # machine, so real worker processes run without a broker server.
+    _queue_dir = DATA_DIR / "broker"
+    _queue_dir.mkdir(parents=True, exist_ok=True)
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(_queue_dir),
+        "data_folder_out": str(_queue_dir),
+        "control_folder": str(DATA_DIR / "broker-control"),
+        "polling_interval": 0.1,
+    }
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_TIME_LIMIT = 60
+CELERY_TASK_SOFT_TIME_LIMIT = 50
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Celery's Django fix-up would close the database connection around every task (a new
+# connection each time costs more than most of our tasks); the connection is kept for this many
+# tasks instead, and marketplace.celery drops it by CONN_MAX_AGE and health, as Django does.
+CELERY_DB_REUSE_MAX = 10_000
+# Each worker process builds its placement capacity view before taking tasks (seconds at 10,000 units).
+CELERY_WORKER_PROC_ALIVE_TIMEOUT = 120
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TIMEZONE = TIME_ZONE
+CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
+CELERY_BEAT_SCHEDULE = {
+    "placement-sweep": {"task": "marketplace.jobs.tasks.placement_sweep", "schedule": 10.0},
+    "offer-snapshots": {"task": "marketplace.jobs.tasks.offer_snapshots_refresh", "schedule": 5.0},
+    "usage-rating": {"task": "billing.tasks.usage_rate_sweep", "schedule": float(max(USAGE_POSTING_INTERVAL_S, 1))},
+    "unit-liveness": {"task": "nodes.tasks.unit_liveness_sweep", "schedule": float(LIVENESS_SWEEP_S)},
+    # Five minutes past the hour, when the agents' samples of the hour just ended are in (a later
+    # one is billed in the next hour's event).
+    "meter-events": {"task": "billing.tasks.meter_events_enqueue", "schedule": crontab(minute=5)},
+    "stripe-outbox-sweep": {"task": "billing.tasks.outbox_sweep", "schedule": 30.0},
+    "owner-payouts": {"task": "billing.tasks.payouts_run", "schedule": crontab(hour=6, minute=0)},
+    "stripe-reconcile": {"task": "billing.tasks.stripe_reconcile", "schedule": crontab(hour=5, minute=30)},
+    "idempotency-prune": {"task": "marketplace.jobs.tasks.idempotency_records_prune", "schedule": crontab(minute=17)},
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}

@@ -1,0 +1,17 @@
+"""What the nodes app asks of the apps above it (jobs), filled in their ``AppConfig.ready()``.
+
+Nodes never imports jobs: leases, allocations and what runs on a unit are the jobs app's, and it
+answers these (``marketplace/jobs/apps.py``)."""
+
+from marketplace.kernel.ports import Hook, Provider
+from nodes.models import Slice
+
+# The liveness sweep has marked silent units suspect or offline (``now=``): whatever ran on an
+# offline unit, or was never picked up, must be dealt with.
+liveness_swept = Hook("liveness_swept")
+
+# The slices leased now, as a Slice queryset (nothing is leased while no jobs app answers).
+slices_leased = Provider("slices_leased", default=lambda: Slice.objects.none())
+
+# What runs on a unit now, as ``nodes.selectors.Running`` rows for its owner's page.
+unit_running = Provider("unit_running", default=lambda unit: [])
