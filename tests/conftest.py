@@ -3,12 +3,24 @@ import os
 import pytest
 from django.contrib.auth import get_user_model
 from django.core.cache import cache
+from django.db import connection
 from rest_framework.test import APIClient
 
 from marketplace.accounts.services import api_key_create
 from marketplace.jobs import placement
 from marketplace.jobs.services import job_submit
 from nodes.services import GpuReport, unit_enrol, unit_heartbeat, unit_register
+
+
+def pytest_collection_modifyitems(config, items):
+    """``pg`` tests need PostgreSQL and are skipped on SQLite; the slow folders are marked
+    ``slow`` so a quick run can leave them out (``-m "not slow"``)."""
+    needs_pg = pytest.mark.skip(reason="needs PostgreSQL (set DATABASE_URL)")
+    for item in items:
+        if item.get_closest_marker("pg") and connection.vendor != "postgresql":
+            item.add_marker(needs_pg)
+        if item.get_closest_marker("e2e") or item.get_closest_marker("browser") or "/devtools/" in str(item.path):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 
 PYTHON = sys.executable
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def web_argv(port: int, *, threads: int = 8) -> list[str]:
@@ -27,14 +27,16 @@ def web_argv(port: int, *, threads: int = 8) -> list[str]:
 
 def worker_argv(*, concurrency: int = 2, name: str = "worker") -> list[str]:
     return [
-        PYTHON, "-m", "celery", "-A", "marketplace", "worker", "--loglevel", "INFO",
+        PYTHON, "-m", "celery", "-A", "marketplace.celery", "worker", "--loglevel", "INFO",
         "--concurrency", str(concurrency), "--hostname", f"{name}@%h",
         "--without-mingle", "--without-gossip", "--without-heartbeat",
     ]  # fmt: skip
 
 
 def beat_argv(schedule: Path) -> list[str]:
-    return [PYTHON, "-m", "celery", "-A", "marketplace", "beat", "--loglevel", "INFO", "--schedule", str(schedule)]
+    return [
+        PYTHON, "-m", "celery", "-A", "marketplace.celery", "beat", "--loglevel", "INFO", "--schedule", str(schedule),
+    ]  # fmt: skip
 
 
 def agent_argv(*args: str) -> list[str]:

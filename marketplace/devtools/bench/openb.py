@@ -15,7 +15,7 @@ class TraceError(ValueError):
 
 def default_trace_dir() -> Path:
     """../shared/traces/alibaba-openb next to the repository root (the folder holding manage.py)."""
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     return (repo.parent / "shared" / "traces" / "alibaba-openb").resolve()
 
 

@@ -12,7 +12,7 @@ from schemathesis.checks import not_a_server_error
 from marketplace.accounts.services import api_key_create
 from tests.conftest import user_make
 from tests.e2e import Renter
-from tests.test_api_fuzz import AGENT_PREFIX, CHECKS, OPERATIONS, cases
+from tests.system.test_api_fuzz import AGENT_PREFIX, CHECKS, OPERATIONS, cases
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 EXAMPLES = 8

@@ -29,7 +29,7 @@ from tests.conftest import JOB_SPEC, unit_online, user_make
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
-    pytest.mark.skipif(connection.vendor != "postgresql", reason="row locks and races need PostgreSQL"),
+    pytest.mark.pg,  # row locks and races need PostgreSQL
 ]
 
 WORKERS = 4

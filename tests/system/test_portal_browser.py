@@ -30,7 +30,7 @@ from tests.browser import assert_accessible, screenshot
 from tests.conftest import job_make, unit_online, user_make
 from tests.e2e import wait_until
 
-pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 PASSWORD = "lawn-kettle-shed-4417"
 STRIPE_HOSTED = "https://connect.stripe-fake.test/**"
 STOP, RESUME = "Thermal stop threshold, in °C:", "Thermal resume threshold, in °C:"

@@ -10,7 +10,7 @@ from django.core.management import get_commands, load_command_class
 
 from nodes.agent.cli import main as agent_cli
 
-DOCKER = Path(__file__).resolve().parent.parent / "docker"
+DOCKER = Path(__file__).resolve().parents[2] / "docker"
 TEXT = "\n".join(path.read_text() for path in sorted(DOCKER.iterdir()) if path.is_file())
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from tests.browser import assert_accessible, screenshot
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 
 def test_the_login_page_is_accessible_and_keyboard_usable(live_server, browser_page, owner):

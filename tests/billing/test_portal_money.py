@@ -10,8 +10,8 @@ from billing.payouts import connect_account_ensure, payouts_run
 from billing.services import usage_post
 from marketplace.jobs.placement import job_place
 from marketplace.jobs.usage import SampleReport, usage_record
+from tests.billing.test_payouts import OLD, earned, onboarded, transfer_of
 from tests.conftest import job_make, unit_online
-from tests.test_payouts import OLD, earned, onboarded, transfer_of
 
 pytestmark = pytest.mark.django_db
 

@@ -21,7 +21,7 @@ def bench(*args) -> dict:
     return json.loads(out.getvalue())
 
 
-@pytest.mark.skipif(connection.vendor != "postgresql", reason="the benchmark needs PostgreSQL")
+@pytest.mark.pg
 def test_the_mix_of_searches_runs_through_the_api_and_reports_latencies():
     result = bench("--units", "60", "--gpus-per-unit", "2", "--repeats", "2")
 

@@ -14,7 +14,7 @@ from billing.services import account_for
 from billing.stripe_api import client
 from billing.tasks import stripe_reconcile
 from billing.topups import topup_create, topup_credit
-from tests.test_payouts import NOW, OLD, earned, onboarded, transfer_of
+from tests.billing.test_payouts import NOW, OLD, earned, onboarded, transfer_of
 
 pytestmark = pytest.mark.django_db
 

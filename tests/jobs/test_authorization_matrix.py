@@ -14,9 +14,9 @@ under /api/v1/ or /api/agent/v1/ without a row here fails ``test_every_route_has
 Excluded, on purpose:
 
 - ``POST /api/agent/v1/enrol``: unauthenticated by design, the one-time enrolment token in the body
-  is the credential; tests/test_enrolment.py covers it.
+  is the credential; tests/nodes/test_enrolment.py covers it.
 - ``POST /api/stripe/webhook``: authenticated by Stripe's signature, not by a caller identity;
-  tests/test_webhooks.py covers it. (It is outside /api/v1/, listed here for completeness.)
+  tests/billing/test_webhooks.py covers it. (It is outside /api/v1/, listed here for completeness.)
 
 Decisions recorded here:
 
@@ -50,7 +50,7 @@ from tests.conftest import JOB_SPEC, agent_client, job_make, unit_online, user_m
 PREFIXES = ("/api/v1/", "/api/agent/v1/")
 EXCLUDED = {
     ("POST", "/api/agent/v1/enrol"): "unauthenticated enrolment: the enrolment token is the credential",
-    ("POST", "/api/stripe/webhook"): "authenticated by Stripe's signature; see tests/test_webhooks.py",
+    ("POST", "/api/stripe/webhook"): "authenticated by Stripe's signature; see tests/billing/test_webhooks.py",
 }
 
 # Identities, the columns of the matrix.

@@ -7,9 +7,9 @@ import pytest
 from django.conf import settings
 from django.utils import timezone
 
+from marketplace.jobs import services as jobs_services
 from marketplace.jobs.models import Allocation, Job, Lease
 from marketplace.jobs.placement import job_place
-from marketplace.jobs import services as jobs_services
 from marketplace.jobs.services import allocation_pull, allocation_start, unit_jobs_lost
 from marketplace.kernel.models import AuditEvent
 from nodes import tasks

@@ -11,7 +11,7 @@ from django.db import connection
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-needs_postgresql = pytest.mark.skipif(connection.vendor != "postgresql", reason="the benchmark needs PostgreSQL")
+needs_postgresql = pytest.mark.pg
 SMALL = ["--renters", "8", "--postpaid-every", "2", "--units", "6", "--allocations", "12", "--hours", "2"]
 
 

@@ -160,7 +160,7 @@ def test_the_inventory_a_real_h200_reported_is_accepted_as_it_is(owner):
     import json
     from pathlib import Path
 
-    reported = json.loads((Path(__file__).parent / "data" / "h200_inventory.json").read_text())
+    reported = json.loads((Path(__file__).parents[1] / "data" / "h200_inventory.json").read_text())
     unit, credential = unit_online(owner, name="real", gpus=0)
 
     response = agent_client(credential).post("/api/agent/v1/heartbeat", {"gpus": reported}, format="json")

@@ -12,7 +12,7 @@ from django.db import connection
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-needs_postgresql = pytest.mark.skipif(connection.vendor != "postgresql", reason="the benchmark needs PostgreSQL")
+needs_postgresql = pytest.mark.pg
 
 
 def bench(*args) -> dict:

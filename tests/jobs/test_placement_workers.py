@@ -29,9 +29,7 @@ from tests.conftest import JOB_SPEC, unit_online, user_make
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
-    pytest.mark.skipif(
-        connection.vendor != "postgresql", reason="worker processes racing over committed rows need PostgreSQL"
-    ),
+    pytest.mark.pg,  # worker processes racing over committed rows need PostgreSQL
 ]
 
 WORKERS = 4

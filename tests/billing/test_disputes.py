@@ -16,9 +16,9 @@ from billing.services import account_balance, account_for, ledger_post
 from billing.stripe_api import client as stripe_client
 from billing.topups import topup_create
 from billing.webhooks import webhook_process
+from tests.billing.test_payouts import onboarded
 from tests.conftest import user_make
 from tests.stripe_fake import sign
-from tests.test_payouts import onboarded
 
 pytestmark = pytest.mark.django_db
 
