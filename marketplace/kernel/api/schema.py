@@ -36,6 +36,8 @@ def _errors_of(operation: dict) -> dict[str, dict]:
     if schemes:
         errors["401"] = {"description": "No credentials, or credentials that are unknown, revoked or expired."}
         errors["403"] = {"description": "The credentials do not allow this call (for an API key: a missing scope)."}
+    if any(p.get("in") == "header" and p.get("name") == "Idempotency-Key" for p in parameters):
+        errors["422"] = {"description": "This Idempotency-Key was already used with a different request body."}
     if any(p.get("in") == "path" for p in parameters):
         errors["404"] = {"description": "No such object among the caller's own."}
     if "ApiKey" in schemes:
