@@ -14,6 +14,13 @@ DOCKER = Path(__file__).resolve().parents[2] / "docker"
 TEXT = "\n".join(path.read_text() for path in sorted(DOCKER.iterdir()) if path.is_file())
 
 
+def test_the_images_carry_no_development_tools_or_tests():
+    # The server image runs from its copy of the source, so what the build context leaves out is
+    # what the image cannot import: the benchmarks, the demo runner and the Stripe fake (tests/).
+    ignored = set((DOCKER.parent / ".dockerignore").read_text().split())
+    assert {"marketplace/devtools", "tests", ".venv*", ".data"} <= ignored
+
+
 def test_the_docker_folder_has_both_images_and_a_compose_file():
     assert {"Dockerfile", "agent.Dockerfile", "compose.yaml"} <= {p.name for p in DOCKER.iterdir()}
 
@@ -35,7 +42,7 @@ def test_the_wsgi_module_served_by_gunicorn_exists(target):
     assert callable(module.application)
 
 
-@pytest.mark.parametrize("role", sorted(set(re.findall(r"celery\W+-A\W+marketplace\W+(\w+)", TEXT))))
+@pytest.mark.parametrize("role", sorted(set(re.findall(r"celery\W+-A\W+marketplace\.celery\W+(\w+)", TEXT))))
 def test_the_celery_app_and_roles_exist(role):
     from marketplace.celery import app
 
