@@ -3,10 +3,8 @@
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 SHEDSHARE_AGENT_CONFIG=/var/lib/shedshare-agent/agent.json
 WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY marketplace ./marketplace
-COPY nodes ./nodes
-COPY billing ./billing
-RUN pip install --no-cache-dir ".[agent]" && mkdir -p /var/lib/shedshare-agent
+# The agent's own distribution only (nodes/agent/pyproject.toml): no Django, Celery, Stripe or psycopg.
+COPY nodes/agent ./agent
+RUN pip install --no-cache-dir ./agent && rm -rf ./agent && mkdir -p /var/lib/shedshare-agent
 ENTRYPOINT ["shedshare-agent"]
 CMD ["run"]

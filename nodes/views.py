@@ -22,7 +22,7 @@ REGISTRATIONS, REGISTRATIONS_KEPT = "unit_registrations", 20
 def _agent_commands(request, token: str) -> list[str]:
     server = request.build_absolute_uri("/").rstrip("/")
     return [
-        "pip install 'shedshare[agent]'",
+        "pip install shedshare-agent",
         f"shedshare-agent enrol --url {server} --token {token}",
         "shedshare-agent run",
     ]

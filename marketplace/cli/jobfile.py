@@ -1,4 +1,4 @@
-"""Job spec files: YAML (when PyYAML is installed, as with `shedshare[cli]`) or JSON."""
+"""Job spec files: YAML (when PyYAML is installed, as with `shedshare-cli`) or JSON."""
 
 import json
 from pathlib import Path
@@ -8,7 +8,7 @@ import click
 
 try:
     import yaml
-except ImportError:  # pragma: no cover - PyYAML comes with shedshare[cli]
+except ImportError:  # pragma: no cover - PyYAML comes with shedshare-cli
     yaml = None
 
 
@@ -20,7 +20,7 @@ def load_spec(filename: str) -> dict[str, Any]:
         raise click.ClickException(f"cannot read {path}: {exc}") from None
     if path.suffix.lower() == ".json" or yaml is None:
         if path.suffix.lower() in (".yaml", ".yml"):
-            raise click.ClickException(f"{path}: YAML job files need PyYAML (pip install 'shedshare[cli]'); use JSON")
+            raise click.ClickException(f"{path}: YAML job files need PyYAML (pip install shedshare-cli); use JSON")
         try:
             spec = json.loads(text)
         except ValueError as exc:

@@ -10,10 +10,9 @@ from marketplace.jobs.selectors import allocation_log_size
 from marketplace.jobs.units import unit_reliability_update
 from marketplace.kernel.audit import audit_record
 from marketplace.kernel.errors import StateConflict
+from nodes.agent.protocol import REFUSED
 from nodes.models import Unit
 from nodes.services import units_capacity_changed
-
-REFUSED = "refused:"  # finish reasons of an agent that would not run what it was sent
 
 
 def placement_request(job_id=None) -> None:

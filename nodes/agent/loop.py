@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from nodes.agent import logs, logship
+from nodes.agent import logs, logship, protocol
 from nodes.agent.allocations import Allocation, InvalidAssignment, held_slots, parse_assignment
 from nodes.agent.backoff import Backoff
 from nodes.agent.backyard import Backyard, GpuReading, Policy
@@ -244,7 +244,7 @@ class Agent:
         open_to_work = self._open_to_work()
         if any(gpu.uuid not in open_to_work for gpu in allocation.gpus):
             in_force = ",".join(self.limits.get("in_force", [])) or "none"
-            raise InvalidAssignment(f"backyard limits in force: {in_force}", allocation.id, "refused:limits")
+            raise InvalidAssignment(f"backyard limits in force: {in_force}", allocation.id, protocol.REFUSED_FOR_LIMITS)
 
     def _start_pending(self) -> None:
         now = self._clock()

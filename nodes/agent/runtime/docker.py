@@ -48,7 +48,7 @@ def connect(sandbox_runtime: str = "") -> Any:
     # Run from a source checkout without the package, "docker" resolves to the repository's
     # docker/ folder (a namespace package), which has no client in it.
     if not hasattr(docker, "from_env"):
-        raise RuntimeUnavailable("the docker package is not installed (pip install 'shedshare[agent]')")
+        raise RuntimeUnavailable("the docker package is not installed (pip install shedshare-agent)")
     try:
         client = docker.from_env(max_pool_size=64)  # one streaming connection per running job
         runtimes = client.info().get("Runtimes") or {}
