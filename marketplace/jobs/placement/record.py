@@ -1,0 +1,61 @@
+"""The placement record: which of the job's rules and the owner's policy allowed a placement,
+and the facts placement reads back about a job's past placements (the units that refused it)."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from marketplace.jobs import jurisdictions
+from marketplace.jobs.models import Allocation, Job
+from marketplace.jobs.placement.rules import Choice, UnitState
+from nodes.agent.protocol import REFUSED, REFUSED_FOR_LIMITS
+
+
+def placement_record(job: Job, state: UnitState, choice: Choice, summary: dict) -> dict:
+    """Which of the job's rules and the owner's policy allowed this placement, for the audit trail."""
+    profile = state.profile
+    where = profile.subdivision or profile.country
+    matched = jurisdictions.match(job.jurisdictions, profile.country, profile.subdivision) if job.jurisdictions else ""
+    return {
+        "jurisdiction": {"required": list(job.jurisdictions), "unit": where, "matched": matched or "anywhere"},
+        "verified_location": {
+            "required": job.require_verified_location,
+            "verified": profile.verified,
+            "observed_country": state.evidence.get("observed_country", ""),
+            "attested": state.evidence.get("attested", False),
+        },
+        "isolation": {"required": job.isolation, "offered": list(profile.isolation_levels)},
+        "price": {
+            "cap_per_gpu_hour_micros": job.max_price_per_gpu_hour_micros,
+            "per_gpu_hour_micros": choice.price,
+            "interruptible": job.interruptible,
+            "interruptible_price_percent": profile.interruptible_price_percent if job.interruptible else None,
+        },
+        "requirements": {
+            "gpu_count": job.gpu_count,
+            "gpu_models": list(job.gpu_models),
+            "min_vram_gb": job.min_vram_gb,
+            "min_cuda": job.min_cuda,
+            "gpu_milli": job.gpu_milli,
+        },
+        "owner_policy": {
+            "workload_classes": list(profile.workload_classes),
+            "workload_class": job.workload_class,
+            "renters_accepted": profile.renters_accepted,
+            "max_job_duration_s": profile.max_job_duration_s,
+            "availability": list(profile.availability),
+            "job_max_duration_s": job.max_duration_s,
+        },
+        "ranking": {"preference": job.rank, "packing_policy": "fgd", "packing_cost": choice.cost},
+        "units_considered": summary["units_considered"],
+    }
+
+
+def units_that_refused(job: Job) -> set[UUID]:
+    """Units whose agents already refused this job; sending it there again would only repeat
+    that. Read from the allocations' release reasons, not from the audit trail."""
+    # A refusal because of a backyard limit (quiet hours, heat, power) passes; the others do not.
+    refused = Allocation.objects.filter(job=job, release_reason__startswith=REFUSED).exclude(
+        release_reason=REFUSED_FOR_LIMITS
+    )
+    return set(refused.values_list("unit_id", flat=True))
