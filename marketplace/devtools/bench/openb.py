@@ -3,6 +3,7 @@
 import csv
 from pathlib import Path
 
+from marketplace.devtools.bench import simulator
 from marketplace.jobs import packing
 
 NODE_FILE = "openb_node_list_gpu_node.csv"
@@ -25,11 +26,11 @@ def check_trace_dir(trace_dir: Path) -> None:
         raise TraceError(f"trace files not found in {trace_dir}: {', '.join(missing)}")
 
 
-def load_nodes(trace_dir: Path) -> list[packing.Node]:
+def load_nodes(trace_dir: Path) -> list[simulator.Node]:
     """Nodes in file order, which is the order first-fit walks them in."""
     with open(trace_dir / NODE_FILE, newline="") as fh:
         return [
-            packing.Node(r["sn"], int(r["cpu_milli"]), int(r["memory_mib"]), int(r["gpu"]), r["model"])
+            simulator.Node(r["sn"], int(r["cpu_milli"]), int(r["memory_mib"]), int(r["gpu"]), r["model"])
             for r in csv.DictReader(fh)
         ]
 

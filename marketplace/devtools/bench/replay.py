@@ -14,7 +14,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from marketplace.devtools.bench import openb
+from marketplace.devtools.bench import openb, simulator
 from marketplace.jobs import packing
 
 HELP = "Replay the Alibaba openb trace (FGD paper protocol); print GPU allocation ratios as one JSON object."
@@ -50,17 +50,17 @@ def seed_range(seeds: int, seed_list: str | None) -> list[int]:
     return list(range(FIRST_SEED, FIRST_SEED + seeds))
 
 
-def make_policy(name: str, nodes: list[packing.Node], tasks: list[packing.Task]) -> packing.Policy:
+def make_policy(name: str, nodes: list[simulator.Node], tasks: list[packing.Task]) -> packing.Policy:
     """The production FGD policy built from the trace's own task mix, or a baseline."""
     if name == "first_fit":
-        return packing.first_fit
+        return simulator.first_fit
     largest = {"max_cpu": max(n.cpu_milli for n in nodes), "max_gpu": max(n.num_gpus for n in nodes) * packing.MILLI}
     if name == "best_fit":
-        return packing.make_best_fit(**largest)
+        return simulator.make_best_fit(**largest)
     return packing.make_fgd(packing.typical_task_types(tasks), **largest)
 
 
-def node_order(nodes: list[packing.Node], policy_name: str, seed: int) -> list[packing.Node]:
+def node_order(nodes: list[simulator.Node], policy_name: str, seed: int) -> list[simulator.Node]:
     """The trace's node order for first-fit; a seeded shuffle of it for scored policies.
 
     Scored policies give ties to the node first in list order, and the paper's simulator ranks nodes by a seeded
@@ -78,9 +78,9 @@ def replay_one(trace_dir: str, policy_name: str, seed: int, until: int) -> dict:
     tasks = openb.load_tasks(Path(trace_dir))
     nodes = node_order(openb.load_nodes(Path(trace_dir)), policy_name, seed)
     capacity = sum(n.num_gpus for n in nodes) * packing.MILLI
-    arrivals = packing.build_workload(tasks, capacity, seed, until=until / 100)
+    arrivals = simulator.build_workload(tasks, capacity, seed, until=until / 100)
     start = time.perf_counter()
-    result = packing.replay(nodes, arrivals, make_policy(policy_name, nodes, tasks), seed, stop_pct=until)
+    result = simulator.replay(nodes, arrivals, make_policy(policy_name, nodes, tasks), seed, stop_pct=until)
     return {
         "policy": policy_name,
         "seed": seed,

@@ -4,8 +4,10 @@ import random
 
 import pytest
 
+from marketplace.devtools.bench import simulator
+from marketplace.devtools.bench.simulator import Cluster, Node
 from marketplace.jobs import packing
-from marketplace.jobs.packing import Cluster, Node, Task, TaskType
+from marketplace.jobs.packing import Task, TaskType
 
 
 def cluster(*gpu_counts: int) -> Cluster:
@@ -28,7 +30,7 @@ def whole(k: int, cpu: int = 1000) -> Task:
     return Task(cpu, 1024, k, 1000)
 
 
-BEST_FIT = packing.make_best_fit(64000, 8000)
+BEST_FIT = simulator.make_best_fit(64000, 8000)
 
 
 @pytest.mark.parametrize("policy", [BEST_FIT, packing.make_fgd([TaskType(1000, 1, 500, 1.0)])])
@@ -126,14 +128,14 @@ def test_typical_task_types_weights_sum_to_one():
 def test_replay_averages_ratio_per_rounded_percent_of_arrived_demand():
     nodes = [Node("n0", 64000, 262144, 1)]
     arrivals = [frac(500), frac(500), frac(500)]  # arrived 50%, 100%, 150%
-    result = packing.replay(nodes, arrivals, BEST_FIT, seed=0, stop_pct=200)
+    result = simulator.replay(nodes, arrivals, BEST_FIT, seed=0, stop_pct=200)
     assert result.ratio_at == {50: 0.5, 100: 1.0, 150: 1.0}
     assert (result.placed, result.failed) == (2, 1)
 
 
 def test_build_workload_reaches_demand_target():
     tasks = [frac(500), whole(1)]
-    arrivals = packing.build_workload(tasks, capacity=4000, seed=1, until=1.3)
+    arrivals = simulator.build_workload(tasks, capacity=4000, seed=1, until=1.3)
     assert sum(t.gpu_demand for t in arrivals) >= 5200
     assert sorted(arrivals[:2], key=lambda t: t.num_gpu * t.gpu_milli) == tasks
 
@@ -142,21 +144,21 @@ def test_first_fit_takes_the_first_node_in_list_order_and_its_first_gpu_with_roo
     c = cluster_of([1000, 300], [1000] * 8, [1000] * 8)  # on node 0, GPU 1 is the tighter fit but GPU 0 comes first
     rng = random.Random(0)
 
-    assert c.place(frac(200), packing.first_fit, rng) == packing.Placement(0, (0,))
-    assert c.place(whole(4), packing.first_fit, rng) == packing.Placement(1, (0, 1, 2, 3))
-    assert c.place(frac(900), packing.first_fit, rng) == packing.Placement(1, (4,))  # node 0 has 800 and 300 left
-    assert [c.place(whole(1), packing.first_fit, rng).node for _ in range(5)] == [1, 1, 1, 2, 2]
+    assert c.place(frac(200), simulator.first_fit, rng) == simulator.Placement(0, (0,))
+    assert c.place(whole(4), simulator.first_fit, rng) == simulator.Placement(1, (0, 1, 2, 3))
+    assert c.place(frac(900), simulator.first_fit, rng) == simulator.Placement(1, (4,))  # node 0 has 800 and 300 left
+    assert [c.place(whole(1), simulator.first_fit, rng).node for _ in range(5)] == [1, 1, 1, 2, 2]
 
 
 def test_first_fit_skips_nodes_short_of_cpu_or_memory_whatever_their_gpus():
     c = Cluster([Node("small", 2000, 262144, 8), Node("lowmem", 64000, 512, 8), Node("big", 64000, 262144, 8)])
-    assert c.place(Task(4000, 1024, 1, 500), packing.first_fit, random.Random(0)).node == 2
-    assert c.place(Task(64001, 0, 0, 0), packing.first_fit, random.Random(0)) is None
+    assert c.place(Task(4000, 1024, 1, 500), simulator.first_fit, random.Random(0)).node == 2
+    assert c.place(Task(64001, 0, 0, 0), simulator.first_fit, random.Random(0)) is None
 
 
 def test_first_fit_as_a_plain_policy_scores_every_feasible_state_alike():
-    assert packing.first_fit((64000, 1024, (300, 1000)), frac(200)) == (0.0, 300)
-    assert packing.first_fit((64000, 1024, (300, 1000)), whole(2)) is None
+    assert simulator.first_fit((64000, 1024, (300, 1000)), frac(200)) == (0.0, 300)
+    assert simulator.first_fit((64000, 1024, (300, 1000)), whole(2)) is None
 
 
 def test_equal_costs_go_to_the_node_first_in_list_order():
