@@ -48,10 +48,12 @@ class UnitAdmin(admin.ModelAdmin):
         return [(None, {"fields": fields}), ("Owner policy", {"fields": OWNER_POLICY})]
 
     def save_model(self, request, obj, form, change):
-        super().save_model(request, obj, form, change)
-        if change and {"country", "subdivision"} & set(form.changed_data):
-            previous = (str(form.initial.get("country") or ""), form.initial.get("subdivision") or "")
-            services.unit_location_declared(unit=obj, previous=previous, actor=f"user:{request.user.pk}")
+        # Edits go through the service, so policy changes are checked and audited like the
+        # owner's own, and placement hears of every change.
+        if not change:
+            return super().save_model(request, obj, form, change)
+        actor = f"user:{request.user.pk}"
+        services.unit_staff_edit(unit=obj, changed=form.changed_data, previous=form.initial, actor=actor)
 
     @admin.action(description="Attest declared location", permissions=["change"])
     def attest_location(self, request, queryset):

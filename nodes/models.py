@@ -193,17 +193,6 @@ class Unit(models.Model):
     def __str__(self) -> str:
         return self.name
 
-    def save(self, *args, **kwargs):
-        """A full save (admin, portal) may change the policy: bump the capacity version so
-        placement re-reads the unit, and never write a stale version back."""
-        if self._state.adding or kwargs.get("update_fields") is not None:
-            return super().save(*args, **kwargs)
-        kwargs["update_fields"] = [
-            f.name for f in self._meta.concrete_fields if not f.primary_key and f.name != "capacity_version"
-        ]
-        super().save(*args, **kwargs)
-        Unit.objects.filter(pk=self.pk).update(capacity_version=F("capacity_version") + 1)
-
     def clean(self):
         """Check the owner's policy and normalise it in place; the admin and the portal call this."""
         errors = {}

@@ -278,6 +278,26 @@ def unit_policy_update(*, unit: Unit, actor: str, **policy) -> Unit:
     return unit
 
 
+@transaction.atomic
+def unit_staff_edit(*, unit: Unit, changed: list[str], previous: dict, actor: str) -> Unit:
+    """An operator's edit of a unit in the admin, already set on ``unit``: the owner's policy goes
+    through ``unit_policy_update`` (checked, audited), a new declared location through
+    ``unit_location_declared`` (evidence re-checked), anything else is written alone and audited;
+    placement hears of it all by a new capacity version."""
+    policy = {field: getattr(unit, field) for field in changed if field in POLICY_FIELDS}
+    others = [field for field in changed if field not in POLICY_FIELDS]
+    if others:
+        unit.save(update_fields=others)
+        audit_record("unit.edited_by_staff", unit.id, actor=actor, fields=sorted(others))
+        units_capacity_changed([unit.pk])
+    if policy:
+        unit_policy_update(unit=unit, actor=actor, **policy)
+    if {"country", "subdivision"} & set(others):
+        location = (str(previous.get("country") or ""), previous.get("subdivision") or "")
+        unit_location_declared(unit=unit, previous=location, actor=actor)
+    return unit
+
+
 def _audit_value(value):
     """Policy values as the audit row's JSON can hold them: times as "HH:MM", kW as a string."""
     if isinstance(value, time):

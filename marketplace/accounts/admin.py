@@ -1,7 +1,7 @@
 from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin
-from django.utils import timezone
 
+from marketplace.accounts import services
 from marketplace.accounts.models import ApiKey, RenterProfile, User
 
 admin.site.register(User, UserAdmin)
@@ -28,6 +28,5 @@ class RenterProfileAdmin(admin.ModelAdmin):
 
     @admin.action(description="Verify renter", permissions=["change"])
     def verify_renter(self, request, queryset):
-        # Keep the first verification time of renters verified already.
-        verified = queryset.filter(verified_at__isnull=True).update(verified_at=timezone.now())
+        verified = services.renters_verify(profiles=queryset, actor=f"user:{request.user.pk}")
         self.message_user(request, f"Verified {verified} renter(s).", messages.SUCCESS)

@@ -11,6 +11,9 @@ from django.utils import timezone
 class User(AbstractUser):
     """A person with a login: an owner, a renter, or both, and staff."""
 
+    # What the audit trail and other apps name a person by (primary keys stay internal).
+    public_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+
     class Meta(AbstractUser.Meta):
         swappable = "AUTH_USER_MODEL"
         constraints = [

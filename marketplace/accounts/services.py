@@ -8,7 +8,7 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from marketplace.accounts.models import ApiKey
+from marketplace.accounts.models import ApiKey, RenterProfile
 from marketplace.accounts.selectors import email_in_use
 from marketplace.kernel import tokens
 from marketplace.kernel.audit import audit_record
@@ -92,3 +92,17 @@ def api_key_authenticate(*, plaintext: str) -> ApiKey | None:
     if not key.user.is_active:
         return None
     return key
+
+
+@transaction.atomic
+def renters_verify(*, profiles, actor: str) -> int:
+    """Mark renters verified (owners may accept verified renters only); a renter verified
+    already keeps the first verification time. Returns how many were verified now."""
+    now = timezone.now()
+    pending = list(
+        RenterProfile.objects.select_related("user").filter(pk__in=profiles.values("pk"), verified_at__isnull=True)
+    )
+    RenterProfile.objects.filter(pk__in=[p.pk for p in pending]).update(verified_at=now)
+    for profile in pending:
+        audit_record("renter.verified", profile.user.public_id, actor=actor)
+    return len(pending)

@@ -1,14 +1,41 @@
-from django.contrib import admin
+from django.contrib import admin, messages
 
+from marketplace.jobs import services
 from marketplace.jobs.models import Allocation, Job, Lease
+from marketplace.kernel.errors import StateConflict
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Jobs and allocations change only through their services (a state set by hand would leave
+    leases held): the admin shows them and offers actions that call the services."""
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
 
 
 @admin.register(Job)
-class JobAdmin(admin.ModelAdmin):
+class JobAdmin(ReadOnlyAdmin):
     list_display = ["id", "renter", "state", "gpu_count", "isolation", "created_at"]
     list_filter = ["state", "isolation"]
     search_fields = ["id", "renter__username", "name"]
-    readonly_fields = ["pending_reason", "attempts", "exit_code", "placed_at", "started_at", "finished_at"]
+    actions = ["cancel_jobs"]
+
+    @admin.action(description="Cancel selected jobs", permissions=["view"])
+    def cancel_jobs(self, request, queryset):
+        cancelled = 0
+        for job in queryset.exclude(state__in=Job.FINAL_STATES):
+            try:
+                services.job_cancel(job=job, actor=f"user:{request.user.pk}")
+                cancelled += 1
+            except StateConflict:
+                continue  # it ended meanwhile
+        self.message_user(request, f"Cancelled {cancelled} job(s).", messages.SUCCESS)
 
 
 class LeaseInline(admin.TabularInline):
@@ -19,7 +46,6 @@ class LeaseInline(admin.TabularInline):
 
 
 @admin.register(Allocation)
-class AllocationAdmin(admin.ModelAdmin):
+class AllocationAdmin(ReadOnlyAdmin):
     list_display = ["id", "job", "unit", "price_per_gpu_hour_micros", "created_at", "released_at"]
-    readonly_fields = [f.name for f in Allocation._meta.fields]
     inlines = [LeaseInline]

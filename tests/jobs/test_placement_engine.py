@@ -18,7 +18,7 @@ from marketplace.jobs.services import allocation_finish, job_cancel
 from marketplace.jobs.tasks import job_place as job_place_task
 from marketplace.jobs.tasks import placement_view_build
 from nodes.models import Unit
-from nodes.services import units_capacity_changed
+from nodes.services import unit_policy_update, units_capacity_changed
 from tests.conftest import job_make, renter_client, unit_online
 
 
@@ -90,8 +90,7 @@ class TestCapacityView:
         unit = shed(owner, "picky", gpus=2)
         assert job_place(job_id=job_make(renter).pk) is not None
         unit.refresh_from_db()
-        unit.workload_classes = ["inference"]
-        unit.save()  # a full save, as the admin and the portal do
+        unit_policy_update(unit=unit, actor="tests", workload_classes=["inference"])  # as the admin and portal do
 
         job = job_make(renter, workload_class="training")
 
