@@ -22,10 +22,12 @@ def units_for(user):
     least one lease) and free (healthy and idle), the hottest GPU and the draw of all of them,
     from the latest telemetry. One query however many units."""
     gpus = GPU.objects.annotate(busy=Exists(ports.slices_leased().filter(gpu=OuterRef("pk"))))
+    free = ports.slices_free()
     return Unit.objects.visible_to(user).annotate(
         gpu_total=Coalesce(_per_unit(gpus, Count("pk")), 0),
         gpu_busy=Coalesce(_per_unit(gpus.filter(busy=True), Count("pk")), 0),
-        gpu_free=Coalesce(_per_unit(gpus.filter(busy=False, healthy=True), Count("pk")), 0),
+        # Free as offers and placement count it: a GPU with a free slice (quiet hours close some).
+        gpu_free=Coalesce(_per_unit(gpus.filter(Exists(free.filter(gpu=OuterRef("pk")))), Count("pk")), 0),
         hottest_c=_per_unit(GPU.objects, Max("temperature_c")),
         power_w=_per_unit(GPU.objects, Sum("power_w")),
     )

@@ -13,5 +13,6 @@ class JobsConfig(AppConfig):
         from nodes import ports
 
         ports.slices_leased.provide(units.slices_leased)
+        ports.slices_free.provide(units.slices_free)
         ports.unit_running.provide(units.unit_running)
         ports.liveness_swept.register(services.liveness_followup)

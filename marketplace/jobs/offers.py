@@ -22,9 +22,10 @@ from django.db.models import Count, Exists, F, IntegerField, OuterRef, Q, QueryS
 from django.db.models.functions import Coalesce
 
 from marketplace.jobs import jurisdictions
-from marketplace.jobs.models import Lease, OfferSnapshot
+from marketplace.jobs.models import OfferSnapshot
 from marketplace.jobs.placement import cuda_tuple
-from nodes.models import GPU, Isolation, Slice, Unit
+from marketplace.jobs.units import slices_free
+from nodes.models import GPU, Isolation, Unit
 
 COMPARE = {"=": "exact", "<": "lt", "<=": "lte", ">": "gt", ">=": "gte"}
 OPERATORS = ("=", "!=", "<", "<=", ">", ">=", "in", "notin")
@@ -298,8 +299,7 @@ def free_gpus() -> QuerySet:
 
     Read from the GPU side, so the partial index on usable GPUs answers "the unit's first free
     GPU" without touching every slice of every unit."""
-    active = Lease.objects.filter(slice=OuterRef("pk"), released_at__isnull=True)
-    free = Slice.objects.filter(gpu=OuterRef("pk"), advertised=True).exclude(Exists(active))
+    free = slices_free().filter(gpu=OuterRef("pk"))
     return GPU.objects.filter(present=True, healthy=True).filter(Exists(free))
 
 

@@ -19,6 +19,15 @@ def slices_leased() -> QuerySet:
     return Slice.objects.filter(Exists(Lease.objects.filter(slice=OuterRef("pk"), released_at__isnull=True)))
 
 
+def slices_free() -> QuerySet:
+    """The one definition of a free slice, used by offers, the owner's portal and (as a test
+    checks, tests/jobs/test_free_slices.py) placement's capacity view: advertised (the owner's
+    policy and backyard limits let the agent offer it now), on a GPU present and healthy, and
+    held by no allocation."""
+    held = Lease.objects.filter(slice=OuterRef("pk"), released_at__isnull=True)
+    return Slice.objects.filter(advertised=True, gpu__present=True, gpu__healthy=True).exclude(Exists(held))
+
+
 def unit_running(unit: Unit) -> list[Running]:
     """What runs on the unit now, the renter shown only by an alias."""
     allocations = (
