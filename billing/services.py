@@ -1,6 +1,7 @@
 """The ledger and rating. ``ledger_post`` is the only writer of ledger rows; usage samples are
 recorded by the jobs app (``marketplace.jobs.usage``) and rated here."""
 
+from dataclasses import dataclass
 from datetime import datetime
 
 from django.conf import settings
@@ -10,7 +11,7 @@ from django.db.models import Q, Sum
 from billing.models import Account, LedgerEntry, LedgerTransaction
 from marketplace.jobs.models import Allocation, UsageSample
 from marketplace.jobs.selectors import allocation_usage, allocations_with_usage
-from marketplace.kernel.audit import audit_record
+from marketplace.kernel.audit import audit_records
 from marketplace.kernel.money import usage_cost_micros
 
 
@@ -36,24 +37,73 @@ def _accounts(*wanted: tuple[str, object]) -> list[Account]:
     ]
 
 
+@dataclass(frozen=True)
+class Posting:
+    """One balanced transaction to write: its legs (account, micro-units) sum to zero."""
+
+    key: str
+    kind: str
+    legs: list[tuple[Account, int]]
+    allocation_id: object = None
+    job_id: object = None  # the audit row's subject when the posting is for an allocation
+    memo: str = ""
+
+
+def _balanced(postings: list[Posting]) -> None:
+    for posting in postings:
+        total = sum(amount for _, amount in posting.legs)
+        if total != 0:
+            raise UnbalancedTransaction(f"Legs of {posting.key} sum to {total}, not zero.")
+
+
+def ledger_post_many(postings: list[Posting]) -> list[LedgerTransaction]:
+    """The one writer of ledger rows, for one posting or many: every posting's legs must sum to
+    zero (nothing is written otherwise), then the transactions, their entries and an audit row
+    each are written in three bulk inserts. Keys are unique in the database, so a key posted
+    already fails the whole batch; ``ledger_post`` looks a single key up first."""
+    _balanced(postings)
+    # No savepoint inside a caller's transaction (two round trips per posting): any error here
+    # is the caller's error too.
+    with transaction.atomic(savepoint=False):
+        txns = LedgerTransaction.objects.bulk_create(
+            [
+                LedgerTransaction(key=p.key, kind=p.kind, allocation_id=p.allocation_id, memo=p.memo)
+                for p in postings
+            ]
+        )
+        LedgerEntry.objects.bulk_create(
+            [
+                LedgerEntry(transaction=txn, account=account, amount_micros=amount)
+                for txn, posting in zip(txns, postings, strict=True)
+                for account, amount in posting.legs
+                if amount
+            ]
+        )
+        audit_records(
+            (f"ledger.{p.kind}_posted", p.job_id or txn.pk, {"key": p.key})
+            for txn, p in zip(txns, postings, strict=True)
+        )
+    return txns
+
+
 def ledger_post(
     *, key: str, kind: str, legs: list[tuple[Account, int]], allocation=None, memo: str = ""
 ) -> LedgerTransaction:
     """Post one balanced transaction, once per key: a repeated key returns the first posting."""
-    if sum(amount for _, amount in legs) != 0:
-        raise UnbalancedTransaction(f"Legs of {key} sum to {sum(a for _, a in legs)}, not zero.")
-    # No savepoint inside a caller's transaction (two round trips per posting): any error here
-    # is the caller's error too.
+    posting = Posting(
+        key=key,
+        kind=kind,
+        legs=legs,
+        allocation_id=allocation.pk if allocation else None,
+        job_id=allocation.job_id if allocation else None,
+        memo=memo,
+    )
+    _balanced([posting])  # before any query, so a refused posting leaves the caller's transaction usable
     with transaction.atomic(savepoint=False):
         existing = LedgerTransaction.objects.filter(key=key).first()
         if existing is not None:
             return existing
-        txn = LedgerTransaction.objects.create(key=key, kind=kind, allocation=allocation, memo=memo)
-        LedgerEntry.objects.bulk_create(
-            [LedgerEntry(transaction=txn, account=account, amount_micros=amount) for account, amount in legs if amount]
-        )
-        audit_record(f"ledger.{kind}_posted", allocation.job_id if allocation else txn.pk, key=key)
-        return txn
+        return ledger_post_many([posting])[0]
 
 
 def account_balance(account: Account) -> int:
@@ -105,46 +155,36 @@ def usage_post(*, allocation_id) -> LedgerTransaction | None:
 def usage_rate(allocation_ids) -> list[LedgerTransaction]:
     """Post the usage not yet charged of many allocations at once, as ``usage_post`` does for
     one: the allocations are locked in key order in one statement, their totals read in one
-    statement after the locks are granted, and the postings written in two bulk inserts."""
+    statement after the locks are granted, and the postings written by ``ledger_post_many``."""
     ids = sorted(set(allocation_ids))
     locked = Allocation.objects.select_for_update(of=("self",)).filter(pk__in=ids).order_by("pk")
     list(locked.values_list("pk", flat=True))
     rows = allocations_with_usage(Allocation.objects.filter(pk__in=ids)).values_list(
-        "pk", "price_per_gpu_hour_micros", "job__renter_id", "unit__owner_id", "usage_gpu_ms", "usage_wallet_micros"
-    )
+        "pk", "job_id", "price_per_gpu_hour_micros", "job__renter_id", "unit__owner_id", "usage_gpu_ms",
+        "usage_wallet_micros",
+    )  # fmt: skip
     due = []
-    for pk, price, renter_id, owner_id, used_ms, wallet_micros in rows:
+    for pk, job_id, price, renter_id, owner_id, used_ms, wallet_micros in rows:
         delta = usage_cost_micros(gpu_ms=used_ms, price_per_gpu_hour_micros=price) + wallet_micros
         if delta > 0:
-            due.append((pk, price, renter_id, owner_id, used_ms, delta))
+            due.append((pk, job_id, price, renter_id, owner_id, used_ms, delta))
     if not due:
         return []
     wanted = {(Account.Kind.PLATFORM_FEES, None)}
-    for _, _, renter_id, owner_id, _, _ in due:
+    for _, _, _, renter_id, owner_id, _, _ in due:
         wanted |= {(Account.Kind.RENTER_WALLET, renter_id), (Account.Kind.OWNER_PAYABLE, owner_id)}
     accounts = {(a.kind, a.user_id): a for a in _accounts(*wanted)}
-    txns = LedgerTransaction.objects.bulk_create(
-        [
-            LedgerTransaction(
-                key=f"usage:{pk}:{used_ms}",
-                kind="usage",
-                allocation_id=pk,
-                memo=f"{used_ms} GPU-ms at {price} micros/GPU-hour",
-            )
-            for pk, price, _, _, used_ms, _ in due
-        ]
-    )
-    entries = []
-    for txn, (_, _, renter_id, owner_id, _, delta) in zip(txns, due, strict=True):
+    postings = []
+    for pk, job_id, price, renter_id, owner_id, used_ms, delta in due:
         fee = delta * settings.PLATFORM_FEE_PERCENT // 100
         legs = [
             (accounts[Account.Kind.RENTER_WALLET, renter_id], -delta),
             (accounts[Account.Kind.OWNER_PAYABLE, owner_id], delta - fee),
             (accounts[Account.Kind.PLATFORM_FEES, None], fee),
         ]
-        entries += [LedgerEntry(transaction=txn, account=a, amount_micros=amount) for a, amount in legs if amount]
-    LedgerEntry.objects.bulk_create(entries)
-    return txns
+        memo = f"{used_ms} GPU-ms at {price} micros/GPU-hour"
+        postings.append(Posting(f"usage:{pk}:{used_ms}", "usage", legs, pk, job_id, memo))
+    return ledger_post_many(postings)
 
 
 def usage_rate_since(since: datetime, *, chunk: int = 500) -> tuple[list[LedgerTransaction], set]:
