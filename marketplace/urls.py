@@ -6,6 +6,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from billing.api import views as billing_api_views
 from marketplace.jobs import views as jobs_views
 from marketplace.kernel.api.errors import problem_response
+from nodes.agent.protocol import API_PREFIX
 
 urlpatterns = [
     path("", RedirectView.as_view(pattern_name="portal:unit_list", permanent=False)),
@@ -16,7 +17,7 @@ urlpatterns = [
     path("portal/jobs/", jobs_views.job_list, name="job_list"),
     path("api/v1/", include("marketplace.jobs.api.urls")),
     path("api/v1/", include("billing.api.urls")),
-    path("api/agent/v1/", include("marketplace.jobs.agent_api.urls")),
+    path(API_PREFIX.lstrip("/") + "/", include("marketplace.jobs.agent_api.urls")),
     path("api/stripe/webhook", billing_api_views.stripe_webhook, name="stripe-webhook"),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),

@@ -10,42 +10,35 @@ from django.utils import timezone
 from django_countries.fields import CountryField
 
 from nodes import availability
+from nodes.agent import protocol
 
 
 class Isolation(models.TextChoices):
-    """Isolation levels, weakest to strongest; see ``Isolation.rank``."""
+    """Isolation levels, weakest to strongest (the protocol's order); see ``Isolation.rank``."""
 
-    SHARED = "shared", "Shared (time-sliced GPU, no memory isolation)"
-    MIG = "mig", "MIG (hardware partition)"
-    GPU = "gpu", "Whole exclusive GPUs"
-    NODE = "node", "Whole exclusive unit"
+    SHARED = protocol.Isolation.SHARED, "Shared (time-sliced GPU, no memory isolation)"
+    MIG = protocol.Isolation.MIG, "MIG (hardware partition)"
+    GPU = protocol.Isolation.GPU, "Whole exclusive GPUs"
+    NODE = protocol.Isolation.NODE, "Whole exclusive unit"
 
     @classmethod
     def rank(cls, level: str) -> int:
-        return _ISOLATION_RANK[level]
-
-
-_ISOLATION_RANK = {level: rank for rank, level in enumerate(Isolation.values)}
+        return protocol.isolation_rank(level)
 
 
 class Slicing(models.TextChoices):
-    WHOLE = "whole", "Whole GPUs"
-    MIG = "mig", "MIG instances"
-    SHARED = "shared", "Shared fractions of a GPU"
+    WHOLE = protocol.SliceKind.WHOLE, "Whole GPUs"
+    MIG = protocol.SliceKind.MIG, "MIG instances"
+    SHARED = protocol.SliceKind.SHARED, "Shared fractions of a GPU"
 
 
 def default_isolation_levels() -> list[str]:
     return [Isolation.GPU, Isolation.NODE]
 
 
-class WorkloadClass(models.TextChoices):
-    """What a job is for, as the renter declares it; owners choose which classes they accept."""
-
-    TRAINING = "training"
-    FINE_TUNING = "fine_tuning"
-    INFERENCE = "inference"
-    BATCH = "batch"
-    INTERACTIVE = "interactive"
+# What a job is for, as the renter declares it; owners choose which classes they accept. Built
+# from the protocol's list: members TRAINING, FINE_TUNING, … with labels "Training", "Fine Tuning", …
+WorkloadClass = models.TextChoices("WorkloadClass", [(value.upper(), value) for value in protocol.WORKLOAD_CLASSES])
 
 
 def default_workload_classes() -> list[str]:

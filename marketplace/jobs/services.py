@@ -10,7 +10,7 @@ from marketplace.jobs.selectors import allocation_log_size
 from marketplace.jobs.units import unit_reliability_update
 from marketplace.kernel.audit import audit_record
 from marketplace.kernel.errors import StateConflict
-from nodes.agent.protocol import REFUSED
+from nodes.agent import protocol
 from nodes.models import Unit
 from nodes.services import units_capacity_changed
 
@@ -116,13 +116,13 @@ def allocation_start(*, allocation: Allocation) -> Job:
 def allocation_finish(*, allocation: Allocation, exit_code: int | None, reason: str) -> Job:
     """The agent reports the job's process has ended; its GPUs are free again."""
     job = Job.objects.select_for_update().get(pk=allocation.job_id)
-    if reason.startswith(REFUSED):
+    if reason.startswith(protocol.REFUSED):
         if allocation.released_at is None:
             _allocation_refused(allocation, job, reason=reason)
         return job  # nothing ran, so there is no usage; a repeated refusal changes nothing
     # Stopped by the agent for the notice, whatever its exit code (a job that checkpoints on
     # SIGTERM may well exit 0): preempted, not done. A job that ended by itself meanwhile is done.
-    if allocation.preempted_at is not None and reason == "preempted" and job.state in Job.ACTIVE_STATES:
+    if allocation.preempted_at is not None and reason == protocol.Finish.PREEMPTED and job.state in Job.ACTIVE_STATES:
         _allocation_preempted(allocation, job)
     elif allocation.released_at is None:
         _allocation_release(allocation, reason=reason or "finished")
@@ -131,7 +131,8 @@ def allocation_finish(*, allocation: Allocation, exit_code: int | None, reason: 
         job.exit_code = exit_code
         job.finished_at = timezone.now()
         if job.state == Job.State.FAILED:
-            job.failure_reason = (reason or "exited")[:255] if exit_code is None else f"exit code {exit_code}"
+            why = reason or protocol.Finish.EXITED
+            job.failure_reason = why[:255] if exit_code is None else f"exit code {exit_code}"
         job.save(update_fields=["state", "exit_code", "finished_at", "failure_reason"])
         audit_record(f"job.{job.state}", job.id, actor=f"unit:{allocation.unit_id}", exit_code=exit_code)
     elif job.state == Job.State.CANCELLED and job.exit_code is None:
@@ -145,13 +146,13 @@ def _allocation_preempted(allocation: Allocation, job: Job) -> None:
     """An interruptible job stopped for an on-demand one: the slices go to that job first, and
     this one waits in the queue again (a preemption is not one of its attempts)."""
     if allocation.released_at is None:
-        _allocation_release(allocation, reason="preempted")
+        _allocation_release(allocation, reason=protocol.Finish.PREEMPTED)
     if allocation.preempted_by_id is not None:
         placement_request(allocation.preempted_by_id)
     job.state, job.placed_at, job.started_at = Job.State.QUEUED, None, None
     job.attempts = max(job.attempts - 1, 0)
     job.save(update_fields=["state", "placed_at", "started_at", "attempts"])
-    audit_record("job.requeued", job.id, actor=f"unit:{allocation.unit_id}", reason="preempted")
+    audit_record("job.requeued", job.id, actor=f"unit:{allocation.unit_id}", reason=protocol.Finish.PREEMPTED)
     placement_request(job.id)
 
 

@@ -9,7 +9,7 @@ from django.db.models.functions import Cast, Coalesce
 from django.utils import timezone
 
 from marketplace.jobs.models import Allocation, Lease
-from nodes.agent.protocol import REFUSED_FOR_LIMITS
+from nodes.agent.protocol import REFUSED, REFUSED_FOR_LIMITS, Finish
 from nodes.models import Slice, Unit
 from nodes.selectors import Running, renter_alias
 
@@ -54,9 +54,9 @@ RELIABILITY_WINDOW = timedelta(days=30)
 # the job or never picked it up, or the owner stopped the agent under it. Every other ending
 # (the job's own exit or timeout, a renter's cancel, a refusal while backyard limits are in
 # force) is the unit keeping its word.
-UNIT_LOST_REASONS = ("unit_offline", "agent_lost", "not_acknowledged", "agent_stopped", "drained")
+UNIT_LOST_REASONS = ("unit_offline", "agent_lost", "not_acknowledged", Finish.AGENT_STOPPED, Finish.DRAINED)
 _UNIT_LOST = Q(release_reason__in=UNIT_LOST_REASONS) | (
-    Q(release_reason__startswith="refused:") & ~Q(release_reason=REFUSED_FOR_LIMITS)
+    Q(release_reason__startswith=REFUSED) & ~Q(release_reason=REFUSED_FOR_LIMITS)
 )
 
 

@@ -5,6 +5,7 @@ from typing import Any
 
 from nodes.agent.backoff import Backoff
 from nodes.agent.gpus import Gpu
+from nodes.agent.protocol import Finish, Isolation, Refused, SliceKind
 from nodes.agent.runtime import Handle, JobSpec
 
 # One hour of wall time per sample: for 64 GPUs that is the most GPU time the server takes in one.
@@ -14,7 +15,7 @@ MAX_SAMPLE_WALL_MS = 3_600_000
 class InvalidAssignment(Exception):
     """An assignment the agent will not run; `reason` is what the finish report says."""
 
-    def __init__(self, message: str, allocation_id: str | None, reason: str = "start_failed") -> None:
+    def __init__(self, message: str, allocation_id: str | None, reason: str = Finish.START_FAILED) -> None:
         super().__init__(message)
         self.allocation_id = allocation_id
         self.reason = reason
@@ -91,20 +92,20 @@ def _device(entry: dict[str, Any], inventory: dict[str, Gpu], held: dict[str, se
     A whole GPU needs the GPU to be idle; a MIG instance or a share needs the GPU not to be held
     whole, and that very instance or share to be free.
     """
-    kind = str(entry.get("kind", "whole"))
+    kind = str(entry.get("kind", SliceKind.WHOLE))
     uuid = str(entry["uuid"])
     gpu = inventory.get(str(entry.get("gpu_uuid", uuid)))
     if gpu is None:
         return None
     taken = held.get(gpu.uuid, set())
-    if kind == "whole":
+    if kind == SliceKind.WHOLE:
         return Device(gpu, gpu.uuid, gpu.uuid) if uuid == gpu.uuid and not taken else None
     if gpu.uuid in taken:
         return None
-    if kind == "mig":
+    if kind == SliceKind.MIG:
         known = {mig.uuid for mig in gpu.mig_instances}
         return Device(gpu, uuid, uuid) if uuid in known and uuid not in taken else None
-    if kind == "shared":
+    if kind == SliceKind.SHARED:
         slot = f"{gpu.uuid}#{int(entry.get('share', 0))}"
         return Device(gpu, gpu.uuid, slot) if uuid == gpu.uuid and slot not in taken else None
     return None
@@ -127,7 +128,7 @@ def parse_assignment(
             command=tuple(_argv(job["command"])),
             gpu_uuids=tuple(d.uuid if d else str(e["uuid"]) for d, e in zip(devices, entries, strict=True)),
             slots=tuple(d.slot for d in devices if d),
-            isolation=str(job.get("isolation", "gpu")),
+            isolation=str(job.get("isolation", Isolation.GPU)),
             allowed_countries=_countries(job.get("allowed_countries") or []),
             network_egress=_flag(job, "network_egress"),
             sandboxed=_flag(job, "sandboxed"),
@@ -139,7 +140,7 @@ def parse_assignment(
         raise InvalidAssignment("assignment without allocation_id", None)
     gpus = [d.gpu.uuid for d in devices if d]
     if not devices or None in devices or len(set(spec.slots)) != len(spec.slots) or len(set(gpus)) != len(gpus):
-        raise InvalidAssignment(f"devices not free here: {list(spec.gpu_uuids)}", spec.allocation_id, "refused:devices")
+        raise InvalidAssignment(f"devices not free here: {list(spec.gpu_uuids)}", spec.allocation_id, Refused.DEVICES)
     return Allocation(
         spec=spec,
         gpus=tuple(d.gpu for d in devices if d),

@@ -8,9 +8,8 @@ from urllib.parse import quote
 
 import httpx
 
-from nodes.agent import __version__
-
-API_PREFIX = "/api/agent/v1"
+from nodes.agent import __version__, protocol
+from nodes.agent.protocol import API_PREFIX
 
 
 class AgentError(Exception):
@@ -98,7 +97,7 @@ class AgentClient:
 
     def enrol(self, *, token: str, hostname: str, agent_version: str = __version__) -> Enrolment:
         body = {"token": token, "hostname": hostname, "agent_version": agent_version}
-        data = _json(self._call("POST", "/enrol", json=body))
+        data = _json(self._call("POST", "/" + protocol.ENROL, json=body))
         try:
             return Enrolment(
                 unit_id=str(data["unit_id"]),
@@ -106,7 +105,7 @@ class AgentClient:
                 heartbeat_interval_s=float(data.get("heartbeat_interval_s", 5)),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise ServerError(f"POST /enrol: malformed answer ({exc!r})") from None
+            raise ServerError(f"POST /{protocol.ENROL}: malformed answer ({exc!r})") from None
 
     def heartbeat(
         self,
@@ -119,26 +118,26 @@ class AgentClient:
         body = {"gpus": gpus, "running": running, "agent_version": __version__}
         if advertise is not None:
             body |= {"advertise": advertise, "limits": limits or {}}
-        return _json(self._call("POST", "/heartbeat", json=body))
+        return _json(self._call("POST", "/" + protocol.HEARTBEAT, json=body))
 
     def next_assignment(self, *, wait_s: int) -> dict[str, Any] | None:
         """Long-poll for work; None means the server has none for us (204)."""
-        response = self._call("GET", "/assignments/next", params={"wait": wait_s}, timeout=wait_s + self._timeout_s)
+        path = "/" + protocol.NEXT_ASSIGNMENT
+        response = self._call("GET", path, params={"wait": wait_s}, timeout=wait_s + self._timeout_s)
         return None if response.status_code == 204 else _json(response)
 
     def start(self, allocation_id: str) -> None:
-        self._call("POST", f"/allocations/{quote(allocation_id, safe='')}/start", json={})
+        self._call("POST", _allocation(allocation_id, "start"), json={})
 
     def usage(self, allocation_id: str, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        path = f"/allocations/{quote(allocation_id, safe='')}/usage"
-        return _json(self._call("POST", path, json={"samples": samples}))
+        return _json(self._call("POST", _allocation(allocation_id, "usage"), json={"samples": samples}))
 
     def logs(self, allocation_id: str, *, offset: int, data: str) -> dict[str, Any]:
-        path = f"/allocations/{quote(allocation_id, safe='')}/logs"
+        path = _allocation(allocation_id, "logs")
         return _json(self._call("POST", path, json={"offset": offset, "data": data}))
 
     def finish(self, allocation_id: str, *, exit_code: int | None, reason: str) -> None:
-        path = f"/allocations/{quote(allocation_id, safe='')}/finish"
+        path = _allocation(allocation_id, "finish")
         self._call("POST", path, json={"exit_code": exit_code, "reason": reason})
 
     def server_date(self) -> datetime | None:
@@ -162,6 +161,11 @@ class AgentClient:
         if response.is_success:
             return response
         raise error_for(response, f"{method} {path}")
+
+
+def _allocation(allocation_id: str, action: str) -> str:
+    # The id came from the server; quoted so that no id can reach another path.
+    return "/" + protocol.allocation_path(quote(allocation_id, safe=""), action)
 
 
 def error_for(response: httpx.Response, call: str) -> AgentError:

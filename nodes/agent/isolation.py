@@ -9,7 +9,9 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any
 
-LEVELS = ("shared", "mig", "gpu", "node")  # weakest to strongest
+from nodes.agent.protocol import ISOLATION_LEVELS
+
+LEVELS = ISOLATION_LEVELS  # weakest to strongest
 RUNTIMES = ("process", "docker")
 COUNTRY = re.compile(r"[A-Z]{2}")
 TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}

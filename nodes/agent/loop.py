@@ -9,13 +9,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from nodes.agent import logs, logship, protocol
+from nodes.agent import logs, logship
 from nodes.agent.allocations import Allocation, InvalidAssignment, held_slots, parse_assignment
 from nodes.agent.backoff import Backoff
 from nodes.agent.backyard import Backyard, GpuReading, Policy
 from nodes.agent.client import AgentClient, AgentError
 from nodes.agent.gpus import Gpu, Inventory, InventoryError
 from nodes.agent.heartbeat import Heartbeater
+from nodes.agent.protocol import Finish, Refused
 from nodes.agent.recovery import Journal
 from nodes.agent.refusal import LocalPolicy, refuse_unfit
 from nodes.agent.reports import Outbox, Reporter
@@ -112,9 +113,9 @@ class Agent:
             logs.event(logger, "draining", running=len(self.allocations), policy=self.options.drain)
         self._stopping = True
         if force:
-            self._stop_jobs_as = "agent_stopped"
+            self._stop_jobs_as = Finish.AGENT_STOPPED
         elif self.options.drain == "stop":
-            self._stop_jobs_as = self._stop_jobs_as or "drained"
+            self._stop_jobs_as = self._stop_jobs_as or Finish.DRAINED
 
     def tick(self) -> None:
         if self._stop_jobs_as:
@@ -244,7 +245,7 @@ class Agent:
         open_to_work = self._open_to_work()
         if any(gpu.uuid not in open_to_work for gpu in allocation.gpus):
             in_force = ",".join(self.limits.get("in_force", [])) or "none"
-            raise InvalidAssignment(f"backyard limits in force: {in_force}", allocation.id, protocol.REFUSED_FOR_LIMITS)
+            raise InvalidAssignment(f"backyard limits in force: {in_force}", allocation.id, Refused.LIMITS)
 
     def _start_pending(self) -> None:
         now = self._clock()
@@ -262,7 +263,7 @@ class Agent:
             handle = self._runtime.start(allocation.spec)
         except StartFailed as exc:
             logs.event(logger, "start_failed", logging.ERROR, allocation=allocation.id, error=exc)
-            self._abandon(allocation, "start_failed")
+            self._abandon(allocation, Finish.START_FAILED)
             return
         allocation.mark_started(handle, self._clock(), self._wall())
         self._journal.save(allocation)
@@ -275,7 +276,7 @@ class Agent:
             logs.event(logger, "start_retry", logging.WARNING, allocation=allocation.id, error=exc)
             return
         logs.event(logger, "start_refused", logging.WARNING, allocation=allocation.id, error=exc)
-        self._abandon(allocation, "start_failed")
+        self._abandon(allocation, Finish.START_FAILED)
 
     def _abandon(self, allocation: Allocation, reason: str) -> None:
         """Give up an allocation whose job never ran: no usage, just the finish."""
@@ -292,7 +293,7 @@ class Agent:
                 self._complete(allocation, code, now)
                 continue
             if allocation.stop_reason is None and allocation.overdue(now):
-                self._stop(allocation, "timeout")
+                self._stop(allocation, Finish.TIMEOUT)
             if now - allocation.last_sample_at >= self.options.usage_interval_s:
                 self._report_progress(allocation, now)
                 self._journal.save(allocation)
@@ -310,7 +311,7 @@ class Agent:
 
     def _complete(self, allocation: Allocation, exit_code: int, now: float) -> None:
         assert allocation.handle is not None
-        reason = allocation.stop_reason or "exited"
+        reason = allocation.stop_reason or Finish.EXITED
         self._report_progress(allocation, now, final=True)
         self.reporter.finish(allocation.id, exit_code, reason)
         self._runtime.cleanup(allocation.handle)
@@ -334,11 +335,11 @@ class Agent:
             logs.event(logger, "cancel_ignored", logging.DEBUG, allocation=allocation_id)
             return
         if allocation_id not in self.heartbeater.preempting:
-            self._stop(allocation, "cancelled")
+            self._stop(allocation, Finish.CANCELLED)
             return
         if allocation.stop_reason is None:  # once, however often the notice comes
             logs.event(logger, "job_preempted", allocation=allocation.id, job=allocation.spec.job_id)
-        self._stop(allocation, "preempted")
+        self._stop(allocation, Finish.PREEMPTED)
 
     def _stop(self, allocation: Allocation, reason: str) -> None:
         if allocation.handle is None:

@@ -1,10 +1,156 @@
 """The agent protocol: the names and shapes the node agent and the server agree on.
 
 Pure Python, imported by both sides (the agent installs without Django), so a value is written
-once and the server's model choices are checked against it (tests/nodes/test_protocol.py)."""
+once: the agent's client builds its URLs from the paths here, the server's URLs and model choices
+are built from the values here, and tests/nodes/test_protocol.py checks both.
+"""
+
+from typing import Any, NotRequired, TypedDict
+
+# The API: every path is relative to API_PREFIX.
+API_PREFIX = "/api/agent/v1"
+ENROL = "enrol"
+HEARTBEAT = "heartbeat"
+NEXT_ASSIGNMENT = "assignments/next"
+ALLOCATION_ACTIONS = ("start", "usage", "logs", "finish")
+
+
+def allocation_path(allocation_id: str, action: str) -> str:
+    """The path of one call about one allocation, e.g. ``allocations/<id>/finish``.
+
+    The id is inserted as it is; a caller that takes it from the network quotes it first."""
+    if action not in ALLOCATION_ACTIONS:
+        raise ValueError(f"unknown allocation action {action!r}")
+    return f"allocations/{allocation_id}/{action}"
+
+
+class Isolation:
+    """What a job is promised about its neighbours."""
+
+    SHARED = "shared"  # time-sliced GPU, no memory isolation
+    MIG = "mig"  # a hardware partition of a GPU
+    GPU = "gpu"  # whole exclusive GPUs
+    NODE = "node"  # the whole unit
+
+
+ISOLATION_LEVELS = (Isolation.SHARED, Isolation.MIG, Isolation.GPU, Isolation.NODE)  # weakest to strongest
+
+
+def isolation_rank(level: str) -> int:
+    """The level's place in ISOLATION_LEVELS: a higher rank promises more."""
+    return ISOLATION_LEVELS.index(level)
+
+
+class SliceKind:
+    """What one leased device is: also how an owner slices a unit's GPUs."""
+
+    WHOLE = "whole"
+    MIG = "mig"
+    SHARED = "shared"
+
+
+SLICE_KINDS = (SliceKind.WHOLE, SliceKind.MIG, SliceKind.SHARED)
+
+# What a job is for, as the renter declares it; owners choose which classes they accept.
+WORKLOAD_CLASSES = ("training", "fine_tuning", "inference", "batch", "interactive")
+
+
+class Finish:
+    """Finish reasons the agent reports besides the refusals."""
+
+    EXITED = "exited"  # the job ended on its own; the exit code says how
+    TIMEOUT = "timeout"  # it ran past max_duration_s
+    CANCELLED = "cancelled"  # the server listed it in a heartbeat's `cancel`
+    PREEMPTED = "preempted"  # the server listed it in a heartbeat's `preempt`
+    START_FAILED = "start_failed"  # the runtime could not start it, or the server would not let it
+    DRAINED = "drained"  # the agent was stopped with drain="stop" while it ran
+    AGENT_STOPPED = "agent_stopped"  # the agent was stopped by force while it ran
+
 
 REFUSED = "refused:"  # the prefix of the finish reason of an agent that would not run what it was sent
-# The finish reason of an agent that would not start a job because a backyard limit (quiet hours,
-# temperature, power budget) came into force after the placement. Unlike the other refusals it
-# is transient, so the unit stays a candidate for the job.
-REFUSED_FOR_LIMITS = "refused:limits"
+
+
+class Refused:
+    """Why an agent would not run an assignment: finish reasons starting with REFUSED."""
+
+    RESIDENCY = "refused:residency"  # the unit is not in one of the job's countries
+    ISOLATION = "refused:isolation"  # the owner or the hardware does not offer the job's level
+    SANDBOX = "refused:sandbox"  # no sandbox runtime configured
+    EGRESS = "refused:egress"  # no egress network configured
+    DEVICES = "refused:devices"  # the devices sent are not free here
+    # A backyard limit (quiet hours, temperature, power budget) came into force after the
+    # placement. Unlike the other refusals it is transient, so the unit stays a candidate.
+    LIMITS = "refused:limits"
+
+
+REFUSED_FOR_LIMITS = Refused.LIMITS
+
+
+class MigReport(TypedDict):
+    uuid: str
+    profile: str  # e.g. "1g.10gb"
+    memory_mb: int
+
+
+class GpuReport(TypedDict):
+    """One GPU in a heartbeat's inventory."""
+
+    index: int
+    uuid: str
+    model: str
+    vram_mb: int
+    driver_version: NotRequired[str]
+    cuda_version: NotRequired[str]
+    mig_mode: NotRequired[bool]
+    healthy: NotRequired[bool]
+    temperature_c: NotRequired[int | None]
+    power_w: NotRequired[float | None]
+    mig_instances: NotRequired[list[MigReport]]
+
+
+class Heartbeat(TypedDict):
+    """POST HEARTBEAT: what the agent has and runs."""
+
+    gpus: list[GpuReport]
+    running: list[str]  # allocation ids the agent runs now
+    agent_version: str
+    advertise: NotRequired[list[str] | None]  # GPU uuids taking new work; None: every healthy GPU
+    limits: NotRequired[dict[str, Any] | None]  # backyard limits in force
+
+
+class QuietHours(TypedDict):
+    start: str  # "HH:MM", local time
+    end: str
+    time_zone: str
+    max_gpus: int
+    power_cap_w: int | None
+
+
+class Policy(TypedDict):
+    """The owner's settings the agent enforces locally."""
+
+    slicing: str  # one of SLICE_KINDS
+    shared_fraction: int
+    isolation_levels: list[str]
+    quiet_hours: QuietHours | None
+    power_budget_w: int | None
+    thermal_stop_c: int
+    thermal_resume_c: int
+
+
+class HeartbeatReply(TypedDict):
+    """The answer to a heartbeat: everything the agent must hear."""
+
+    status: str  # the unit's status on the server
+    heartbeat_interval_s: int
+    cancel: list[str]  # allocation ids to stop, reported as Finish.CANCELLED
+    preempt: list[str]  # allocation ids to SIGTERM, then kill after the grace; Finish.PREEMPTED
+    policy: Policy
+
+
+class UsageSample(TypedDict):
+    """One sample in POST allocations/<id>/usage {"samples": [...]}; seq makes a resend harmless."""
+
+    seq: int  # 1, 2, … per allocation
+    gpu_ms: int  # GPU milliseconds since the previous sample, summed over the allocation's GPUs
+    recorded_at: str  # ISO 8601 with a time zone

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from nodes.agent.allocations import Allocation, InvalidAssignment
 from nodes.agent.gpus import Gpu
 from nodes.agent.isolation import LEVELS, IsolationConfig
+from nodes.agent.protocol import Isolation, Refused
 from nodes.agent.runtime import JobSpec
 
 
@@ -41,13 +42,13 @@ def policy_for(cfg: IsolationConfig, inventory: list[Gpu]) -> LocalPolicy:
 def refusal(spec: JobSpec, inventory: list[Gpu], policy: LocalPolicy) -> str | None:
     """Why this unit must not run the job (a finish reason), or None if it may."""
     if spec.allowed_countries and policy.country not in spec.allowed_countries:
-        return "refused:residency"
+        return Refused.RESIDENCY
     if spec.isolation not in policy.isolation_levels or not _devices_match(spec, inventory):
-        return "refused:isolation"
+        return Refused.ISOLATION
     if spec.sandboxed and not policy.sandbox:
-        return "refused:sandbox"
+        return Refused.SANDBOX
     if spec.network_egress and not policy.egress:
-        return "refused:egress"
+        return Refused.EGRESS
     return None
 
 
@@ -63,13 +64,13 @@ def refuse_unfit(allocation: Allocation, inventory: list[Gpu], policy: LocalPoli
 
 def _hardware_levels(inventory: list[Gpu]) -> tuple[str, ...]:
     has_mig = any(gpu.mig_instances for gpu in inventory)
-    return tuple(level for level in LEVELS if level != "mig" or has_mig)
+    return tuple(level for level in LEVELS if level != Isolation.MIG or has_mig)
 
 
 def _devices_match(spec: JobSpec, inventory: list[Gpu]) -> bool:
     """A MIG instance is only a part of a GPU, so it satisfies `shared` and `mig` but never a job
     that paid for whole GPUs; a `node` job must hold every GPU of the unit."""
     partial = any(uuid.startswith("MIG-") for uuid in spec.gpu_uuids)
-    if spec.isolation == "node":
+    if spec.isolation == Isolation.NODE:
         return not partial and set(spec.gpu_uuids) == {gpu.uuid for gpu in inventory}
-    return not (spec.isolation == "gpu" and partial)
+    return not (spec.isolation == Isolation.GPU and partial)

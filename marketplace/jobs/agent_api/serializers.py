@@ -1,6 +1,7 @@
 from rest_framework import serializers
 
 from marketplace.kernel.api.serializers import StrictSerializer
+from nodes.agent.protocol import Finish, SliceKind
 
 
 class EnrolSerializer(StrictSerializer):
@@ -110,7 +111,7 @@ class AssignmentGpuSerializer(serializers.Serializer):
     index = serializers.IntegerField()
     uuid = serializers.CharField(help_text="The device to give the job: a GPU or MIG instance UUID.")
     gpu_uuid = serializers.CharField(help_text="The physical GPU it belongs to.")
-    kind = serializers.CharField(help_text="whole, mig or shared")
+    kind = serializers.CharField(help_text=f"{SliceKind.WHOLE}, {SliceKind.MIG} or {SliceKind.SHARED}")
     share = serializers.IntegerField(help_text="Which share of a shared GPU.")
 
 
@@ -149,7 +150,7 @@ class LogChunkResultSerializer(serializers.Serializer):
 
 class FinishSerializer(StrictSerializer):
     exit_code = serializers.IntegerField(allow_null=True, min_value=-255, max_value=255)
-    reason = serializers.CharField(max_length=40, required=False, allow_blank=True, default="exited")
+    reason = serializers.CharField(max_length=40, required=False, allow_blank=True, default=Finish.EXITED)
 
 
 class JobStateSerializer(serializers.Serializer):

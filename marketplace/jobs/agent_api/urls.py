@@ -1,14 +1,20 @@
 from django.urls import path
 
 from marketplace.jobs.agent_api import views
+from nodes.agent import protocol
+
+
+def allocation(action: str) -> str:
+    return protocol.allocation_path("<uuid:allocation_id>", action)
+
 
 app_name = "agent"
 urlpatterns = [
-    path("enrol", views.EnrolView.as_view(), name="enrol"),
-    path("heartbeat", views.HeartbeatView.as_view(), name="heartbeat"),
-    path("assignments/next", views.NextAssignmentView.as_view(), name="assignment-next"),
-    path("allocations/<uuid:allocation_id>/start", views.AllocationStartView.as_view(), name="allocation-start"),
-    path("allocations/<uuid:allocation_id>/usage", views.AllocationUsageView.as_view(), name="allocation-usage"),
-    path("allocations/<uuid:allocation_id>/logs", views.AllocationLogsView.as_view(), name="allocation-logs"),
-    path("allocations/<uuid:allocation_id>/finish", views.AllocationFinishView.as_view(), name="allocation-finish"),
+    path(protocol.ENROL, views.EnrolView.as_view(), name="enrol"),
+    path(protocol.HEARTBEAT, views.HeartbeatView.as_view(), name="heartbeat"),
+    path(protocol.NEXT_ASSIGNMENT, views.NextAssignmentView.as_view(), name="assignment-next"),
+    path(allocation("start"), views.AllocationStartView.as_view(), name="allocation-start"),
+    path(allocation("usage"), views.AllocationUsageView.as_view(), name="allocation-usage"),
+    path(allocation("logs"), views.AllocationLogsView.as_view(), name="allocation-logs"),
+    path(allocation("finish"), views.AllocationFinishView.as_view(), name="allocation-finish"),
 ]

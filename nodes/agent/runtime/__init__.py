@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from nodes.agent.protocol import Isolation
+
 
 class StartFailed(Exception):
     pass
@@ -26,7 +28,7 @@ class JobSpec:
     image: str
     command: tuple[str, ...]
     gpu_uuids: tuple[str, ...]  # whole GPUs (GPU-…) or MIG instances (MIG-…)
-    isolation: str = "gpu"
+    isolation: str = Isolation.GPU
     allowed_countries: tuple[str, ...] = ()  # empty: anywhere
     network_egress: bool = False
     sandboxed: bool = False
