@@ -1,19 +1,15 @@
-import time
+"""The node agent API over HTTP: each view parses the request, calls its use case in
+``marketplace/jobs/agent_use_cases.py`` and serialises the answer."""
 
 from django.conf import settings
-from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from marketplace.jobs import jurisdictions
-from marketplace.jobs import services as market
+from marketplace.jobs import agent_use_cases as use_cases
 from marketplace.jobs.agent_api import serializers as s
 from marketplace.jobs.agent_api.auth import IsUnitAgent, NodeCredentialAuthentication
-from marketplace.jobs.models import Allocation
-from marketplace.jobs.usage import SampleReport, usage_record
-from nodes import services
 
 
 def client_address(request) -> str:
@@ -25,6 +21,12 @@ def client_address(request) -> str:
         forwarded = [hop.strip() for hop in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",") if hop.strip()]
         return forwarded[-hops] if len(forwarded) >= hops else ""
     return request.META.get("REMOTE_ADDR", "")
+
+
+def valid(serializer_class, data) -> dict:
+    serializer = serializer_class(data=data)
+    serializer.is_valid(raise_exception=True)
+    return serializer.validated_data
 
 
 class EnrolView(APIView):
@@ -41,15 +43,7 @@ class EnrolView(APIView):
         },
     )
     def post(self, request):
-        data = s.EnrolSerializer(data=request.data)
-        data.is_valid(raise_exception=True)
-        unit, credential = services.unit_enrol(
-            token=data.validated_data["token"],
-            hostname=data.validated_data["hostname"],
-            agent_version=data.validated_data["agent_version"],
-            address=client_address(request),
-        )
-        body = {"unit_id": unit.pk, "credential": credential, "heartbeat_interval_s": settings.HEARTBEAT_INTERVAL_S}
+        body = use_cases.agent_enrol(**valid(s.EnrolSerializer, request.data), address=client_address(request))
         return Response(s.EnrolResultSerializer(body).data, status=status.HTTP_201_CREATED)
 
 
@@ -63,94 +57,32 @@ class AgentView(APIView):
     def unit(self):
         return self.request.user.unit
 
-    def valid(self, serializer_class) -> dict:
-        data = serializer_class(data=self.request.data)
-        data.is_valid(raise_exception=True)
-        return data.validated_data
-
-    def own_allocation(self, allocation_id) -> Allocation:
-        # Scoped to the caller's unit: another unit's allocation is indistinguishable from none.
-        return get_object_or_404(Allocation.objects.select_related("job"), pk=allocation_id, unit=self.unit)
+    def own_allocation(self, allocation_id):
+        return use_cases.agent_allocation(unit=self.unit, allocation_id=allocation_id)
 
 
 class HeartbeatView(AgentView):
     @extend_schema(request=s.HeartbeatSerializer, responses={200: s.HeartbeatResultSerializer})
     def post(self, request):
-        beat = self.valid(s.HeartbeatSerializer)
-        gpus = [services.gpu_report(gpu) for gpu in beat["gpus"]]
-        if services.unit_heartbeat(
-            unit=self.unit,
-            gpus=gpus,
-            agent_version=beat["agent_version"],
-            advertise=beat["advertise"],
-            limits=beat["limits"],
-            address=client_address(request),
-        ):
-            market.placement_request()
-        running = beat["running"]
-        market.allocations_reconcile(unit=self.unit, running_ids=running)
-        cancel = market.allocations_to_cancel(unit=self.unit, running_ids=running)
-        body = {
-            "status": self.unit.status,
-            "heartbeat_interval_s": settings.HEARTBEAT_INTERVAL_S,
-            "cancel": cancel,
-            "preempt": market.allocations_to_preempt(unit=self.unit, running_ids=running),
-            "policy": services.unit_policy(self.unit),
-        }
+        beat = valid(s.HeartbeatSerializer, request.data)
+        body = use_cases.agent_heartbeat(unit=self.unit, beat=beat, address=client_address(request))
         return Response(s.HeartbeatResultSerializer(body).data)
 
 
-def assignment_body(allocation: Allocation) -> dict:
-    job = allocation.job
-    gpus = [
-        {
-            "index": lease.slice.gpu.index,
-            "uuid": lease.slice.device_uuid,
-            "gpu_uuid": lease.slice.gpu.device_uuid,
-            "kind": lease.slice.kind,
-            "share": lease.slice.share_index,
-        }
-        for lease in allocation.leases.select_related("slice__gpu").order_by("slice__gpu__index", "slice__share_index")
-    ]
-    return {
-        "allocation_id": allocation.pk,
-        "job": {
-            "id": job.pk,
-            "image": job.image,
-            "command": job.command,
-            "gpu_count": allocation.gpu_count,
-            "max_duration_s": job.max_duration_s,
-            "isolation": job.isolation,
-            # The agent checks its own country before it starts; it knows countries only.
-            "allowed_countries": jurisdictions.countries_of(job.jurisdictions),
-            "network_egress": job.network_egress,
-            "sandboxed": job.sandboxed,
-        },
-        "gpus": gpus,
-        "price_per_gpu_hour_micros": allocation.price_per_gpu_hour_micros,
-    }
-
-
 class NextAssignmentView(AgentView):
-    POLL_INTERVAL_S = 0.25
-
     @extend_schema(
         parameters=[OpenApiParameter("wait", int, description="Seconds to wait for work (long poll).")],
         responses={200: s.AssignmentSerializer, 204: OpenApiResponse(description="No work now.")},
     )
     def get(self, request):
         try:
-            wait = min(max(int(request.query_params.get("wait", 0)), 0), settings.ASSIGNMENT_LONG_POLL_MAX_S)
+            wait = int(request.query_params.get("wait", 0))
         except ValueError:
             wait = 0
-        deadline = time.monotonic() + wait
-        while True:
-            allocation = market.allocation_pull(unit=self.unit)
-            if allocation is not None:
-                return Response(s.AssignmentSerializer(assignment_body(allocation)).data)
-            if time.monotonic() >= deadline:
-                return Response(status=status.HTTP_204_NO_CONTENT)
-            time.sleep(self.POLL_INTERVAL_S)
+        body = use_cases.agent_assignment_next(unit=self.unit, wait_s=wait)
+        if body is None:
+            return Response(status=status.HTTP_204_NO_CONTENT)
+        return Response(s.AssignmentSerializer(body).data)
 
 
 class AllocationStartView(AgentView):
@@ -162,31 +94,28 @@ class AllocationStartView(AgentView):
         },
     )
     def post(self, request, allocation_id):
-        job = market.allocation_start(allocation=self.own_allocation(allocation_id))
-        return Response({"state": job.state})
+        return Response(use_cases.agent_allocation_start(allocation=self.own_allocation(allocation_id)))
 
 
 class AllocationUsageView(AgentView):
     @extend_schema(request=s.UsageSerializer, responses={200: s.UsageResultSerializer})
     def post(self, request, allocation_id):
         allocation = self.own_allocation(allocation_id)
-        samples = [SampleReport(**sample) for sample in self.valid(s.UsageSerializer)["samples"]]
-        accepted, duplicates = usage_record(allocation=allocation, samples=samples)
-        return Response({"accepted": accepted, "duplicates": duplicates})
+        samples = valid(s.UsageSerializer, request.data)["samples"]
+        return Response(use_cases.agent_allocation_usage(allocation=allocation, samples=samples))
 
 
 class AllocationLogsView(AgentView):
     @extend_schema(request=s.LogChunkSerializer, responses={200: s.LogChunkResultSerializer})
     def post(self, request, allocation_id):
         allocation = self.own_allocation(allocation_id)
-        accepted, truncated = market.log_chunk_record(allocation=allocation, **self.valid(s.LogChunkSerializer))
-        return Response({"accepted": accepted, "truncated": truncated})
+        chunk = valid(s.LogChunkSerializer, request.data)
+        return Response(use_cases.agent_allocation_logs(allocation=allocation, **chunk))
 
 
 class AllocationFinishView(AgentView):
     @extend_schema(request=s.FinishSerializer, responses={200: s.JobStateSerializer})
     def post(self, request, allocation_id):
         allocation = self.own_allocation(allocation_id)
-        finish = self.valid(s.FinishSerializer)
-        job = market.allocation_finish(allocation=allocation, exit_code=finish["exit_code"], reason=finish["reason"])
-        return Response({"state": job.state})
+        finish = valid(s.FinishSerializer, request.data)
+        return Response(use_cases.agent_allocation_finish(allocation=allocation, **finish))

@@ -1,0 +1,121 @@
+"""What the node agent API does, one function per call (enrol, heartbeat, next assignment, and
+start, usage, logs and finish of an allocation). The views in ``agent_api/`` only parse the
+request, call one of these and serialise the answer; each answer is a protocol shape
+(``nodes/agent/protocol.py``)."""
+
+import time
+from uuid import UUID
+
+from django.conf import settings
+from django.shortcuts import get_object_or_404
+
+from marketplace.jobs import jurisdictions
+from marketplace.jobs import services as market
+from marketplace.jobs.models import Allocation
+from marketplace.jobs.usage import SampleReport, usage_record
+from nodes import services
+from nodes.agent import protocol
+from nodes.models import Unit
+
+POLL_INTERVAL_S = 0.25  # how often a long poll for work looks again
+
+
+def agent_enrol(*, token: str, hostname: str, agent_version: str, address: str) -> dict:
+    unit, credential = services.unit_enrol(token=token, hostname=hostname, agent_version=agent_version, address=address)
+    return {"unit_id": unit.pk, "credential": credential, "heartbeat_interval_s": settings.HEARTBEAT_INTERVAL_S}
+
+
+def agent_heartbeat(*, unit: Unit, beat: protocol.Heartbeat, address: str) -> protocol.HeartbeatReply:
+    """Everything a heartbeat implies: store the unit's inventory and telemetry (and place queued
+    jobs if its capacity grew), reconcile its allocations with what it says it runs, and answer
+    with what the agent must do: cancel, preempt, and the owner's policy to apply locally."""
+    gpus = [services.gpu_report(gpu) for gpu in beat["gpus"]]
+    if services.unit_heartbeat(
+        unit=unit,
+        gpus=gpus,
+        agent_version=beat["agent_version"],
+        advertise=beat["advertise"],
+        limits=beat["limits"],
+        address=address,
+    ):
+        market.placement_request()
+    running = beat["running"]
+    market.allocations_reconcile(unit=unit, running_ids=running)
+    cancel = market.allocations_to_cancel(unit=unit, running_ids=running)
+    return {
+        "status": unit.status,
+        "heartbeat_interval_s": settings.HEARTBEAT_INTERVAL_S,
+        "cancel": cancel,
+        "preempt": market.allocations_to_preempt(unit=unit, running_ids=running),
+        "policy": services.unit_policy(unit),
+    }
+
+
+def agent_assignment_next(*, unit: Unit, wait_s: int) -> dict | None:
+    """The unit's next assignment, waiting up to wait_s (capped) for one; None if none came."""
+    wait_s = min(max(wait_s, 0), settings.ASSIGNMENT_LONG_POLL_MAX_S)
+    deadline = time.monotonic() + wait_s
+    while True:
+        allocation = market.allocation_pull(unit=unit)
+        if allocation is not None:
+            return _assignment(allocation)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(POLL_INTERVAL_S)
+
+
+def agent_allocation(*, unit: Unit, allocation_id: UUID) -> Allocation:
+    """The allocation a call is about, looked up before its body is read. Scoped to the caller's
+    unit: another unit's allocation is indistinguishable from none (404)."""
+    return get_object_or_404(Allocation.objects.select_related("job"), pk=allocation_id, unit=unit)
+
+
+def agent_allocation_start(*, allocation: Allocation) -> dict:
+    job = market.allocation_start(allocation=allocation)
+    return {"state": job.state}
+
+
+def agent_allocation_usage(*, allocation: Allocation, samples: list[dict]) -> dict:
+    accepted, duplicates = usage_record(allocation=allocation, samples=[SampleReport(**sample) for sample in samples])
+    return {"accepted": accepted, "duplicates": duplicates}
+
+
+def agent_allocation_logs(*, allocation: Allocation, offset: int, data: str) -> dict:
+    accepted, truncated = market.log_chunk_record(allocation=allocation, offset=offset, data=data)
+    return {"accepted": accepted, "truncated": truncated}
+
+
+def agent_allocation_finish(*, allocation: Allocation, exit_code: int | None, reason: str) -> dict:
+    job = market.allocation_finish(allocation=allocation, exit_code=exit_code, reason=reason)
+    return {"state": job.state}
+
+
+def _assignment(allocation: Allocation) -> dict:
+    job = allocation.job
+    gpus = [
+        {
+            "index": lease.slice.gpu.index,
+            "uuid": lease.slice.device_uuid,
+            "gpu_uuid": lease.slice.gpu.device_uuid,
+            "kind": lease.slice.kind,
+            "share": lease.slice.share_index,
+        }
+        for lease in allocation.leases.select_related("slice__gpu").order_by("slice__gpu__index", "slice__share_index")
+    ]
+    return {
+        "allocation_id": allocation.pk,
+        "job": {
+            "id": job.pk,
+            "image": job.image,
+            "command": job.command,
+            "gpu_count": allocation.gpu_count,
+            "max_duration_s": job.max_duration_s,
+            "isolation": job.isolation,
+            # The agent checks its own country before it starts; it knows countries only.
+            "allowed_countries": jurisdictions.countries_of(job.jurisdictions),
+            "network_egress": job.network_egress,
+            "sandboxed": job.sandboxed,
+        },
+        "gpus": gpus,
+        "price_per_gpu_hour_micros": allocation.price_per_gpu_hour_micros,
+    }
