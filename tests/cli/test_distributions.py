@@ -18,11 +18,3 @@ def test_importing_it_loads_no_server_library(module):
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
-
-
-def test_the_agent_protocol_is_shared_with_the_server():
-    from marketplace.jobs import services
-    from nodes.agent import protocol
-
-    assert services.REFUSED == protocol.REFUSED
-    assert protocol.REFUSED_FOR_LIMITS.startswith(protocol.REFUSED)
