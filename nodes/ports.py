@@ -22,3 +22,6 @@ slices_free = Provider(
 
 # What runs on a unit now, as ``nodes.selectors.Running`` rows for its owner's page.
 unit_running = Provider("unit_running", default=lambda unit: [])
+
+# How many of a unit's jobs its reliability is computed from (0: no history yet).
+unit_jobs_counted = Provider("unit_jobs_counted", default=lambda unit: 0)

@@ -58,6 +58,11 @@ def unit_running(unit: Unit) -> list[Running]:
     return ports.unit_running(unit)
 
 
+def unit_jobs_counted(unit: Unit) -> int:
+    """How many jobs the unit's reliability counts (0: no history yet; the jobs app answers)."""
+    return ports.unit_jobs_counted(unit)
+
+
 def renter_alias(*, owner_id, renter_id) -> str:
     """A stable name for a renter as one owner sees them, e.g. "renter 7f3a9c": keyed with the
     secret key and the owner, so it tells owners nothing about who the renter is and two owners

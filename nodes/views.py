@@ -140,6 +140,7 @@ def _unit_page(
         "location": selectors.unit_location(unit),
         "gpus": selectors.unit_gpus(unit),
         "running": selectors.unit_running(unit),
+        "jobs_counted": selectors.unit_jobs_counted(unit),
         "slice_prices": selectors.slice_prices(unit),
         "maintenance_error": maintenance_error,
         "currency": settings.CURRENCY.upper(),

@@ -15,4 +15,5 @@ class JobsConfig(AppConfig):
         ports.slices_leased.provide(units.slices_leased)
         ports.slices_free.provide(units.slices_free)
         ports.unit_running.provide(units.unit_running)
+        ports.unit_jobs_counted.provide(units.unit_jobs_counted)
         ports.liveness_swept.register(services.liveness_followup)

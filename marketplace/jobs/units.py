@@ -75,3 +75,11 @@ def unit_reliability_update(unit_id, *, now: datetime | None = None) -> None:
         .values("score")
     )
     Unit.objects.filter(pk=unit_id).update(reliability=Coalesce(Subquery(score), 0.5))
+
+
+def unit_jobs_counted(unit: Unit, *, now: datetime | None = None) -> int:
+    """How many of the unit's jobs its reliability counts now: allocations released in the
+    last 30 days. None yet means the figure is only the starting 0.5 (answers
+    ``nodes.ports.unit_jobs_counted`` for the portal)."""
+    since = (now or timezone.now()) - RELIABILITY_WINDOW
+    return Allocation.objects.filter(unit=unit, released_at__gte=since).count()

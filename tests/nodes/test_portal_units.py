@@ -9,6 +9,7 @@ from django.test import Client
 from django.utils import timezone
 
 from marketplace.jobs.placement import job_place
+from marketplace.jobs.services import allocation_finish
 from marketplace.kernel.models import AuditEvent
 from nodes.models import EnrolmentToken, Unit
 from nodes.selectors import renter_alias
@@ -149,6 +150,16 @@ class TestTheUnitPage:
         assert re.fullmatch(r"renter [0-9a-f]{6}", alias)
         assert f"llama-finetune {alias} 0, 1" in running
         assert renter.username not in page
+
+    def test_reliability_says_no_history_yet_until_a_job_has_ended(self, owner, renter, garage):
+        assert "no history yet" in text(logged_in(owner).get(url(garage)).content.decode())
+
+        allocation = job_place(job_id=job_make(renter).pk)
+        allocation_finish(allocation=allocation, exit_code=0, reason="")
+
+        page = text(logged_in(owner).get(url(garage)).content.decode())
+        assert "no history yet" not in page
+        assert "67 out of 100: 1 job ended in the last 30 days" in page  # (1 + 1) / (1 + 2)
 
     def test_a_job_without_a_name_is_shown_by_its_short_id(self, owner, renter, garage):
         job = job_make(renter)

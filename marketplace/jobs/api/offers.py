@@ -31,7 +31,11 @@ class OfferSerializer(serializers.Serializer):
     free_gpus = serializers.IntegerField()
     isolation_levels = serializers.ListField(child=serializers.CharField())
     price_per_gpu_hour = serializers.SerializerMethodField(help_text="Per GPU-hour, in currency units.")
-    reliability = serializers.FloatField(help_text="Uptime over the last 30 days, 0 to 1.")
+    reliability = serializers.FloatField(
+        help_text="Jobs kept over the last 30 days, 0 to 1: (kept + 1) / (ended + 2), where kept means the unit ran "
+        "the job to its own end (not lost to the unit going offline, the agent losing or refusing it). A unit "
+        "with no job ended in that window has 0.5."
+    )
     cuda = serializers.CharField()
     limits_in_force = serializers.SerializerMethodField(help_text="Backyard limits the agent last reported.")
 
