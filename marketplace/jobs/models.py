@@ -119,6 +119,10 @@ class Allocation(models.Model):
     # usage after this moment is not billed.
     preempted_at = models.DateTimeField(null=True, blank=True)
     preempted_by = models.ForeignKey(Job, on_delete=models.SET_NULL, null=True, blank=True, related_name="preemptions")
+    # Written once by the claim; see marketplace.jobs.placement.record.PlacementRecord for its keys.
+    placement_record = models.JSONField(
+        default=dict, blank=True, help_text="Where the job went and which of its rules and the owner's policy held."
+    )
 
     class Meta:
         ordering = ["-created_at"]

@@ -3,7 +3,6 @@ from django.db.models.functions import Coalesce, Length
 
 from marketplace.jobs import ports
 from marketplace.jobs.models import Allocation, Job, LogChunk, UsageSample
-from marketplace.kernel.models import AuditEvent
 
 
 def allocations_with_usage(allocations: QuerySet) -> QuerySet:
@@ -57,5 +56,5 @@ def allocation_log_size(allocation: Allocation) -> int:
 
 
 def job_placement_records(job: Job):
-    """Every placement of the job, oldest first, as the audit trail recorded it."""
-    return AuditEvent.objects.filter(action="job.placed", subject_id=job.pk).order_by("created_at", "id")
+    """Every placement of the job, oldest first, from its allocations' placement records."""
+    return Allocation.objects.filter(job=job).order_by("created_at", "id")

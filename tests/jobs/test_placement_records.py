@@ -50,6 +50,22 @@ class TestExport:
         assert first["placed_at"]
         assert first["policy"]["jurisdiction"] == {"required": ["EU"], "unit": "DE-BY", "matched": "EU"}
 
+    def test_the_record_is_the_allocations_own_field_not_the_audit_trail(self, placed_twice, renter_api):
+        job, unit, allocations = placed_twice
+        first = allocations[0]
+        first.refresh_from_db()
+        # The unit moves afterwards: the record keeps where it was when it was chosen.
+        unit.country, unit.subdivision = "FR", ""
+        unit.save(update_fields=["country", "subdivision"])
+
+        records = renter_api.get(placements_url(job)).json()
+
+        assert first.placement_record["country"] == "DE"
+        assert records[0]["policy"] == first.placement_record["policy"]
+        assert records[0]["country"] == "DE"
+        audited = AuditEvent.objects.get(action="job.placed", data__allocation=str(first.pk))
+        assert audited.data["policy"] == first.placement_record["policy"]  # people read the same facts
+
     def test_a_job_never_placed_has_no_records(self, renter, renter_api):
         assert renter_api.get(placements_url(job_make(renter))).json() == []
 

@@ -174,21 +174,22 @@ class JobSerializer(serializers.ModelSerializer):
 
 
 class PlacementRecordSerializer(serializers.Serializer):
-    """One ``job.placed`` audit event: where the job went and which rules allowed it."""
+    """One placement of the job (an allocation's placement record): where it went and which rules allowed it."""
 
     placed_at = serializers.DateTimeField(source="created_at")
-    allocation_id = serializers.UUIDField(source="data.allocation", allow_null=True)
-    unit_id = serializers.UUIDField(source="data.unit", allow_null=True)
-    country = serializers.CharField(source="data.country", default="")
-    subdivision = serializers.CharField(source="data.subdivision", default="")
+    allocation_id = serializers.UUIDField(source="id", allow_null=True)
+    unit_id = serializers.UUIDField(allow_null=True)
+    country = serializers.CharField(source="placement_record.country", default="")
+    subdivision = serializers.CharField(source="placement_record.subdivision", default="")
     price_per_gpu_hour = serializers.SerializerMethodField()
     policy = serializers.JSONField(
-        source="data.policy", default=dict, help_text="Each rule of the job and the owner's policy that held."
+        source="placement_record.policy",
+        default=dict,
+        help_text="Each rule of the job and the owner's policy that held.",
     )
 
-    def get_price_per_gpu_hour(self, event) -> str | None:
-        micros = event.data.get("price_per_gpu_hour_micros")
-        return None if micros is None else str(from_micros(micros))
+    def get_price_per_gpu_hour(self, allocation) -> str | None:
+        return str(from_micros(allocation.price_per_gpu_hour_micros))
 
 
 class JobEventSerializer(serializers.Serializer):

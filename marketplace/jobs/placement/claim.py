@@ -41,6 +41,7 @@ def _lease(decisions: list[Decision], now: datetime) -> list[Allocation]:
             gpu_count=len(d.slice_ids),
             created_at=now,
             interruptible=d.job.interruptible,
+            placement_record=record.allocation_record(d.job, d.unit, d.choice, d.summary),
         )
         for d in decisions
     ]
@@ -62,7 +63,7 @@ def _lease(decisions: list[Decision], now: datetime) -> list[Allocation]:
                     "subdivision": d.unit.profile.subdivision,
                     "price_per_gpu_hour_micros": d.choice.price,
                     "slices": [str(s) for s in d.slice_ids],
-                    "policy": record.placement_record(d.job, d.unit, d.choice, d.summary),
+                    "policy": a.placement_record["policy"],
                 },
             )
             for a, d in zip(allocations, decisions, strict=True)

@@ -3,12 +3,33 @@ and the facts placement reads back about a job's past placements (the units that
 
 from __future__ import annotations
 
+from typing import TypedDict
 from uuid import UUID
 
 from marketplace.jobs import jurisdictions
 from marketplace.jobs.models import Allocation, Job
 from marketplace.jobs.placement.rules import Choice, UnitState
 from nodes.agent.protocol import REFUSED, REFUSED_FOR_LIMITS
+
+
+class PlacementRecord(TypedDict):
+    """``Allocation.placement_record``, what ``GET /api/v1/jobs/{id}/placements`` serves.
+
+    country, subdivision: the unit's declared location when it was chosen (it may change later).
+    policy: each rule of the job and the owner's policy that held, as ``policy`` below builds it:
+    jurisdiction, verified_location, isolation, price, requirements, owner_policy, ranking and
+    units_considered."""
+
+    country: str
+    subdivision: str
+    policy: dict
+
+
+def allocation_record(job: Job, state: UnitState, choice: Choice, summary: dict) -> PlacementRecord:
+    profile = state.profile
+    return PlacementRecord(
+        country=profile.country, subdivision=profile.subdivision, policy=placement_record(job, state, choice, summary)
+    )
 
 
 def placement_record(job: Job, state: UnitState, choice: Choice, summary: dict) -> dict:
