@@ -3,7 +3,7 @@ import os
 import pytest
 from django.contrib.auth import get_user_model
 from django.core.cache import cache
-from django.db import connection
+from django.db import connection, transaction
 from rest_framework.test import APIClient
 
 from marketplace.accounts.services import api_key_create
@@ -171,3 +171,17 @@ def browser_page(chromium):
     page = context.new_page()
     yield page
     context.close()
+
+
+def ledger_backdate(txn, at) -> None:
+    """Tests only: move a posting back in time (inside or outside a hold window). The ledger is
+    append-only, a trigger refusing UPDATE on PostgreSQL; a superuser may lift triggers for one
+    transaction, which is what this does, and nothing outside the tests can."""
+    from billing.models import LedgerTransaction
+
+    with transaction.atomic(), connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute("SET LOCAL session_replication_role = replica")
+        LedgerTransaction.objects.filter(pk=txn.pk).update(created_at=at)
+        if connection.vendor == "postgresql":
+            cursor.execute("SET LOCAL session_replication_role = DEFAULT")

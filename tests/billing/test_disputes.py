@@ -17,7 +17,7 @@ from billing.stripe_api import client as stripe_client
 from billing.topups import topup_create
 from billing.webhooks import webhook_process
 from tests.billing.test_payouts import onboarded
-from tests.conftest import user_make
+from tests.conftest import ledger_backdate, user_make
 from tests.stripe_fake import sign
 
 pytestmark = pytest.mark.django_db
@@ -56,7 +56,7 @@ def spent(renter, owner, micros: int, *, key: str, at=OLD) -> LedgerTransaction:
             (account_for(Account.Kind.PLATFORM_FEES), fee),
         ],
     )
-    LedgerTransaction.objects.filter(pk=txn.pk).update(created_at=at)  # outside the payout hold
+    ledger_backdate(txn, at)  # outside the payout hold
     return txn
 
 

@@ -11,6 +11,7 @@ from billing.outbox import outbox_send
 from billing.payouts import connect_account_ensure, connect_onboarding_link, payout_failures_reverse, payouts_run
 from billing.selectors import owner_payable_micros
 from billing.services import account_balance, account_for, ledger_post
+from tests.conftest import ledger_backdate
 
 pytestmark = pytest.mark.django_db
 
@@ -30,7 +31,7 @@ def earned(owner, renter, micros: int, *, at, key: str) -> LedgerTransaction:
         ],
     )
     # Tests only: back-date the posting to place it inside or outside the hold window.
-    LedgerTransaction.objects.filter(pk=txn.pk).update(created_at=at)
+    ledger_backdate(txn, at)
     return txn
 
 

@@ -5,13 +5,13 @@ from datetime import UTC, datetime, time, timedelta
 
 import pytest
 
-from billing.models import BillingProfile, LedgerTransaction
+from billing.models import BillingProfile
 from billing.payouts import connect_account_ensure, payouts_run
 from billing.services import usage_post
 from marketplace.jobs.placement import job_place
 from marketplace.jobs.usage import SampleReport, usage_record
 from tests.billing.test_payouts import OLD, earned, onboarded, transfer_of
-from tests.conftest import job_make, unit_online
+from tests.conftest import job_make, ledger_backdate, unit_online
 
 pytestmark = pytest.mark.django_db
 
@@ -92,7 +92,7 @@ def sample_posted(allocation, *, seq: int, gpu_ms: int, recorded_at: datetime, p
     """One usage sample, charged at once; the posting back-dated to a known moment (tests only)."""
     usage_record(allocation=allocation, samples=[SampleReport(seq=seq, gpu_ms=gpu_ms, recorded_at=recorded_at)])
     txn = usage_post(allocation_id=allocation.pk)
-    LedgerTransaction.objects.filter(pk=txn.pk).update(created_at=posted_at)
+    ledger_backdate(txn, posted_at)
     return txn
 
 

@@ -11,7 +11,7 @@ from billing.services import account_for, ledger_post, usage_post, wallet_credit
 from billing.topups import topup_create, topup_credit
 from marketplace.jobs.models import Allocation, Job
 from marketplace.jobs.usage import SampleReport, usage_record
-from tests.conftest import JOB_SPEC, problem_of, renter_client, unit_online
+from tests.conftest import JOB_SPEC, ledger_backdate, problem_of, renter_client, unit_online
 
 pytestmark = pytest.mark.django_db
 
@@ -32,11 +32,11 @@ def ran(allocation: Allocation, *, seq: int, gpu_ms: int, at: datetime) -> None:
     """Usage recorded and posted at ``at``: the posting is back-dated, as only a test may."""
     usage_record(allocation=allocation, samples=[SampleReport(seq=seq, gpu_ms=gpu_ms, recorded_at=at)])
     txn = usage_post(allocation_id=allocation.pk)
-    LedgerTransaction.objects.filter(pk=txn.pk).update(created_at=at)
+    ledger_backdate(txn, at)
 
 
 def backdate(txn: LedgerTransaction, at: datetime) -> None:
-    LedgerTransaction.objects.filter(pk=txn.pk).update(created_at=at)
+    ledger_backdate(txn, at)
 
 
 @pytest.fixture

@@ -153,8 +153,9 @@ def feed(calls: list, *, start: datetime, hours: int) -> dict:
     """Deliver the calls in arrival order; the posting requests each one makes are served right
     after it (this process plays the Celery worker), and each hour's meter events are enqueued
     once the simulated clock is METER_GRACE past its end, then the hours left at the end."""
-    from billing import services
     from billing.meters import meter_events_enqueue
+    from marketplace.jobs import ports
+    from marketplace.jobs.usage import usage_record
 
     interval = timedelta(seconds=max(settings.USAGE_POSTING_INTERVAL_S, 1))
     accepted = duplicates = 0
@@ -162,7 +163,8 @@ def feed(calls: list, *, start: datetime, hours: int) -> dict:
     next_sweep = start + interval
     meter_s = 0.0
     swept_from = timezone.now()
-    with mock.patch.object(services, "usage_post_request", lambda allocation_id: None):
+    # Postings are the rating sweep's here (the bench plays the worker), not one per report.
+    with mock.patch.object(ports, "usage_due", lambda allocation_id: None):
         started = time.perf_counter()
         for arrival, allocation, samples in calls:
             while arrival >= next_sweep:  # the rating sweep's beat, on the simulated clock
@@ -173,7 +175,7 @@ def feed(calls: list, *, start: datetime, hours: int) -> dict:
                 meter_events_enqueue(hour_start=next_hour)
                 meter_s += time.perf_counter() - began
                 next_hour += timedelta(hours=1)
-            new, repeated = services.usage_record(allocation=allocation, samples=samples)
+            new, repeated = usage_record(allocation=allocation, samples=samples)
             accepted += new
             duplicates += repeated
         _sweep(swept_from)  # the jobs end: their last usage posted
