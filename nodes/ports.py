@@ -14,11 +14,9 @@ liveness_swept = Hook("liveness_swept")
 slices_leased = Provider("slices_leased", default=lambda: Slice.objects.none())
 
 # The free slices (advertised, on a present and healthy GPU, not leased), as a Slice queryset:
-# the jobs app's one definition, which offers and placement use too. Before it answers, every
-# advertised slice on a usable GPU counts as free.
-slices_free = Provider(
-    "slices_free", default=lambda: Slice.objects.filter(advertised=True, gpu__present=True, gpu__healthy=True)
-)
+# the jobs app's one definition (``marketplace.jobs.units.slices_free``), which offers and
+# placement use too; nodes does not restate it.
+slices_free = Provider("slices_free", default=lambda: Slice.objects.none())
 
 # What runs on a unit now, as ``nodes.selectors.Running`` rows for its owner's page.
 unit_running = Provider("unit_running", default=lambda unit: [])

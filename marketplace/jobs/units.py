@@ -14,9 +14,13 @@ from nodes.models import Slice, Unit
 from nodes.selectors import Running, renter_alias
 
 
+def _leased_now() -> Exists:
+    return Exists(Lease.objects.filter(slice=OuterRef("pk"), released_at__isnull=True))
+
+
 def slices_leased() -> QuerySet:
     """The slices some allocation holds now."""
-    return Slice.objects.filter(Exists(Lease.objects.filter(slice=OuterRef("pk"), released_at__isnull=True)))
+    return Slice.objects.filter(_leased_now())
 
 
 def slices_free() -> QuerySet:
@@ -24,8 +28,7 @@ def slices_free() -> QuerySet:
     checks, tests/jobs/test_free_slices.py) placement's capacity view: advertised (the owner's
     policy and backyard limits let the agent offer it now), on a GPU present and healthy, and
     held by no allocation."""
-    held = Lease.objects.filter(slice=OuterRef("pk"), released_at__isnull=True)
-    return Slice.objects.filter(advertised=True, gpu__present=True, gpu__healthy=True).exclude(Exists(held))
+    return Slice.objects.filter(advertised=True, gpu__present=True, gpu__healthy=True).exclude(_leased_now())
 
 
 def unit_running(unit: Unit) -> list[Running]:

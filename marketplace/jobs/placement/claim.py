@@ -21,6 +21,9 @@ from marketplace.jobs.placement import record
 from marketplace.kernel.models import AuditEvent
 from nodes.models import Unit
 
+# How long a unit whose heartbeats stopped is skipped before it is tried again.
+UNRESPONSIVE_HOLD_S = 2.0
+
 if TYPE_CHECKING:
     from marketplace.jobs.placement.engine import Decision, Engine
     from marketplace.jobs.placement.rules import UnitState
@@ -131,7 +134,7 @@ def claim(
             won.add(unit_id)
         else:
             # Same version, so the unit missed heartbeats; keep away until liveness decides.
-            engine.unresponsive[unit_id] = time.monotonic() + engine.UNRESPONSIVE_HOLD_S
+            engine.unresponsive[unit_id] = time.monotonic() + UNRESPONSIVE_HOLD_S
             engine.stats["units_unresponsive"] += 1
     if won:
         Unit.objects.filter(pk__in=won).update(capacity_version=F("capacity_version") + 1, capacity_changed_at=now)

@@ -38,9 +38,6 @@ from nodes.models import Isolation
 # How long a signature that found nothing is believed, even if no capacity changed (windows open).
 NOTHING_FOUND_TTL_S = 30.0
 
-# How long a unit whose heartbeats stopped is skipped before it is tried again.
-UNRESPONSIVE_HOLD_S = 2.0
-
 # An on-demand job that stopped interruptible jobs waits this long for their agents to free the
 # GPUs before it may stop others.
 PREEMPTION_WAIT_S = 120.0
@@ -93,7 +90,6 @@ class Decision:
 class Engine:
     """One worker's placement loop over its capacity view."""
 
-    UNRESPONSIVE_HOLD_S = UNRESPONSIVE_HOLD_S
 
     def __init__(self, shard: int = 0, shards: int = 1) -> None:
         self.view = CapacityView(shards)
@@ -128,7 +124,7 @@ class Engine:
                 self.view.taken(decision.unit, set(decision.slice_ids), exclusive=job.isolation == Isolation.NODE)
             decisions.append(decision)
         try:
-            allocations, lost, preempting = self._claim(decisions, before) if decisions else ([], [], [])
+            allocations, lost, preempting = claim.claim(self, decisions, before) if decisions else ([], [], [])
             for decision in preempting:
                 pending[decision.job.pk] = (decision.job, decision.summary)
             claim.pending_record(pending.values())
@@ -210,11 +206,6 @@ class Engine:
             if best is None or key < best[0]:
                 best = (key, (state, choice, slice_ids, stop))
         return None if best is None else best[1]
-
-    def _claim(
-        self, decisions: list[Decision], before: dict[UUID, UnitState]
-    ) -> tuple[list[Allocation], list[Job], list[Decision]]:
-        return claim.claim(self, decisions, before)
 
     def give_up(self, jobs: list[Job]) -> None:
         """Jobs that kept losing races stay queued until the next pass, saying why: every unit

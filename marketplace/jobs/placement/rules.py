@@ -14,15 +14,12 @@ from typing import TYPE_CHECKING, NamedTuple
 from uuid import UUID
 
 from marketplace.jobs import jurisdictions, packing
+from marketplace.jobs.models import Job
 from nodes import availability
 from nodes.models import Isolation, RentersAccepted, Unit, interruptible_price
 
 if TYPE_CHECKING:
-    from marketplace.jobs.models import Job
     from marketplace.jobs.placement.engine import Pass
-
-RANK_RELIABLE = "reliable"  # Job.Rank.RELIABLE
-
 
 class Profile(NamedTuple):
     """Everything about a unit a job's or owner's rules look at, apart from its free slices.
@@ -266,7 +263,7 @@ def _choice(job: Job, state: UnitState, price: int, cost: float, take: tuple) ->
     # The job's preference first (by what the whole job costs an hour), then the packing policy.
     price = charged(job, state.profile, price)
     total = price * len(take)
-    if job.rank == RANK_RELIABLE:
+    if job.rank == Job.Rank.RELIABLE:
         rank = (-state.profile.reliability, total, cost)
     else:
         rank = (total, -state.profile.reliability, cost)
