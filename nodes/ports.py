@@ -23,3 +23,11 @@ unit_running = Provider("unit_running", default=lambda unit: [])
 
 # How many of a unit's jobs its reliability is computed from (0: no history yet).
 unit_jobs_counted = Provider("unit_jobs_counted", default=lambda unit: 0)
+
+# The unit's location, its verification or the evidence about it changed (``unit=``, ``actor=``):
+# the jobs running there are checked against their residency rules again.
+location_changed = Hook("location_changed")
+
+# The running jobs a location change would stop, as ``nodes.selectors.Running`` rows with the
+# rule each would break (``unit=``, ``country=``, ``subdivision=``): the owner is warned first.
+residency_stops = Provider("residency_stops", default=lambda unit, country, subdivision: [])

@@ -51,6 +51,12 @@ class Running:
     started_at: object
     interruptible: bool
     price_per_gpu_hour_micros: int
+    why: str = ""  # what would stop it: set on the owner's warning before a location change
+
+
+def residency_stops(unit: Unit, *, country: str, subdivision: str) -> list[Running]:
+    """The running jobs that declaring the unit at (country, subdivision) would stop."""
+    return ports.residency_stops(unit, country, subdivision)
 
 
 def unit_running(unit: Unit) -> list[Running]:

@@ -10,7 +10,7 @@ from django.utils import timezone
 from marketplace.kernel import tokens
 from marketplace.kernel.audit import audit_record
 from marketplace.kernel.errors import InvalidToken, NotAllowed, StateConflict, TokenExpired, TokenUsed
-from nodes import geolocation
+from nodes import geolocation, ports
 from nodes.models import GPU, EnrolmentToken, Isolation, Slice, Unit
 
 ENROLMENT_TOKEN_KIND = "shs_enrol"  # noqa: S105 - a token prefix, not a secret
@@ -422,6 +422,12 @@ def location_mismatch(unit: Unit) -> bool:
     return bool(unit.observed_country) and unit.observed_country != unit.country.code
 
 
+def location_disputed(unit: Unit) -> bool:
+    """Whether evidence puts the unit in another country than it declares: such a unit takes
+    and keeps no job restricted to some jurisdictions (placement's ``Profile.disputed``)."""
+    return location_mismatch(unit)
+
+
 def location_evidence(unit: Unit) -> list[str]:
     """What vouches for the declared location now: "address", "attestation", both or neither."""
     if location_mismatch(unit):
@@ -449,14 +455,16 @@ def unit_location_verify(*, unit: Unit, actor: str = "system") -> bool:
             "unit.location_mismatch", unit.id, actor=actor, declared=unit.country.code,
             subdivision=unit.subdivision, observed=unit.observed_country, address=unit.observed_ip or "",
         )  # fmt: skip
+    # Placement reads the evidence too (a disputed location), not only the verdict: it looks again.
+    units_capacity_changed([unit.pk])
     if verified != unit.location_verified:
         unit.location_verified = verified
         Unit.objects.filter(pk=unit.pk).update(location_verified=verified)
-        units_capacity_changed([unit.pk])
         audit_record(
             "unit.location_verified" if verified else "unit.location_unverified", unit.id, actor=actor,
             country=unit.country.code, subdivision=unit.subdivision, evidence=evidence,
         )  # fmt: skip
+    ports.location_changed(unit=unit, actor=actor)  # what runs there is held to its rules again
     return verified
 
 

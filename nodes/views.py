@@ -128,6 +128,7 @@ def _unit_page(
     *,
     policy_form: UnitPolicyForm | None = None,
     location_form: UnitLocationForm | None = None,
+    residency_stops: list | None = None,
     maintenance_error: str = "",
     status: int = 200,
 ):
@@ -138,6 +139,7 @@ def _unit_page(
         "location_form": location_form
         or UnitLocationForm(initial={"country": unit.country.code, "subdivision": unit.subdivision}),
         "location": selectors.unit_location(unit),
+        "residency_stops": residency_stops or [],
         "gpus": selectors.unit_gpus(unit),
         "running": selectors.unit_running(unit),
         "jobs_counted": selectors.unit_jobs_counted(unit),
@@ -197,10 +199,15 @@ def unit_location_edit(request, unit_id):
     """The owner corrects the declared location; verification runs again on the evidence."""
     unit = _owned_unit(request, unit_id)
     form = UnitLocationForm(request.POST)
-    if form.is_valid():
-        services.unit_location_declare(unit=unit, actor=f"user:{request.user.pk}", **form.cleaned_data)
-        return redirect(f"{unit_detail_url(unit)}#location")
-    return _unit_page(request, unit, location_form=form)
+    if not form.is_valid():
+        return _unit_page(request, unit, location_form=form)
+    # Jobs restricted to places the new location is not in are stopped when it is saved: the
+    # owner sees which first, and saves again to confirm.
+    stops = selectors.residency_stops(unit, **form.cleaned_data)
+    if stops and request.POST.get("confirm_stops") != "yes":
+        return _unit_page(request, unit, location_form=form, residency_stops=stops, status=409)
+    services.unit_location_declare(unit=unit, actor=f"user:{request.user.pk}", **form.cleaned_data)
+    return redirect(f"{unit_detail_url(unit)}#location")
 
 
 @login_required

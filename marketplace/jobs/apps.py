@@ -9,7 +9,7 @@ class JobsConfig(AppConfig):
     def ready(self) -> None:
         # Jobs answers what nodes asks of it: what is leased and running on a unit, and what
         # follows a liveness sweep.
-        from marketplace.jobs import services, units
+        from marketplace.jobs import residency, services, units
         from nodes import ports
 
         ports.slices_leased.provide(units.slices_leased)
@@ -17,3 +17,5 @@ class JobsConfig(AppConfig):
         ports.unit_running.provide(units.unit_running)
         ports.unit_jobs_counted.provide(units.unit_jobs_counted)
         ports.liveness_swept.register(services.liveness_followup)
+        ports.location_changed.register(residency.unit_residency_enforce)
+        ports.residency_stops.provide(residency.residency_stops)

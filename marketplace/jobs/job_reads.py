@@ -13,7 +13,7 @@ from marketplace.kernel.money import from_micros
 # The detail keys a renter may see. Anything else an event holds (slice ids, ledger keys, the job
 # that preempted this one, which belongs to another renter) stays internal.
 EVENT_DETAIL_KEYS = ("allocation", "unit", "country", "subdivision", "reason", "previous", "exit_code", "attempts")
-SYSTEM_ACTORS = ("placement", "liveness", "agent")
+SYSTEM_ACTORS = ("placement", "liveness", "agent", "residency")
 LOG_POLL_S = 0.5  # how often a long-polling read looks for new output
 
 

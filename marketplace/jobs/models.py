@@ -115,10 +115,14 @@ class Allocation(models.Model):
     released_at = models.DateTimeField(null=True, blank=True)
     release_reason = models.CharField(max_length=40, blank=True)
     interruptible = models.BooleanField(default=False)
-    # An on-demand job needed these slices: the agent is told to stop the job (its notice), and
-    # usage after this moment is not billed.
+    # The server asked the agent to stop the job (its notice) for a reason not the renter's: an
+    # on-demand job needed these slices (``preempted_by``) or the unit no longer meets the job's
+    # residency rules. Usage after this moment is not billed.
     preempted_at = models.DateTimeField(null=True, blank=True)
     preempted_by = models.ForeignKey(Job, on_delete=models.SET_NULL, null=True, blank=True, related_name="preemptions")
+    stop_reason = models.CharField(
+        max_length=40, blank=True, help_text="Why the job was told to stop at preempted_at: 'preempted' or 'residency'."
+    )
     # Written once by the claim; see marketplace.jobs.placement.record.PlacementRecord for its keys.
     placement_record = models.JSONField(
         default=dict, blank=True, help_text="Where the job went and which of its rules and the owner's policy held."

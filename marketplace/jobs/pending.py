@@ -9,6 +9,7 @@ REASONS = {
     "unit_unresponsive": "not answering",
     "jurisdiction": "outside the allowed jurisdictions",
     "location_unverified": "location not verified",
+    "location_disputed": "location contradicted by the unit's evidence",
     "isolation": "isolation not offered",
     "workload_class": "not taking this kind of work",
     "renter_unverified": "taking verified renters only",

@@ -125,7 +125,9 @@ def allocation_finish(*, allocation: Allocation, exit_code: int | None, reason: 
     if allocation.preempted_at is not None and reason == protocol.Finish.PREEMPTED and job.state in Job.ACTIVE_STATES:
         _allocation_preempted(allocation, job)
     elif allocation.released_at is None:
-        _allocation_release(allocation, reason=reason or "finished")
+        # A job told to stop for residency (and ended meanwhile) is released as that, not "preempted".
+        stopped_for = allocation.stop_reason if reason == protocol.Finish.PREEMPTED else ""
+        _allocation_release(allocation, reason=stopped_for or reason or "finished")
     if job.state in Job.ACTIVE_STATES:
         job.state = Job.State.SUCCEEDED if exit_code == 0 else Job.State.FAILED
         job.exit_code = exit_code
@@ -143,16 +145,18 @@ def allocation_finish(*, allocation: Allocation, exit_code: int | None, reason: 
 
 
 def _allocation_preempted(allocation: Allocation, job: Job) -> None:
-    """An interruptible job stopped for an on-demand one: the slices go to that job first, and
-    this one waits in the queue again (a preemption is not one of its attempts)."""
+    """A job the server told to stop has stopped: for an on-demand job (whose slices they are
+    first) or because the unit no longer meets its residency rules. It waits in the queue again;
+    a stop that was not the job's doing is not one of its attempts."""
+    reason = allocation.stop_reason or protocol.Finish.PREEMPTED
     if allocation.released_at is None:
-        _allocation_release(allocation, reason=protocol.Finish.PREEMPTED)
+        _allocation_release(allocation, reason=reason)
     if allocation.preempted_by_id is not None:
         placement_request(allocation.preempted_by_id)
     job.state, job.placed_at, job.started_at = Job.State.QUEUED, None, None
     job.attempts = max(job.attempts - 1, 0)
     job.save(update_fields=["state", "placed_at", "started_at", "attempts"])
-    audit_record("job.requeued", job.id, actor=f"unit:{allocation.unit_id}", reason=protocol.Finish.PREEMPTED)
+    audit_record("job.requeued", job.id, actor=f"unit:{allocation.unit_id}", reason=reason)
     placement_request(job.id)
 
 
@@ -253,14 +257,17 @@ def allocations_expire_unacknowledged(*, now: datetime) -> int:
     )
     expired = 0
     for allocation in stale.select_related("job"):
-        _allocation_release(allocation, reason="not_acknowledged")
-        if Job.objects.filter(pk=allocation.job_id, state=Job.State.PLACED).update(
-            state=Job.State.QUEUED, placed_at=None
-        ):
-            audit_record("job.requeued", allocation.job_id, actor="liveness", reason="not_acknowledged")
-            placement_request(allocation.job_id)
+        allocation_withdraw(allocation, reason="not_acknowledged", actor="liveness")
         expired += 1
     return expired
+
+
+def allocation_withdraw(allocation: Allocation, *, reason: str, actor: str) -> None:
+    """Take back a placement no agent has picked up, and queue its job again."""
+    _allocation_release(allocation, reason=reason)
+    if Job.objects.filter(pk=allocation.job_id, state=Job.State.PLACED).update(state=Job.State.QUEUED, placed_at=None):
+        audit_record("job.requeued", allocation.job_id, actor=actor, reason=reason)
+        placement_request(allocation.job_id)
 
 
 def liveness_followup(*, now: datetime) -> None:

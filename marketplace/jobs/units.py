@@ -39,25 +39,31 @@ def unit_running(unit: Unit) -> list[Running]:
         .prefetch_related(Prefetch("leases", queryset=Lease.objects.select_related("slice__gpu")))
         .order_by("created_at")
     )
-    return [
-        Running(
-            job=allocation.job.name or str(allocation.job_id)[:8],
-            renter=renter_alias(owner_id=unit.owner_id, renter_id=allocation.job.renter_id),
-            gpus=sorted({lease.slice.gpu.index for lease in allocation.leases.all()}),
-            started_at=allocation.job.started_at or allocation.created_at,
-            interruptible=allocation.interruptible,
-            price_per_gpu_hour_micros=allocation.price_per_gpu_hour_micros,
-        )
-        for allocation in allocations
-    ]
+    return [unit_running_row(unit, allocation) for allocation in allocations]
+
+
+def unit_running_row(unit: Unit, allocation: Allocation, *, why: str = "") -> Running:
+    """One allocation as the unit's owner may see it (``why``: what would stop it, if anything)."""
+    return Running(
+        job=allocation.job.name or str(allocation.job_id)[:8],
+        renter=renter_alias(owner_id=unit.owner_id, renter_id=allocation.job.renter_id),
+        gpus=sorted({lease.slice.gpu.index for lease in allocation.leases.all()}),
+        started_at=allocation.job.started_at or allocation.created_at,
+        interruptible=allocation.interruptible,
+        price_per_gpu_hour_micros=allocation.price_per_gpu_hour_micros,
+        why=why,
+    )
 
 
 RELIABILITY_WINDOW = timedelta(days=30)
 # Release reasons that mean the unit lost a job it had taken: it went offline, its agent forgot
 # the job or never picked it up, or the owner stopped the agent under it. Every other ending
 # (the job's own exit or timeout, a renter's cancel, a refusal while backyard limits are in
-# force) is the unit keeping its word.
-UNIT_LOST_REASONS = ("unit_offline", "agent_lost", "not_acknowledged", Finish.AGENT_STOPPED, Finish.DRAINED)
+# force) is the unit keeping its word. A job stopped because the unit's location no longer met its
+# residency rules ("residency") was lost by the unit too: its declaration or its evidence moved.
+UNIT_LOST_REASONS = (
+    "unit_offline", "agent_lost", "not_acknowledged", Finish.AGENT_STOPPED, Finish.DRAINED, "residency",
+)  # fmt: skip
 _UNIT_LOST = Q(release_reason__in=UNIT_LOST_REASONS) | (
     Q(release_reason__startswith=REFUSED) & ~Q(release_reason=REFUSED_FOR_LIMITS)
 )

@@ -23,7 +23,7 @@ def job(**changes):
 
 def profile(**changes) -> rules.Profile:
     fields = dict(
-        status="online", country="DE", subdivision="DE-BY", verified=True, subdivision_attested=False,
+        status="online", country="DE", subdivision="DE-BY", verified=True, subdivision_attested=False, disputed=False,
         isolation_levels=("gpu", "mig", "shared"), workload_classes=("batch", "interactive"),
         renters_accepted="anyone", interruptible_price_percent=40, max_job_duration_s=None, availability=(),
         time_zone="Europe/Berlin", reliability=0.9,

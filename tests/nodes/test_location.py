@@ -296,7 +296,7 @@ class TestAdmin:
 
 
 class TestPlacement:
-    def test_a_mismatch_takes_the_unit_out_of_verified_only_work_at_once(self, shed, renter):
+    def test_a_mismatch_takes_the_unit_out_of_all_residency_restricted_work_at_once(self, shed, renter):
         unit, agent = shed
         beat(agent, IN_GERMANY)
         first = job_make(renter, jurisdictions=["EU"], require_verified_location=True)
@@ -304,18 +304,23 @@ class TestPlacement:
 
         beat(agent, IN_THE_US)
         second = job_make(renter, jurisdictions=["EU"], require_verified_location=True)
+        unverified_is_enough = job_make(renter, jurisdictions=["EU"])
 
+        # The first job was stopped by the same rule (marketplace/jobs/residency.py): its GPU is free.
+        assert Job.objects.get(pk=first.pk).state == Job.State.QUEUED
         assert job_place(job_id=second.pk) is None
-        assert Job.objects.get(pk=second.pk).pending_reason["rejected"] == {"location_unverified": 1}
-        # The GPU it would have had is free: only the residency policy kept the job away.
-        assert job_place(job_id=job_make(renter, jurisdictions=["EU"]).pk).unit_id == unit.pk
+        assert Job.objects.get(pk=second.pk).pending_reason["rejected"] == {"location_disputed": 1}
+        # Evidence against the declaration is not mere absence of evidence: no restricted job comes.
+        assert job_place(job_id=unverified_is_enough.pk) is None
+        assert job_place(job_id=job_make(renter).pk).unit_id == unit.pk
 
     def test_an_unverified_unit_still_takes_work_that_does_not_ask_for_verification(self, shed, renter):
         unit, agent = shed
-        beat(agent, IN_THE_US)
+        beat(agent, "192.168.1.20")  # a private address: no evidence either way
 
         allocation = job_place(job_id=job_make(renter, jurisdictions=["DE-BY"]).pk)
 
+        assert not fresh(unit).location_verified
         assert allocation is not None and allocation.unit_id == unit.pk
 
     def test_an_attested_unit_takes_verified_only_work_in_its_subdivision(self, shed, renter, operator):

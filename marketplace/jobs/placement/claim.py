@@ -19,6 +19,7 @@ from django.utils import timezone
 from marketplace.jobs.models import Allocation, Job, Lease
 from marketplace.jobs.placement import record
 from marketplace.kernel.models import AuditEvent
+from nodes.agent import protocol
 from nodes.models import Unit
 
 # How long a unit whose heartbeats stopped is skipped before it is tried again.
@@ -83,7 +84,7 @@ def _preempt(decisions: list[Decision], now: datetime) -> None:
     for d in decisions:
         stopping = Allocation.objects.filter(pk__in=d.preempts, released_at__isnull=True, preempted_at__isnull=True)
         stopped = list(stopping.values_list("pk", "job_id", "unit_id"))
-        stopping.update(preempted_at=now, preempted_by=d.job)
+        stopping.update(preempted_at=now, preempted_by=d.job, stop_reason=protocol.Finish.PREEMPTED)
         AuditEvent.objects.bulk_create(
             [
                 AuditEvent(

@@ -32,6 +32,7 @@ class Profile(NamedTuple):
     subdivision: str
     verified: bool
     subdivision_attested: bool  # an operator vouched for the declared subdivision, not just the country
+    disputed: bool  # evidence puts the unit in another country than it declares (nodes.services.location_disputed)
     isolation_levels: tuple[str, ...]
     workload_classes: tuple[str, ...]
     renters_accepted: str
@@ -135,11 +136,9 @@ def profile_rejection(job: Job, profile: Profile, run: Pass) -> str | None:
         return "unit_offline"
     if profile.status == Unit.Status.DRAINING:
         return "unit_draining"
-    matched = jurisdictions.match(job.jurisdictions, profile.country, profile.subdivision) if job.jurisdictions else ""
-    if matched is None:
-        return "jurisdiction"
-    if job.require_verified_location and not _location_proven(job, profile, matched):
-        return "location_unverified"
+    location = location_rejection(job, profile)
+    if location is not None:
+        return location
     offered = [Isolation.rank(level) for level in profile.isolation_levels]
     if not offered or max(offered) < Isolation.rank(job.isolation):
         return "isolation"
@@ -154,7 +153,33 @@ def profile_rejection(job: Job, profile: Profile, run: Pass) -> str | None:
     return None
 
 
-def _location_proven(job: Job, profile: Profile, matched: str) -> bool:
+class Location(NamedTuple):
+    """Where a unit is, as far as a job's residency rules look: the part of a ``Profile`` that
+    ``location_rejection`` reads, built from a unit row when a running job is checked again."""
+
+    country: str
+    subdivision: str
+    verified: bool
+    subdivision_attested: bool
+    disputed: bool
+
+
+def location_rejection(job: Job, where: Location | Profile) -> str | None:
+    """Why the unit's location rules the job out, or None: the one residency check, made when a
+    job is placed and again whenever the unit's location changes while it runs."""
+    if not job.jurisdictions and not job.require_verified_location:
+        return None
+    matched = jurisdictions.match(job.jurisdictions, where.country, where.subdivision) if job.jurisdictions else ""
+    if matched is None:
+        return "jurisdiction"
+    if job.jurisdictions and where.disputed:
+        return "location_disputed"
+    if job.require_verified_location and not _location_proven(job, where, matched):
+        return "location_unverified"
+    return None
+
+
+def _location_proven(job: Job, profile: Location | Profile, matched: str) -> bool:
     """Whether the evidence covers the code that admits the unit. Address evidence proves a
     country only, so a unit admitted by a subdivision alone needs an operator's attestation of
     that subdivision; a broader code of the job that admits it too is enough otherwise."""

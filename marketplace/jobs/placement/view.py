@@ -365,6 +365,7 @@ def _unit_state(row: dict, free: dict, busy_units: dict) -> UnitState:
             and row["attested_at"] is not None
             and (row["attested_country"], row["attested_subdivision"]) == (row["country"], row["subdivision"])
         ),
+        disputed=bool(row["observed_country"]) and row["observed_country"] != row["country"],
         isolation_levels=tuple(sorted(row["isolation_levels"] or ())),
         workload_classes=tuple(sorted(row["workload_classes"] or ())),
         renters_accepted=row["renters_accepted"],
