@@ -109,6 +109,8 @@ class TestAJobStoppedWhenTheUnitMoves:
         assert events["job.residency_breached"]["detail"]["reason"] == "jurisdiction"
         assert events["job.residency_breached"]["actor"] == "residency"
         assert "job.stopped" in events
+        placements = renter_client(renter).get(f"/api/v1/jobs/{job.pk}/placements").json()
+        assert [(p["country"], p["stop_reason"]) for p in placements] == [("FR", "residency")]
 
     def test_a_mismatch_seen_from_the_agents_address_stops_restricted_jobs_only(self, shed, renter):
         unit, agent = shed

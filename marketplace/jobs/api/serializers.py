@@ -185,7 +185,15 @@ class PlacementRecordSerializer(serializers.Serializer):
     policy = serializers.JSONField(
         source="placement_record.policy",
         default=dict,
-        help_text="Each rule of the job and the owner's policy that held.",
+        help_text="Each rule of the job and the owner's policy that held when it was placed.",
+    )
+    released_at = serializers.DateTimeField(allow_null=True, help_text="When the placement ended; null while it holds.")
+    release_reason = serializers.CharField(
+        help_text="Why it ended, e.g. exited, cancelled, preempted, unit_offline, or residency: the unit's location "
+        "stopped meeting the job's rules while it ran."
+    )
+    stop_reason = serializers.CharField(
+        help_text="Set when the platform told the job to stop: preempted (for an on-demand job) or residency."
     )
 
     def get_price_per_gpu_hour(self, allocation) -> str | None:
