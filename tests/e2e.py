@@ -48,14 +48,16 @@ def stack_env(data_dir) -> dict:
     return env
 
 
-def wait_until(predicate, *, timeout: float, interval: float = 0.25, what: str = "condition"):
+def wait_until(predicate, *, timeout: float, interval: float = 0.25, what="condition"):
+    """Poll until predicate() is truthy and return it; ``what`` (text, or a function giving the
+    text at the moment of failure) names what was awaited."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"Timed out after {timeout:.0f} s waiting for {what}")
+            raise AssertionError(f"Timed out after {timeout:.0f} s waiting for {what() if callable(what) else what}")
         time.sleep(interval)
 
 
