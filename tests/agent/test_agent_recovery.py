@@ -32,7 +32,7 @@ def agent_on(server: FakeServer, tmp_path: Path, until: Callable[[Agent], bool],
     """An agent on tmp_path's state folder whose loop dies once `until(agent)` holds."""
     client = AgentClient("http://shed.test", CREDENTIAL, transport=server.transport())
     runtime = ProcessRuntime(tmp_path / "work", tmp_path / "state" / "logs", kill_grace_s=1.0)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 90  # a guard against a hung loop, far above any test's need
 
     def sleep(seconds: float) -> None:
         assert time.monotonic() < deadline, "the agent loop did not get there in time"
@@ -64,6 +64,7 @@ def gpu_ms(server: FakeServer, allocation_id: str) -> int:
 
 def test_a_job_that_outlives_the_agent_is_adopted_and_billed_once_for_all_its_time(server, tmp_path):
     allocation_id = server.assign(["sh", "-c", "sleep 1.5"], gpu_count=2)
+    began = time.monotonic()
     run_until_killed(agent_on(server, tmp_path, until=lambda agent: len(server.samples[allocation_id]) >= 2))
     time.sleep(0.5)  # the agent is away while the job runs on
     beats_before = len(server.heartbeats)
@@ -73,7 +74,8 @@ def test_a_job_that_outlives_the_agent_is_adopted_and_billed_once_for_all_its_ti
     assert server.started == [allocation_id]
     assert server.finished[allocation_id] == {"exit_code": 0, "reason": "exited"}
     assert seqs(server, allocation_id) == list(range(1, len(seqs(server, allocation_id)) + 1))
-    assert 2 * 1500 <= gpu_ms(server, allocation_id) <= 2 * 1900
+    took_ms = int((time.monotonic() - began) * 1000) + 1
+    assert 2 * 1500 <= gpu_ms(server, allocation_id) <= 2 * took_ms
     assert allocation_id in server.heartbeats[beats_before]["running"]
     assert not list((tmp_path / "state" / "allocations").iterdir())
 
@@ -81,12 +83,14 @@ def test_a_job_that_outlives_the_agent_is_adopted_and_billed_once_for_all_its_ti
 def test_a_job_that_ended_while_the_agent_was_away_is_billed_until_it_ended(server, tmp_path):
     allocation_id = server.assign(["sh", "-c", "sleep 0.3; exit 5"], gpu_count=1)
     run_until_killed(agent_on(server, tmp_path, until=lambda agent: bool(server.started)))
-    time.sleep(1.2)
+    away_s = 4.0
+    time.sleep(away_s)  # the job ends early in this absence
 
     run_until_killed(agent_on(server, tmp_path, until=reported(allocation_id, server)))
 
     assert server.finished[allocation_id] == {"exit_code": 5, "reason": "exited"}
-    assert 300 <= gpu_ms(server, allocation_id) <= 700
+    # Billed for its own 0.3 s (however slowly a busy machine ran it), not for the agent's absence.
+    assert 300 <= gpu_ms(server, allocation_id) < away_s * 1000
 
 
 def test_a_job_gone_without_a_trace_is_reported_lost_on_restart(server, tmp_path):
@@ -104,6 +108,7 @@ def test_a_job_gone_without_a_trace_is_reported_lost_on_restart(server, tmp_path
 
 def test_a_crash_between_queuing_a_sample_and_saving_the_record_reuses_no_seq(server, tmp_path):
     allocation_id = server.assign(["sh", "-c", "sleep 1"], gpu_count=1)
+    began = time.monotonic()
     first = agent_on(server, tmp_path, until=lambda agent: False)
     saves = []
     save = first._journal.save
@@ -121,7 +126,8 @@ def test_a_crash_between_queuing_a_sample_and_saving_the_record_reuses_no_seq(se
     run_until_killed(agent_on(server, tmp_path, until=reported(allocation_id, server)))
 
     assert seqs(server, allocation_id) == list(range(1, len(seqs(server, allocation_id)) + 1))
-    assert 1000 <= gpu_ms(server, allocation_id) <= 1400
+    took_ms = int((time.monotonic() - began) * 1000) + 1
+    assert 1000 <= gpu_ms(server, allocation_id) <= took_ms  # the re-sent sample is not counted twice
 
 
 def test_a_job_being_stopped_when_the_agent_died_is_stopped_after_the_restart(server, tmp_path):
@@ -152,7 +158,7 @@ def test_the_stop_drain_policy_stops_running_jobs_and_reports_them_drained(serve
     agent._sleep = drain_once_started
     assert agent.run() == 0
 
-    assert time.monotonic() - began < 5
+    assert time.monotonic() - began < 25  # stopped: the job alone would have run 30 s
     assert server.finished[allocation_id] == {"exit_code": 128 + signal.SIGTERM, "reason": "drained"}
 
 
