@@ -138,6 +138,7 @@ def _unit_page(
         "location_form": location_form
         or UnitLocationForm(initial={"country": unit.country.code, "subdivision": unit.subdivision}),
         "location": selectors.unit_location(unit),
+        "holds": selectors.unit_placement_holds(unit),
         "gpus": selectors.unit_gpus(unit),
         "running": selectors.unit_running(unit),
         "jobs_counted": selectors.unit_jobs_counted(unit),

@@ -40,6 +40,8 @@ class Profile(NamedTuple):
     availability: tuple
     time_zone: str
     reliability: float  # rounded, so units of nearly equal standing group together
+    under_review: bool = False  # staff are to look at its agent's implausible reports
+    agent_country: str = ""  # the country its agent is configured for, if it says
 
 
 class SliceShape(NamedTuple):
@@ -135,9 +137,13 @@ def profile_rejection(job: Job, profile: Profile, run: Pass) -> str | None:
         return "unit_offline"
     if profile.status == Unit.Status.DRAINING:
         return "unit_draining"
+    if profile.under_review:
+        return "unit_under_review"
     matched = jurisdictions.match(job.jurisdictions, profile.country, profile.subdivision) if job.jurisdictions else ""
     if matched is None:
         return "jurisdiction"
+    if job.jurisdictions and profile.agent_country and profile.agent_country != profile.country:
+        return "agent_country"  # its agent would refuse the job, or it is not where it says
     if job.require_verified_location and not _location_proven(job, profile, matched):
         return "location_unverified"
     offered = [Isolation.rank(level) for level in profile.isolation_levels]
