@@ -104,8 +104,9 @@ def _refusal(allocation: Allocation, new: list[SampleReport], now: datetime) -> 
     for sample in new:
         if not earliest <= sample.recorded_at <= latest:
             detail = (
-                f"Sample {sample.seq} was recorded at {sample.recorded_at.isoformat()}, outside the allocation's life "
-                f"({earliest.isoformat()} to {latest.isoformat()}, allowing {settings.USAGE_CLOCK_SKEW_S} s of clock skew)."
+                f"Sample {sample.seq} was recorded at {sample.recorded_at.isoformat()}, outside the allocation's "
+                f"life ({earliest.isoformat()} to {latest.isoformat()}, allowing {settings.USAGE_CLOCK_SKEW_S} s "
+                "of clock skew)."
             )
             return UsageRefused(OUTSIDE_ALLOCATION, detail)
         if released is not None and sample.recorded_at > released + skew:

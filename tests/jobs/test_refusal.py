@@ -85,9 +85,9 @@ def test_a_job_only_refusing_units_could_take_stays_pending_and_says_why(cheap, 
 
 def test_refusals_never_use_up_a_jobs_attempts(cheap, dear, owner, renter, settings):
     settings.JOB_MAX_ATTEMPTS = 1
-    third = unit_online(owner, name="third", gpus=2, price_per_gpu_hour_micros=5_000_000)[1]
+    third = agent_client(unit_online(owner, name="third", gpus=2, price_per_gpu_hour_micros=5_000_000)[1])
     job = job_make(renter)
-    for agent, reason in ((cheap[1], "refused:limits"), (dear[1], "refused:devices"), (agent_client(third), "refused:limits")):
+    for agent, reason in ((cheap[1], "refused:limits"), (dear[1], "refused:devices"), (third, "refused:limits")):
         response = refuse(agent, job_place(job_id=job.pk), reason)
         assert response.json() == {"state": "queued"}
 

@@ -100,7 +100,9 @@ class TestImplausibleUsage:
         allocation, agent = active
         batch = [sample(seq, 64 * HOUR_MS) for seq in range(1, 11)]
 
-        body = refused(agent.post(usage_url(allocation), {"samples": batch}, format="json"), 422, "usage-exceeds-gpu-time")
+        body = refused(
+            agent.post(usage_url(allocation), {"samples": batch}, format="json"), 422, "usage-exceeds-gpu-time"
+        )
 
         assert "more than the allocation's 1 GPU(s)" in body["detail"]
         assert not UsageSample.objects.filter(allocation=allocation).exists()
