@@ -218,6 +218,16 @@ class TestReview:
         unit = Unit.objects.get(pk=allocation.unit_id)
         assert (unit.implausible_reports, unit.review_since) == (2, None)
 
+    def test_a_unit_under_review_offers_nothing(self, active, renter_api):
+        allocation, agent = active
+
+        def offered() -> list[str]:
+            return [offer["unit"] for offer in renter_api.get("/api/v1/offers").json()["results"]]
+
+        assert offered() == ["shed"]
+        self.implausible(allocation, agent, 3)
+        assert offered() == []
+
     def test_staff_clearing_the_review_brings_the_unit_back_into_placement(self, active, renter, staff):
         allocation, agent = active
         self.implausible(allocation, agent, 3)
