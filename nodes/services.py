@@ -575,6 +575,7 @@ def unit_implausible_report(*, unit_id, reason: str, now: datetime) -> bool:
     return True
 
 
+@transaction.atomic
 def unit_review_start(*, unit_id, reason: str, actor: str, now: datetime) -> bool:
     """Put the unit under review: placement gives it no new job until staff clear it. Running
     jobs go on. Returns whether it was not under review before."""
