@@ -29,15 +29,16 @@ class UnitAdmin(admin.ModelAdmin):
         "name", "owner", "country", "subdivision", "location_verified", "observed_country", "status",
         "last_heartbeat_at", "price_per_gpu_hour_micros", "reliability",
     ]  # fmt: skip
-    list_filter = ["status", "location_verified", "country"]
+    list_filter = ["status", "location_verified", "country", ("review_since", admin.EmptyFieldListFilter)]
     search_fields = ["name", "owner__username", "hostname", "observed_ip"]
     readonly_fields = [
         "id", "credential_lookup", "enrolled_at", "last_heartbeat_at", "agent_version", "hostname",
-        *LOCATION_EVIDENCE, "capacity_version", "capacity_changed_at",
+        *LOCATION_EVIDENCE, "agent_country", "review_since", "review_reason", "implausible_reports",
+        "implausible_since", "capacity_version", "capacity_changed_at",
     ]  # fmt: skip
     exclude = ["credential_digest"]
     inlines = [GPUInline]
-    actions = ["attest_location", "revoke_attestation"]
+    actions = ["attest_location", "revoke_attestation", "clear_review"]
 
     def get_readonly_fields(self, request, obj=None):
         return [*super().get_readonly_fields(request, obj), "reliability"]  # computed from allocations
@@ -61,6 +62,11 @@ class UnitAdmin(admin.ModelAdmin):
             services.unit_location_attest(unit=unit, by=request.user)
         verified = queryset.filter(location_verified=True).count()
         self.message_user(request, f"Attested {len(queryset)} unit(s); {verified} verified now.", messages.SUCCESS)
+
+    @admin.action(description="Clear review (take jobs again)", permissions=["change"])
+    def clear_review(self, request, queryset):
+        cleared = sum(services.unit_review_clear(unit=unit, actor=f"user:{request.user.pk}") for unit in queryset)
+        self.message_user(request, f"Cleared the review of {cleared} unit(s).", messages.SUCCESS)
 
     @admin.action(description="Revoke location attestation", permissions=["change"])
     def revoke_attestation(self, request, queryset):

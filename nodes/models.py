@@ -149,6 +149,17 @@ class Unit(models.Model):
     reliability = models.FloatField(
         default=0.5, help_text="Share of recent allocations that ended without the unit losing them (smoothed)."
     )
+    # The country the agent's own configuration names, as its heartbeats report it ("" when it
+    # names none). A unit whose agent disagrees with the declared country takes no job
+    # restricted to jurisdictions until the two agree.
+    agent_country = models.CharField(max_length=2, blank=True)
+    # Implausible usage reports in the current window (USAGE_REVIEW_WINDOW_S, from the first
+    # one); USAGE_REVIEW_AFTER of them put the unit under review: out of placement until staff
+    # clear it.
+    implausible_reports = models.PositiveIntegerField(default=0)
+    implausible_since = models.DateTimeField(null=True, blank=True)
+    review_since = models.DateTimeField(null=True, blank=True, help_text="Under review since: no new jobs.")
+    review_reason = models.CharField(max_length=255, blank=True)
     # Bumped by every change that can alter what placement may put here (leases, slices,
     # status, policy); placement claims a unit only at the version it decided on.
     capacity_version = models.BigIntegerField(default=0)

@@ -117,6 +117,24 @@ def _thermal_reason(unit: Unit, hottest_c) -> str:
 _LIMIT_REASONS = {"quiet_hours": _quiet_hours_reason, "power_budget": _power_reason, "thermal": _thermal_reason}
 
 
+def unit_placement_holds(unit: Unit) -> list[str]:
+    """What keeps jobs away from the unit beyond its status and limits, in words for its owner."""
+    holds = []
+    if unit.review_since is not None:
+        holds.append(
+            f"Under review since {unit.review_since:%Y-%m-%d %H:%M} UTC: {unit.review_reason}. No new job is placed "
+            "on the unit until an operator has looked into its agent's usage reports; jobs running now go on. "
+            "Contact an operator."
+        )
+    if unit.agent_country and unit.agent_country != unit.country.code:
+        holds.append(
+            f"The agent is configured for {countries.name(unit.agent_country)} ({unit.agent_country}), but the "
+            f"unit is declared in {unit.country.name} ({unit.country.code}): it gets no job restricted to "
+            "jurisdictions until the two agree. Correct the agent's `country` setting, or the declared location."
+        )
+    return holds
+
+
 @dataclass(frozen=True)
 class Location:
     """The unit's location evidence, as its owner sees it."""

@@ -4,7 +4,7 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Case, F, Value, When
+from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
 from marketplace.kernel import tokens
@@ -355,9 +355,11 @@ def unit_heartbeat(
     advertise: list[str] | None = None,
     limits: dict | None = None,
     address: str = "",
+    country: str | None = None,
 ) -> bool:
-    """Record that the unit is alive, what it has and what it offers now, and the public
-    address it called from. Returns whether capacity may have grown."""
+    """Record that the unit is alive, what it has and what it offers now, the public address
+    it called from and the country its agent is configured for (None: none). Returns whether
+    capacity may have grown."""
     now = timezone.now()
     was = unit.status
     if was in (Unit.Status.PENDING, Unit.Status.SUSPECT, Unit.Status.OFFLINE):
@@ -375,14 +377,22 @@ def unit_heartbeat(
         unit.limits = limits
         fields.append("limits")
         audit_record("unit.limits_changed", unit.id, actor="agent", limits=limits)
+    agent_country = country or ""
+    if agent_country != unit.agent_country:
+        audit_record(
+            "unit.agent_country_reported", unit.id, actor="agent", country=agent_country,
+            previous=unit.agent_country, declared=unit.country.code,
+        )  # fmt: skip
+        unit.agent_country = agent_country
+        fields.append("agent_country")
     observed = _address_observe(unit, address, now)
     unit.save(update_fields=fields + observed)
     was_verified = unit.location_verified
-    if observed:
-        unit_location_verify(unit=unit, actor="agent")
+    if observed or "agent_country" in fields:
+        unit_location_verify(unit=unit, actor="agent")  # and the jobs there held to their rules again
     became_verified = unit.location_verified and not was_verified
     inventory_changed = _inventory_sync(unit, gpus, None if advertise is None else set(advertise))
-    changed = inventory_changed or was != unit.status
+    changed = inventory_changed or was != unit.status or "agent_country" in fields
     if changed:
         units_capacity_changed([unit.pk])
     return changed or became_verified
@@ -553,3 +563,48 @@ def units_mark_unresponsive(*, now: datetime) -> list[Unit]:
             audit_record("unit.went_offline", unit.id, last_heartbeat=unit.last_heartbeat_at.isoformat())
             gone.append(unit)
     return gone
+
+
+@transaction.atomic
+def unit_implausible_report(*, unit_id, reason: str, now: datetime) -> bool:
+    """Count an implausible report from the unit's agent (usage it cannot have measured). The
+    USAGE_REVIEW_AFTER-th within USAGE_REVIEW_WINDOW of the first puts the unit under review.
+    Returns whether the unit is under review now."""
+    window_open = Q(implausible_since__gte=now - settings.USAGE_REVIEW_WINDOW)
+    Unit.objects.filter(pk=unit_id).update(
+        implausible_reports=Case(When(window_open, then=F("implausible_reports") + 1), default=Value(1)),
+        implausible_since=Case(When(window_open, then=F("implausible_since")), default=Value(now)),
+    )
+    count, since = Unit.objects.filter(pk=unit_id).values_list("implausible_reports", "implausible_since").get()
+    if count < settings.USAGE_REVIEW_AFTER:
+        return False
+    why = f"{count} implausible usage reports since {since:%Y-%m-%d %H:%M} UTC, the last: {reason}"
+    unit_review_start(unit_id=unit_id, reason=why, actor="usage", now=now)
+    return True
+
+
+@transaction.atomic
+def unit_review_start(*, unit_id, reason: str, actor: str, now: datetime) -> bool:
+    """Put the unit under review: placement gives it no new job until staff clear it. Running
+    jobs go on. Returns whether it was not under review before."""
+    if not Unit.objects.filter(pk=unit_id, review_since__isnull=True).update(
+        review_since=now, review_reason=reason[:255]
+    ):
+        return False
+    units_capacity_changed([unit_id])
+    audit_record("unit.review_started", unit_id, actor=actor, reason=reason)
+    return True
+
+
+@transaction.atomic
+def unit_review_clear(*, unit: Unit, actor: str) -> bool:
+    """Staff looked into the unit: it takes jobs again, and its count of implausible reports
+    starts afresh. Returns whether it was under review."""
+    cleared = Unit.objects.filter(pk=unit.pk, review_since__isnull=False).update(
+        review_since=None, review_reason="", implausible_reports=0, implausible_since=None
+    )
+    unit.refresh_from_db(fields=["review_since", "review_reason", "implausible_reports", "implausible_since"])
+    if cleared:
+        units_capacity_changed([unit.pk])
+        audit_record("unit.review_cleared", unit.pk, actor=actor)
+    return bool(cleared)

@@ -140,6 +140,7 @@ def _unit_page(
         or UnitLocationForm(initial={"country": unit.country.code, "subdivision": unit.subdivision}),
         "location": selectors.unit_location(unit),
         "residency_stops": residency_stops or [],
+        "holds": selectors.unit_placement_holds(unit),
         "gpus": selectors.unit_gpus(unit),
         "running": selectors.unit_running(unit),
         "jobs_counted": selectors.unit_jobs_counted(unit),

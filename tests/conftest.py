@@ -112,6 +112,16 @@ def job_make(renter, **spec):
     return job_submit(renter=renter, spec={**JOB_SPEC, **spec})
 
 
+def allocation_since(allocation, at):
+    """Let the allocation have been active since ``at`` (its creation moved back), so that the
+    usage a test records for the time after is plausible (marketplace/jobs/usage.py)."""
+    from marketplace.jobs.models import Allocation
+
+    Allocation.objects.filter(pk=allocation.pk).update(created_at=at)
+    allocation.created_at = at
+    return allocation
+
+
 def problem_of(response, status: int) -> dict:
     """The problem+json body of an error response, after checking its status, type and shape."""
     assert response.status_code == status, response.content

@@ -37,6 +37,7 @@ def agent_heartbeat(*, unit: Unit, beat: protocol.Heartbeat, address: str) -> pr
         advertise=beat["advertise"],
         limits=beat["limits"],
         address=address,
+        country=beat.get("country"),
     ):
         market.placement_request()
     running = beat["running"]

@@ -70,6 +70,9 @@ class Job(models.Model):
     sandboxed = models.BooleanField(default=False, help_text="Run under a sandboxed runtime such as gVisor.")
     state = models.CharField(max_length=10, choices=State.choices, default=State.QUEUED)
     attempts = models.PositiveSmallIntegerField(default=0)
+    # Units' refusals are not attempts: a refusing unit is kept away from the job instead
+    # (marketplace.jobs.placement.record.units_that_refused), and the job waits for another.
+    refusals = models.PositiveIntegerField(default=0)
     exit_code = models.IntegerField(null=True, blank=True)
     failure_reason = models.CharField(max_length=255, blank=True)
     pending_reason = models.JSONField(default=dict, blank=True)

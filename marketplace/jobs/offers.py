@@ -356,7 +356,8 @@ def offers() -> QuerySet:
     GPU filters look at that GPU: units are sold as one model in practice, and a mixed unit
     offers its first free model."""
     return (
-        Unit.objects.filter(status=Unit.Status.ONLINE, offer__free_gpus__gt=0)
+        # A unit under review takes no new job, so it offers none.
+        Unit.objects.filter(status=Unit.Status.ONLINE, review_since__isnull=True, offer__free_gpus__gt=0)
         .annotate(
             gpu_model=F("offer__gpu_model"),
             vram_mb=F("offer__vram_mb"),

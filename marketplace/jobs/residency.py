@@ -1,8 +1,9 @@
 """Residency for as long as a job runs, not only when it is placed.
 
-When a unit's declared location changes, its location stops being verified, or evidence
-contradicts it (``nodes.ports.location_changed``), every job on it is checked again with the
-placement's own rule (``rules.location_rejection``). A job the unit no longer suits is stopped:
+When a unit's declared location changes, its location stops being verified, or evidence (its
+agent's address, the country its agent is configured for) contradicts it
+(``nodes.ports.location_changed``), every job on it is checked again with the placement's own
+rule (``rules.location_rejection``). A job the unit no longer suits is stopped:
 
 - not yet picked up by the agent: its placement is withdrawn and it is queued again;
 - running and restartable: the agent is told to stop it (the preemption notice) and it is queued
@@ -37,6 +38,7 @@ RULES = {
     "jurisdiction": "the unit is no longer in a place the job allows",
     "location_unverified": "the unit's location is no longer verified",
     "location_disputed": "evidence now puts the unit in another country than it declares",
+    "agent_country": "the unit's agent is configured for another country than the unit declares",
 }
 
 
@@ -54,6 +56,7 @@ def unit_location(unit: Unit) -> Location:
         verified=unit.location_verified,
         subdivision_attested=bool(unit.subdivision) and nodes_services.location_attested(unit),
         disputed=nodes_services.location_disputed(unit),
+        agent_country=unit.agent_country,
     )
 
 

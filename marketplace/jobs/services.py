@@ -161,8 +161,11 @@ def _allocation_preempted(allocation: Allocation, job: Job) -> None:
 
 
 def _allocation_refused(allocation: Allocation, job: Job, *, reason: str) -> None:
-    """The unit's agent would not run the job (residency, isolation, devices): free the slices
-    and place the job elsewhere, counted as an attempt. Placement keeps it off this unit."""
+    """The unit's agent would not run the job (residency, isolation, devices, limits): free the
+    slices and queue the job again. A refusal is not one of the job's attempts, so no unit can
+    make a job fail by refusing it; placement keeps the refusing unit away from the job instead
+    (``placement.record.units_that_refused``), and the refusal counts against the unit's
+    reliability."""
     _allocation_release(allocation, reason=reason)
     actor = f"unit:{allocation.unit_id}"
     audit_record(
@@ -175,16 +178,11 @@ def _allocation_refused(allocation: Allocation, job: Job, *, reason: str) -> Non
     )
     if job.state not in Job.ACTIVE_STATES:
         return
-    if job.attempts < settings.JOB_MAX_ATTEMPTS:
-        job.state, job.placed_at, job.started_at = Job.State.QUEUED, None, None
-        job.save(update_fields=["state", "placed_at", "started_at"])
-        audit_record("job.requeued", job.id, actor=actor, reason=reason, attempts=job.attempts)
-        placement_request(job.id)
-        return
-    job.state, job.finished_at = Job.State.FAILED, timezone.now()
-    job.failure_reason = f"refused by unit: {reason}"[:255]
-    job.save(update_fields=["state", "finished_at", "failure_reason"])
-    audit_record("job.failed", job.id, actor=actor, reason=reason)
+    job.state, job.placed_at, job.started_at = Job.State.QUEUED, None, None
+    job.attempts, job.refusals = max(job.attempts - 1, 0), job.refusals + 1
+    job.save(update_fields=["state", "placed_at", "started_at", "attempts", "refusals"])
+    audit_record("job.requeued", job.id, actor=actor, reason=reason, attempts=job.attempts)
+    placement_request(job.id)
 
 
 def allocations_to_preempt(*, unit: Unit, running_ids: list) -> list:

@@ -9,7 +9,7 @@ from django.db.models.functions import Cast, Coalesce
 from django.utils import timezone
 
 from marketplace.jobs.models import Allocation, Lease
-from nodes.agent.protocol import REFUSED, REFUSED_FOR_LIMITS, Finish
+from nodes.agent.protocol import REFUSED, Finish
 from nodes.models import Slice, Unit
 from nodes.selectors import Running, renter_alias
 
@@ -56,17 +56,16 @@ def unit_running_row(unit: Unit, allocation: Allocation, *, why: str = "") -> Ru
 
 
 RELIABILITY_WINDOW = timedelta(days=30)
-# Release reasons that mean the unit lost a job it had taken: it went offline, its agent forgot
-# the job or never picked it up, or the owner stopped the agent under it. Every other ending
-# (the job's own exit or timeout, a renter's cancel, a refusal while backyard limits are in
-# force) is the unit keeping its word. A job stopped because the unit's location no longer met its
-# residency rules ("residency") was lost by the unit too: its declaration or its evidence moved.
+# Release reasons that mean the unit did not keep a job it was given: it went offline, its agent
+# forgot the job or never picked it up, the owner stopped the agent under it, the unit's location
+# stopped meeting the job's residency rules ("residency": its declaration or its evidence moved),
+# or the agent refused it (for any reason: even a backyard limit that came into force is the
+# owner's doing, and refusing must never improve a unit's standing). Every other ending (the
+# job's own exit or timeout, a renter's cancel, a preemption) is the unit keeping its word.
 UNIT_LOST_REASONS = (
     "unit_offline", "agent_lost", "not_acknowledged", Finish.AGENT_STOPPED, Finish.DRAINED, "residency",
 )  # fmt: skip
-_UNIT_LOST = Q(release_reason__in=UNIT_LOST_REASONS) | (
-    Q(release_reason__startswith=REFUSED) & ~Q(release_reason=REFUSED_FOR_LIMITS)
-)
+_UNIT_LOST = Q(release_reason__in=UNIT_LOST_REASONS) | Q(release_reason__startswith=REFUSED)
 
 
 def unit_reliability_update(unit_id, *, now: datetime | None = None) -> None:

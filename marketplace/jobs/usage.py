@@ -1,18 +1,31 @@
 """Usage samples: GPU time an agent measured for one of its allocations.
 
 Samples belong to jobs (they measure allocations); billing rates them into the ledger, told
-through ``ports.usage_due`` when an allocation's usage should be posted at once."""
+through ``ports.usage_due`` when an allocation's usage should be posted at once.
 
-from contextlib import nullcontext
+Only plausible usage is stored, so only plausible usage is ever billed. A batch is taken while
+the allocation is active, or for USAGE_LATE_GRACE_S after its release (reports the agent
+buffered); each new sample's ``recorded_at`` lies in the allocation's life, give or take
+USAGE_CLOCK_SKEW_S; and all its samples together come to at most its GPUs x the time it has
+been active (from its creation to its release, or now), plus USAGE_TOLERANCE_S seconds of each
+GPU. A batch that breaks a rule is refused whole (the agent drops it), audited against the unit
+as ``unit.usage_refused``, and the implausible ones count towards putting the unit under review.
+Samples already stored are duplicates, whenever they come again.
+"""
+
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.models import Sum
 from django.utils import timezone
 
 from marketplace.jobs import ports
 from marketplace.jobs.models import Allocation, UsageSample
+from marketplace.kernel.audit import audit_record
+from marketplace.kernel.errors import DomainError
+from nodes.services import unit_implausible_report
 
 # Samples per INSERT: five parameters a row stays well under SQLite's 32,766 and PostgreSQL's 65,535.
 INSERT_ROWS = 1000
@@ -25,19 +38,106 @@ class SampleReport:
     recorded_at: datetime
 
 
+@dataclass(frozen=True)
+class Rule:
+    """A usage rule, named by its problem type. ``implausible``: no honest agent breaks it; the
+    others an honest agent can meet after an outage long enough for the server to give up on
+    its job, so they refuse the usage without counting against the unit."""
+
+    code: str
+    status: int
+    implausible: bool
+
+
+ALLOCATION_ENDED = Rule("usage-allocation-ended", 409, implausible=False)
+AFTER_RELEASE = Rule("usage-after-release", 409, implausible=False)
+OUTSIDE_ALLOCATION = Rule("usage-recorded-outside-allocation", 422, implausible=True)
+EXCEEDS_GPU_TIME = Rule("usage-exceeds-gpu-time", 422, implausible=True)
+
+
+class UsageRefused(DomainError):
+    title = "Usage refused"
+
+    def __init__(self, rule: Rule, detail: str) -> None:
+        super().__init__(detail)
+        self.rule, self.code, self.status = rule, rule.code, rule.status
+
+
 def usage_record(*, allocation: Allocation, samples: list[SampleReport]) -> tuple[int, int]:
-    """Store the agent's samples; a (allocation, seq) already stored, or repeated within the
-    batch (the first one counts), is a duplicate and ignored. Returns (accepted, duplicates).
-    One statement (a batch the agent sends fits in one) needs no transaction of its own."""
+    """Store the agent's samples if they are plausible (see the module), else raise UsageRefused
+    and store none. A (allocation, seq) already stored, or repeated within the batch (the first
+    one counts), is a duplicate and ignored. Returns (accepted, duplicates)."""
+    now = timezone.now()
     unique = list({sample.seq: sample for sample in reversed(samples)}.values())
-    with transaction.atomic() if len(unique) > INSERT_ROWS else nullcontext():
-        accepted = sum(
-            _samples_insert(allocation.pk, unique[start : start + INSERT_ROWS])
-            for start in range(0, len(unique), INSERT_ROWS)
-        )
+    with transaction.atomic():
+        # Locked so that concurrent batches of one allocation are checked one after the other,
+        # each against what the one before it stored.
+        current = Allocation.objects.select_for_update().get(pk=allocation.pk)
+        stored = UsageSample.objects.filter(allocation=current, seq__in=[sample.seq for sample in unique])
+        known = set(stored.values_list("seq", flat=True))
+        new = [sample for sample in unique if sample.seq not in known]
+        refusal = _refusal(current, new, now) if new else None
+        if refusal is None:
+            accepted = sum(
+                _samples_insert(current.pk, new[start : start + INSERT_ROWS])
+                for start in range(0, len(new), INSERT_ROWS)
+            )
+    if refusal is not None:
+        _refused(current, refusal, samples=len(new), now=now)
+        raise refusal
     if accepted and settings.USAGE_POSTING_INTERVAL_S <= 0:
         ports.usage_due(allocation.pk)  # otherwise the rating sweep posts it within the interval
     return accepted, len(samples) - accepted
+
+
+def _refusal(allocation: Allocation, new: list[SampleReport], now: datetime) -> UsageRefused | None:
+    """The first rule the new samples break, or None."""
+    released = allocation.released_at
+    skew = timedelta(seconds=settings.USAGE_CLOCK_SKEW_S)
+    if released is not None and now > released + timedelta(seconds=settings.USAGE_LATE_GRACE_S):
+        detail = (
+            f"The allocation was released at {released.isoformat()}; usage is taken up to "
+            f"{settings.USAGE_LATE_GRACE_S} s after its release."
+        )
+        return UsageRefused(ALLOCATION_ENDED, detail)
+    earliest, latest = allocation.created_at - skew, now + skew
+    for sample in new:
+        if not earliest <= sample.recorded_at <= latest:
+            detail = (
+                f"Sample {sample.seq} was recorded at {sample.recorded_at.isoformat()}, outside the allocation's "
+                f"life ({earliest.isoformat()} to {latest.isoformat()}, allowing {settings.USAGE_CLOCK_SKEW_S} s "
+                "of clock skew)."
+            )
+            return UsageRefused(OUTSIDE_ALLOCATION, detail)
+        if released is not None and sample.recorded_at > released + skew:
+            detail = (
+                f"Sample {sample.seq} was recorded at {sample.recorded_at.isoformat()}, after the allocation's "
+                f"release at {released.isoformat()}."
+            )
+            return UsageRefused(AFTER_RELEASE, detail)
+    active_ms = max(0, round(((released or now) - allocation.created_at).total_seconds() * 1000))
+    allowed = allocation.gpu_count * (active_ms + settings.USAGE_TOLERANCE_S * 1000)
+    before = UsageSample.objects.filter(allocation=allocation).aggregate(total=Sum("gpu_ms"))["total"] or 0
+    total = before + sum(sample.gpu_ms for sample in new)
+    if total > allowed:
+        detail = (
+            f"{total} GPU-ms in all is more than the allocation's {allocation.gpu_count} GPU(s) for the "
+            f"{active_ms} ms it has been active allow ({allowed} GPU-ms, with {settings.USAGE_TOLERANCE_S} s of "
+            "tolerance per GPU)."
+        )
+        return UsageRefused(EXCEEDS_GPU_TIME, detail)
+    return None
+
+
+@transaction.atomic
+def _refused(allocation: Allocation, refusal: UsageRefused, *, samples: int, now: datetime) -> None:
+    """Audit the refusal against the unit; count an implausible one towards its review."""
+    audit_record(
+        "unit.usage_refused", allocation.unit_id, actor=f"unit:{allocation.unit_id}", rule=refusal.code,
+        allocation=str(allocation.pk), job=str(allocation.job_id), samples=samples, detail=refusal.detail,
+    )  # fmt: skip
+    if refusal.rule.implausible:
+        unit_implausible_report(unit_id=allocation.unit_id, reason=refusal.code, now=now)
 
 
 # Table and columns are fixed by the model; only the VALUES placeholders vary with the batch.
@@ -50,8 +150,9 @@ SAMPLES_INSERT = (
 def _samples_insert(allocation_id, samples: list[SampleReport]) -> int:
     """Insert in one statement, skipping (allocation, seq) pairs already stored; returns how many
     rows were new. RETURNING lists only the rows this statement inserted (PostgreSQL, SQLite >=
-    3.35), so the count stays exact when the same samples arrive concurrently: the second
-    statement waits for the first and then skips its rows."""
+    3.35), so the count stays exact even if the same samples were stored meanwhile."""
+    if not samples:
+        return 0
     prep = connection.ops.adapt_datetimefield_value
     allocation_id = UsageSample._meta.get_field("allocation").get_db_prep_save(allocation_id, connection)
     received_at = prep(timezone.now())

@@ -199,6 +199,20 @@ ASSIGNMENT_ACK_TIMEOUT = timedelta(seconds=env_int("ASSIGNMENT_ACK_TIMEOUT_S", 6
 # An agent that pulled a job this long ago but no longer reports it has lost it.
 AGENT_LOST_GRACE = timedelta(seconds=env_int("AGENT_LOST_GRACE_S", 30))
 ASSIGNMENT_LONG_POLL_MAX_S = env_int("ASSIGNMENT_LONG_POLL_MAX_S", 20)
+# A unit whose agent refused a job is not offered that job again for this long (a refusal for any
+# reason but backyard limits keeps it away for good); refusals are not the job's attempts.
+REFUSAL_HOLD_S = env_int("REFUSAL_HOLD_S", 900)
+# Usage plausibility (marketplace/jobs/usage.py). Usage is taken while the allocation is active
+# and for USAGE_LATE_GRACE_S after its release (reports the agent buffered); each sample's
+# recorded_at lies in the allocation's life give or take USAGE_CLOCK_SKEW_S (twice what the
+# agent's doctor allows); in total at most its GPUs x the time it was active, plus
+# USAGE_TOLERANCE_S seconds of each GPU.
+USAGE_LATE_GRACE_S = env_int("USAGE_LATE_GRACE_S", 300)
+USAGE_CLOCK_SKEW_S = env_int("USAGE_CLOCK_SKEW_S", 120)
+USAGE_TOLERANCE_S = env_int("USAGE_TOLERANCE_S", 30)
+# This many implausible usage reports from one unit within the window put it under review.
+USAGE_REVIEW_AFTER = env_int("USAGE_REVIEW_AFTER", 5)
+USAGE_REVIEW_WINDOW = timedelta(seconds=env_int("USAGE_REVIEW_WINDOW_S", 3600))
 # How many reverse proxies in front of the web server append to X-Forwarded-For. The agent's
 # public address (location evidence) is read that many hops from the right; with 0 the header is
 # ignored, because anyone can send it.

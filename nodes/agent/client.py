@@ -114,10 +114,13 @@ class AgentClient:
         running: list[str],
         advertise: list[str] | None = None,
         limits: dict[str, Any] | None = None,
+        country: str | None = None,
     ) -> dict[str, Any]:
-        body = {"gpus": gpus, "running": running, "agent_version": __version__}
+        body: dict[str, Any] = {"gpus": gpus, "running": running, "agent_version": __version__}
         if advertise is not None:
             body |= {"advertise": advertise, "limits": limits or {}}
+        if country:
+            body["country"] = country
         return _json(self._call("POST", "/" + protocol.HEARTBEAT, json=body))
 
     def next_assignment(self, *, wait_s: int) -> dict[str, Any] | None:

@@ -38,7 +38,7 @@ def examine(cfg: AgentConfig | None, simulate: str | None, isolation: IsolationC
     """Everything `doctor` checks; `cfg` is None when the unit is not enrolled yet."""
     found, driver = inventory_check(simulate, cfg.unit_id if cfg else UNENROLLED_UNIT)
     gpu_check = gpus_check(found) if driver.status == OK else Check("gpus", SKIP, "no inventory")
-    checks = [driver, gpu_check, runtime_check(isolation)]
+    checks = [driver, gpu_check, runtime_check(isolation), country_check(isolation)]
     return found, checks + server_checks(cfg, required=True)
 
 
@@ -46,7 +46,7 @@ def preflight(cfg: AgentConfig, found: list[Gpu]) -> list[Check]:
     """What `run` checks once it has its inventory and runtime, each logged."""
     # An unreachable server only warns: the agent is built to start while the server is down and
     # to keep retrying, so that a unit rebooting during a server outage comes back by itself.
-    checks = [gpus_check(found), *server_checks(cfg, required=False)]
+    checks = [gpus_check(found), country_check(cfg.isolation), *server_checks(cfg, required=False)]
     for check in checks:
         level = logging.INFO if check.status in (OK, SKIP) else logging.WARNING
         logs.event(logger, "self_test", level, check=check.name, status=check.status, detail=check.detail)
@@ -70,6 +70,17 @@ def gpus_check(found: list[Gpu]) -> Check:
     if not sick:
         return Check("gpus", OK, f"{len(found)} of {len(found)} healthy")
     return Check("gpus", FAIL, "; ".join(f"GPU {gpu.index}: {', '.join(gpu.problems)}" for gpu in sick))
+
+
+def country_check(isolation: IsolationConfig) -> Check:
+    """The country the agent checks jobs' residency against and reports in its heartbeats."""
+    if isolation.country is None:
+        detail = (
+            "no country configured: the agent refuses every job restricted to jurisdictions; set `country` in the "
+            "config (or SHEDSHARE_AGENT_COUNTRY) to the unit's declared country"
+        )
+        return Check("country", WARN, detail)
+    return Check("country", OK, f"{isolation.country}, reported to the server with each heartbeat")
 
 
 def runtime_check(isolation: IsolationConfig) -> Check:

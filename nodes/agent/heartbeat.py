@@ -23,8 +23,10 @@ class Heartbeater:
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
         error_base_s: float = 1.0,
+        country: str | None = None,
     ) -> None:
         self.interval_s = 5.0
+        self.country = country  # the country the owner configured, reported with every beat
         self.healthy = False
         self.attempts = 0  # with server_status and last_error, what `shedshare-agent status` shows
         self.server_status: str | None = None
@@ -62,7 +64,9 @@ class Heartbeater:
             self._reports = [gpu.as_report() for gpu in gpus]
         self.attempts += 1
         try:
-            reply = self._client.heartbeat(gpus=self._reports, running=running, advertise=advertise, limits=limits)
+            reply = self._client.heartbeat(
+                gpus=self._reports, running=running, advertise=advertise, limits=limits, country=self.country
+            )
         except AgentError as exc:
             self._failed(now, exc)
             return []

@@ -67,7 +67,9 @@ class Agent:
         outbox = Outbox(state_dir / "outbox" if state_dir else None)
         self.reporter = Reporter(client, outbox, clock=clock, backoff=Backoff(base_s=base_s, cap_s=60.0, rng=rng))
         self._journal = Journal(state_dir / "allocations" if state_dir else None, runtime)
-        self.heartbeater = Heartbeater(client, gpus, clock=clock, rng=rng, error_base_s=base_s)
+        self.heartbeater = Heartbeater(
+            client, gpus, clock=clock, rng=rng, error_base_s=base_s, country=self.policy.country
+        )
         self._client = client
         self._runtime = runtime
         self._clock, self._sleep, self._wall, self._rng = clock, sleep, wall, rng

@@ -116,6 +116,9 @@ class Heartbeat(TypedDict):
     agent_version: str
     advertise: NotRequired[list[str] | None]  # GPU uuids taking new work; None: every healthy GPU
     limits: NotRequired[dict[str, Any] | None]  # backyard limits in force
+    # The ISO 3166-1 country the owner configured the agent for; None or absent: none. The server
+    # gives a unit whose agent disagrees with its declared country no residency-restricted job.
+    country: NotRequired[str | None]
 
 
 class QuietHours(TypedDict):

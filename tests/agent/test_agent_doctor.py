@@ -172,8 +172,30 @@ def test_run_only_warns_about_an_unreachable_server(tmp_path):
 
     checks = doctor.preflight(cfg, [gpus.simulate("1xH100", UNIT_ID)[0]])
 
-    assert [(c.name, c.status) for c in checks] == [("gpus", "ok"), ("server", "warn"), ("clock", "skip")]
+    assert [(c.name, c.status) for c in checks] == [
+        ("gpus", "ok"), ("country", "warn"), ("server", "warn"), ("clock", "skip")
+    ]  # fmt: skip
     assert doctor.passed(checks)
+
+
+def test_doctor_warns_when_no_country_is_configured(tmp_path):
+    result = doctor_cli(tmp_path, "--simulate", "1xH100-80GB")
+
+    line = check_line(result.output, "country")
+    assert line.split()[0] == "warn"
+    assert "no country configured" in line
+    assert result.exit_code == 0  # a warning: the unit still runs jobs without residency rules
+
+
+def test_doctor_names_the_configured_country(tmp_path):
+    path = enrolled(tmp_path)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "country": "DE"}))
+
+    checks = doctor.preflight(config.load(path), [gpus.simulate("1xH100", UNIT_ID)[0]])
+
+    assert next(c for c in checks if c.name == "country") == Check(
+        "country", "ok", "DE, reported to the server with each heartbeat"
+    )
 
 
 def test_run_refuses_to_start_on_a_failed_self_test(tmp_path, one_sick_gpu):

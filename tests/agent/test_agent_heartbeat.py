@@ -18,9 +18,11 @@ class StubClient:
     def __init__(self) -> None:
         self.replies: list = []
         self.sent: list = []
+        self.countries: list = []
 
-    def heartbeat(self, *, gpus, running, advertise=None, limits=None):
+    def heartbeat(self, *, gpus, running, advertise=None, limits=None, country=None):
         self.sent.append(running)
+        self.countries.append(country)
         reply = self.replies.pop(0)
         if isinstance(reply, Exception):
             raise reply
@@ -128,3 +130,15 @@ def test_backoff_doubles_with_jitter_up_to_its_cap_and_resets_on_success():
     assert [backoff.failure() for _ in range(6)] == [0.5, 1, 2, 4, 4, 4]
     backoff.success()
     assert backoff.failure() == 0.5
+
+
+def test_every_heartbeat_reports_the_configured_country(clock):
+    client = StubClient()
+    client.replies = [ok(interval=1), ok(interval=1)]
+    beater = Heartbeater(client, gpus.simulate("1xH100-80GB", "u"), clock=clock, rng=lambda: 0.5, country="FR")
+
+    beater.beat_if_due([])
+    clock.now += 2
+    beater.beat_if_due([])
+
+    assert client.countries == ["FR", "FR"]

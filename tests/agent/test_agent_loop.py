@@ -57,6 +57,7 @@ def test_the_agent_runs_an_assignment_and_reports_usage_then_its_exit_code(serve
     assert 2 * 950 <= gpu_ms(server, allocation_id) <= 2 * took_ms
     assert server.calls[-1] == ("POST", f"/allocations/{allocation_id}/finish")
     assert any(allocation_id in beat["running"] for beat in server.heartbeats)
+    assert {beat["country"] for beat in server.heartbeats} == {"DE"}  # the country the agent checks against
     assert not (tmp_path / "work" / allocation_id).exists()
 
 

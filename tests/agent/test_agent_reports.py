@@ -60,3 +60,30 @@ def test_a_report_the_server_can_never_accept_is_dropped_so_others_flow(server):
 
     assert server.finished[B] == {"exit_code": 1, "reason": "exited"}
     assert not reporter.outbox
+
+
+def test_usage_the_server_refuses_as_implausible_or_late_is_dropped_not_retried(server):
+    """The server's usage rules answer 422 or 409 (problem+json): final, so the batch goes and
+    the reports behind it flow, rather than the batch being sent again forever."""
+    answers = {A: problem(422, "More GPU time than the allocation had."), B: problem(409, "Released long ago.")}
+    tries = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        for allocation_id, answer in answers.items():
+            if request.url.path.endswith(f"{allocation_id}/usage"):
+                tries.append(allocation_id)
+                return answer
+        return server.handle(request)
+
+    reporter = reporter_for(server, handle)
+    reporter.usage(A, sample(1))
+    reporter.usage(A, sample(2))
+    reporter.usage(B, sample(1))
+    reporter.finish(A, 0, "exited")
+
+    reporter.flush()
+    reporter.flush()
+
+    assert tries == [A, B]
+    assert server.finished[A] == {"exit_code": 0, "reason": "exited"}
+    assert not reporter.outbox

@@ -35,8 +35,11 @@ AT = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def allocation_make(renter, unit, *, price: int = 2_000_000) -> Allocation:
+    """A running job's allocation, active since well before the usage the tests record at AT."""
     job = Job.objects.create(renter=renter, state=Job.State.RUNNING, **JOB_SPEC)
-    return Allocation.objects.create(job=job, unit=unit, price_per_gpu_hour_micros=price, gpu_count=1)
+    return Allocation.objects.create(
+        job=job, unit=unit, price_per_gpu_hour_micros=price, gpu_count=1, created_at=AT - timedelta(days=30)
+    )
 
 
 def samples(*gpu_ms: int, first: int = 1) -> list[SampleReport]:

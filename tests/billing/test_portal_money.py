@@ -11,13 +11,13 @@ from billing.services import usage_post
 from marketplace.jobs.placement import job_place
 from marketplace.jobs.usage import SampleReport, usage_record
 from tests.billing.test_payouts import OLD, earned, onboarded, transfer_of
-from tests.conftest import job_make, ledger_backdate, unit_online
+from tests.conftest import allocation_since, job_make, ledger_backdate, unit_online
 
 pytestmark = pytest.mark.django_db
 
 
 def ran_for(job, *, gpu_ms: int):
-    allocation = job_place(job_id=job.pk)
+    allocation = allocation_since(job_place(job_id=job.pk), datetime.now(UTC) - timedelta(days=1))
     usage_record(allocation=allocation, samples=[SampleReport(seq=1, gpu_ms=gpu_ms, recorded_at=datetime.now(UTC))])
     usage_post(allocation_id=allocation.pk)
     return allocation
@@ -88,6 +88,11 @@ def at(days_ago: int, hour: int, minute: int = 0) -> datetime:
     return datetime.combine(TODAY - timedelta(days=days_ago), time(hour, minute), tzinfo=UTC)
 
 
+def placed_long_ago(job):
+    """The job placed, its allocation active since well before the usage the tests record."""
+    return allocation_since(job_place(job_id=job.pk), at(40, 0))
+
+
 def sample_posted(allocation, *, seq: int, gpu_ms: int, recorded_at: datetime, posted_at: datetime):
     """One usage sample, charged at once; the posting back-dated to a known moment (tests only)."""
     usage_record(allocation=allocation, samples=[SampleReport(seq=seq, gpu_ms=gpu_ms, recorded_at=recorded_at)])
@@ -101,7 +106,7 @@ def two_days_on_the_garden(owner, renter):
     """A 4-GPU unit at $2/GPU-hour: one GPU-hour the day before yesterday, then one GPU for the whole
     of yesterday. The owner earns 85% of $2.00 and of $48.00."""
     unit_online(owner, name="garden", gpus=4, price_per_gpu_hour_micros=2_000_000)
-    allocation = job_place(job_id=job_make(renter, name="train-llm").pk)
+    allocation = placed_long_ago(job_make(renter, name="train-llm"))
     sample_posted(allocation, seq=1, gpu_ms=3_600_000, recorded_at=at(2, 10), posted_at=at(2, 10, 5))
     sample_posted(allocation, seq=2, gpu_ms=86_400_000, recorded_at=at(1, 12), posted_at=at(1, 12, 5))
     return allocation
@@ -110,7 +115,7 @@ def two_days_on_the_garden(owner, renter):
 @pytest.fixture
 def strangers_attic(stranger, renter):
     unit_online(stranger, name="attic", country="FR", gpus=2, price_per_gpu_hour_micros=3_000_000)
-    allocation = job_place(job_id=job_make(renter, name="strangers-job", jurisdictions=["FR"]).pk)
+    allocation = placed_long_ago(job_make(renter, name="strangers-job", jurisdictions=["FR"]))
     sample_posted(allocation, seq=1, gpu_ms=7_200_000, recorded_at=at(1, 9), posted_at=at(1, 9, 5))
     return allocation
 
@@ -248,7 +253,7 @@ class TestCsv:
 
     def test_an_amount_below_a_cent_is_not_rounded(self, client, owner, renter):
         unit_online(owner, name="garden", price_per_gpu_hour_micros=1_234_567)
-        allocation = job_place(job_id=job_make(renter).pk)
+        allocation = placed_long_ago(job_make(renter))
         sample_posted(allocation, seq=1, gpu_ms=1_001, recorded_at=at(1, 8), posted_at=at(1, 8))
         client.force_login(owner)
 
@@ -259,7 +264,7 @@ class TestCsv:
 
     def test_a_formula_in_a_unit_name_is_not_run_by_a_spreadsheet(self, client, owner, renter):
         unit_online(owner, name="=HYPERLINK(1)", price_per_gpu_hour_micros=2_000_000)
-        allocation = job_place(job_id=job_make(renter).pk)
+        allocation = placed_long_ago(job_make(renter))
         sample_posted(allocation, seq=1, gpu_ms=3_600_000, recorded_at=at(1, 8), posted_at=at(1, 8))
         client.force_login(owner)
 
@@ -343,7 +348,7 @@ def units_with_work(owner, renter, *, units: int):
     for n in range(units):
         unit_online(owner, name=f"shed-{n}", gpus=2, price_per_gpu_hour_micros=1_000_000 + n)
     for n in range(units):
-        allocation = job_place(job_id=job_make(renter, name=f"job-{n}").pk)
+        allocation = placed_long_ago(job_make(renter, name=f"job-{n}"))
         sample_posted(allocation, seq=1, gpu_ms=3_600_000, recorded_at=at(1, n), posted_at=at(1, n, 1))
         sample_posted(allocation, seq=2, gpu_ms=1_800_000, recorded_at=at(0, 0), posted_at=at(0, 0, 1))
 

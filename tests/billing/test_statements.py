@@ -25,7 +25,10 @@ HOUR_MS = 3_600_000
 
 def allocation_on(unit, renter, name: str) -> Allocation:
     job = Job.objects.create(renter=renter, name=name, state=Job.State.RUNNING, **JOB_SPEC)
-    return Allocation.objects.create(job=job, unit=unit, price_per_gpu_hour_micros=2_000_000, gpu_count=1)
+    since = datetime(2026, 1, 1, tzinfo=UTC)  # before the usage the tests record
+    return Allocation.objects.create(
+        job=job, unit=unit, price_per_gpu_hour_micros=2_000_000, gpu_count=1, created_at=since
+    )
 
 
 def ran(allocation: Allocation, *, seq: int, gpu_ms: int, at: datetime) -> None:

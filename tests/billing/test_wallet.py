@@ -17,7 +17,7 @@ from marketplace.jobs.placement import job_place
 from marketplace.jobs.services import allocation_pull, allocation_start
 from marketplace.jobs.usage import SampleReport, usage_record
 from marketplace.kernel.money import run_cost_micros
-from tests.conftest import job_make, unit_online
+from tests.conftest import allocation_since, job_make, unit_online
 
 PRICE = 3_600_000  # per GPU-hour: 1,000 micros per GPU-second
 TEN_MINUTES = 600 * 1000  # micros for ten minutes of one GPU at PRICE
@@ -42,6 +42,7 @@ def credit(renter, micros: int, key: str = "credit") -> None:
 def started(job: Job) -> Allocation:
     allocation = job_place(job_id=job.pk)
     assert allocation is not None
+    allocation_since(allocation, timezone.now() - timedelta(hours=1))  # the usage the tests record fits
     allocation_pull(unit=allocation.unit)
     allocation_start(allocation=allocation)
     return allocation

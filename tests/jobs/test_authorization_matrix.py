@@ -28,7 +28,7 @@ Decisions recorded here:
 
 import json
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.urls import URLResolver, get_resolver, resolve
@@ -45,7 +45,7 @@ from marketplace.jobs.placement import job_place
 from marketplace.jobs.services import log_chunk_record
 from marketplace.jobs.usage import SampleReport, usage_record
 from marketplace.kernel.models import AuditEvent
-from tests.conftest import JOB_SPEC, agent_client, job_make, unit_online, user_make
+from tests.conftest import JOB_SPEC, agent_client, allocation_since, job_make, unit_online, user_make
 
 PREFIXES = ("/api/v1/", "/api/agent/v1/")
 EXCLUDED = {
@@ -154,6 +154,7 @@ def world(db, owner, renter, stranger, staff, stripe_fake):
     job_a = job_make(renter, name="a-job")
     allocation = job_place(job_id=job_a.pk)
     assert allocation is not None and allocation.unit_id == unit.pk
+    allocation_since(allocation, datetime.now(UTC) - timedelta(minutes=5))
     usage_record(allocation=allocation, samples=[SampleReport(seq=1, gpu_ms=60_000, recorded_at=datetime.now(UTC))])
     log_chunk_record(allocation=allocation, offset=0, data=SECRET_LOG)
     # Placed after A's job, so nothing of A's is on it.

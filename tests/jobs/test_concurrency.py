@@ -6,6 +6,7 @@ Only PostgreSQL runs these: SQLite serialises every writer, so there would be no
 import random
 import threading
 from collections import Counter
+from datetime import timedelta
 
 import pytest
 from django.db import connection
@@ -18,14 +19,14 @@ from marketplace.jobs.models import Allocation, Job, Lease, UsageSample
 from marketplace.jobs.placement import job_place
 from marketplace.jobs.selectors import allocation_usage
 from marketplace.jobs.services import allocation_pull
-from marketplace.jobs.usage import SampleReport, usage_record
+from marketplace.jobs.usage import SampleReport, UsageRefused, usage_record
 from marketplace.kernel.errors import TokenUsed
 from marketplace.kernel.models import AuditEvent
 from marketplace.kernel.money import usage_cost_micros
 from marketplace.kernel.tokens import token_digest
 from nodes.models import Slice
 from nodes.services import unit_enrol, unit_register
-from tests.conftest import JOB_SPEC, unit_online, user_make
+from tests.conftest import JOB_SPEC, allocation_since, unit_online, user_make
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
@@ -142,6 +143,7 @@ def test_usage_reported_and_posted_concurrently_is_charged_once():
     unit, _ = unit_online(owner, name="shed", gpus=1)
     allocation = job_place(job_id=Job.objects.create(renter=renter, **JOB_SPEC).pk)
     at = timezone.now()
+    allocation_since(allocation, at - timedelta(hours=3))
     reports = [SampleReport(seq=seq, gpu_ms=1_000_000, recorded_at=at) for seq in range(1, 11)]
 
     def work(i: int):
@@ -157,3 +159,24 @@ def test_usage_reported_and_posted_concurrently_is_charged_once():
     expected = usage_cost_micros(gpu_ms=10_000_000, price_per_gpu_hour_micros=allocation.price_per_gpu_hour_micros)
     assert allocation_usage(allocation) == (10_000_000, expected)
     assert LedgerEntry.objects.aggregate(total=Sum("amount_micros"))["total"] == 0
+
+
+def test_concurrent_usage_batches_never_add_up_to_more_than_the_allocation_was_active(settings):
+    """Each batch alone fits the allocation's GPU time, all four together do not: the row lock
+    makes each batch count what the others stored, so only as many are taken as fit."""
+    owner, renter = user_make("olivia-owner"), user_make("rita-renter")
+    unit_online(owner, name="shed", gpus=1)
+    allocation = job_place(job_id=Job.objects.create(renter=renter, **JOB_SPEC).pk)
+    now = timezone.now()
+    # Active 100 s, with 30 s of tolerance: room for two samples of 60 s, not three.
+    settings.USAGE_TOLERANCE_S = 30
+    allocation_since(allocation, now - timedelta(seconds=100))
+
+    def work(i: int):
+        return usage_record(allocation=allocation, samples=[SampleReport(seq=i + 1, gpu_ms=60_000, recorded_at=now)])
+
+    accepted, errors = race(work)
+
+    assert accepted == [(1, 0), (1, 0)]
+    assert len(errors) == 2 and all(isinstance(error, UsageRefused) for error in errors)
+    assert UsageSample.objects.filter(allocation=allocation).aggregate(total=Sum("gpu_ms"))["total"] == 120_000

@@ -14,7 +14,7 @@ from marketplace.jobs.placement import job_place
 from marketplace.jobs.services import job_cancel, log_chunk_record
 from marketplace.jobs.usage import SampleReport, usage_record
 from marketplace.kernel.models import AuditEvent
-from tests.conftest import job_make, problem_of, unit_online
+from tests.conftest import allocation_since, job_make, problem_of, unit_online
 
 JOBS = "/api/v1/jobs"
 
@@ -229,6 +229,7 @@ class TestUsage:
     def test_usage_sums_the_allocations(self, renter_api, renter, placed, settings):
         wallet_credit_promotional(user=renter, amount_micros=100_000_000, key="promo:usage")
         at = datetime.now(UTC)
+        allocation_since(placed, at - timedelta(hours=1))
         usage_record(allocation=placed, samples=[SampleReport(seq=1, gpu_ms=1_800_000, recorded_at=at)])
         usage_post(allocation_id=placed.pk)
         usage_record(allocation=placed, samples=[SampleReport(seq=2, gpu_ms=1_800_000, recorded_at=at)])

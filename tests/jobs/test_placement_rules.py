@@ -60,6 +60,17 @@ class TestProfile:
         assert rules.profile_rejection(job(), profile(status="suspect"), Run()) == "unit_offline"
         assert rules.profile_rejection(job(), profile(status="draining"), Run()) == "unit_draining"
 
+    def test_a_unit_under_review_takes_no_job(self):
+        assert rules.profile_rejection(job(), profile(under_review=True), Run()) == "unit_under_review"
+
+    def test_an_agent_configured_for_another_country_keeps_residency_restricted_jobs_away(self):
+        elsewhere = profile(agent_country="FR")
+        assert rules.profile_rejection(job(jurisdictions=["DE"]), elsewhere, Run()) == "agent_country"
+        assert rules.profile_rejection(job(jurisdictions=["EU"]), elsewhere, Run()) == "agent_country"
+        assert rules.profile_rejection(job(), elsewhere, Run()) is None  # anywhere will do
+        assert rules.profile_rejection(job(jurisdictions=["DE"]), profile(agent_country="DE"), Run()) is None
+        assert rules.profile_rejection(job(jurisdictions=["DE"]), profile(agent_country=""), Run()) is None
+
     def test_jurisdictions_admit_the_country_its_subdivisions_and_named_sets(self):
         assert rules.profile_rejection(job(jurisdictions=["DE"]), profile(), Run()) is None
         assert rules.profile_rejection(job(jurisdictions=["DE-BY"]), profile(), Run()) is None

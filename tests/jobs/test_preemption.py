@@ -14,7 +14,7 @@ from marketplace.jobs.selectors import allocation_usage
 from marketplace.jobs.services import allocation_finish, allocation_pull, allocation_start
 from marketplace.jobs.usage import SampleReport, usage_record
 from marketplace.kernel.models import AuditEvent
-from tests.conftest import agent_client, gpus_make, job_make, unit_online
+from tests.conftest import agent_client, allocation_since, gpus_make, job_make, unit_online
 
 PRICE = 2_000_000
 
@@ -214,6 +214,7 @@ class TestBilling:
         spot = running(job_make(stranger, interruptible=True))
         assert job_place(job_id=job_make(renter).pk) is None
         notice = stored(spot).preempted_at
+        allocation_since(spot, notice - timedelta(minutes=5))
         before = SampleReport(seq=1, gpu_ms=60_000, recorded_at=notice - timedelta(seconds=1))
         grace = SampleReport(seq=2, gpu_ms=30_000, recorded_at=notice + timedelta(seconds=20))
 

@@ -1,6 +1,6 @@
 """Query counts pinned on the hot paths, so an N+1 fails here before it slows production."""
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.db import connection
@@ -9,7 +9,7 @@ from django.test.utils import CaptureQueriesContext
 from billing.services import usage_post
 from marketplace.jobs.placement import job_place
 from marketplace.jobs.usage import SampleReport, usage_record
-from tests.conftest import job_make, unit_online
+from tests.conftest import allocation_since, job_make, unit_online
 
 JOBS = "/api/v1/jobs"
 AT = datetime(2026, 1, 1, tzinfo=UTC)
@@ -23,7 +23,7 @@ def jobs_with_history(renter, owner, count: int) -> None:
     unit_online(owner, name=f"shed-{count}", gpus=count)
     for i in range(count):
         job = job_make(renter)
-        allocation = job_place(job_id=job.pk)
+        allocation = allocation_since(job_place(job_id=job.pk), AT - timedelta(days=1))
         usage_record(allocation=allocation, samples=[SampleReport(seq=1, gpu_ms=60_000 * (i + 1), recorded_at=AT)])
         usage_post(allocation_id=allocation.pk)
 

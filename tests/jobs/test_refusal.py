@@ -1,8 +1,12 @@
-"""An agent refuses an assignment its unit cannot honour: the job goes elsewhere, never back there."""
+"""An agent refuses an assignment its unit cannot honour: the job goes elsewhere, and the refusing
+unit is kept away from it (for REFUSAL_HOLD_S after a refusal for limits, for good otherwise). A
+refusal is never one of the job's attempts, so refusing units cannot make a job fail."""
+
+from datetime import timedelta
 
 import pytest
 
-from marketplace.jobs.models import Job
+from marketplace.jobs.models import Allocation, Job
 from marketplace.jobs.placement import job_place
 from marketplace.jobs.services import job_cancel
 from marketplace.kernel.models import AuditEvent
@@ -45,7 +49,9 @@ def test_a_refused_job_is_queued_again_and_its_gpus_freed(cheap, renter):
     assert response.json() == {"state": "queued"}
     job.refresh_from_db()
     allocation.refresh_from_db()
-    assert (job.state, job.attempts, job.placed_at, job.exit_code) == (Job.State.QUEUED, 1, None, None)
+    assert (job.state, job.attempts, job.refusals, job.placed_at, job.exit_code) == (
+        Job.State.QUEUED, 0, 1, None, None
+    )  # fmt: skip
     assert allocation.release_reason == "refused:residency"
     assert not allocation.leases.filter(released_at__isnull=True).exists()
     refused = AuditEvent.objects.get(action="allocation.refused", subject_id=job.pk)
@@ -77,18 +83,18 @@ def test_a_job_only_refusing_units_could_take_stays_pending_and_says_why(cheap, 
     assert job.pending_reason["rejected"] == {"unit_refused": 1}
 
 
-def test_a_job_refused_until_its_attempts_run_out_fails_saying_so(cheap, dear, renter, settings):
-    settings.JOB_MAX_ATTEMPTS = 2
+def test_refusals_never_use_up_a_jobs_attempts(cheap, dear, owner, renter, settings):
+    settings.JOB_MAX_ATTEMPTS = 1
+    third = agent_client(unit_online(owner, name="third", gpus=2, price_per_gpu_hour_micros=5_000_000)[1])
     job = job_make(renter)
-    refuse(cheap[1], job_place(job_id=job.pk))
+    for agent, reason in ((cheap[1], "refused:limits"), (dear[1], "refused:devices"), (third, "refused:limits")):
+        response = refuse(agent, job_place(job_id=job.pk), reason)
+        assert response.json() == {"state": "queued"}
 
-    response = refuse(dear[1], job_place(job_id=job.pk), "refused:devices")
-
-    assert response.json() == {"state": "failed"}
+    assert job_place(job_id=job.pk) is None
     job.refresh_from_db()
-    assert (job.state, job.attempts) == (Job.State.FAILED, 2)
-    assert job.failure_reason == "refused by unit: refused:devices"
-    assert job.finished_at is not None
+    assert (job.state, job.attempts, job.refusals, job.failure_reason) == (Job.State.QUEUED, 0, 3, "")
+    assert job.pending_reason["rejected"] == {"unit_refused": 3}
 
 
 def test_a_repeated_refusal_changes_nothing_even_after_the_job_moved_on(cheap, dear, renter):
@@ -132,12 +138,30 @@ def test_other_failures_before_the_start_still_end_the_job(cheap, renter):
     assert (job.state, job.failure_reason) == (Job.State.FAILED, "start_failed")
 
 
-def test_a_refusal_for_backyard_limits_keeps_the_unit_a_candidate(cheap, renter):
-    """Quiet hours or heat pass; the job may come back to the same shed later."""
+def test_a_refusal_for_backyard_limits_keeps_the_unit_away_for_the_hold_only(cheap, renter, settings):
+    """Quiet hours or heat pass, so the job may come back to the same shed, but not before
+    REFUSAL_HOLD_S: a unit answering everything with `refused:limits` gets the job once."""
     unit, agent = cheap
     job = job_make(renter)
-    refuse(agent, job_place(job_id=job.pk), "refused:limits")
+    first = job_place(job_id=job.pk)
+    refuse(agent, first, "refused:limits")
 
+    assert job_place(job_id=job.pk) is None
+    Allocation.objects.filter(pk=first.pk).update(
+        released_at=first.created_at - timedelta(seconds=settings.REFUSAL_HOLD_S + 1)
+    )
     again = job_place(job_id=job.pk)
 
     assert again is not None and again.unit_id == unit.pk
+
+
+def test_other_refusals_keep_the_unit_away_after_the_hold_too(cheap, renter, settings):
+    _, agent = cheap
+    job = job_make(renter)
+    first = job_place(job_id=job.pk)
+    refuse(agent, first, "refused:isolation")
+    Allocation.objects.filter(pk=first.pk).update(
+        released_at=first.created_at - timedelta(seconds=settings.REFUSAL_HOLD_S + 1)
+    )
+
+    assert job_place(job_id=job.pk) is None

@@ -42,14 +42,26 @@ def test_a_unit_with_no_history_scores_one_half(unit):
 
 
 def test_jobs_ending_on_their_own_count_as_kept_and_lost_ones_as_failures(unit, renter):
-    for reason in ("exited", "timeout", "cancelled", "refused:limits", "start_failed"):
+    for reason in ("exited", "timeout", "cancelled", "start_failed"):
         allocation_make(unit, renter, reason=reason)
-    for reason in ("unit_offline", "agent_lost", "not_acknowledged", "refused:residency"):
+    for reason in ("unit_offline", "agent_lost", "not_acknowledged", "refused:residency", "refused:limits"):
         allocation_make(unit, renter, reason=reason)
 
     unit_reliability_update(unit.pk)
 
-    assert reliability_of(unit) == pytest.approx((5 + 1) / (9 + 2))
+    assert reliability_of(unit) == pytest.approx((4 + 1) / (9 + 2))
+
+
+def test_refusing_for_backyard_limits_lowers_the_score(unit, renter):
+    """A unit answering every job with `refused:limits` must not look more reliable for it."""
+    allocation_make(unit, renter, reason="exited")
+    unit_reliability_update(unit.pk)
+    before = reliability_of(unit)
+
+    allocation_make(unit, renter, reason="refused:limits")
+    unit_reliability_update(unit.pk)
+
+    assert reliability_of(unit) < before
 
 
 def test_only_allocations_released_in_the_last_30_days_count(unit, renter):

@@ -1,10 +1,12 @@
-"""Real processes: an agent whose own location contradicts what the server believes refuses the job."""
+"""Real processes: an agent whose configured country contradicts the unit's declared one is sent
+no residency-restricted job (it would refuse it), and its owner is told why."""
 
 import pytest
 
 from billing.services import wallet_credit_promotional
 from marketplace.accounts.services import api_key_create
 from marketplace.devtools import devstack
+from marketplace.jobs.models import Allocation
 from marketplace.kernel.models import AuditEvent
 from nodes.models import Unit
 from nodes.services import unit_register
@@ -14,7 +16,7 @@ from tests.e2e import Renter, wait_until
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 
-def test_an_agent_refuses_a_job_its_own_location_rules_out_and_it_is_not_sent_again(running_stack, tmp_path):
+def test_a_unit_whose_agent_names_another_country_gets_no_restricted_job(running_stack, tmp_path, client):
     stack = running_stack
     owner, renter = user_make("olivia-owner"), user_make("rita-renter")
     wallet_credit_promotional(user=renter, amount_micros=50_000_000, key="e2e-credit")  # the stack checks wallets
@@ -35,21 +37,20 @@ def test_an_agent_refuses_a_job_its_own_location_rules_out_and_it_is_not_sent_ag
     )  # fmt: skip
     wait_until(lambda: Unit.objects.get(pk=unit.pk).status == Unit.Status.ONLINE, timeout=30, what="the unit online")
 
+    reported = AuditEvent.objects.get(action="unit.agent_country_reported", subject_id=unit.pk)
     shopper = Renter(stack.base_url, api_key)
     job = shopper.submit(image="busybox", command=["touch", str(marker)], jurisdictions=["DE"])
-    refused = wait_until(
-        lambda: AuditEvent.objects.filter(action="allocation.refused", subject_id=job["id"]).first(),
-        timeout=30,
-        what=f"the refusal\n{stack.log('agent')[-3000:]}",
-    )
     pending = wait_until(
         lambda: (found := shopper.job(job["id"]))["pending_reason"].get("rejected") and found,
-        timeout=15,
-        what="the job pending again",
+        timeout=30,
+        what=f"the job pending\n{stack.log('worker')[-3000:]}",
     )
 
-    assert refused.data["reason"] == "refused:residency"
+    assert reported.data == {"country": "FR", "previous": "", "declared": "DE"}
     assert pending["state"] == "queued"
-    assert pending["pending_reason"]["rejected"] == {"unit_refused": 1}
+    assert pending["pending_reason"]["rejected"] == {"agent_country": 1}
+    assert not Allocation.objects.filter(job_id=job["id"]).exists()  # never sent, so never refused
     assert not marker.exists()
-    assert "event=assignment_refused" in stack.log("agent")
+    client.force_login(owner)
+    page = client.get(f"/portal/units/{unit.pk}/").content.decode()
+    assert "The agent is configured for France (FR), but the unit is declared in Germany (DE)" in page

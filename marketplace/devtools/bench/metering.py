@@ -52,15 +52,16 @@ def run(**options) -> dict:
     rng = random.Random(options["seed"])
     start = (datetime.now(UTC) - timedelta(hours=options["hours"] + 1)).replace(minute=0, second=0, microsecond=0)
     with scratch_database(keep=options["keep_database"]):
-        allocations, postpaid = populate(rng, options)
+        allocations, postpaid = populate(rng, options, start)
         fed = usage_make(rng, allocations, options, start)
         deliveries = schedule(rng, fed, options["batch"])
         result = feed(deliveries, start=start, hours=options["hours"])
         return {**result, **account(postpaid, fed, options)}
 
 
-def populate(rng: random.Random, options: dict) -> tuple[list, set]:
-    """Renters (some postpaid, with a Stripe customer), units and running allocations on them."""
+def populate(rng: random.Random, options: dict, start: datetime) -> tuple[list, set]:
+    """Renters (some postpaid, with a Stripe customer), units and running allocations on them,
+    active since ``start`` (so the usage fed for the span after it is plausible)."""
     from billing.models import BillingProfile
     from marketplace.jobs.models import Allocation, Job
     from nodes.models import Unit
@@ -91,7 +92,10 @@ def populate(rng: random.Random, options: dict) -> tuple[list, set]:
         )  # fmt: skip
         jobs.append(job)
         allocations.append(
-            Allocation(job=job, unit=rng.choice(units), price_per_gpu_hour_micros=rng.choice(PRICES), gpu_count=gpus)
+            Allocation(
+                job=job, unit=rng.choice(units), price_per_gpu_hour_micros=rng.choice(PRICES), gpu_count=gpus,
+                created_at=start,
+            )  # fmt: skip
         )
     Job.objects.bulk_create(jobs)
     Allocation.objects.bulk_create(allocations)

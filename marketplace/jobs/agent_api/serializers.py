@@ -52,6 +52,14 @@ class HeartbeatSerializer(serializers.Serializer):
         help_text="GPU uuids the agent takes new work on now; omitted or null means every healthy GPU.",
     )
     limits = serializers.DictField(required=False, allow_null=True, default=None, help_text="Backyard limits in force.")
+    country = serializers.RegexField(
+        r"^[A-Z]{2}\Z",
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="The ISO 3166-1 country the agent is configured for; omitted or null means none. A unit whose "
+        "agent names another country than the unit declares gets no job restricted to jurisdictions.",
+    )
 
     def validate_limits(self, value):
         if value is not None and len(str(value)) > 4000:
@@ -129,6 +137,8 @@ class UsageSampleSerializer(serializers.Serializer):
 
 
 class UsageSerializer(StrictSerializer):
+    """A batch of samples, taken or refused whole: see marketplace/jobs/usage.py for the rules."""
+
     samples = UsageSampleSerializer(many=True, min_length=1, max_length=1000)
 
 

@@ -98,7 +98,20 @@ class AllocationStartView(AgentView):
 
 
 class AllocationUsageView(AgentView):
-    @extend_schema(request=s.UsageSerializer, responses={200: s.UsageResultSerializer})
+    @extend_schema(
+        request=s.UsageSerializer,
+        responses={
+            200: s.UsageResultSerializer,
+            409: OpenApiResponse(
+                description="problem+json, type usage-allocation-ended or usage-after-release: the allocation "
+                "was released too long ago, or a sample was recorded after its release. Drop the batch."
+            ),
+            422: OpenApiResponse(
+                description="problem+json, type usage-recorded-outside-allocation or usage-exceeds-gpu-time: "
+                "the batch is implausible. Nothing of it is stored; drop it."
+            ),
+        },
+    )
     def post(self, request, allocation_id):
         allocation = self.own_allocation(allocation_id)
         samples = valid(s.UsageSerializer, request.data)["samples"]

@@ -227,8 +227,8 @@ class Engine:
         now = time.monotonic()
         self.unresponsive = {unit_id: until for unit_id, until in self.unresponsive.items() if until > now}
         excluded = dict.fromkeys(self.unresponsive, "unit_unresponsive")
-        if job.attempts:
-            excluded.update(dict.fromkeys(record.units_that_refused(job), "unit_refused"))
+        if job.refusals:
+            excluded.update(dict.fromkeys(record.units_that_refused(job, now=timezone.now()), "unit_refused"))
         return excluded
 
     def candidates(

@@ -3,8 +3,12 @@ and the facts placement reads back about a job's past placements (the units that
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import TypedDict
 from uuid import UUID
+
+from django.conf import settings
+from django.db.models import Q
 
 from marketplace.jobs import jurisdictions
 from marketplace.jobs.models import Allocation, Job
@@ -72,11 +76,13 @@ def placement_record(job: Job, state: UnitState, choice: Choice, summary: dict) 
     }
 
 
-def units_that_refused(job: Job) -> set[UUID]:
-    """Units whose agents already refused this job; sending it there again would only repeat
-    that. Read from the allocations' release reasons, not from the audit trail."""
-    # A refusal because of a backyard limit (quiet hours, heat, power) passes; the others do not.
-    refused = Allocation.objects.filter(job=job, release_reason__startswith=REFUSED).exclude(
-        release_reason=REFUSED_FOR_LIMITS
+def units_that_refused(job: Job, *, now: datetime) -> set[UUID]:
+    """Units whose agents refused this job and are kept away from it: sending it there again
+    would only repeat that. A refusal because of a backyard limit (quiet hours, heat, power)
+    holds for REFUSAL_HOLD_S; the others (residency, isolation, devices, …) for good. Read
+    from the allocations' release reasons, not from the audit trail."""
+    held_since = now - timedelta(seconds=settings.REFUSAL_HOLD_S)
+    refused = Allocation.objects.filter(job=job, release_reason__startswith=REFUSED).filter(
+        ~Q(release_reason=REFUSED_FOR_LIMITS) | Q(released_at__gte=held_since)
     )
     return set(refused.values_list("unit_id", flat=True))

@@ -41,6 +41,8 @@ class Profile(NamedTuple):
     availability: tuple
     time_zone: str
     reliability: float  # rounded, so units of nearly equal standing group together
+    under_review: bool = False  # staff are to look at its agent's implausible reports
+    agent_country: str = ""  # the country its agent is configured for, if it says
 
 
 class SliceShape(NamedTuple):
@@ -136,6 +138,8 @@ def profile_rejection(job: Job, profile: Profile, run: Pass) -> str | None:
         return "unit_offline"
     if profile.status == Unit.Status.DRAINING:
         return "unit_draining"
+    if profile.under_review:
+        return "unit_under_review"
     location = location_rejection(job, profile)
     if location is not None:
         return location
@@ -162,6 +166,7 @@ class Location(NamedTuple):
     verified: bool
     subdivision_attested: bool
     disputed: bool
+    agent_country: str
 
 
 def location_rejection(job: Job, where: Location | Profile) -> str | None:
@@ -174,6 +179,8 @@ def location_rejection(job: Job, where: Location | Profile) -> str | None:
         return "jurisdiction"
     if job.jurisdictions and where.disputed:
         return "location_disputed"
+    if job.jurisdictions and where.agent_country and where.agent_country != where.country:
+        return "agent_country"  # its agent would refuse the job, or it is not where it says
     if job.require_verified_location and not _location_proven(job, where, matched):
         return "location_unverified"
     return None

@@ -207,7 +207,7 @@ class CapacityView:
                     "isolation_levels", "workload_classes", "renters_accepted", "interruptible_price_percent",
                     "max_job_duration_s",
                     "availability", "time_zone", "reliability", "observed_country", "attested_at", "attested_country",
-                    "attested_subdivision",
+                    "attested_subdivision", "review_since", "agent_country",
                 )
             )  # fmt: skip
             rows = list(
@@ -374,6 +374,8 @@ def _unit_state(row: dict, free: dict, busy_units: dict) -> UnitState:
         availability=availability.key(row["availability"] or []),
         time_zone=row["time_zone"],
         reliability=round(row["reliability"], 2),
+        under_review=row["review_since"] is not None,
+        agent_country=row["agent_country"],
     )
     attested = row["attested_at"] is not None and row["attested_country"] == row["country"]
     evidence = {"observed_country": row["observed_country"], "attested": attested}
