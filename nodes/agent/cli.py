@@ -106,7 +106,7 @@ def run(
         raise click.ClickException(str(exc)) from None
     refuse_on_failed_self_test(cfg, inventory)
     options = Options(usage_interval_s=usage_interval, max_jobs=max_jobs, drain=cfg.drain)
-    policy = policy_for(cfg.isolation, inventory)
+    policy = policy_for(cfg.isolation, inventory, cfg.images)
     with AgentClient(cfg.url, cfg.credential) as client:
         agent = Agent(
             client,

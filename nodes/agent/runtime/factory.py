@@ -15,8 +15,10 @@ def runtime_for(cfg: AgentConfig) -> Runtime:
     log_dir = cfg.state_dir / "logs"
     if cfg.isolation.runtime == "docker":
         from nodes.agent.runtime.docker import DockerRuntime, connect
+        from nodes.agent.runtime.image_store import PulledImages
 
-        return DockerRuntime(connect(cfg.isolation.sandbox_runtime), cfg.isolation, log_dir)
+        client = connect(cfg.isolation.sandbox_runtime)
+        return DockerRuntime(client, cfg.isolation, log_dir, images=cfg.images, pulled=PulledImages(cfg.state_dir))
     if cfg.isolation.allow_unisolated_dev_runtime:
         logs.event(logger, "unisolated_runtime", logging.WARNING, note="development only: jobs run as host processes")
     else:
