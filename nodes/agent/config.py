@@ -88,6 +88,24 @@ def save_enrolment(path: Path, *, url: str, unit_id: str, credential: str, count
     os.replace(tmp, path)
 
 
+def keep_private(path: Path, cfg: AgentConfig) -> list[str]:
+    """Make the config file (it holds the unit's credential) and the state dir readable by the
+    agent's user only, whatever they were created with: jobs of the process runtime run as
+    another user. Returns what could not be tightened (a read-only /etc, say), for a warning."""
+    problems = []
+    try:
+        cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        problems.append(f"{cfg.state_dir}: {exc}")
+    for target, mode in ((path, 0o600), (cfg.state_dir, 0o700)):
+        try:
+            if target.stat().st_mode & 0o777 != mode:
+                os.chmod(target, mode)
+        except OSError as exc:
+            problems.append(f"{target}: {exc}")
+    return problems
+
+
 def _read(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
