@@ -84,8 +84,9 @@ def test_an_image_under_the_cap_runs_and_is_recorded_as_pulled_by_the_agent(engi
 
 
 def pulled_then_finished(runtime, engine, image: str) -> None:
+    before = len(engine.created)
     handle = runtime.start(job(image))
-    wait_for(lambda: runtime.poll(handle) is None and engine.created)
+    wait_for(lambda: runtime.poll(handle) is None and len(engine.created) > before)
     engine.created[-1].exit(0)
     assert runtime.poll(handle) == 0
     runtime.cleanup(handle)
@@ -153,3 +154,18 @@ def test_housekeeping_prunes_in_the_background_once_per_interval(engine, clock, 
     runtime.housekeep()
     wait_for(lambda: runtime._pruning is not first and runtime._pruning.done())
     assert engine.removed_images == ["ghcr.io/acme/train:1", "ghcr.io/acme/other:1"]
+
+
+def test_an_image_whose_job_was_stopped_during_the_pull_is_still_recorded_and_pruned(engine, clock, wall, tmp_path):
+    runtime = runtime_with(engine, clock, wall, tmp_path, image_keep_hours=1)
+    engine.pull_release.clear()
+    handle = runtime.start(job("ghcr.io/acme/train:1"))
+    runtime.kill(handle)
+    assert runtime.poll(handle) == 143
+
+    engine.pull_release.set()
+    wait_for(lambda: runtime.pulled.images)
+    wall.now += 2 * HOUR
+
+    assert runtime.prune() == ["ghcr.io/acme/train:1"]
+    assert engine.created == []

@@ -107,7 +107,7 @@ class DockerRuntime:
         handle = DockerHandle(spec, self.log_dir / f"{spec.allocation_id}.log", kwargs)
         image = self._local_image(spec.image)
         if image is None:
-            handle.pull = in_background(f"pull-{spec.allocation_id}", lambda: self.client.images.pull(spec.image))
+            handle.pull = in_background(f"pull-{spec.allocation_id}", lambda: self._pull(spec.image))
             return handle
         handle.failed = size_problem(_size(image), self.images)
         if handle.failed:
@@ -197,13 +197,10 @@ class DockerRuntime:
             logs.event(logger, "pull_failed", logging.WARNING, allocation=spec.allocation_id, error=pull.exception())
             handle.failed = PULL_FAILED.format(image=spec.image)
             return
-        image = pull.result()
-        handle.failed = size_problem(_size(image), self.images)
+        handle.failed = size_problem(_size(pull.result()), self.images)
         if handle.failed:
             self._remove_image(spec.image)
-        else:
-            self.pulled.pulled(spec.image, image.id, _size(image))
-        if not handle.failed and handle.kill_deadline is None:
+        elif handle.kill_deadline is None:
             self._launch(handle)
 
     def _poll_container(self, handle: DockerHandle) -> int | None:
@@ -246,9 +243,16 @@ class DockerRuntime:
             with suppress(Exception):  # it may have exited meanwhile; the next poll says so
                 handle.container.kill(signal=signal)
 
+    def _pull(self, reference: str) -> Any:
+        """Pull and record the image, even for a job stopped meanwhile, so that it is pruned."""
+        image = self.client.images.pull(reference)
+        self.pulled.pulled(reference, image.id, _size(image))
+        return image
+
     def _remove_image(self, image: str) -> None:
         with suppress(Exception):  # in use by another container, or gone: nothing to free
             self.client.images.remove(image=image)
+        self.pulled.forget(image)
 
     def _remove(self, handle: DockerHandle) -> None:
         if handle.container is not None:
