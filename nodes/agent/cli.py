@@ -1,5 +1,6 @@
 """`shedshare-agent`: enrol a unit once, then run the agent loop."""
 
+import logging
 import signal
 import socket
 from pathlib import Path
@@ -18,6 +19,7 @@ from nodes.agent.runtime.factory import runtime_for
 from nodes.agent.status import FILENAME as STATUS_FILE
 
 CONFIG_HELP = "Config file [default: $SHEDSHARE_AGENT_CONFIG or ~/.config/shedshare/agent.json]."
+logger = logging.getLogger(__name__)
 COUNTRY_HELP = "Where this unit stands (ISO 3166-1 alpha-2, e.g. DE); jobs restricted elsewhere are refused."
 
 
@@ -99,14 +101,15 @@ def run(
         )
         source = gpus.simulated_inventory(cfg.simulate, cfg.unit_id) if cfg.simulate else gpus.nvml_inventory()
         inventory = source.read()
-        for folder in (cfg.state_dir, cfg.work_dir):
-            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for problem in config.keep_private(config_path or config.default_path(), cfg):
+            logs.event(logger, "not_private", logging.WARNING, error=problem)
+        cfg.work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         job_runtime = runtime_for(cfg)
     except (config.ConfigError, gpus.InventoryError, RuntimeUnavailable, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     refuse_on_failed_self_test(cfg, inventory)
     options = Options(usage_interval_s=usage_interval, max_jobs=max_jobs, drain=cfg.drain)
-    policy = policy_for(cfg.isolation, inventory)
+    policy = policy_for(cfg.isolation, inventory, cfg.images)
     with AgentClient(cfg.url, cfg.credential) as client:
         agent = Agent(
             client,

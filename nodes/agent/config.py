@@ -1,7 +1,8 @@
 """Agent configuration: a JSON file written by `enrol`, overridden by environment variables.
 
 Keys: url, unit_id, credential (written by enrol) and optionally simulate, work_dir, state_dir and
-the isolation keys of `isolation.IsolationConfig` (country, runtime, limits…).
+the isolation keys of `isolation.IsolationConfig` (country, runtime, limits…) and the image keys of
+`images.ImagePolicy` (registries, registry_mirrors, image_max_mb…).
 Each key can be overridden by SHEDSHARE_AGENT_<KEY>; command-line options override both.
 """
 
@@ -11,11 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nodes.agent import isolation
+from nodes.agent import images, isolation
+from nodes.agent.images import ImagePolicy
 from nodes.agent.isolation import IsolationConfig
 
 REQUIRED = ("url", "unit_id", "credential")
-OPTIONAL = ("simulate", "work_dir", "state_dir", "drain", *isolation.KEYS)
+OPTIONAL = ("simulate", "work_dir", "state_dir", "drain", *isolation.KEYS, *images.KEYS)
 DRAIN_POLICIES = ("wait", "stop")  # what SIGTERM does to running jobs: wait for them, or stop them
 ENV_PREFIX = "SHEDSHARE_AGENT_"
 
@@ -34,6 +36,7 @@ class AgentConfig:
     simulate: str | None = None
     isolation: IsolationConfig = field(default_factory=IsolationConfig)
     drain: str = "wait"
+    images: ImagePolicy = field(default_factory=ImagePolicy)
 
 
 def default_path() -> Path:
@@ -51,6 +54,7 @@ def load(path: Path, **overrides: Any) -> AgentConfig:
         raise ConfigError(f"{path}: missing {', '.join(missing)}; enrol again")
     try:
         isolation_config = isolation.from_values(values)
+        image_policy = images.from_values(values)
     except ValueError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     drain = str(values.get("drain") or "wait")
@@ -67,6 +71,7 @@ def load(path: Path, **overrides: Any) -> AgentConfig:
         simulate=values.get("simulate") or None,
         isolation=isolation_config,
         drain=drain,
+        images=image_policy,
     )
 
 
@@ -81,6 +86,24 @@ def save_enrolment(path: Path, *, url: str, unit_id: str, credential: str, count
         json.dump(enrolment | ({"country": country} if country else {}), f)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def keep_private(path: Path, cfg: AgentConfig) -> list[str]:
+    """Make the config file (it holds the unit's credential) and the state dir readable by the
+    agent's user only, whatever they were created with: jobs of the process runtime run as
+    another user. Returns what could not be tightened (a read-only /etc, say), for a warning."""
+    problems = []
+    try:
+        cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        problems.append(f"{cfg.state_dir}: {exc}")
+    for target, mode in ((path, 0o600), (cfg.state_dir, 0o700)):
+        try:
+            if target.stat().st_mode & 0o777 != mode:
+                os.chmod(target, mode)
+        except OSError as exc:
+            problems.append(f"{target}: {exc}")
+    return problems
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from nodes.agent.protocol import ISOLATION_LEVELS
+from nodes.agent.runtime import job_user
 
 LEVELS = ISOLATION_LEVELS  # weakest to strongest
 RUNTIMES = ("process", "docker")
@@ -32,6 +33,8 @@ class IsolationConfig:
     memory_mb_per_gpu: int = 32768
     cpus_per_gpu: float = 4.0
     pids_limit: int = 4096
+    # Who the process runtime runs jobs as when the agent is root: uid[:gid] or a user name.
+    job_user: str = "65534:65534"
 
 
 KEYS = tuple(f.name for f in fields(IsolationConfig))
@@ -105,4 +108,5 @@ _PARSERS = {
     "memory_mb_per_gpu": _positive(int),
     "cpus_per_gpu": _positive(float),
     "pids_limit": _positive(int),
+    "job_user": job_user.parse,
 }

@@ -20,7 +20,7 @@ from nodes.agent.protocol import Finish, Refused
 from nodes.agent.recovery import Journal
 from nodes.agent.refusal import LocalPolicy, refuse_unfit
 from nodes.agent.reports import Outbox, Reporter
-from nodes.agent.runtime import Runtime, StartFailed
+from nodes.agent.runtime import Housekeeping, Runtime, StartFailed
 from nodes.agent.status import StatusWriter
 
 logger = logging.getLogger(__name__)
@@ -138,6 +138,8 @@ class Agent:
         self._supervise()
         self.reporter.flush()
         self._pull()
+        if isinstance(self._runtime, Housekeeping):
+            self._runtime.housekeep()
         if self._status:
             self._status.update(self.heartbeater, list(self.allocations.values()), self.limits)
 

@@ -78,6 +78,9 @@ class Refused:
     SANDBOX = "refused:sandbox"  # no sandbox runtime configured
     EGRESS = "refused:egress"  # no egress network configured
     DEVICES = "refused:devices"  # the devices sent are not free here
+    # The job's image names a registry the owner's policy does not allow (not on the unit's list,
+    # or on a loopback, private or local address). The job's own doing, not the unit's.
+    REGISTRY = "refused:registry"
     # A backyard limit (quiet hours, temperature, power budget) came into force after the
     # placement. Unlike the other refusals it is transient, so the unit stays a candidate.
     LIMITS = "refused:limits"

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from nodes.agent.allocations import Allocation, InvalidAssignment
 from nodes.agent.gpus import Gpu
+from nodes.agent.images import ImagePolicy, registry_problem
 from nodes.agent.isolation import LEVELS, IsolationConfig
 from nodes.agent.protocol import Isolation, Refused
 from nodes.agent.runtime import JobSpec
@@ -22,9 +23,10 @@ class LocalPolicy:
     isolation_levels: frozenset[str] = frozenset()
     sandbox: bool = False
     egress: bool = False
+    registries: ImagePolicy | None = None  # None: images are never pulled (the process runtime)
 
 
-def policy_for(cfg: IsolationConfig, inventory: list[Gpu]) -> LocalPolicy:
+def policy_for(cfg: IsolationConfig, inventory: list[Gpu], image_policy: ImagePolicy | None = None) -> LocalPolicy:
     if cfg.runtime == "process":
         if not cfg.allow_unisolated_dev_runtime:
             return LocalPolicy(country=cfg.country)
@@ -36,6 +38,7 @@ def policy_for(cfg: IsolationConfig, inventory: list[Gpu]) -> LocalPolicy:
         isolation_levels=frozenset(levels),
         sandbox=bool(cfg.sandbox_runtime),
         egress=bool(cfg.egress_network),
+        registries=image_policy or ImagePolicy(),
     )
 
 
@@ -60,6 +63,10 @@ def refuse_unfit(allocation: Allocation, inventory: list[Gpu], policy: LocalPoli
         here = policy.country or "no country configured"
         message = f"cannot honour isolation={spec.isolation} countries={list(spec.allowed_countries)} here ({here})"
         raise InvalidAssignment(message, spec.allocation_id, reason)
+    # Last, as it may look the registry's name up: before anything is pulled from it.
+    problem = registry_problem(spec.image, policy.registries) if policy.registries else None
+    if problem:
+        raise InvalidAssignment(f"image {spec.image!r} refused: {problem}", spec.allocation_id, Refused.REGISTRY)
 
 
 def _hardware_levels(inventory: list[Gpu]) -> tuple[str, ...]:

@@ -12,7 +12,10 @@ class FakeContainer:
         self.kwargs = kwargs
         self.id = f"{len(engine.created):064x}"
         self.status = "created"
-        self.attrs: dict[str, Any] = {"State": {"ExitCode": 0, "FinishedAt": "0001-01-01T00:00:00Z"}}
+        self.attrs: dict[str, Any] = {
+            "State": {"ExitCode": 0, "FinishedAt": "0001-01-01T00:00:00Z"},
+            "Image": engine.image(kwargs["image"]).id,
+        }
         self.output = [b"hello from a container\n"]
         self.signals: list[str] = []
         self.exited = threading.Event()
@@ -45,22 +48,37 @@ class FakeContainer:
         self.exited.wait(5)  # like the engine: a followed stream ends with the container
 
 
+class FakeImage:
+    def __init__(self, name: str, size: int) -> None:
+        self.id = f"sha256:{abs(hash(name)):064x}"[:71]
+        self.attrs = {"Size": size}
+
+
 class _Images:
     def __init__(self, engine: "FakeDocker") -> None:
         self.engine = engine
 
-    def get(self, name: str) -> str:
+    def get(self, name: str) -> FakeImage:
         if name not in self.engine.local_images:
             raise ImageNotFound(f"No such image: {name}")
-        return name
+        return self.engine.image(name)
 
-    def pull(self, name: str) -> str:
+    def pull(self, name: str) -> FakeImage:
         self.engine.pulls.append(name)
         assert self.engine.pull_release.wait(5)
         if self.engine.pull_error:
             raise APIError(self.engine.pull_error)
         self.engine.local_images.add(name)
-        return name
+        return self.engine.image(name)
+
+    def remove(self, image: str) -> None:
+        in_use = {c.kwargs["image"] for c in self.engine.by_name.values()}
+        if image not in self.engine.local_images:
+            raise ImageNotFound(f"No such image: {image}")
+        if image in in_use:
+            raise APIError(f"conflict: unable to remove {image}: image is being used by a container")
+        self.engine.local_images.discard(image)
+        self.engine.removed_images.append(image)
 
 
 class _Containers:
@@ -72,6 +90,10 @@ class _Containers:
         self.engine.created.append(container)
         self.engine.by_name[kwargs["name"]] = container
         return container
+
+    def list(self, all: bool = False) -> list[FakeContainer]:  # noqa: A002 - the SDK's name
+        assert all, "the runtime must see stopped containers too: they still hold their image"
+        return list(self.engine.by_name.values())
 
     def get(self, name: str) -> FakeContainer:
         if name not in self.engine.by_name:
@@ -94,6 +116,8 @@ class _Networks:
 class FakeDocker:
     def __init__(self, images: tuple[str, ...] = ("python:3.12-slim",)) -> None:
         self.local_images = set(images)
+        self.image_sizes: dict[str, int] = {}  # bytes, by reference; 100 MB when not given
+        self.removed_images: list[str] = []
         self.created: list[FakeContainer] = []
         self.by_name: dict[str, FakeContainer] = {}
         self.removed: list[tuple[str, bool]] = []
@@ -107,6 +131,9 @@ class FakeDocker:
         self.containers = _Containers(self)
         self.images = _Images(self)
         self.networks = _Networks(self)
+
+    def image(self, name: str) -> FakeImage:
+        return FakeImage(name, self.image_sizes.get(name, 100 * 2**20))
 
     def info(self) -> dict[str, Any]:
         return {"Runtimes": {"runc": {}}}

@@ -119,16 +119,18 @@ def test_a_missing_image_is_pulled_in_the_background_and_then_started(engine, ru
     assert engine.created[0].status == "running"
 
 
-def test_a_failed_pull_ends_the_job_with_125_and_says_why_in_its_log(engine, runtime):
-    engine.pull_error = "manifest unknown"
+def test_a_failed_pull_ends_the_job_with_125_and_its_log_says_so_without_the_engines_answer(engine, runtime, caplog):
+    engine.pull_error = "Get http://10.0.0.5:5000/v2/: dial tcp 10.0.0.5:5000: connect: connection refused"
     handle = runtime.start(job("ghcr.io/renter/missing:1"))
 
     assert wait_for(lambda: runtime.poll(handle)) == 125
     runtime.cleanup(handle)
 
     assert engine.created == []
-    assert "cannot pull ghcr.io/renter/missing:1" in handle.log_path.read_text()
-    assert "manifest unknown" in handle.log_path.read_text()
+    log = handle.log_path.read_text()
+    assert "cannot pull ghcr.io/renter/missing:1: the pull failed" in log
+    assert "10.0.0.5" not in log and "connection refused" not in log
+    assert "connection refused" in caplog.text  # the owner's log keeps it
 
 
 def test_a_job_killed_while_its_image_is_pulled_never_starts(engine, runtime):

@@ -57,3 +57,14 @@ def test_every_agent_subcommand_and_option_used_exists(usage):
     assert result.exit_code == 0, result.output
     for option in options:
         assert option in result.output
+
+
+def test_the_compose_shed_runs_renters_jobs_in_containers_never_as_processes_of_the_agent():
+    import yaml
+
+    agent = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["agent"]
+    command = " ".join(agent["command"])
+
+    assert "--runtime docker" in command and "--dev-runtime" not in command
+    assert "/var/run/docker.sock:/var/run/docker.sock" in agent["volumes"]
+    assert "SHEDSHARE_AGENT_RUNTIME=docker" in (DOCKER / "agent.Dockerfile").read_text()

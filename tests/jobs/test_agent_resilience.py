@@ -3,7 +3,6 @@ away, the agent killed with -9, and SIGTERM. Usage arrives once, and the bill ho
 the job really ran, no more and no less."""
 
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +73,8 @@ def _enrolled_shed(stack: devstack.Stack, port: int, agent_dir: Path) -> Shed:
 
 
 def submit_sleep(shed: Shed, seconds: float, gpu_count: int = 2) -> str:
-    command = [sys.executable, "-c", f"import time; print('started', flush=True); time.sleep({seconds}); print('done')"]
+    # A shell, not this interpreter: an agent run as root runs jobs as nobody, who may not reach it.
+    command = ["sh", "-c", f"echo started; sleep {seconds}; echo done"]
     job = shed.renter.submit(image="docker.io/library/python:3.12-slim", command=command, gpu_count=gpu_count)
     return job["id"]
 

@@ -69,3 +69,9 @@ class Adoptable(Protocol):
 
     def adopt(self, spec: JobSpec, saved: dict[str, Any]) -> Adopted | None:
         """The job `describe` saved, or None when it is gone without a trace (a reboot)."""
+
+
+@runtime_checkable
+class Housekeeping(Protocol):
+    def housekeep(self) -> None:
+        """Called every tick; does what is due (pruning unused images) without blocking."""

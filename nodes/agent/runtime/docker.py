@@ -4,8 +4,15 @@ Like the process runtime it never blocks the loop for long: a missing image is p
 background while the job counts as started, and a failed pull or create ends it with exit code
 125, the code `docker run` itself uses when the engine cannot run a container. Containers are
 named and labelled after their allocation, so a restarted agent adopts them again.
+
+The registry was checked against the owner's policy before the job was accepted (`images.py`).
+What the renter reads in the job's log about a pull says which rule failed, or only that the pull
+failed: the engine's own answer (a registry's error, a refused connection) goes to the owner's
+log, so that image names cannot be used to probe the owner's network. An image over the owner's
+size cap is refused and removed, and the images the agent pulled are pruned once unused.
 """
 
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -15,9 +22,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from nodes.agent import logs
+from nodes.agent.images import ImagePolicy, size_problem
 from nodes.agent.isolation import IsolationConfig
 from nodes.agent.runtime import Adopted, Handle, JobSpec, RuntimeUnavailable, StartFailed
 from nodes.agent.runtime.container_logs import follow, in_background
+from nodes.agent.runtime.image_store import PulledImages, prune
 from nodes.agent.runtime.process import SAFE_ID
 from nodes.agent.runtime.spec import GpuRequest, SpecError, container_name, container_spec
 
@@ -25,6 +35,9 @@ ENGINE_FAILED = 125
 KILLED = 128 + 15  # what the engine reports for a job ended by SIGTERM
 LOG_DRAIN_S = 2.0
 ENDED = ("exited", "dead")
+PRUNE_EVERY_S = 600.0
+PULL_FAILED = "cannot pull {image}: the pull failed (the engine's answer is in the unit owner's log)"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,12 +82,19 @@ class DockerRuntime:
         *,
         kill_grace_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        images: ImagePolicy | None = None,
+        pulled: PulledImages | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
         self.cfg = cfg
         self.log_dir = log_dir
         self.kill_grace_s = kill_grace_s
-        self._clock = clock
+        self.images = images or ImagePolicy()
+        self.pulled = pulled or PulledImages(None, wall=wall)
+        self._clock, self._wall = clock, wall
+        self._next_prune_at = clock()
+        self._pruning: Future[Any] | None = None
 
     def start(self, spec: JobSpec) -> DockerHandle:
         if not SAFE_ID.fullmatch(spec.allocation_id):
@@ -85,9 +105,14 @@ class DockerRuntime:
             raise StartFailed(str(exc)) from None
         self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         handle = DockerHandle(spec, self.log_dir / f"{spec.allocation_id}.log", kwargs)
-        if not self._image_present(spec.image):
-            handle.pull = in_background(f"pull-{spec.allocation_id}", lambda: self.client.images.pull(spec.image))
+        image = self._local_image(spec.image)
+        if image is None:
+            handle.pull = in_background(f"pull-{spec.allocation_id}", lambda: self._pull(spec.image))
             return handle
+        handle.failed = size_problem(_size(image), self.images)
+        if handle.failed:
+            return handle  # ended by the next poll, with the rule in the job's log
+        self.pulled.used(spec.image)
         self._launch(handle)
         if handle.failed:
             self._remove(handle)
@@ -140,22 +165,41 @@ class DockerRuntime:
         state = container.attrs["State"]
         return Adopted(handle, exit_code=int(state["ExitCode"]), exited_at=_epoch(state.get("FinishedAt", "")))
 
-    def _image_present(self, image: str) -> bool:
+    def housekeep(self) -> None:
+        """Prune unused pulled images every PRUNE_EVERY_S, in the background; called every tick."""
+        if self._clock() < self._next_prune_at or (self._pruning is not None and not self._pruning.done()):
+            return
+        self._next_prune_at = self._clock() + PRUNE_EVERY_S
+        self._pruning = in_background("prune-images", self.prune)
+
+    def prune(self) -> list[str]:
+        try:
+            return prune(self.client, self.pulled, self.images, self._wall())
+        except Exception as exc:  # the engine went away: the next round tries again
+            logs.event(logger, "image_prune_failed", logging.WARNING, error=exc)
+            return []
+
+    def _local_image(self, image: str) -> Any:
         from docker.errors import ImageNotFound
 
         try:
-            self.client.images.get(image)
+            return self.client.images.get(image)
         except ImageNotFound:
-            return False
-        return True
+            return None
 
     def _after_pull(self, handle: DockerHandle) -> None:
         pull, handle.pull = handle.pull, None
         assert pull is not None
         if not pull.done():
             return  # killed meanwhile; the pull finishes on its own and leaves only the image
+        spec = handle.spec
         if pull.exception() is not None:
-            handle.failed = f"cannot pull {handle.spec.image}: {pull.exception()}"
+            logs.event(logger, "pull_failed", logging.WARNING, allocation=spec.allocation_id, error=pull.exception())
+            handle.failed = PULL_FAILED.format(image=spec.image)
+            return
+        handle.failed = size_problem(_size(pull.result()), self.images)
+        if handle.failed:
+            self._remove_image(spec.image)
         elif handle.kill_deadline is None:
             self._launch(handle)
 
@@ -199,6 +243,17 @@ class DockerRuntime:
             with suppress(Exception):  # it may have exited meanwhile; the next poll says so
                 handle.container.kill(signal=signal)
 
+    def _pull(self, reference: str) -> Any:
+        """Pull and record the image, even for a job stopped meanwhile, so that it is pruned."""
+        image = self.client.images.pull(reference)
+        self.pulled.pulled(reference, image.id, _size(image))
+        return image
+
+    def _remove_image(self, image: str) -> None:
+        with suppress(Exception):  # in use by another container, or gone: nothing to free
+            self.client.images.remove(image=image)
+        self.pulled.forget(image)
+
     def _remove(self, handle: DockerHandle) -> None:
         if handle.container is not None:
             with suppress(Exception):  # already gone
@@ -215,6 +270,11 @@ def _sdk_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
         for r in requests
     ]
     return {**kwargs, "device_requests": devices}
+
+
+def _size(image: Any) -> int:
+    """The image's unpacked size in bytes, as the engine reports it."""
+    return int(image.attrs.get("Size") or 0)
 
 
 def _mtime(path: Path) -> float | None:

@@ -1,9 +1,11 @@
 """Runs a job's argv as a plain host process. Development only.
 
-It ignores the job's image and gives no isolation beyond its own process group, a scrubbed
-environment and a private working directory, so units that take renters' work use a container
-runtime instead. Jobs run under `shim.py`, which records their exit code in a file, so that a
-job outlives the agent and a restarted agent can adopt it again.
+It ignores the job's image (nothing is pulled) and gives no isolation beyond its own process
+group, a scrubbed environment, a private working directory and, when the agent runs as root, an
+unprivileged user (`job_user.py`), so units that take renters' work use a container runtime
+instead. Jobs run under `shim.py`, which records their exit code in a file, so that a job
+outlives the agent and a restarted agent can adopt it again; as root the shim stays root to
+write that file into the agent's private state and runs the job itself as the job user.
 """
 
 import os
@@ -21,6 +23,7 @@ from typing import Any
 
 from nodes.agent import files
 from nodes.agent.runtime import Adopted, Handle, JobSpec, StartFailed, shim
+from nodes.agent.runtime.job_user import JobUser, jobs_root
 
 SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -48,10 +51,13 @@ class ProcessRuntime:
         *,
         kill_grace_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        job_user: JobUser | None = None,
     ) -> None:
-        self.work_dir = work_dir
+        """`job_user`: who jobs run as (the agent runs as root); None: the agent's own user."""
+        self.work_dir = jobs_root(work_dir, job_user) if job_user else work_dir
         self.log_dir = log_dir
         self.kill_grace_s = kill_grace_s
+        self.job_user = job_user
         self._clock = clock
 
     def start(self, spec: JobSpec) -> ProcessHandle:
@@ -68,9 +74,10 @@ class ProcessRuntime:
         try:
             self._make_fresh(workdir)
             files.remove(exit_path)
-            with open(log_path, "ab") as log:
+            as_user = ["--user", f"{self.job_user.uid}:{self.job_user.gid}"] if self.job_user else []
+            with open(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
                 popen = subprocess.Popen(
-                    [sys.executable, "-I", str(SHIM), str(exit_path), "--", *spec.command],
+                    [sys.executable, "-I", str(SHIM), str(exit_path), *as_user, "--", *spec.command],
                     cwd=workdir,
                     env=env,
                     stdin=subprocess.DEVNULL,
@@ -127,10 +134,12 @@ class ProcessRuntime:
         return Adopted(handle, exit_code=exited[0], exited_at=exited[1])
 
     def _make_fresh(self, workdir: Path) -> None:
-        self.work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.work_dir.mkdir(parents=True, exist_ok=True, mode=0o711 if self.job_user else 0o700)
         self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(mode=0o700)
+        if self.job_user:
+            os.chown(workdir, self.job_user.uid, self.job_user.gid)
 
 
 def job_env(spec: JobSpec, workdir: Path) -> dict[str, str]:

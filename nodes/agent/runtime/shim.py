@@ -1,10 +1,12 @@
 """Runs a job's command, waits for it, and records how it ended in EXIT_FILE.
 
-    python -I shim.py EXIT_FILE -- COMMAND [ARG...]
+    python -I shim.py EXIT_FILE [--user UID:GID] -- COMMAND [ARG...]
 
 The process runtime starts every job through this shim so that a job outlives the agent: a
 restarted agent cannot wait() for a process it did not start, but it can read the file. It uses
 the standard library only, because it runs by path under the job's scrubbed environment.
+With --user (an agent running as root) the shim stays root, so the job cannot forge or reach the
+exit file, and runs the command as that user, without supplementary groups and with umask 077.
 """
 
 import json
@@ -15,12 +17,16 @@ import sys
 import time
 from types import FrameType
 
-USAGE = "usage: shim.py EXIT_FILE -- COMMAND [ARG...]"
+USAGE = "usage: shim.py EXIT_FILE [--user UID:GID] -- COMMAND [ARG...]"
 CANNOT_RUN = 127  # what a shell answers for a command it cannot execute
 signalled: list[int] = []
 
 
 def main(argv: list[str]) -> int:
+    user: tuple[int, int] | None = None
+    if len(argv) > 2 and argv[1] == "--user":
+        uid, _, gid = argv[2].partition(":")
+        user, argv = (int(uid), int(gid)), [argv[0], *argv[3:]]
     if len(argv) < 3 or argv[1] != "--":
         print(USAGE, file=sys.stderr)
         return 2
@@ -30,14 +36,15 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, _carry_on)
     # Told to stop before the job even began: it never runs.
-    code = 128 + signalled[0] if signalled else run(command)
+    code = 128 + signalled[0] if signalled else run(command, user)
     record(exit_file, code)
     return code
 
 
-def run(command: list[str]) -> int:
+def run(command: list[str], user: tuple[int, int] | None = None) -> int:
+    drop = {"user": user[0], "group": user[1], "extra_groups": [], "umask": 0o077} if user else {}
     try:
-        code = subprocess.call(command)
+        code = subprocess.call(command, **drop)
     except OSError as exc:
         print(f"shedshare: cannot run {command[0]!r}: {exc}", file=sys.stderr, flush=True)
         return CANNOT_RUN
