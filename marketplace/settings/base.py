@@ -59,8 +59,9 @@ if importlib.util.find_spec("marketplace.devtools") is not None:
 AUTH_USER_MODEL = "accounts.User"
 
 MIDDLEWARE = [
+    "marketplace.kernel.middleware.RequestTextMiddleware",
     "django.middleware.security.SecurityMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "marketplace.kernel.middleware.StaticFilesMiddleware",  # WhiteNoise
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -154,14 +155,17 @@ REST_FRAMEWORK = {
         "marketplace.accounts.api.auth.ApiKeySubmitThrottle",
     ],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["marketplace.kernel.api.parsers.BoundedJSONParser"],
     "DEFAULT_CONTENT_NEGOTIATION_CLASS": "marketplace.kernel.api.renderers.FormatNegotiation",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "marketplace.kernel.api.errors.problem_exception_handler",
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "DEFAULT_PAGINATION_CLASS": "marketplace.kernel.api.pagination.BoundedLimitOffsetPagination",
     "PAGE_SIZE": 50,
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
+# A request body larger than this is a 413 problem; the ASGI application refuses it before Django
+# reads it (marketplace/kernel/asgi.py), the API's JSON parser again (kernel/api/parsers.py).
+DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("REQUEST_MAX_BYTES", 2_621_440)
 # Per API key (per user for session logins); DRF's "<count>/<sec|min|hour|day>".
 API_RATE_LIMIT = env_str("API_RATE_LIMIT", "120/min")
 API_SUBMIT_RATE_LIMIT = env_str("API_SUBMIT_RATE_LIMIT", "30/min")
@@ -199,6 +203,10 @@ ASSIGNMENT_ACK_TIMEOUT = timedelta(seconds=env_int("ASSIGNMENT_ACK_TIMEOUT_S", 6
 # An agent that pulled a job this long ago but no longer reports it has lost it.
 AGENT_LOST_GRACE = timedelta(seconds=env_int("AGENT_LOST_GRACE_S", 30))
 ASSIGNMENT_LONG_POLL_MAX_S = env_int("ASSIGNMENT_LONG_POLL_MAX_S", 20)
+# Long polls (a job's logs, the agent's next assignment) wait without holding a thread, and each
+# API key, and each unit, holds at most this many at once; beyond that a poll answers at once.
+LONG_POLL_WAITS_PER_KEY = env_int("LONG_POLL_WAITS_PER_KEY", 4)
+LONG_POLL_WAITS_PER_UNIT = env_int("LONG_POLL_WAITS_PER_UNIT", 2)
 # How many reverse proxies in front of the web server append to X-Forwarded-For. The agent's
 # public address (location evidence) is read that many hops from the right; with 0 the header is
 # ignored, because anyone can send it.
@@ -230,6 +238,15 @@ WALLET_FLOOR_MICROS = env_int("WALLET_FLOOR_MICROS", 0)
 PAYOUT_RESERVE_PERCENT = env_int("PAYOUT_RESERVE_PERCENT", 10)
 PAYOUT_HOLD_DAYS = env_int("PAYOUT_HOLD_DAYS", 7)
 PAYOUT_MINIMUM_MINOR = env_int("PAYOUT_MINIMUM_MINOR", 100)
+
+
+# Counters that must hold across processes (long-poll slots, rate limits) live in Redis when
+# REDIS_URL is set; the embedded default keeps them in each process (it runs one web process).
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": env_str("REDIS_URL")}
+    if env_str("REDIS_URL")
+    else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+}
 
 
 def _broker_url() -> str:

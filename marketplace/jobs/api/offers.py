@@ -6,7 +6,6 @@ import json
 import math
 
 from django.core.exceptions import ValidationError
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers
 from rest_framework.response import Response
@@ -126,7 +125,12 @@ class OfferSearchView(APIView):
                 description="Sort key, `-` for descending; default price_per_gpu_hour.",
             ),
             OpenApiParameter("cursor", str, required=False, description="From `next`."),
-            OpenApiParameter("limit", OpenApiTypes.INT, required=False, description=f"1 to {MAX_LIMIT}."),
+            OpenApiParameter(
+                "limit",
+                {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
+                required=False,
+                description=f"1 to {MAX_LIMIT}.",
+            ),
         ],
         responses={200: OfferPageSerializer, 400: OpenApiResponse(description="An invalid query (problem+json).")},
     )
