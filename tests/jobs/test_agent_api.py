@@ -13,6 +13,7 @@ from marketplace.jobs.placement import job_place
 from marketplace.jobs.services import job_cancel
 from marketplace.kernel.api import longpoll
 from marketplace.kernel.models import AuditEvent
+from nodes.agent.backyard import Backyard, Policy
 from nodes.models import GPU, Slice, Unit
 from nodes.services import unit_enrol, unit_register
 from tests.conftest import agent_client, gpus_make, job_make, problem_of, renter_client, unit_online
@@ -171,6 +172,13 @@ class TestHeartbeat:
             pytest.param({"gpus": [1, 2]}, "gpus", id="gpu-not-an-object"),
             pytest.param({}, "gpus", id="no-gpus"),
             pytest.param({"gpus": [], "running": ["not-a-uuid"]}, "running", id="running-not-uuids"),
+            pytest.param({"gpus": [], "limits": {"in_force": 5}}, "limits", id="limits-in-force-not-a-list"),
+            pytest.param({"gpus": [], "limits": {"in_force": [{"x": 1}]}}, "limits", id="limit-not-a-name"),
+            pytest.param({"gpus": [], "limits": {"in_force": ["<b>"]}}, "limits", id="limit-name-not-a-slug"),
+            pytest.param({"gpus": [], "limits": {"surprise": 1}}, "limits", id="limits-unknown-key"),
+            pytest.param({"gpus": [], "limits": {"gpus": 2.5}}, "limits", id="limits-gpus-not-whole"),
+            pytest.param({"gpus": [], "limits": {"gpus": 2, "advertised_gpus": 3}}, "limits", id="more-offered"),
+            pytest.param({"gpus": [], "limits": [1]}, "limits", id="limits-not-an-object"),
         ],
     )
     def test_a_malformed_heartbeat_is_refused_with_400(self, shed, payload, field):
@@ -182,6 +190,13 @@ class TestHeartbeat:
         assert field in body["errors"]
         assert Unit.objects.get(pk=unit.pk).last_heartbeat_at == before
         assert GPU.objects.filter(unit=unit).count() == 2
+
+    def test_the_limits_the_agent_reports_are_stored_as_the_protocol_says(self, shed):
+        unit, agent = shed
+        limits = Backyard().evaluate(Policy(), [], set(), timezone.now()).report(total=2)
+
+        assert agent.post(HEARTBEAT, {"gpus": report(2), "limits": limits}, format="json").status_code == 200
+        assert Unit.objects.get(pk=unit.pk).limits == limits == {"in_force": [], "advertised_gpus": 0, "gpus": 2}
 
     def test_a_heartbeat_that_is_not_json_is_refused_with_400(self, shed):
         _, agent = shed

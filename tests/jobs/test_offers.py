@@ -288,3 +288,19 @@ def test_a_forged_cursor_is_a_400(fleet, renter_api, cursor):
 
 def test_a_query_longer_than_the_bound_is_a_400(fleet, renter_api):
     assert "q" in problem_of(renter_api.get(OFFERS, {"q": "unit=a " * 400}), 400)["errors"]
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [{"in_force": 5}, [1, 2], "thermal", {"in_force": [None, {"a": 1}, "quiet_hours", "<script>"]}, 7],
+)
+def test_limits_stored_in_a_bad_shape_before_validation_show_as_none(owner, renter_api, limits):
+    unit = shed(owner, "berlin", gpus=2)
+    Unit.objects.filter(pk=unit.pk).update(limits=limits)
+
+    response = renter_api.get(OFFERS)
+
+    assert response.status_code == 200
+    (offer,) = response.json()["results"]
+    expected = ["quiet_hours"] if isinstance(limits, dict) and isinstance(limits["in_force"], list) else []
+    assert offer["limits_in_force"] == expected

@@ -16,6 +16,7 @@ from marketplace.jobs import offers
 from marketplace.kernel.api.errors import PROBLEM_CONTENT_TYPE, problem
 from marketplace.kernel.money import from_micros
 from marketplace.kernel.numbers import NumberError, int_parse
+from nodes.selectors import unit_limits
 
 DEFAULT_LIMIT, MAX_LIMIT = 50, 200
 MAX_QUERY, MAX_CURSOR = 2000, 512  # characters
@@ -48,7 +49,7 @@ class OfferSerializer(serializers.Serializer):
         return str(from_micros(unit.price_per_gpu_hour_micros))
 
     def get_limits_in_force(self, unit) -> list[str]:
-        return list((unit.limits or {}).get("in_force", []))
+        return unit_limits(unit).in_force
 
 
 class OfferPageSerializer(serializers.Serializer):
