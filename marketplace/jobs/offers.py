@@ -24,8 +24,8 @@ from django.db.models.functions import Coalesce
 from marketplace.jobs import jurisdictions
 from marketplace.jobs.models import OfferSnapshot
 from marketplace.jobs.placement import cuda_tuple
-from marketplace.kernel.numbers import decimal_parse, int_parse
 from marketplace.jobs.units import slices_free
+from marketplace.kernel.numbers import decimal_parse, int_parse
 from nodes.models import GPU, Isolation, Unit
 
 COMPARE = {"=": "exact", "<": "lt", "<=": "lte", ">": "gt", ">=": "gte"}

@@ -1,5 +1,5 @@
-"""The project's own middleware: request text PostgreSQL can store, and static files in an
-asynchronous chain.
+"""The project's own middleware: request bounds (text PostgreSQL can store, the body's declared
+size) and static files in an asynchronous chain.
 
 A NUL or invalid UTF-8 in the path or the query string is a 400 problem before any view sees it
 (PostgreSQL refuses NUL in text, so a view that passed it to a query would answer 500)."""
@@ -11,14 +11,15 @@ from django.conf import settings
 from django.utils.deprecation import MiddlewareMixin
 from whitenoise.middleware import WhiteNoiseMiddleware
 
-from marketplace.kernel.api.errors import problem_response
+from marketplace.kernel.api.errors import problem_response, too_large_detail
 
 
 def _raw_path(request) -> bytes:
     scope = getattr(request, "scope", None)  # ASGI: the path as the client sent it
     if scope is not None and scope.get("raw_path") is not None:
         return unquote_to_bytes(scope["raw_path"])
-    return request.META.get("PATH_INFO", "").encode("latin-1", errors="replace")  # WSGI: bytes as latin-1
+    # WSGI: Django percent-encodes again the bytes of the path that are not UTF-8.
+    return unquote_to_bytes(request.path_info)
 
 
 def text_problem(request) -> str | None:
@@ -40,8 +41,18 @@ def text_problem(request) -> str | None:
     return None
 
 
-class RequestTextMiddleware(MiddlewareMixin):
+def _declared_too_large(request) -> bool:
+    declared = request.META.get("CONTENT_LENGTH") or ""
+    return declared.isdigit() and (len(declared) > 15 or int(declared) > settings.DATA_UPLOAD_MAX_MEMORY_SIZE)
+
+
+class RequestBoundsMiddleware(MiddlewareMixin):
+    """Text a database can store, and a body no larger than DATA_UPLOAD_MAX_MEMORY_SIZE as declared
+    (under ASGI the application's outer layer has refused a larger one already)."""
+
     def process_request(self, request):
+        if _declared_too_large(request):
+            return problem_response(413, "payload-too-large", too_large_detail())
         problem = text_problem(request)
         return None if problem is None else problem_response(400, "invalid-text", problem)
 

@@ -59,7 +59,7 @@ if importlib.util.find_spec("marketplace.devtools") is not None:
 AUTH_USER_MODEL = "accounts.User"
 
 MIDDLEWARE = [
-    "marketplace.kernel.middleware.RequestTextMiddleware",
+    "marketplace.kernel.middleware.RequestBoundsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "marketplace.kernel.middleware.StaticFilesMiddleware",  # WhiteNoise
     "django.contrib.sessions.middleware.SessionMiddleware",

@@ -31,7 +31,8 @@ def wait_slots_take(scopes: dict[str, int], *, seconds: float) -> list[str] | No
     kept) when one of them is full. ``cache.add`` is atomic in Redis and in the local cache."""
     taken: list[str] = []
     for scope, limit in scopes.items():
-        key = next((k for n in range(limit) if cache.add(k := f"long-poll:{scope}:{n}", 1, seconds + SLOT_GRACE_S)), None)
+        keys = (f"long-poll:{scope}:{n}" for n in range(limit))
+        key = next((key for key in keys if cache.add(key, 1, seconds + SLOT_GRACE_S)), None)
         if key is None:
             cache.delete_many(taken)
             return None
