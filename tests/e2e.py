@@ -80,8 +80,8 @@ class Renter:
         )
 
 
-def stack_start(tmp_path, *, port: int) -> devstack.Stack:
-    stack = devstack.Stack(env=stack_env(tmp_path / "data"), log_dir=tmp_path / "logs")
+def stack_start(tmp_path, *, port: int, **env: str) -> devstack.Stack:
+    stack = devstack.Stack(env={**stack_env(tmp_path / "data"), **env}, log_dir=tmp_path / "logs")
     stack.start("web", devstack.web_argv(port))
     stack.start("worker", devstack.worker_argv(concurrency=2))
     stack.base_url = f"http://127.0.0.1:{port}"
