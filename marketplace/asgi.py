@@ -3,8 +3,10 @@ import os
 from django.core.asgi import get_asgi_application
 
 # Each request runs its synchronous part in a thread of its own under ASGI, so a kept database
-# connection would outlive its thread: Django's advice is to close them after each request.
+# connection would outlive its thread: Django's advice is to close them after each request, and
+# on PostgreSQL to take them from a pool instead.
 os.environ.setdefault("DB_CONN_MAX_AGE", "0")
+os.environ.setdefault("DB_POOL", "true")
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.settings.production")
 
 django_application = get_asgi_application()

@@ -93,6 +93,12 @@ def _database(url: str) -> dict:
     # Connections are kept (and checked before reuse): a Celery worker placing jobs one task at
     # a time would otherwise open a new PostgreSQL connection for every task.
     config = dj_database_url.parse(url, conn_max_age=env_int("DB_CONN_MAX_AGE", 60), conn_health_checks=True)
+    if config["ENGINE"] == "django.db.backends.postgresql" and env_bool("DB_POOL", False):
+        # The ASGI web process (marketplace/asgi.py turns this on) runs each request's synchronous
+        # part in a thread of its own and closes the connection after it, and a long poll between
+        # two looks: a pool makes that a checkout instead of a new PostgreSQL connection.
+        config["CONN_MAX_AGE"] = 0
+        config["OPTIONS"] = {"pool": {"min_size": 2, "max_size": env_int("DB_POOL_MAX_SIZE", 20), "timeout": 10}}
     if config["ENGINE"] == "django.db.backends.sqlite3":
         # Web, worker, beat and test processes share one file: WAL lets readers run beside the
         # writer, IMMEDIATE transactions take the write lock up front instead of failing on
