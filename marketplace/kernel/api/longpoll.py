@@ -5,9 +5,10 @@ one key once stalled every other renter. So a handler marked ``@long_poll`` does
 part as usual (authentication, permissions, throttles, validation, a first look) and, when it
 must wait, returns ``self.wait_for(...)`` instead of a response. ``LongPollMixin.as_view`` gives
 an asynchronous Django view that runs the DRF view in a thread, then waits with ``asyncio.sleep``
-(no thread, no database connection held between looks), asking ``ready()`` every ``interval_s``
-in a thread, and finally builds the answer through the view's own exception handling and
-rendering.
+(no worker busy, no database connection held between looks), asking ``ready()`` every
+``interval_s`` in a thread, and finally builds the answer through the view's own exception
+handling and rendering. (Django's ASGI handler keeps each request's own executor thread, idle and
+parked, until the request ends; it serves only that request, so a wait starves no one.)
 
 Waits are capped per scope (an API key, a unit): a wait takes one of ``limit`` slots of each of
 its scopes in the shared cache, each slot with an expiry a little past the wait, so a request
