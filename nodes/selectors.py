@@ -1,4 +1,5 @@
 import copy
+import re
 from dataclasses import dataclass
 
 from django.db.models import Count, Exists, IntegerField, Max, OuterRef, Prefetch, Q, Subquery, Sum
@@ -7,6 +8,7 @@ from django.utils.crypto import salted_hmac
 from django_countries import countries
 
 from nodes import ports, services
+from nodes.agent.protocol import LIMIT_NAME_PATTERN
 from nodes.models import GPU, Slice, Unit, interruptible_price
 
 
@@ -77,12 +79,38 @@ def renter_alias(*, owner_id, renter_id) -> str:
     return f"renter {digest[:6]}"
 
 
+MAX_GPUS = 64  # a unit reports at most this many GPUs (the heartbeat's bound)
+
+
+@dataclass(frozen=True)
+class LimitsShown:
+    in_force: list[str]
+    advertised_gpus: int | None
+    gpus: int | None
+
+
+def unit_limits(unit: Unit) -> LimitsShown:
+    """The backyard limits the unit's agent last reported (``protocol.LimitsReport``), for pages
+    and offers. Read defensively: a row stored before heartbeats were validated may hold any
+    shape, and what does not fit the protocol shows as no limit rather than breaking a page."""
+    stored = unit.limits if isinstance(unit.limits, dict) else {}
+    names = stored.get("in_force")
+    names = names if isinstance(names, list) else []
+
+    def count(key: str) -> int | None:
+        value = stored.get(key)
+        return value if type(value) is int and 0 <= value <= MAX_GPUS else None
+
+    in_force = [name for name in names if isinstance(name, str) and re.fullmatch(LIMIT_NAME_PATTERN, name)]
+    return LimitsShown(in_force=in_force[:8], advertised_gpus=count("advertised_gpus"), gpus=count("gpus"))
+
+
 def limits_explained(unit: Unit, *, hottest_c: int | None = None) -> list[str]:
     """Why the unit offers less than it has, in words, from what its agent last reported."""
     reasons = []
     if unit.status == Unit.Status.DRAINING:
         reasons.append("Draining for maintenance: running jobs finish, no new work is placed")
-    for name in unit.limits.get("in_force", []):
+    for name in unit_limits(unit).in_force:
         explain = _LIMIT_REASONS.get(name)
         reasons.append(explain(unit, hottest_c) if explain else f"{name.replace('_', ' ').capitalize()} (as reported)")
     return reasons

@@ -152,7 +152,11 @@ def _unit_page(
 
 
 def _status_context(unit: Unit) -> dict:
-    return {"unit": unit, "reasons": selectors.limits_explained(unit, hottest_c=unit.hottest_c)}
+    return {
+        "unit": unit,
+        "limits": selectors.unit_limits(unit),
+        "reasons": selectors.limits_explained(unit, hottest_c=unit.hottest_c),
+    }
 
 
 @login_required

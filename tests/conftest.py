@@ -64,9 +64,10 @@ def staff(db):
 
 
 def renter_client(user) -> APIClient:
-    _, key = api_key_create(user=user, name="tests")
+    api_key, key = api_key_create(user=user, name="tests")
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
+    client.key_pk = api_key.pk
     return client
 
 

@@ -17,10 +17,12 @@ PYTHON = sys.executable
 REPO = Path(__file__).resolve().parents[2]
 
 
-def web_argv(port: int, *, threads: int = 8) -> list[str]:
+def web_argv(port: int, *, workers: int = 1) -> list[str]:
+    """The web server as the image runs it: gunicorn with uvicorn workers (ASGI), so a long poll
+    waits in the event loop instead of holding a thread."""
     return [
-        PYTHON, "-m", "gunicorn", "marketplace.wsgi", "--bind", f"127.0.0.1:{port}",
-        "--worker-class", "gthread", "--workers", "1", "--threads", str(threads),
+        PYTHON, "-m", "gunicorn", "marketplace.asgi:application", "--bind", f"127.0.0.1:{port}",
+        "--worker-class", "uvicorn_worker.UvicornWorker", "--workers", str(workers),
         "--graceful-timeout", "5", "--access-logfile", "-", "--no-control-socket",
     ]  # fmt: skip
 

@@ -3,7 +3,6 @@ start, usage, logs and finish of an allocation). The views in ``agent_api/`` onl
 request, call one of these and serialise the answer; each answer is a protocol shape
 (``nodes/agent/protocol.py``)."""
 
-import time
 from uuid import UUID
 
 from django.conf import settings
@@ -52,17 +51,15 @@ def agent_heartbeat(*, unit: Unit, beat: protocol.Heartbeat, address: str) -> pr
     }
 
 
-def agent_assignment_next(*, unit: Unit, wait_s: int) -> dict | None:
-    """The unit's next assignment, waiting up to wait_s (capped) for one; None if none came."""
-    wait_s = min(max(wait_s, 0), settings.ASSIGNMENT_LONG_POLL_MAX_S)
-    deadline = time.monotonic() + wait_s
-    while True:
-        allocation = market.allocation_pull(unit=unit)
-        if allocation is not None:
-            return _assignment(allocation)
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(POLL_INTERVAL_S)
+def agent_assignment_next(*, unit: Unit) -> dict | None:
+    """The unit's next assignment, marking it acknowledged; None if there is none now."""
+    allocation = market.allocation_pull(unit=unit)
+    return None if allocation is None else _assignment(allocation)
+
+
+def agent_assignment_waiting(*, unit: Unit) -> bool:
+    """Whether an assignment waits for the unit (a read only: the pull marks it)."""
+    return market.allocation_waiting(unit=unit)
 
 
 def agent_allocation(*, unit: Unit, allocation_id: UUID) -> Allocation:

@@ -1,6 +1,5 @@
 """What a renter reads about one job beyond its row: its timeline, its output and its usage."""
 
-import time
 from dataclasses import dataclass
 
 from django.db.models import Q
@@ -78,15 +77,9 @@ def job_log_read(job: Job, *, offset: int, limit: int) -> LogPage:
     return LogPage(offset=offset, next_offset=next_offset, data=text, complete=final and next_offset >= len(log))
 
 
-def job_log_wait(job: Job, *, offset: int, wait_s: float) -> None:
-    """Block up to ``wait_s`` seconds until output past ``offset`` is stored or the job has ended."""
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        if Job.objects.filter(pk=job.pk, state__in=Job.FINAL_STATES).exists():
-            return
-        if len(_job_log_bytes(job)) > offset:
-            return
-        time.sleep(min(LOG_POLL_S, max(deadline - time.monotonic(), 0)))
+def job_log_ready(job: Job, *, offset: int) -> bool:
+    """Whether a read from ``offset`` has something new to say: output past it, or the job's end."""
+    return Job.objects.filter(pk=job.pk, state__in=Job.FINAL_STATES).exists() or len(_job_log_bytes(job)) > offset
 
 
 def job_allocations_usage(job: Job) -> list[Allocation]:

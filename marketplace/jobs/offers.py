@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 
 from django.db.models import Count, Exists, F, IntegerField, OuterRef, Q, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
@@ -25,6 +25,7 @@ from marketplace.jobs import jurisdictions
 from marketplace.jobs.models import OfferSnapshot
 from marketplace.jobs.placement import cuda_tuple
 from marketplace.jobs.units import slices_free
+from marketplace.kernel.numbers import decimal_parse, int_parse
 from nodes.models import GPU, Isolation, Unit
 
 COMPARE = {"=": "exact", "<": "lt", "<=": "lte", ">": "gt", ">=": "gte"}
@@ -33,6 +34,8 @@ OPERATORS = ("=", "!=", "<", "<=", ">", ">=", "in", "notin")
 SUFFIXES = {"ne": "!=", "lt": "<", "lte": "<=", "gt": ">", "gte": ">=", "in": "in", "notin": "notin"}
 EQUALITY = ("=", "!=", "in", "notin")
 MICROS = Decimal(1_000_000)
+# Bounds of the numbers a query may hold (kernel.numbers checks them before any arithmetic).
+MAX_GPUS, MAX_GPU_RAM_GB, MAX_PRICE = 10_000, 100_000, 1_000_000
 
 
 class QueryError(ValueError):
@@ -50,20 +53,8 @@ class Clause:
     position: int
 
 
-# Fields: (the queryset expression, the operators allowed, a converter from the token's text)
-
-
-def _number(kind):
-    def convert(text: str):
-        try:
-            value = kind(text)
-        except (ValueError, InvalidOperation):
-            raise ValueError(f"'{text}' is not a number") from None
-        if isinstance(value, Decimal) and not value.is_finite():
-            raise ValueError(f"'{text}' is not a number")
-        return value
-
-    return convert
+# Fields: (the queryset expression, the operators allowed, a converter from the token's text).
+# A converter raises ValueError for a bad value; numbers are bounded (kernel.numbers).
 
 
 def _boolean(text: str) -> bool:
@@ -94,11 +85,19 @@ def _cuda(text: str) -> tuple[int, ...]:
 
 
 def _gigabytes(text: str) -> int:
-    return int(_number(Decimal)(text) * 1024)  # compared with the GPU's vram_mb
+    return int(decimal_parse(text, minimum=0, maximum=MAX_GPU_RAM_GB, places=3) * 1024)  # vs the GPU's vram_mb
 
 
 def _micros(text: str) -> int:
-    return int(_number(Decimal)(text) * MICROS)
+    return int(decimal_parse(text, minimum=0, maximum=MAX_PRICE, places=6) * MICROS)
+
+
+def _count(text: str) -> int:
+    return int_parse(text, minimum=0, maximum=MAX_GPUS)
+
+
+def _share(text: str) -> float:
+    return float(decimal_parse(text, minimum=0, maximum=1))
 
 
 def _jurisdiction(text: str) -> tuple[str, ...]:
@@ -111,7 +110,7 @@ def _jurisdiction(text: str) -> tuple[str, ...]:
 ALL = OPERATORS
 FIELDS = {
     "gpu_name": ("gpu_model", ALL, str),
-    "num_gpus": ("free_gpus", ALL, _number(int)),
+    "num_gpus": ("free_gpus", ALL, _count),
     "gpu_ram": ("vram_mb", ALL, _gigabytes),  # the offer's GPU's, like gpu_name and cuda
     "country": ("country", EQUALITY, _country),
     "subdivision": ("subdivision", EQUALITY, str.upper),
@@ -119,7 +118,7 @@ FIELDS = {
     "verified": ("location_verified", ("=", "!="), _boolean),
     "isolation": (None, ALL, _isolation),
     "price_per_gpu_hour": ("price_per_gpu_hour_micros", ALL, _micros),
-    "reliability": ("reliability", ALL, _number(float)),
+    "reliability": ("reliability", ALL, _share),
     "cuda": (None, ALL, _cuda),
     "unit": ("name", EQUALITY, str),
 }

@@ -78,13 +78,18 @@ def _job_end(job: Job, *, state: str, actor: str, action: str, release_as: str, 
     return job
 
 
+def _allocations_unpulled(unit: Unit):
+    return Allocation.objects.filter(unit=unit, acknowledged_at__isnull=True, released_at__isnull=True)
+
+
+def allocation_waiting(*, unit: Unit) -> bool:
+    """Whether an allocation waits for the unit's agent to pull it."""
+    return _allocations_unpulled(unit).exists()
+
+
 def allocation_pull(*, unit: Unit) -> Allocation | None:
     """Hand the agent its oldest placed allocation, marking the job as starting."""
-    waiting = (
-        Allocation.objects.filter(unit=unit, acknowledged_at__isnull=True, released_at__isnull=True)
-        .select_related("job")
-        .order_by("created_at")
-    )
+    waiting = _allocations_unpulled(unit).select_related("job").order_by("created_at")
     for allocation in waiting:
         with transaction.atomic():
             now = timezone.now()

@@ -59,8 +59,9 @@ if importlib.util.find_spec("marketplace.devtools") is not None:
 AUTH_USER_MODEL = "accounts.User"
 
 MIDDLEWARE = [
+    "marketplace.kernel.middleware.RequestBoundsMiddleware",
     "django.middleware.security.SecurityMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "marketplace.kernel.middleware.StaticFilesMiddleware",  # WhiteNoise
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -92,6 +93,12 @@ def _database(url: str) -> dict:
     # Connections are kept (and checked before reuse): a Celery worker placing jobs one task at
     # a time would otherwise open a new PostgreSQL connection for every task.
     config = dj_database_url.parse(url, conn_max_age=env_int("DB_CONN_MAX_AGE", 60), conn_health_checks=True)
+    if config["ENGINE"] == "django.db.backends.postgresql" and env_bool("DB_POOL", False):
+        # The ASGI web process (marketplace/asgi.py turns this on) runs each request's synchronous
+        # part in a thread of its own and closes the connection after it, and a long poll between
+        # two looks: a pool makes that a checkout instead of a new PostgreSQL connection.
+        config["CONN_MAX_AGE"] = 0
+        config["OPTIONS"] = {"pool": {"min_size": 2, "max_size": env_int("DB_POOL_MAX_SIZE", 20), "timeout": 10}}
     if config["ENGINE"] == "django.db.backends.sqlite3":
         # Web, worker, beat and test processes share one file: WAL lets readers run beside the
         # writer, IMMEDIATE transactions take the write lock up front instead of failing on
@@ -154,14 +161,17 @@ REST_FRAMEWORK = {
         "marketplace.accounts.api.auth.ApiKeySubmitThrottle",
     ],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["marketplace.kernel.api.parsers.BoundedJSONParser"],
     "DEFAULT_CONTENT_NEGOTIATION_CLASS": "marketplace.kernel.api.renderers.FormatNegotiation",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "marketplace.kernel.api.errors.problem_exception_handler",
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "DEFAULT_PAGINATION_CLASS": "marketplace.kernel.api.pagination.BoundedLimitOffsetPagination",
     "PAGE_SIZE": 50,
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
+# A request body larger than this is a 413 problem; the ASGI application refuses it before Django
+# reads it (marketplace/kernel/asgi.py), the API's JSON parser again (kernel/api/parsers.py).
+DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("REQUEST_MAX_BYTES", 2_621_440)
 # Per API key (per user for session logins); DRF's "<count>/<sec|min|hour|day>".
 API_RATE_LIMIT = env_str("API_RATE_LIMIT", "120/min")
 API_SUBMIT_RATE_LIMIT = env_str("API_SUBMIT_RATE_LIMIT", "30/min")
@@ -213,6 +223,10 @@ USAGE_TOLERANCE_S = env_int("USAGE_TOLERANCE_S", 30)
 # This many implausible usage reports from one unit within the window put it under review.
 USAGE_REVIEW_AFTER = env_int("USAGE_REVIEW_AFTER", 5)
 USAGE_REVIEW_WINDOW = timedelta(seconds=env_int("USAGE_REVIEW_WINDOW_S", 3600))
+# Long polls (a job's logs, the agent's next assignment) wait without holding a thread, and each
+# API key, and each unit, holds at most this many at once; beyond that a poll answers at once.
+LONG_POLL_WAITS_PER_KEY = env_int("LONG_POLL_WAITS_PER_KEY", 4)
+LONG_POLL_WAITS_PER_UNIT = env_int("LONG_POLL_WAITS_PER_UNIT", 2)
 # How many reverse proxies in front of the web server append to X-Forwarded-For. The agent's
 # public address (location evidence) is read that many hops from the right; with 0 the header is
 # ignored, because anyone can send it.
@@ -244,6 +258,15 @@ WALLET_FLOOR_MICROS = env_int("WALLET_FLOOR_MICROS", 0)
 PAYOUT_RESERVE_PERCENT = env_int("PAYOUT_RESERVE_PERCENT", 10)
 PAYOUT_HOLD_DAYS = env_int("PAYOUT_HOLD_DAYS", 7)
 PAYOUT_MINIMUM_MINOR = env_int("PAYOUT_MINIMUM_MINOR", 100)
+
+
+# Counters that must hold across processes (long-poll slots, rate limits) live in Redis when
+# REDIS_URL is set; the embedded default keeps them in each process (it runs one web process).
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": env_str("REDIS_URL")}
+    if env_str("REDIS_URL")
+    else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+}
 
 
 def _broker_url() -> str:

@@ -6,6 +6,8 @@ from datetime import datetime, time
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from nodes.agent.protocol import LimitName, LimitsReport
+
 
 @dataclass(frozen=True)
 class QuietHours:
@@ -72,7 +74,7 @@ class Limits:
     in_force: list[str] = field(default_factory=list)
     power_cap_w: int | None = None
 
-    def report(self, total: int) -> dict[str, Any]:
+    def report(self, total: int) -> LimitsReport:
         """What the heartbeat says about limits: it changes only when a limit starts or ends."""
         return {"in_force": self.in_force, "advertised_gpus": len(self.advertise), "gpus": total}
 
@@ -92,11 +94,11 @@ class Backyard:
         in_force: list[str] = []
         cap = None
         if self._too_hot(policy, gpus):
-            in_force.append("thermal")
+            in_force.append(LimitName.THERMAL)
             free = []
         quiet = policy.quiet_hours
         if quiet is not None and quiet.contains(now):
-            in_force.append("quiet_hours")
+            in_force.append(LimitName.QUIET_HOURS)
             # Quiet hours limit how many GPUs run at all: more work on a GPU already busy is fine.
             partly_busy = [gpu for gpu in free if gpu.uuid in busy]
             idle = [gpu for gpu in free if gpu.uuid not in busy]
@@ -105,7 +107,7 @@ class Backyard:
         if policy.power_budget_w is not None:
             fitting = _within_budget(policy.power_budget_w, gpus, free, cap)
             if len(fitting) < len(free):
-                in_force.append("power_budget")
+                in_force.append(LimitName.POWER_BUDGET)
             free = fitting
         return Limits(advertise=[gpu.uuid for gpu in free], in_force=in_force, power_cap_w=cap)
 

@@ -5,7 +5,7 @@ once: the agent's client builds its URLs from the paths here, the server's URLs 
 are built from the values here, and tests/nodes/test_protocol.py checks both.
 """
 
-from typing import Any, NotRequired, TypedDict
+from typing import NotRequired, TypedDict
 
 # The API: every path is relative to API_PREFIX.
 API_PREFIX = "/api/agent/v1"
@@ -111,6 +111,26 @@ class GpuReport(TypedDict):
     mig_instances: NotRequired[list[MigReport]]
 
 
+class LimitName:
+    """The backyard limits an agent reports as in force (``backyard.Backyard.evaluate``)."""
+
+    THERMAL = "thermal"
+    QUIET_HOURS = "quiet_hours"
+    POWER_BUDGET = "power_budget"
+
+
+LIMIT_NAME_PATTERN = r"^[a-z][a-z_]{0,31}$"  # a newer agent may name a limit this server does not know
+
+
+class LimitsReport(TypedDict):
+    """A heartbeat's ``limits``: which backyard limits are in force and what they leave offered.
+    Empty (``{}``) until the agent has evaluated them."""
+
+    in_force: NotRequired[list[str]]  # LimitName values
+    advertised_gpus: NotRequired[int]  # GPUs offered for new work now
+    gpus: NotRequired[int]  # GPUs the unit has
+
+
 class Heartbeat(TypedDict):
     """POST HEARTBEAT: what the agent has and runs."""
 
@@ -118,7 +138,7 @@ class Heartbeat(TypedDict):
     running: list[str]  # allocation ids the agent runs now
     agent_version: str
     advertise: NotRequired[list[str] | None]  # GPU uuids taking new work; None: every healthy GPU
-    limits: NotRequired[dict[str, Any] | None]  # backyard limits in force
+    limits: NotRequired[LimitsReport | None]  # backyard limits in force
     # The ISO 3166-1 country the owner configured the agent for; None or absent: none. The server
     # gives a unit whose agent disagrees with its declared country no residency-restricted job.
     country: NotRequired[str | None]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from django.core.management import get_commands, load_command_class
+from django.utils.module_loading import import_string
 
 from nodes.agent.cli import main as agent_cli
 
@@ -36,10 +37,12 @@ def test_the_unit_token_options_used_in_compose_exist():
     assert (parsed.owner, parsed.unit, parsed.country) == ("o", "u", "DE")
 
 
-@pytest.mark.parametrize("target", sorted(set(re.findall(r"(\w+\.wsgi)", TEXT))))
-def test_the_wsgi_module_served_by_gunicorn_exists(target):
+def test_the_web_server_serves_the_asgi_application_with_uvicorn_workers():
+    # Long polls wait in the event loop; a threaded WSGI worker would hold a thread per wait.
+    [(target, worker)] = re.findall(r'"gunicorn", "(\w+\.asgi):application".*"--worker-class", "([\w.]+)"', TEXT)
     module = __import__(target, fromlist=["application"])
     assert callable(module.application)
+    assert import_string(worker).__name__ == "UvicornWorker"
 
 
 @pytest.mark.parametrize("role", sorted(set(re.findall(r"celery\W+-A\W+marketplace\.celery\W+(\w+)", TEXT))))

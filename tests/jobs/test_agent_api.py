@@ -3,13 +3,17 @@
 from dataclasses import asdict
 
 import pytest
+from django.core.cache import cache
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from marketplace.jobs import agent_use_cases as use_cases
 from marketplace.jobs.models import Allocation, Job, UsageSample
 from marketplace.jobs.placement import job_place
 from marketplace.jobs.services import job_cancel
+from marketplace.kernel.api import longpoll
 from marketplace.kernel.models import AuditEvent
+from nodes.agent.backyard import Backyard, Policy
 from nodes.models import GPU, Slice, Unit
 from nodes.services import unit_enrol, unit_register
 from tests.conftest import agent_client, gpus_make, job_make, problem_of, renter_client, unit_online
@@ -168,6 +172,13 @@ class TestHeartbeat:
             pytest.param({"gpus": [1, 2]}, "gpus", id="gpu-not-an-object"),
             pytest.param({}, "gpus", id="no-gpus"),
             pytest.param({"gpus": [], "running": ["not-a-uuid"]}, "running", id="running-not-uuids"),
+            pytest.param({"gpus": [], "limits": {"in_force": 5}}, "limits", id="limits-in-force-not-a-list"),
+            pytest.param({"gpus": [], "limits": {"in_force": [{"x": 1}]}}, "limits", id="limit-not-a-name"),
+            pytest.param({"gpus": [], "limits": {"in_force": ["<b>"]}}, "limits", id="limit-name-not-a-slug"),
+            pytest.param({"gpus": [], "limits": {"surprise": 1}}, "limits", id="limits-unknown-key"),
+            pytest.param({"gpus": [], "limits": {"gpus": 2.5}}, "limits", id="limits-gpus-not-whole"),
+            pytest.param({"gpus": [], "limits": {"gpus": 2, "advertised_gpus": 3}}, "limits", id="more-offered"),
+            pytest.param({"gpus": [], "limits": [1]}, "limits", id="limits-not-an-object"),
         ],
     )
     def test_a_malformed_heartbeat_is_refused_with_400(self, shed, payload, field):
@@ -179,6 +190,13 @@ class TestHeartbeat:
         assert field in body["errors"]
         assert Unit.objects.get(pk=unit.pk).last_heartbeat_at == before
         assert GPU.objects.filter(unit=unit).count() == 2
+
+    def test_the_limits_the_agent_reports_are_stored_as_the_protocol_says(self, shed):
+        unit, agent = shed
+        limits = Backyard().evaluate(Policy(), [], set(), timezone.now()).report(total=2)
+
+        assert agent.post(HEARTBEAT, {"gpus": report(2), "limits": limits}, format="json").status_code == 200
+        assert Unit.objects.get(pk=unit.pk).limits == limits == {"in_force": [], "advertised_gpus": 0, "gpus": 2}
 
     def test_a_heartbeat_that_is_not_json_is_refused_with_400(self, shed):
         _, agent = shed
@@ -225,6 +243,38 @@ class TestAssignments:
 
         assert agent_client(other_credential).get(NEXT).status_code == 204
         assert Allocation.objects.get(pk=allocation.pk).acknowledged_at is None
+
+    def test_a_long_poll_hands_out_a_job_placed_while_it_waits(self, shed, renter, monkeypatch):
+        unit, agent = shed
+        monkeypatch.setattr(use_cases, "POLL_INTERVAL_S", 0.01)
+        looks, real = [], use_cases.agent_assignment_waiting
+
+        def look(*, unit):
+            looks.append(unit.pk)
+            if len(looks) == 3:
+                job_place(job_id=job_make(renter).pk)
+            return real(unit=unit)
+
+        monkeypatch.setattr(use_cases, "agent_assignment_waiting", look)
+        response = agent.get(NEXT, {"wait": 20})
+
+        assert response.status_code == 200 and len(looks) == 3
+        assert cache.get(f"long-poll:unit:{unit.pk}:0") is None  # its slot is given back
+
+    def test_a_unit_beyond_its_wait_cap_is_answered_at_once(self, shed, settings, monkeypatch):
+        unit, agent = shed
+        settings.LONG_POLL_WAITS_PER_UNIT = 1
+        assert longpoll.wait_slots_take({f"unit:{unit.pk}": 1}, seconds=30) is not None  # one wait in flight
+        looks = []
+        monkeypatch.setattr(use_cases, "agent_assignment_waiting", lambda *, unit: looks.append(1))
+
+        assert agent.get(NEXT, {"wait": 20}).status_code == 204
+        assert looks == [1]  # one look, no waiting
+
+    @pytest.mark.parametrize("wait", ["x", "-1", "61", "1e3", "9" * 30])
+    def test_a_wait_out_of_bounds_is_a_400(self, shed, wait):
+        _, agent = shed
+        assert "wait" in problem_of(agent.get(NEXT, {"wait": wait}), 400)["errors"]
 
     def test_start_makes_the_job_running(self, placed):
         job, allocation, agent = placed

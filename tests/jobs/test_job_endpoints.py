@@ -3,6 +3,7 @@
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from django.core.cache import cache
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
@@ -13,10 +14,15 @@ from marketplace.jobs.models import Job
 from marketplace.jobs.placement import job_place
 from marketplace.jobs.services import job_cancel, log_chunk_record
 from marketplace.jobs.usage import SampleReport, usage_record
+from marketplace.kernel.api import longpoll
 from marketplace.kernel.models import AuditEvent
 from tests.conftest import allocation_since, job_make, problem_of, unit_online
 
 JOBS = "/api/v1/jobs"
+
+
+class Looks(list):
+    then: dict
 
 
 def url(job, part: str) -> str:
@@ -193,32 +199,56 @@ class TestLogs:
         assert after == {"offset": 5, "next_offset": 5, "data": "", "complete": True}
         assert earlier["complete"] is False  # more is stored past this page
 
-    def test_wait_returns_when_the_job_ends_meanwhile(self, placed, monkeypatch):
-        naps = []
-
-        def nap(seconds):  # the job ends during the second nap
-            naps.append(seconds)
-            if len(naps) == 2:
-                Job.objects.filter(pk=placed.job_id).update(state=Job.State.SUCCEEDED)
-
-        monkeypatch.setattr(job_reads.time, "sleep", nap)
-        job_reads.job_log_wait(placed.job, offset=0, wait_s=25)
-        assert len(naps) == 2
-
-    def test_wait_returns_when_output_arrives(self, placed, monkeypatch):
+    @pytest.fixture
+    def looks(self, monkeypatch):
+        """Every look of a waiting log read, quick; ``looks.then[n]`` runs at the n-th look."""
         monkeypatch.setattr(job_reads, "LOG_POLL_S", 0.01)
-        calls = []
-        real = job_reads._job_log_bytes
+        real, seen = job_reads.job_log_ready, Looks()
+        seen.then = {}
 
-        def arriving(job):
-            calls.append(1)
-            if len(calls) == 3:
-                log_chunk_record(allocation=placed, offset=0, data="new\n")
-            return real(job)
+        def look(job, *, offset):
+            seen.append(offset)
+            seen.then.get(len(seen), lambda: None)()  # noqa: B023
+            return real(job, offset=offset)
 
-        monkeypatch.setattr(job_reads, "_job_log_bytes", arriving)
-        job_reads.job_log_wait(placed.job, offset=0, wait_s=5)
-        assert len(calls) == 3  # stopped at the first look that saw the chunk
+        monkeypatch.setattr(job_reads, "job_log_ready", look)
+        return seen
+
+    def test_wait_returns_when_the_job_ends_meanwhile(self, renter_api, placed, looks):
+        looks.then[3] = lambda: Job.objects.filter(pk=placed.job_id).update(state=Job.State.SUCCEEDED)
+
+        body = renter_api.get(url(placed.job, "logs") + "?wait=25").json()
+
+        assert len(looks) == 3  # the first look, then two while waiting; the third saw the end
+        assert body == {"offset": 0, "next_offset": 0, "data": "", "complete": True}
+
+    def test_wait_returns_when_output_arrives(self, renter_api, placed, looks):
+        looks.then[2] = lambda: log_chunk_record(allocation=placed, offset=0, data="new\n")
+
+        body = renter_api.get(url(placed.job, "logs") + "?wait=25&format=json").json()
+
+        assert len(looks) == 2 and body["data"] == "new\n"
+
+    def test_a_key_beyond_its_wait_cap_is_answered_at_once(self, renter_api, placed, looks, settings):
+        settings.LONG_POLL_WAITS_PER_KEY = 2
+        held = longpoll.wait_slots_take({"key:other": 2}, seconds=30)  # another key's slots do not count
+        for n in range(2):  # as if two waits of this key were in flight
+            assert cache.add(f"long-poll:key:{renter_api.key_pk}:{n}", 1, 30)
+
+        body = renter_api.get(url(placed.job, "logs") + "?wait=25").json()
+
+        assert len(looks) == 1 and body["data"] == "" and held is not None
+
+    def test_a_wait_gives_its_slot_back(self, renter_api, placed, looks, settings):
+        settings.LONG_POLL_WAITS_PER_KEY = 1
+        looks.then[2] = lambda: log_chunk_record(allocation=placed, offset=0, data="a\n")
+
+        renter_api.get(url(placed.job, "logs") + "?wait=25")
+        looks.then = {3: lambda: log_chunk_record(allocation=placed, offset=2, data="b\n")}
+        body = renter_api.get(url(placed.job, "logs") + "?wait=25&offset=2").json()
+
+        assert len(looks) == 3 and body["data"] == "b\n"  # the second one waited: the slot was free again
+        assert not cache.get(f"long-poll:key:{renter_api.key_pk}:0")
 
     @pytest.mark.parametrize("query", ["wait=26", "offset=-1", "limit_bytes=0"])
     def test_bad_parameters_are_problems(self, renter_api, placed, query):

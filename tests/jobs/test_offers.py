@@ -148,7 +148,7 @@ def test_bad_plain_parameters_sort_limit_and_cursor_are_400s(fleet, renter_api):
     assert "in parameter gpu_nme ('gpu_nme')" in unknown["detail"]
     bad = problem_of(renter_api.get(OFFERS, {"num_gpus__gte": "x"}), 400)
     assert bad["errors"] == {
-        "num_gpus__gte": ["Bad value for num_gpus: 'x' is not a number in parameter num_gpus__gte ('x')"]
+        "num_gpus__gte": ["Bad value for num_gpus: 'x' is not a whole number in parameter num_gpus__gte ('x')"]
     }
     assert "sort" in problem_of(renter_api.get(OFFERS, {"sort": "colour"}), 400)["errors"]
     assert "limit" in problem_of(renter_api.get(OFFERS, {"limit": "0"}), 400)["errors"]
@@ -262,3 +262,45 @@ def test_a_page_takes_a_fixed_number_of_queries(owner, renter_api, count, django
 
 def test_anonymous_gets_401(client, fleet):
     problem_of(client.get(OFFERS), 401)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"q": "price_per_gpu_hour<=1e999990"}, {"gpu_ram__gte": "1e200000"}, {"q": "gpu_ram>=1e999999"},
+     {"price_per_gpu_hour": "1e999999"}, {"q": "num_gpus>=99999999999999999999999"}, {"reliability__lt": "NaN"},
+     {"reliability": "1e-999999"}, {"q": "reliability>=Infinity"}, {"num_gpus__in": "1,2,1e9"},
+     {"price_per_gpu_hour__lte": "-1"}, {"limit": "1e3"}, {"limit": "9" * 5000}],
+)  # fmt: skip
+def test_hostile_numbers_are_a_400_without_arithmetic(fleet, renter_api, params):
+    body = problem_of(renter_api.get(OFFERS, params), 400)
+
+    assert list(body["errors"]) == [next(iter(params))]
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    ["W1siYSJdXQ", "A" * 600, "WyJwcmljZV9wZXJfZ3B1X2hvdXIiLCAxZTk5OSwgIngiXQ",  # nested list; too long; 1e999
+     "WyJwcmljZV9wZXJfZ3B1X2hvdXIiLCB7fSwgIngiXQ"],  # an object as the value
+)  # fmt: skip
+def test_a_forged_cursor_is_a_400(fleet, renter_api, cursor):
+    assert "cursor" in problem_of(renter_api.get(OFFERS, {"cursor": cursor}), 400)["errors"]
+
+
+def test_a_query_longer_than_the_bound_is_a_400(fleet, renter_api):
+    assert "q" in problem_of(renter_api.get(OFFERS, {"q": "unit=a " * 400}), 400)["errors"]
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [{"in_force": 5}, [1, 2], "thermal", {"in_force": [None, {"a": 1}, "quiet_hours", "<script>"]}, 7],
+)
+def test_limits_stored_in_a_bad_shape_before_validation_show_as_none(owner, renter_api, limits):
+    unit = shed(owner, "berlin", gpus=2)
+    Unit.objects.filter(pk=unit.pk).update(limits=limits)
+
+    response = renter_api.get(OFFERS)
+
+    assert response.status_code == 200
+    (offer,) = response.json()["results"]
+    expected = ["quiet_hours"] if isinstance(limits, dict) and isinstance(limits["in_force"], list) else []
+    assert offer["limits_in_force"] == expected

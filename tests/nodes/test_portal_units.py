@@ -190,6 +190,18 @@ class TestTheUnitPage:
         assert "Quiet hours 22:00–07:00 (Europe/Berlin): at most 1 GPU takes new work" in status
         assert "Power budget 3.00 kW" in status
 
+    @pytest.mark.parametrize(
+        "limits", [{"in_force": 5}, [1], "thermal", {"in_force": ["thermal"], "gpus": "2", "advertised_gpus": {}}]
+    )
+    def test_limits_stored_in_a_bad_shape_do_not_break_the_page(self, owner, garage, limits):
+        Unit.objects.filter(pk=garage.pk).update(limits=limits)
+
+        page = logged_in(owner).get(url(garage))
+        status = text(logged_in(owner).get(url(garage, "status/")).content.decode())
+
+        assert page.status_code == 200
+        assert "Capacity is reduced now" in status or "No limit reduces capacity now." in status
+
     def test_without_limits_it_says_none_reduces_capacity(self, owner, garage):
         status = text(logged_in(owner).get(url(garage, "status/")).content.decode())
 

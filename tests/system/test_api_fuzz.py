@@ -25,7 +25,6 @@ from schemathesis.specs.openapi.checks import (
 
 from billing.topups import topup_create
 from marketplace.accounts.services import api_key_create
-from marketplace.jobs import job_reads
 from marketplace.jobs.placement import job_place
 from tests.conftest import job_make, unit_online
 
@@ -44,17 +43,14 @@ MAX_EXAMPLES = 25
 
 
 @pytest.fixture
-def world(db, settings, monkeypatch, stripe_fake, owner, renter):
+def world(db, settings, stripe_fake, owner, renter):
     """A renter with a key, a job placed on an online unit, a spare key and a top-up waiting for payment."""
     settings.ALLOWED_HOSTS = ["*"]
     settings.API_RATE_LIMIT = "100000/min"
     settings.API_SUBMIT_RATE_LIMIT = "100000/min"
-    # Long polls answer at once: the fuzzer sends many, and what they wait for never comes here.
-    settings.ASSIGNMENT_LONG_POLL_MAX_S = 0
-    log_wait = job_reads.job_log_wait
-    monkeypatch.setattr(
-        job_reads, "job_log_wait", lambda job, *, offset, wait_s: log_wait(job, offset=offset, wait_s=0)
-    )
+    # Long polls answer at once (no wait slots): the fuzzer sends many, and what they wait for
+    # never comes here.
+    settings.LONG_POLL_WAITS_PER_KEY = settings.LONG_POLL_WAITS_PER_UNIT = 0
     unit, credential = unit_online(owner, name="fuzz-shed", gpus=4)
     job = job_make(renter)
     allocation = job_place(job_id=job.pk)

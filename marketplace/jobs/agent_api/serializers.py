@@ -1,7 +1,7 @@
 from rest_framework import serializers
 
 from marketplace.kernel.api.serializers import StrictSerializer
-from nodes.agent.protocol import Finish, SliceKind
+from nodes.agent.protocol import LIMIT_NAME_PATTERN, Finish, LimitName, SliceKind
 
 
 class EnrolSerializer(StrictSerializer):
@@ -39,6 +39,24 @@ class GpuReportSerializer(serializers.Serializer):
     mig_instances = MigReportSerializer(many=True, required=False, default=list, max_length=7)
 
 
+class LimitsSerializer(StrictSerializer):
+    """``protocol.LimitsReport``: the only shape of limits stored, shown to owners and in offers."""
+
+    in_force = serializers.ListField(
+        child=serializers.RegexField(LIMIT_NAME_PATTERN, max_length=32),
+        required=False,
+        max_length=8,
+        help_text=f"Limits in force: {LimitName.THERMAL}, {LimitName.QUIET_HOURS}, {LimitName.POWER_BUDGET}.",
+    )
+    advertised_gpus = serializers.IntegerField(min_value=0, max_value=64, required=False)
+    gpus = serializers.IntegerField(min_value=0, max_value=64, required=False)
+
+    def validate(self, attrs):
+        if attrs.get("advertised_gpus", 0) > attrs.get("gpus", 64):
+            raise serializers.ValidationError({"advertised_gpus": ["More GPUs offered than the unit has."]})
+        return attrs
+
+
 class HeartbeatSerializer(serializers.Serializer):
     gpus = GpuReportSerializer(many=True, max_length=64)
     running = serializers.ListField(child=serializers.UUIDField(), required=False, default=list, max_length=64)
@@ -51,7 +69,7 @@ class HeartbeatSerializer(serializers.Serializer):
         max_length=64,
         help_text="GPU uuids the agent takes new work on now; omitted or null means every healthy GPU.",
     )
-    limits = serializers.DictField(required=False, allow_null=True, default=None, help_text="Backyard limits in force.")
+    limits = LimitsSerializer(required=False, allow_null=True, default=None, help_text="Backyard limits in force.")
     country = serializers.RegexField(
         r"^[A-Z]{2}\Z",
         required=False,
@@ -60,11 +78,6 @@ class HeartbeatSerializer(serializers.Serializer):
         help_text="The ISO 3166-1 country the agent is configured for; omitted or null means none. A unit whose "
         "agent names another country than the unit declares gets no job restricted to jurisdictions.",
     )
-
-    def validate_limits(self, value):
-        if value is not None and len(str(value)) > 4000:
-            raise serializers.ValidationError("Too large.")
-        return value
 
     def validate_gpus(self, value):
         uuids = [gpu["uuid"] for gpu in value]

@@ -10,6 +10,10 @@ from rest_framework.views import APIView
 from marketplace.jobs import agent_use_cases as use_cases
 from marketplace.jobs.agent_api import serializers as s
 from marketplace.jobs.agent_api.auth import IsUnitAgent, NodeCredentialAuthentication
+from marketplace.kernel.api.longpoll import LongPollMixin, long_poll, wait_slots_take
+from marketplace.kernel.api.params import query_int
+
+MAX_WAIT_S = 60  # what the query may say; the server waits at most ASSIGNMENT_LONG_POLL_MAX_S
 
 
 def client_address(request) -> str:
@@ -69,20 +73,41 @@ class HeartbeatView(AgentView):
         return Response(s.HeartbeatResultSerializer(body).data)
 
 
-class NextAssignmentView(AgentView):
+class NextAssignmentView(LongPollMixin, AgentView):
     @extend_schema(
-        parameters=[OpenApiParameter("wait", int, description="Seconds to wait for work (long poll).")],
+        parameters=[
+            OpenApiParameter(
+                "wait",
+                {"type": "integer", "minimum": 0, "maximum": MAX_WAIT_S},
+                description="Seconds to wait for work (long poll), at most ASSIGNMENT_LONG_POLL_MAX_S; a unit holds "
+                "at most LONG_POLL_WAITS_PER_UNIT waits at a time, beyond which this answers at once.",
+            )
+        ],
         responses={200: s.AssignmentSerializer, 204: OpenApiResponse(description="No work now.")},
     )
+    @long_poll
     def get(self, request):
-        try:
-            wait = int(request.query_params.get("wait", 0))
-        except ValueError:
-            wait = 0
-        body = use_cases.agent_assignment_next(unit=self.unit, wait_s=wait)
-        if body is None:
-            return Response(status=status.HTTP_204_NO_CONTENT)
-        return Response(s.AssignmentSerializer(body).data)
+        wait = min(query_int(request.query_params, "wait", default=0, minimum=0, maximum=MAX_WAIT_S),
+                   settings.ASSIGNMENT_LONG_POLL_MAX_S)  # fmt: skip
+        unit = self.unit
+
+        def answer():
+            body = use_cases.agent_assignment_next(unit=unit)
+            if body is None:
+                return Response(status=status.HTTP_204_NO_CONTENT)
+            return Response(s.AssignmentSerializer(body).data)
+
+        if wait and not use_cases.agent_assignment_waiting(unit=unit):
+            slots = wait_slots_take({f"unit:{unit.pk}": settings.LONG_POLL_WAITS_PER_UNIT}, seconds=wait)
+            if slots is not None:  # beyond the cap: answer at once
+                return self.wait_for(
+                    seconds=wait,
+                    ready=lambda: use_cases.agent_assignment_waiting(unit=unit),
+                    answer=answer,
+                    interval_s=use_cases.POLL_INTERVAL_S,
+                    slots=slots,
+                )
+        return answer()
 
 
 class AllocationStartView(AgentView):

@@ -3,9 +3,9 @@
 import base64
 import binascii
 import json
+import math
 
 from django.core.exceptions import ValidationError
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers
 from rest_framework.response import Response
@@ -15,8 +15,11 @@ from rest_framework.views import APIView
 from marketplace.jobs import offers
 from marketplace.kernel.api.errors import PROBLEM_CONTENT_TYPE, problem
 from marketplace.kernel.money import from_micros
+from marketplace.kernel.numbers import NumberError, int_parse
+from nodes.selectors import unit_limits
 
 DEFAULT_LIMIT, MAX_LIMIT = 50, 200
+MAX_QUERY, MAX_CURSOR = 2000, 512  # characters
 PAGING = ("q", "sort", "cursor", "limit", "format")
 
 
@@ -46,7 +49,7 @@ class OfferSerializer(serializers.Serializer):
         return str(from_micros(unit.price_per_gpu_hour_micros))
 
     def get_limits_in_force(self, unit) -> list[str]:
-        return list((unit.limits or {}).get("in_force", []))
+        return unit_limits(unit).in_force
 
 
 class OfferPageSerializer(serializers.Serializer):
@@ -60,13 +63,29 @@ def _invalid(field: str, message: str) -> Response:
 
 
 def _cursor_decode(text: str, sort: str) -> list:
+    foreign = ValueError("The cursor is not one this API gave out.")
+    if len(text) > MAX_CURSOR:
+        raise foreign
     try:
         position = json.loads(base64.urlsafe_b64decode(text.encode() + b"=="))
     except (ValueError, binascii.Error):
-        raise ValueError("The cursor is not one this API gave out.") from None
+        raise foreign from None
     if not isinstance(position, list) or len(position) != 3 or position[0] != sort:
         raise ValueError("The cursor belongs to another sort order; start again without it.")
+    if not _cursor_value_ok(position[1]):
+        raise foreign
     return position[1:]
+
+
+def _cursor_value_ok(value) -> bool:
+    """A value a sort column can hold: short text, a flag, or a finite number a column can store."""
+    if isinstance(value, str):
+        return len(value) <= 255
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, (int, float)):
+        return math.isfinite(value) and abs(value) < 2**62
+    return False
 
 
 def _cursor_encode(sort: str, value, unit_id) -> str:
@@ -94,6 +113,8 @@ class OfferSearchView(APIView):
         + " ".join(offers.OPERATORS)
         + ". The same filters come as plain parameters, `field=value` or "
         "`field__<op>=value` with op one of " + ", ".join(offers.SUFFIXES) + " (lists comma-separated). "
+        f"Numbers are bounded: num_gpus 0 to {offers.MAX_GPUS}, gpu_ram 0 to {offers.MAX_GPU_RAM_GB} (GB), "
+        f"price_per_gpu_hour 0 to {offers.MAX_PRICE}, reliability 0 to 1. "
         "An invalid query is a 400 whose detail names the token and its position.",
         parameters=[
             OpenApiParameter("q", str, required=False, description="The query."),
@@ -105,12 +126,19 @@ class OfferSearchView(APIView):
                 description="Sort key, `-` for descending; default price_per_gpu_hour.",
             ),
             OpenApiParameter("cursor", str, required=False, description="From `next`."),
-            OpenApiParameter("limit", OpenApiTypes.INT, required=False, description=f"1 to {MAX_LIMIT}."),
+            OpenApiParameter(
+                "limit",
+                {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT},
+                required=False,
+                description=f"1 to {MAX_LIMIT}.",
+            ),
         ],
         responses={200: OfferPageSerializer, 400: OpenApiResponse(description="An invalid query (problem+json).")},
     )
     def get(self, request):
         params = request.query_params
+        if len(params.get("q", "")) > MAX_QUERY:
+            return _invalid("q", f"The query is longer than {MAX_QUERY} characters.")
         try:
             clauses = offers.parse(params.get("q", ""))
         except offers.QueryError as error:
@@ -123,10 +151,8 @@ class OfferSearchView(APIView):
         if sort.lstrip("-") not in offers.SORTS:
             return _invalid("sort", f"Sort by one of {', '.join(offers.SORTS)}, with - for descending.")
         try:
-            limit = int(params.get("limit", DEFAULT_LIMIT))
-            if not 1 <= limit <= MAX_LIMIT:
-                raise ValueError
-        except ValueError:
+            limit = int_parse(params.get("limit", str(DEFAULT_LIMIT)), minimum=1, maximum=MAX_LIMIT)
+        except NumberError:
             return _invalid("limit", f"limit is a whole number from 1 to {MAX_LIMIT}.")
         expression, descending = offers.SORTS[sort.lstrip("-")], sort.startswith("-")
         rows = offers.search(clauses).order_by(*(f"{'-' if descending else ''}{key}" for key in (expression, "pk")))

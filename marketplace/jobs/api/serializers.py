@@ -224,7 +224,9 @@ class JobEventSerializer(serializers.Serializer):
 
 
 class JobLogQuerySerializer(serializers.Serializer):
-    offset = serializers.IntegerField(min_value=0, default=0, help_text="Byte offset (UTF-8) to read from.")
+    offset = serializers.IntegerField(
+        min_value=0, max_value=2**62, default=0, help_text="Byte offset (UTF-8) to read from."
+    )
     limit_bytes = serializers.IntegerField(min_value=1, max_value=1_048_576, default=65_536)
     wait = serializers.IntegerField(
         min_value=0, max_value=25, default=0, help_text="Seconds to wait for output past offset or the job's end."

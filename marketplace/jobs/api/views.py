@@ -1,3 +1,4 @@
+from django.conf import settings
 from django.http import HttpResponse
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
@@ -12,12 +13,23 @@ from marketplace.jobs.api.filters import JOB_LIST_PARAMETERS, jobs_filter
 from marketplace.jobs.api.serializers import JobSerializer, JobSubmitSerializer, PlacementRecordSerializer
 from marketplace.jobs.selectors import job_placement_records, jobs_for
 from marketplace.kernel.api.idempotency import idempotent
+from marketplace.kernel.api.longpoll import LongPollMixin, long_poll, wait_slots_take
 from marketplace.kernel.api.renderers import CsvRenderer
 from marketplace.kernel.api.text import PlainTextRenderer
 
 
+def _log_page_response(request, page: job_reads.LogPage):
+    if request.accepted_renderer.format != "txt":
+        return Response(s.JobLogSerializer(page).data)
+    # Not a DRF Response: that drops the Content-Type of an empty body (a page with no output yet).
+    response = HttpResponse(page.data, content_type="text/plain; charset=utf-8")
+    response["X-Log-Offset"], response["X-Log-Next-Offset"] = str(page.offset), str(page.next_offset)
+    response["X-Log-Complete"] = "true" if page.complete else "false"
+    return response
+
+
 @extend_schema_view(list=extend_schema(parameters=JOB_LIST_PARAMETERS))
-class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+class JobViewSet(LongPollMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     """A renter's jobs. Every lookup goes through ``jobs_for``, so another renter's job is a 404."""
 
     serializer_class = JobSerializer
@@ -80,7 +92,8 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
     @extend_schema(
         summary="The job's output",
         description="The stored output of the job's allocations in order, paged by UTF-8 byte offset. With wait, "
-        "waits until there is output past offset or the job has ended. Raw text with ?format=txt or Accept: "
+        "waits until there is output past offset or the job has ended (at most LONG_POLL_WAITS_PER_KEY waits at a "
+        "time per API key; beyond that the page is answered at once). Raw text with ?format=txt or Accept: "
         "text/plain, with the page in the X-Log-Offset, X-Log-Next-Offset and X-Log-Complete headers.",
         parameters=[
             s.JobLogQuerySerializer,
@@ -91,25 +104,31 @@ class JobViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
             (200, "text/plain"): OpenApiResponse(str, description="The page's text."),
         },
     )
+    @long_poll
     @action(detail=True, methods=["get"], renderer_classes=[JSONRenderer, PlainTextRenderer], pagination_class=None)
     def logs(self, request, pk=None):
         job = self.get_object()
         query = s.JobLogQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
         offset, limit, wait = (query.validated_data[k] for k in ("offset", "limit_bytes", "wait"))
-        if wait:
-            job_reads.job_log_wait(job, offset=offset, wait_s=wait)
-        try:
-            page = job_reads.job_log_read(job, offset=offset, limit=limit)
-        except ValueError as error:
-            raise ValidationError({"offset": [str(error)]}) from None
-        if request.accepted_renderer.format != "txt":
-            return Response(s.JobLogSerializer(page).data)
-        # Not a DRF Response: that drops the Content-Type of an empty body (a page with no output yet).
-        response = HttpResponse(page.data, content_type="text/plain; charset=utf-8")
-        response["X-Log-Offset"], response["X-Log-Next-Offset"] = str(page.offset), str(page.next_offset)
-        response["X-Log-Complete"] = "true" if page.complete else "false"
-        return response
+
+        def answer():
+            try:
+                page = job_reads.job_log_read(job, offset=offset, limit=limit)
+            except ValueError as error:
+                raise ValidationError({"offset": [str(error)]}) from None
+            return _log_page_response(request, page)
+
+        def ready() -> bool:
+            return job_reads.job_log_ready(job, offset=offset)
+
+        if wait and not ready():
+            caller = f"key:{request.auth.pk}" if getattr(request.auth, "pk", None) else f"user:{request.user.pk}"
+            slots = wait_slots_take({caller: settings.LONG_POLL_WAITS_PER_KEY}, seconds=wait)
+            if slots is not None:  # beyond the cap: answer at once
+                return self.wait_for(seconds=wait, ready=ready, answer=answer, interval_s=job_reads.LOG_POLL_S,
+                                     slots=slots)  # fmt: skip
+        return answer()
 
     @extend_schema(summary="The job's usage and cost so far", responses={200: s.JobUsageSerializer})
     @action(detail=True, methods=["get"], pagination_class=None)

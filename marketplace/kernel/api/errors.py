@@ -2,6 +2,8 @@
 
 from http import HTTPStatus
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import JsonResponse
 from rest_framework import exceptions
 from rest_framework.response import Response
@@ -46,6 +48,9 @@ def problem_exception_handler(exc, context):
     if isinstance(exc, DomainError):
         body = problem(exc.status, exc.code, exc.detail, title=exc.title)
         return Response(body, status=exc.status, content_type=PROBLEM_CONTENT_TYPE)
+    if isinstance(exc, RequestDataTooBig):  # Django's own limit, met when something reads request.body
+        body = problem(413, "payload-too-large", too_large_detail())
+        return Response(body, status=413, content_type=PROBLEM_CONTENT_TYPE)
     response = exception_handler(exc, context)
     if response is None:
         return None
@@ -67,6 +72,10 @@ def problem_exception_handler(exc, context):
     response.data = body
     response.content_type = PROBLEM_CONTENT_TYPE
     return response
+
+
+def too_large_detail() -> str:
+    return f"The request body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes."
 
 
 def problem_response(status_code: int, code: str, detail: str) -> JsonResponse:
