@@ -17,10 +17,10 @@ PYTHON = sys.executable
 REPO = Path(__file__).resolve().parents[2]
 
 
-def web_argv(port: int, *, threads: int = 8) -> list[str]:
+def web_argv(port: int, *, threads: int = 8, workers: int = 1) -> list[str]:
     return [
         PYTHON, "-m", "gunicorn", "marketplace.wsgi", "--bind", f"127.0.0.1:{port}",
-        "--worker-class", "gthread", "--workers", "1", "--threads", str(threads),
+        "--worker-class", "gthread", "--workers", str(workers), "--threads", str(threads),
         "--graceful-timeout", "5", "--access-logfile", "-", "--no-control-socket",
     ]  # fmt: skip
 
