@@ -9,9 +9,7 @@ from django.test import Client
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATES = sorted(
-    path
-    for folder in ("marketplace", "nodes", "billing")
-    for path in (REPO / folder).rglob("templates/**/*.html")
+    path for folder in ("marketplace", "nodes", "billing") for path in (REPO / folder).rglob("templates/**/*.html")
 )
 INLINE = [
     (re.compile(r"<style\b", re.I), "an inline <style>"),

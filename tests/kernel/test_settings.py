@@ -86,7 +86,9 @@ def production_probe(expression: str, **env) -> subprocess.CompletedProcess:
     clean.pop("DEBUG", None)
     env = {"SECRET_KEY": DEPLOY_SECRET, "DJANGO_SETTINGS_MODULE": "marketplace.settings.production", **env}
     code = f"import django; django.setup(); from django.conf import settings as s; print({expression})"
-    return subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=False
+    )
 
 
 # Long and random enough for Django's check (security.W009), as a real deployment's would be.
@@ -124,7 +126,9 @@ def test_plain_http_and_a_tls_proxy_are_explicit_switches(tmp_path):
     probe = "s.SECURE_SSL_REDIRECT, s.SESSION_COOKIE_SECURE, getattr(s, 'SECURE_PROXY_SSL_HEADER', None)"
     assert production_probe(probe, SHEDSHARE_DATA_DIR=str(tmp_path)).stdout.split() == ["True", "True", "None"]
 
-    plain = production_probe(probe, SHEDSHARE_DATA_DIR=str(tmp_path), SECURE_SSL_REDIRECT="false", SECURE_COOKIES="false")
+    plain = production_probe(
+        probe, SHEDSHARE_DATA_DIR=str(tmp_path), SECURE_SSL_REDIRECT="false", SECURE_COOKIES="false"
+    )
     assert plain.stdout.split() == ["False", "False", "None"], plain.stderr
 
     proxied = production_probe(probe, SHEDSHARE_DATA_DIR=str(tmp_path), SECURE_PROXY_SSL_HEADER="X-Forwarded-Proto")
@@ -135,7 +139,10 @@ def test_plain_http_and_a_tls_proxy_are_explicit_switches(tmp_path):
     ("env", "expected"),
     [
         ({}, "django.core.mail.backends.dummy.EmailBackend False"),
-        ({"EMAIL_BACKEND": "django.core.mail.backends.console.EmailBackend"}, "django.core.mail.backends.dummy.EmailBackend False"),
+        (
+            {"EMAIL_BACKEND": "django.core.mail.backends.console.EmailBackend"},
+            "django.core.mail.backends.dummy.EmailBackend False",
+        ),
         ({"EMAIL_HOST": "smtp.example"}, "django.core.mail.backends.smtp.EmailBackend True"),
     ],
 )

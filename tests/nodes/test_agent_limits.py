@@ -44,7 +44,9 @@ class TestPerUnit:
         for _ in range(3):
             agent_client(first).get(ASSIGNMENT, REMOTE_ADDR="192.0.2.1")
 
-        assert agent_client(first).get(ASSIGNMENT, REMOTE_ADDR="192.0.2.2").status_code == 429  # a new address: same unit
+        assert (
+            agent_client(first).get(ASSIGNMENT, REMOTE_ADDR="192.0.2.2").status_code == 429
+        )  # a new address: same unit
         assert agent_client(second).get(ASSIGNMENT, REMOTE_ADDR="192.0.2.1").status_code == 204
 
     def test_reports_cannot_use_up_the_heartbeats_budget(self, owner, settings):
