@@ -19,7 +19,7 @@ from billing.outbox import outbox_enqueue
 from billing.selectors import owner_payable_micros, wallet_balance_micros
 from billing.services import account_for, ledger_post
 from billing.stripe_api import client
-from billing.webhooks import NotYet
+from billing.webhooks import NotYet, event_object_id
 from marketplace.kernel.audit import audit_record
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ def renter_money_reinstate(*, key: str, why: str) -> list[LedgerTransaction]:
 def refund_event(event: WebhookEvent) -> None:
     """``charge.refunded``: the charge's ``amount_refunded`` is cumulative, so only the part
     not yet followed is posted, keyed on the total; any delivery order ends the same."""
-    charge = client().v1.charges.retrieve(event.payload["data"]["object"]["id"], options=_options(event)).to_dict()
+    charge = client().v1.charges.retrieve(event_object_id(event), options=_options(event)).to_dict()
     topup = _topup_for(charge.get("payment_intent"))
     if topup is None:
         return
@@ -239,7 +239,7 @@ def dispute_event(event: WebhookEvent) -> None:
     """Any ``charge.dispute.*`` event: the dispute re-read at Stripe says where it stands. Funds
     are withdrawn when a dispute opens (an inquiry, ``warning_*``, withdraws nothing) and come
     back when it is won."""
-    dispute = client().v1.disputes.retrieve(event.payload["data"]["object"]["id"], options=_options(event)).to_dict()
+    dispute = client().v1.disputes.retrieve(event_object_id(event), options=_options(event)).to_dict()
     if dispute["status"].startswith("warning_"):
         return
     topup = _topup_for(dispute.get("payment_intent"))

@@ -10,6 +10,7 @@ from django.http import StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import timezone
+from django.views.decorators.http import require_http_methods
 
 from billing import charts
 from billing.payouts import connect_onboarding_link
@@ -96,9 +97,15 @@ def earnings_csv(request):
 
 
 @login_required
+@require_http_methods(["GET", "POST"])
 def payouts_connect(request):
-    """Send the owner to Stripe's onboarding for their own Connect account; Stripe sends them
-    back to ``payouts_return``, or here again (``refresh_url``) when the link has expired."""
+    """POST: send the owner to Stripe's onboarding for their own Connect account (creating it
+    the first time); Stripe sends them back to ``payouts_return``. A GET changes nothing: it is
+    where Stripe sends them (``refresh_url``) when the link has expired, and shows the button
+    that asks for a fresh one."""
+    if request.method != "POST":
+        context = {"connect": connect_status(request.user), "link_expired": True}
+        return render(request, "billing/payouts_return.html", context)
     try:
         url = connect_onboarding_link(
             owner=request.user,

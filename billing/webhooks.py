@@ -33,6 +33,20 @@ class NotYet(Exception):
     """The event names something we have not committed yet; try again later."""
 
 
+class Malformed(Exception):
+    """The event lacks what processing needs; no later attempt can change that."""
+
+
+def event_object_id(event: WebhookEvent) -> str:
+    """The id of the object the event is about (``data.object.id``)."""
+    data = event.payload.get("data")
+    obj = data.get("object") if isinstance(data, dict) else None
+    object_id = obj.get("id") if isinstance(obj, dict) else None
+    if not isinstance(object_id, str) or not object_id:
+        raise Malformed("The event has no data.object.id.")
+    return object_id
+
+
 def webhook_verify(*, payload: bytes, signature: str) -> dict:
     """The event in ``payload`` if one of the configured secrets signed it recently enough.
     During a secret rotation Stripe signs with both, and either one verifies."""
@@ -77,7 +91,7 @@ def webhook_receive(*, payload: bytes, signature: str) -> tuple[WebhookEvent, bo
 
 
 def _payment_intent_event(event: WebhookEvent) -> None:
-    pi_id = event.payload["data"]["object"]["id"]
+    pi_id = event_object_id(event)
     options = {"stripe_account": event.account} if event.account else {}
     payment_intent = client().v1.payment_intents.retrieve(pi_id, options=options).to_dict()
     topup_id = (payment_intent.get("metadata") or {}).get("topup_id")
@@ -99,7 +113,7 @@ def _payment_intent_event(event: WebhookEvent) -> None:
 
 
 def _account_updated(event: WebhookEvent) -> None:
-    account_id = event.account or event.payload["data"]["object"]["id"]
+    account_id = event.account or event_object_id(event)
     account = client().v1.accounts.retrieve(account_id).to_dict()
     requirements = account.get("requirements") or {}
     due = list(dict.fromkeys((requirements.get("past_due") or []) + (requirements.get("currently_due") or [])))
@@ -124,33 +138,45 @@ def _handler(event_type: str):
 
 
 def webhook_process(*, event_id: str) -> bool:
-    """Act on one stored event; True once it is processed (now or before), False to try later."""
+    """Act on one stored event; True once it is done with (processed now or before, or failed
+    for good), False to try later. Every try that does not process it counts, and after
+    WEBHOOK_MAX_ATTEMPTS of them (at once, for a malformed event) it is marked failed."""
     event = WebhookEvent.objects.get(event_id=event_id)
-    if event.processed_at is not None:
+    if event.processed_at is not None or event.failed_at is not None:
         return True
     handler = _handler(event.type)
     try:
         if handler is not None:
             handler(event)
-    except (NotYet, stripe.StripeError) as error:
-        WebhookEvent.objects.filter(pk=event.pk).update(
-            attempts=event.attempts + 1, last_error=f"{type(error).__name__}: {error}"[:2000]
-        )
-        level = logging.ERROR if event.attempts + 1 >= WEBHOOK_MAX_ATTEMPTS else logging.INFO
-        log.log(level, "webhook %s %s not processed (attempt %d): %s", event.type, event_id, event.attempts + 1, error)
-        return False
+    except Exception as error:
+        if not isinstance(error, NotYet | stripe.StripeError | Malformed):
+            log.exception("webhook %s %s: processing failed", event.type, event_id)
+        return _attempt_failed(event, error, final=isinstance(error, Malformed))
     WebhookEvent.objects.filter(pk=event.pk, processed_at__isnull=True).update(
         processed_at=timezone.now(), attempts=event.attempts + 1, last_error=""
     )
     return True
 
 
+def _attempt_failed(event: WebhookEvent, error: Exception, *, final: bool) -> bool:
+    attempts = event.attempts + 1
+    final = final or attempts >= WEBHOOK_MAX_ATTEMPTS
+    WebhookEvent.objects.filter(pk=event.pk, processed_at__isnull=True).update(
+        attempts=attempts,
+        last_error=f"{type(error).__name__}: {error}"[:2000],
+        failed_at=timezone.now() if final else None,
+    )
+    level, outcome = (logging.ERROR, "failed for good") if final else (logging.INFO, "not processed")
+    log.log(level, "webhook %s %s %s (attempt %d): %s", event.type, event.event_id, outcome, attempts, error)
+    return final
+
+
 def webhook_sweep(limit: int = SWEEP_BATCH) -> int:
     """Retry events left unprocessed for a minute, oldest first; returns how many were tried."""
     due = WebhookEvent.objects.filter(
         processed_at__isnull=True,
+        failed_at__isnull=True,
         received_at__lte=timezone.now() - WEBHOOK_RETRY_AFTER,
-        attempts__lt=WEBHOOK_MAX_ATTEMPTS,
     ).order_by("received_at")
     event_ids = list(due.values_list("event_id", flat=True)[:limit])
     for event_id in event_ids:

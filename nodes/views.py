@@ -7,6 +7,7 @@ from django.http import HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.cache import add_never_cache_headers
 from django.utils.dateparse import parse_datetime
 from django.views.decorators.http import require_GET, require_POST
 
@@ -91,7 +92,9 @@ def _token_page(request, unit: Unit, token: str, issued_at, *, status: int = 200
         "ttl_hours": int(settings.ENROLMENT_TOKEN_TTL.total_seconds() // 3600),
         **_enrolment_context(unit, issued_at),
     }
-    return render(request, "nodes/unit_token.html", context, status=status)
+    response = render(request, "nodes/unit_token.html", context, status=status)
+    add_never_cache_headers(response)  # no browser cache, proxy or back button may keep the token
+    return response
 
 
 def _enrolment_context(unit: Unit, since) -> dict:

@@ -41,9 +41,13 @@ def stack_env(data_dir) -> dict:
         DJANGO_SETTINGS_MODULE="marketplace.settings.production",
         UNIT_SUSPECT_AFTER_S="15",
         HEARTBEAT_INTERVAL_S="1",
-        # The tests' clients (the live fuzzer above all) ask far faster than a renter may.
+        # The stack serves plain HTTP on 127.0.0.1 (the production settings' other hardening holds).
+        SECURE_SSL_REDIRECT="false",
+        # The tests' clients (the live fuzzer above all) ask far faster than a renter may, and
+        # send enrolments that fail on purpose; the agents keep the default per-unit limits.
         API_RATE_LIMIT="100000/min",
         API_SUBMIT_RATE_LIMIT="100000/min",
+        ENROL_FAILURE_LIMIT="100000/min",
     )
     return env
 

@@ -1,8 +1,10 @@
 """Reads about people's accounts."""
 
 from django.contrib.auth import get_user_model
+from django.db.models import Q
+from django.utils import timezone
 
-from marketplace.accounts.models import RenterProfile
+from marketplace.accounts.models import ApiKey, RenterProfile
 
 
 def email_in_use(email: str, *, exclude=None) -> bool:
@@ -16,3 +18,9 @@ def email_in_use(email: str, *, exclude=None) -> bool:
 def renter_verified(user_id) -> bool:
     """Whether the platform has verified this renter, as owners accepting verified renters only require."""
     return RenterProfile.objects.filter(user_id=user_id, verified_at__isnull=False).exists()
+
+
+def active_api_keys(user):
+    """The user's API keys that still authenticate: neither revoked nor expired."""
+    unexpired = Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now())
+    return ApiKey.objects.filter(unexpired, user=user, revoked_at__isnull=True)

@@ -3,13 +3,14 @@
 from collections.abc import Sequence
 from datetime import datetime
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from marketplace.accounts.models import ApiKey, RenterProfile
-from marketplace.accounts.selectors import email_in_use
+from marketplace.accounts.selectors import active_api_keys, email_in_use
 from marketplace.kernel import tokens
 from marketplace.kernel.audit import audit_record
 from marketplace.kernel.errors import DomainError
@@ -51,14 +52,29 @@ def user_profile_update(*, user, first_name: str, last_name: str, email: str):
 API_KEY_KIND = "shs_live"
 
 
+class ApiKeyLimitReached(DomainError):
+    status = 409
+    code = "api-key-limit-reached"
+    title = "Too many API keys"
+
+
+@transaction.atomic
 def api_key_create(
     *, user, name: str, expires_at: datetime | None = None, scopes: Sequence[str] | None = None
 ) -> tuple[ApiKey, str]:
-    """Create an API key; the plaintext is returned once and never stored. No scopes means all."""
+    """Create an API key; the plaintext is returned once and never stored. No scopes means all.
+    A renter holds at most API_KEYS_PER_USER keys that are neither revoked nor expired."""
     scopes = ApiKey.SCOPES if scopes is None else scopes
     unknown = set(scopes) - set(ApiKey.SCOPES)
     if unknown or not scopes:
         raise DomainError(f"Scopes must be a non-empty subset of {', '.join(ApiKey.SCOPES)}.")
+    # The user's row is locked so that two creations at once cannot both see room for one more.
+    get_user_model().objects.select_for_update().filter(pk=user.pk).first()
+    if active_api_keys(user).count() >= settings.API_KEYS_PER_USER:
+        raise ApiKeyLimitReached(
+            f"You have {settings.API_KEYS_PER_USER} active API keys, the most one account may hold; "
+            "revoke one you no longer use (DELETE /api/v1/api-keys/{id}) before creating another."
+        )
     issued = tokens.token_issue(API_KEY_KIND)
     key = ApiKey.objects.create(
         user=user,

@@ -46,6 +46,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_countries",
+    "axes",  # login lockouts (see "Accounts and production hardening" below)
     "marketplace.apps.ProjectConfig",
     "marketplace.kernel",
     "marketplace.accounts",
@@ -68,6 +69,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "csp.middleware.CSPMiddleware",
+    "axes.middleware.AxesMiddleware",  # last: it answers for a login that axes locked out
 ]
 
 ROOT_URLCONF = "marketplace.urls"
@@ -145,7 +148,6 @@ STORAGES = {
 }
 WHITENOISE_USE_FINDERS = not STATIC_MANIFEST
 
-EMAIL_BACKEND = env_str("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -172,9 +174,6 @@ REST_FRAMEWORK = {
 # A request body larger than this is a 413 problem; the ASGI application refuses it before Django
 # reads it (marketplace/kernel/asgi.py), the API's JSON parser again (kernel/api/parsers.py).
 DATA_UPLOAD_MAX_MEMORY_SIZE = env_int("REQUEST_MAX_BYTES", 2_621_440)
-# Per API key (per user for session logins); DRF's "<count>/<sec|min|hour|day>".
-API_RATE_LIMIT = env_str("API_RATE_LIMIT", "120/min")
-API_SUBMIT_RATE_LIMIT = env_str("API_SUBMIT_RATE_LIMIT", "30/min")
 SPECTACULAR_SETTINGS = {
     "TITLE": "Shedshare API",
     "DESCRIPTION": "Renter and node-agent APIs of the Shedshare GPU marketplace.",
@@ -260,13 +259,91 @@ PAYOUT_HOLD_DAYS = env_int("PAYOUT_HOLD_DAYS", 7)
 PAYOUT_MINIMUM_MINOR = env_int("PAYOUT_MINIMUM_MINOR", 100)
 
 
-# Counters that must hold across processes (long-poll slots, rate limits) live in Redis when
-# REDIS_URL is set; the embedded default keeps them in each process (it runs one web process).
+# --- Accounts and production hardening: shared throttles, lockouts, mail, CSP ---------------
+# (production.py adds HTTPS, HSTS and secure cookies; README "Configuration" lists the variables.)
+
+# Counters that must hold across processes (rate limits, long-poll slots) live in the cache, so
+# with REDIS_URL every web process counts against the same limits; without it (the embedded
+# default, one web process) in that process's memory.
+_cache_url = env_str("CACHE_URL") or env_str("REDIS_URL")
 CACHES = {
-    "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": env_str("REDIS_URL")}
-    if env_str("REDIS_URL")
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": _cache_url,
+        "KEY_PREFIX": "shedshare",
+        # A cache that does not answer soon is treated as down (limits are then let through).
+        "OPTIONS": {"socket_connect_timeout": 0.5, "socket_timeout": 0.5},
+    }
+    if _cache_url
     else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
 }
+# "<count>/<sec|min|hour|day>", counted over a sliding window in the cache.
+# Per renter: all of an account's API keys and its session login share one budget.
+API_RATE_LIMIT = env_str("API_RATE_LIMIT", "120/min")
+API_SUBMIT_RATE_LIMIT = env_str("API_SUBMIT_RATE_LIMIT", "30/min")
+# Active (neither revoked nor expired) API keys one account may hold.
+API_KEYS_PER_USER = env_int("API_KEYS_PER_USER", 20)
+# Per unit, whatever address its agent calls from. An honest agent makes about two calls a second
+# at the tests' 1 s heartbeat (a heartbeat and an assignment poll) and at most ten report calls
+# per 0.25 s tick while it catches up: the limits sit above both. Heartbeats have their own budget,
+# so a flood of reports cannot make a unit miss them.
+AGENT_RATE_LIMIT = env_str("AGENT_RATE_LIMIT", "3000/min")
+AGENT_HEARTBEAT_RATE_LIMIT = env_str("AGENT_HEARTBEAT_RATE_LIMIT", "240/min")
+# Failed enrolments (bad, used or expired tokens, bad bodies) one address may make before its
+# enrolments are refused with a 429 until they age out.
+ENROL_FAILURE_LIMIT = env_str("ENROL_FAILURE_LIMIT", "10/hour")
+# Password-reset requests per address and per e-mail address (each is a mail sent to someone).
+PASSWORD_RESET_RATE_LIMIT = env_str("PASSWORD_RESET_RATE_LIMIT", "10/hour")
+PASSWORD_RESET_EMAIL_RATE_LIMIT = env_str("PASSWORD_RESET_EMAIL_RATE_LIMIT", "3/hour")
+
+# Logins (the portal's and the admin's) with django-axes: after LOGIN_FAILURE_LIMIT wrong
+# passwords for one username, or from one address, that username or address cannot log in, even
+# with the right password, until LOGIN_LOCKOUT_MINUTES have passed without another failure. A
+# password reset lifts the lock on its account. Attempts are rows in the database, shared by all
+# web processes.
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
+AXES_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 5)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("LOGIN_LOCKOUT_MINUTES", 15))
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_LOCKOUT_CALLABLE = "marketplace.accounts.views.login_locked_out"
+AXES_CLIENT_IP_CALLABLE = "marketplace.kernel.addresses.client_address"
+AXES_DISABLE_ACCESS_LOG = True  # successful logins are not recorded; failures are
+AXES_VERBOSE = False
+
+# Mail carries password-reset links. EMAIL_HOST (with EMAIL_PORT, EMAIL_HOST_USER,
+# EMAIL_HOST_PASSWORD, EMAIL_USE_TLS or EMAIL_USE_SSL) sends through SMTP; EMAIL_BACKEND names
+# any other backend. Without either, development prints mail to the console, and production
+# (production.py) sends none and says password reset is unavailable.
+EMAIL_HOST = env_str("EMAIL_HOST", "")
+EMAIL_PORT = env_int("EMAIL_PORT", 587)
+EMAIL_HOST_USER = env_str("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = env_str("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", True)
+EMAIL_USE_SSL = env_bool("EMAIL_USE_SSL", False)
+if EMAIL_USE_SSL:
+    EMAIL_USE_TLS = False  # implicit TLS (port 465) and STARTTLS exclude each other
+EMAIL_TIMEOUT = 10
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "Shedshare <noreply@localhost>")
+EMAIL_BACKEND = env_str(
+    "EMAIL_BACKEND",
+    "django.core.mail.backends.smtp.EmailBackend" if EMAIL_HOST else "django.core.mail.backends.console.EmailBackend",
+)
+MAIL_CONFIGURED = True
+
+# Content-Security-Policy (django-csp): scripts and styles only from our own static files (the
+# portal has no inline script or style; htmx is vendored), nothing framed, no plugins.
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": ["'self'"],
+        "script-src": ["'self'"],
+        "style-src": ["'self'"],
+        "img-src": ["'self'", "data:"],
+        "object-src": ["'none'"],
+        "base-uri": ["'self'"],
+        "frame-ancestors": ["'none'"],
+    }
+}
+# --- end of accounts and production hardening --------------------------------------------
 
 
 def _broker_url() -> str:

@@ -164,7 +164,8 @@ class TestPasswordReset:
         assert response["Location"] == "/accounts/password-reset/complete/"
         user.refresh_from_db()
         assert user.check_password(PASSWORD)
-        assert Client().login(username="olivia-owner", password=PASSWORD)
+        logged_in = Client().post("/accounts/login/", {"username": "olivia-owner", "password": PASSWORD})
+        assert logged_in.status_code == 302, logged_in.content
 
     def test_the_link_works_once(self, db):
         user_make("olivia-owner", email="olivia@example.com")

@@ -8,7 +8,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from marketplace.accounts.models import ApiKey
-from marketplace.accounts.services import api_key_authenticate, api_key_create
+from marketplace.accounts.services import ApiKeyLimitReached, api_key_authenticate, api_key_create, api_key_revoke
 from marketplace.jobs.models import Job
 from marketplace.kernel.models import AuditEvent
 from marketplace.kernel.tokens import token_digest
@@ -167,3 +167,41 @@ class TestScopes:
     def test_a_session_login_has_every_scope(self, renter_session):
         assert renter_session.get("/api/v1/jobs").status_code == 200
         assert renter_session.post("/api/v1/jobs", JOB_SPEC, format="json").status_code == 201
+
+
+class TestKeysPerAccount:
+    def test_one_key_over_the_cap_is_a_409_problem_and_stores_nothing(self, renter, renter_api, settings):
+        settings.API_KEYS_PER_USER = 3  # renter_api holds one already
+        assert [renter_api.post(KEYS, {"name": f"k{n}"}, format="json").status_code for n in range(2)] == [201, 201]
+
+        response = renter_api.post(KEYS, {"name": "one-too-many"}, format="json")
+
+        body = problem_of(response, 409)
+        assert body["type"] == "/problems/api-key-limit-reached"
+        assert "revoke one" in body["detail"]
+        assert ApiKey.objects.filter(user=renter).count() == 3
+
+    def test_revoked_and_expired_keys_free_their_place(self, renter, settings):
+        settings.API_KEYS_PER_USER = 2
+        revoked, _ = api_key_create(user=renter, name="old")
+        api_key_revoke(key=revoked)
+        api_key_create(user=renter, name="expired", expires_at=timezone.now() - timedelta(seconds=1))
+        api_key_create(user=renter, name="live")
+
+        api_key_create(user=renter, name="second live")
+        with pytest.raises(ApiKeyLimitReached):
+            api_key_create(user=renter, name="third live")
+
+    def test_the_cap_is_per_account(self, renter, stranger, settings):
+        settings.API_KEYS_PER_USER = 1
+        api_key_create(user=renter, name="renter's")
+
+        api_key_create(user=stranger, name="stranger's")
+
+
+def test_the_answer_that_carries_the_key_may_not_be_stored(renter_api):
+    response = renter_api.post(KEYS, {"name": "ci"}, format="json")
+
+    assert response.status_code == 201
+    assert "no-store" in response["Cache-Control"]
+    assert "no-store" not in renter_api.get(KEYS).get("Cache-Control", "")

@@ -1,4 +1,4 @@
-"""Per-key rate limits: a 429 problem with Retry-After, counted per key, tighter for submits."""
+"""Per-renter rate limits: a 429 problem with Retry-After, counted per account (all its keys), tighter for submits."""
 
 import pytest
 from django.core.cache import cache
@@ -27,15 +27,17 @@ def test_the_request_over_the_limit_is_a_429_problem_with_retry_after(renter_api
 
     body = problem_of(response, 429)
     assert body["type"] == "/problems/throttled"
-    assert 1 <= int(response["Retry-After"]) <= 60
+    # A sliding minute, approximated from two fixed ones: the wait can reach into the next minute.
+    assert 1 <= int(response["Retry-After"]) <= 120
 
 
-def test_each_key_has_its_own_budget(renter, renter_api):
+def test_a_renters_keys_share_one_budget_so_more_keys_do_not_raise_it(renter, renter_api, stranger_api):
     for _ in range(3):
         renter_api.get(JOBS)
     assert renter_api.get(JOBS).status_code == 429
 
-    assert renter_client(renter).get(JOBS).status_code == 200
+    assert renter_client(renter).get(JOBS).status_code == 429
+    assert stranger_api.get(JOBS).status_code == 200
 
 
 def test_session_logins_are_counted_per_user(renter, stranger):

@@ -142,23 +142,46 @@ class TestPayout:
 class TestViews:
     def test_connect_needs_login(self, client, stripe_fake):
         assert client.get("/portal/payouts/connect/")["Location"].startswith("/accounts/login/")
+        assert client.post("/portal/payouts/connect/")["Location"].startswith("/accounts/login/")
         assert client.get("/portal/payouts/return/")["Location"].startswith("/accounts/login/")
         assert stripe_fake.objects("account") == []
 
     def test_connect_sends_the_owner_to_onboarding_for_their_own_account(self, client, owner, stranger, stripe_fake):
         client.force_login(owner)
-        response = client.get("/portal/payouts/connect/")
+        response = client.post("/portal/payouts/connect/")
 
         account_id = BillingProfile.objects.get(user=owner).stripe_account_id
         assert response.status_code == 302
         assert account_id in response["Location"]
 
         client.force_login(stranger)
-        response = client.get("/portal/payouts/connect/")
+        response = client.post("/portal/payouts/connect/")
         stranger_account = BillingProfile.objects.get(user=stranger).stripe_account_id
         assert stranger_account != account_id
         assert stranger_account in response["Location"]
         assert account_id not in response["Location"]
+
+    def test_a_get_creates_nothing_and_offers_the_button(self, client, owner, stripe_fake):
+        """Stripe sends the owner back here with a GET when a link has expired; a GET (from
+        another site, say) must not create a Connect account."""
+        client.force_login(owner)
+        response = client.get("/portal/payouts/connect/")
+
+        assert response.status_code == 200
+        assert stripe_fake.objects("account") == []
+        assert not BillingProfile.objects.filter(user=owner).exclude(stripe_account_id="").exists()
+        page = response.content.decode()
+        assert '<form method="post" action="/portal/payouts/connect/">' in page
+        assert "csrfmiddlewaretoken" in page
+
+    def test_the_post_needs_the_csrf_token(self, owner, stripe_fake):
+        from django.test import Client
+
+        client = Client(enforce_csrf_checks=True)
+        client.force_login(owner)
+
+        assert client.post("/portal/payouts/connect/").status_code == 403
+        assert stripe_fake.objects("account") == []
 
     def test_return_shows_only_the_callers_own_state(self, client, owner, stranger, stripe_fake):
         onboarded(owner, stripe_fake)

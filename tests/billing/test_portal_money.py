@@ -273,6 +273,13 @@ class TestCsv:
         assert ",'=HYPERLINK(1)," in body
 
 
+CONNECT_FORM = '<form method="post" action="/portal/payouts/connect/">'
+
+
+def without_csrf(page: str) -> str:
+    return re.sub(r'<input type="hidden" name="csrfmiddlewaretoken" value="[^"]+">', "", page)
+
+
 class TestConnect:
     def test_without_stripe_the_page_says_payouts_are_unavailable(self, client, owner, settings):
         settings.STRIPE_SECRET_KEY = ""
@@ -284,7 +291,7 @@ class TestConnect:
     def test_without_stripe_the_connect_button_answers_503_in_words(self, client, owner, settings):
         settings.STRIPE_SECRET_KEY = ""
         client.force_login(owner)
-        response = client.get("/portal/payouts/connect/")
+        response = client.post("/portal/payouts/connect/")
 
         assert response.status_code == 503
         assert "Payouts cannot be set up on this marketplace yet." in response.content.decode()
@@ -293,14 +300,14 @@ class TestConnect:
         page = earnings_page(client, owner)
 
         assert "Not connected." in page
-        assert '<a class="button" href="/portal/payouts/connect/">Set up payouts with Stripe</a>' in page
+        assert CONNECT_FORM + '<button type="submit">Set up payouts with Stripe</button></form>' in without_csrf(page)
 
     def test_an_owner_who_started_onboarding_is_asked_to_continue(self, client, owner, stripe_fake):
         connect_account_ensure(owner=owner)
         page = earnings_page(client, owner)
 
         assert "Onboarding incomplete." in page
-        assert '<a class="button" href="/portal/payouts/connect/">Continue Stripe onboarding</a>' in page
+        assert CONNECT_FORM + '<button type="submit">Continue Stripe onboarding</button></form>' in without_csrf(page)
 
     def test_an_owner_with_payouts_enabled_is_told_so_without_a_button(self, client, owner, stripe_fake):
         account_id = onboarded(owner, stripe_fake)

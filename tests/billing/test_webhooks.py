@@ -255,3 +255,61 @@ class TestOtherEvents:
         stored = WebhookEvent.objects.get(event_id=event["id"])
         assert (stored.type, stored.account, stored.payload) == ("invoice.finalized", "", event)
         assert stored.processed_at is not None
+
+
+class TestBoundedAttempts:
+    """An event that cannot be processed ends failed, with its reason, instead of being tried forever."""
+
+    def age(self, event: dict) -> None:
+        WebhookEvent.objects.filter(event_id=event["id"]).update(received_at=timezone.now() - timedelta(minutes=5))
+
+    @pytest.mark.parametrize(
+        ("event_type", "obj"),
+        [
+            ("payment_intent.succeeded", {"object": "payment_intent"}),
+            ("account.updated", {"object": "account", "id": ""}),
+            ("charge.refunded", {"object": "charge", "id": 42}),
+            ("charge.dispute.created", None),
+        ],
+    )
+    def test_a_signed_event_without_an_object_id_fails_at_once(self, client, stripe_fake, event_type, obj):
+        event = stripe_fake.event(event_type, obj or {})
+        if obj is None:
+            event["data"] = "not an object"
+
+        assert deliver_and_process(client, event)  # done with: nothing more to try
+
+        stored = WebhookEvent.objects.get(event_id=event["id"])
+        assert stored.failed_at is not None and stored.processed_at is None
+        assert (stored.attempts, stored.last_error) == (1, "Malformed: The event has no data.object.id.")
+        self.age(event)
+        assert webhook_sweep() == 0
+
+    def test_an_event_that_keeps_failing_fails_after_the_most_attempts(self, client, topup, stripe_fake, monkeypatch):
+        monkeypatch.setattr("billing.webhooks.WEBHOOK_MAX_ATTEMPTS", 3)
+        event = stripe_fake.event("payment_intent.succeeded", stripe_fake.succeed_payment(topup.payment_intent_id))
+        assert deliver(client, event).status_code == 200
+        self.age(event)
+        for _ in range(5):
+            stripe_fake.fail_next("/v1/payment_intents", "server_error")
+            webhook_sweep()
+
+        stored = WebhookEvent.objects.get(event_id=event["id"])
+        assert stored.attempts == 3 and stored.failed_at is not None
+        assert "server_error" in stored.last_error or "APIError" in stored.last_error
+        assert TopUp.objects.get(pk=topup.pk).state != TopUp.State.SUCCEEDED
+
+    def test_an_unexpected_error_counts_as_an_attempt_too(self, client, stripe_fake, monkeypatch):
+        def broken(event):
+            raise TypeError("a bug")
+
+        monkeypatch.setattr("billing.webhooks._handler", lambda event_type: broken)
+        monkeypatch.setattr("billing.webhooks.WEBHOOK_MAX_ATTEMPTS", 2)
+        event = stripe_fake.event("invoice.finalized", {"id": "in_1", "object": "invoice"})
+
+        assert not deliver_and_process(client, event)
+        assert webhook_process(event_id=event["id"])
+
+        stored = WebhookEvent.objects.get(event_id=event["id"])
+        assert (stored.attempts, stored.last_error) == (2, "TypeError: a bug")
+        assert stored.failed_at is not None

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
@@ -77,3 +78,82 @@ def test_lists_are_comma_separated(monkeypatch):
 def test_the_openapi_schema_is_valid_without_warnings(tmp_path):
     call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(tmp_path / "schema.yaml"))
     assert "/api/v1/jobs" in (tmp_path / "schema.yaml").read_text()
+
+
+def production_probe(expression: str, **env) -> subprocess.CompletedProcess:
+    """``expression`` evaluated in a fresh process on the production settings."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SECURE_", "EMAIL_", "REDIS_", "CACHE_"))}
+    clean.pop("DEBUG", None)
+    env = {"SECRET_KEY": DEPLOY_SECRET, "DJANGO_SETTINGS_MODULE": "marketplace.settings.production", **env}
+    code = f"import django; django.setup(); from django.conf import settings as s; print({expression})"
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=False
+    )
+
+
+# Long and random enough for Django's check (security.W009), as a real deployment's would be.
+DEPLOY_SECRET = "tR4x-9Kq2_vLm8Zp0Yc7Ws3Nb6Hd1Jf5Ge4Ua2Xo8Ri0Ty9Pq3"
+
+
+def test_check_deploy_with_the_production_settings_prints_no_warning(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SECURE_", "EMAIL_", "DEBUG"))}
+    env.update(
+        DJANGO_SETTINGS_MODULE="marketplace.settings.production",
+        SECRET_KEY=DEPLOY_SECRET,
+        ALLOWED_HOSTS="shedshare.example",
+        SHEDSHARE_DATA_DIR=str(tmp_path),
+    )
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "System check identified no issues (0 silenced)." in output, output
+
+
+def test_production_is_https_only_by_default(tmp_path):
+    probe = "s.SECURE_SSL_REDIRECT, s.SESSION_COOKIE_SECURE, s.CSRF_COOKIE_SECURE, s.SECURE_HSTS_SECONDS"
+    result = production_probe(probe, SHEDSHARE_DATA_DIR=str(tmp_path))
+    assert result.stdout.split() == ["True", "True", "True", "31536000"], result.stderr
+
+
+def test_plain_http_and_a_tls_proxy_are_explicit_switches(tmp_path):
+    probe = "s.SECURE_SSL_REDIRECT, s.SESSION_COOKIE_SECURE, getattr(s, 'SECURE_PROXY_SSL_HEADER', None)"
+    assert production_probe(probe, SHEDSHARE_DATA_DIR=str(tmp_path)).stdout.split() == ["True", "True", "None"]
+
+    plain = production_probe(
+        probe, SHEDSHARE_DATA_DIR=str(tmp_path), SECURE_SSL_REDIRECT="false", SECURE_COOKIES="false"
+    )
+    assert plain.stdout.split() == ["False", "False", "None"], plain.stderr
+
+    proxied = production_probe(probe, SHEDSHARE_DATA_DIR=str(tmp_path), SECURE_PROXY_SSL_HEADER="X-Forwarded-Proto")
+    assert proxied.stdout.strip() == "True True ('HTTP_X_FORWARDED_PROTO', 'https')", proxied.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, "django.core.mail.backends.dummy.EmailBackend False"),
+        (
+            {"EMAIL_BACKEND": "django.core.mail.backends.console.EmailBackend"},
+            "django.core.mail.backends.dummy.EmailBackend False",
+        ),
+        ({"EMAIL_HOST": "smtp.example"}, "django.core.mail.backends.smtp.EmailBackend True"),
+    ],
+)
+def test_production_sends_mail_only_through_a_configured_server(tmp_path, env, expected):
+    """Never the console: it would print password-reset links into the web log."""
+    result = production_probe("s.EMAIL_BACKEND, s.MAIL_CONFIGURED", SHEDSHARE_DATA_DIR=str(tmp_path), **env)
+    assert result.stdout.strip() == expected, result.stderr
+
+
+def test_throttles_count_in_redis_when_it_is_configured(tmp_path):
+    probe = "s.CACHES['default']['BACKEND'].rsplit('.', 1)[1]"
+    assert production_probe(probe, SHEDSHARE_DATA_DIR=str(tmp_path)).stdout.strip() == "LocMemCache"
+    configured = production_probe(probe, SHEDSHARE_DATA_DIR=str(tmp_path), REDIS_URL="redis://cache.internal:6379/0")
+    assert configured.stdout.strip() == "RedisCache", configured.stderr

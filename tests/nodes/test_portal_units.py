@@ -239,6 +239,17 @@ class TestEnrolment:
         unit = Unit.objects.get(owner=owner)
         assert re.search(rf'hx-get="{url(unit, "enrolment/")}\?since=[^"]+" hx-trigger="every 5s"', page)
 
+    def test_the_pages_that_show_a_token_may_not_be_stored(self, owner, garage):
+        """The token is shown once; no browser cache, proxy or back button may keep a copy."""
+        client = logged_in(owner)
+        registered = client.post("/portal/units/new/", {"name": "Garden shed", "country": "DE"})
+        reissued = client.post(url(garage, "token/"))
+
+        for response in (registered, reissued):
+            assert "shs_enrol_" in response.content.decode() or "enrol --url" in response.content.decode()
+            assert "no-store" in response["Cache-Control"]
+        assert "no-store" not in client.get(url(garage)).get("Cache-Control", "")
+
     def test_the_enrolment_status_follows_the_agent_and_stops_polling_once_online(self, owner):
         unit, token = unit_register(owner=owner, name="Garden shed", country="DE")
         client = logged_in(owner)

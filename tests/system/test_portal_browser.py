@@ -82,6 +82,9 @@ def check(page, name: str) -> None:
 
 def test_an_owner_signs_up_enrols_a_shed_sets_its_policy_and_gets_paid(portal, agent, browser_page, tmp_path):
     page = browser_page
+    # The Content-Security-Policy allows no inline script or style: the browser reports any it blocked.
+    blocked = []
+    page.on("console", lambda message: "Content Security Policy" in message.text and blocked.append(message.text))
 
     # Sign up.
     page.goto(f"{portal}/accounts/signup/")
@@ -167,7 +170,7 @@ def test_an_owner_signs_up_enrols_a_shed_sets_its_policy_and_gets_paid(portal, a
 
     # Stripe Connect onboarding, against the local fake; the hosted page is Stripe's, faked here.
     page.route(STRIPE_HOSTED, lambda route: route.fulfill(content_type="text/html", body=STRIPE_PAGE))
-    page.get_by_role("link", name="Set up payouts with Stripe").click()
+    page.get_by_role("button", name="Set up payouts with Stripe").click()
     page.wait_for_url(STRIPE_HOSTED)
     account_id = BillingProfile.objects.get(user=unit.owner).stripe_account_id
     assert account_id and f"/{account_id}/" in page.url
@@ -175,8 +178,9 @@ def test_an_owner_signs_up_enrols_a_shed_sets_its_policy_and_gets_paid(portal, a
     screenshot(page, "10-stripe-onboarding")
     page.goto(f"{portal}/portal/earnings/")
     expect(page.get_by_text("Onboarding incomplete.")).to_be_visible()
-    expect(page.get_by_role("link", name="Continue Stripe onboarding")).to_be_visible()
+    expect(page.get_by_role("button", name="Continue Stripe onboarding")).to_be_visible()
     check(page, "11-onboarding-incomplete")
+    assert blocked == []
 
 
 STRIPE_PAGE = "<!doctype html><html lang=en><title>Stripe onboarding</title><h1>Stripe onboarding (local fake)</h1>"

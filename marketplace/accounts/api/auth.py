@@ -1,11 +1,11 @@
-from django.conf import settings
 from django.utils import timezone
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
-from rest_framework import authentication, exceptions, permissions, throttling
+from rest_framework import authentication, exceptions, permissions
 
 from marketplace.accounts.models import ApiKey
 from marketplace.accounts.services import API_KEY_KIND, api_key_authenticate
 from marketplace.kernel.api.auth import bearer_token
+from marketplace.kernel.api.throttling import SharedRateThrottle
 
 
 class ApiKeyAuthentication(authentication.BaseAuthentication):
@@ -49,29 +49,23 @@ class ApiKeyScopePermission(permissions.BasePermission):
         return True
 
 
-class ApiKeyRateThrottle(throttling.SimpleRateThrottle):
-    """Counts each API key's requests (each user's, for session logins); other callers, such as
-    node agents, are not counted here."""
+class ApiKeyRateThrottle(SharedRateThrottle):
+    """Counts each renter's requests, whichever of their keys (or their session login) made them:
+    minting more keys does not multiply the limit. Other callers, such as node agents, are
+    counted by their own throttles."""
 
     scope = "api"
     setting = "API_RATE_LIMIT"
 
-    def get_rate(self) -> str:
-        return getattr(settings, self.setting)
-
     def counts(self, request, view) -> bool:
         return True
 
-    def get_cache_key(self, request, view) -> str | None:
+    def ident(self, request, view) -> str | None:
         if not self.counts(request, view):
             return None
-        if isinstance(request.auth, ApiKey):
-            ident = f"key:{request.auth.pk}"
-        elif request.auth is None and request.user.is_authenticated:
-            ident = f"user:{request.user.pk}"
-        else:
-            return None
-        return f"throttle:{self.scope}:{ident}"
+        if isinstance(request.auth, ApiKey) or (request.auth is None and request.user.is_authenticated):
+            return f"user:{request.user.pk}"
+        return None
 
 
 class ApiKeySubmitThrottle(ApiKeyRateThrottle):

@@ -3,6 +3,7 @@
 from datetime import timedelta
 
 from django.utils import timezone
+from django.utils.cache import add_never_cache_headers
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.response import Response
@@ -58,9 +59,13 @@ class ApiKeyViewSet(mixins.ListModelMixin, mixins.DestroyModelMixin, viewsets.Ge
 
     @extend_schema(
         summary="Create an API key",
-        description="The response carries the key once; store it. Scopes default to all of read, submit, billing.",
+        description="The response carries the key once; store it. Scopes default to all of read, submit, billing. "
+        "An account holds at most API_KEYS_PER_USER active keys (20 by default); one more is a 409.",
         request=ApiKeyCreateSerializer,
-        responses={201: ApiKeyCreatedSerializer},
+        responses={
+            201: ApiKeyCreatedSerializer,
+            409: OpenApiResponse(description="problem+json: the account holds the most active keys it may"),
+        },
     )
     def create(self, request):
         submitted = ApiKeyCreateSerializer(data=request.data)
@@ -73,7 +78,9 @@ class ApiKeyViewSet(mixins.ListModelMixin, mixins.DestroyModelMixin, viewsets.Ge
             scopes=data.get("scopes"),
             expires_at=timezone.now() + timedelta(days=days) if days else None,
         )
-        return Response({**ApiKeySerializer(key).data, "key": plaintext}, status=status.HTTP_201_CREATED)
+        response = Response({**ApiKeySerializer(key).data, "key": plaintext}, status=status.HTTP_201_CREATED)
+        add_never_cache_headers(response)  # the key itself: no cache, proxy or history may keep it
+        return response
 
     def destroy(self, request, pk=None):
         services.api_key_revoke(key=self.get_object())

@@ -1,7 +1,10 @@
+from django.conf import settings
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions, permissions
 
 from marketplace.kernel.api.auth import bearer_token
+from marketplace.kernel.api.throttling import SharedRateThrottle
+from marketplace.kernel.ratelimit import Limiter
 from nodes.models import Unit
 from nodes.services import NODE_CREDENTIAL_KIND, unit_authenticate
 
@@ -40,6 +43,26 @@ class NodeCredentialAuthentication(authentication.BaseAuthentication):
 class IsUnitAgent(permissions.BasePermission):
     def has_permission(self, request, view) -> bool:
         return isinstance(request.user, UnitAgent)
+
+
+class UnitRateThrottle(SharedRateThrottle):
+    """Counts each unit's agent calls (the unit, not the address: many sheds share a NAT)."""
+
+    scope = "agent"
+    setting = "AGENT_RATE_LIMIT"
+
+    def ident(self, request, view) -> str | None:
+        return f"unit:{request.user.unit.pk}" if isinstance(request.user, UnitAgent) else None
+
+
+class UnitHeartbeatThrottle(UnitRateThrottle):
+    scope = "agent-heartbeat"
+    setting = "AGENT_HEARTBEAT_RATE_LIMIT"
+
+
+def enrol_failures() -> Limiter:
+    """Failed enrolments per address (see EnrolView)."""
+    return Limiter("enrol-failures", settings.ENROL_FAILURE_LIMIT)
 
 
 class NodeCredentialScheme(OpenApiAuthenticationExtension):

@@ -3,28 +3,27 @@
 
 from django.conf import settings
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
-from rest_framework import status
+from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from marketplace.jobs import agent_use_cases as use_cases
 from marketplace.jobs.agent_api import serializers as s
-from marketplace.jobs.agent_api.auth import IsUnitAgent, NodeCredentialAuthentication
+from marketplace.jobs.agent_api.auth import (
+    IsUnitAgent,
+    NodeCredentialAuthentication,
+    UnitHeartbeatThrottle,
+    UnitRateThrottle,
+    enrol_failures,
+)
+from marketplace.kernel.addresses import client_address
 from marketplace.kernel.api.longpoll import LongPollMixin, long_poll, wait_slots_take
 from marketplace.kernel.api.params import query_int
+from marketplace.kernel.errors import DomainError
 
 MAX_WAIT_S = 60  # what the query may say; the server waits at most ASSIGNMENT_LONG_POLL_MAX_S
 
-
-def client_address(request) -> str:
-    """The address the caller connected from. Behind TRUSTED_PROXY_COUNT proxies it is the
-    entry that many hops from the right of X-Forwarded-For: the hops left of it were written by
-    the caller and prove nothing."""
-    hops = settings.TRUSTED_PROXY_COUNT
-    if hops > 0:
-        forwarded = [hop.strip() for hop in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",") if hop.strip()]
-        return forwarded[-hops] if len(forwarded) >= hops else ""
-    return request.META.get("REMOTE_ADDR", "")
+NO_STORE = {"Cache-Control": "no-store"}
 
 
 def valid(serializer_class, data) -> dict:
@@ -34,8 +33,13 @@ def valid(serializer_class, data) -> dict:
 
 
 class EnrolView(APIView):
+    """Unauthenticated: the token is the credential. Failed enrolments are counted per address,
+    and an address with ENROL_FAILURE_LIMIT of them is refused with a 429 until they age out,
+    its right tokens included, so guessing tokens costs an attacker a cool-off per handful."""
+
     authentication_classes: list = []
     permission_classes: list = []
+    throttle_classes: list = []
 
     @extend_schema(
         request=s.EnrolSerializer,
@@ -44,11 +48,23 @@ class EnrolView(APIView):
             401: OpenApiResponse(description="problem+json: the enrolment token is not valid"),
             409: OpenApiResponse(description="problem+json: the enrolment token was used already"),
             410: OpenApiResponse(description="problem+json: the enrolment token has expired"),
+            429: OpenApiResponse(description="problem+json: too many failed enrolments from this address"),
         },
     )
     def post(self, request):
-        body = use_cases.agent_enrol(**valid(s.EnrolSerializer, request.data), address=client_address(request))
-        return Response(s.EnrolResultSerializer(body).data, status=status.HTTP_201_CREATED)
+        address = client_address(request)
+        failures = enrol_failures()
+        if wait := failures.wait_s(address):
+            raise exceptions.Throttled(
+                wait, detail="Too many failed enrolments from this address; try again after Retry-After seconds."
+            )
+        try:
+            body = use_cases.agent_enrol(**valid(s.EnrolSerializer, request.data), address=address)
+        except (DomainError, exceptions.ValidationError):
+            failures.count(address)
+            raise
+        # The node credential is in this answer and nowhere else: no cache may keep it.
+        return Response(s.EnrolResultSerializer(body).data, status=status.HTTP_201_CREATED, headers=NO_STORE)
 
 
 class AgentView(APIView):
@@ -56,6 +72,7 @@ class AgentView(APIView):
 
     authentication_classes = [NodeCredentialAuthentication]
     permission_classes = [IsUnitAgent]
+    throttle_classes = [UnitRateThrottle]
 
     @property
     def unit(self):
@@ -66,6 +83,8 @@ class AgentView(APIView):
 
 
 class HeartbeatView(AgentView):
+    throttle_classes = [UnitHeartbeatThrottle]  # a budget of its own: reports cannot starve heartbeats
+
     @extend_schema(request=s.HeartbeatSerializer, responses={200: s.HeartbeatResultSerializer})
     def post(self, request):
         beat = valid(s.HeartbeatSerializer, request.data)

@@ -9,7 +9,8 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
 from billing.services import wallet_credit_promotional
-from marketplace.accounts.services import api_key_create
+from marketplace.accounts.models import ApiKey
+from marketplace.accounts.services import api_key_create, api_key_revoke
 from marketplace.devtools import devstack
 from nodes.models import Unit
 from nodes.services import enrolment_token_issue, unit_register
@@ -42,6 +43,8 @@ class Command(BaseCommand):
             devstack.wait_http(f"{base_url}/api/schema/")
             for number, spec in enumerate(UNITS, start=1):
                 self._agent_start(stack, base_url, owner, number, spec)
+            for earlier in ApiKey.objects.filter(user=renter, name="demo", revoked_at__isnull=True):
+                api_key_revoke(key=earlier)  # each run's key replaces the last: keys per account are capped
             _, api_key = api_key_create(user=renter, name="demo")
             self._announce(base_url, api_key, stack)
             self._wait(stack)
