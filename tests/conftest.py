@@ -1,4 +1,6 @@
+import asyncio
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -37,6 +39,13 @@ def cache_reset():
     cache.clear()
     yield
     cache.clear()
+
+
+def run_async(coroutine):
+    """Run a coroutine to its end on an event loop of its own, in a thread of its own: the browser
+    tests' Playwright keeps a loop running in the main thread for the rest of the session."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 def user_make(username: str, **extra):

@@ -1,7 +1,6 @@
 """Bounded work per request: JSON size and depth, text a database can store, the body cap in front
 of Django under ASGI, and a middleware chain that stays asynchronous (so long polls hold no thread)."""
 
-import asyncio
 import json
 
 import pytest
@@ -10,7 +9,7 @@ from django.test import AsyncClient
 from django.utils.module_loading import import_string
 
 from marketplace.kernel.asgi import body_limit
-from tests.conftest import problem_of
+from tests.conftest import problem_of, run_async
 
 ENROL = "/api/agent/v1/enrol"
 OFFERS = "/api/v1/offers"
@@ -97,7 +96,7 @@ class TestAsgiBodyLimit:
             sent.append(message)
 
         scope = {"type": "http", "method": "POST", "path": "/", "headers": headers}
-        asyncio.run(body_limit(inner)(scope, receive, send))
+        run_async(body_limit(inner)(scope, receive, send))
         return reached, sent
 
     def test_a_declared_length_over_the_limit_is_refused_unread(self, settings):
@@ -140,7 +139,7 @@ def test_every_middleware_can_run_asynchronously():
 
 @pytest.mark.django_db
 def test_static_files_are_served_in_the_asynchronous_chain():
-    response = asyncio.run(AsyncClient().get("/static/vendor/htmx-LICENSE.txt"))
+    response = run_async(AsyncClient().get("/static/vendor/htmx-LICENSE.txt"))
 
     assert response.status_code == 200
 
