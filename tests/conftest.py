@@ -41,6 +41,16 @@ def cache_reset():
     cache.clear()
 
 
+# Set by the browser tests for this process only (ORM calls next to Playwright's event loop).
+PROCESS_ONLY = ("DJANGO_ALLOW_ASYNC_UNSAFE",)
+
+
+def child_environ() -> dict[str, str]:
+    """The environment for a child process (a server, a command): this process's, less what
+    only this test process may have."""
+    return {name: value for name, value in os.environ.items() if name not in PROCESS_ONLY}
+
+
 def run_async(coroutine):
     """Run a coroutine to its end on an event loop of its own, in a thread of its own: the browser
     tests' Playwright keeps a loop running in the main thread for the rest of the session."""
@@ -176,7 +186,7 @@ def chromium():
 
     # Playwright's sync API keeps an event loop in this thread; the test's own ORM calls are
     # still synchronous, so Django's guard against ORM calls inside a loop is lifted here.
-    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"  # never passed on to children (child_environ)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
         yield browser

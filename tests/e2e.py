@@ -9,6 +9,7 @@ from django.conf import settings
 from django.db import connection
 
 from marketplace.devtools import devstack
+from tests.conftest import child_environ
 
 
 def free_port() -> int:
@@ -29,9 +30,7 @@ def test_database_url() -> str:
 
 
 def stack_env(data_dir) -> dict:
-    import os
-
-    env = {**os.environ}
+    env = child_environ()
     env.update(
         DATABASE_URL=test_database_url(),
         SECRET_KEY=settings.SECRET_KEY,

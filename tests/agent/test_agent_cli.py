@@ -1,5 +1,4 @@
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from click.testing import CliRunner
 
 from nodes.agent.cli import main
 from tests.agent.fakes import CREDENTIAL, UNIT_ID, FakeServer, serving
+from tests.conftest import child_environ
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ def test_the_agent_imports_nothing_from_django_or_the_server():
         "('django', 'rest_framework', 'marketplace', 'billing', 'celery')]\n"
         "assert not bad, bad\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    env = {k: v for k, v in child_environ().items() if k != "DJANGO_SETTINGS_MODULE"}
 
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 

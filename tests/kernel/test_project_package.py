@@ -1,14 +1,15 @@
 """The project package wires the apps and loads nothing by itself."""
 
-import os
 import subprocess
 import sys
+
+from tests.conftest import child_environ
 
 SERVER_STACK = ("django", "celery", "kombu", "rest_framework", "stripe", "psycopg")
 
 
 def python(code: str, **env) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    clean = {k: v for k, v in child_environ().items() if k != "DJANGO_SETTINGS_MODULE"}
     return subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True)
 
 

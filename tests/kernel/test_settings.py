@@ -1,6 +1,5 @@
 """Settings come from the environment and fail loudly on values that cannot be right."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,12 +9,13 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 
 from marketplace.kernel.env import env_bool, env_int, env_list
+from tests.conftest import child_environ
 
 PROBE = "import marketplace.settings.base as s; print(s.DATABASES['default']['ENGINE'], s.CELERY_BROKER_URL)"
 
 
 def settings_import(**env) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if k not in {"SECRET_KEY", "DEBUG", "DATABASE_URL"}}
+    clean = {k: v for k, v in child_environ().items() if k not in {"SECRET_KEY", "DEBUG", "DATABASE_URL"}}
     return subprocess.run(
         [
             sys.executable,
@@ -82,7 +82,7 @@ def test_the_openapi_schema_is_valid_without_warnings(tmp_path):
 
 def production_probe(expression: str, **env) -> subprocess.CompletedProcess:
     """``expression`` evaluated in a fresh process on the production settings."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SECURE_", "EMAIL_", "REDIS_", "CACHE_"))}
+    clean = {k: v for k, v in child_environ().items() if not k.startswith(("SECURE_", "EMAIL_", "REDIS_", "CACHE_"))}
     clean.pop("DEBUG", None)
     env = {"SECRET_KEY": DEPLOY_SECRET, "DJANGO_SETTINGS_MODULE": "marketplace.settings.production", **env}
     code = f"import django; django.setup(); from django.conf import settings as s; print({expression})"
@@ -96,7 +96,7 @@ DEPLOY_SECRET = "tR4x-9Kq2_vLm8Zp0Yc7Ws3Nb6Hd1Jf5Ge4Ua2Xo8Ri0Ty9Pq3"
 
 
 def test_check_deploy_with_the_production_settings_prints_no_warning(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SECURE_", "EMAIL_", "DEBUG"))}
+    env = {k: v for k, v in child_environ().items() if not k.startswith(("SECURE_", "EMAIL_", "DEBUG"))}
     env.update(
         DJANGO_SETTINGS_MODULE="marketplace.settings.production",
         SECRET_KEY=DEPLOY_SECRET,

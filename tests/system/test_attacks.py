@@ -470,8 +470,19 @@ def test_eight_log_waits_from_one_key_do_not_slow_another_renter(cast, running_s
 PASSWORD = "kettle-lawn-9417"
 # Another renter's request while an attack runs answers within this (a generous bound for a busy 2-core machine).
 OTHERS_BOUND_S = 2.0
-# gunicorn's access log line with the serving worker's pid first.
-ACCESS_LOG_FORMAT = '%(p)s "%(r)s" %(s)s'
+# The web server's logging with the serving worker's pid before each access line, so a test can
+# tell which worker process answered (the uvicorn workers log through gunicorn's loggers).
+LOG_CONFIG = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"pid": {"format": "<%(process)d> %(message)s"}},
+    "handlers": {"out": {"class": "logging.StreamHandler", "formatter": "pid", "stream": "ext://sys.stdout"}},
+    "root": {"level": "INFO", "handlers": ["out"]},
+    "loggers": {
+        "gunicorn.access": {"handlers": ["out"], "level": "INFO", "propagate": False},
+        "gunicorn.error": {"handlers": ["out"], "level": "INFO", "propagate": False},
+    },
+}
 
 
 def web_start(tmp_path, **env) -> devstack.Stack:
@@ -480,7 +491,9 @@ def web_start(tmp_path, **env) -> devstack.Stack:
     port = free_port()
     env = {name: value for name, value in {**stack_env(tmp_path / "data"), **env}.items() if value is not None}
     stack = devstack.Stack(env=env, log_dir=tmp_path / "logs")
-    argv = devstack.web_argv(port, workers=2) + ["--access-logformat", ACCESS_LOG_FORMAT]
+    log_config = tmp_path / "web-logging.json"
+    log_config.write_text(json.dumps(LOG_CONFIG))
+    argv = devstack.web_argv(port, workers=2) + ["--log-config-json", str(log_config)]
     stack.start("web", argv)
     stack.base_url = f"http://127.0.0.1:{port}"
     devstack.wait_http(f"{stack.base_url}/api/schema/", timeout=60)
@@ -626,7 +639,7 @@ def test_limits_hold_across_the_web_workers(tmp_path):
             headers={"Authorization": f"Bearer {keys[0]}"},
         )
         stack.stop("web")
-        workers = set(re.findall(r'^<(\d+)> "GET /api/v1/jobs', stack.log("web"), re.M))
+        workers = set(re.findall(r'^<(\d+)> \S+ - "GET /api/v1/jobs', stack.log("web"), re.M))
 
         assert len(workers) == 2, "the requests did not reach both workers"
         assert statuses.count(200) == 30 and statuses.count(429) == 45
