@@ -9,7 +9,7 @@ from django.db.models.functions import Cast, Coalesce
 from django.utils import timezone
 
 from marketplace.jobs.models import Allocation, Lease
-from nodes.agent.protocol import REFUSED, Finish
+from nodes.agent.protocol import REFUSED, Finish, Refused
 from nodes.models import Slice, Unit
 from nodes.selectors import Running, renter_alias
 
@@ -66,6 +66,10 @@ UNIT_LOST_REASONS = (
     "unit_offline", "agent_lost", "not_acknowledged", Finish.AGENT_STOPPED, Finish.DRAINED, "residency",
 )  # fmt: skip
 _UNIT_LOST = Q(release_reason__in=UNIT_LOST_REASONS) | Q(release_reason__startswith=REFUSED)
+# A refusal the job itself caused (its image names a registry the owner's policy does not allow)
+# is left out of the score either way: counting it lost would let a renter lower every unit's
+# standing with images no owner allows, counting it kept would let a unit raise its own.
+_NOT_COUNTED = Q(release_reason=Refused.REGISTRY)
 
 
 def unit_reliability_update(unit_id, *, now: datetime | None = None) -> None:
@@ -76,7 +80,7 @@ def unit_reliability_update(unit_id, *, now: datetime | None = None) -> None:
     since = (now or timezone.now()) - RELIABILITY_WINDOW
     total, lost = Count("pk"), Count("pk", filter=_UNIT_LOST)
     score = (
-        Allocation.objects.filter(unit_id=unit_id, released_at__gte=since)
+        _counted(Allocation.objects.filter(unit_id=unit_id, released_at__gte=since))
         .order_by()
         .values("unit_id")
         .annotate(score=(Cast(total - lost, FloatField()) + 1.0) / (Cast(total, FloatField()) + 2.0))
@@ -90,4 +94,8 @@ def unit_jobs_counted(unit: Unit, *, now: datetime | None = None) -> int:
     last 30 days. None yet means the figure is only the starting 0.5 (answers
     ``nodes.ports.unit_jobs_counted`` for the portal)."""
     since = (now or timezone.now()) - RELIABILITY_WINDOW
-    return Allocation.objects.filter(unit=unit, released_at__gte=since).count()
+    return _counted(Allocation.objects.filter(unit=unit, released_at__gte=since)).count()
+
+
+def _counted(allocations: QuerySet) -> QuerySet:
+    return allocations.exclude(_NOT_COUNTED)

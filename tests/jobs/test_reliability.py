@@ -64,6 +64,28 @@ def test_refusing_for_backyard_limits_lowers_the_score(unit, renter):
     assert reliability_of(unit) < before
 
 
+def test_a_refusal_the_jobs_image_caused_neither_lowers_nor_raises_the_score(unit, renter):
+    """Else a renter could lower every unit's standing with images no owner allows."""
+    allocation_make(unit, renter, reason="exited")
+    allocation_make(unit, renter, reason="unit_offline")
+    unit_reliability_update(unit.pk)
+    before = reliability_of(unit)
+
+    for _ in range(5):
+        allocation_make(unit, renter, reason="refused:registry")
+    unit_reliability_update(unit.pk)
+
+    assert reliability_of(unit) == before == pytest.approx((1 + 1) / (2 + 2))
+
+
+def test_a_stop_for_residency_counts_as_lost(unit, renter):
+    allocation_make(unit, renter, reason="residency")
+
+    unit_reliability_update(unit.pk)
+
+    assert reliability_of(unit) == pytest.approx(1 / 3)
+
+
 def test_only_allocations_released_in_the_last_30_days_count(unit, renter):
     allocation_make(unit, renter, reason="unit_offline", days_ago=31)
     allocation_make(unit, renter, reason=None)  # still running
