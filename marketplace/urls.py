@@ -10,6 +10,8 @@ from nodes.agent.protocol import API_PREFIX
 
 urlpatterns = [
     path("", RedirectView.as_view(pattern_name="portal:unit_list", permanent=False)),
+    # The address the demo and the README give for the owner portal.
+    path("portal/", RedirectView.as_view(pattern_name="portal:unit_list", permanent=False), name="portal_home"),
     path("admin/", admin.site.urls),
     path("accounts/", include("marketplace.accounts.urls")),
     path("portal/", include("nodes.urls")),
