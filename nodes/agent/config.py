@@ -44,6 +44,19 @@ def default_path() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".config" / "shedshare" / "agent.json"
 
 
+def _section(build, parsers: dict[str, Any], values: dict[str, Any]):
+    """One section of the config (isolation, images) from the keys present in ``values``, each
+    through its parser; ValueError names the bad key."""
+    parsed: dict[str, Any] = {}
+    for key, parse in parsers.items():
+        if values.get(key) is not None:
+            try:
+                parsed[key] = parse(values[key])
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{key}: {exc}") from None
+    return build(**parsed)
+
+
 def load(path: Path, **overrides: Any) -> AgentConfig:
     """Read the config file, apply environment and explicit overrides (None = not given)."""
     values = _read(path)
@@ -53,8 +66,8 @@ def load(path: Path, **overrides: Any) -> AgentConfig:
     if missing:
         raise ConfigError(f"{path}: missing {', '.join(missing)}; enrol again")
     try:
-        isolation_config = isolation.from_values(values)
-        image_policy = images.from_values(values)
+        isolation_config = _section(IsolationConfig, isolation.PARSERS, values)
+        image_policy = _section(ImagePolicy, images.PARSERS, values)
     except ValueError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     drain = str(values.get("drain") or "wait")

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from nodes.agent import imageref
+from nodes.agent.isolation import positive
 
 DEFAULT_REGISTRIES = (
     "docker.io",
@@ -99,18 +100,6 @@ def size_problem(size_bytes: int, policy: ImagePolicy) -> str | None:
     return f"rule {RULE_SIZE}: the image is {mb} MiB, over this unit's cap of {policy.image_max_mb} MiB"
 
 
-def from_values(values: dict[str, Any]) -> ImagePolicy:
-    """Parse the keys present in `values`; raises ValueError naming the bad key."""
-    parsed: dict[str, Any] = {}
-    for key in KEYS:
-        if values.get(key) is not None:
-            try:
-                parsed[key] = _PARSERS[key](values[key])
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"{key}: {exc}") from None
-    return ImagePolicy(**parsed)
-
-
 def _matches(pattern: str, ref: imageref.ImageRef) -> bool:
     wildcard, (host, port) = pattern.startswith("*."), _split(pattern.removeprefix("*."))
     if port is not None and ref.port != port:
@@ -139,20 +128,10 @@ def _hosts(value: Any) -> tuple[str, ...]:
     return tuple(hosts)
 
 
-def _positive(kind: type) -> Callable[[Any], Any]:
-    def parse(value: Any) -> Any:
-        number = kind(value)
-        if not number > 0:
-            raise ValueError(f"{value!r} must be positive")
-        return number
-
-    return parse
-
-
-_PARSERS: dict[str, Callable[[Any], Any]] = {
+PARSERS: dict[str, Callable[[Any], Any]] = {
     "registries": _hosts,
     "registry_mirrors": _hosts,
-    "image_max_mb": _positive(int),
-    "image_keep_hours": _positive(float),
-    "image_disk_mb": _positive(int),
+    "image_max_mb": positive(int),
+    "image_keep_hours": positive(float),
+    "image_disk_mb": positive(int),
 }

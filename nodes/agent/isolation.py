@@ -40,18 +40,6 @@ class IsolationConfig:
 KEYS = tuple(f.name for f in fields(IsolationConfig))
 
 
-def from_values(values: dict[str, Any]) -> IsolationConfig:
-    """Parse the keys present in `values`; raises ValueError naming the bad key."""
-    parsed: dict[str, Any] = {}
-    for key in KEYS:
-        if values.get(key) is not None:
-            try:
-                parsed[key] = _PARSERS[key](values[key])
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"{key}: {exc}") from None
-    return IsolationConfig(**parsed)
-
-
 def _country(value: Any) -> str | None:
     code = str(value).strip().upper()
     if code and not COUNTRY.fullmatch(code):
@@ -85,28 +73,30 @@ def _levels(value: Any) -> tuple[str, ...]:
     return tuple(item for item in LEVELS if item in items)
 
 
-def _positive(kind: type) -> Any:
+def positive(kind: type) -> Any:
+    """A parser of positive numbers of ``kind`` (NaN is not positive); the image policy's too."""
+
     def parse(value: Any) -> Any:
         number = kind(value)
-        if number <= 0:
+        if not number > 0:
             raise ValueError(f"{value!r} must be positive")
         return number
 
     return parse
 
 
-_PARSERS = {
+PARSERS = {
     "country": _country,
     "runtime": _choice(RUNTIMES),
     "allow_unisolated_dev_runtime": _flag,
     "isolation_levels": _levels,
     "sandbox_runtime": lambda value: str(value).strip(),
     "egress_network": lambda value: str(value).strip(),
-    "scratch_mb": _positive(int),
-    "tmp_mb": _positive(int),
-    "shm_mb": _positive(int),
-    "memory_mb_per_gpu": _positive(int),
-    "cpus_per_gpu": _positive(float),
-    "pids_limit": _positive(int),
+    "scratch_mb": positive(int),
+    "tmp_mb": positive(int),
+    "shm_mb": positive(int),
+    "memory_mb_per_gpu": positive(int),
+    "cpus_per_gpu": positive(float),
+    "pids_limit": positive(int),
     "job_user": job_user.parse,
 }
