@@ -22,6 +22,7 @@ from django.utils import timezone
 from billing.models import BillingProfile, OutboxMessage
 from billing.stripe_api import PaymentsUnavailable, client, configured
 from marketplace.kernel.audit import audit_record
+from marketplace.kernel.tasks import publish_on_commit
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def outbox_enqueue(
     )
     from billing import tasks
 
-    transaction.on_commit(lambda: tasks.outbox_send.delay(str(message_id)))
+    publish_on_commit(tasks.outbox_send, str(message_id))
     return message
 
 

@@ -13,6 +13,7 @@ from marketplace.jobs.models import Allocation, UsageSample
 from marketplace.jobs.selectors import allocation_usage, allocations_with_usage
 from marketplace.kernel.audit import audit_records
 from marketplace.kernel.money import usage_cost_micros
+from marketplace.kernel.tasks import publish_on_commit
 
 
 class UnbalancedTransaction(ValueError):
@@ -115,7 +116,7 @@ def usage_post_request(allocation_id) -> None:
     posted by the rating sweep every USAGE_POSTING_INTERVAL_S."""
     from billing import tasks
 
-    transaction.on_commit(lambda: tasks.usage_post.delay(str(allocation_id)))
+    publish_on_commit(tasks.usage_post, str(allocation_id))
 
 
 @transaction.atomic

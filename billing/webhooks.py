@@ -16,6 +16,7 @@ from django.utils import timezone
 from billing.models import BillingProfile, TopUp, WebhookEvent
 from billing.stripe_api import client
 from billing.topups import topup_credit, topup_fail
+from marketplace.kernel.tasks import publish_on_commit
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def webhook_receive(*, payload: bytes, signature: str) -> tuple[WebhookEvent, bo
     if created:
         from billing import tasks
 
-        transaction.on_commit(lambda: tasks.webhook_process.delay(event["id"]))
+        publish_on_commit(tasks.webhook_process, event["id"])
     return stored, created
 
 

@@ -10,6 +10,7 @@ from marketplace.jobs.selectors import allocation_log_size
 from marketplace.jobs.units import unit_reliability_update
 from marketplace.kernel.audit import audit_record
 from marketplace.kernel.errors import StateConflict
+from marketplace.kernel.tasks import publish_on_commit
 from nodes.agent import protocol
 from nodes.models import Unit
 from nodes.services import units_capacity_changed
@@ -21,9 +22,9 @@ def placement_request(job_id=None) -> None:
     from marketplace.jobs import tasks
 
     if job_id is None:
-        transaction.on_commit(lambda: tasks.placement_pass.delay())
+        publish_on_commit(tasks.placement_pass)
     else:
-        transaction.on_commit(lambda: tasks.job_place.delay(str(job_id)))
+        publish_on_commit(tasks.job_place, str(job_id))
 
 
 @transaction.atomic

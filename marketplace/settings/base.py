@@ -362,6 +362,11 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "control_folder": str(DATA_DIR / "broker-control"),
         "polling_interval": 0.1,
     }
+else:
+    # A broker that does not answer costs a publish about this long; the work is then left to
+    # its sweep (marketplace/kernel/tasks.py), so a request never fails for it.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_connect_timeout": 2}
+CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
