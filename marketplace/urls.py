@@ -1,3 +1,5 @@
+import sys
+
 from django.contrib import admin
 from django.urls import include, path
 from django.views.generic import RedirectView
@@ -5,6 +7,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitVie
 
 from billing.api import views as billing_api_views
 from marketplace.jobs import views as jobs_views
+from marketplace.kernel import outages
 from marketplace.kernel.api.errors import problem_response
 from nodes.agent.protocol import API_PREFIX
 
@@ -43,4 +46,11 @@ def _default(name):
 
 
 handler404 = _api_or_page(_default("page_not_found"), 404, "not-found", "No such resource.")
-handler500 = _api_or_page(_default("server_error"), 500, "server-error", "Something went wrong on our side.")
+_server_error = _api_or_page(_default("server_error"), 500, "server-error", "Something went wrong on our side.")
+
+
+def handler500(request, *args, **kwargs):
+    """A 500, unless what failed is an outage (outside a view, e.g. in a middleware): then a 503."""
+    if outages.is_outage(sys.exc_info()[1]):
+        return outages.outage_response(request)
+    return _server_error(request, *args, **kwargs)

@@ -1,5 +1,6 @@
 """The renter CLI's only HTTP code: one method per public API call, and readable errors."""
 
+import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
@@ -11,6 +12,12 @@ VERSION = "0.1.0"
 
 # The seam for tests: an httpx transport (WSGI or mock) used instead of the network.
 transport: httpx.BaseTransport | None = None
+# Busy (429) or briefly unavailable (503): asked again this many times, after the server's
+# Retry-After (at least a doubling backoff, at most MAX_WAIT_S). Submits carry an Idempotency-Key,
+# so asking again never makes a second job.
+RETRIES = 3
+MAX_WAIT_S = 30.0
+sleep = time.sleep  # the tests' seam
 
 
 class CliError(Exception):
@@ -118,12 +125,16 @@ class RenterClient:
         request = self._http.build_request(method, path, **kwargs)
         where = request.url.copy_with(query=None)
         call = f"{method} {where}"
-        try:
-            response = self._http.send(request)
-        except httpx.TimeoutException:
-            raise Unreachable(f"could not reach {where}: timed out") from None
-        except httpx.TransportError as exc:
-            raise Unreachable(f"could not reach {where}: {exc or type(exc).__name__}") from None
+        for attempt in range(RETRIES + 1):
+            try:
+                response = self._http.send(request)
+            except httpx.TimeoutException:
+                raise Unreachable(f"could not reach {where}: timed out") from None
+            except httpx.TransportError as exc:
+                raise Unreachable(f"could not reach {where}: {exc or type(exc).__name__}") from None
+            if response.status_code not in (429, 503) or attempt == RETRIES:
+                break
+            sleep(_wait_s(response, attempt))
         try:
             body = response.json()
         except ValueError:
@@ -134,3 +145,11 @@ class RenterClient:
             return body
         problem = body if isinstance(body, dict) else {"title": response.reason_phrase, "detail": response.text[:200]}
         raise ApiError(response.status_code, problem, call)
+
+
+def _wait_s(response: httpx.Response, attempt: int) -> float:
+    try:
+        asked = float(response.headers.get("Retry-After", ""))
+    except ValueError:
+        asked = 0.0
+    return min(max(asked, 2.0**attempt), MAX_WAIT_S)

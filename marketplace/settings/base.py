@@ -70,8 +70,11 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "csp.middleware.CSPMiddleware",
-    "axes.middleware.AxesMiddleware",  # last: it answers for a login that axes locked out
+    "axes.middleware.AxesMiddleware",  # it answers for a login that axes locked out
+    "marketplace.kernel.outages.OutageMiddleware",  # last, so it sees the views' errors first
 ]
+# What an answer during an outage of the database, broker or cache asks the client to wait.
+OUTAGE_RETRY_AFTER_S = env_int("OUTAGE_RETRY_AFTER_S", 5)
 
 ROOT_URLCONF = "marketplace.urls"
 WSGI_APPLICATION = "marketplace.wsgi.application"

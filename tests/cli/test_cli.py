@@ -283,6 +283,33 @@ class TestMoneyAndErrors:
             == "Error: could not reach http://127.0.0.1:9/api/v1/balance: [Errno 111] Connection refused\n"
         )
 
+    def test_a_briefly_unavailable_server_is_asked_again_after_its_retry_after(self, monkeypatch, config_path):
+        answers = [
+            httpx.Response(503, headers={"Retry-After": "5"}, json={"title": "Service unavailable"}),
+            httpx.Response(429, json={"title": "Too many requests"}),  # no Retry-After: the backoff
+            httpx.Response(200, json={"currency": "usd", "balance": "1.000000"}),
+        ]
+        seen = fake_server(monkeypatch, lambda request: answers.pop(0))
+        waits = []
+        monkeypatch.setattr(cli_client, "sleep", waits.append)
+
+        result = run("balance")
+
+        assert result.exit_code == 0 and result.stdout.startswith("1.000000 ")
+        assert len(seen) == 3 and waits == [5.0, 2.0]
+
+    def test_an_outage_that_lasts_ends_in_a_readable_error(self, monkeypatch, config_path):
+        unavailable = {"title": "Service unavailable", "detail": "Try again after Retry-After."}
+        seen = fake_server(monkeypatch, lambda request: httpx.Response(503, json=unavailable))
+        waits = []
+        monkeypatch.setattr(cli_client, "sleep", waits.append)
+
+        result = CliRunner().invoke(main, ["balance"])
+
+        assert result.exit_code == 1
+        assert "Service unavailable (503)" in result.stderr
+        assert len(seen) == cli_client.RETRIES + 1 and waits == [1.0, 2.0, 4.0]
+
 
 OFFER = {
     "unit": "garden-shed",

@@ -38,9 +38,11 @@ def test_the_task_is_sent_once_the_transaction_commits(django_capture_on_commit_
 
 @pytest.mark.django_db
 def test_a_broker_that_refuses_the_task_is_logged_not_raised(django_capture_on_commit_callbacks, caplog):
-    with caplog.at_level(logging.WARNING, logger="marketplace.kernel.tasks"):
-        with django_capture_on_commit_callbacks(execute=True):
-            publish_on_commit(Task(BROKER_DOWN), "job-1")
+    with (
+        caplog.at_level(logging.WARNING, logger="marketplace.kernel.tasks"),
+        django_capture_on_commit_callbacks(execute=True),
+    ):
+        publish_on_commit(Task(BROKER_DOWN), "job-1")
 
     assert "task_publish_failed task=tests.task" in caplog.text
 
@@ -50,9 +52,11 @@ def test_a_submit_during_a_broker_outage_is_a_201_and_the_sweep_places_the_job(
     renter_api, owner, django_capture_on_commit_callbacks
 ):
     unit, _ = unit_online(owner, gpus=1)
-    with mock.patch.object(tasks.job_place, "delay", side_effect=BROKER_DOWN):
-        with django_capture_on_commit_callbacks(execute=True):
-            response = renter_api.post("/api/v1/jobs", JOB_SPEC, format="json")
+    with (
+        mock.patch.object(tasks.job_place, "delay", side_effect=BROKER_DOWN),
+        django_capture_on_commit_callbacks(execute=True),
+    ):
+        response = renter_api.post("/api/v1/jobs", JOB_SPEC, format="json")
 
     assert response.status_code == 201, response.content
     job = Job.objects.get(pk=response.json()["id"])
