@@ -126,11 +126,17 @@ def allocation_finish(*, allocation: Allocation, exit_code: int | None, reason: 
         if allocation.released_at is None:
             _allocation_refused(allocation, job, reason=reason)
         return job  # nothing ran, so there is no usage; a repeated refusal changes nothing
+    if allocation.released_at is not None:
+        # A late or repeated report for an allocation already let go (its unit went offline, its
+        # agent lost it, it finished before): what became of the job was decided then, and it
+        # may be running elsewhere now. The report changes no state; its usage is still rated.
+        ports.usage_due(allocation.pk)
+        return job
     # Stopped by the agent for the notice, whatever its exit code (a job that checkpoints on
     # SIGTERM may well exit 0): preempted, not done. A job that ended by itself meanwhile is done.
     if allocation.preempted_at is not None and reason == protocol.Finish.PREEMPTED and job.state in Job.ACTIVE_STATES:
         _allocation_preempted(allocation, job)
-    elif allocation.released_at is None:
+    else:
         # A job told to stop for residency (and ended meanwhile) is released as that, not "preempted".
         stopped_for = allocation.stop_reason if reason == protocol.Finish.PREEMPTED else ""
         _allocation_release(allocation, reason=stopped_for or reason or "finished")
@@ -215,14 +221,16 @@ def allocations_to_cancel(*, unit: Unit, running_ids: list) -> list:
 
 def _allocation_abandon(allocation: Allocation, *, reason: str, why: str, actor: str) -> None:
     """The job's process is gone without a finish report: free its slices, then re-queue a
-    restartable job (up to the attempt cap) and end the rest as lost.
+    restartable job, or one the agent never confirmed starting (nothing of it ran), up to the
+    attempt cap, and end the rest as lost.
 
     Billing stops at the last usage sample that arrived; nothing is charged for the silence.
     """
     _allocation_release(allocation, reason=reason)
-    job = allocation.job
+    job = Job.objects.get(pk=allocation.job_id)
     active = Job.objects.filter(pk=job.pk, state__in=Job.ACTIVE_STATES)
-    if job.restartable and job.attempts < settings.JOB_MAX_ATTEMPTS:
+    never_started = job.state in (Job.State.PLACED, Job.State.STARTING)
+    if (job.restartable or never_started) and job.attempts < settings.JOB_MAX_ATTEMPTS:
         if active.update(state=Job.State.QUEUED, placed_at=None, started_at=None):
             audit_record("job.requeued", job.id, actor=actor, reason=reason, attempts=job.attempts)
             placement_request(job.id)

@@ -1,0 +1,77 @@
+"""After a fault, no false verdicts: a report for an allocation already let go never changes its
+job, and a job whose start the agent never confirmed is queued again rather than lost."""
+
+import pytest
+
+from marketplace.jobs.models import Allocation, Job
+from marketplace.jobs.placement import job_place
+from marketplace.jobs.services import unit_jobs_lost
+from nodes.models import Unit
+from tests.conftest import agent_client, job_make, unit_online
+
+AGENT = "/api/agent/v1"
+
+
+@pytest.fixture
+def sheds(owner):
+    first, first_credential = unit_online(owner, name="first", gpus=1)
+    second, second_credential = unit_online(owner, name="second", gpus=1)
+    return (first, agent_client(first_credential)), (second, agent_client(second_credential))
+
+
+def pulled(agent, *, start: bool) -> str:
+    allocation_id = agent.get(f"{AGENT}/assignments/next").json()["allocation_id"]
+    if start:
+        assert agent.post(f"{AGENT}/allocations/{allocation_id}/start").status_code == 200
+    return allocation_id
+
+
+def offline(unit) -> None:
+    Unit.objects.filter(pk=unit.pk).update(status=Unit.Status.OFFLINE)
+    unit_jobs_lost(unit=unit)
+
+
+def test_a_buffered_finish_of_a_lost_attempt_leaves_the_new_attempt_running(sheds, renter):
+    (first, first_agent), (second, second_agent) = sheds
+    job = job_make(renter, restartable=True)
+    assert job_place(job_id=job.pk).unit_id in (first.pk, second.pk)
+    old_unit, old_agent, new_agent = (
+        (first, first_agent, second_agent)
+        if Allocation.objects.get(job=job).unit_id == first.pk
+        else (second, second_agent, first_agent)
+    )
+    old = pulled(old_agent, start=True)
+    offline(old_unit)
+    assert Job.objects.get(pk=job.pk).state == Job.State.QUEUED
+    assert job_place(job_id=job.pk) is not None
+    pulled(new_agent, start=True)
+
+    late = old_agent.post(f"{AGENT}/allocations/{old}/finish", {"exit_code": 0}, format="json")
+
+    assert late.status_code == 200
+    job.refresh_from_db()
+    assert (job.state, job.exit_code) == (Job.State.RUNNING, None)
+    assert Allocation.objects.get(pk=old).release_reason == "unit_offline"
+
+
+def test_a_job_pulled_but_never_started_is_queued_again_not_lost(sheds, renter):
+    (first, first_agent), (second, second_agent) = sheds
+    job = job_make(renter, restartable=False)
+    allocation = job_place(job_id=job.pk)
+    agent = first_agent if allocation.unit_id == first.pk else second_agent
+    pulled(agent, start=False)  # the agent died in the instant after it pulled the job
+
+    offline(allocation.unit)
+
+    assert Job.objects.get(pk=job.pk).state == Job.State.QUEUED
+
+
+def test_a_job_that_ran_and_cannot_restart_is_still_lost(sheds, renter):
+    (first, first_agent), (second, second_agent) = sheds
+    job = job_make(renter, restartable=False)
+    allocation = job_place(job_id=job.pk)
+    pulled(first_agent if allocation.unit_id == first.pk else second_agent, start=True)
+
+    offline(allocation.unit)
+
+    assert Job.objects.get(pk=job.pk).state == Job.State.LOST
