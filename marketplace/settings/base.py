@@ -359,6 +359,8 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
     # machine, so real worker processes run without a broker server.
     _queue_dir = DATA_DIR / "broker"
     _queue_dir.mkdir(parents=True, exist_ok=True)
+    # kombu's file-system transport with atomic writes and claims (marketplace/kernel/broker.py).
+    CELERY_BROKER_TRANSPORT = "marketplace.kernel.broker:Transport"
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_queue_dir),
         "data_folder_out": str(_queue_dir),

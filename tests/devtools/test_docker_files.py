@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 from django.core.management import get_commands, load_command_class
 from django.utils.module_loading import import_string
@@ -63,11 +64,18 @@ def test_every_agent_subcommand_and_option_used_exists(usage):
 
 
 def test_the_compose_shed_runs_renters_jobs_in_containers_never_as_processes_of_the_agent():
-    import yaml
-
     agent = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["agent"]
     command = " ".join(agent["command"])
 
     assert "--runtime docker" in command and "--dev-runtime" not in command
     assert "/var/run/docker.sock:/var/run/docker.sock" in agent["volumes"]
     assert "SHEDSHARE_AGENT_RUNTIME=docker" in (DOCKER / "agent.Dockerfile").read_text()
+
+
+def test_the_long_running_services_are_started_again_when_they_die():
+    services = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]
+
+    assert {name: services[name].get("restart") for name in ("web", "worker", "beat")} == dict.fromkeys(
+        ("web", "worker", "beat"), "unless-stopped"
+    )
+    assert services["migrate"].get("restart") in (None, "no")  # a one-off: not run again and again
