@@ -290,3 +290,15 @@ class Slice(models.Model):
 
     def __str__(self) -> str:
         return f"{self.gpu} ({self.kind})"
+
+
+class LivenessClock(models.Model):
+    """One row: when the liveness sweep last ran, and when it last came back after a gap (the
+    server's own outage: its database, broker or workers away). Silence while the server could
+    not have received or judged heartbeats is not held against the units."""
+
+    swept_at = models.DateTimeField()
+    resumed_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"liveness swept at {self.swept_at:%Y-%m-%d %H:%M:%S}"

@@ -1,3 +1,4 @@
+import logging
 from dataclasses import dataclass
 from datetime import datetime, time
 from decimal import Decimal
@@ -11,7 +12,9 @@ from marketplace.kernel import tokens
 from marketplace.kernel.audit import audit_record
 from marketplace.kernel.errors import InvalidToken, NotAllowed, StateConflict, TokenExpired, TokenUsed
 from nodes import geolocation, ports
-from nodes.models import GPU, EnrolmentToken, Isolation, Slice, Unit
+from nodes.models import GPU, EnrolmentToken, Isolation, LivenessClock, Slice, Unit
+
+logger = logging.getLogger(__name__)
 
 ENROLMENT_TOKEN_KIND = "shs_enrol"  # noqa: S105 - a token prefix, not a secret
 NODE_CREDENTIAL_KIND = "shs_node"
@@ -544,17 +547,42 @@ def gpu_report(data: dict) -> GpuReport:
     return GpuReport(**{**data, "mig_instances": migs, "power_w": None if power is None else round(power)})
 
 
+def liveness_resumed_at(*, now: datetime) -> datetime | None:
+    """Record this sweep, and return when judging last resumed after the server's own outage:
+    a gap of more than LIVENESS_OUTAGE_AFTER since the previous sweep means the server was away
+    (its database, broker or workers), so heartbeats could not have been stored or judged. Units
+    get the full grace again from that moment. None: no outage seen."""
+    with transaction.atomic():
+        clock = LivenessClock.objects.select_for_update().filter(pk=1).first()
+        if clock is None:
+            LivenessClock.objects.get_or_create(pk=1, defaults={"swept_at": now})
+            return None
+        if now - clock.swept_at > settings.LIVENESS_OUTAGE_AFTER:
+            clock.resumed_at = now
+            logger.warning("liveness_resumed after %.0f s without a sweep: units get a fresh grace",
+                           (now - clock.swept_at).total_seconds())  # fmt: skip
+        clock.swept_at = max(clock.swept_at, now)
+        clock.save(update_fields=["swept_at", "resumed_at"])
+        return clock.resumed_at
+
+
 def units_mark_unresponsive(*, now: datetime) -> list[Unit]:
-    """Move units that stopped heartbeating to suspect or offline; return those now offline."""
+    """Move units that stopped heartbeating to suspect or offline; return those now offline.
+    Silence counts from the last heartbeat, or from the end of the server's own outage if later."""
     alive = (Unit.Status.ONLINE, Unit.Status.DRAINING)
     suspect_before = now - settings.UNIT_SUSPECT_AFTER
     offline_before = now - settings.UNIT_OFFLINE_AFTER
+    resumed_at = liveness_resumed_at(now=now)
+    if resumed_at is not None and resumed_at >= suspect_before:
+        return []
     for unit in Unit.objects.filter(status__in=alive, last_heartbeat_at__lt=suspect_before):
         if Unit.objects.filter(pk=unit.pk, status=unit.status).update(
             status=Unit.Status.SUSPECT, capacity_version=F("capacity_version") + 1, capacity_changed_at=now
         ):
             audit_record("unit.went_suspect", unit.id, last_heartbeat=unit.last_heartbeat_at.isoformat())
     gone = []
+    if resumed_at is not None and resumed_at >= offline_before:
+        return gone
     candidates = Unit.objects.filter(status=Unit.Status.SUSPECT, last_heartbeat_at__lt=offline_before)
     for unit in candidates:
         if Unit.objects.filter(pk=unit.pk, status=Unit.Status.SUSPECT).update(

@@ -198,6 +198,9 @@ HEARTBEAT_INTERVAL_S = env_int("HEARTBEAT_INTERVAL_S", 5)
 LIVENESS_SWEEP_S = env_int("LIVENESS_SWEEP_S", 2)
 UNIT_SUSPECT_AFTER = timedelta(seconds=env_int("UNIT_SUSPECT_AFTER_S", 12))
 UNIT_OFFLINE_AFTER = timedelta(seconds=env_int("UNIT_OFFLINE_AFTER_S", 47))
+# No liveness sweep for longer than this means the server itself was away (database, broker,
+# workers): units are then judged afresh from the sweep that follows (nodes.services).
+LIVENESS_OUTAGE_AFTER = timedelta(seconds=env_int("LIVENESS_OUTAGE_AFTER_S", 10))
 JOB_MAX_ATTEMPTS = env_int("JOB_MAX_ATTEMPTS", 3)
 # A placement worker re-reads changed units at most this often while placing job after job.
 PLACEMENT_REFRESH_INTERVAL_S = env_int("PLACEMENT_REFRESH_INTERVAL_MS", 20) / 1000

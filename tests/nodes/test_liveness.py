@@ -25,6 +25,16 @@ def silent_for(unit: Unit, seconds: float) -> datetime:
     return now
 
 
+def sweep_every(period_s: float, *, since: datetime, for_s: float) -> list[Unit]:
+    """Sweep as beat does, every period_s after ``since`` for for_s seconds; returns the units
+    that went offline."""
+    gone, elapsed = [], 0.0
+    while elapsed < for_s:
+        elapsed += period_s
+        gone += units_mark_unresponsive(now=since + timedelta(seconds=elapsed))
+    return gone
+
+
 def status_of(unit: Unit) -> str:
     return Unit.objects.get(pk=unit.pk).status
 
@@ -78,11 +88,46 @@ class TestUnitStatus:
     def test_a_suspect_unit_goes_offline_once_the_limit_passes(self, shed):
         now = silent_for(shed, 20)
         units_mark_unresponsive(now=now)
+        assert status_of(shed) == Unit.Status.SUSPECT
 
-        gone = units_mark_unresponsive(now=now + timedelta(seconds=40))
+        gone = sweep_every(2, since=now, for_s=40)
 
         assert [unit.pk for unit in gone] == [shed.pk]
         assert status_of(shed) == Unit.Status.OFFLINE
+
+
+class TestTheServersOwnOutage:
+    """No sweep for longer than LIVENESS_OUTAGE_AFTER: the server itself was away, so heartbeats
+    could not have been stored; units are judged afresh from the sweep that follows."""
+
+    def test_units_silent_only_while_the_server_was_away_are_given_a_fresh_grace(self, shed):
+        before = silent_for(shed, 1)
+        units_mark_unresponsive(now=before)  # the last sweep before the outage
+
+        after = before + timedelta(seconds=65)  # the database was down for 65 s
+        assert units_mark_unresponsive(now=after) == []
+        assert status_of(shed) == Unit.Status.ONLINE
+
+        sweep_every(2, since=after, for_s=settings.UNIT_SUSPECT_AFTER.total_seconds() - 2)
+        assert status_of(shed) == Unit.Status.ONLINE  # still within the fresh grace
+
+    def test_a_unit_still_silent_after_the_grace_is_judged_as_usual(self, shed):
+        before = silent_for(shed, 1)
+        units_mark_unresponsive(now=before)
+        after = before + timedelta(seconds=65)
+        units_mark_unresponsive(now=after)
+
+        gone = sweep_every(2, since=after, for_s=settings.UNIT_OFFLINE_AFTER.total_seconds() + 4)
+
+        assert status_of(shed) == Unit.Status.OFFLINE and [unit.pk for unit in gone] == [shed.pk]
+
+    def test_sweeps_on_time_give_no_grace(self, shed):
+        now = silent_for(shed, 1)
+        units_mark_unresponsive(now=now)
+
+        sweep_every(2, since=now, for_s=settings.UNIT_SUSPECT_AFTER.total_seconds() + 2)
+
+        assert status_of(shed) == Unit.Status.SUSPECT
 
     def test_the_limits_are_the_settings(self, shed):
         just_under = settings.UNIT_SUSPECT_AFTER - timedelta(seconds=1)
