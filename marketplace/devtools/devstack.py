@@ -57,6 +57,9 @@ def wait_http(url: str, *, timeout: float = 30.0) -> None:
             time.sleep(0.2)
 
 
+AGENT_STOP_S = 30.0
+
+
 @dataclass
 class Stack:
     """A set of named child processes sharing one environment and one log folder."""
@@ -96,9 +99,10 @@ class Stack:
         return process.returncode
 
     def stop_all(self) -> None:
-        # Agents first, so they can report to a server that is still up.
+        # Agents first, so they can report to a server that is still up; they get the time to
+        # stop their jobs (the job's notice, then a kill) and report them.
         for name in sorted(self.processes, key=lambda n: not n.startswith("agent")):
-            self.stop(name)
+            self.stop(name, timeout=AGENT_STOP_S if name.startswith("agent") else 10.0)
 
     def log(self, name: str) -> str:
         path = self.log_dir / f"{name}.log"

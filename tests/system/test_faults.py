@@ -1,15 +1,18 @@
 """Faults, over the live web server: what a client is told while a part of the system is down."""
 
+import subprocess
 import time
 
 import httpx
 import pytest
 
+from billing.services import wallet_credit_promotional
 from marketplace.accounts.services import api_key_create
 from marketplace.devtools import devstack
 from marketplace.jobs.models import Job
+from nodes.services import unit_register
 from tests.conftest import JOB_SPEC, user_make
-from tests.e2e import free_port, stack_env
+from tests.e2e import Renter, free_port, stack_env, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -36,3 +39,31 @@ def test_a_submit_while_the_broker_is_down_is_a_201_for_the_job_it_stored(tmp_pa
         assert "task_publish_failed task=marketplace.jobs.tasks.job_place" in stack.log("web")
     finally:
         stack.stop_all()
+
+
+def test_stopping_the_stack_stops_the_jobs_and_leaves_none_running(running_stack, tmp_path):
+    """What Ctrl-C does to the demo: the agent, running with ``--drain stop``, stops its job and
+    reports it before it exits; no job process outlives it and no job stays running."""
+    stack = running_stack
+    owner, renter = user_make("olivia-owner"), user_make("rita-renter")
+    wallet_credit_promotional(user=renter, amount_micros=100_000_000, key="faults-credit")
+    unit, token = unit_register(owner=owner, name="Demo shed", country="DE")
+    config = str(tmp_path / "agent" / "agent.json")
+    assert stack.run(devstack.agent_argv("enrol", "--url", stack.base_url, "--token", token, "--config", config,
+                                         "--country", "DE")).returncode == 0  # fmt: skip
+    stack.start(
+        "agent",
+        devstack.agent_argv(
+            "run", "--config", config, "--simulate", "1xH100-80GB", "--work-dir", str(tmp_path / "agent" / "work"),
+            "--dev-runtime", "--drain", "stop",
+        ),
+    )  # fmt: skip
+    _, key = api_key_create(user=renter, name="faults")
+    shopper = Renter(stack.base_url, key)
+    job = shopper.submit(image="busybox", command=["sleep", "313"])
+    wait_until(lambda: shopper.job(job["id"])["state"] == "running", timeout=60, what="the job running")
+
+    stack.stop_all()
+
+    assert Job.objects.get(pk=job["id"]).state not in Job.ACTIVE_STATES
+    assert subprocess.run(["pgrep", "-f", "sleep 313"], capture_output=True).returncode == 1  # none left

@@ -82,6 +82,8 @@ class Command(BaseCommand):
             devstack.agent_argv(
                 "run", "--config", config, "--simulate", spec["simulate"], "--work-dir", str(agent_dir / "work"),
                 "--usage-interval", "5", "--dev-runtime",
+                # Ctrl-C stops the jobs too (reported as drained), so none outlives the demo.
+                "--drain", "stop",
             ),
         )  # fmt: skip
 
