@@ -11,12 +11,13 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from django.db import transaction
-from django.db.models import BigIntegerField, F, Min, Q, Sum
+from django.db.models import BigIntegerField, Min, Sum
 from django.db.models.fields.json import KeyTextTransform, KeyTransform
 from django.db.models.functions import Cast
 
 from billing.models import BillingProfile, OutboxMessage
 from marketplace.jobs.models import UsageSample
+from marketplace.jobs.usage import BILLABLE
 from marketplace.kernel.money import usage_cost_micros
 
 EVENT_NAME = "gpu_usage"
@@ -105,10 +106,10 @@ def _first_usage_hour(renter_id, *, hour_start: datetime, until: datetime) -> da
 
 def _cost_recorded(renter_id, *, since: datetime, until: datetime) -> int:
     """The renter's usage recorded in [since, until), priced per allocation and rounded down per
-    allocation exactly as ``usage_post`` rounds, with the same preemption cut-off."""
+    allocation exactly as ``usage_post`` rounds, with the same cut-offs (``BILLABLE``)."""
     rows = (
         UsageSample.objects.filter(allocation__job__renter_id=renter_id, recorded_at__gte=since, recorded_at__lt=until)
-        .filter(Q(allocation__preempted_at__isnull=True) | Q(recorded_at__lte=F("allocation__preempted_at")))
+        .filter(BILLABLE)
         .order_by()
         .values("allocation_id", "allocation__price_per_gpu_hour_micros")
         .annotate(gpu_ms=Sum("gpu_ms"))

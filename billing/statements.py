@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from billing.models import Account, LedgerEntry, LedgerTransaction, OutboxMessage, TopUp
 from marketplace.jobs.models import UsageSample
+from marketplace.jobs.usage import BILLABLE
 
 DEFAULT_DAYS = 30
 MAX_DAYS = 366
@@ -58,10 +59,8 @@ def _balances(entries, period: Period) -> dict:
 
 
 def _usage_samples(user, period: Period):
-    # As metering bills it: a preempted interruptible job is billed up to its notice only.
-    return UsageSample.objects.filter(period.within("recorded_at"), allocation__job__renter=user).filter(
-        Q(allocation__preempted_at__isnull=True) | Q(recorded_at__lte=F("allocation__preempted_at"))
-    )
+    # As metering bills it (BILLABLE).
+    return UsageSample.objects.filter(period.within("recorded_at"), allocation__job__renter=user).filter(BILLABLE)
 
 
 def _usage_charges(user, period: Period):

@@ -1,18 +1,16 @@
-from django.db.models import BigIntegerField, F, OuterRef, Prefetch, Q, QuerySet, Subquery, Sum
+from django.db.models import BigIntegerField, OuterRef, Prefetch, QuerySet, Subquery, Sum
 from django.db.models.functions import Coalesce, Length
 
 from marketplace.jobs import ports
 from marketplace.jobs.models import Allocation, Job, LogChunk, UsageSample
+from marketplace.jobs.usage import BILLABLE
 
 
 def allocations_with_usage(allocations: QuerySet) -> QuerySet:
     """Annotate each allocation with ``usage_gpu_ms`` recorded and ``usage_wallet_micros`` (the
     renter's usage legs so far, negative; billing answers that through ``ports.allocations_charged``),
     in the allocations' own query instead of two queries per row."""
-    # A preempted interruptible job is billed up to its notice, not for the grace period after it.
-    used = UsageSample.objects.filter(allocation=OuterRef("pk")).filter(
-        Q(allocation__preempted_at__isnull=True) | Q(recorded_at__lte=F("allocation__preempted_at"))
-    )
+    used = UsageSample.objects.filter(allocation=OuterRef("pk")).filter(BILLABLE)
     total = used.order_by().values("allocation").annotate(total=Sum("gpu_ms")).values("total")
     allocations = allocations.annotate(usage_gpu_ms=Coalesce(Subquery(total), 0, output_field=BigIntegerField()))
     return ports.allocations_charged(allocations)

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Sum
+from django.db.models import F, Q, Sum
 from django.utils import timezone
 
 from marketplace.jobs import ports
@@ -36,6 +36,16 @@ class SampleReport:
     seq: int
     gpu_ms: int
     recorded_at: datetime
+
+
+# The samples a renter pays for, as a filter on UsageSample: those recorded up to the allocation's
+# stop notice, if the platform gave one (a preemption, a residency breach: the time after is not
+# the renter's doing), and up to its release, if it was released (a unit gone offline, a job
+# reported lost: the renter is told it stopped then). Buffered samples of time before either are
+# paid for whenever they arrive. Billing, statements and meter events all rate through this.
+BILLABLE = (Q(allocation__preempted_at__isnull=True) | Q(recorded_at__lte=F("allocation__preempted_at"))) & (
+    Q(allocation__released_at__isnull=True) | Q(recorded_at__lte=F("allocation__released_at"))
+)
 
 
 @dataclass(frozen=True)

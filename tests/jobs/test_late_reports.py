@@ -1,11 +1,17 @@
-"""After a fault, no false verdicts: a report for an allocation already let go never changes its
-job, and a job whose start the agent never confirmed is queued again rather than lost."""
+"""After a fault, no false verdicts and fair money: a report for an allocation already let go
+never changes its job, a job whose start the agent never confirmed is queued again rather than
+lost, and usage recorded after a release is not charged."""
+
+from datetime import timedelta
 
 import pytest
 
+from billing.services import usage_post
 from marketplace.jobs.models import Allocation, Job
 from marketplace.jobs.placement import job_place
+from marketplace.jobs.selectors import allocations_with_usage
 from marketplace.jobs.services import unit_jobs_lost
+from marketplace.jobs.usage import SampleReport, usage_record
 from nodes.models import Unit
 from tests.conftest import agent_client, job_make, unit_online
 
@@ -75,3 +81,21 @@ def test_a_job_that_ran_and_cannot_restart_is_still_lost(sheds, renter):
     offline(allocation.unit)
 
     assert Job.objects.get(pk=job.pk).state == Job.State.LOST
+
+
+def test_usage_recorded_after_the_release_is_not_charged_but_buffered_usage_before_it_is(sheds, renter):
+    (first, first_agent), (second, second_agent) = sheds
+    job = job_make(renter, restartable=False)
+    allocation = job_place(job_id=job.pk)
+    pulled(first_agent if allocation.unit_id == first.pk else second_agent, start=True)
+    offline(allocation.unit)  # the renter is told the job was lost now
+    released = Allocation.objects.get(pk=allocation.pk).released_at
+
+    # The agent, cut off meanwhile, delivers what it buffered: time before the release and after.
+    before = SampleReport(seq=1, gpu_ms=700, recorded_at=released - timedelta(milliseconds=1))
+    after = SampleReport(seq=2, gpu_ms=900, recorded_at=released + timedelta(seconds=5))
+    assert usage_record(allocation=Allocation.objects.get(pk=allocation.pk), samples=[before, after]) == (2, 0)
+    usage_post(allocation_id=allocation.pk)
+
+    billed = allocations_with_usage(Allocation.objects.filter(pk=allocation.pk)).get()
+    assert billed.usage_gpu_ms == 700

@@ -421,13 +421,16 @@ def resident(job: Job, unit: Unit) -> list[str]:
     """Residency: some code of the job admits the unit, backed by evidence when the job asks.
 
     A country or named set is proven by the unit's verified country; a subdivision code needs an
-    operator's attestation of the declared subdivision as well.
+    operator's attestation of the declared subdivision as well. An agent's address in another
+    country than the declared one keeps every restricted job away.
     """
     country, subdivision = unit.country.code, unit.subdivision
     codes = job.jurisdictions or [None]
     admitting = [c for c in codes if c is None or jurisdictions.match([c], country, subdivision) is not None]
     if not admitting:
         return ["jurisdiction"]
+    if job.jurisdictions and unit.observed_country and unit.observed_country != country:
+        return ["location_disputed"]  # evidence puts it elsewhere: no restricted job, verified or not
     if not job.require_verified_location:
         return []
     proven = [
