@@ -2,19 +2,9 @@ from django.contrib import admin
 
 from billing.models import Account, LedgerEntry, LedgerTransaction
 from marketplace.jobs.models import UsageSample
+from marketplace.kernel.admin import ReadOnlyAdmin
 
-
-class ReadOnlyAdmin(admin.ModelAdmin):
-    """Ledger rows are immutable; corrections are new postings made through the services."""
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
+# Ledger rows are immutable (ReadOnlyAdmin); corrections are new postings made through the services.
 
 
 class LedgerEntryInline(admin.TabularInline):

@@ -2,23 +2,12 @@ from django.contrib import admin, messages
 
 from marketplace.jobs import services
 from marketplace.jobs.models import Allocation, Job, Lease
+from marketplace.kernel.admin import ReadOnlyAdmin
 from marketplace.kernel.errors import StateConflict
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
-    """Jobs and allocations change only through their services (a state set by hand would leave
-    leases held): the admin shows them and offers actions that call the services."""
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
-
-
+# Jobs and allocations change only through their services (a state set by hand would leave
+# leases held).
 @admin.register(Job)
 class JobAdmin(ReadOnlyAdmin):
     list_display = ["id", "renter", "state", "gpu_count", "isolation", "created_at"]

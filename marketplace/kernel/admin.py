@@ -6,6 +6,20 @@ from django.utils.html import format_html
 from marketplace.kernel.models import AuditEvent
 
 
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """For rows that change only through their services (jobs, allocations, the ledger): the
+    admin shows them, and offers actions that call the services where there are any."""
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
 @admin.register(AuditEvent)
 class AuditEventAdmin(admin.ModelAdmin):
     list_display = ["created_at", "action", "subject", "actor"]
