@@ -93,7 +93,10 @@ def populate(rng: random.Random, options: dict, start: datetime) -> tuple[list, 
         jobs.append(job)
         allocations.append(
             Allocation(
-                job=job, unit=rng.choice(units), price_per_gpu_hour_micros=rng.choice(PRICES), gpu_count=gpus,
+                job=job,
+                unit=rng.choice(units),
+                price_per_gpu_hour_micros=rng.choice(PRICES),
+                gpu_count=gpus,
                 created_at=start,
             )  # fmt: skip
         )
