@@ -176,3 +176,14 @@ class WebhookEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.type} {self.event_id}"
+
+
+class RatingClock(models.Model):
+    """When the usage-rating sweep last succeeded (one row). The next sweep rates what arrived
+    since then, so a sweep lost to an outage (database, broker, workers) is made up by the next."""
+
+    id = models.PositiveSmallIntegerField(primary_key=True, default=1)
+    rated_from = models.DateTimeField(help_text="The start of the last sweep that succeeded.")
+
+    def __str__(self) -> str:
+        return f"rated from {self.rated_from:%Y-%m-%d %H:%M:%S}"

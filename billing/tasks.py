@@ -6,6 +6,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from billing import meters, services, wallet
+from billing.models import RatingClock
 from marketplace.jobs.models import Allocation
 
 log = logging.getLogger(__name__)
@@ -25,10 +26,15 @@ def usage_post(allocation_id: str) -> None:
 
 @shared_task
 def usage_rate_sweep() -> None:
-    """Post the running jobs' usage that arrived lately (a window of a few intervals, so a
-    late or missed sweep loses nothing), then check the wallets of the renters charged."""
-    since = timezone.now() - timedelta(seconds=3 * settings.USAGE_POSTING_INTERVAL_S + 30)
+    """Post the usage that arrived since the last sweep that succeeded (and a few intervals
+    before it, for samples whose transactions committed late), so a late, missed or failed
+    sweep loses nothing; then check the wallets of the renters charged."""
+    now = timezone.now()
+    overlap = timedelta(seconds=3 * settings.USAGE_POSTING_INTERVAL_S + 30)
+    last = RatingClock.objects.filter(pk=1).values_list("rated_from", flat=True).first()
+    since = min(last or now, now) - overlap
     _, renters = services.usage_rate_since(since)
+    RatingClock.objects.update_or_create(pk=1, defaults={"rated_from": now})
     for renter_id in renters:
         wallet.wallet_guard(renter_id=renter_id)
 

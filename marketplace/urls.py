@@ -7,7 +7,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitVie
 
 from billing.api import views as billing_api_views
 from marketplace.jobs import views as jobs_views
-from marketplace.kernel import outages
+from marketplace.kernel import health, outages
 from marketplace.kernel.api.errors import problem_response
 from nodes.agent.protocol import API_PREFIX
 
@@ -15,6 +15,7 @@ urlpatterns = [
     path("", RedirectView.as_view(pattern_name="portal:unit_list", permanent=False)),
     # The address the demo and the README give for the owner portal.
     path("portal/", RedirectView.as_view(pattern_name="portal:unit_list", permanent=False), name="portal_home"),
+    path("healthz", health.healthz, name="healthz"),
     path("admin/", admin.site.urls),
     path("accounts/", include("marketplace.accounts.urls")),
     path("portal/", include("nodes.urls")),

@@ -3,6 +3,7 @@ from dataclasses import dataclass
 from datetime import datetime, time
 from decimal import Decimal
 
+import httpx
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Case, F, Q, Value, When
@@ -547,17 +548,38 @@ def gpu_report(data: dict) -> GpuReport:
     return GpuReport(**{**data, "mig_instances": migs, "power_w": None if power is None else round(power)})
 
 
-def liveness_resumed_at(*, now: datetime) -> datetime | None:
+def ingest_reachable() -> bool:
+    """Whether agents could reach the server just now: LIVENESS_PROBE_URL answers. A connection
+    failure or a 5xx is an outage; any other answer means the web server is up (a 4xx is a
+    misconfigured probe, logged, and must not hold verdicts for ever). No URL: assumed up."""
+    if not settings.LIVENESS_PROBE_URL:
+        return True
+    try:
+        status = httpx.get(settings.LIVENESS_PROBE_URL, timeout=2.0).status_code
+    except httpx.HTTPError as exc:
+        logger.warning("liveness_probe_failed url=%s error=%s", settings.LIVENESS_PROBE_URL, type(exc).__name__)
+        return False
+    if status != 200:
+        logger.error("liveness_probe_answered url=%s status=%s", settings.LIVENESS_PROBE_URL, status)
+    return status < 500
+
+
+def liveness_resumed_at(*, now: datetime, ingest_up: bool = True) -> datetime | None:
     """Record this sweep, and return when judging last resumed after the server's own outage:
     a gap of more than LIVENESS_OUTAGE_AFTER since the previous sweep means the server was away
-    (its database, broker or workers), so heartbeats could not have been stored or judged. Units
-    get the full grace again from that moment. None: no outage seen."""
+    (its database, broker or workers), and ``ingest_up`` false means the web server is away now;
+    either way heartbeats could not have been stored or judged. Units get the full grace again
+    from that moment. None: no outage seen."""
     with transaction.atomic():
         clock = LivenessClock.objects.select_for_update().filter(pk=1).first()
         if clock is None:
-            LivenessClock.objects.get_or_create(pk=1, defaults={"swept_at": now})
-            return None
-        if now - clock.swept_at > settings.LIVENESS_OUTAGE_AFTER:
+            resumed_at = None if ingest_up else now
+            LivenessClock.objects.get_or_create(pk=1, defaults={"swept_at": now, "resumed_at": resumed_at})
+            return resumed_at
+        if not ingest_up:
+            clock.resumed_at = now
+            logger.warning("liveness_held: agents cannot reach the web server, so silence proves nothing")
+        elif now - clock.swept_at > settings.LIVENESS_OUTAGE_AFTER:
             clock.resumed_at = now
             logger.warning("liveness_resumed after %.0f s without a sweep: units get a fresh grace",
                            (now - clock.swept_at).total_seconds())  # fmt: skip
@@ -566,13 +588,13 @@ def liveness_resumed_at(*, now: datetime) -> datetime | None:
         return clock.resumed_at
 
 
-def units_mark_unresponsive(*, now: datetime) -> list[Unit]:
+def units_mark_unresponsive(*, now: datetime, ingest_up: bool = True) -> list[Unit]:
     """Move units that stopped heartbeating to suspect or offline; return those now offline.
     Silence counts from the last heartbeat, or from the end of the server's own outage if later."""
     alive = (Unit.Status.ONLINE, Unit.Status.DRAINING)
     suspect_before = now - settings.UNIT_SUSPECT_AFTER
     offline_before = now - settings.UNIT_OFFLINE_AFTER
-    resumed_at = liveness_resumed_at(now=now)
+    resumed_at = liveness_resumed_at(now=now, ingest_up=ingest_up)
     if resumed_at is not None and resumed_at >= suspect_before:
         return []
     for unit in Unit.objects.filter(status__in=alive, last_heartbeat_at__lt=suspect_before):

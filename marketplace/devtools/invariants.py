@@ -15,6 +15,7 @@ The rules:
   plus the tolerance an agent is allowed.
 - ``wallet``: each renter's wallet equals its credits minus the charges its usage samples
   call for, so a wallet can be checked against samples, not only against its own entries.
+- ``job_allocation_mismatch``: a final or queued job holds no allocation; an active one holds one.
 - ``stranded_job``: (at the end of a run) every job a client was told it submitted is final,
   or queued with a reason.
 """
@@ -166,6 +167,24 @@ def wallet(cursor) -> list[str]:
     ]
 
 
+def job_allocation_mismatch(cursor) -> list[str]:
+    """A job's state and its allocations disagree: a final or queued job still holding an
+    allocation, or a placed, starting or running job holding none (each read in one statement)."""
+    active = tuple(str(state) for state in Job.ACTIVE_STATES)
+    marks = ", ".join(["%s"] * len(active))
+    holding = f"""
+        SELECT j.id, j.state FROM {JOB} j JOIN {ALLOCATION} a ON a.job_id = j.id AND a.released_at IS NULL
+        WHERE j.state NOT IN ({marks})
+    """  # noqa: S608
+    bare = f"""
+        SELECT j.id, j.state FROM {JOB} j WHERE j.state IN ({marks})
+        AND NOT EXISTS (SELECT 1 FROM {ALLOCATION} a WHERE a.job_id = j.id AND a.released_at IS NULL)
+    """  # noqa: S608
+    return [
+        f"job {_id(pk)} is {state} but holds an active allocation" for pk, state in _rows(cursor, holding, active)
+    ] + [f"job {_id(pk)} is {state} without an active allocation" for pk, state in _rows(cursor, bare, active)]
+
+
 def stranded_job(cursor, job_ids) -> list[str]:
     """Jobs neither final nor queued with a reason; ``job_ids`` are the ones clients were told of."""
     wanted = {_id(pk) for pk in job_ids}
@@ -191,6 +210,7 @@ def check(cursor, *, now: datetime, job_ids=None, settled: bool = True) -> dict[
         "duplicate_usage_seq": duplicate_usage_seq(cursor),
         "unbalanced_transaction": unbalanced_transaction(cursor),
         "implausible_usage": implausible_usage(cursor, now=now),
+        "job_allocation_mismatch": job_allocation_mismatch(cursor),
     }
     if settled:
         found["billing"] = billing(cursor)

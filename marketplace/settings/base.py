@@ -99,12 +99,19 @@ def _database(url: str) -> dict:
     # Connections are kept (and checked before reuse): a Celery worker placing jobs one task at
     # a time would otherwise open a new PostgreSQL connection for every task.
     config = dj_database_url.parse(url, conn_max_age=env_int("DB_CONN_MAX_AGE", 60), conn_health_checks=True)
-    if config["ENGINE"] == "django.db.backends.postgresql" and env_bool("DB_POOL", False):
+    postgres = config["ENGINE"] == "django.db.backends.postgresql"
+    if postgres:
+        # Fails fast while the database is unreachable (see the module), and never waits long
+        # for a connection: an outage is answered with 503 at once, not after a timeout.
+        config["ENGINE"] = "marketplace.kernel.postgres"
+        config["OPTIONS"] = {"connect_timeout": env_int("DB_CONNECT_TIMEOUT_S", 3)}
+    if postgres and env_bool("DB_POOL", False):
         # The ASGI web process (marketplace/asgi.py turns this on) runs each request's synchronous
         # part in a thread of its own and closes the connection after it, and a long poll between
         # two looks: a pool makes that a checkout instead of a new PostgreSQL connection.
         config["CONN_MAX_AGE"] = 0
-        config["OPTIONS"] = {"pool": {"min_size": 2, "max_size": env_int("DB_POOL_MAX_SIZE", 20), "timeout": 10}}
+        pool = {"min_size": 2, "max_size": env_int("DB_POOL_MAX_SIZE", 20), "timeout": env_int("DB_POOL_TIMEOUT_S", 3)}
+        config["OPTIONS"]["pool"] = pool
     if config["ENGINE"] == "django.db.backends.sqlite3":
         # Web, worker, beat and test processes share one file: WAL lets readers run beside the
         # writer, IMMEDIATE transactions take the write lock up front instead of failing on
@@ -117,6 +124,8 @@ def _database(url: str) -> dict:
     return config
 
 
+# After a failed connection, how long a process answers 503 at once before it tries again.
+DB_UNREACHABLE_HOLD_S = env_int("DB_UNREACHABLE_HOLD_S", 2)
 DATABASES = {"default": _database(env_str("DATABASE_URL", f"sqlite:///{DATA_DIR / 'shedshare.sqlite3'}"))}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -201,6 +210,11 @@ UNIT_OFFLINE_AFTER = timedelta(seconds=env_int("UNIT_OFFLINE_AFTER_S", 47))
 # No liveness sweep for longer than this means the server itself was away (database, broker,
 # workers): units are then judged afresh from the sweep that follows (nodes.services).
 LIVENESS_OUTAGE_AFTER = timedelta(seconds=env_int("LIVENESS_OUTAGE_AFTER_S", 10))
+# The web server's /healthz as the agents reach it (through the same proxy, if any). While it does
+# not answer, no heartbeat could have arrived, so the sweep holds its verdicts; units get a fresh
+# grace when it answers again. Empty: not probed (an outage of the web tier alone is then judged
+# as the units' silence).
+LIVENESS_PROBE_URL = env_str("LIVENESS_PROBE_URL", "")
 JOB_MAX_ATTEMPTS = env_int("JOB_MAX_ATTEMPTS", 3)
 # A placement worker re-reads changed units at most this often while placing job after job.
 PLACEMENT_REFRESH_INTERVAL_S = env_int("PLACEMENT_REFRESH_INTERVAL_MS", 20) / 1000
@@ -374,6 +388,9 @@ else:
     # A broker that does not answer costs a publish about this long; the work is then left to
     # its sweep (marketplace/kernel/tasks.py), so a request never fails for it.
     CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_connect_timeout": 2}
+    if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+        # kombu's Redis transport, whose worker survives Redis going away (marketplace/kernel/broker.py).
+        CELERY_BROKER_TRANSPORT = "marketplace.kernel.broker:RedisTransport"
 CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"

@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+from billing import tasks as billing_tasks
 from billing.meters import meter_events_enqueue
-from billing.models import Account, BillingProfile, LedgerEntry, LedgerTransaction, OutboxMessage
+from billing.models import Account, BillingProfile, LedgerEntry, LedgerTransaction, OutboxMessage, RatingClock
 from billing.selectors import wallet_balance_micros
 from billing.services import (
     UnbalancedTransaction,
@@ -163,6 +164,28 @@ class TestCharge:
         (more,), _ = usage_rate_since(since)
         assert more.allocation_id == allocation.pk
         assert allocation_usage(allocation)[1] == 150_000 * 2_000_000 // 3_600_000
+
+    def test_the_sweep_makes_up_for_sweeps_an_outage_cost(self, allocation, settings):
+        """Usage that arrived before a long outage, whose posting task was lost with it, is rated
+        by the first sweep after it: the sweep starts from its last success, not a fixed window."""
+        settings.USAGE_POSTING_INTERVAL_S = 15
+        outage_began = timezone.now() - timedelta(minutes=10)
+        RatingClock.objects.create(pk=1, rated_from=outage_began)
+        usage_record(allocation=allocation, samples=samples(60_000))
+        UsageSample.objects.filter(allocation=allocation).update(received_at=outage_began + timedelta(seconds=5))
+
+        billing_tasks.usage_rate_sweep()
+
+        assert allocation_usage(allocation) == (60_000, 60_000 * 2_000_000 // 3_600_000)
+        assert RatingClock.objects.get().rated_from > outage_began + timedelta(minutes=9)
+
+    def test_the_first_sweep_rates_the_last_few_intervals(self, allocation, settings):
+        settings.USAGE_POSTING_INTERVAL_S = 15
+        usage_record(allocation=allocation, samples=samples(60_000))
+
+        billing_tasks.usage_rate_sweep()
+
+        assert allocation_usage(allocation)[1] == 60_000 * 2_000_000 // 3_600_000
 
     def test_bulk_rating_and_single_posting_agree_and_never_double_charge(self, allocation, renter):
         usage_record(allocation=allocation, samples=samples(7_000, 11_000))

@@ -1,12 +1,17 @@
-"""The embedded default's broker (marketplace/kernel/broker.py): with several processes writing
-and reading one folder at once, every message arrives whole, exactly once."""
+"""The brokers' transports (marketplace/kernel/broker.py): the embedded default's, with several
+processes writing and reading one folder at once, delivers every message whole, exactly once;
+the Redis one lets a worker outlive Redis going away."""
 
 import multiprocessing
 from queue import Empty
 
+import pytest
+import redis.exceptions as redis_errors
 from kombu import Connection
+from kombu.transport import redis as redis_transport
 
-from marketplace.kernel.broker import Transport
+from marketplace.kernel.broker import RedisTransport, Transport
+from tests.servers import Redis
 
 # Large enough messages, and enough of them, that kombu's own transport tears some (a reader
 # takes a file its writer has not filled yet: JSONDecodeError) on every run seen here.
@@ -64,3 +69,38 @@ def test_every_message_arrives_whole_and_exactly_once_with_concurrent_writers_an
     taken = [message for messages, _ in reports for message in messages]
     assert [errors for _, errors in reports] == [[]] * READERS
     assert sorted(taken) == sorted((writer, n) for writer in range(WRITERS) for n in range(EACH))
+
+
+@pytest.fixture
+def private_redis():
+    server = Redis()
+    yield server
+    server.stop()
+
+
+def consumer_loses_redis(server: Redis, transport) -> None:
+    """The steps of Celery's consumer when Redis goes away while it holds a message it has not
+    acknowledged and waits for the next (a BRPOP in flight): ``collect`` closes the channel, which
+    fails on the dead socket (and is ignored), then drops the connection's address; closing the
+    connection then closes the channel again, restoring the message."""
+    conn = Connection(server.url, transport=transport)
+    queue = conn.SimpleQueue("work")
+    queue.put({"n": 1})
+    assert queue.get(timeout=10).payload == {"n": 1}  # delivered, not acknowledged
+    channel = conn.default_channel
+    channel._brpop_start()  # waiting for the next, as the worker's event loop does
+    server.stop()
+    with pytest.raises(redis_errors.ConnectionError):
+        channel.close()
+    conn._do_close_transport()
+    channel.close()
+
+
+def test_a_redis_consumer_that_loses_the_server_holding_a_message_closes_cleanly(private_redis):
+    consumer_loses_redis(private_redis, RedisTransport)  # no AttributeError: the worker lives on
+
+
+def test_kombus_own_redis_transport_still_dies_there(private_redis):
+    """The fault RedisTransport mends; when a kombu release fixes it, this fails: drop the mend."""
+    with pytest.raises(AttributeError, match="hostname"):
+        consumer_loses_redis(private_redis, redis_transport.Transport)

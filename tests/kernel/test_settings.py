@@ -50,7 +50,7 @@ def test_database_and_broker_urls_switch_to_postgresql_and_redis(tmp_path):
         CELERY_BROKER_URL="",
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["django.db.backends.postgresql", "redis://cache.internal:6379/0"]
+    assert result.stdout.split() == ["marketplace.kernel.postgres", "redis://cache.internal:6379/0"]
 
 
 def test_a_development_secret_is_generated_once_and_kept_private(tmp_path):

@@ -1,5 +1,7 @@
 """Units that stop heartbeating turn suspect, then offline, and their jobs are re-queued or lost."""
 
+import http.server
+import threading
 from datetime import datetime, timedelta
 from unittest import mock
 
@@ -14,8 +16,9 @@ from marketplace.jobs.services import allocation_pull, allocation_start, unit_jo
 from marketplace.kernel.models import AuditEvent
 from nodes import tasks
 from nodes.models import Unit
-from nodes.services import unit_heartbeat, units_mark_unresponsive
+from nodes.services import ingest_reachable, unit_heartbeat, units_mark_unresponsive
 from tests.conftest import agent_client, gpus_make, job_make, unit_online
+from tests.e2e import free_port
 
 
 def silent_for(unit: Unit, seconds: float) -> datetime:
@@ -148,6 +151,62 @@ class TestTheServersOwnOutage:
         units_mark_unresponsive(now=silent_for(shed, 60))
 
         unit_heartbeat(unit=Unit.objects.get(pk=shed.pk), gpus=gpus_make(2, prefix="GPU-shed"))
+
+        assert status_of(shed) == Unit.Status.ONLINE
+
+
+class TestTheWebServersOutage:
+    """The web server is away (LIVENESS_PROBE_URL does not answer): no heartbeat could arrive, so
+    sweeps on time hold their verdicts, and units get a fresh grace once it answers again."""
+
+    def test_silence_while_the_web_server_is_away_proves_nothing(self, shed):
+        now = silent_for(shed, 1)
+        units_mark_unresponsive(now=now)
+
+        for step in range(0, int(settings.UNIT_OFFLINE_AFTER.total_seconds()) + 10, 2):
+            assert units_mark_unresponsive(now=now + timedelta(seconds=step), ingest_up=False) == []
+        assert status_of(shed) == Unit.Status.ONLINE
+
+    def test_the_grace_starts_again_when_it_answers_and_silence_counts_after(self, shed):
+        now = silent_for(shed, 1)
+        back = now + timedelta(seconds=60)
+        units_mark_unresponsive(now=back, ingest_up=False)  # the last sweep that found it away
+
+        sweep_every(2, since=back, for_s=settings.UNIT_SUSPECT_AFTER.total_seconds() - 2)
+        assert status_of(shed) == Unit.Status.ONLINE
+        sweep_every(2, since=back, for_s=settings.UNIT_OFFLINE_AFTER.total_seconds() + 4)
+        assert status_of(shed) == Unit.Status.OFFLINE
+
+    def test_the_probe_calls_only_no_answer_or_a_5xx_an_outage(self, settings, tmp_path):
+        class Answer(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - the standard library's name
+                self.send_response(int(self.path.strip("/")))
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        base = f"http://127.0.0.1:{server.server_port}"
+        try:
+            answers = {}
+            for status in (200, 400, 503):
+                settings.LIVENESS_PROBE_URL = f"{base}/{status}"
+                answers[status] = ingest_reachable()
+            settings.LIVENESS_PROBE_URL = f"http://127.0.0.1:{free_port()}/healthz"
+            answers["nothing listening"] = ingest_reachable()
+            settings.LIVENESS_PROBE_URL = ""
+            answers["not set"] = ingest_reachable()
+        finally:
+            server.shutdown()
+        assert answers == {200: True, 400: True, 503: False, "nothing listening": False, "not set": True}
+
+    def test_the_sweep_task_probes_the_web_server(self, shed, settings):
+        settings.LIVENESS_PROBE_URL = f"http://127.0.0.1:{free_port()}/healthz"
+        silent_for(shed, settings.UNIT_OFFLINE_AFTER.total_seconds() + 60)
+
+        tasks.unit_liveness_sweep()
 
         assert status_of(shed) == Unit.Status.ONLINE
 

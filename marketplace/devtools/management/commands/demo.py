@@ -38,7 +38,7 @@ class Command(BaseCommand):
         base_url = f"http://127.0.0.1:{port}"
         try:
             stack.start("web", devstack.web_argv(port))
-            stack.start("worker", devstack.worker_argv())
+            stack.start("worker", devstack.worker_argv(), LIVENESS_PROBE_URL=f"{base_url}/healthz")
             stack.start("beat", devstack.beat_argv(settings.DATA_DIR / "demo-beat-schedule"))
             devstack.wait_http(f"{base_url}/api/schema/")
             for number, spec in enumerate(UNITS, start=1):
