@@ -1,6 +1,6 @@
 import logging
 from dataclasses import dataclass
-from datetime import datetime, time
+from datetime import datetime, time, timedelta
 from decimal import Decimal
 
 import httpx
@@ -590,11 +590,15 @@ def liveness_resumed_at(*, now: datetime, ingest_up: bool = True) -> datetime | 
 
 def units_mark_unresponsive(*, now: datetime, ingest_up: bool = True) -> list[Unit]:
     """Move units that stopped heartbeating to suspect or offline; return those now offline.
-    Silence counts from the last heartbeat, or from the end of the server's own outage if later."""
+    Silence counts from the last heartbeat, or from the end of the server's own outage if later,
+    plus the Retry-After the agents were given meanwhile (OUTAGE_RETRY_AFTER_S)."""
     alive = (Unit.Status.ONLINE, Unit.Status.DRAINING)
     suspect_before = now - settings.UNIT_SUSPECT_AFTER
     offline_before = now - settings.UNIT_OFFLINE_AFTER
     resumed_at = liveness_resumed_at(now=now, ingest_up=ingest_up)
+    if resumed_at is not None:
+        # During the outage the agents were told to wait this long before they try again.
+        resumed_at += timedelta(seconds=settings.OUTAGE_RETRY_AFTER_S)
     if resumed_at is not None and resumed_at >= suspect_before:
         return []
     for unit in Unit.objects.filter(status__in=alive, last_heartbeat_at__lt=suspect_before):

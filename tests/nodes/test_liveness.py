@@ -20,6 +20,8 @@ from nodes.services import ingest_reachable, unit_heartbeat, units_mark_unrespon
 from tests.conftest import agent_client, gpus_make, job_make, unit_online
 from tests.e2e import free_port
 
+RETRY_AFTER_S = settings.OUTAGE_RETRY_AFTER_S  # what agents were told to wait during an outage
+
 
 def silent_for(unit: Unit, seconds: float) -> datetime:
     """Make the unit's last heartbeat `seconds` old; returns the 'now' to sweep with."""
@@ -111,8 +113,8 @@ class TestTheServersOwnOutage:
         assert units_mark_unresponsive(now=after) == []
         assert status_of(shed) == Unit.Status.ONLINE
 
-        sweep_every(2, since=after, for_s=settings.UNIT_SUSPECT_AFTER.total_seconds() - 2)
-        assert status_of(shed) == Unit.Status.ONLINE  # still within the fresh grace
+        sweep_every(2, since=after, for_s=settings.UNIT_SUSPECT_AFTER.total_seconds() + RETRY_AFTER_S - 2)
+        assert status_of(shed) == Unit.Status.ONLINE  # still within the fresh grace and the wait agents were told
 
     def test_a_unit_still_silent_after_the_grace_is_judged_as_usual(self, shed):
         before = silent_for(shed, 1)
@@ -120,7 +122,7 @@ class TestTheServersOwnOutage:
         after = before + timedelta(seconds=65)
         units_mark_unresponsive(now=after)
 
-        gone = sweep_every(2, since=after, for_s=settings.UNIT_OFFLINE_AFTER.total_seconds() + 4)
+        gone = sweep_every(2, since=after, for_s=settings.UNIT_OFFLINE_AFTER.total_seconds() + RETRY_AFTER_S + 4)
 
         assert status_of(shed) == Unit.Status.OFFLINE and [unit.pk for unit in gone] == [shed.pk]
 
@@ -174,7 +176,7 @@ class TestTheWebServersOutage:
 
         sweep_every(2, since=back, for_s=settings.UNIT_SUSPECT_AFTER.total_seconds() - 2)
         assert status_of(shed) == Unit.Status.ONLINE
-        sweep_every(2, since=back, for_s=settings.UNIT_OFFLINE_AFTER.total_seconds() + 4)
+        sweep_every(2, since=back, for_s=settings.UNIT_OFFLINE_AFTER.total_seconds() + RETRY_AFTER_S + 4)
         assert status_of(shed) == Unit.Status.OFFLINE
 
     def test_the_probe_calls_only_no_answer_or_a_5xx_an_outage(self, settings, tmp_path):
