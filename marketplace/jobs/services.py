@@ -118,6 +118,9 @@ def allocation_start(*, allocation: Allocation) -> Job:
     return job
 
 
+STOPPED_BY_THE_SHED = (protocol.Finish.DRAINED, protocol.Finish.AGENT_STOPPED)
+
+
 @transaction.atomic
 def allocation_finish(*, allocation: Allocation, exit_code: int | None, reason: str) -> Job:
     """The agent reports the job's process has ended; its GPUs are free again."""
@@ -132,6 +135,13 @@ def allocation_finish(*, allocation: Allocation, exit_code: int | None, reason: 
         # may be running elsewhere now. The report changes no state; its usage is still rated.
         ports.usage_due(allocation.pk)
         return job
+    if reason in STOPPED_BY_THE_SHED and exit_code != 0 and job.state in Job.ACTIVE_STATES:
+        # The owner stopped the agent while the job ran: not the job failing, but a unit going
+        # away, so it is re-queued when restartable, else lost. One that exited 0 meanwhile is done.
+        why = "the shed's agent was stopped while the job ran"
+        _allocation_abandon(allocation, reason=reason, why=why, actor=f"unit:{allocation.unit_id}")
+        ports.usage_due(allocation.pk)
+        return Job.objects.get(pk=job.pk)
     # Stopped by the agent for the notice, whatever its exit code (a job that checkpoints on
     # SIGTERM may well exit 0): preempted, not done. A job that ended by itself meanwhile is done.
     if allocation.preempted_at is not None and reason == protocol.Finish.PREEMPTED and job.state in Job.ACTIVE_STATES:

@@ -99,3 +99,38 @@ def test_usage_recorded_after_the_release_is_not_charged_but_buffered_usage_befo
 
     billed = allocations_with_usage(Allocation.objects.filter(pk=allocation.pk)).get()
     assert billed.usage_gpu_ms == 700
+
+
+def agent_of(sheds, allocation):
+    return next(agent for unit, agent in sheds if unit.pk == allocation.unit_id)
+
+
+@pytest.mark.parametrize("reason", ["drained", "agent_stopped"])
+@pytest.mark.parametrize(("restartable", "ends"), [(True, Job.State.QUEUED), (False, Job.State.LOST)])
+def test_a_job_stopped_because_its_shed_was_stopped_did_not_fail(sheds, renter, reason, restartable, ends):
+    """The owner stopped the agent while the job ran: the job is the unit's casualty, not its own
+    failure: queued again when restartable, else lost, and never 'failed' with the stop's code."""
+    job = job_make(renter, restartable=restartable)
+    agent = agent_of(sheds, job_place(job_id=job.pk))
+    allocation_id = pulled(agent, start=True)
+
+    finished = agent.post(f"{AGENT}/allocations/{allocation_id}/finish", {"exit_code": 143, "reason": reason},
+                          format="json")  # fmt: skip
+
+    assert finished.status_code == 200, finished.content
+    job.refresh_from_db()
+    assert job.state == ends
+    assert Allocation.objects.get(pk=allocation_id).released_at is not None
+    if ends == Job.State.LOST:
+        assert "agent was stopped" in job.failure_reason
+
+
+def test_a_job_that_ended_by_itself_while_its_shed_drained_is_done(sheds, renter):
+    job = job_make(renter)
+    agent = agent_of(sheds, job_place(job_id=job.pk))
+    allocation_id = pulled(agent, start=True)
+
+    agent.post(f"{AGENT}/allocations/{allocation_id}/finish", {"exit_code": 0, "reason": "drained"}, format="json")
+
+    job.refresh_from_db()
+    assert job.state == Job.State.SUCCEEDED

@@ -313,20 +313,27 @@ def test_the_marketplace_rides_out_its_parts_failing_with_nothing_lost_and_no_fa
         chaos.postgres_stop(65)
         chaos.web_kill()
         chaos.web_stop(20)
-    chaos.agent_kill(2, restart=False)  # the last: its unit stays offline
+    chaos.agent_kill(2, restart=False)  # the last: judged offline, its jobs re-queued or lost
+    chaos.stack.start("agent-2", chaos.argv["agent-2"])  # then its owner brings it back
 
     chaos.load.stopping.set()
     chaos.load.join()
     acknowledged = chaos.load.acknowledged
 
     def settled():
+        """Every job ended (or queued with a reason, if it cannot be placed) and charged."""
         with chaos.pg.cursor() as cursor:
-            return not invariants.stranded_job(cursor, acknowledged) and not invariants.billing(cursor)
+            if invariants.stranded_job(cursor, acknowledged) or invariants.billing(cursor):
+                return False
+            cursor.execute(f"SELECT COUNT(*) FROM {invariants.JOB} WHERE state = 'queued'")  # noqa: S608
+            return cursor.fetchone()[0] == 0
 
     deadline = time.monotonic() + 180  # then judge what is left: the violations say more than a timeout
     while not settled() and time.monotonic() < deadline:
         time.sleep(1)
-    for name in [n for n in chaos.stack.processes if n.startswith("agent")]:
+    # Freeze it: with no worker nothing more is placed, so stopping the agents changes nothing.
+    chaos.supervisor.stopping.set()
+    for name in ("beat", "worker", *[n for n in chaos.stack.processes if n.startswith("agent")]):
         chaos.stack.stop(name, timeout=devstack.AGENT_STOP_S)
     chaos.sampler.stopping.set()
     with chaos.pg.cursor() as cursor:
