@@ -131,10 +131,14 @@ def test_a_crash_between_queuing_a_sample_and_saving_the_record_reuses_no_seq(se
 
 
 def test_a_job_being_stopped_when_the_agent_died_is_stopped_after_the_restart(server, tmp_path):
-    server.cancel_once_started = True
     allocation_id = server.assign(["sh", "-c", "trap '' TERM; echo ready; sleep 30"], gpu_count=1)
+    output = tmp_path / "state" / "logs" / f"{allocation_id}.log"
 
     def stopping(agent: Agent) -> bool:
+        # Cancelled only once the job says it ignores SIGTERM: a cancel sent before its trap is
+        # in place would end it at once, and there would be nothing left to stop after the restart.
+        if output.exists() and "ready" in output.read_text():
+            server.to_cancel.add(allocation_id)
         return allocation_id in agent.allocations and agent.allocations[allocation_id].stop_reason == "cancelled"
 
     run_until_killed(agent_on(server, tmp_path, until=stopping))
