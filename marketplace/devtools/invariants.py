@@ -113,22 +113,22 @@ def _allocations(cursor) -> list[tuple]:
     ]
 
 
-def _expected(cursor) -> dict[str, tuple[int, object]]:
+def _expected(cursor, allocations: list[tuple]) -> dict[str, tuple[int, object]]:
     """Each allocation's expected charge from its samples, with its renter."""
     used = _billable_ms(cursor)
     return {
         pk: (usage_cost_micros(gpu_ms=used.get(pk, 0), price_per_gpu_hour_micros=price), renter)
-        for pk, price, _, _, _, renter in _allocations(cursor)
+        for pk, price, _, _, _, renter in allocations
     }
 
 
 def billing(cursor, *, settled_only: bool = True) -> list[str]:
     """Charges equal billable time x locked price, for released allocations (running ones are
     charged by the rating sweep as it goes) or for all when ``settled_only`` is off."""
-    charged = _charged(cursor)
-    released = {pk for pk, _, _, _, released_at, _ in _allocations(cursor) if released_at is not None}
+    charged, allocations = _charged(cursor), _allocations(cursor)
+    released = {pk for pk, _, _, _, released_at, _ in allocations if released_at is not None}
     wrong = []
-    for pk, (due, _) in _expected(cursor).items():
+    for pk, (due, _) in _expected(cursor, allocations).items():
         if (not settled_only or pk in released) and charged.get(pk, 0) != due:
             wrong.append(f"allocation {pk} charged {charged.get(pk, 0)} for usage worth {due}")
     return wrong
@@ -158,7 +158,7 @@ def wallet(cursor) -> list[str]:
         if not is_usage:
             credits[user] += int(total)
     cost = defaultdict(int)
-    for due, renter in _expected(cursor).values():
+    for due, renter in _expected(cursor, _allocations(cursor)).values():
         cost[renter] += due
     return [
         f"renter {user}: wallet {balance[user]} but credits {credits[user]} - usage {cost[user]}"
@@ -196,7 +196,7 @@ def stranded_job(cursor, job_ids) -> list[str]:
         if pk not in wanted:
             continue
         seen.add(pk)
-        has_reason = reason not in (None, "", "{}", {}) and reason
+        has_reason = bool(reason) and reason != "{}"  # SQLite gives the JSON as text
         if state not in final and not (state == Job.State.QUEUED and has_reason):
             stranded.append(f"job {pk} is {state}")
     stranded += [f"job {pk} was acknowledged but is not stored" for pk in sorted(wanted - seen)]

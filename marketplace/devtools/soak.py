@@ -87,11 +87,12 @@ def _load(demo, clients, rng, *, seconds: float, rate: float, marker: str):
     """Submit at ``rate`` for ``seconds`` (fixed schedule, no catching up in bursts); returns the
     acknowledged job ids, the answers by status, submit latencies and whether the demo died."""
     acknowledged, answers, latencies = [], Counter(), []
-    began = time.monotonic()
+    due = time.monotonic()
     for n in range(int(seconds * rate)):
         if demo.poll() is not None:
             return acknowledged, answers, latencies, True
-        time.sleep(max(0.0, began + n / rate - time.monotonic()))
+        due = max(due + 1 / rate, time.monotonic())  # a slow answer is not made up for in a burst
+        time.sleep(max(0.0, due - time.monotonic()))
         client = clients[n % len(clients)]
         sent = time.monotonic()
         try:
