@@ -70,6 +70,8 @@ def load(path: Path, **overrides: Any) -> AgentConfig:
         image_policy = _section(ImagePolicy, images.PARSERS, values)
     except ValueError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    if isolation_config.sandbox_all_jobs and not isolation_config.sandbox_runtime:
+        raise ConfigError(f"{path}: sandbox_all_jobs needs a sandbox_runtime such as runsc")
     drain = str(values.get("drain") or "wait")
     if drain not in DRAIN_POLICIES:
         raise ConfigError(f"{path}: drain must be one of {', '.join(DRAIN_POLICIES)}, not {drain!r}")

@@ -26,6 +26,10 @@ class IsolationConfig:
     allow_unisolated_dev_runtime: bool = False
     isolation_levels: tuple[str, ...] | None = None  # None: every level the hardware allows
     sandbox_runtime: str = ""  # an OCI runtime such as "runsc"; empty: no sandboxed jobs
+    sandbox_all_jobs: bool = False  # the owner's rule: every job runs under sandbox_runtime
+    # False: no job reaches the network. True: jobs that ask reach the internet through
+    # egress_network, never the host, private ranges or link-local (see `egress.py`).
+    allow_egress: bool = True
     egress_network: str = "shedshare-egress"
     scratch_mb: int = 4096
     tmp_mb: int = 256
@@ -91,6 +95,8 @@ PARSERS = {
     "allow_unisolated_dev_runtime": _flag,
     "isolation_levels": _levels,
     "sandbox_runtime": lambda value: str(value).strip(),
+    "sandbox_all_jobs": _flag,
+    "allow_egress": _flag,
     "egress_network": lambda value: str(value).strip(),
     "scratch_mb": positive(int),
     "tmp_mb": positive(int),

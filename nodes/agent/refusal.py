@@ -37,7 +37,7 @@ def policy_for(cfg: IsolationConfig, inventory: list[Gpu], image_policy: ImagePo
         country=cfg.country,
         isolation_levels=frozenset(levels),
         sandbox=bool(cfg.sandbox_runtime),
-        egress=bool(cfg.egress_network),
+        egress=cfg.allow_egress and bool(cfg.egress_network),
         registries=image_policy or ImagePolicy(),
     )
 

@@ -101,16 +101,24 @@ class _Containers:
         return self.engine.by_name[name]
 
 
+class FakeNetwork:
+    def __init__(self, name: str, options: dict[str, str], driver: str = "bridge") -> None:
+        self.name = name
+        self.attrs = {"Name": name, "Id": f"{abs(hash(name)):064x}", "Driver": driver, "Options": options}
+
+
 class _Networks:
     def __init__(self, engine: "FakeDocker") -> None:
         self.engine = engine
 
-    def list(self, names: list[str]) -> list[str]:
-        return [name for name in names if name in self.engine.bridges]
+    def list(self, names: list[str]) -> list[FakeNetwork]:
+        # Like the engine, a prefix matches as well as the whole name.
+        found = [name for name in self.engine.bridges if any(name.startswith(n) for n in names)]
+        return [FakeNetwork(name, self.engine.bridges[name].get("options", {})) for name in found]
 
-    def create(self, name: str, **kwargs: Any) -> str:
+    def create(self, name: str, **kwargs: Any) -> FakeNetwork:
         self.engine.bridges[name] = kwargs
-        return name
+        return FakeNetwork(name, kwargs.get("options", {}))
 
 
 class FakeDocker:

@@ -5,7 +5,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
@@ -35,6 +35,8 @@ class FakeServer:
         # only an answer with something to preempt carries the key.
         self.to_preempt: set[str] = set()
         self.preempt_once_started = False
+        # Or: preempt the started jobs once this says so (a job's own "my trap is set" file).
+        self.preempt_when: Callable[[], bool] | None = None
         self.refuse_start = False
         self.refuse_enrolment = False
         self.policy: dict[str, Any] | None = None  # the owner's policy the heartbeat answer carries
@@ -110,6 +112,9 @@ class FakeServer:
         return httpx.Response(201, json=reply)
 
     def _heartbeat_reply(self) -> httpx.Response:
+        if self.preempt_when is not None and self.preempt_when():
+            self.preempt_when = None
+            self.to_preempt.update(self.started)
         cancel, preempt = sorted(self.to_cancel), sorted(self.to_preempt)
         self.to_cancel.clear()
         self.to_preempt.clear()

@@ -2,7 +2,7 @@ import pytest
 
 from nodes.agent.isolation import IsolationConfig
 from nodes.agent.runtime import JobSpec
-from nodes.agent.runtime.spec import GpuRequest, SpecError, container_spec
+from nodes.agent.runtime.spec import GpuRequest, Host, SpecError, container_spec
 
 ALLOCATION = "5f0c9a4e-1b2d-4c3e-8f6a-7b8c9d0e1f2a"
 GPUS = ("GPU-aaa", "GPU-bbb")
@@ -119,7 +119,9 @@ def test_the_job_runs_its_own_image_and_argv():
     ("spec", "config", "complaint"),
     [
         (job(sandboxed=True), IsolationConfig(sandbox_runtime=""), "no sandbox_runtime"),
-        (job(network_egress=True), IsolationConfig(egress_network=""), "no egress_network"),
+        (job(network_egress=True), IsolationConfig(egress_network=""), "allows no egress"),
+        (job(network_egress=True), IsolationConfig(allow_egress=False), "allows no egress"),
+        (job(), IsolationConfig(sandbox_all_jobs=True), "no sandbox_runtime"),
         (job(gpus=()), CONFIG, "without GPUs"),
         (job(isolation="confidential"), CONFIG, "unknown isolation level"),
     ],
@@ -127,3 +129,41 @@ def test_the_job_runs_its_own_image_and_argv():
 def test_a_job_it_cannot_isolate_is_an_error_not_a_weaker_container(spec, config, complaint):
     with pytest.raises(SpecError, match=complaint):
         container_spec(spec, config)
+
+
+@pytest.mark.parametrize(
+    ("per_gpu", "gpus", "host_cpus", "expected"), [(4.0, 2, 2, 2.0), (0.5, 2, 16, 1.0), (4.0, 8, 48, 32.0)]
+)
+def test_the_cpu_limit_never_asks_for_more_cpus_than_the_machine_has(per_gpu, gpus, host_cpus, expected):
+    """The engine refuses a container asking for more CPUs than the host has."""
+    config = IsolationConfig(cpus_per_gpu=per_gpu)
+    uuids = tuple(f"GPU-{i}" for i in range(gpus))
+    spec = container_spec(job(gpus=uuids), config, Host(cpus=host_cpus))
+    assert spec["nano_cpus"] == round(expected * 1e9)
+
+
+def test_scratch_belongs_to_the_job_user_by_its_mount_and_may_hold_programs_while_tmp_may_not():
+    """Ownership through the tmpfs options, not a mode runc 1.1 resets; exec on scratch only."""
+    options = container_spec(job(), CONFIG)["tmpfs"]
+    scratch, tmp = options["/scratch"].split(","), options["/tmp"].split(",")  # noqa: S108 - the container's own /tmp
+    assert {"uid=65534", "gid=65534", "exec", "nosuid", "nodev"} <= set(scratch)
+    assert "noexec" not in scratch
+    assert "noexec" in tmp
+
+
+def test_simulated_gpus_are_not_requested_from_the_engine():
+    assert container_spec(job(), CONFIG, Host(gpus=False))["device_requests"] == []
+    assert container_spec(job(), CONFIG, Host(gpus=True))["device_requests"]
+
+
+def test_a_sandbox_keeps_the_jobs_process_limit_inside_and_a_wider_one_for_its_own_threads():
+    config = IsolationConfig(sandbox_runtime="runsc", pids_limit=100)
+    spec = container_spec(job(sandboxed=True), config)
+    assert spec["ulimits"] == [{"name": "nproc", "soft": 100, "hard": 100}]
+    assert spec["pids_limit"] > 100 * 8  # gVisor's host threads per process, measured about 9
+    assert "ulimits" not in container_spec(job(), config)  # runc: nobody is shared by every job
+
+
+def test_an_owner_may_sandbox_every_job():
+    config = IsolationConfig(sandbox_runtime="runsc", sandbox_all_jobs=True)
+    assert container_spec(job(sandboxed=False), config)["runtime"] == "runsc"

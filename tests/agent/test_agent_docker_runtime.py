@@ -3,6 +3,7 @@ import time
 import pytest
 from docker.types import DeviceRequest
 
+from nodes.agent.egress import EgressUnavailable
 from nodes.agent.isolation import IsolationConfig
 from nodes.agent.runtime import JobSpec, RuntimeUnavailable, StartFailed
 from nodes.agent.runtime.docker import DockerHandle, DockerRuntime, connect
@@ -35,8 +36,8 @@ def runtime(engine, clock, tmp_path):
     return DockerRuntime(engine, IsolationConfig(runtime="docker"), tmp_path / "logs", kill_grace_s=10, clock=clock)
 
 
-def job(image: str = "python:3.12-slim", **extra) -> JobSpec:
-    return JobSpec(ALLOCATION, "job-1", image, ("python", "-c", "print(1)"), ("GPU-aaa", "GPU-bbb"), **extra)
+def job(image: str = "python:3.12-slim", allocation: str = ALLOCATION, **extra) -> JobSpec:
+    return JobSpec(allocation, "job-1", image, ("python", "-c", "print(1)"), ("GPU-aaa", "GPU-bbb"), **extra)
 
 
 def wait_for(predicate, timeout: float = 5.0):
@@ -162,11 +163,38 @@ def test_a_job_it_cannot_isolate_fails_before_anything_is_created(engine, tmp_pa
     assert engine.created == []
 
 
-def test_an_egress_job_gets_the_units_bridge_without_inter_container_traffic(engine, runtime):
+class Guard:
+    def __init__(self, problem: str = "") -> None:
+        self.problem, self.checks = problem, 0
+
+    def ensure(self) -> None:
+        self.checks += 1
+        if self.problem:
+            raise EgressUnavailable(self.problem)
+
+
+def test_an_egress_job_gets_the_units_bridge_with_its_rules_checked_first(engine, clock, tmp_path):
+    guard = Guard()
+    runtime = DockerRuntime(engine, IsolationConfig(runtime="docker"), tmp_path, clock=clock, egress=guard)
+
     runtime.start(job(network_egress=True))
+    runtime.start(job(network_egress=False, allocation="other"))
 
     assert engine.created[0].kwargs["network_mode"] == "shedshare-egress"
-    assert engine.bridges["shedshare-egress"]["options"] == {"com.docker.network.bridge.enable_icc": "false"}
+    assert engine.created[1].kwargs["network_mode"] == "none"
+    options = engine.bridges["shedshare-egress"]["options"]
+    assert options["com.docker.network.bridge.enable_icc"] == "false"  # no traffic between jobs
+    assert engine.bridges["shedshare-egress"]["enable_ipv6"] is False
+    assert guard.checks == 1  # only the job that may reach the network needs the rules
+
+
+@pytest.mark.parametrize("guard", [None, Guard("iptables: not installed")])
+def test_an_egress_job_does_not_start_where_its_rules_cannot_be_kept(engine, clock, tmp_path, guard):
+    runtime = DockerRuntime(engine, IsolationConfig(runtime="docker"), tmp_path, clock=clock, egress=guard)
+
+    with pytest.raises(StartFailed, match="egress|iptables"):
+        runtime.start(job(network_egress=True))
+    assert engine.by_name == {}  # nothing was left behind
 
 
 def test_a_restarted_agent_adopts_its_running_container_by_name(engine, runtime, tmp_path):

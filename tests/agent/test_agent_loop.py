@@ -80,9 +80,10 @@ def test_a_cancel_from_the_heartbeat_kills_the_job_and_reports_cancelled(server,
 
 
 def test_a_preemption_notice_sends_sigterm_to_checkpoint_and_reports_preempted(server, tmp_path, caplog):
-    server.preempt_once_started = True
-    checkpoint = tmp_path / "checkpoint"
-    script = f"trap 'echo saved > {checkpoint}; exit 0' TERM; sleep 30 & wait"
+    checkpoint, ready = tmp_path / "checkpoint", tmp_path / "ready"
+    # The notice comes once the job has set its trap: before that, SIGTERM would just end it.
+    server.preempt_when = ready.exists
+    script = f"trap 'echo saved > {checkpoint}; exit 0' TERM; touch {ready}; sleep 30 & wait"
     allocation_id = server.assign(["sh", "-c", script], gpu_count=1)
     began = time.monotonic()
 

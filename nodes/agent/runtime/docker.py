@@ -23,13 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from nodes.agent import logs
+from nodes.agent.egress import EgressGuard, EgressUnavailable, bridge_of, network_options
 from nodes.agent.images import ImagePolicy, size_problem
 from nodes.agent.isolation import IsolationConfig
 from nodes.agent.runtime import Adopted, Handle, JobSpec, RuntimeUnavailable, StartFailed
 from nodes.agent.runtime.container_logs import follow, in_background
 from nodes.agent.runtime.image_store import PulledImages, prune
 from nodes.agent.runtime.process import SAFE_ID
-from nodes.agent.runtime.spec import GpuRequest, SpecError, container_name, container_spec
+from nodes.agent.runtime.sandbox import reap
+from nodes.agent.runtime.spec import ANY_HOST, GpuRequest, Host, SpecError, container_name, container_spec, sandboxed
 
 ENGINE_FAILED = 125
 KILLED = 128 + 15  # what the engine reports for a job ended by SIGTERM
@@ -73,6 +75,33 @@ def connect(sandbox_runtime: str = "") -> Any:
     return client
 
 
+def host_of(client: Any, *, simulated: bool) -> Host:
+    """The machine behind the engine: its CPUs bound every job's CPU limit; simulated GPUs
+    cannot be requested from it."""
+    cpus = client.info().get("NCPU")
+    return Host(cpus=float(cpus) if cpus else None, gpus=not simulated)
+
+
+def egress_guard(client: Any, cfg: IsolationConfig) -> EgressGuard:
+    """The unit's egress bridge, made if missing, with its rules in place; RuntimeUnavailable
+    saying what is wrong when jobs on it could reach the host or a private network."""
+    try:
+        network = _egress_network(client, cfg.egress_network)
+        guard = EgressGuard(bridge_of(network))
+        guard.ensure()
+    except EgressUnavailable as exc:
+        raise RuntimeUnavailable(
+            f"egress cannot be kept off the host and private networks: {exc}; fix that, or set allow_egress=false"
+        ) from None
+    return guard
+
+
+def _egress_network(client: Any, name: str) -> Any:
+    found = client.networks.list(names=[name])
+    exact = [network for network in found if network.name == name]
+    return exact[0] if exact else client.networks.create(**network_options(name))
+
+
 class DockerRuntime:
     def __init__(
         self,
@@ -85,9 +114,13 @@ class DockerRuntime:
         images: ImagePolicy | None = None,
         pulled: PulledImages | None = None,
         wall: Callable[[], float] = time.time,
+        host: Host = ANY_HOST,
+        egress: EgressGuard | None = None,
     ) -> None:
         self.client = client
         self.cfg = cfg
+        self.host = host
+        self.egress = egress
         self.log_dir = log_dir
         self.kill_grace_s = kill_grace_s
         self.images = images or ImagePolicy()
@@ -100,7 +133,7 @@ class DockerRuntime:
         if not SAFE_ID.fullmatch(spec.allocation_id):
             raise StartFailed(f"unsafe allocation id {spec.allocation_id!r}")
         try:
-            kwargs = container_spec(spec, self.cfg)
+            kwargs = container_spec(spec, self.cfg, self.host)
         except SpecError as exc:
             raise StartFailed(str(exc)) from None
         self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -223,7 +256,7 @@ class DockerRuntime:
     def _launch(self, handle: DockerHandle) -> None:
         assert handle.kwargs is not None
         try:
-            self._ensure_network(handle.kwargs["network_mode"])
+            self._guard_egress(handle.kwargs["network_mode"])
             handle.container = self.client.containers.create(**_sdk_kwargs(handle.kwargs))
             handle.container.start()
         except Exception as exc:  # the SDK raises several unrelated types
@@ -231,12 +264,15 @@ class DockerRuntime:
             return
         handle.output = follow(handle.container, handle.log_path)
 
-    def _ensure_network(self, name: str) -> None:
-        if name == "none" or self.client.networks.list(names=[name]):
+    def _guard_egress(self, network: str) -> None:
+        """Checked before every job that may reach the network: an engine restart or an owner's
+        firewall script may have removed the rules since the last one."""
+        if network == "none":
             return
-        # A bridge of our own without inter-container traffic, so jobs cannot reach each other.
-        options = {"com.docker.network.bridge.enable_icc": "false"}
-        self.client.networks.create(name, driver="bridge", options=options, labels={"shedshare.network": "egress"})
+        if self.egress is None:
+            raise EgressUnavailable("this unit guards no egress network")
+        _egress_network(self.client, network)
+        self.egress.ensure()
 
     def _signal(self, handle: DockerHandle, signal: str) -> None:
         if handle.container is not None:
@@ -255,9 +291,18 @@ class DockerRuntime:
         self.pulled.forget(image)
 
     def _remove(self, handle: DockerHandle) -> None:
-        if handle.container is not None:
-            with suppress(Exception):  # already gone
-                handle.container.remove(force=True)
+        """Remove the container on every path, a failed create or start included (found by name),
+        and under a sandbox any of its processes the sandbox runtime left on the host."""
+        container = handle.container
+        if container is None:
+            with suppress(Exception):  # never created
+                container = self.client.containers.get(container_name(handle.spec.allocation_id))
+        if container is None:
+            return
+        with suppress(Exception):  # already gone
+            container.remove(force=True)
+        if sandboxed(handle.spec, self.cfg):
+            reap(container.id)
 
 
 def _sdk_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -16,11 +16,32 @@ def runtime_for(cfg: AgentConfig, *, euid: int | None = None) -> Runtime:
     """The configured runtime; raises RuntimeUnavailable when it cannot work on this machine."""
     log_dir = cfg.state_dir / "logs"
     if cfg.isolation.runtime == "docker":
-        from nodes.agent.runtime.docker import DockerRuntime, connect
+        from nodes.agent.runtime.docker import DockerRuntime, connect, egress_guard, host_of
         from nodes.agent.runtime.image_store import PulledImages
+        from nodes.agent.runtime.spec import cpu_limit
 
         client = connect(cfg.isolation.sandbox_runtime)
-        return DockerRuntime(client, cfg.isolation, log_dir, images=cfg.images, pulled=PulledImages(cfg.state_dir))
+        host = host_of(client, simulated=bool(cfg.simulate))
+        if cpu_limit(cfg.isolation, 1, host) < cfg.isolation.cpus_per_gpu:
+            note = "a job gets at most the machine's CPUs, whatever its GPUs"
+            logs.event(
+                logger,
+                "cpu_limit_clamped",
+                logging.WARNING,
+                cpus_per_gpu=cfg.isolation.cpus_per_gpu,
+                host_cpus=host.cpus,
+                note=note,
+            )
+        egress = egress_guard(client, cfg.isolation) if cfg.isolation.allow_egress else None
+        return DockerRuntime(
+            client,
+            cfg.isolation,
+            log_dir,
+            images=cfg.images,
+            pulled=PulledImages(cfg.state_dir),
+            host=host,
+            egress=egress,
+        )
     if cfg.isolation.allow_unisolated_dev_runtime:
         logs.event(logger, "unisolated_runtime", logging.WARNING, note="development only: jobs run as host processes")
     else:

@@ -10,7 +10,14 @@ from typing import Any
 from nodes.agent.isolation import LEVELS, IsolationConfig
 from nodes.agent.runtime import JobSpec
 
-NOBODY = "65534:65534"
+NOBODY_ID = 65534
+NOBODY = f"{NOBODY_ID}:{NOBODY_ID}"
+# gVisor runs each of the job's processes on several host threads (its own, and the platform's),
+# and the host's pids limit counts them all: a job at its limit would kill the whole sandbox. So a
+# sandbox gets a host ceiling this much wider and the job's own limit is kept inside the sandbox,
+# as RLIMIT_NPROC, which gVisor counts per sandbox (measured: about 9 host threads per process).
+SANDBOX_HOST_PIDS_PER_TASK = 12
+SANDBOX_HOST_PIDS_BASE = 512
 LABEL_ALLOCATION = "shedshare.allocation"
 LABEL_JOB = "shedshare.job"
 
@@ -28,14 +35,37 @@ class GpuRequest:
     capabilities: tuple[tuple[str, ...], ...] = (("gpu",),)
 
 
+@dataclass(frozen=True)
+class Host:
+    """What the engine's machine has, which the limits must fit."""
+
+    cpus: float | None = None  # the engine refuses a container asking for more CPUs than this
+    gpus: bool = True  # False for simulated GPUs: there is no device to request
+
+
+def cpu_limit(cfg: IsolationConfig, gpus: int, host: Host) -> float:
+    """`cpus_per_gpu` for each GPU, but never more CPUs than the machine has."""
+    wanted = cfg.cpus_per_gpu * gpus
+    return min(wanted, host.cpus) if host.cpus else wanted
+
+
 def container_name(allocation_id: str) -> str:
     return f"shedshare-{allocation_id}"
 
 
-def container_spec(spec: JobSpec, cfg: IsolationConfig) -> dict[str, Any]:
+def sandboxed(spec: JobSpec, cfg: IsolationConfig) -> bool:
+    """Whether the job runs in the sandbox: when it asks, or when the owner sandboxes every job."""
+    return spec.sandboxed or cfg.sandbox_all_jobs
+
+
+ANY_HOST = Host()
+
+
+def container_spec(spec: JobSpec, cfg: IsolationConfig, host: Host = ANY_HOST) -> dict[str, Any]:
     """Keyword arguments for `containers.create`; raises SpecError for a job it cannot isolate."""
     _validate(spec, cfg)
     gpus = len(spec.gpu_uuids)
+    in_sandbox = sandboxed(spec, cfg)
     return {
         "image": spec.image,
         "command": list(spec.command),
@@ -49,25 +79,40 @@ def container_spec(spec: JobSpec, cfg: IsolationConfig) -> dict[str, Any]:
         "security_opt": ["no-new-privileges:true"],
         "read_only": True,
         # tmpfs lives only as long as the container, so scratch is wiped with it; no host mounts.
+        # Scratch is the job's HOME: owned by the job's user through the mount itself (runc 1.1
+        # resets a tmpfs's mode to that of the directory Docker made for `working_dir`, so a mode
+        # alone leaves it root's), and executable, since Python packages, compiled kernels and
+        # JIT caches live there. /tmp stays noexec.
         "tmpfs": {
-            "/scratch": f"size={cfg.scratch_mb}m,mode=1777,nosuid,nodev",
+            "/scratch": f"size={cfg.scratch_mb}m,uid={NOBODY_ID},gid={NOBODY_ID},mode=0700,exec,nosuid,nodev",
             "/tmp": f"size={cfg.tmp_mb}m,mode=1777,nosuid,nodev,noexec",  # noqa: S108 - the container's own /tmp
         },
         "ipc_mode": "private",
         "shm_size": f"{cfg.shm_mb}m",
-        "pids_limit": cfg.pids_limit,
+        "pids_limit": _host_pids(cfg, in_sandbox),
         "mem_limit": f"{cfg.memory_mb_per_gpu * gpus}m",
         "memswap_limit": f"{cfg.memory_mb_per_gpu * gpus}m",  # equal to mem_limit: no swap
-        "nano_cpus": round(cfg.cpus_per_gpu * gpus * 1e9),
+        "nano_cpus": round(cpu_limit(cfg, gpus, host) * 1e9),
         "network_mode": cfg.egress_network if spec.network_egress else "none",
-        "device_requests": [GpuRequest(device_ids=spec.gpu_uuids)],
+        "device_requests": [GpuRequest(device_ids=spec.gpu_uuids)] if host.gpus else [],
         # An init as PID 1 forwards SIGTERM and reaps orphans, so a stop reaches the real job.
         "init": True,
         # Otherwise the engine copies the owner's proxy settings into the renter's environment.
         "use_config_proxy": False,
         "log_config": {"type": "json-file", "config": {"max-size": "50m", "max-file": "1"}},
-        **({"runtime": cfg.sandbox_runtime} if spec.sandboxed else {}),
+        **(_sandbox(cfg) if in_sandbox else {}),
     }
+
+
+def _host_pids(cfg: IsolationConfig, in_sandbox: bool) -> int:
+    if in_sandbox:
+        return cfg.pids_limit * SANDBOX_HOST_PIDS_PER_TASK + SANDBOX_HOST_PIDS_BASE
+    return cfg.pids_limit
+
+
+def _sandbox(cfg: IsolationConfig) -> dict[str, Any]:
+    nproc = {"name": "nproc", "soft": cfg.pids_limit, "hard": cfg.pids_limit}
+    return {"runtime": cfg.sandbox_runtime, "ulimits": [nproc]}
 
 
 def _validate(spec: JobSpec, cfg: IsolationConfig) -> None:
@@ -77,10 +122,10 @@ def _validate(spec: JobSpec, cfg: IsolationConfig) -> None:
         raise SpecError("a job without GPUs")
     if not spec.image or not spec.command:
         raise SpecError("a job needs an image and a command")
-    if spec.sandboxed and not cfg.sandbox_runtime:
+    if sandboxed(spec, cfg) and not cfg.sandbox_runtime:
         raise SpecError("the job asks for a sandbox and this unit has no sandbox_runtime")
-    if spec.network_egress and not cfg.egress_network:
-        raise SpecError("the job may reach the network and this unit has no egress_network")
+    if spec.network_egress and not (cfg.allow_egress and cfg.egress_network):
+        raise SpecError("the job may reach the network and this unit allows no egress")
 
 
 def _environment(spec: JobSpec) -> dict[str, str]:
