@@ -431,3 +431,8 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
+
+# Registries on private addresses that jobs may name anyway (`host[:port]`, exactly): the
+# operator's own mirror next to the sheds. Empty: only public registries (each shed's owner must
+# still list a mirror in the agent's registry_mirrors for its agent to pull from it).
+JOB_IMAGE_PRIVATE_REGISTRIES = env_list("JOB_IMAGE_PRIVATE_REGISTRIES", [])

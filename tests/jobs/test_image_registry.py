@@ -63,3 +63,14 @@ def test_a_malformed_reference_is_refused(renter_api, image):
     body = problem_of(renter_api.post(JOBS, {**JOB_SPEC, "image": image}, format="json"), 400)
 
     assert body["errors"]["image"] == ["Not a valid image reference, e.g. ghcr.io/acme/train:1.2."]
+
+
+def test_the_operators_own_private_registry_may_be_named_and_no_other(renter_api, settings):
+    """JOB_IMAGE_PRIVATE_REGISTRIES lists exact host:port pairs; a neighbouring port stays refused."""
+    settings.JOB_IMAGE_PRIVATE_REGISTRIES = ["127.0.0.1:5000"]
+
+    accepted = renter_api.post(JOBS, {**JOB_SPEC, "image": "127.0.0.1:5000/shedshare-test/busybox:1"}, format="json")
+    refused = renter_api.post(JOBS, {**JOB_SPEC, "image": "127.0.0.1:5001/shedshare-test/busybox:1"}, format="json")
+
+    assert accepted.status_code == 201, accepted.content
+    problem_of(refused, 400)

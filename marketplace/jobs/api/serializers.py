@@ -76,7 +76,7 @@ class JobSubmitSerializer(StrictSerializer):
             ref = imageref.parse(value)
         except imageref.BadReference:
             raise serializers.ValidationError("Not a valid image reference, e.g. ghcr.io/acme/train:1.2.") from None
-        if imageref.internal_host(ref.host):
+        if imageref.internal_host(ref.host) and ref.registry not in settings.JOB_IMAGE_PRIVATE_REGISTRIES:
             raise serializers.ValidationError(
                 f"The registry {ref.registry} is a loopback, private or local address or name; "
                 "sheds pull images only from public registries such as docker.io or ghcr.io."
