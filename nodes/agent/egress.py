@@ -41,6 +41,7 @@ CHAIN_IN = "SHEDSHARE-EGRESS-IN"
 BRIDGE_OPTION = "com.docker.network.bridge.name"
 DEFAULT_BRIDGE = "shs-egress0"
 BRIDGE_NF = Path("/proc/sys/net/bridge/bridge-nf-call-iptables")
+NET = Path("/sys/class/net")  # one folder per network interface of this namespace
 REJECT = ["-j", "REJECT", "--reject-with", "icmp-admin-prohibited"]
 REJECT6 = ["-j", "REJECT", "--reject-with", "icmp6-adm-prohibited"]
 
@@ -91,15 +92,16 @@ def plan(bridge: str, forward_parent: str) -> tuple[list[Rule], list[Rule]]:
 class EgressGuard:
     """Installs and checks the rules for one bridge."""
 
-    def __init__(self, bridge: str, *, run: Runner = run_command, bridge_nf: Path = BRIDGE_NF) -> None:
+    def __init__(self, bridge: str, *, run: Runner = run_command, bridge_nf: Path = BRIDGE_NF, net: Path = NET) -> None:
         self.bridge = bridge
         self._run = run
         self._bridge_nf = bridge_nf
+        self._net = net
 
     def problems(self) -> list[str]:
         """What is missing; empty when every rule is in place, and each jump first in its chain."""
         found = []
-        if not Path("/sys/class/net", self.bridge).exists():
+        if not (self._net / self.bridge).exists():
             found.append(f"the bridge {self.bridge} is not in this network namespace (is the agent on the host?)")
         rules, jumps = plan(self.bridge, self._forward_parent())
         found += [f"{r.tool}: missing in {r.chain}: {' '.join(r.spec)}" for r in rules if not self._has(r)]
@@ -130,11 +132,14 @@ class EgressGuard:
         raise EgressUnavailable when they cannot be had."""
         if not self.problems():
             return
-        with contextlib.suppress(EgressUnavailable):  # what failed, problems() says
+        failed = []
+        try:
             self.install()
+        except EgressUnavailable as exc:  # why, such as iptables not installed; problems() says what
+            failed.append(str(exc))
         problems = self.problems()
         if problems:
-            raise EgressUnavailable("; ".join(problems))
+            raise EgressUnavailable("; ".join(failed + problems))
 
     def _forward_parent(self) -> str:
         # DOCKER-USER exists where the engine manages iptables; it is evaluated before the

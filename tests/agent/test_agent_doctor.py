@@ -15,9 +15,44 @@ from nodes.agent import config, doctor, gpus
 from nodes.agent.cli import main
 from nodes.agent.doctor import Check
 from nodes.agent.fake_nvml import FakeDevice, FakeNvml
+from nodes.agent.isolation import IsolationConfig
+from nodes.agent.runtime import RuntimeUnavailable
 from tests.agent.fakes import CREDENTIAL, UNIT_ID, FakeServer, serving
 
 NOWHERE = "http://127.0.0.1:9"  # the discard port: nothing listens there
+DOCKER = IsolationConfig(runtime="docker", allow_egress=False)
+CVES = ("CVE-2024-0132", "CVE-2025-23359", "CVE-2025-23266")
+
+
+class Engine:
+    """The Docker engine as `doctor` asks it."""
+
+    def __init__(self, runtimes: tuple[str, ...] = ("runc",), cpus: int | None = 2) -> None:
+        self.runtimes = runtimes
+        self.cpus = cpus
+
+    def info(self) -> dict:
+        return {"Runtimes": {name: {} for name in self.runtimes}, "NCPU": self.cpus}
+
+
+def toolkit(answers: dict[str, str]):
+    """A runner on which each tool named prints its answer to --version; the others are not installed."""
+
+    def run(argv):
+        if argv[0] in answers:
+            return subprocess.CompletedProcess(argv, 0, answers[argv[0]], "")
+        return subprocess.CompletedProcess(argv, 127, "", f"{argv[0]}: not installed")
+
+    return run
+
+
+NO_TOOLKIT = toolkit({})
+
+
+def docker_checks(isolation: IsolationConfig = DOCKER, engine: Engine | None = None, **options) -> dict[str, Check]:
+    options = {"simulated": True, "run": NO_TOOLKIT, **options}
+    checks = doctor.runtime_checks(isolation, client=engine or Engine(), **options)
+    return {check.name: check for check in checks}
 
 
 def enrolled(tmp_path, url: str = NOWHERE):
@@ -126,6 +161,8 @@ def test_doctor_fails_when_the_enrolled_units_server_does_not_answer(tmp_path):
     ],
 )
 def test_doctor_asks_the_docker_engine_when_the_runtime_is_docker(tmp_path, monkeypatch, engine_error, status, detail):
+    monkeypatch.setattr(doctor, "egress_guard", lambda client, isolation: SimpleNamespace(bridge="shs-egress0"))
+
     class DockerException(Exception):
         pass
 
@@ -144,7 +181,160 @@ def test_doctor_asks_the_docker_engine_when_the_runtime_is_docker(tmp_path, monk
 
     assert check_line(result.output, "runtime").split()[0] == status
     assert detail in result.output
+    assert check_line(result.output, "toolkit").split()[0] == "skip"  # simulated GPUs
     assert result.exit_code == (status == "FAIL")
+
+
+def test_doctor_checks_the_engine_cpus_egress_and_toolkit_after_the_runtime(one_sick_gpu):
+    run = toolkit({"nvidia-ctk": "NVIDIA Container Toolkit CLI version 1.17.8\ncommit: abc"})
+
+    _, checks = doctor.examine(None, None, DOCKER, client=Engine(), run=run)
+
+    assert [(check.name, check.status) for check in checks] == [
+        ("driver", "ok"), ("gpus", "FAIL"), ("runtime", "ok"), ("cpus", "ok"), ("egress", "ok"), ("toolkit", "ok"),
+        ("country", "warn"), ("server", "skip"), ("clock", "skip"),
+    ]  # fmt: skip
+
+
+def test_the_engine_lists_its_runtimes():
+    check = docker_checks(engine=Engine(runtimes=("runc", "runsc")))["runtime"]
+
+    assert check == Check(
+        "runtime",
+        "ok",
+        "docker: the engine answers, with runtimes runc, runsc; no sandbox runtime: jobs asking for a sandbox are "
+        "refused",
+    )
+
+
+@pytest.mark.parametrize(
+    ("all_jobs", "rule"),
+    [(False, "jobs asking for a sandbox run under runsc"), (True, "every job runs under runsc (sandbox_all_jobs)")],
+)
+def test_the_sandbox_runtime_is_registered_with_the_engine(all_jobs, rule):
+    isolation = IsolationConfig(
+        runtime="docker", allow_egress=False, sandbox_runtime="runsc", sandbox_all_jobs=all_jobs
+    )
+
+    check = docker_checks(isolation, Engine(runtimes=("runc", "runsc")))["runtime"]
+
+    assert check.status == "ok"
+    assert check.detail.endswith(f"; {rule}")
+
+
+def test_a_sandbox_runtime_the_engine_lacks_fails():
+    isolation = IsolationConfig(runtime="docker", allow_egress=False, sandbox_runtime="runsc", sandbox_all_jobs=True)
+
+    check = docker_checks(isolation, Engine(runtimes=("runc",)))["runtime"]
+
+    assert check == Check("runtime", "FAIL", "docker: the engine has no 'runsc' runtime (it has runc)")
+
+
+@pytest.mark.parametrize(
+    ("cpus", "detail"),
+    [
+        (2, "2 CPUs; cpus_per_gpu 4 is clamped to 2: a job gets at most the machine's CPUs"),
+        (64, "64 CPUs: a job gets 4 per GPU, at most 64"),
+        (None, "the engine does not say how many CPUs it has: a job gets 4 per GPU"),
+    ],
+)
+def test_doctor_says_how_many_cpus_a_job_gets(cpus, detail):
+    assert docker_checks(engine=Engine(cpus=cpus))["cpus"] == Check("cpus", "ok", detail)
+
+
+def test_without_egress_no_rule_is_needed(monkeypatch):
+    monkeypatch.setattr(doctor, "egress_guard", lambda client, isolation: pytest.fail("no egress, no rules"))
+
+    assert docker_checks()["egress"] == Check("egress", "ok", "egress off: no job reaches the network")
+
+
+def test_egress_is_checked_with_its_rules_in_place(monkeypatch):
+    engine, asked = Engine(), []
+
+    def guard(client, isolation):
+        asked.append((client, isolation))
+        return SimpleNamespace(bridge="shs-egress0")
+
+    monkeypatch.setattr(doctor, "egress_guard", guard)
+    isolation = IsolationConfig(runtime="docker", allow_egress=True)
+
+    check = docker_checks(isolation, engine)["egress"]
+
+    assert check.status == "ok"
+    assert "through shs-egress0, never the host or a private network" in check.detail
+    assert asked == [(engine, isolation)]
+
+
+def test_egress_whose_rules_cannot_be_kept_fails_with_the_problems(monkeypatch):
+    problems = "egress cannot be kept off the host and private networks: iptables -F SHEDSHARE-EGRESS: not installed"
+
+    def guard(client, isolation):
+        raise RuntimeUnavailable(problems)
+
+    monkeypatch.setattr(doctor, "egress_guard", guard)
+
+    check = docker_checks(IsolationConfig(runtime="docker", allow_egress=True))["egress"]
+
+    assert check == Check("egress", "FAIL", problems)
+
+
+def test_without_an_engine_only_the_toolkit_is_checked_further(monkeypatch):
+    def no_engine(sandbox_runtime: str = ""):
+        raise RuntimeUnavailable("no Docker engine: socket not found")
+
+    monkeypatch.setattr(doctor, "connect", no_engine)
+
+    checks = doctor.runtime_checks(DOCKER, simulated=True, run=NO_TOOLKIT)
+
+    assert [(check.name, check.status) for check in checks] == [
+        ("runtime", "FAIL"), ("cpus", "skip"), ("egress", "skip"), ("toolkit", "skip")
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("answers", "unfixed"),
+    [
+        ({"nvidia-ctk": "NVIDIA Container Toolkit CLI version 1.17.8\ncommit: abc"}, ()),
+        ({"nvidia-ctk": "NVIDIA Container Toolkit CLI version 1.17.10\ncommit: abc"}, ()),
+        ({"nvidia-ctk": "NVIDIA Container Toolkit CLI version 1.17.4\ncommit: abc"}, CVES[2:]),
+        ({"nvidia-ctk": "NVIDIA Container Toolkit CLI version 1.16.2\ncommit: abc"}, CVES[1:]),
+        ({"nvidia-container-cli": "cli-version: 1.16.1\nlib-version: 1.16.1\n"}, CVES),
+    ],
+)
+def test_the_container_toolkit_must_have_every_container_escape_fixed(answers, unfixed):
+    check = docker_checks(simulated=False, run=toolkit(answers))["toolkit"]
+
+    assert check.status == ("FAIL" if unfixed else "ok")
+    assert [cve for cve in CVES if f"{cve} (fixed in" in check.detail] == list(unfixed)
+    if unfixed:
+        assert check.detail.endswith("; upgrade to 1.17.8 or later")
+    else:
+        assert check.detail.endswith(f"with the fixes of {', '.join(CVES)}")
+
+
+def test_a_missing_container_toolkit_fails():
+    check = docker_checks(simulated=False, run=NO_TOOLKIT)["toolkit"]
+
+    assert check == Check(
+        "toolkit",
+        "FAIL",
+        "the NVIDIA Container Toolkit is not installed (nvidia-container-cli: not installed): install 1.17.8 or later",
+    )
+
+
+def test_a_container_toolkit_without_a_version_fails():
+    check = docker_checks(simulated=False, run=toolkit({"nvidia-ctk": "something else"}))["toolkit"]
+
+    assert check == Check("toolkit", "FAIL", "no version in nvidia-ctk --version's answer 'something else'")
+
+
+def test_simulated_gpus_need_no_container_toolkit():
+    def run(argv):
+        pytest.fail(f"ran {argv}")
+
+    check = docker_checks(run=run)["toolkit"]
+
+    assert check == Check("toolkit", "skip", "simulated GPUs: no GPU is handed to a container")
 
 
 def test_the_clock_is_sane_within_a_minute_of_the_servers():

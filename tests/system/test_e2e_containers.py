@@ -1,0 +1,175 @@
+"""The whole loop through real containers: web server, Celery worker and an agent with
+`--runtime docker` on a real engine; the job's image is pulled from a local registry.
+
+Needs the engine and registry of `docker/engine.sh up` (it skips without them, and fails in CI
+where SHEDSHARE_REQUIRE_ENGINE=1). The timings it measures are printed as one JSON line and,
+with CONTAINER_E2E_REPORT set, written there.
+"""
+
+import json
+import os
+import signal
+import time
+
+import pytest
+from django.db.models import Sum
+
+from billing.models import LedgerTransaction
+from billing.services import wallet_credit_promotional
+from billing.wallet import WALLET_EXHAUSTED
+from marketplace.accounts.services import api_key_create
+from marketplace.devtools import devstack
+from marketplace.jobs.models import Allocation
+from nodes.models import Unit
+from nodes.services import unit_register
+from tests.agent import engine as real
+from tests.conftest import user_make
+from tests.e2e import Renter, free_port, stack_start, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+PRICE_PER_SECOND = 2_000_000 / 3600  # the default price per GPU-hour, in micro-units
+
+
+@pytest.fixture
+def stack(tmp_path):
+    registry = os.environ.get("SHEDSHARE_TEST_REGISTRY", "127.0.0.1:5000")
+    stack = stack_start(
+        tmp_path,
+        port=free_port(),
+        JOB_IMAGE_PRIVATE_REGISTRIES=registry,
+        USAGE_POSTING_INTERVAL_S="1",
+        WALLET_MIN_RUN_S="65",
+    )
+    stack.registry = registry
+    yield stack
+    stack.stop_all()
+
+
+def start_agent(stack, config: str, tmp_path) -> None:
+    stack.start(
+        "agent",
+        devstack.agent_argv("run", "--config", config, "--simulate", "2xH100-80GB", "--runtime", "docker",
+                            "--state-dir", str(tmp_path / "agent" / "state"), "--usage-interval", "1"),
+        SHEDSHARE_AGENT_REGISTRIES=stack.registry,
+        SHEDSHARE_AGENT_REGISTRY_MIRRORS=stack.registry,
+        SHEDSHARE_AGENT_MEMORY_MB_PER_GPU="256",
+    )  # fmt: skip
+
+
+def containers_of(engine, job_id: str) -> list:
+    return engine.containers.list(all=True, filters={"label": f"shedshare.job={job_id}"})
+
+
+def seconds_between(later: str, earlier: str) -> float:
+    from datetime import datetime
+
+    return (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds()
+
+
+def test_jobs_run_in_real_containers_from_submit_to_the_bill(stack, tmp_path):
+    engine = real.client()
+    image = real.image()
+    owner, renter, frugal = user_make("olga-owner"), user_make("ravi-renter"), user_make("fay-frugal")
+    unit, token = unit_register(owner=owner, name="Container shed", country="DE")
+    wallet_credit_promotional(user=renter, amount_micros=50_000_000, key="e2e-containers")
+    # Enough to be placed (65 s of one GPU) and then to run only a few seconds above the floor.
+    wallet_credit_promotional(user=frugal, amount_micros=40_000, key="e2e-frugal")
+    shopper = Renter(stack.base_url, api_key_create(user=renter, name="e2e")[1])
+    config = str(tmp_path / "agent" / "agent.json")
+    enrolled = stack.run(devstack.agent_argv("enrol", "--url", stack.base_url, "--token", token, "--config", config,
+                                             "--country", "DE"))  # fmt: skip
+    assert enrolled.returncode == 0, enrolled.stderr + enrolled.stdout
+    for container in engine.containers.list(all=True, filters={"label": "shedshare.job"}):
+        container.remove(force=True)  # an earlier run's, if it was killed
+    try:
+        engine.images.remove(image, force=True)  # the first job pulls it for real
+    except Exception:  # noqa: S110 - not there
+        pass
+    start_agent(stack, config, tmp_path)
+    timings = {}
+
+    def logs() -> str:
+        return "\n".join(f"===== {name}\n{stack.log(name)[-5000:]}" for name in ("web", "worker", "agent"))
+
+    def running(job_id: str) -> dict:
+        return wait_until(lambda: (job := shopper.job(job_id))["state"] == "running" and job, timeout=120,
+                          what=lambda: f"job {job_id} running\n{logs()}")  # fmt: skip
+
+    def log_text(job_id: str) -> str:
+        return shopper.http.get(f"/api/v1/jobs/{job_id}/logs", headers={"Accept": "text/plain"}).text
+
+    try:
+        wait_until(lambda: Unit.objects.get(pk=unit.pk).status == Unit.Status.ONLINE, timeout=60,
+                   what=lambda: f"the unit online\n{logs()}")  # fmt: skip
+
+        # 1. Pulled from the local registry, run, logged, metered, billed.
+        submitted = time.monotonic()
+        first = shopper.submit(image=image, command=["sh", "-c", "echo hello from a container; id -u; sleep 2"],
+                               gpu_count=1, jurisdictions=["DE"])  # fmt: skip
+        first = shopper.wait_final(first["id"], timeout=180)
+        assert first["state"] == "succeeded", logs()
+        timings["submit_to_running_s_with_pull"] = seconds_between(first["started_at"], first["created_at"])
+        ended = time.monotonic()
+        allocation = Allocation.objects.get(job_id=first["id"])
+        used_ms = allocation.usage_samples.aggregate(total=Sum("gpu_ms"))["total"]
+        assert 2000 <= used_ms <= (ended - submitted) * 1000
+        expected = used_ms * allocation.price_per_gpu_hour_micros // 3_600_000
+        wait_until(lambda: round(float(shopper.job(first["id"])["usage"]["cost"]) * 1e6) == expected, timeout=30,
+                   what="the usage charge")  # fmt: skip
+        timings["exit_to_billed_s"] = round(time.monotonic() - ended, 2)
+        assert LedgerTransaction.objects.filter(allocation=allocation, kind="usage").exists()
+        output = wait_until(lambda: "hello from a container" in (text := log_text(first["id"])) and text,
+                            timeout=30, what="the job's log")  # fmt: skip
+        assert "65534" in output.split()
+        assert containers_of(engine, first["id"]) == []  # removed with its scratch
+        assert "pull" in stack.log("agent") or engine.images.get(image)
+
+        # 2. The image is local now: the start alone.
+        second = shopper.submit(image=image, command=["sh", "-c", "echo again"], gpu_count=1, jurisdictions=["DE"])
+        second = shopper.wait_final(second["id"], timeout=120)
+        assert second["state"] == "succeeded", logs()
+        timings["submit_to_running_s_image_local"] = seconds_between(second["started_at"], second["created_at"])
+
+        # 3. Cancel: SIGTERM to the container's processes, then it is removed.
+        doomed = shopper.submit(image=image, command=["sh", "-c", "echo waiting; sleep 300"], gpu_count=1)
+        running(doomed["id"])
+        assert shopper.http.post(f"/api/v1/jobs/{doomed['id']}/cancel").status_code == 200
+        assert shopper.wait_final(doomed["id"], timeout=60)["state"] == "cancelled"
+        wait_until(lambda: containers_of(engine, doomed["id"]) == [], timeout=60, what="the cancelled container gone")
+
+        # 4. The agent dies mid-job: the restarted agent adopts the running container (not a
+        #    second run: "tick 0" once) and the job is billed once.
+        ticking = shopper.submit(
+            image=image, gpu_count=1,
+            command=["sh", "-c", "i=0; while [ $i -lt 10 ]; do echo tick $i; i=$((i+1)); sleep 1; done"],
+        )  # fmt: skip
+        running(ticking["id"])
+        began = time.monotonic()
+        [container] = containers_of(engine, ticking["id"])
+        stack.signal("agent", signal.SIGKILL)
+        stack.processes.pop("agent").wait()
+        assert engine.containers.get(container.id).status == "running"  # the job goes on without its agent
+        start_agent(stack, config, tmp_path)
+        ticking = shopper.wait_final(ticking["id"], timeout=120)
+        took_ms = (time.monotonic() - began) * 1000 + 2000  # and up to the 2 s before `began`
+        assert ticking["state"] == "succeeded", logs()
+        assert "event=job_adopted" in stack.log("agent"), logs()
+        text = wait_until(lambda: "tick 9" in (t := log_text(ticking["id"])) and t, timeout=30, what="all ticks")
+        assert text.count("tick 0") == 1, text
+        allocation = Allocation.objects.get(job_id=ticking["id"])
+        used_ms = allocation.usage_samples.aggregate(total=Sum("gpu_ms"))["total"]
+        assert 9000 <= used_ms <= took_ms, (used_ms, took_ms)  # the time away billed, and once
+
+        # 5. The wallet floor stops a job: its container is stopped and removed.
+        frugal_shopper = Renter(stack.base_url, api_key_create(user=frugal, name="e2e")[1])
+        broke = frugal_shopper.submit(image=image, command=["sh", "-c", "sleep 300"], gpu_count=1)
+        broke = frugal_shopper.wait_final(broke["id"], timeout=120)
+        assert broke["state"] == "failed" and broke["failure_reason"] == WALLET_EXHAUSTED, broke
+        wait_until(lambda: containers_of(engine, broke["id"]) == [], timeout=60, what="the stopped container gone")
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{logs()}") from None
+
+    print(json.dumps({"container_e2e": timings}))
+    if os.environ.get("CONTAINER_E2E_REPORT"):
+        with open(os.environ["CONTAINER_E2E_REPORT"], "w") as report:
+            json.dump(timings, report)
