@@ -263,10 +263,12 @@ class Agent:
         except AgentError as exc:
             self._start_refused(allocation, exc)
             return
+        self._journal.save_starting(allocation)
         try:
             handle = self._runtime.start(allocation.spec)
         except StartFailed as exc:
             logs.event(logger, "start_failed", logging.ERROR, allocation=allocation.id, error=exc)
+            self._journal.forget(allocation.id)
             self._abandon(allocation, Finish.START_FAILED)
             return
         allocation.mark_started(handle, self._clock(), self._wall())

@@ -1,6 +1,8 @@
 """What a restarted agent needs to find its jobs again: one file per started allocation.
 
-A record is rewritten after each usage sample and log chunk, always *after* those reports are
+A record is written just before the runtime starts the job (with no handle yet: a restart
+that finds it asks the runtime to find the job by its allocation, which a container runtime can)
+and rewritten after each usage sample and log chunk, always *after* those reports are
 in the outbox: after a crash the outbox may be one step ahead of a record but never behind it,
 and `Journal.recover` folds such reports back in, so no seq is reused and no time billed twice.
 """
@@ -44,6 +46,12 @@ class Journal:
             return
         assert isinstance(self._runtime, Adoptable)
         files.write_json(self._path(allocation.id), record_of(allocation, self._runtime.describe(allocation.handle)))
+
+    def save_starting(self, allocation: Allocation) -> None:
+        """The record of a job about to be started: an agent killed while its runtime creates the
+        container must find that container again, not leave it running unbilled."""
+        if self._dir is not None:
+            files.write_json(self._path(allocation.id), record_of(allocation, {}))
 
     def forget(self, allocation_id: str) -> None:
         if self._dir is not None:
@@ -114,7 +122,8 @@ def restore(
         sampled_at=record["sampled_at"],
         log_offset=record["log_offset"],
     )
-    since = epoch(record["sampled_at"])
+    # A record written before the start has no sample: the job's time counts from its start.
+    since = epoch(record["sampled_at"]) if record["sampled_at"] else adopted.started_at
     away_ms = 0 if since is None else max(0, round((until - since) * 1000))
     allocation.started_at = now - (allocation.metered_ms + away_ms) / 1000
     allocation.last_sample_at = now - away_ms / 1000

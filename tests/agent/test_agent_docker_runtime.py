@@ -1,4 +1,5 @@
 import time
+from datetime import datetime
 
 import pytest
 from docker.types import DeviceRequest
@@ -237,3 +238,27 @@ def test_connect_refuses_a_sandbox_runtime_the_engine_does_not_have(monkeypatch)
 
     with pytest.raises(RuntimeUnavailable, match="no 'runsc' runtime"):
         connect("runsc")
+
+
+def test_a_container_the_agent_was_starting_is_found_by_name_and_started(engine, runtime, tmp_path):
+    """Killed between creating the container and starting it (or recording it): the record has
+    no handle, the name finds the container, and a created one is started now."""
+    runtime.start(job())
+    container = engine.created[0]
+    container.status = "created"
+    container.attrs["State"]["StartedAt"] = "2025-01-02T03:04:05Z"
+
+    adopted = runtime.adopt(job(), {})
+
+    assert adopted is not None and adopted.handle.container is container
+    assert container.status == "running"
+    assert adopted.handle.log_path == tmp_path / "logs" / f"{ALLOCATION}.log"
+    assert adopted.started_at == datetime.fromisoformat("2025-01-02T03:04:05+00:00").timestamp()
+
+
+def test_a_never_started_container_has_no_start_time(engine, runtime):
+    runtime.start(job())
+    engine.created[0].exit(1)  # FinishedAt and StartedAt as the engine writes "never"
+    engine.created[0].attrs["State"]["StartedAt"] = "0001-01-01T00:00:00Z"
+
+    assert runtime.adopt(job(), {}).started_at is None

@@ -205,6 +205,9 @@ class TestJournal:
     ALLOCATION = "5f0c9a4e-1b2d-4c3e-8f6a-7b8c9d0e1f2a"
     GPUS = gpus.simulate("2xH100-80GB", "unit")
 
+    def spec(self) -> JobSpec:
+        return JobSpec(self.ALLOCATION, "job", "img", ("true",), tuple(g.uuid for g in self.GPUS))
+
     def journal_with_a_record(self, tmp_path: Path, runtime: FakeRuntime, **changes) -> Journal:
         spec = JobSpec(self.ALLOCATION, "job", "img", ("true",), tuple(g.uuid for g in self.GPUS))
         allocation = Allocation(spec, tuple(self.GPUS), None, accepted_at=0.0, seq=4, metered_ms=4000)
@@ -266,3 +269,31 @@ class TestJournal:
 
         assert journal.recover(Outbox(), self.GPUS, now=100.0, wall_now="2025-01-01T00:00:10.000Z") == []
         assert (tmp_path / "allocations" / f"{self.ALLOCATION}.bad").exists()
+
+    def test_a_job_being_started_when_the_agent_died_is_found_by_its_allocation_and_metered_from_its_start(
+        self, tmp_path
+    ):
+        """The record written before the runtime's start has no handle; the runtime finds the
+        job by its allocation and says when it started: the time away counts from there."""
+        started = datetime.fromisoformat("2025-01-01T00:00:07.000Z").timestamp()
+        asked = []
+
+        def find(handle):
+            return Adopted(handle, started_at=started)
+
+        runtime = FakeRuntime(find)
+        runtime.adopt = lambda spec, saved: asked.append(saved) or find(SimpleNamespace(spec=spec, log_path=None))
+        journal = Journal(tmp_path / "allocations", runtime)
+        journal.save_starting(Allocation(self.spec(), tuple(self.GPUS), None, accepted_at=0.0))
+
+        [found] = journal.recover(Outbox(), self.GPUS, now=100.0, wall_now="2025-01-01T00:00:10.000Z")
+
+        assert asked[0] == {}  # no handle yet
+        assert found.allocation.samples(100.0, "x") == [{"seq": 1, "gpu_ms": 2 * 3000, "recorded_at": "x"}]
+
+
+def test_a_process_job_being_started_when_the_agent_died_is_reported_lost(tmp_path):
+    """A process cannot be found without its pid: the record without a handle finds nothing."""
+    from nodes.agent.runtime.process import ProcessRuntime
+
+    assert ProcessRuntime(tmp_path / "work", tmp_path / "logs").adopt(TestJournal().spec(), {}) is None

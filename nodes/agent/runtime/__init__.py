@@ -55,11 +55,12 @@ class Runtime(Protocol):
 @dataclass(frozen=True)
 class Adopted:
     """A job found again after a restart; `exit_code` and `exited_at` (Unix time) are set when
-    it ended while the agent was away."""
+    it ended while the agent was away; `started_at` (Unix time) where the runtime knows it."""
 
     handle: Handle
     exit_code: int | None = None
     exited_at: float | None = None
+    started_at: float | None = None
 
 
 @runtime_checkable
@@ -68,7 +69,8 @@ class Adoptable(Protocol):
         """What `adopt` needs to find the job again, as JSON-able data the agent keeps on disk."""
 
     def adopt(self, spec: JobSpec, saved: dict[str, Any]) -> Adopted | None:
-        """The job `describe` saved, or None when it is gone without a trace (a reboot)."""
+        """The job `describe` saved, or None when it is gone without a trace (a reboot). `saved`
+        is empty for a job the agent was starting when it stopped."""
 
 
 @runtime_checkable

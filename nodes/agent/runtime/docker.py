@@ -190,13 +190,23 @@ class DockerRuntime:
             container = self.client.containers.get(container_name(spec.allocation_id))
         except NotFound:
             return None
-        handle = DockerHandle(spec, Path(saved["log_path"]), container=container)
+        log_path = Path(saved["log_path"]) if saved else self.log_dir / f"{spec.allocation_id}.log"
+        handle = DockerHandle(spec, log_path, container=container)
+        if container.status == "created":
+            container.start()  # created, not started, when the agent stopped
+            container.reload()
+        state = container.attrs["State"]
+        started_at = _epoch(state.get("StartedAt", ""))
         if container.status not in ENDED:
             # Output from the agent's last write on; a second of it may appear twice.
             handle.output = follow(container, handle.log_path, since=_mtime(handle.log_path))
-            return Adopted(handle)
-        state = container.attrs["State"]
-        return Adopted(handle, exit_code=int(state["ExitCode"]), exited_at=_epoch(state.get("FinishedAt", "")))
+            return Adopted(handle, started_at=started_at or self._wall())
+        return Adopted(
+            handle,
+            exit_code=int(state["ExitCode"]),
+            exited_at=_epoch(state.get("FinishedAt", "")),
+            started_at=started_at,
+        )
 
     def housekeep(self) -> None:
         """Prune unused pulled images every PRUNE_EVERY_S, in the background; called every tick."""
@@ -333,6 +343,7 @@ def _epoch(timestamp: str) -> float | None:
     # The engine writes nanoseconds (2024-05-01T10:00:00.123456789Z); Python parses microseconds.
     try:
         head, _, fraction = timestamp.rstrip("Z").partition(".")
-        return datetime.fromisoformat(f"{head}.{(fraction + '000000')[:6]}+00:00").timestamp()
+        moment = datetime.fromisoformat(f"{head}.{(fraction + '000000')[:6]}+00:00").timestamp()
     except ValueError:
         return None
+    return moment if moment > 0 else None  # "0001-01-01T00:00:00Z": never

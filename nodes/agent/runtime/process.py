@@ -124,6 +124,8 @@ class ProcessRuntime:
         return {"pid": handle.pid, "started": handle.started, "boot_id": _boot_id(), **paths}
 
     def adopt(self, spec: JobSpec, saved: dict[str, Any]) -> Adopted | None:
+        if not saved:
+            return None  # stopped while starting it: a process cannot be found without its pid
         paths = (Path(saved["workdir"]), Path(saved["log_path"]), Path(saved["exit_path"]))
         handle = ProcessHandle(spec, int(saved["pid"]), saved.get("started"), *paths)
         if saved.get("boot_id") == _boot_id() and _alive(handle):
