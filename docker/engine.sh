@@ -32,8 +32,10 @@ install_packages() {
     command -v ip >/dev/null || missing+=(iproute2)
     if [ ${#missing[@]} -gt 0 ]; then
         say "installing ${missing[*]}"
+        # A fresh machine may hold stale package lists: update them once if the install fails.
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >"$DIR/apt.log" 2>&1 \
-            || { cat "$DIR/apt.log" >&2; exit 1; }
+            || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"; } \
+                >>"$DIR/apt.log" 2>&1 || { cat "$DIR/apt.log" >&2; exit 1; }
     fi
 }
 
