@@ -89,8 +89,6 @@ def test_jobs_run_in_real_containers_from_submit_to_the_bill(stack, tmp_path):
     enrolled = stack.run(devstack.agent_argv("enrol", "--url", stack.base_url, "--token", token, "--config", config,
                                              "--country", "DE"))  # fmt: skip
     assert enrolled.returncode == 0, enrolled.stderr + enrolled.stdout
-    for container in engine.containers.list(all=True, filters={"label": "shedshare.job"}):
-        container.remove(force=True)  # an earlier run's, if it was killed
     with contextlib.suppress(Exception):  # not there
         engine.images.remove(image, force=True)  # the first job pulls it for real
     start_agent(stack, config, tmp_path)
@@ -177,6 +175,26 @@ def test_jobs_run_in_real_containers_from_submit_to_the_bill(stack, tmp_path):
         broke = frugal_shopper.wait_final(broke["id"], timeout=120)
         assert broke["state"] == "failed" and broke["failure_reason"] == WALLET_EXHAUSTED, broke
         wait_until(lambda: containers_of(engine, broke["id"]) == [], timeout=60, what="the stopped container gone")
+
+        # 6. Preemption: an on-demand job needs the GPUs an interruptible one holds. The notice is
+        #    SIGTERM; this job ignores it (after saying so), so the grace runs out and SIGKILL ends it.
+        spot = shopper.submit(
+            image=image, gpu_count=2, interruptible=True, restartable=True,
+            command=["sh", "-c", "trap 'echo notice' TERM; echo ready; while true; do sleep 1; done"],
+        )  # fmt: skip
+        running(spot["id"])
+        container = wait_until(lambda: (found := containers_of(engine, spot["id"])) and found[0], timeout=60,
+                               what="the spot job's container")  # fmt: skip
+        wait_until(lambda: b"ready" in container.logs(), timeout=60, what="the spot job's trap set")
+        needy = shopper.submit(image=image, command=["sh", "-c", "echo took the room"], gpu_count=2)
+        needy = shopper.wait_final(needy["id"], timeout=120)
+        assert needy["state"] == "succeeded", logs()
+        [preempted] = Allocation.objects.filter(job_id=spot["id"], release_reason="preempted")
+        # Killed once the grace ran out, and reported as preempted.
+        assert f"allocation={preempted.pk} exit_code=137 reason=preempted" in stack.log("agent"), logs()
+        notice = wait_until(lambda: "notice" in (text := log_text(spot["id"])) and text, timeout=30, what="notice")
+        assert "ready" in notice
+        assert shopper.http.post(f"/api/v1/jobs/{spot['id']}/cancel").status_code == 200  # queued again: done
     except AssertionError as error:
         raise AssertionError(f"{error!r}\n{logs()}") from error
 
