@@ -224,3 +224,31 @@ class TestBilling:
         used_ms, charged = allocation_usage(spot)
         assert used_ms == 60_000
         assert charged == 60_000 * spot.price_per_gpu_hour_micros // 3_600_000
+
+
+class TestGivingWay:
+    """The stop asks for two placements at once (the waiting job's and the stopped one's), which
+    workers may run in either order: the stopped job must not take its GPUs back."""
+
+    def stopped_for(self, owner, renter, stranger):
+        shed(owner, "full")
+        spot = running(job_make(stranger, gpu_count=2, interruptible=True, restartable=True))
+        needy = job_make(renter, gpu_count=2)
+        assert job_place(job_id=needy.pk) is None  # it stops the spot job
+        allocation_finish(allocation=stored(spot), exit_code=137, reason="preempted")
+        return spot, needy
+
+    def test_the_stopped_job_waits_while_the_job_that_stopped_it_is_queued(self, owner, renter, stranger):
+        spot, needy = self.stopped_for(owner, renter, stranger)
+
+        assert job_place(job_id=spot.job_id) is None  # its placement ran first: it gives way
+        assert job_place(job_id=needy.pk) is not None
+        assert Job.objects.get(pk=spot.job_id).state == Job.State.QUEUED
+
+    def test_it_gives_way_only_for_so_long(self, owner, renter, stranger):
+        spot, needy = self.stopped_for(owner, renter, stranger)
+        Allocation.objects.filter(pk=spot.pk).update(
+            released_at=timezone.now() - timedelta(seconds=PREEMPTION_WAIT_S + 1)
+        )
+
+        assert job_place(job_id=spot.job_id) is not None

@@ -15,6 +15,7 @@ from datetime import datetime
 
 import pytest
 from django.db.models import Sum
+from docker.errors import NotFound
 
 from billing.models import LedgerTransaction
 from billing.services import wallet_credit_promotional
@@ -59,7 +60,13 @@ def start_agent(stack, config: str, tmp_path) -> None:
 
 
 def containers_of(engine, job_id: str) -> list:
-    return engine.containers.list(all=True, filters={"label": f"shedshare.job={job_id}"})
+    """The job's containers, inspected; one removed between the listing and its inspection (the
+    SDK inspects each) is asked for again."""
+    while True:
+        try:
+            return engine.containers.list(all=True, filters={"label": f"shedshare.job={job_id}"})
+        except NotFound:
+            continue
 
 
 def started_after(engine, job_id: str, submitted: float) -> float:
@@ -132,7 +139,7 @@ def test_jobs_run_in_real_containers_from_submit_to_the_bill(stack, tmp_path):
 
         # 2. The image is local now: the start alone.
         submitted_at = time.time()
-        second = shopper.submit(image=image, command=["sh", "-c", "sleep 1"], gpu_count=1, jurisdictions=["DE"])
+        second = shopper.submit(image=image, command=["sh", "-c", "sleep 2"], gpu_count=1, jurisdictions=["DE"])
         timings["submit_to_container_started_s_image_local"] = started_after(engine, second["id"], submitted_at)
         second = shopper.wait_final(second["id"], timeout=120)
         assert second["state"] == "succeeded", logs()

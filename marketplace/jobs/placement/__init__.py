@@ -15,17 +15,18 @@ Ranking: the job's preference first (cheapest, or most reliable), then the packi
 ``marketplace.packing`` (fragmentation gradient descent), the very code the trace replay runs.
 """
 
-
 from __future__ import annotations
 
 import time
 from collections import Counter
 from collections.abc import Callable
+from datetime import timedelta
 
 from celery.utils.log import current_process_index
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Q
+from django.db.models import Exists, OuterRef, Q
+from django.utils import timezone
 
 from marketplace.jobs.models import Allocation, Job
 from marketplace.jobs.placement.engine import PREEMPTION_WAIT_S, Engine, Pass
@@ -105,7 +106,7 @@ def _job_place(eng: Engine, job_id) -> Allocation | None:
     for _ in range(CLAIM_TRIES):
         try:
             with transaction.atomic():
-                queued = Job.objects.select_for_update(skip_locked=True).filter(state=Job.State.QUEUED)
+                queued = _placeable(Job.objects.select_for_update(skip_locked=True).filter(state=Job.State.QUEUED))
                 job = queued.filter(pk=job_id).first()
                 if job is None:
                     return None
@@ -177,10 +178,21 @@ def placement_pass(
 def _queued_locked(after: tuple | None, count: int, retry: list) -> list[Job]:
     """Queued jobs after the keyset position, oldest first, that no other worker holds; plus
     the jobs to try again."""
-    queued = Job.objects.select_for_update(skip_locked=True).filter(state=Job.State.QUEUED)
+    queued = _placeable(Job.objects.select_for_update(skip_locked=True).filter(state=Job.State.QUEUED))
     jobs = list(queued.filter(pk__in=retry)) if retry else []
     later = queued.order_by("created_at", "id")
     if after is not None:
         created_at, pk = after
         later = later.filter(Q(created_at__gt=created_at) | Q(created_at=created_at, id__gt=pk))
     return jobs + list(later[:count])
+
+
+def _placeable(queued):
+    """Queued jobs, less those giving way: a job stopped for an on-demand job waits while that
+    job is still queued (for PREEMPTION_WAIT_S at most), so that the placements the stop asks
+    for, which workers run at once, cannot hand the freed GPUs back to the job just stopped."""
+    since = timezone.now() - timedelta(seconds=PREEMPTION_WAIT_S)
+    giving_way = Allocation.objects.filter(
+        job=OuterRef("pk"), preempted_by__state=Job.State.QUEUED, release_reason="preempted", released_at__gte=since
+    )
+    return queued.exclude(Exists(giving_way))
