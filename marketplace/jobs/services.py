@@ -118,7 +118,13 @@ def allocation_start(*, allocation: Allocation) -> Job:
     return job
 
 
-STOPPED_BY_THE_SHED = (protocol.Finish.DRAINED, protocol.Finish.AGENT_STOPPED)
+# Ends that are not the job's doing: the shed's agent stopped it, or never got the server's
+# confirmation to start it (an outage); each with what a renter is told if the job is lost.
+STOPPED_BY_THE_SHED = {
+    protocol.Finish.DRAINED: "the shed's agent was stopped while the job ran",
+    protocol.Finish.AGENT_STOPPED: "the shed's agent was stopped while the job ran",
+    protocol.Finish.START_UNCONFIRMED: "the shed could not reach the marketplace to start the job",
+}
 
 
 @transaction.atomic
@@ -136,9 +142,10 @@ def allocation_finish(*, allocation: Allocation, exit_code: int | None, reason: 
         ports.usage_due(allocation.pk)
         return job
     if reason in STOPPED_BY_THE_SHED and exit_code != 0 and job.state in Job.ACTIVE_STATES:
-        # The owner stopped the agent while the job ran: not the job failing, but a unit going
-        # away, so it is re-queued when restartable, else lost. One that exited 0 meanwhile is done.
-        why = "the shed's agent was stopped while the job ran"
+        # The owner stopped the agent while the job ran, or it could not start the job: not the
+        # job failing, but a unit going away, so it is re-queued when restartable or never
+        # started, else lost. One that exited 0 meanwhile is done.
+        why = STOPPED_BY_THE_SHED[reason]
         _allocation_abandon(allocation, reason=reason, why=why, actor=f"unit:{allocation.unit_id}")
         ports.usage_due(allocation.pk)
         return Job.objects.get(pk=job.pk)

@@ -282,7 +282,7 @@ class Agent:
             logs.event(logger, "start_retry", logging.WARNING, allocation=allocation.id, error=exc)
             return
         logs.event(logger, "start_refused", logging.WARNING, allocation=allocation.id, error=exc)
-        self._abandon(allocation, Finish.START_FAILED)
+        self._abandon(allocation, Finish.START_UNCONFIRMED if exc.retryable else Finish.START_FAILED)
 
     def _abandon(self, allocation: Allocation, reason: str) -> None:
         """Give up an allocation whose job never ran: no usage, just the finish."""

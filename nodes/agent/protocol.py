@@ -63,6 +63,9 @@ class Finish:
     CANCELLED = "cancelled"  # the server listed it in a heartbeat's `cancel`
     PREEMPTED = "preempted"  # the server listed it in a heartbeat's `preempt`
     START_FAILED = "start_failed"  # the runtime could not start it, or the server would not let it
+    # The server could not be reached to confirm the start for start_give_up_s (an outage): the
+    # job never ran, which is neither its fault nor its failure.
+    START_UNCONFIRMED = "start_unconfirmed"
     DRAINED = "drained"  # the agent was stopped with drain="stop" while it ran
     AGENT_STOPPED = "agent_stopped"  # the agent was stopped by force while it ran
 

@@ -135,6 +135,21 @@ def test_a_start_refused_with_409_never_runs_the_job(server, tmp_path):
     assert not marker.exists()
 
 
+def test_a_start_the_server_never_confirms_is_given_up_as_unconfirmed_without_running(server, tmp_path):
+    """An outage longer than start_give_up_s: the job never ran, and the finish says why, so the
+    server queues it again instead of failing it."""
+    server.failures["/start"] = 10**6  # the server cannot be reached for the start, and only it
+    marker = tmp_path / "ran"
+    allocation_id = server.assign(["touch", str(marker)])
+    options = Options(usage_interval_s=0.2, max_jobs=1, tick_s=0.02, poll_wait_s=0, error_base_s=0.05,
+                      start_give_up_s=0.5)  # fmt: skip
+
+    make_agent(server, tmp_path, options).run()
+
+    assert server.finished[allocation_id] == {"exit_code": None, "reason": "start_unconfirmed"}
+    assert not marker.exists()
+
+
 def test_a_command_that_cannot_run_is_reported_as_start_failed(server, tmp_path):
     allocation_id = server.assign(["/nonexistent/trainer"])
 

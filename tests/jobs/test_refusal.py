@@ -165,3 +165,19 @@ def test_other_refusals_keep_the_unit_away_after_the_hold_too(cheap, renter, set
     )
 
     assert job_place(job_id=job.pk) is None
+
+
+def test_a_start_the_shed_could_not_get_confirmed_queues_the_job_again(cheap, renter):
+    """The agent gave up confirming the start through a marketplace outage: nothing ran, so the
+    job is not failed but queued again (not restartable: it never started)."""
+    _, agent = cheap
+    job = job_make(renter)
+    allocation = job_place(job_id=job.pk)
+    agent.get(NEXT)
+
+    agent.post(finish_url(allocation), {"exit_code": None, "reason": "start_unconfirmed"}, format="json")
+
+    job.refresh_from_db()
+    allocation.refresh_from_db()
+    assert job.state == Job.State.QUEUED and job.failure_reason == ""
+    assert allocation.release_reason == "start_unconfirmed"
