@@ -171,6 +171,13 @@ class Unit(models.Model):
     credential_digest = models.CharField(max_length=64, blank=True)
     enrolled_at = models.DateTimeField(null=True, blank=True)
     last_heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # The connection server holding the unit's agent stream, and the connection: while that
+    # server renews its lease the unit counts as seen (``nodes/streams.py``), with no row written
+    # per heartbeat. Cleared when the stream drops.
+    stream_server = models.ForeignKey(
+        "StreamServer", null=True, blank=True, on_delete=models.SET_NULL, db_constraint=False, related_name="units"
+    )
+    stream_connection = models.CharField(max_length=40, blank=True)
     agent_version = models.CharField(max_length=40, blank=True)
     hostname = models.CharField(max_length=255, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
@@ -302,3 +309,53 @@ class LivenessClock(models.Model):
 
     def __str__(self) -> str:
         return f"liveness swept at {self.swept_at:%Y-%m-%d %H:%M:%S}"
+
+
+class StreamServer(models.Model):
+    """A connection server process holding agent streams. It renews ``renewed_at`` every
+    STREAM_LEASE_RENEW_S; the units it holds count as seen up to then. A server that died stops
+    renewing, and its units go silent from that moment."""
+
+    id = models.CharField(max_length=80, primary_key=True)
+    started_at = models.DateTimeField(default=timezone.now)
+    renewed_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"connection server {self.id}"
+
+
+class UnitNudge(models.Model):
+    """Something an agent must hear at once, committed with what caused it: "look" (work was
+    placed, a job cancelled or preempted, the policy or the status changed: read the unit again)
+    or "connected" (a newer stream of the unit opened: older ones close). Every connection server
+    reads the rows after the last it saw; they are pruned after STREAM_NUDGE_KEEP."""
+
+    class Kind(models.TextChoices):
+        LOOK = "look"
+        CONNECTED = "connected"
+
+    id = models.BigAutoField(primary_key=True)
+    unit_id = models.UUIDField()
+    kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.LOOK)
+    connection = models.CharField(max_length=40, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.unit_id}"
+
+
+class UnitTelemetry(models.Model):
+    """A sampled history of a unit's GPU readings, one row per unit per STREAM_TELEMETRY_SAMPLE_S
+    (the latest readings are in the cache, ``nodes/streams.py``): kept out of the unit and GPU
+    rows, which placement reads and locks."""
+
+    id = models.BigAutoField(primary_key=True)
+    unit = models.ForeignKey(Unit, on_delete=models.CASCADE, related_name="telemetry")
+    at = models.DateTimeField()
+    gpus = models.JSONField(help_text='[{"uuid", "temperature_c", "power_w"}, ...]')
+
+    class Meta:
+        indexes = [models.Index(fields=["unit", "at"], name="unit_telemetry_by_time")]
+
+    def __str__(self) -> str:
+        return f"{self.unit_id} at {self.at:%Y-%m-%d %H:%M}"

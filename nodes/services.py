@@ -12,7 +12,7 @@ from django.utils import timezone
 from marketplace.kernel import tokens
 from marketplace.kernel.audit import audit_record
 from marketplace.kernel.errors import InvalidToken, NotAllowed, StateConflict, TokenExpired, TokenUsed
-from nodes import geolocation, ports
+from nodes import geolocation, ports, streams
 from nodes.models import GPU, EnrolmentToken, Isolation, LivenessClock, Slice, Unit
 
 logger = logging.getLogger(__name__)
@@ -536,10 +536,13 @@ def unit_location_attestation_revoke(*, unit: Unit, by) -> Unit:
 
 
 def units_capacity_changed(unit_ids) -> None:
-    """Tell placement these units' capacity or policy changed, so it reads them again."""
+    """Tell placement these units' capacity or policy changed, so it reads them again, and
+    their agents' streams, so they push the policy and status at once."""
+    unit_ids = list(unit_ids)
     Unit.objects.filter(pk__in=unit_ids).update(
         capacity_version=F("capacity_version") + 1, capacity_changed_at=timezone.now()
     )
+    streams.nudge(unit_ids)
 
 
 def gpu_report(data: dict) -> GpuReport:
@@ -601,17 +604,20 @@ def units_mark_unresponsive(*, now: datetime, ingest_up: bool = True) -> list[Un
         resumed_at += timedelta(seconds=settings.OUTAGE_RETRY_AFTER_S)
     if resumed_at is not None and resumed_at >= suspect_before:
         return []
-    for unit in Unit.objects.filter(status__in=alive, last_heartbeat_at__lt=suspect_before):
-        if Unit.objects.filter(pk=unit.pk, status=unit.status).update(
+    # A unit is seen at its last stored heartbeat, or while a connection server that renews its
+    # lease holds its stream (streams.silent_since).
+    for unit in Unit.objects.filter(streams.silent_since(suspect_before), status__in=alive):
+        if Unit.objects.filter(streams.silent_since(suspect_before), pk=unit.pk, status=unit.status).update(
             status=Unit.Status.SUSPECT, capacity_version=F("capacity_version") + 1, capacity_changed_at=now
         ):
             audit_record("unit.went_suspect", unit.id, last_heartbeat=unit.last_heartbeat_at.isoformat())
+            streams.nudge([unit.pk])  # a stream still open hears it, and its next heartbeat counts
     gone = []
     if resumed_at is not None and resumed_at >= offline_before:
         return gone
-    candidates = Unit.objects.filter(status=Unit.Status.SUSPECT, last_heartbeat_at__lt=offline_before)
+    candidates = Unit.objects.filter(streams.silent_since(offline_before), status=Unit.Status.SUSPECT)
     for unit in candidates:
-        if Unit.objects.filter(pk=unit.pk, status=Unit.Status.SUSPECT).update(
+        if Unit.objects.filter(streams.silent_since(offline_before), pk=unit.pk, status=Unit.Status.SUSPECT).update(
             status=Unit.Status.OFFLINE, capacity_version=F("capacity_version") + 1, capacity_changed_at=now
         ):
             audit_record("unit.went_offline", unit.id, last_heartbeat=unit.last_heartbeat_at.isoformat())

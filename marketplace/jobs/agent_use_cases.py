@@ -41,14 +41,27 @@ def agent_heartbeat(*, unit: Unit, beat: protocol.Heartbeat, address: str) -> pr
         market.placement_request()
     running = beat["running"]
     market.allocations_reconcile(unit=unit, running_ids=running)
-    cancel = market.allocations_to_cancel(unit=unit, running_ids=running)
+    return agent_state(unit=unit, running=running)
+
+
+def agent_state(*, unit: Unit, running: list) -> protocol.HeartbeatReply:
+    """What the agent must hear about the unit and the allocations it runs (a read only): what
+    a heartbeat answers, and what a stream pushes when something changed."""
     return {
         "status": unit.status,
         "heartbeat_interval_s": settings.HEARTBEAT_INTERVAL_S,
-        "cancel": cancel,
+        "cancel": market.allocations_to_cancel(unit=unit, running_ids=running),
         "preempt": market.allocations_to_preempt(unit=unit, running_ids=running),
         "policy": services.unit_policy(unit),
     }
+
+
+def agent_unconfirmed(*, unit: Unit) -> dict[str, float]:
+    """The allocations the unit's agent has picked up and not finished: id -> when picked up
+    (a POSIX time). A stream holds its heartbeats to full ones while one of them is missing
+    from what the agent reports, until the server has given it up."""
+    rows = market.allocations_picked_up(unit=unit)
+    return {str(pk): at.timestamp() for pk, at in rows}
 
 
 def agent_assignment_next(*, unit: Unit) -> dict | None:

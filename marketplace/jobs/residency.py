@@ -27,6 +27,7 @@ from marketplace.jobs.placement.rules import Location, location_rejection
 from marketplace.jobs.units import unit_running_row
 from marketplace.kernel.audit import audit_record
 from nodes import services as nodes_services
+from nodes import streams
 from nodes.models import Unit
 from nodes.selectors import Running
 
@@ -103,11 +104,13 @@ def _job_stop_for_residency(breach: Breach, where: Location, *, cause: str) -> N
     job = Job.objects.select_for_update().get(pk=allocation.job_id)
     if job.is_final:
         return
-    # The notice: the agent stops the job at its next heartbeat, and nothing after now is billed.
+    # The notice: the agent stops the job at once (its stream) or at its next heartbeat, and
+    # nothing after now is billed.
     if not Allocation.objects.filter(pk=allocation.pk, released_at__isnull=True, preempted_at__isnull=True).update(
         preempted_at=now, stop_reason=STOP_REASON
     ):
         return  # already being stopped (preempted, or an earlier breach)
+    streams.nudge([allocation.unit_id])
     why = f"residency: {RULES[breach.rule]} (now {where.country}{'-' + where.subdivision if where.subdivision else ''})"
     audit_record(
         "job.residency_breached", job.id, actor=ACTOR, allocation=str(allocation.pk), unit=str(allocation.unit_id),

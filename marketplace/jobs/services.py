@@ -11,6 +11,7 @@ from marketplace.jobs.units import unit_reliability_update
 from marketplace.kernel.audit import audit_record
 from marketplace.kernel.errors import StateConflict
 from marketplace.kernel.tasks import publish_on_commit
+from nodes import streams
 from nodes.agent import protocol
 from nodes.models import Unit
 from nodes.services import units_capacity_changed
@@ -76,6 +77,8 @@ def _job_end(job: Job, *, state: str, actor: str, action: str, release_as: str, 
     allocation = _active_allocation(job)
     if allocation is not None and allocation.acknowledged_at is None:
         _allocation_release(allocation, reason=release_as)
+    elif allocation is not None:
+        streams.nudge([allocation.unit_id])  # the agent stops the job at once over its stream
     return job
 
 
@@ -223,6 +226,15 @@ def allocations_to_preempt(*, unit: Unit, running_ids: list) -> list:
         unit=unit, pk__in=running_ids, released_at__isnull=True, preempted_at__isnull=False
     ).values_list("pk", flat=True)
     return [str(pk) for pk in stopping]
+
+
+def allocations_picked_up(*, unit: Unit) -> list:
+    """(id, acknowledged_at) of the unit's allocations its agent picked up and that are not released."""
+    return list(
+        Allocation.objects.filter(unit=unit, released_at__isnull=True, acknowledged_at__isnull=False).values_list(
+            "pk", "acknowledged_at"
+        )
+    )
 
 
 def allocations_to_cancel(*, unit: Unit, running_ids: list) -> list:

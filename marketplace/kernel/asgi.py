@@ -45,3 +45,29 @@ def body_limit(app):
         return await app(scope, replay, send)
 
     return application
+
+
+def with_websockets(app, routes: dict, *, on_shutdown=None):
+    """``app`` (Django, HTTP only) with WebSocket paths served by their own ASGI applications;
+    any other WebSocket is refused (a 403 to the handshake). Answers the lifespan protocol,
+    running ``on_shutdown`` (a coroutine function) when the server stops."""
+
+    async def application(scope, receive, send):
+        if scope["type"] == "websocket":
+            route = routes.get(scope.get("path", ""))
+            if route is None:
+                await receive()
+                return await send({"type": "websocket.close", "code": 1008})
+            return await route(scope, receive, send)
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    if on_shutdown is not None:
+                        await on_shutdown()
+                    return await send({"type": "lifespan.shutdown.complete"})
+        return await app(scope, receive, send)
+
+    return application

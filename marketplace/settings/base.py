@@ -10,7 +10,7 @@ import dj_database_url
 from celery.schedules import crontab
 from django.core.management.utils import get_random_secret_key
 
-from marketplace.kernel.env import env_bool, env_int, env_list, env_str
+from marketplace.kernel.env import env_bool, env_float, env_int, env_list, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 DATA_DIR = Path(env_str("SHEDSHARE_DATA_DIR", str(BASE_DIR / ".data")))
@@ -436,3 +436,30 @@ LOGGING = {
 # operator's own mirror next to the sheds. Empty: only public registries (each shed's owner must
 # still list a mirror in the agent's registry_mirrors for its agent to pull from it).
 JOB_IMAGE_PRIVATE_REGISTRIES = env_list("JOB_IMAGE_PRIVATE_REGISTRIES", [])
+
+# --- Agent streams (marketplace/jobs/agent_stream/, nodes/streams.py) -----------------------------
+# Over a stream an agent beats every HEARTBEAT_INTERVAL_S while something changes (jobs starting
+# or ending, limits, inventory) and every HEARTBEAT_IDLE_INTERVAL_S once nothing has changed for
+# STREAM_ACTIVE_HOLD_S: the stream itself (its server's lease, the WebSocket pings) is what keeps
+# the unit counted as seen, so an idle beat only proves the agent's loop is turning. A stream with
+# no heartbeat for STREAM_SILENT_S is closed, and the unit goes suspect.
+HEARTBEAT_IDLE_INTERVAL_S = env_int("HEARTBEAT_IDLE_INTERVAL_S", 20)
+STREAM_ACTIVE_HOLD_S = env_int("STREAM_ACTIVE_HOLD_S", 30)
+STREAM_SILENT_S = env_int("STREAM_SILENT_S", 3 * HEARTBEAT_IDLE_INTERVAL_S + 10)
+# A heartbeat that changes nothing is answered from memory, but at least this often one goes
+# through in full (reconciling the unit's allocations, as over HTTP).
+STREAM_FULL_BEAT_S = env_int("STREAM_FULL_BEAT_S", 120)
+# A connection server renews its lease (one row for all its units) this often; the units it holds
+# count as seen up to its last renewal, so it must be well under UNIT_SUSPECT_AFTER.
+STREAM_LEASE_RENEW_S = env_float("STREAM_LEASE_RENEW_S", 2.0)
+# How often a connection server reads new nudges (a placement, a cancel, a policy change): the
+# most a push waits for.
+STREAM_NUDGE_POLL_S = env_float("STREAM_NUDGE_POLL_S", 0.1)
+STREAM_NUDGE_KEEP = timedelta(minutes=env_int("STREAM_NUDGE_KEEP_MIN", 10))
+# Threads per connection server for the database work behind streams (full heartbeats, reports).
+STREAM_THREADS = env_int("STREAM_THREADS", 8)
+# Calls one stream may have in flight; beyond it a call is answered 429 at once.
+STREAM_CALLS_IN_FLIGHT = env_int("STREAM_CALLS_IN_FLIGHT", 32)
+# GPU readings: the latest in the cache (kept this long), and a history row per unit this often.
+STREAM_TELEMETRY_TTL_S = env_int("STREAM_TELEMETRY_TTL_S", 600)
+STREAM_TELEMETRY_SAMPLE_S = env_int("STREAM_TELEMETRY_SAMPLE_S", 600)

@@ -14,6 +14,43 @@ HEARTBEAT = "heartbeat"
 NEXT_ASSIGNMENT = "assignments/next"
 ALLOCATION_ACTIONS = ("start", "usage", "logs", "finish")
 
+# The agent's stream: one WebSocket per unit (``ws(s)://<server>`` + API_PREFIX + "/" + STREAM),
+# opened with the same ``Authorization: Bearer <node credential>`` header as every HTTP call.
+# Frames are JSON text. Over it:
+#
+# - the agent makes the calls it would make over HTTP, except enrol and the assignment poll:
+#   ``{"id": 7, "method": "POST", "path": "heartbeat", "body": {...}}`` (path relative to
+#   API_PREFIX: HEARTBEAT or an allocation_path); the server answers each, in any order, with
+#   ``{"re": 7, "status": 200, "body": {...}}`` — status and body exactly what the HTTP call would
+#   have answered (a problem+json object for an error), plus ``"retry_after": seconds`` where
+#   HTTP would have sent a Retry-After header;
+# - the server pushes, the moment they commit, ``{"push": "assignment", "body": Assignment}``
+#   (handed over exactly as a pulled one: the agent starts it or reports why not) and
+#   ``{"push": "state", "body": HeartbeatReply}`` (cancels, preemptions, policy, status: acted on
+#   as the answer to a heartbeat). The first frame of a connection is ``{"push": "hello", "body":
+#   StreamHello}``.
+#
+# The agent falls back to HTTP (heartbeats and the long poll, same semantics) while it cannot
+# hold the stream, and tries the stream again after STREAM_RETRY_S.
+STREAM = "stream"
+STREAM_RETRY_S = 60.0  # the agent's next try at the stream after it fell back to HTTP (jittered)
+STREAM_CALLS = (HEARTBEAT, *(f"allocations/{{id}}/{action}" for action in ALLOCATION_ACTIONS))
+
+
+class StreamClose:
+    """Close codes the server uses, and what the agent does about them."""
+
+    UNAUTHORISED = 4401  # the credential is not valid: no stream; HTTP shows the agent why
+    REPLACED = 4409  # a newer connection of the same unit took over: do not fight it
+    SILENT = 4408  # no heartbeat for too long: the agent reconnects and beats
+    TOO_BIG = 1009  # a frame over STREAM_MAX_FRAME bytes
+    GOING_AWAY = 1001  # the server is shutting down: reconnect (to another server) soon, jittered
+    SERVICE_RESTART = 1012  # the same, as uvicorn says it
+    TRY_LATER = 1013  # the server cannot serve the stream now: fall back to HTTP, retry later
+
+
+STREAM_MAX_FRAME = 2**20 + 2**16  # a frame: a full log chunk and its envelope
+
 
 def allocation_path(allocation_id: str, action: str) -> str:
     """The path of one call about one allocation, e.g. ``allocations/<id>/finish``.
@@ -175,6 +212,13 @@ class HeartbeatReply(TypedDict):
     cancel: list[str]  # allocation ids to stop, reported as Finish.CANCELLED
     preempt: list[str]  # allocation ids to SIGTERM, then kill after the grace; Finish.PREEMPTED
     policy: Policy
+
+
+class StreamHello(TypedDict):
+    """The first frame of a stream connection."""
+
+    connection: str  # this connection's id, as the server logs it
+    heartbeat_interval_s: int  # until an answer says otherwise
 
 
 class UsageSample(TypedDict):

@@ -19,6 +19,7 @@ from django.utils import timezone
 from marketplace.jobs.models import Allocation, Job, Lease
 from marketplace.jobs.placement import record
 from marketplace.kernel.models import AuditEvent
+from nodes import streams
 from nodes.agent import protocol
 from nodes.models import Unit
 
@@ -79,12 +80,13 @@ def _lease(decisions: list[Decision], now: datetime) -> list[Allocation]:
 
 
 def _preempt(decisions: list[Decision], now: datetime) -> None:
-    """Tell the interruptible jobs in the way to stop (their agents hear it at the next
-    heartbeat); the on-demand jobs stay queued and are placed as soon as the slices free."""
+    """Tell the interruptible jobs in the way to stop (their agents hear it at once over their
+    streams, else at the next heartbeat); the on-demand jobs stay queued and are placed as soon as the slices free."""
     for d in decisions:
         stopping = Allocation.objects.filter(pk__in=d.preempts, released_at__isnull=True, preempted_at__isnull=True)
         stopped = list(stopping.values_list("pk", "job_id", "unit_id"))
         stopping.update(preempted_at=now, preempted_by=d.job, stop_reason=protocol.Finish.PREEMPTED)
+        streams.nudge([unit_id for _, _, unit_id in stopped])
         AuditEvent.objects.bulk_create(
             [
                 AuditEvent(
@@ -122,16 +124,17 @@ def claim(
     now = timezone.now()
     fresh_after = now - settings.UNIT_SUSPECT_AFTER
     rows = (
-        Unit.objects.select_for_update()
+        Unit.objects.select_for_update(of=("self",))
         .filter(pk__in=sorted(before))
         .order_by("pk")
-        .values_list("pk", "capacity_version", "status", "last_heartbeat_at")
+        .values_list("pk", "capacity_version", "status", "last_heartbeat_at", "stream_server__renewed_at")
     )
     won = set()
-    for unit_id, version, status, heartbeat in rows:
+    for unit_id, version, status, heartbeat, streamed in rows:
+        seen = streams.seen_at(heartbeat, streamed)
         if version != before[unit_id].version:
             engine.stats["units_changed"] += 1
-        elif status == Unit.Status.ONLINE and heartbeat is not None and heartbeat >= fresh_after:
+        elif status == Unit.Status.ONLINE and seen is not None and seen >= fresh_after:
             won.add(unit_id)
         else:
             # Same version, so the unit missed heartbeats; keep away until liveness decides.
@@ -144,6 +147,7 @@ def claim(
     allocations = _lease([d for d in decisions if d.unit.id in won and not d.preempts], now)
     preempting = [d for d in decisions if d.unit.id in won and d.preempts]
     _preempt(preempting, now)
+    streams.nudge([a.unit_id for a in allocations])  # their agents' streams push the work at once
     # An interruptible job's slices can be stopped by others: read from the database, not tentatively held.
     reread = {d.unit.id for d in decisions if d.job.interruptible and not d.preempts}
     for unit_id in before:

@@ -1,0 +1,464 @@
+"""The connection server: each agent's stream, held by an asynchronous process without a thread
+per connection (the wire protocol is in ``nodes/agent/protocol.py``).
+
+One ``Hub`` per process holds its streams and four loops that serve them all: it renews the
+process's lease (the units it holds count as seen), reads the nudges that other processes commit
+(work placed, a job cancelled or preempted, a policy changed, a newer stream of a unit opened)
+and pushes what they announce, writes the GPU readings the heartbeats brought to the cache, and
+closes streams whose agent fell silent. Database work runs in a small pool of threads.
+
+A heartbeat that changes nothing the marketplace decides on is answered from memory and writes
+no row. One goes through in full (the HTTP view, through ``calls.call``) when it may change
+something: the first of a stream, a different inventory, running set, limits or country, a unit
+not online, an allocation the agent was sent but no longer reports past the grace, or every
+STREAM_FULL_BEAT_S anyway.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from django.conf import settings
+from django.db import close_old_connections
+from django.utils import timezone
+
+from marketplace.jobs import agent_use_cases as use_cases
+from marketplace.jobs.agent_api.serializers import AssignmentSerializer
+from marketplace.jobs.agent_stream import calls
+from nodes import services as unit_services
+from nodes import streams
+from nodes.agent import protocol
+from nodes.models import Unit, UnitNudge
+
+logger = logging.getLogger(__name__)
+
+_ALLOCATION_CALL = re.compile(r"allocations/([0-9a-fA-F-]{36})/(" + "|".join(protocol.ALLOCATION_ACTIONS) + ")")
+_ALIVE = {Unit.Status.ONLINE, Unit.Status.DRAINING}
+_TELEMETRY = ("temperature_c", "power_w")
+SERVER_SHUTDOWN = 1012  # the code a connection ends with when this server shuts down
+
+
+def _problem(status: int, title: str, detail: str) -> dict:
+    return {"type": "about:blank", "title": title, "status": status, "detail": detail}
+
+
+def _decision_key(beat: dict) -> str:
+    """The heartbeat without its telemetry: what placement and liveness decide on."""
+    gpus = beat.get("gpus")
+    if isinstance(gpus, list):
+        gpus = [{k: v for k, v in gpu.items() if k not in _TELEMETRY} if isinstance(gpu, dict) else gpu for gpu in gpus]
+    return json.dumps({**beat, "gpus": gpus}, sort_keys=True, default=str)
+
+
+def _readings(beat: dict) -> list[dict] | None:
+    """The beat's GPU readings, if every one is plausible (else None: the full path judges)."""
+    gpus = beat.get("gpus")
+    if not isinstance(gpus, list) or not all(isinstance(gpu, dict) for gpu in gpus):
+        return None
+    readings = []
+    for gpu in gpus:
+        temperature, power = gpu.get("temperature_c"), gpu.get("power_w")
+        if temperature is not None and not (isinstance(temperature, int) and -50 <= temperature <= 200):
+            return None
+        if power is not None and not (isinstance(power, int | float) and 0 <= power <= 100_000):
+            return None
+        readings.append({"uuid": gpu.get("uuid"), "temperature_c": temperature, "power_w": power})
+    return readings
+
+
+def _frame(data) -> str:
+    return json.dumps(data, default=str, separators=(",", ":"))
+
+
+@dataclass(eq=False)
+class Stream:
+    """One agent's connection."""
+
+    unit_id: str
+    connection: str
+    environ: dict
+    send_frame: object  # async (str) -> None
+    close_with: object  # async (int) -> None
+    opened_at: float
+    last_beat_at: float
+    key: str | None = None  # the last full heartbeat's decision key
+    reply: dict | None = None  # what a heartbeat is answered with now
+    running: list = field(default_factory=list)
+    full_at: float = 0.0
+    active_until: float = 0.0
+    full_needed: bool = True
+    expected: dict[str, float] = field(default_factory=dict)  # allocation id -> picked up (POSIX)
+    sample_at: float = 0.0
+    calls: int = 0
+    closing: str = ""  # why this server closes it: "replaced", "silent"
+    beat_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    looking: bool = False
+    look_again: bool = False
+
+    def interval(self, now: float) -> int:
+        active = now < self.active_until
+        return settings.HEARTBEAT_INTERVAL_S if active else settings.HEARTBEAT_IDLE_INTERVAL_S
+
+    def beat_is_cheap(self, key: str, now: float) -> bool:
+        if self.full_needed or key != self.key or self.reply is None:
+            return False
+        if now - self.full_at >= settings.STREAM_FULL_BEAT_S:
+            return False
+        grace_ago = time.time() - settings.AGENT_LOST_GRACE.total_seconds()
+        return not any(at < grace_ago for allocation, at in self.expected.items() if allocation not in self.running)
+
+
+class Hub:
+    def __init__(self) -> None:
+        self.server_id = f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.streams: dict[str, Stream] = {}
+        self._executor = ThreadPoolExecutor(settings.STREAM_THREADS, thread_name_prefix="stream")
+        self._tasks: list[asyncio.Task] = []
+        self._readings: dict[str, dict] = {}
+        self._sample: set[str] = set()
+        self._last_nudge: int | None = None
+
+    # -- database work, in the pool -------------------------------------------------------------
+
+    async def db(self, fn, *args, **kwargs):
+        def run():
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                close_old_connections()
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+
+    # -- the loops --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._tasks:
+            return
+        for loop in (self._renew_loop, self._nudge_loop, self._telemetry_loop, self._silence_loop):
+            self._tasks.append(asyncio.get_running_loop().create_task(loop()))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._tasks.clear()
+
+    async def _every(self, seconds: float, step, what: str) -> None:
+        while True:
+            try:
+                await step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - an outage: the next round tries again
+                logger.warning("stream_%s_failed", what, exc_info=True)
+            await asyncio.sleep(seconds)
+
+    async def _renew_loop(self) -> None:
+        rounds = 0
+
+        async def renew():
+            nonlocal rounds
+            now = timezone.now()
+            await self.db(streams.server_renew, self.server_id, now=now)
+            rounds += 1
+            if rounds % 30 == 1:
+                await self.db(streams.prune, now=now)
+
+        await self._every(settings.STREAM_LEASE_RENEW_S, renew, "lease")
+
+    async def _nudge_loop(self) -> None:
+        async def read():
+            if self._last_nudge is None:
+                self._last_nudge = await self.db(streams.nudges_last_id)
+            for pk, unit_id, kind, connection in await self.db(streams.nudges_after, self._last_nudge):
+                self._last_nudge = pk
+                stream = self.streams.get(unit_id)
+                if stream is None:
+                    continue
+                if kind == UnitNudge.Kind.CONNECTED:
+                    if connection != stream.connection:
+                        await self.close(stream, protocol.StreamClose.REPLACED, "replaced")
+                else:
+                    self.look(stream)
+
+        await self._every(settings.STREAM_NUDGE_POLL_S, read, "nudges")
+
+    async def _telemetry_loop(self) -> None:
+        async def flush():
+            if not self._readings:
+                return
+            readings, sample = self._readings, self._sample & set(self._readings)
+            self._readings, self._sample = {}, set()
+            await self.db(streams.telemetry_store, readings, now=timezone.now(), sample=sample)
+
+        await self._every(1.0, flush, "telemetry")
+
+    async def _silence_loop(self) -> None:
+        async def sweep():
+            silent_before = time.monotonic() - settings.STREAM_SILENT_S
+            for stream in [s for s in self.streams.values() if s.last_beat_at < silent_before]:
+                await self.close(stream, protocol.StreamClose.SILENT, "silent")
+
+        await self._every(5.0, sweep, "silence")
+
+    # -- streams ---------------------------------------------------------------------------------
+
+    async def close(self, stream: Stream, code: int, why: str) -> None:
+        stream.closing = stream.closing or why
+        with contextlib.suppress(Exception):  # already gone
+            await stream.close_with(code)
+
+    async def attach(self, stream: Stream) -> None:
+        older = self.streams.get(stream.unit_id)
+        self.streams[stream.unit_id] = stream
+        if older is not None:
+            await self.close(older, protocol.StreamClose.REPLACED, "replaced")
+        await self.db(streams.stream_opened, unit_id=stream.unit_id, server_id=self.server_id,
+                      connection=stream.connection)  # fmt: skip
+        logger.info("stream_opened unit=%s connection=%s", stream.unit_id, stream.connection)
+        self.look(stream)
+
+    async def detach(self, stream: Stream, code: int) -> None:
+        if self.streams.get(stream.unit_id) is stream:
+            del self.streams[stream.unit_id]
+        why = stream.closing or f"closed:{code}"
+        logger.info("stream_closed unit=%s connection=%s why=%s", stream.unit_id, stream.connection, why)
+        if stream.closing == "replaced" or code == SERVER_SHUTDOWN:
+            return  # a newer stream has the unit, or this server is going away (its lease runs out)
+        try:
+            await self.db(streams.stream_lost, unit_id=stream.unit_id, connection=stream.connection,
+                          now=timezone.now(), why=why)  # fmt: skip
+        except Exception:  # noqa: BLE001 - the sweep judges the unit from its last sign of life
+            logger.warning("stream_lost_unrecorded unit=%s", stream.unit_id, exc_info=True)
+
+    def look(self, stream: Stream) -> None:
+        """Push what the unit's agent must hear now: waiting assignments, and its state when
+        it changed. Nudges arriving meanwhile make one more look, not one each."""
+        if stream.looking:
+            stream.look_again = True
+            return
+        stream.looking = True
+        asyncio.get_running_loop().create_task(self._look(stream))
+
+    async def _look(self, stream: Stream) -> None:
+        try:
+            while True:
+                stream.look_again = False
+                assignments, state, expected = await self.db(_look, stream.unit_id, list(stream.running))
+                if self.streams.get(stream.unit_id) is not stream:
+                    return  # gone meanwhile: what was picked up, reconciliation gives back
+                now = time.monotonic()
+                stream.expected = expected
+                for assignment in assignments:
+                    stream.active_until = now + settings.STREAM_ACTIVE_HOLD_S
+                    await stream.send_frame(_frame({"push": "assignment", "body": assignment}))
+                pushed = {**state, "heartbeat_interval_s": stream.interval(now)}
+                if stream.reply is None or _differs(pushed, stream.reply):
+                    await stream.send_frame(_frame({"push": "state", "body": pushed}))
+                if state["status"] not in _ALIVE:
+                    stream.full_needed = True  # its next heartbeat must be the one that counts
+                stream.reply = state if stream.reply is not None else None
+                if not stream.look_again:
+                    return
+        except Exception:  # noqa: BLE001 - the next nudge, or the next full heartbeat, catches up
+            logger.warning("stream_look_failed unit=%s", stream.unit_id, exc_info=True)
+        finally:
+            stream.looking = False
+
+    # -- what the agent sends --------------------------------------------------------------------
+
+    async def received(self, stream: Stream, text: str) -> None:
+        try:
+            frame = json.loads(text)
+        except ValueError:
+            frame = None
+        if not isinstance(frame, dict) or not isinstance(frame.get("id"), int):
+            detail = "A call is a JSON object with an integer id, a method, a path and a body."
+            await self._reply(stream, None, 400, _problem(400, "Bad frame", detail))
+            return
+        call_id, method, path, body = frame["id"], frame.get("method"), frame.get("path"), frame.get("body")
+        if method != "POST" or not isinstance(path, str) or not isinstance(body, dict):
+            detail = "Calls over the stream are POSTs with a JSON object body."
+            await self._reply(stream, call_id, 400, _problem(400, "Bad call", detail))
+        elif path == protocol.HEARTBEAT or _ALLOCATION_CALL.fullmatch(path):
+            try:
+                if path == protocol.HEARTBEAT:
+                    async with stream.beat_lock:
+                        await self._heartbeat(stream, call_id, body)
+                else:
+                    await self._call(stream, call_id, path, body)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the database went away mid-call: the agent retries
+                logger.warning("stream_call_failed unit=%s path=%s", stream.unit_id, path, exc_info=True)
+                detail = "The call could not be served now; try again."
+                retry = settings.OUTAGE_RETRY_AFTER_S
+                await self._reply(stream, call_id, 503, _problem(503, "Service unavailable", detail), retry)
+        else:
+            await self._reply(stream, call_id, 404, _problem(404, "Not found", f"No call {path!r} over the stream."))
+
+    async def _reply(self, stream: Stream, call_id: int | None, status: int, body, retry_after=None) -> None:
+        frame = {"re": call_id, "status": status, "body": body}
+        if retry_after is not None:
+            frame["retry_after"] = retry_after
+        await stream.send_frame(_frame(frame))
+
+    async def _call(self, stream: Stream, call_id: int, path: str, body: dict) -> None:
+        if stream.calls >= settings.STREAM_CALLS_IN_FLIGHT:
+            await self._reply(stream, call_id, 429, _problem(429, "Too many calls", "Wait for answers first."), 1.0)
+            return
+        stream.calls += 1
+        try:
+            status, answer, retry_after = await self.db(calls.call, stream.environ, "POST", path, body)
+        finally:
+            stream.calls -= 1
+        if path.endswith("/finish") and status < 300:
+            stream.expected.pop(path.split("/")[1], None)
+            stream.active_until = time.monotonic() + settings.STREAM_ACTIVE_HOLD_S
+        await self._reply(stream, call_id, status, answer, retry_after)
+
+    async def _heartbeat(self, stream: Stream, call_id: int, beat: dict) -> None:
+        now = time.monotonic()
+        stream.last_beat_at = now
+        key, readings = _decision_key(beat), _readings(beat)
+        running = beat.get("running")
+        if readings is not None and isinstance(running, list) and stream.beat_is_cheap(key, now):
+            self._note_readings(stream, readings, now)
+            await self._reply(stream, call_id, 200, {**stream.reply, "heartbeat_interval_s": stream.interval(now)})
+            return
+        status, answer, retry_after = await self.db(calls.call, stream.environ, "POST", protocol.HEARTBEAT, beat)
+        if status == 200 and isinstance(answer, dict):
+            if key != stream.key:
+                stream.active_until = now + settings.STREAM_ACTIVE_HOLD_S
+            stream.key, stream.reply, stream.full_at = key, dict(answer), now
+            stream.running = [str(allocation) for allocation in running]
+            stream.full_needed = answer.get("status") not in _ALIVE
+            stream.expected = {a: at for a, at in stream.expected.items() if a not in stream.running}
+            answer = {**answer, "heartbeat_interval_s": stream.interval(now)}
+        await self._reply(stream, call_id, status, answer, retry_after)
+
+    def _note_readings(self, stream: Stream, readings: list[dict], now: float) -> None:
+        self._readings[stream.unit_id] = {"at": timezone.now().isoformat(), "gpus": readings}
+        if now >= stream.sample_at:
+            stream.sample_at = now + settings.STREAM_TELEMETRY_SAMPLE_S
+            self._sample.add(stream.unit_id)
+
+
+def _differs(state: dict, reply: dict) -> bool:
+    return any(state.get(name) != reply.get(name) for name in ("status", "cancel", "preempt", "policy"))
+
+
+def _look(unit_id: str, running: list) -> tuple[list[dict], dict, dict[str, float]]:
+    unit = Unit.objects.get(pk=unit_id)
+    assignments = []
+    while len(assignments) < 64 and (assignment := use_cases.agent_assignment_next(unit=unit)) is not None:
+        assignments.append(json.loads(_frame(AssignmentSerializer(assignment).data)))
+    state = use_cases.agent_state(unit=unit, running=running)
+    return assignments, json.loads(_frame(state)), use_cases.agent_unconfirmed(unit=unit)
+
+
+def _authenticate(credential: str) -> str | None:
+    unit = unit_services.unit_authenticate(credential=credential)
+    return None if unit is None else str(unit.pk)
+
+
+HUB: Hub | None = None
+
+
+def hub() -> Hub:
+    global HUB
+    if HUB is None:
+        HUB = Hub()
+    return HUB
+
+
+def _bearer(scope: dict) -> str:
+    for name, value in scope.get("headers") or []:
+        if name.lower() == b"authorization":
+            scheme, _, credential = value.decode("latin-1").partition(" ")
+            return credential.strip() if scheme.lower() == "bearer" else ""
+    return ""
+
+
+async def stream_application(scope, receive, send) -> None:
+    """The ASGI application of one agent stream."""
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    the_hub = hub()
+    the_hub.start()
+    try:
+        unit_id = await the_hub.db(_authenticate, _bearer(scope))
+    except Exception:  # noqa: BLE001 - the database is away: come back later, or use HTTP meanwhile
+        logger.warning("stream_refused: cannot authenticate now", exc_info=True)
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.close", "code": protocol.StreamClose.TRY_LATER})
+        return
+    await send({"type": "websocket.accept"})
+    if unit_id is None:
+        await send({"type": "websocket.close", "code": protocol.StreamClose.UNAUTHORISED})
+        return
+    lock = asyncio.Lock()
+    closed = False
+
+    async def send_frame(text: str) -> None:
+        if len(text) > protocol.STREAM_MAX_FRAME:
+            raise ValueError("frame too large")
+        async with lock:
+            if not closed:
+                await send({"type": "websocket.send", "text": text})
+
+    async def close_with(code: int) -> None:
+        nonlocal closed
+        async with lock:
+            if not closed:
+                closed = True
+                await send({"type": "websocket.close", "code": code})
+
+    now = time.monotonic()
+    stream = Stream(
+        unit_id=unit_id, connection=secrets.token_hex(8), environ=calls.environ_base(scope),
+        send_frame=send_frame, close_with=close_with, opened_at=now, last_beat_at=now,
+    )  # fmt: skip
+    hello = {"connection": stream.connection, "heartbeat_interval_s": settings.HEARTBEAT_INTERVAL_S}
+    await send_frame(_frame({"push": "hello", "body": hello}))
+    code = protocol.StreamClose.TRY_LATER
+    tasks: set[asyncio.Task] = set()
+    try:
+        await the_hub.attach(stream)
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                code = message.get("code", 1005)
+                break
+            text = message.get("text")
+            if text is None:
+                text = (message.get("bytes") or b"").decode("utf-8", "replace")
+            if len(text) > protocol.STREAM_MAX_FRAME:
+                await the_hub.close(stream, protocol.StreamClose.TOO_BIG, "too_big")
+                continue
+            task = asyncio.get_running_loop().create_task(the_hub.received(stream, text))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+    except Exception:  # noqa: BLE001 - the database went away while attaching: the agent comes back
+        logger.warning("stream_failed unit=%s", unit_id, exc_info=True)
+        await close_with(protocol.StreamClose.TRY_LATER)
+    finally:
+        closed = True
+        for task in tasks:
+            task.cancel()
+        await the_hub.detach(stream, code)
+
+
+async def shutdown() -> None:
+    """The server stops: its loops end; its streams were closed with SERVER_SHUTDOWN, so their
+    units keep counting as seen until its lease runs out, and their agents reconnect meanwhile."""
+    if HUB is not None:
+        await HUB.stop()

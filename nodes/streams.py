@@ -1,0 +1,123 @@
+"""What the agent streams keep in the database and the cache: which connection server holds
+which unit, the nudges that tell it to push something, and the GPU telemetry the streams carry.
+
+A heartbeat over a stream that changes nothing the marketplace decides on writes no row: the
+unit counts as seen while its connection server renews one lease row (``StreamServer``) for all
+the units it holds; telemetry goes to the cache (latest readings) and to one sampled history row
+per unit now and then. The connection server itself is ``marketplace/jobs/agent_stream/``.
+"""
+
+import logging
+from datetime import datetime
+
+from django.conf import settings
+from django.core.cache import cache
+from django.db import transaction
+from django.db.models import Case, F, Q, Value, When
+
+from marketplace.kernel.audit import audit_record
+from nodes.models import StreamServer, Unit, UnitNudge, UnitTelemetry
+
+logger = logging.getLogger(__name__)
+
+ALIVE = (Unit.Status.ONLINE, Unit.Status.DRAINING)
+
+
+def nudge(unit_ids, *, kind: str = UnitNudge.Kind.LOOK, connection: str = "") -> None:
+    """Tell the units' connection servers to read these units again and push what changed.
+    Written in the caller's transaction, so a nudge is seen only once what it announces is."""
+    rows = [UnitNudge(unit_id=unit_id, kind=kind, connection=connection) for unit_id in dict.fromkeys(unit_ids)]
+    if rows:
+        UnitNudge.objects.bulk_create(rows)
+
+
+def nudges_after(last_id: int, *, limit: int = 1000) -> list[tuple[int, str, str, str]]:
+    """The nudges after ``last_id``, oldest first: (id, unit id, kind, connection)."""
+    rows = UnitNudge.objects.filter(pk__gt=last_id).order_by("pk")[:limit]
+    return [(pk, str(unit_id), kind, connection) for pk, unit_id, kind, connection in rows.values_list(
+        "pk", "unit_id", "kind", "connection")]  # fmt: skip
+
+
+def nudges_last_id() -> int:
+    return UnitNudge.objects.order_by("-pk").values_list("pk", flat=True).first() or 0
+
+
+def server_renew(server_id: str, *, now: datetime) -> None:
+    """Renew the connection server's lease (one row for all the units it holds), and prune
+    what no server needs any more: nudges older than STREAM_NUDGE_KEEP, leases long expired."""
+    if not StreamServer.objects.filter(pk=server_id).update(renewed_at=now):
+        StreamServer.objects.update_or_create(pk=server_id, defaults={"renewed_at": now})
+
+
+def prune(*, now: datetime) -> None:
+    UnitNudge.objects.filter(created_at__lt=now - settings.STREAM_NUDGE_KEEP).delete()
+    StreamServer.objects.filter(renewed_at__lt=now - settings.UNIT_OFFLINE_AFTER * 2).delete()
+
+
+@transaction.atomic
+def stream_opened(*, unit_id: str, server_id: str, connection: str) -> None:
+    """Record that the unit's stream is held here now; older streams of the unit, here or on
+    another server, close when they read the "connected" nudge."""
+    Unit.objects.filter(pk=unit_id).update(stream_server_id=server_id, stream_connection=connection)
+    nudge([unit_id], kind=UnitNudge.Kind.CONNECTED, connection=connection)
+
+
+@transaction.atomic
+def stream_lost(*, unit_id: str, connection: str, now: datetime, why: str) -> bool:
+    """The unit's stream dropped (the agent, its host or its network went away): the unit goes
+    suspect at once, and offline after UNIT_OFFLINE_AFTER from now unless it comes back. Only
+    if this connection is still the unit's: a newer one has taken over otherwise. Returns
+    whether the unit went suspect."""
+    mine = Unit.objects.filter(pk=unit_id, stream_connection=connection)
+    status = mine.values_list("status", flat=True).first()
+    if status is None:
+        return False
+    suspect = status in ALIVE
+    mine.update(
+        stream_server=None,
+        stream_connection="",
+        last_heartbeat_at=now,
+        status=Case(When(status__in=ALIVE, then=Value(Unit.Status.SUSPECT)), default=F("status")),
+        capacity_version=F("capacity_version") + 1,
+        capacity_changed_at=now,
+    )
+    if suspect:
+        audit_record("unit.went_suspect", unit_id, last_heartbeat=now.isoformat(), stream=why)
+    return suspect
+
+
+def seen_at(heartbeat: datetime | None, streamed: datetime | None) -> datetime | None:
+    """When the unit was last seen alive: its last stored heartbeat, or the last lease renewal
+    of the connection server holding its stream, whichever is later."""
+    return max((at for at in (heartbeat, streamed) if at is not None), default=None)
+
+
+def silent_since(before: datetime):
+    """Units with no sign of life since ``before``: no heartbeat stored since, and no stream
+    held by a connection server that renewed its lease since."""
+    return Q(last_heartbeat_at__lt=before) & ~Q(stream_server__renewed_at__gte=before)  # no server row: silent
+
+
+def telemetry_key(unit_id) -> str:
+    return f"telemetry:{unit_id}"
+
+
+def telemetry_store(readings: dict[str, dict], *, now: datetime, sample: set[str]) -> None:
+    """Keep the units' latest GPU readings (unit id -> {"at", "gpus": [...]}) in the cache, and
+    those of ``sample`` in the history as well."""
+    cache.set_many({telemetry_key(unit_id): reading for unit_id, reading in readings.items()},
+                   timeout=settings.STREAM_TELEMETRY_TTL_S)  # fmt: skip
+    rows = [UnitTelemetry(unit_id=unit_id, at=now, gpus=readings[unit_id]["gpus"]) for unit_id in sample]
+    if rows:
+        UnitTelemetry.objects.bulk_create(rows)
+
+
+def telemetry_latest(unit_ids) -> dict[str, dict]:
+    """The latest readings of these units that a stream brought (unit id -> {"at", "gpus"})."""
+    keys = {telemetry_key(unit_id): str(unit_id) for unit_id in unit_ids}
+    try:
+        found = cache.get_many(list(keys))
+    except Exception:  # noqa: BLE001 - a cache outage hides the readings, nothing more
+        logger.warning("telemetry_unavailable", exc_info=True)
+        return {}
+    return {keys[key]: value for key, value in found.items()}

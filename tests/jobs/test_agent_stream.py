@@ -1,0 +1,314 @@
+"""The agents' streams (marketplace/jobs/agent_stream/): the ASGI application driven as a server
+would drive it, on the test database, with its hub's loops running."""
+
+import asyncio
+import json
+from dataclasses import asdict
+from datetime import timedelta
+
+import pytest
+from asgiref.sync import sync_to_async
+from asgiref.testing import ApplicationCommunicator
+from django.core.cache import cache
+from django.utils import timezone
+
+from marketplace.asgi import application
+from marketplace.jobs.agent_stream import server
+from marketplace.jobs.models import Allocation
+from marketplace.jobs.placement import job_place
+from marketplace.jobs.services import job_cancel
+from nodes import streams
+from nodes.agent import protocol
+from nodes.models import StreamServer, Unit
+from nodes.services import units_mark_unresponsive
+from tests.conftest import gpus_make, job_make, unit_online
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+PATH = f"{protocol.API_PREFIX}/{protocol.STREAM}"
+WAIT_S = 10  # generous: the hub's loops run every 0.1–2 s; a busy machine may be slow
+
+
+@pytest.fixture(autouse=True)
+def fresh_hub(settings):
+    settings.STREAM_NUDGE_POLL_S = 0.02
+    settings.STREAM_LEASE_RENEW_S = 0.2
+    server.HUB = None
+    cache.clear()
+    yield
+    server.HUB = None
+
+
+def scope(credential: str, path: str = PATH) -> dict:
+    return {
+        "type": "websocket",
+        "path": path,
+        "scheme": "ws",
+        "headers": [(b"host", b"testserver"), (b"authorization", f"Bearer {credential}".encode())],
+        "client": ("203.0.113.9", 50000),
+        "server": ("testserver", 80),
+        "subprotocols": [],
+    }
+
+
+class Agent:
+    """One stream, as an agent sees it."""
+
+    def __init__(self, credential: str, path: str = PATH):
+        self.wire = ApplicationCommunicator(application, scope(credential, path))
+        self.calls = 0
+        self.pushes: list[dict] = []
+        self.closed: int | None = None
+
+    async def connect(self) -> dict:
+        await self.wire.send_input({"type": "websocket.connect"})
+        accepted = await self.wire.receive_output(WAIT_S)
+        assert accepted["type"] == "websocket.accept", accepted
+        return await self.push("hello")
+
+    async def frame(self) -> dict:
+        message = await self.wire.receive_output(WAIT_S)
+        if message["type"] == "websocket.close":
+            self.closed = message.get("code")
+            return {"closed": self.closed}
+        return json.loads(message["text"])
+
+    async def push(self, kind: str) -> dict:
+        """The next push of this kind (replies and other pushes before it are kept)."""
+        for pushed in self.pushes:
+            if pushed["push"] == kind:
+                self.pushes.remove(pushed)
+                return pushed["body"]
+        while True:
+            frame = await self.frame()
+            assert "closed" not in frame, f"closed with {frame['closed']} while waiting for a {kind} push"
+            if frame.get("push") == kind:
+                return frame["body"]
+            self.pushes.append(frame)
+
+    async def call(self, path: str, body: dict) -> dict:
+        self.calls += 1
+        call_id = self.calls
+        await self.wire.send_input({"type": "websocket.receive", "text": json.dumps(
+            {"id": call_id, "method": "POST", "path": path, "body": body})})  # fmt: skip
+        while True:
+            frame = await self.frame()
+            assert "closed" not in frame, frame
+            if frame.get("re") == call_id:
+                return frame
+            self.pushes.append(frame)
+
+    async def beat(self, running=(), **gpu_changes) -> dict:
+        gpus = [{**asdict(gpu), **gpu_changes} for gpu in gpus_make(2, prefix="GPU-shed")]
+        body = {"gpus": gpus, "running": list(running), "agent_version": "test"}
+        return await self.call(protocol.HEARTBEAT, body)
+
+    async def disconnect(self, code: int = 1006) -> None:
+        await self.wire.send_input({"type": "websocket.disconnect", "code": code})
+        await self.wire.wait(WAIT_S)
+
+
+async def eventually(check, what: str):
+    for _ in range(int(WAIT_S / 0.05)):
+        if await sync_to_async(check)():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not within {WAIT_S} s: {what}")
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+@pytest.fixture
+def shed(owner):
+    return unit_online(owner, name="shed", gpus=2)
+
+
+def unit_status(unit) -> str:
+    return Unit.objects.values_list("status", flat=True).get(pk=unit.pk)
+
+
+def test_a_heartbeat_that_changes_nothing_is_answered_from_memory_and_writes_no_row(shed):
+    unit, credential = shed
+
+    async def scenario():
+        agent = Agent(credential)
+        hello = await agent.connect()
+        assert hello["heartbeat_interval_s"] == 5
+        first = await agent.beat(temperature_c=40)
+        assert first["status"] == 200 and first["body"]["status"] == "online"
+        stored = await sync_to_async(Unit.objects.values_list("last_heartbeat_at", flat=True).get)(pk=unit.pk)
+        for temperature in (41, 42, 43):  # only the telemetry changes
+            again = await agent.beat(temperature_c=temperature)
+            assert again["status"] == 200 and again["body"]["cancel"] == []
+        after = await sync_to_async(Unit.objects.values_list("last_heartbeat_at", flat=True).get)(pk=unit.pk)
+        assert after == stored  # no row written for them
+        await eventually(
+            lambda: [g["temperature_c"] for g in (streams.telemetry_latest([unit.pk]).get(str(unit.pk)) or {})
+                     .get("gpus", [])] == [43, 43],
+            "the latest readings in the cache",
+        )  # fmt: skip
+        await agent.disconnect()
+
+    run(scenario())
+
+
+def test_a_changed_heartbeat_goes_through_in_full(shed):
+    unit, credential = shed
+
+    async def scenario():
+        agent = Agent(credential)
+        await agent.connect()
+        await agent.beat()
+        stored = await sync_to_async(Unit.objects.values_list("last_heartbeat_at", flat=True).get)(pk=unit.pk)
+        changed = await agent.beat(healthy=False)  # a GPU fell ill: capacity changes
+        assert changed["status"] == 200
+        after = await sync_to_async(Unit.objects.values_list("last_heartbeat_at", flat=True).get)(pk=unit.pk)
+        assert after > stored
+        advertised = await sync_to_async(lambda: set(unit.slices.values_list("advertised", flat=True)))()
+        assert advertised == {False}
+        await agent.disconnect()
+
+    run(scenario())
+
+
+def test_placed_work_is_pushed_and_a_cancel_follows_at_once(shed, renter):
+    unit, credential = shed
+
+    async def scenario():
+        agent = Agent(credential)
+        await agent.connect()
+        await agent.beat()
+        job = await sync_to_async(job_make)(renter, gpu_count=1)
+        await sync_to_async(job_place)(job_id=job.pk)
+        assignment = await agent.push("assignment")  # no poll: pushed
+        assert assignment["job"]["id"] == str(job.pk)
+        allocation_id = assignment["allocation_id"]
+        started = await agent.call(protocol.allocation_path(allocation_id, "start"), {})
+        assert started["status"] == 200 and started["body"]["state"] == "running"
+        await agent.beat(running=[allocation_id])
+        await sync_to_async(job_cancel)(job=await sync_to_async(type(job).objects.get)(pk=job.pk), actor="test")
+        while True:
+            state = await agent.push("state")
+            if allocation_id in state["cancel"]:
+                break
+        await agent.disconnect()
+
+    run(scenario())
+
+
+def test_calls_are_answered_as_over_http(shed, owner):
+    unit, credential = shed
+    other, _ = unit_online(owner, name="other", gpus=1)
+
+    async def scenario():
+        agent = Agent(credential)
+        await agent.connect()
+        missing = await agent.call(protocol.allocation_path("00000000-0000-0000-0000-000000000000", "start"), {})
+        assert missing["status"] == 404 and missing["body"]["status"] == 404
+        invalid = await agent.call(protocol.HEARTBEAT, {"gpus": "many"})
+        assert invalid["status"] == 400
+        assert (await agent.call("enrol", {"token": "x"}))["status"] == 404  # not over the stream
+        await agent.wire.send_input({"type": "websocket.receive", "text": "not json"})
+        assert (await agent.frame())["status"] == 400
+        await agent.disconnect()
+
+    run(scenario())
+
+
+def test_a_wrong_credential_is_closed_unauthorised(db):
+    async def scenario():
+        agent = Agent("shs_node_wrong")
+        await agent.wire.send_input({"type": "websocket.connect"})
+        assert (await agent.wire.receive_output(WAIT_S))["type"] == "websocket.accept"
+        assert (await agent.frame()) == {"closed": protocol.StreamClose.UNAUTHORISED}
+
+    run(scenario())
+
+
+def test_another_websocket_path_is_refused(shed):
+    async def scenario():
+        agent = Agent(shed[1], path="/api/v1/elsewhere")
+        await agent.wire.send_input({"type": "websocket.connect"})
+        assert (await agent.wire.receive_output(WAIT_S))["type"] == "websocket.close"
+
+    run(scenario())
+
+
+def test_a_dropped_stream_makes_the_unit_suspect_at_once_and_a_new_one_brings_it_back(shed):
+    unit, credential = shed
+
+    async def scenario():
+        agent = Agent(credential)
+        await agent.connect()
+        await agent.beat()
+        await agent.disconnect(1006)
+        assert await sync_to_async(unit_status)(unit) == "suspect"
+        again = Agent(credential)
+        await again.connect()
+        assert (await again.beat())["body"]["status"] == "online"
+        await again.disconnect()
+
+    run(scenario())
+
+
+def test_a_newer_stream_replaces_the_older_without_a_verdict(shed):
+    unit, credential = shed
+
+    async def scenario():
+        older = Agent(credential)
+        await older.connect()
+        await older.beat()
+        newer = Agent(credential)
+        await newer.connect()
+        while older.closed is None:
+            await older.frame()
+        assert older.closed == protocol.StreamClose.REPLACED
+        await older.disconnect(protocol.StreamClose.REPLACED)
+        assert await sync_to_async(unit_status)(unit) == "online"
+        assert (await newer.beat())["status"] == 200
+        await newer.disconnect()
+
+    run(scenario())
+
+
+def test_a_server_shutting_down_leaves_its_units_to_its_lease(shed):
+    unit, credential = shed
+
+    async def scenario():
+        agent = Agent(credential)
+        await agent.connect()
+        await agent.beat()
+        await agent.disconnect(server.SERVER_SHUTDOWN)
+        assert await sync_to_async(unit_status)(unit) == "online"
+
+    run(scenario())
+
+
+def test_the_sweep_counts_a_unit_seen_while_its_server_renews_the_lease(shed, settings):
+    unit, _ = shed
+    now = timezone.now()
+    long_ago = now - timedelta(minutes=5)
+    units_mark_unresponsive(now=now - timedelta(seconds=2))  # the sweep ran just before: no outage
+    StreamServer.objects.create(id="server-a", renewed_at=now - timedelta(seconds=1))
+    Unit.objects.filter(pk=unit.pk).update(last_heartbeat_at=long_ago, stream_server_id="server-a")
+    units_mark_unresponsive(now=now)
+    assert unit_status(unit) == "online"
+    StreamServer.objects.filter(pk="server-a").update(renewed_at=now - settings.UNIT_SUSPECT_AFTER * 2)
+    units_mark_unresponsive(now=now + timedelta(seconds=1))
+    assert unit_status(unit) == "suspect"
+    StreamServer.objects.filter(pk="server-a").delete()  # a lease pruned: no sign of life at all
+    units_mark_unresponsive(now=now + timedelta(seconds=2))
+    assert unit_status(unit) == "offline"
+
+
+def test_placement_takes_a_streamed_unit_as_fresh(shed, renter):
+    unit, _ = shed
+    StreamServer.objects.create(id="server-a", renewed_at=timezone.now())
+    Unit.objects.filter(pk=unit.pk).update(
+        last_heartbeat_at=timezone.now() - timedelta(minutes=5), stream_server_id="server-a"
+    )
+    job = job_make(renter, gpu_count=1)
+    job_place(job_id=job.pk)
+    assert Allocation.objects.filter(job=job, unit=unit).exists()
