@@ -253,8 +253,6 @@ class GPU(models.Model):
     mig_mode = models.BooleanField(default=False)
     healthy = models.BooleanField(default=True)
     present = models.BooleanField(default=True, help_text="Reported in the latest inventory.")
-    temperature_c = models.SmallIntegerField(null=True, blank=True)
-    power_w = models.PositiveIntegerField(null=True, blank=True)
 
     class Meta:
         ordering = ["unit", "index"]

@@ -2,12 +2,12 @@ import copy
 import re
 from dataclasses import dataclass
 
-from django.db.models import Count, Exists, IntegerField, Max, OuterRef, Prefetch, Q, Subquery, Sum
+from django.db.models import Count, Exists, IntegerField, OuterRef, Prefetch, Q, Subquery
 from django.db.models.functions import Coalesce
 from django.utils.crypto import salted_hmac
 from django_countries import countries
 
-from nodes import ports, services
+from nodes import ports, services, streams
 from nodes.agent.protocol import LIMIT_NAME_PATTERN
 from nodes.models import GPU, Slice, Unit, interruptible_price
 
@@ -30,9 +30,21 @@ def units_for(user):
         gpu_busy=Coalesce(_per_unit(gpus.filter(busy=True), Count("pk")), 0),
         # Free as offers and placement count it: a GPU with a free slice (quiet hours close some).
         gpu_free=Coalesce(_per_unit(gpus.filter(Exists(free.filter(gpu=OuterRef("pk")))), Count("pk")), 0),
-        hottest_c=_per_unit(GPU.objects, Max("temperature_c")),
-        power_w=_per_unit(GPU.objects, Sum("power_w")),
     )
+
+
+def with_telemetry(units: list[Unit]) -> list[Unit]:
+    """The units with their latest readings (kept outside the database, nodes/streams.py):
+    ``hottest_c`` and ``power_w`` (the draw of all their GPUs), None where none came lately."""
+    latest = streams.telemetry_latest([unit.pk for unit in units])
+    for unit in units:
+        gpus = (latest.get(str(unit.pk)) or {}).get("gpus") or []
+        temperatures = [g["temperature_c"] for g in gpus if g.get("temperature_c") is not None]
+        powers = [g["power_w"] for g in gpus if g.get("power_w") is not None]
+        unit.hottest_c = max(temperatures, default=None)
+        unit.power_w = round(sum(powers)) if powers else None
+        unit.gpu_readings = {g.get("uuid"): g for g in gpus}
+    return units
 
 
 def unit_gpus(unit: Unit) -> list[GPU]:
@@ -40,7 +52,14 @@ def unit_gpus(unit: Unit) -> list[GPU]:
     each slice marked ``leased``."""
     leased = Exists(ports.slices_leased().filter(pk=OuterRef("pk")))
     slices = Slice.objects.annotate(leased=leased).filter(Q(advertised=True) | Q(leased=True)).order_by("share_index")
-    return list(unit.gpus.filter(present=True).prefetch_related(Prefetch("slices", queryset=slices)))
+    gpus = list(unit.gpus.filter(present=True).prefetch_related(Prefetch("slices", queryset=slices)))
+    readings = getattr(unit, "gpu_readings", None)
+    if readings is None:
+        readings = with_telemetry([unit])[0].gpu_readings
+    for gpu in gpus:
+        reading = readings.get(gpu.device_uuid) or {}
+        gpu.temperature_c, gpu.power_w = reading.get("temperature_c"), reading.get("power_w")
+    return gpus
 
 
 @dataclass(frozen=True)

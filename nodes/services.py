@@ -106,6 +106,17 @@ def unit_enrol(*, token: str, hostname: str, agent_version: str, address: str = 
     return unit, credential.plaintext
 
 
+def _telemetry_keep(unit: Unit, gpus: list[GpuReport], now: datetime) -> None:
+    """The heartbeat's GPU readings, for the portal: latest in the cache, sampled history."""
+    readings = streams.telemetry_of(unit.pk, gpus)
+    if not readings:
+        return
+    try:
+        streams.telemetry_store(readings, now=now)
+    except Exception:  # noqa: BLE001 - a cache outage costs the portal its readings, not the heartbeat
+        logger.warning("telemetry_unstored unit=%s", unit.pk, exc_info=True)
+
+
 def unit_authenticate(*, credential: str) -> Unit | None:
     lookup = tokens.token_lookup(credential, NODE_CREDENTIAL_KIND)
     if lookup is None:
@@ -136,19 +147,14 @@ def _inventory_sync(unit: Unit, reports: list[GpuReport], advertise: set[str] | 
             "healthy": report.healthy,
             "present": True,
         }
-        # Telemetry is stored in the same write but does not count as a change of capacity.
-        telemetry = {}
-        if report.temperature_c is not None or report.power_w is not None:
-            telemetry = {"temperature_c": report.temperature_c, "power_w": report.power_w}
+        # Telemetry (temperature, power) stays out of the GPU rows: nodes/streams.py keeps it.
         gpu = known.pop(report.uuid, None)
         if gpu is None:
-            gpu = GPU.objects.create(unit=unit, device_uuid=report.uuid, **fields, **telemetry)
+            gpu = GPU.objects.create(unit=unit, device_uuid=report.uuid, **fields)
             changed = True
-        else:
-            capacity_changed = any(getattr(gpu, name) != value for name, value in fields.items())
-            if capacity_changed or any(getattr(gpu, name) != value for name, value in telemetry.items()):
-                GPU.objects.filter(pk=gpu.pk).update(**fields, **telemetry)
-            changed |= capacity_changed
+        elif any(getattr(gpu, name) != value for name, value in fields.items()):
+            GPU.objects.filter(pk=gpu.pk).update(**fields)
+            changed = True
         offered = report.healthy and (advertise is None or report.uuid in advertise)
         changed |= _slices_sync(unit, gpu, report, offered=offered)
     if known:
@@ -396,6 +402,7 @@ def unit_heartbeat(
         unit_location_verify(unit=unit, actor="agent")  # and the jobs there held to their rules again
     became_verified = unit.location_verified and not was_verified
     inventory_changed = _inventory_sync(unit, gpus, None if advertise is None else set(advertise))
+    _telemetry_keep(unit, gpus, now)
     changed = inventory_changed or was != unit.status or "agent_country" in fields
     if changed:
         units_capacity_changed([unit.pk])

@@ -14,6 +14,7 @@ from django.conf import settings
 from django.core.cache import cache
 from django.db import transaction
 from django.db.models import Case, F, Q, Value, When
+from django.utils import timezone
 
 from marketplace.kernel.audit import audit_record
 from nodes.models import StreamServer, Unit, UnitNudge, UnitTelemetry
@@ -102,14 +103,26 @@ def telemetry_key(unit_id) -> str:
     return f"telemetry:{unit_id}"
 
 
-def telemetry_store(readings: dict[str, dict], *, now: datetime, sample: set[str]) -> None:
+def telemetry_store(readings: dict[str, dict], *, now: datetime, sample: set[str] | None = None) -> None:
     """Keep the units' latest GPU readings (unit id -> {"at", "gpus": [...]}) in the cache, and
-    those of ``sample`` in the history as well."""
+    those of ``sample`` in the history as well (None: those whose last history row is older than
+    STREAM_TELEMETRY_SAMPLE_S, as the cache remembers)."""
     cache.set_many({telemetry_key(unit_id): reading for unit_id, reading in readings.items()},
                    timeout=settings.STREAM_TELEMETRY_TTL_S)  # fmt: skip
+    if sample is None:
+        every = settings.STREAM_TELEMETRY_SAMPLE_S
+        sample = {unit_id for unit_id in readings if cache.add(f"telemetry-sampled:{unit_id}", 1, timeout=every)}
     rows = [UnitTelemetry(unit_id=unit_id, at=now, gpus=readings[unit_id]["gpus"]) for unit_id in sample]
     if rows:
         UnitTelemetry.objects.bulk_create(rows)
+
+
+def telemetry_of(unit_id, gpus) -> dict[str, dict]:
+    """One unit's readings from its GPU reports (objects with uuid, temperature_c, power_w)."""
+    readings = [{"uuid": gpu.uuid, "temperature_c": gpu.temperature_c, "power_w": gpu.power_w} for gpu in gpus]
+    if all(r["temperature_c"] is None and r["power_w"] is None for r in readings):
+        return {}
+    return {str(unit_id): {"at": timezone.now().isoformat(), "gpus": readings}}
 
 
 def telemetry_latest(unit_ids) -> dict[str, dict]:

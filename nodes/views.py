@@ -29,15 +29,20 @@ def _agent_commands(request, token: str) -> list[str]:
     ]
 
 
+def _owned_units(request) -> list[Unit]:
+    """The caller's units by name, with their live GPU figures."""
+    return selectors.with_telemetry(list(selectors.units_for(request.user).order_by("name")))
+
+
 def _owned_unit(request, unit_id) -> Unit:
     """The caller's unit with its live GPU figures; anyone else's is a 404."""
-    return get_object_or_404(selectors.units_for(request.user), pk=unit_id)
+    return selectors.with_telemetry([get_object_or_404(selectors.units_for(request.user), pk=unit_id)])[0]
 
 
 @login_required
 @require_GET
 def unit_list(request):
-    return render(request, "nodes/unit_list.html", {"units": selectors.units_for(request.user).order_by("name")})
+    return render(request, "nodes/unit_list.html", {"units": _owned_units(request)})
 
 
 def fragment(view):
@@ -59,7 +64,7 @@ def fragment(view):
 @require_GET
 def unit_list_rows(request):
     """The list's rows alone, polled by the list page for live status."""
-    return render(request, "nodes/_unit_rows.html", {"units": selectors.units_for(request.user).order_by("name")})
+    return render(request, "nodes/_unit_rows.html", {"units": _owned_units(request)})
 
 
 @login_required

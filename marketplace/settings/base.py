@@ -448,7 +448,7 @@ STREAM_ACTIVE_HOLD_S = env_int("STREAM_ACTIVE_HOLD_S", 30)
 STREAM_SILENT_S = env_int("STREAM_SILENT_S", 3 * HEARTBEAT_IDLE_INTERVAL_S + 10)
 # A heartbeat that changes nothing is answered from memory, but at least this often one goes
 # through in full (reconciling the unit's allocations, as over HTTP).
-STREAM_FULL_BEAT_S = env_int("STREAM_FULL_BEAT_S", 120)
+STREAM_FULL_BEAT_S = env_int("STREAM_FULL_BEAT_S", 600)
 # A connection server renews its lease (one row for all its units) this often; the units it holds
 # count as seen up to its last renewal, so it must be well under UNIT_SUSPECT_AFTER.
 STREAM_LEASE_RENEW_S = env_float("STREAM_LEASE_RENEW_S", 2.0)

@@ -17,6 +17,7 @@ from nodes.agent.refusal import policy_for
 from nodes.agent.runtime import RuntimeUnavailable
 from nodes.agent.runtime.factory import runtime_for
 from nodes.agent.status import FILENAME as STATUS_FILE
+from nodes.agent.stream import Stream
 
 CONFIG_HELP = "Config file [default: $SHEDSHARE_AGENT_CONFIG or ~/.config/shedshare/agent.json]."
 logger = logging.getLogger(__name__)
@@ -70,6 +71,12 @@ def enrol(url: str, token: str, config_path: Path | None, hostname: str, country
 @click.option("--runtime", type=click.Choice(RUNTIMES), help="How jobs run [default: config, else process].")
 @click.option("--dev-runtime", is_flag=True, default=None, help="Let the process runtime take work it cannot isolate.")
 @click.option(
+    "--stream/--no-stream",
+    default=None,
+    help="Hold a stream to the server (work pushed at once), falling back to HTTP polling; "
+    "--no-stream polls only [default: config, else stream].",
+)
+@click.option(
     "--log-level",
     default="INFO",
     show_default=True,
@@ -85,6 +92,7 @@ def run(
     drain: str | None,
     runtime: str | None,
     dev_runtime: bool | None,
+    stream: bool | None,
     log_level: str,
 ) -> None:
     """Heartbeat, pull assignments and run them until SIGTERM/SIGINT, then drain."""
@@ -96,6 +104,7 @@ def run(
             work_dir=work_dir,
             state_dir=state_dir,
             drain=drain,
+            stream=stream,
             runtime=runtime,
             allow_unisolated_dev_runtime=dev_runtime,
         )
@@ -110,7 +119,8 @@ def run(
     refuse_on_failed_self_test(cfg, inventory)
     options = Options(usage_interval_s=usage_interval, max_jobs=max_jobs, drain=cfg.drain)
     policy = policy_for(cfg.isolation, inventory, cfg.images)
-    with AgentClient(cfg.url, cfg.credential) as client:
+    connection = Stream(cfg.url, cfg.credential).start() if cfg.stream else None
+    with AgentClient(cfg.url, cfg.credential, stream=connection) as client:
         agent = Agent(
             client,
             job_runtime,

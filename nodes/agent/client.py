@@ -10,6 +10,7 @@ import httpx
 
 from nodes.agent import __version__, protocol
 from nodes.agent.protocol import API_PREFIX
+from nodes.agent.stream import Stream, StreamUnavailable
 
 
 class AgentError(Exception):
@@ -73,7 +74,11 @@ class AgentClient:
         *,
         timeout_s: float = 10.0,
         transport: httpx.BaseTransport | None = None,
+        stream: "Stream | None" = None,
     ) -> None:
+        # The stream, when given, carries the calls it can while it is up (heartbeats and
+        # allocation reports): same answers, same errors; HTTP carries them otherwise.
+        self.stream = stream
         headers = {"User-Agent": f"shedshare-agent/{__version__}"}
         if credential:
             headers["Authorization"] = f"Bearer {credential}"
@@ -93,6 +98,8 @@ class AgentClient:
         self.close()
 
     def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
         self._http.close()
 
     def enrol(self, *, token: str, hostname: str, agent_version: str = __version__) -> Enrolment:
@@ -155,8 +162,9 @@ class AgentClient:
             return None
 
     def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        response = self._over_stream(method, path, kwargs.get("json"))
         try:
-            response = self._http.request(method, path, **kwargs)
+            response = response or self._http.request(method, path, **kwargs)
         except httpx.TimeoutException:
             raise Unreachable(f"{method} {path}: timed out") from None
         except httpx.TransportError as exc:
@@ -164,6 +172,23 @@ class AgentClient:
         if response.is_success:
             return response
         raise error_for(response, f"{method} {path}")
+
+
+    def _over_stream(self, method: str, path: str, body: Any) -> httpx.Response | None:
+        """The call's answer over the stream, as an HTTP response; None to make it over HTTP.
+        A call the stream dropped may have been served: every agent call is safe to repeat."""
+        if self.stream is None or not self.stream.connected or method != "POST" or not isinstance(body, dict):
+            return None
+        relative = path.removeprefix("/")
+        if relative != protocol.HEARTBEAT and not relative.startswith("allocations/"):
+            return None
+        try:
+            status, answer, retry_after = self.stream.call(relative, body, timeout_s=self._timeout_s)
+        except StreamUnavailable:
+            return None
+        headers = {"Retry-After": str(int(retry_after))} if retry_after is not None else {}
+        request = httpx.Request(method, self._http.base_url.join(relative))
+        return httpx.Response(status, json=answer, headers=headers, request=request)
 
 
 def _allocation(allocation_id: str, action: str) -> str:

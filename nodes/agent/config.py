@@ -17,7 +17,7 @@ from nodes.agent.images import ImagePolicy
 from nodes.agent.isolation import IsolationConfig
 
 REQUIRED = ("url", "unit_id", "credential")
-OPTIONAL = ("simulate", "work_dir", "state_dir", "drain", *isolation.KEYS, *images.KEYS)
+OPTIONAL = ("simulate", "work_dir", "state_dir", "drain", "stream", *isolation.KEYS, *images.KEYS)
 DRAIN_POLICIES = ("wait", "stop")  # what SIGTERM does to running jobs: wait for them, or stop them
 ENV_PREFIX = "SHEDSHARE_AGENT_"
 
@@ -37,6 +37,8 @@ class AgentConfig:
     isolation: IsolationConfig = field(default_factory=IsolationConfig)
     drain: str = "wait"
     images: ImagePolicy = field(default_factory=ImagePolicy)
+    # Hold a stream to the server (pushed work, cheap heartbeats); false: HTTP polling only.
+    stream: bool = True
 
 
 def default_path() -> Path:
@@ -75,6 +77,13 @@ def load(path: Path, **overrides: Any) -> AgentConfig:
     drain = str(values.get("drain") or "wait")
     if drain not in DRAIN_POLICIES:
         raise ConfigError(f"{path}: drain must be one of {', '.join(DRAIN_POLICIES)}, not {drain!r}")
+    stream = values.get("stream", True)
+    if isinstance(stream, str):
+        if stream.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(f"{path}: stream must be true or false, not {stream!r}")
+        stream = stream.lower() in ("true", "1", "yes")
+    if not isinstance(stream, bool):
+        raise ConfigError(f"{path}: stream must be true or false, not {stream!r}")
     # State lives next to the config by default so that one config file means one agent.
     state_dir = Path(values.get("state_dir") or path.parent / "state").expanduser()
     return AgentConfig(
@@ -87,6 +96,7 @@ def load(path: Path, **overrides: Any) -> AgentConfig:
         isolation=isolation_config,
         drain=drain,
         images=image_policy,
+        stream=stream,
     )
 
 

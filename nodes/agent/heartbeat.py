@@ -42,6 +42,10 @@ class Heartbeater:
         self._backoff = Backoff(base_s=error_base_s, cap_s=self.interval_s, rng=rng)
         self._next_at = 0.0
 
+    def beat_now(self) -> None:
+        """Make the next heartbeat due at once (what it carries changed)."""
+        self._next_at = min(self._next_at, self._clock())
+
     def due(self) -> bool:
         return self._clock() >= self._next_at
 
@@ -72,12 +76,27 @@ class Heartbeater:
             return []
         if not self.healthy:
             logs.event(logger, "heartbeat_ok", status=reply.get("status"))
-        self.healthy, self.server_status, self.last_error = True, reply.get("status"), None
+        self.healthy, self.last_error = True, None
+        self._backoff.success()
+        self._next_at = now + jittered(self._took(reply), 0.1, self._rng)
+        return self._to_stop(reply)
+
+    def pushed(self, state: dict[str, Any]) -> list[str]:
+        """Take a state the server pushed over the stream as the answer to a heartbeat (it pushes
+        one when something changed: a cancel, a preemption, the policy, the unit's status); return
+        the allocations to stop, as beat_if_due does. A shorter cadence applies at once."""
+        interval_s = self._took(state)
+        self._next_at = min(self._next_at, self._clock() + jittered(interval_s, 0.1, self._rng))
+        return self._to_stop(state)
+
+    def _took(self, reply: dict[str, Any]) -> float:
+        self.server_status = reply.get("status", self.server_status)
         if "policy" in reply:
             self.policy = reply["policy"]
-        self._backoff.success()
         self.interval_s = max(0.1, float(reply.get("heartbeat_interval_s") or self.interval_s))
-        self._next_at = now + jittered(self.interval_s, 0.1, self._rng)
+        return self.interval_s
+
+    def _to_stop(self, reply: dict[str, Any]) -> list[str]:
         cancel = [str(allocation_id) for allocation_id in reply.get("cancel") or []]
         preempt = [str(allocation_id) for allocation_id in reply.get("preempt") or []]
         self.preempting = set(preempt)

@@ -71,6 +71,7 @@ class Agent:
             client, gpus, clock=clock, rng=rng, error_base_s=base_s, country=self.policy.country
         )
         self._client = client
+        self._stream = client.stream
         self._runtime = runtime
         self._clock, self._sleep, self._wall, self._rng = clock, sleep, wall, rng
         self._pull_backoff = Backoff(base_s=base_s, cap_s=30.0, rng=rng)
@@ -124,12 +125,18 @@ class Agent:
             for allocation in list(self.allocations.values()):
                 self._stop(allocation, self._stop_jobs_as)
         was_healthy = self.heartbeater.healthy
+        if self._stopping and self._advertise != []:
+            self._advertise = []  # draining: no new work here; the server hears it at once
+            self.heartbeater.beat_now()
         if self.heartbeater.due():
             self._apply_limits()
         beat = {"gpus": self.gpus, "advertise": self._advertise, "limits": self.limits}
         policy = self.heartbeater.policy
         for allocation_id in self.heartbeater.beat_if_due(self._claimed(), **beat):
             self._cancel(allocation_id)
+        for state in self._stream.states() if self._stream else ():
+            for allocation_id in self.heartbeater.pushed(state):
+                self._cancel(allocation_id)
         if self.heartbeater.policy != policy:
             self._apply_limits()  # before pulling: the owner's new policy may close GPUs at once
         if self.heartbeater.healthy and not was_healthy:
@@ -141,7 +148,8 @@ class Agent:
         if isinstance(self._runtime, Housekeeping):
             self._runtime.housekeep()
         if self._status:
-            self._status.update(self.heartbeater, list(self.allocations.values()), self.limits)
+            connection = f"stream {self._stream.state}" if self._stream else "http polling (stream off)"
+            self._status.update(self.heartbeater, list(self.allocations.values()), self.limits, connection)
 
     def _apply_limits(self) -> None:
         """Fresh readings, then the owner's backyard limits: which GPUs may take new work, and
@@ -159,7 +167,8 @@ class Agent:
         if report != self.limits:
             in_force = ",".join(limits.in_force) or "none"
             logs.event(logger, "limits_changed", in_force=in_force, advertised=len(limits.advertise))
-        self.limits, self._advertise = report, limits.advertise
+        # Draining: nothing open to new work (an assignment that crossed the drain is refused).
+        self.limits, self._advertise = report, [] if self._stopping else limits.advertise
         if self._inventory is not None:
             for problem in self._inventory.cap_power(limits.power_cap_w):
                 logs.event(logger, "power_cap_failed", logging.WARNING, error=problem)
@@ -197,6 +206,11 @@ class Agent:
         return {gpu.uuid: gpu for gpu in self.gpus if gpu.uuid not in held.get(gpu.uuid, set())}
 
     def _pull(self) -> None:
+        if self._stream is not None:
+            for data in self._stream.assignments():  # pushed: the server has handed them to us
+                self._take(data)
+            if self._stream.connected:
+                return  # no poll: the stream pushes the next one
         now = self._clock()
         if self._winding_down() or not self.heartbeater.healthy or now < self._next_pull_at:
             return
@@ -214,10 +228,13 @@ class Agent:
         self._pull_backoff.success()
         if data is not None:
             self._next_pull_at = now  # there may be more work queued for our other GPUs
-            self._taken += 1
-            # Even if a drain began during the long poll: the server has handed this job to us,
-            # and dropping it would strand it until the server gives up on it.
-            self._accept(data)
+            self._take(data)
+
+    def _take(self, data: dict[str, Any]) -> None:
+        # Even if a drain began meanwhile: the server has handed this job to us, and dropping it
+        # would strand it until the server gives up on it.
+        self._taken += 1
+        self._accept(data)
 
     def _accept(self, data: dict[str, Any]) -> None:
         try:

@@ -68,6 +68,7 @@ def status(data: dict[str, Any], *, alive: bool, now: float) -> str:
     lines = [
         f"Agent pid {data.get('pid')}: {state}; started {data.get('started_at')} ({_ago(data.get('started_at'), now)})",
         _heartbeat(data, now),
+        f"Connection: {data.get('connection') or 'unknown'}",
         "Limits in force: " + (", ".join(f"{key}={value}" for key, value in limits.items()) or "none"),
         "",
         _allocations(data.get("allocations") or [], now),

@@ -39,9 +39,16 @@ class StatusWriter:
         self._last_ok_at: str | None = None
         self._seen: tuple[Any, ...] | None = None
 
-    def update(self, heartbeater: Heartbeater, allocations: Collection[Allocation], limits: Mapping[str, Any]) -> None:
+    def update(
+        self,
+        heartbeater: Heartbeater,
+        allocations: Collection[Allocation],
+        limits: Mapping[str, Any],
+        connection: str = "http polling",
+    ) -> None:
         seen = (
             heartbeater.attempts,
+            connection,
             tuple((a.id, a.handle is not None) for a in allocations),
             json.dumps(limits, sort_keys=True, default=str),
         )
@@ -52,7 +59,7 @@ class StatusWriter:
             self._attempts, self._last_attempt_at = heartbeater.attempts, iso(self._now())
             self._last_ok_at = self._last_attempt_at if heartbeater.healthy else self._last_ok_at
         try:
-            files.write_json(self.path, self._snapshot(heartbeater, allocations, limits))
+            files.write_json(self.path, self._snapshot(heartbeater, allocations, limits) | {"connection": connection})
         except OSError as exc:
             logs.event(logger, "status_write_failed", logging.WARNING, path=self.path, error=exc)
 

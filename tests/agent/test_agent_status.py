@@ -99,6 +99,7 @@ def write_status(tmp_path, **fields) -> None:
         "last_heartbeat_ok_at": status.iso(now - 4),
         "last_heartbeat_error": None,
         "server_status": "online",
+        "connection": "stream connected",
         "allocations": [
             {
                 "id": "a-1",
@@ -133,9 +134,10 @@ def test_status_shows_what_runs_the_limits_and_the_last_heartbeat(tmp_path):
     assert lines[0].endswith("(1 h 1 min ago)")
     assert lines[1].startswith("Last heartbeat: ok, last success ")
     assert lines[1].endswith("(4 s ago); server says the unit is online")
-    assert lines[2] == "Limits in force: none"
-    assert lines[5].split() == ["ALLOCATION", "JOB", "GPUS", "STATE", "STARTED"]
-    assert lines[6].split() == ["a-1", "j-1", "0,1", "running", "1", "min", "5", "s", "ago"]
+    assert lines[2] == "Connection: stream connected"
+    assert lines[3] == "Limits in force: none"
+    assert lines[6].split() == ["ALLOCATION", "JOB", "GPUS", "STATE", "STARTED"]
+    assert lines[7].split() == ["a-1", "j-1", "0,1", "running", "1", "min", "5", "s", "ago"]
     assert "GPUs (as discovered at start-up):" in result.output
     assert result.output.count("H100") == 2
 

@@ -6,7 +6,8 @@ import pytest
 
 from marketplace.jobs.models import Job
 from marketplace.jobs.placement import job_place
-from nodes.models import Slice, Slicing, Unit
+from nodes import streams
+from nodes.models import Slice, Slicing, Unit, UnitTelemetry
 from nodes.services import GpuReport, MigReport, unit_heartbeat
 from tests.conftest import agent_client, gpus_make, job_make, unit_online
 
@@ -134,14 +135,25 @@ def test_the_heartbeat_answer_carries_the_owners_policy(owner):
     assert policy["slicing"] == "whole"
 
 
-def test_telemetry_from_the_heartbeat_is_kept_per_gpu(owner):
+def latest_readings(unit) -> list[tuple]:
+    gpus = streams.telemetry_latest([unit.pk])[str(unit.pk)]["gpus"]
+    return [(g["uuid"], g["temperature_c"], g["power_w"]) for g in gpus]
+
+
+def test_telemetry_from_the_heartbeat_is_kept_per_gpu_outside_the_gpu_rows(owner):
     unit, credential = unit_online(owner, name="warm", gpus=1)
     gpu = {**vars(gpus_make(1, prefix="GPU-warm")[0]), "temperature_c": 71, "power_w": 612}
+    before = UnitTelemetry.objects.filter(unit=unit).count()
 
     response = agent_client(credential).post("/api/agent/v1/heartbeat", {"gpus": [gpu]}, format="json")
+    again = agent_client(credential).post("/api/agent/v1/heartbeat", {"gpus": [gpu | {"temperature_c": 72}]},
+                                          format="json")  # fmt: skip
 
-    assert response.status_code == 200
-    assert unit.gpus.values_list("temperature_c", "power_w").get() == (71, 612)
+    assert (response.status_code, again.status_code) == (200, 200)
+    assert latest_readings(unit) == [(gpu["uuid"], 72, 612)]
+    # The history takes one reading per STREAM_TELEMETRY_SAMPLE_S, not one per heartbeat.
+    assert UnitTelemetry.objects.filter(unit=unit).count() - before <= 1
+    assert UnitTelemetry.objects.filter(unit=unit).exists()
 
 
 def test_a_real_gpus_fractional_power_reading_is_accepted(owner):
@@ -152,7 +164,7 @@ def test_a_real_gpus_fractional_power_reading_is_accepted(owner):
     response = agent_client(credential).post("/api/agent/v1/heartbeat", {"gpus": [gpu]}, format="json")
 
     assert response.status_code == 200, response.content
-    assert unit.gpus.values_list("power_w", flat=True).get() == 112
+    assert latest_readings(unit)[0][2] == 112
 
 
 def test_the_inventory_a_real_h200_reported_is_accepted_as_it_is(owner):

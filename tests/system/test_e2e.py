@@ -1,4 +1,7 @@
-"""The whole marketplace loop through real processes: web server, Celery worker, node agent."""
+"""The whole marketplace loop through real processes: web server, Celery worker, node agent; the
+agent over its stream (the default) and over HTTP polling (its fallback)."""
+
+import time
 
 import pytest
 from django.db.models import Sum
@@ -8,7 +11,8 @@ from billing.selectors import wallet_balance_micros
 from billing.services import wallet_credit_promotional
 from marketplace.accounts.services import api_key_create
 from marketplace.devtools import devstack
-from marketplace.jobs.models import Allocation
+from marketplace.jobs.job_reads import job_log_read
+from marketplace.jobs.models import Allocation, Job
 from marketplace.kernel.models import AuditEvent
 from nodes.models import Unit
 from nodes.services import unit_register
@@ -22,8 +26,8 @@ def dump_logs(stack) -> str:
     return "\n".join(f"===== {name}\n{stack.log(name)[-4000:]}" for name in ("web", "worker", "agent"))
 
 
-def test_a_job_travels_from_submit_to_the_bill(running_stack, tmp_path):
-    stack = running_stack
+def agent_start(stack, tmp_path, *, connection: str):
+    """A renter with credit and an API key, and a shed's agent in Germany, online."""
     owner, renter = user_make("olivia-owner"), user_make("rita-renter")
     unit, token = unit_register(owner=owner, name="Garden shed", country="DE")
     wallet_credit_promotional(user=renter, amount_micros=50_000_000, key="e2e-credit")
@@ -37,7 +41,7 @@ def test_a_job_travels_from_submit_to_the_bill(running_stack, tmp_path):
     stack.start(
         "agent",
         devstack.agent_argv(
-            "run", "--config", config, "--simulate", "2xH100-80GB",
+            "run", "--config", config, "--simulate", "2xH100-80GB", f"--{connection}",
             "--work-dir", str(tmp_path / "agent" / "work"), "--usage-interval", "1", "--dev-runtime",
         ),
     )  # fmt: skip
@@ -45,9 +49,19 @@ def test_a_job_travels_from_submit_to_the_bill(running_stack, tmp_path):
         wait_until(
             lambda: Unit.objects.get(pk=unit.pk).status == Unit.Status.ONLINE, timeout=30, what="the unit online"
         )
-        assert unit.gpus.count() == 2
+        if connection == "stream":
+            wait_until(lambda: "event=stream_connected" in stack.log("agent"), timeout=30, what="the stream")
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{dump_logs(stack)}") from None
+    return owner, renter, unit, Renter(stack.base_url, api_key)
 
-        shopper = Renter(stack.base_url, api_key)
+
+@pytest.mark.parametrize("connection", ["stream", "no-stream"])
+def test_a_job_travels_from_submit_to_the_bill(running_stack, tmp_path, connection):
+    stack = running_stack
+    owner, renter, unit, shopper = agent_start(stack, tmp_path, connection=connection)
+    try:
+        assert unit.gpus.count() == 2
         ok = shopper.submit(
             image="docker.io/library/python:3.12-slim",
             # A shell, not this interpreter: an agent run as root runs jobs as nobody, who may not
@@ -97,3 +111,38 @@ def test_a_job_travels_from_submit_to_the_bill(running_stack, tmp_path):
     actions = list(AuditEvent.objects.filter(subject_id=ok["id"]).values_list("action", flat=True))
     for step in ("job.submitted", "job.placed", "allocation.acknowledged", "job.started", "job.succeeded"):
         assert step in actions
+    # Over the stream the work was pushed: the agent never polled. Without it, it polled.
+    polls = stack.log("web").count("/api/agent/v1/assignments/next")
+    assert (polls == 0) if connection == "stream" else (polls > 0), polls
+
+
+def test_a_cancel_reaches_the_job_within_a_second_and_billing_stops_with_it(running_stack, tmp_path):
+    stack = running_stack
+    _, _, unit, shopper = agent_start(stack, tmp_path, connection="stream")
+    # The job says when its SIGTERM came (the wall clock this machine shares with the test).
+    script = "trap 'echo TERM-AT $(date +%s.%N); exit 143' TERM; echo ready; while :; do sleep 0.05; done"
+    job = shopper.submit(image="docker.io/library/python:3.12-slim", command=["sh", "-c", script],
+                         jurisdictions=["DE"])  # fmt: skip
+    try:
+        wait_until(lambda: "ready" in job_log_read(Job.objects.get(pk=job["id"]), offset=0, limit=4096).data,
+                   timeout=30, what="the job running")  # fmt: skip
+        time.sleep(2)  # some usage first
+        response = shopper.http.post(f"/api/v1/jobs/{job['id']}/cancel")
+        cancelled_at = time.time()  # the cancel has committed: its answer came
+        assert response.status_code == 200, response.text
+        final = shopper.wait_final(job["id"])
+        allocation = Allocation.objects.get(job_id=job["id"])
+        wait_until(lambda: Allocation.objects.get(pk=allocation.pk).released_at, timeout=30, what="the release")
+        text = job_log_read(Job.objects.get(pk=job["id"]), offset=0, limit=4096).data
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{dump_logs(stack)}") from None
+    assert final["state"] == "cancelled"
+    term_at = float(text.split("TERM-AT ")[1].split()[0])
+    assert term_at - cancelled_at < 1.0, (term_at - cancelled_at, dump_logs(stack))
+    # Billed no further: the job's GPU time ends when it ended, under a second after the cancel.
+    allocation = Allocation.objects.get(pk=allocation.pk)
+    used_ms = allocation.usage_samples.aggregate(total=Sum("gpu_ms"))["total"]
+    started = AuditEvent.objects.get(subject_id=job["id"], action="job.started").created_at.timestamp()
+    assert used_ms <= (term_at + 1.0 - started) * 1000, (used_ms, term_at - started)
+    last = allocation.usage_samples.order_by("-recorded_at").first().recorded_at.timestamp()
+    assert last <= term_at + 1.0

@@ -4,9 +4,9 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
-from marketplace.devtools.bench import metering, offers, placement, replay
+from marketplace.devtools.bench import agents, metering, offers, placement, replay
 
-BENCHMARKS = {"placement": placement, "replay-openb": replay, "metering": metering, "offers": offers}
+BENCHMARKS = {"placement": placement, "replay-openb": replay, "metering": metering, "offers": offers, "agents": agents}
 
 
 class Command(BaseCommand):
