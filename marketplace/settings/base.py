@@ -458,8 +458,10 @@ STREAM_NUDGE_POLL_S = env_float("STREAM_NUDGE_POLL_S", 0.1)
 STREAM_NUDGE_KEEP = timedelta(minutes=env_int("STREAM_NUDGE_KEEP_MIN", 10))
 # Threads per connection server for the database work behind streams (full heartbeats, reports).
 STREAM_THREADS = env_int("STREAM_THREADS", 8)
-# Calls one stream may have in flight; beyond it a call is answered 429 at once.
+# Calls one stream may have in flight, and make a second (bursts of ten seconds' worth); beyond
+# either a call is answered 429 at once.
 STREAM_CALLS_IN_FLIGHT = env_int("STREAM_CALLS_IN_FLIGHT", 32)
+STREAM_FRAMES_PER_S = env_int("STREAM_FRAMES_PER_S", 20)
 # GPU readings: the latest in the cache (kept this long), and a history row per unit this often.
 STREAM_TELEMETRY_TTL_S = env_int("STREAM_TELEMETRY_TTL_S", 600)
 STREAM_TELEMETRY_SAMPLE_S = env_int("STREAM_TELEMETRY_SAMPLE_S", 600)

@@ -42,17 +42,18 @@ class Shed:
         return "\n".join(f"===== {name}\n{self.stack.log(name)[-3000:]}" for name in ("web", "worker", "agent"))
 
 
-@pytest.fixture
-def shed(tmp_path):
+@pytest.fixture(params=["stream", "no-stream"])
+def shed(tmp_path, request):
+    """A shed whose agent holds its stream (the default), or polls over HTTP (the fallback)."""
     port = free_port()
     stack = stack_start(tmp_path, port=port)
     try:
-        yield _enrolled_shed(stack, port, tmp_path / "agent")
+        yield _enrolled_shed(stack, port, tmp_path / "agent", connection=request.param)
     finally:
         stack.stop_all()
 
 
-def _enrolled_shed(stack: devstack.Stack, port: int, agent_dir: Path) -> Shed:
+def _enrolled_shed(stack: devstack.Stack, port: int, agent_dir: Path, *, connection: str = "stream") -> Shed:
     base_url = f"http://127.0.0.1:{port}"
     owner, renter = user_make("olivia-owner"), user_make("rita-renter")
     unit, token = unit_register(owner=owner, name="Garden shed", country="DE")
@@ -63,12 +64,14 @@ def _enrolled_shed(stack: devstack.Stack, port: int, agent_dir: Path) -> Shed:
     assert enrolled.returncode == 0, enrolled.stderr + enrolled.stdout
     argv = devstack.agent_argv(
         "run", "--config", config, "--simulate", "2xH100-80GB", "--work-dir", str(agent_dir / "work"),
-        "--usage-interval", "1", "--dev-runtime",
+        "--usage-interval", "1", "--dev-runtime", f"--{connection}",
     )  # fmt: skip
     shed = Shed(stack, port, Renter(base_url, api_key_create(user=renter, name="e2e")[1]), argv, agent_dir / "state")
     shed.start_agent()
     online = lambda: Unit.objects.get(pk=unit.pk).status == Unit.Status.ONLINE and unit.gpus.count() == 2  # noqa: E731
     wait_until(online, timeout=30, what="the unit online with its GPUs")
+    if connection == "stream":
+        wait_until(lambda: "event=stream_connected" in stack.log("agent"), timeout=30, what="the agent's stream")
     return shed
 
 

@@ -312,3 +312,17 @@ def test_placement_takes_a_streamed_unit_as_fresh(shed, renter):
     job = job_make(renter, gpu_count=1)
     job_place(job_id=job.pk)
     assert Allocation.objects.filter(job=job, unit=unit).exists()
+
+
+def test_a_stream_flooding_calls_is_answered_429_beyond_its_budget(shed, settings):
+    settings.STREAM_FRAMES_PER_S = 1  # a burst of 10, then one a second
+
+    async def scenario():
+        agent = Agent(shed[1])
+        await agent.connect()
+        answers = [(await agent.call("nope", {}))["status"] for _ in range(30)]  # far faster than 1 a second
+        assert answers[:10] == [404] * 10
+        assert 429 in answers[10:]
+        await agent.disconnect()
+
+    run(scenario())

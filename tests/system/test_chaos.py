@@ -2,7 +2,8 @@
 submit load, while their parts are killed and stopped; then the data invariants, in SQL.
 
 The stack is the production one: gunicorn with two uvicorn workers, a Celery worker of two
-processes, beat, and three simulated sheds, on a PostgreSQL cluster and a Redis server this
+processes, beat, and three simulated sheds (two over their agent streams, one polling over HTTP),
+on a PostgreSQL cluster and a Redis server this
 test starts (and stops, and kills) itself. Renters submit short jobs steadily throughout. A
 supervisor restarts a web server, worker or beat that exits, as the deployment files do
 (compose's ``restart: unless-stopped``); an agent killed without restart stays dead.
@@ -40,6 +41,8 @@ from tests.servers import Postgres, Redis
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.chaos]
 
 SHEDS = [("DE", "4xH100-80GB"), ("DE", "8xH100-80GB"), ("FR", "4xL40S-48GB")]
+# The sheds' agents alternate: over their streams (the default) and polling over HTTP (the fallback).
+CONNECTIONS = ["--stream", "--no-stream"]
 SUBMITS_PER_S = 2.0
 ROUNDS = int(os.environ.get("CHAOS_ROUNDS", "1"))
 SETTINGS = {
@@ -185,7 +188,7 @@ class Chaos:
             assert self.stack.run(devstack.agent_argv(*enrol)).returncode == 0
             self.argv[f"agent-{number}"] = devstack.agent_argv(
                 "run", "--config", config, "--simulate", gpus, "--work-dir", str(tmp_path / f"agent-{number}" / "work"),
-                "--usage-interval", "1", "--dev-runtime", "--drain", "stop",
+                "--usage-interval", "1", "--dev-runtime", "--drain", "stop", CONNECTIONS[number % len(CONNECTIONS)],
             )  # fmt: skip
             self.stack.start(f"agent-{number}", self.argv[f"agent-{number}"])
         self.supervisor = Supervisor(self.stack, self.argv)

@@ -85,11 +85,10 @@ HELP = "Simulated agents on streams against the real web stack: heartbeat and pu
 SUBMITTERS = 8  # renter API clients submitting at once
 CANCEL_FRACTION = 0.1
 CANCEL_AFTER_S = 10.0
-SETTLE_S = 5.0
+STARTUP_S = 300.0
 GANGS = [(1, 80), (2, 15), (4, 5)]  # job GPU counts and their weights: mostly one GPU
 WORKER_PROCESSES = 2
 WEB_WORKERS = 2
-STARTUP_S = 300.0
 WRITE_TABLES_SHOWN = 8
 
 
@@ -102,6 +101,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--swarm-processes", type=int, default=None, help="default: one per 5,000 agents")
     parser.add_argument("--connection-servers", type=int, default=1)
     parser.add_argument("--ramp-per-s", type=float, default=200.0, help="new streams per second, all together")
+    parser.add_argument(
+        "--ramp-timeout", type=float, default=900.0, help="seconds to wait for every agent; then measure anyway"
+    )
     parser.add_argument("--hold", type=float, default=0.0, help="seconds to keep everything up after measuring")
     parser.add_argument("--pgbench-seconds", type=int, default=10)
     parser.add_argument("--seed", type=int, default=42)
@@ -161,10 +163,11 @@ def _bench(options: dict, database: dict, log_dir: Path, *, swarms: int, servers
             agent["url"] = urls[n % len(urls)]
         swarm = Swarm(agents, swarms, options["ramp_per_s"], options["seed"], log_dir)
         ramp_started = time.time()
-        swarm.wait_connected(len(agents), timeout=len(agents) / options["ramp_per_s"] + STARTUP_S)
+        ramp_complete = swarm.wait_connected(len(agents), timeout=options["ramp_timeout"])
         ramp_s = time.time() - ramp_started
         stack.start("beat", devstack.beat_argv(log_dir / "celerybeat-schedule"))
         judged_from = time.time()
+        leases = LeaseWatch()
         time.sleep(settings.STREAM_ACTIVE_HOLD_S + settings.HEARTBEAT_INTERVAL_S)
 
         pids = [stack.processes[f"connections-{n}"].pid for n in range(servers)]
@@ -173,12 +176,15 @@ def _bench(options: dict, database: dict, log_dir: Path, *, swarms: int, servers
         idle.close()
         busy = Window.open(pids)
         load = _load(f"http://127.0.0.1:{web_port}", keys, rng, rate=options["rate"], duration=options["duration"])
-        time.sleep(SETTLE_S)
+        # Long enough for a cancel that only a heartbeat's answer brings to be heard.
+        time.sleep(settings.HEARTBEAT_IDLE_INTERVAL_S * 1.1 + 2)
         busy.close()
+        lease_age_max_s = leases.stop()
         rss_mb = sum(_rss_mb(pid) for pid in pids)
         measured = swarm.report()
         result = _summarise(measured, load, idle, busy, swarm.connected_between(idle.start, busy.end), judged_from)
         result.update(
+            lease_age_max_s=lease_age_max_s,
             server_rss_mb=round(rss_mb, 1),
             pgbench_tps=tps,
             pgbench_when="before the stack started, on the scratch database",
@@ -188,6 +194,7 @@ def _bench(options: dict, database: dict, log_dir: Path, *, swarms: int, servers
             swarm_processes=swarms,
             connection_servers=servers,
             ramp_s=round(ramp_s, 1),
+            ramp_complete=ramp_complete,
             idle_s=idle_s,
             duration_s=options["duration"],
             rate=options["rate"],
@@ -343,6 +350,31 @@ class Window:
         self.end = time.time()
 
 
+class LeaseWatch:
+    """The age of the connection servers' leases, read every second: the units a server holds
+    count as seen up to its last renewal, so an age near UNIT_SUSPECT_AFTER means false suspects."""
+
+    def __init__(self) -> None:
+        self.oldest = 0.0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        try:
+            while not self.stopping.wait(1.0):
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT extract(epoch FROM max(now() - renewed_at)) FROM nodes_streamserver")
+                    self.oldest = max(self.oldest, float(cursor.fetchone()[0] or 0.0))
+        finally:
+            connection.close()
+
+    def stop(self) -> float:
+        self.stopping.set()
+        self.thread.join()
+        return round(self.oldest, 1)
+
+
 def _table_writes() -> dict[str, int]:
     with connection.cursor() as cursor:
         cursor.execute("SELECT relname, n_tup_ins + n_tup_upd + n_tup_del FROM pg_stat_user_tables")
@@ -422,7 +454,7 @@ def _summarise(measured: dict, load: Load, idle: Window, busy: Window, connected
         "errors": sum(errors.values()),
         "errors_by_kind": dict(errors.most_common()),
         "error_samples": measured["error_samples"][:5],
-        "falsely_suspect": _falsely_suspect(judged_from, busy.end, measured["drops"]),
+        "falsely_suspect": _falsely_suspect(judged_from, busy.end, measured),
         "jobs_submitted": len(load.submitted),
         "jobs_placed": len({job for _, job, _ in allocations}),
         "assignments_unheard": unheard,
@@ -436,9 +468,9 @@ def _per(amount: float, count: int) -> float | None:
     return round(amount / count, 3) if count else None
 
 
-def _falsely_suspect(since: float, until: float, drops: dict[str, list[float]]) -> int:
-    """Units judged suspect or offline in [since, until] although their agent's stream never
-    dropped (a drop is an error of its own)."""
+def _falsely_suspect(since: float, until: float, measured: dict) -> int:
+    """Units judged suspect or offline in [since, until] although their agent's stream was up
+    since before ``since`` and never dropped (a drop is an error of its own)."""
     from datetime import UTC, datetime
 
     from marketplace.kernel.models import AuditEvent
@@ -448,7 +480,8 @@ def _falsely_suspect(since: float, until: float, drops: dict[str, list[float]]) 
         created_at__gte=datetime.fromtimestamp(since, UTC),
         created_at__lte=datetime.fromtimestamp(until, UTC),
     ).values_list("subject_id", flat=True)
-    return len({str(unit) for unit in judged} - set(drops))
+    held = {unit for unit, at in measured["established"].items() if at <= since} - set(measured["drops"])
+    return len({str(unit) for unit in judged} & held)
 
 
 # -- the processes ----------------------------------------------------------------------------------
@@ -497,14 +530,18 @@ class Swarm:
     def connected_between(self, start: float, end: float) -> int:
         return min((n for at, n in self.samples if start <= at <= end), default=0)
 
-    def wait_connected(self, agents: int, *, timeout: float) -> None:
+    def wait_connected(self, agents: int, *, timeout: float) -> bool:
+        """Wait until every agent's stream is up and its first heartbeat answered; False if that
+        took longer than ``timeout``."""
         deadline = time.monotonic() + timeout
         while self.connected() < agents:
             dead = [n for n, process in enumerate(self.processes) if process.poll() is not None]
-            if dead or time.monotonic() > deadline:
-                why = f"swarm process {dead[0]} exited" if dead else f"only {self.connected()} connected"
-                raise CommandError(f"The agents did not all connect ({why}); see the logs.")
+            if dead:
+                raise CommandError(f"swarm process {dead[0]} exited; see its log.")
+            if time.monotonic() > deadline:
+                return False
             time.sleep(0.5)
+        return True
 
     def report(self) -> dict:
         for process in self.processes:
@@ -514,12 +551,12 @@ class Swarm:
             if not reported.wait(120):
                 raise CommandError(f"swarm process {n} did not report; see its log.")
         merged: dict = {"hb_at": [], "hb_ms": [], "assigned": {}, "cancelled": {}, "errors": Counter(),
-                        "error_samples": [], "drops": {}}  # fmt: skip
+                        "error_samples": [], "drops": {}, "established": {}}  # fmt: skip
         for path in self.results:
             part = json.loads(path.read_text())
             merged["hb_at"] += part["hb_at"]
             merged["hb_ms"] += part["hb_ms"]
-            for key in ("assigned", "cancelled", "drops"):
+            for key in ("assigned", "cancelled", "drops", "established"):
                 merged[key].update(part[key])
             merged["errors"].update(part["errors"])
             merged["error_samples"] += part["error_samples"]

@@ -35,7 +35,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 
 USAGE_EVERY_S = 10.0
 RUN_S = (20.0, 90.0)  # a simulated job's run time, uniform
-CALL_TIMEOUT_S = 30.0
+CALL_TIMEOUT_S = 10.0  # as the agent's client: then it would make the call over HTTP
 PING_S = 20.0  # as the real agent
 MAX_FRAME = 2**20 + 2**16
 AGENT_VERSION = "bench-swarm"
@@ -58,7 +58,8 @@ class Swarm:
         self.rng = random.Random(spec.get("seed", 0))
         self.agents = [Agent(self, agent, random.Random(self.rng.getrandbits(64))) for agent in spec["agents"]]
         self.stopping = asyncio.Event()
-        self.connected = 0
+        self.connected = 0  # streams open whose first heartbeat was answered
+        self.established: dict[str, float] = {}  # unit -> wall time its stream first got a heartbeat answered
         self.beat_at: list[float] = []  # wall time each answered heartbeat was sent
         self.beat_ms: list[float] = []  # its round trip
         self.assigned: dict[str, float] = {}  # allocation id -> wall time its assignment arrived
@@ -77,6 +78,7 @@ class Swarm:
         return {
             "agents": len(self.agents),
             "connected": self.connected,
+            "established": self.established,
             "hb_at": [round(t, 3) for t in self.beat_at],
             "hb_ms": [round(ms, 2) for ms in self.beat_ms],
             "assigned": self.assigned,
@@ -118,6 +120,8 @@ class Agent:
         self.up = asyncio.Event()
         self.interval_s = 5.0
         self.next_at = 0.0
+        self.failures = 0
+        self.established = False
         self.wake = asyncio.Event()
         self.jobs: dict[str, asyncio.Event] = {}  # allocation id -> its cancel
         self.running: list[str] = []  # started, not finished
@@ -147,14 +151,14 @@ class Agent:
             swarm.error("hello", f"{self.unit} {str(hello)[:200]}")
             return
         self.interval_s = float(hello["body"].get("heartbeat_interval_s") or 5)
-        self.ws, self.next_at = ws, 0.0
+        self.ws, self.next_at, self.established = ws, 0.0, False
         self.up.set()
-        swarm.connected += 1
         reader = asyncio.create_task(self._read(ws))
         try:
             await self._beat_loop(reader)
         finally:
-            swarm.connected -= 1
+            if self.established:
+                swarm.connected -= 1
             self.up.clear()
             self.ws = None
             reader.cancel()
@@ -189,15 +193,15 @@ class Agent:
         if ws is not None:
             await ws.close()
 
-    async def call(self, path: str, body: dict) -> tuple[int, object]:
-        """One call over the stream, waiting for the stream if it is down: (status, body); 0 if
-        no answer came."""
+    async def call(self, path: str, body: dict) -> tuple[int, object, float]:
+        """One call over the stream, waiting for the stream if it is down: (status, body,
+        Retry-After or 0); status 0 if no answer came."""
         kind = path.rsplit("/", 1)[-1]
         swarm = self.swarm
         swarm.calls[kind] += 1
+        call_id = next(self.ids)
         try:
             await asyncio.wait_for(self.up.wait(), CALL_TIMEOUT_S)
-            call_id = next(self.ids)
             future = asyncio.get_running_loop().create_future()
             self.pending[call_id] = future
             await self.ws.send(json.dumps({"id": call_id, "method": "POST", "path": path, "body": body}))
@@ -206,11 +210,13 @@ class Agent:
             if swarm.stopping.is_set():
                 raise asyncio.CancelledError from None
             swarm.error(f"{kind}:no_answer", f"{self.unit} {type(exc).__name__}")
-            return 0, None
+            return 0, None, 0.0
+        finally:
+            self.pending.pop(call_id, None)
         status = frame.get("status", 0)
         if not 200 <= status < 300:
             swarm.error(f"{kind}:{status}", f"{self.unit} {str(frame.get('body'))[:200]}")
-        return status, frame.get("body")
+        return status, frame.get("body"), float(frame.get("retry_after") or 0.0)
 
     # -- heartbeats ------------------------------------------------------------------------------
 
@@ -231,15 +237,24 @@ class Agent:
             beat = {"gpus": self.gpus, "running": list(self.running), "agent_version": AGENT_VERSION}
             sent_wall, sent = time.time(), time.perf_counter()
             self.next_at = time.monotonic() + jittered(self.interval_s, self.rng)
-            status, reply = await self.call("heartbeat", beat)
+            status, reply, retry_after = await self.call("heartbeat", beat)
             if status == 200 and isinstance(reply, dict):
                 swarm.beat_at.append(sent_wall)
                 swarm.beat_ms.append((time.perf_counter() - sent) * 1000)
+                if not self.established:
+                    self.established = True
+                    swarm.connected += 1
+                    swarm.established.setdefault(self.unit, time.time())
                 self._state(reply, time.time(), "reply")
                 self.interval_s = max(0.1, float(reply.get("heartbeat_interval_s") or self.interval_s))
                 self.next_at = time.monotonic() + jittered(self.interval_s, self.rng)
-            elif self.ws is not None:
-                self.next_at = time.monotonic() + jittered(1.0, self.rng)  # the error cadence
+                self.failures = 0
+            else:
+                # The agent's error cadence: exponential backoff with equal jitter, never slower
+                # than the normal cadence, at least what the server asked.
+                delay = min(self.interval_s, 2.0**self.failures)
+                self.failures = min(self.failures + 1, 30)
+                self.next_at = time.monotonic() + max(retry_after, delay * (0.5 + self.rng.random() / 2))
 
     def _state(self, state: dict, heard: float, via: str) -> None:
         for allocation in [*(state.get("cancel") or []), *(state.get("preempt") or [])]:
@@ -264,7 +279,7 @@ class Agent:
     async def _job(self, allocation: str, gpus: int) -> None:
         cancel = self.jobs[allocation]
         try:
-            status, _ = await self.call(f"allocations/{allocation}/start", {})
+            status, _, _ = await self.call(f"allocations/{allocation}/start", {})
             if status != 200:
                 await self.call(f"allocations/{allocation}/finish", {"exit_code": None, "reason": "start_failed"})
                 return

@@ -100,15 +100,28 @@ class Stream:
     calls: int = 0
     closing: str = ""  # why this server closes it: "replaced", "silent"
     beat_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    tokens: float = 0.0  # frames it may still send now (a token bucket, STREAM_FRAMES_PER_S)
+    tokens_at: float = 0.0
     looking: bool = False
     look_again: bool = False
+
+    def admit(self, now: float) -> bool:
+        """Whether one more frame is within the stream's budget: STREAM_FRAMES_PER_S, with
+        bursts of ten seconds' worth (an honest agent sends a few a second at most)."""
+        rate = settings.STREAM_FRAMES_PER_S
+        self.tokens = min(rate * 10, self.tokens + (now - self.tokens_at) * rate)
+        self.tokens_at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
     def interval(self, now: float) -> int:
         active = now < self.active_until
         return settings.HEARTBEAT_INTERVAL_S if active else settings.HEARTBEAT_IDLE_INTERVAL_S
 
-    def beat_is_cheap(self, key: str, now: float) -> bool:
-        if self.full_needed or key != self.key or self.reply is None:
+    def beat_is_cheap(self, key: str, now: float, lease_ok: bool) -> bool:
+        if not lease_ok or self.full_needed or key != self.key or self.reply is None:
             return False
         if now - self.full_at >= settings.STREAM_FULL_BEAT_S:
             return False
@@ -125,6 +138,7 @@ class Hub:
         self._readings: dict[str, dict] = {}
         self._sample: set[str] = set()
         self._last_nudge: int | None = None
+        self.renewed_at = -1e9  # monotonic time of the last lease renewal that committed
 
     # -- database work, in the pool -------------------------------------------------------------
 
@@ -167,6 +181,7 @@ class Hub:
             nonlocal rounds
             now = timezone.now()
             await self.db(streams.server_renew, self.server_id, now=now)
+            self.renewed_at = time.monotonic()
             rounds += 1
             if rounds % 30 == 1:
                 await self.db(streams.prune, now=now)
@@ -284,7 +299,10 @@ class Hub:
             await self._reply(stream, None, 400, _problem(400, "Bad frame", detail))
             return
         call_id, method, path, body = frame["id"], frame.get("method"), frame.get("path"), frame.get("body")
-        if method != "POST" or not isinstance(path, str) or not isinstance(body, dict):
+        if not stream.admit(time.monotonic()):
+            detail = f"More than {settings.STREAM_FRAMES_PER_S} calls a second over this stream."
+            await self._reply(stream, call_id, 429, _problem(429, "Too many calls", detail), 1.0)
+        elif method != "POST" or not isinstance(path, str) or not isinstance(body, dict):
             detail = "Calls over the stream are POSTs with a JSON object body."
             await self._reply(stream, call_id, 400, _problem(400, "Bad call", detail))
         elif path == protocol.HEARTBEAT or _ALLOCATION_CALL.fullmatch(path):
@@ -329,7 +347,11 @@ class Hub:
         stream.last_beat_at = now
         key, readings = _decision_key(beat), _readings(beat)
         running = beat.get("running")
-        if readings is not None and isinstance(running, list) and stream.beat_is_cheap(key, now):
+        # Answered from memory only while this server's lease keeps the unit seen (renewed within
+        # half of UNIT_SUSPECT_AFTER), so that in a database outage the agent hears the outage
+        # (a 503 from the full path), not a stale "all well".
+        lease_ok = now - self.renewed_at <= settings.UNIT_SUSPECT_AFTER.total_seconds() / 2
+        if readings is not None and isinstance(running, list) and stream.beat_is_cheap(key, now, lease_ok):
             self._note_readings(stream, readings, now)
             await self._reply(stream, call_id, 200, {**stream.reply, "heartbeat_interval_s": stream.interval(now)})
             return
@@ -426,6 +448,7 @@ async def stream_application(scope, receive, send) -> None:
     stream = Stream(
         unit_id=unit_id, connection=secrets.token_hex(8), environ=calls.environ_base(scope),
         send_frame=send_frame, close_with=close_with, opened_at=now, last_beat_at=now,
+        tokens=settings.STREAM_FRAMES_PER_S * 10, tokens_at=now,
     )  # fmt: skip
     hello = {"connection": stream.connection, "heartbeat_interval_s": settings.HEARTBEAT_INTERVAL_S}
     await send_frame(_frame({"push": "hello", "body": hello}))
