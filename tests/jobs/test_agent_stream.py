@@ -326,3 +326,22 @@ def test_a_stream_flooding_calls_is_answered_429_beyond_its_budget(shed, setting
         await agent.disconnect()
 
     run(scenario())
+
+
+def test_a_cancel_right_after_the_start_is_pushed_before_any_heartbeat_names_the_job(shed, renter):
+    unit, credential = shed
+
+    async def scenario():
+        agent = Agent(credential)
+        await agent.connect()
+        await agent.beat()
+        job = await sync_to_async(job_make)(renter, gpu_count=1)
+        await sync_to_async(job_place)(job_id=job.pk)
+        allocation_id = (await agent.push("assignment"))["allocation_id"]
+        assert (await agent.call(protocol.allocation_path(allocation_id, "start"), {}))["status"] == 200
+        await sync_to_async(job_cancel)(job=await sync_to_async(type(job).objects.get)(pk=job.pk), actor="test")
+        while allocation_id not in (await agent.push("state"))["cancel"]:
+            pass
+        await agent.disconnect()
+
+    run(scenario())

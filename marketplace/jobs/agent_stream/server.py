@@ -382,8 +382,11 @@ def _look(unit_id: str, running: list) -> tuple[list[dict], dict, dict[str, floa
     assignments = []
     while len(assignments) < 64 and (assignment := use_cases.agent_assignment_next(unit=unit)) is not None:
         assignments.append(json.loads(_frame(AssignmentSerializer(assignment).data)))
-    state = use_cases.agent_state(unit=unit, running=running)
-    return assignments, json.loads(_frame(state)), use_cases.agent_unconfirmed(unit=unit)
+    picked_up = use_cases.agent_unconfirmed(unit=unit)
+    # What the agent runs: what its last full heartbeat said, and what it picked up since (a
+    # cancel right after a start must not wait for the heartbeat that names the job).
+    state = use_cases.agent_state(unit=unit, running=list(dict.fromkeys([*running, *picked_up])))
+    return assignments, json.loads(_frame(state)), picked_up
 
 
 def _authenticate(credential: str) -> str | None:
