@@ -8,10 +8,12 @@ per unit now and then. The connection server itself is ``marketplace/jobs/agent_
 """
 
 import logging
+import threading
 from datetime import datetime
 
 from django.conf import settings
 from django.core.cache import cache
+from django.db import connection as db_connection
 from django.db import transaction
 from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
@@ -24,12 +26,43 @@ logger = logging.getLogger(__name__)
 ALIVE = (Unit.Status.ONLINE, Unit.Status.DRAINING)
 
 
+NUDGE_CHANNEL = "shedshare_nudges"  # PostgreSQL's NOTIFY channel that wakes the connection servers
+
+
 def nudge(unit_ids, *, kind: str = UnitNudge.Kind.LOOK, connection: str = "") -> None:
     """Tell the units' connection servers to read these units again and push what changed.
-    Written in the caller's transaction, so a nudge is seen only once what it announces is."""
+    Written in the caller's transaction, so a nudge is seen only once what it announces is; on
+    PostgreSQL a NOTIFY, delivered at the commit, wakes the servers at once."""
     rows = [UnitNudge(unit_id=unit_id, kind=kind, connection=connection) for unit_id in dict.fromkeys(unit_ids)]
     if rows:
         UnitNudge.objects.bulk_create(rows)
+        if db_connection.vendor == "postgresql":
+            with db_connection.cursor() as cursor:
+                cursor.execute(f"NOTIFY {NUDGE_CHANNEL}")
+
+
+def nudges_listen(woken, stopping: threading.Event) -> None:
+    """On PostgreSQL, call ``woken()`` whenever nudges commit (LISTEN on a connection of its
+    own), and once after each (re)connection, until ``stopping`` is set; reconnects after an
+    outage. Returns at once elsewhere: the servers poll the nudges alone."""
+    if db_connection.vendor != "postgresql":
+        return
+    import psycopg
+
+    db = settings.DATABASES["default"]
+    params = {"dbname": db["NAME"], "user": db.get("USER"), "password": db.get("PASSWORD"), "host": db.get("HOST"),
+              "port": db.get("PORT"), "connect_timeout": 3}  # fmt: skip
+    while not stopping.is_set():
+        try:
+            with psycopg.connect(**{k: v for k, v in params.items() if v}, autocommit=True) as listener:
+                listener.execute(f"LISTEN {NUDGE_CHANNEL}")
+                woken()  # what committed while no one listened
+                while not stopping.is_set():
+                    for _ in listener.notifies(timeout=1.0):
+                        woken()
+        except Exception:  # noqa: BLE001 - the database is away: the servers poll meanwhile
+            logger.warning("nudges_unheard: LISTEN failed, retrying", exc_info=True)
+            stopping.wait(1.0)
 
 
 def nudges_after(last_id: int, *, limit: int = 1000) -> list[tuple[int, str, str, str]]:

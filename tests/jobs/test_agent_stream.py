@@ -10,6 +10,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from asgiref.testing import ApplicationCommunicator
 from django.core.cache import cache
+from django.db import connections
 from django.utils import timezone
 
 from marketplace.asgi import application
@@ -36,6 +37,8 @@ def fresh_hub(settings):
     server.HUB = None
     cache.clear()
     yield
+    if server.HUB is not None:
+        server.HUB.release()  # its LISTEN connection, before the test database goes
     server.HUB = None
 
 
@@ -117,7 +120,13 @@ async def eventually(check, what: str):
 
 
 def run(coroutine):
-    return asyncio.run(coroutine)
+    async def scenario():
+        try:
+            return await coroutine
+        finally:  # the connection of the thread that ran the test's own queries
+            await sync_to_async(connections.close_all)()
+
+    return asyncio.run(scenario())
 
 
 @pytest.fixture

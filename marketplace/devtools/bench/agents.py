@@ -16,19 +16,23 @@ The phases, each timed by this process's wall clock (the swarm stamps what it me
 same clock):
 
 1. setup: the synthetic marketplace of ``bench placement`` (all units online, every GPU sold
-   whole) plus a node credential per unit, made as enrolment makes them; then ``pgbench_tps`` on
-   the scratch database, before any process of the stack starts.
-2. ramp: the swarm opens its streams at ``--ramp-per-s`` in all (gradually, so that the server's
-   first full heartbeats are no stampede) until every agent is connected (``ramp_s``). Beat, and
-   with it the liveness sweep, starts once they are: the units' liveness is judged from then on,
-   from their streams alone.
+   whole) plus a node credential per unit, made as enrolment makes them, and 127.0.0.1 as each
+   unit's known address (a fleet reconnecting, not one enrolling); then ``pgbench_tps`` on the
+   scratch database, before any process of the stack starts.
+2. ramp: the swarm opens its streams at up to ``--ramp-per-s`` in all, with at most
+   ``--ramp-pending`` agents between connecting and the answer to their first heartbeat (a full
+   one), so that a server slower than the ramp sets its pace; until every agent is connected
+   (its first heartbeat answered: ``ramp_s``), or ``--ramp-timeout`` passed (``ramp_complete``
+   false: measured anyway). Beat, and with it the liveness sweep, starts then: the units'
+   liveness is judged from then on, from their streams alone.
 3. settle: STREAM_ACTIVE_HOLD_S + HEARTBEAT_INTERVAL_S, so that every stream is at its idle cadence.
 4. idle: ``--idle`` seconds with no work. By default STREAM_FULL_BEAT_S, so that each stream's
    periodic full heartbeat falls in the window once, as it does in a steady state.
 5. busy: ``--duration`` seconds of renters submitting at ``--rate`` through the REST API (mostly
    one-GPU jobs, ``SUBMITTERS`` clients), a tenth of the jobs cancelled CANCEL_AFTER_S after their
-   submit (by then they have started: the swarm's jobs run RUN_S), and then until the last cancel
-   is answered and SETTLE_S more.
+   submit (by then they have started: the swarm's jobs run 20–90 s), until the last cancel is
+   answered and a little over HEARTBEAT_IDLE_INTERVAL_S more, so that a cancel that only a
+   heartbeat's answer brings is heard.
 
 Reported: ``connected_agents`` (the fewest connected at any second of idle and busy), heartbeat
 round trips (sent to answer, as the agent sees them) over idle and busy together, and
@@ -43,10 +47,12 @@ heartbeats answered in the window, with the tables that took most (``db_writes_i
 PostgreSQL publishes these counters up to a second late, which the windows' length makes small.
 ``server_rss_mb`` is the connection servers' resident memory at the end of busy,
 ``server_cpu_s_per_1000_heartbeats`` their user+system CPU over idle and busy per 1000 heartbeats.
-``falsely_suspect``: units judged suspect or offline after beat started whose agent's stream never
-dropped. ``errors``: the swarm's (answers other than 2xx, calls unanswered, streams closed
-unasked, failed connects) plus the renter calls answered other than 2xx; ``errors_by_kind`` says
-which.
+``falsely_suspect``: units judged suspect or offline between the start of beat and the end of
+busy whose agent's stream was up before and never dropped; ``lease_age_max_s``: the oldest the
+connection servers' lease got over that time, read every second (their units count as seen up
+to its renewal, so near UNIT_SUSPECT_AFTER it makes false suspects). ``errors``: the swarm's
+(answers other than 2xx, calls unanswered, streams closed unasked, failed connects) plus the
+renter calls answered other than 2xx; ``errors_by_kind`` says which.
 
 ``--hold S`` keeps everything running S seconds after the measurement (``holding`` on stderr), so
 that another benchmark can run beside the connected agents. At the end, or on Ctrl-C, every child
@@ -101,6 +107,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--swarm-processes", type=int, default=None, help="default: one per 5,000 agents")
     parser.add_argument("--connection-servers", type=int, default=1)
     parser.add_argument("--ramp-per-s", type=float, default=200.0, help="new streams per second, all together")
+    parser.add_argument(
+        "--ramp-pending", type=int, default=100, help="at most this many agents between connect and first answer"
+    )
     parser.add_argument(
         "--ramp-timeout", type=float, default=900.0, help="seconds to wait for every agent; then measure anyway"
     )
@@ -161,7 +170,7 @@ def _bench(options: dict, database: dict, log_dir: Path, *, swarms: int, servers
         urls = [f"ws://127.0.0.1:{port}/api/agent/v1/stream" for port in ports]
         for n, agent in enumerate(agents):
             agent["url"] = urls[n % len(urls)]
-        swarm = Swarm(agents, swarms, options["ramp_per_s"], options["seed"], log_dir)
+        swarm = Swarm(agents, swarms, options, log_dir)
         ramp_started = time.time()
         ramp_complete = swarm.wait_connected(len(agents), timeout=options["ramp_timeout"])
         ramp_s = time.time() - ramp_started
@@ -223,8 +232,14 @@ def _agents() -> list[dict]:
         issued = tokens.token_issue(NODE_CREDENTIAL_KIND)
         rows.append((issued.lookup, issued.digest, unit_id))
         agents[str(unit_id)] = {"unit": str(unit_id), "credential": issued.plaintext, "gpus": []}
+    # The agents call from 127.0.0.1, taken as already seen: a fleet that reconnects, not one
+    # enrolling (whose first heartbeats would also observe and judge each unit's address).
     with connection.cursor() as cursor:
-        cursor.executemany("UPDATE nodes_unit SET credential_lookup = %s, credential_digest = %s WHERE id = %s", rows)
+        cursor.executemany(
+            "UPDATE nodes_unit SET credential_lookup = %s, credential_digest = %s, observed_ip = '127.0.0.1', "
+            "observed_country = '', observed_at = now() WHERE id = %s",
+            rows,
+        )
     inventory = GPU.objects.order_by("unit_id", "index").values_list(
         "unit_id", "index", "device_uuid", "model", "vram_mb", "driver_version", "cuda_version"
     )
@@ -490,14 +505,19 @@ def _falsely_suspect(since: float, until: float, measured: dict) -> int:
 class Swarm:
     """The swarm's processes: their specs, status lines and results."""
 
-    def __init__(self, agents: list[dict], processes: int, ramp_per_s: float, seed: int, log_dir: Path) -> None:
+    def __init__(self, agents: list[dict], processes: int, options: dict, log_dir: Path) -> None:
         self.processes: list[subprocess.Popen] = []
         self.status: list[dict] = [{} for _ in range(processes)]
         self.samples: list[tuple[float, int]] = []  # (when, agents connected in all)
         self.results = [log_dir / f"swarm-{n}.results.json" for n in range(processes)]
         self.reported = [threading.Event() for _ in range(processes)]
         for n in range(processes):
-            spec = {"ramp_per_s": ramp_per_s / processes, "seed": seed + n, "agents": agents[n::processes]}
+            spec = {
+                "ramp_per_s": options["ramp_per_s"] / processes,
+                "ramp_pending": max(1, options["ramp_pending"] // processes),
+                "seed": options["seed"] + n,
+                "agents": agents[n::processes],
+            }
             spec_path = log_dir / f"swarm-{n}.spec.json"
             spec_path.write_text(json.dumps(spec))
             with open(log_dir / f"swarm-{n}.log", "wb") as log:

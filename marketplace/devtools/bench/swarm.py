@@ -4,13 +4,19 @@ Each agent speaks the stream protocol as the real one does (``nodes/agent/stream
 ``heartbeat.py``, ``loop.py``): it connects with its node credential, beats at once and then at
 the cadence the answers (and pushed states) give, jittered ±10%, with GPUs whose temperature and
 power drift; an assignment pushed to it is started, reported every USAGE_EVERY_S and finished
-after a simulated run (RUN_S), or as "cancelled" as soon as it hears of a cancel (pushed, or in a
-heartbeat's answer); the allocations it runs are in its heartbeats. A dropped stream is counted
-and opened again after a jittered second. It imports no Django: asyncio, websockets and json.
+after a simulated run (``run_s``), or as "cancelled" as soon as it hears of a cancel (pushed, or
+in a heartbeat's answer); the allocations it runs are in its heartbeats. A call unanswered after
+CALL_TIMEOUT_S (where the real agent would turn to HTTP) or answered other than 2xx is an error,
+and a failed heartbeat is retried with the agent's backoff. A dropped stream is an error, and is
+opened again after a jittered second. It imports no Django: asyncio, websockets and json.
+
+An agent counts as connected from the answer to its stream's first heartbeat. Agents start at
+``ramp_per_s``, with at most ``ramp_pending`` of them connecting at once (see ``Swarm.run``).
 
     python -m marketplace.devtools.bench.swarm SPEC.json RESULTS.json
 
-SPEC: {"ramp_per_s", "seed", "agents": [{"unit", "url", "credential", "gpus": [GpuReport...]}]}.
+SPEC: {"ramp_per_s", "ramp_pending", "seed", "run_s"?, "agents": [{"unit", "url", "credential", "gpus":
+[GpuReport...], "run_s"?}]} (``run_s``: [shortest, longest] simulated run, default RUN_S).
 Prints one JSON status line a second on stdout ({"connected", "errors", "heartbeats"}). Reads
 commands on stdin: ``report`` writes RESULTS (what it measured so far) and prints
 ``{"reported": ...}``, ``stop`` (or SIGTERM, or stdin closing) closes every stream and exits.
@@ -55,6 +61,8 @@ class Swarm:
 
     def __init__(self, spec: dict) -> None:
         self.ramp_per_s = float(spec.get("ramp_per_s") or 100.0)
+        self.ramp_pending = int(spec.get("ramp_pending") or 50)
+        self.run_s = tuple(spec.get("run_s") or RUN_S)
         self.rng = random.Random(spec.get("seed", 0))
         self.agents = [Agent(self, agent, random.Random(self.rng.getrandbits(64))) for agent in spec["agents"]]
         self.stopping = asyncio.Event()
@@ -90,13 +98,21 @@ class Swarm:
         }
 
     async def run(self) -> None:
+        """Start the agents at ramp_per_s, in small groups, with at most ramp_pending of them
+        between their first connect and their first answered heartbeat: a server slower than
+        the ramp sets the pace instead of a queue of first heartbeats timing out."""
         tasks = []
-        batch = max(1, int(self.ramp_per_s / 20))  # start agents in small groups, 20 groups a second
+        slots = asyncio.Semaphore(self.ramp_pending)
+        batch = max(1, int(self.ramp_per_s / 20))  # 20 groups a second
         for start in range(0, len(self.agents), batch):
+            group = self.agents[start : start + batch]
+            for agent in group:
+                await slots.acquire()
+                if self.stopping.is_set():
+                    break
+                tasks.append(asyncio.create_task(agent.hold(slots.release)))
             if self.stopping.is_set():
                 break
-            group = self.agents[start : start + batch]
-            tasks += [asyncio.create_task(agent.hold()) for agent in group]
             await asyncio.sleep(len(group) / self.ramp_per_s)
         await self.stopping.wait()
         await asyncio.gather(*(agent.close() for agent in self.agents), return_exceptions=True)
@@ -111,6 +127,7 @@ class Agent:
     def __init__(self, swarm: Swarm, spec: dict, rng: random.Random) -> None:
         self.swarm, self.rng = swarm, rng
         self.unit, self.url = spec["unit"], spec["url"]
+        self.run_s = tuple(spec.get("run_s") or swarm.run_s)
         self.headers = {"Authorization": f"Bearer {spec['credential']}"}
         self.gpus = [{**gpu, "healthy": True, "temperature_c": rng.randint(35, 60), "power_w": 80.0}
                      for gpu in spec["gpus"]]  # fmt: skip
@@ -122,13 +139,28 @@ class Agent:
         self.next_at = 0.0
         self.failures = 0
         self.established = False
+        self.ramped = None
         self.wake = asyncio.Event()
         self.jobs: dict[str, asyncio.Event] = {}  # allocation id -> its cancel
         self.running: list[str] = []  # started, not finished
 
     # -- the stream ------------------------------------------------------------------------------
 
-    async def hold(self) -> None:
+    async def hold(self, ramped) -> None:
+        """Hold the stream, opening it again after a drop; ``ramped()`` is called once, when its
+        first heartbeat is answered or its first try failed."""
+        self.ramped = ramped
+        try:
+            await self._hold()
+        finally:
+            self._ramped()
+
+    def _ramped(self) -> None:
+        ramped, self.ramped = self.ramped, None
+        if ramped is not None:
+            ramped()
+
+    async def _hold(self) -> None:
         swarm = self.swarm
         while not swarm.stopping.is_set():
             try:
@@ -141,6 +173,7 @@ class Agent:
             except (OSError, TimeoutError, InvalidStatus, WebSocketException) as exc:
                 if not swarm.stopping.is_set():
                     swarm.error(f"connect:{type(exc).__name__}", f"{self.unit} {exc}")
+            self._ramped()
             if not swarm.stopping.is_set():
                 await asyncio.sleep(jittered(1.0, self.rng, 0.5))
 
@@ -245,6 +278,7 @@ class Agent:
                     self.established = True
                     swarm.connected += 1
                     swarm.established.setdefault(self.unit, time.time())
+                    self._ramped()
                 self._state(reply, time.time(), "reply")
                 self.interval_s = max(0.1, float(reply.get("heartbeat_interval_s") or self.interval_s))
                 self.next_at = time.monotonic() + jittered(self.interval_s, self.rng)
@@ -285,7 +319,7 @@ class Agent:
                 return
             self.running.append(allocation)
             started = last = time.monotonic()
-            ends = started + self.rng.uniform(*RUN_S)
+            ends = started + self.rng.uniform(*self.run_s)
             seq = 0
             while not cancel.is_set() and time.monotonic() < ends:
                 timeout = min(last + USAGE_EVERY_S, ends) - time.monotonic()
@@ -299,6 +333,7 @@ class Agent:
                     last = now
                     await self.call(f"allocations/{allocation}/usage", {"samples": [sample]})
             reason, code = ("cancelled", 143) if cancel.is_set() else ("exited", 0)
+            self.jobs.pop(allocation, None)  # ended: a cancel heard from now on is not this job's
             await self.call(f"allocations/{allocation}/finish", {"exit_code": code, "reason": reason})
         except asyncio.CancelledError:
             return

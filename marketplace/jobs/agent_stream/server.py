@@ -22,12 +22,13 @@ import os
 import re
 import secrets
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import close_old_connections, connections
 from django.utils import timezone
 
 from marketplace.jobs import agent_use_cases as use_cases
@@ -139,6 +140,9 @@ class Hub:
         self._sample: set[str] = set()
         self._last_nudge: int | None = None
         self.renewed_at = -1e9  # monotonic time of the last lease renewal that committed
+        self._woken = asyncio.Event()
+        self._stopping = threading.Event()
+        self._listener: threading.Thread | None = None
 
     # -- database work, in the pool -------------------------------------------------------------
 
@@ -156,13 +160,38 @@ class Hub:
     def start(self) -> None:
         if self._tasks:
             return
-        for loop in (self._renew_loop, self._nudge_loop, self._telemetry_loop, self._silence_loop):
-            self._tasks.append(asyncio.get_running_loop().create_task(loop()))
+        loop = asyncio.get_running_loop()
+        for step in (self._renew_loop, self._nudge_loop, self._telemetry_loop, self._silence_loop):
+            self._tasks.append(loop.create_task(step()))
+        # PostgreSQL's NOTIFY wakes the nudge loop the moment nudges commit; it polls regardless.
+        self._listener = threading.Thread(
+            target=streams.nudges_listen, args=(lambda: loop.call_soon_threadsafe(self._woken.set), self._stopping),
+            name="stream-nudges", daemon=True,
+        )  # fmt: skip
+        self._listener.start()
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         self._tasks.clear()
+        await asyncio.get_running_loop().run_in_executor(None, self.release)
+
+    def release(self) -> None:
+        """Let go of the database: the LISTEN connection (its thread ends within a second) and
+        the pool threads' connections."""
+        self._stopping.set()
+        if self._listener is not None:
+            self._listener.join(timeout=5.0)
+        barrier = threading.Barrier(settings.STREAM_THREADS, timeout=5.0)
+
+        def close_mine():  # on every thread of the pool at once, so each closes its own
+            connections.close_all()
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier.wait()
+
+        for _ in range(settings.STREAM_THREADS):
+            self._executor.submit(close_mine)
+        self._executor.shutdown(wait=True)
 
     async def _every(self, seconds: float, step, what: str) -> None:
         while True:
@@ -203,7 +232,16 @@ class Hub:
                 else:
                     self.look(stream)
 
-        await self._every(settings.STREAM_NUDGE_POLL_S, read, "nudges")
+        while True:
+            try:
+                await read()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - an outage: the next round tries again
+                logger.warning("stream_nudges_failed", exc_info=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), settings.STREAM_NUDGE_POLL_S)
+            self._woken.clear()
 
     async def _telemetry_loop(self) -> None:
         async def flush():
