@@ -462,6 +462,9 @@ STREAM_THREADS = env_int("STREAM_THREADS", 8)
 # either a call is answered 429 at once.
 STREAM_CALLS_IN_FLIGHT = env_int("STREAM_CALLS_IN_FLIGHT", 32)
 STREAM_FRAMES_PER_S = env_int("STREAM_FRAMES_PER_S", 20)
+# Streams a unit may open a minute (each open writes); beyond it the stream is closed 1013 and
+# the agent polls over HTTP until it tries again.
+STREAM_CONNECTS_PER_MIN = env_int("STREAM_CONNECTS_PER_MIN", 30)
 # GPU readings: the latest in the cache (kept this long), and a history row per unit this often.
 STREAM_TELEMETRY_TTL_S = env_int("STREAM_TELEMETRY_TTL_S", 600)
 STREAM_TELEMETRY_SAMPLE_S = env_int("STREAM_TELEMETRY_SAMPLE_S", 600)

@@ -354,3 +354,20 @@ def test_a_cancel_right_after_the_start_is_pushed_before_any_heartbeat_names_the
         await agent.disconnect()
 
     run(scenario())
+
+
+def test_a_unit_reconnecting_in_a_loop_is_told_to_try_later(shed, settings, monkeypatch):
+    settings.STREAM_CONNECTS_PER_MIN = 2
+    monkeypatch.setattr(server, "wall_clock", lambda: 1_800_000_030.0)  # all within one minute
+
+    async def scenario():
+        for _ in range(2):
+            agent = Agent(shed[1])
+            await agent.connect()
+            await agent.disconnect(protocol.StreamClose.REPLACED)
+        third = Agent(shed[1])
+        await third.wire.send_input({"type": "websocket.connect"})
+        assert (await third.wire.receive_output(WAIT_S))["type"] == "websocket.accept"
+        assert (await third.frame()) == {"closed": protocol.StreamClose.TRY_LATER}
+
+    run(scenario())

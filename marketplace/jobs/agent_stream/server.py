@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from django.conf import settings
+from django.core.cache import cache
 from django.db import close_old_connections, connections
 from django.utils import timezone
 
@@ -45,6 +46,7 @@ _ALLOCATION_CALL = re.compile(r"allocations/([0-9a-fA-F-]{36})/(" + "|".join(pro
 _ALIVE = {Unit.Status.ONLINE, Unit.Status.DRAINING}
 _TELEMETRY = ("temperature_c", "power_w")
 SERVER_SHUTDOWN = 1012  # the code a connection ends with when this server shuts down
+wall_clock = time.time  # the minutes the connect budget counts in (tests fix it)
 
 
 def _problem(status: int, title: str, detail: str) -> dict:
@@ -427,9 +429,24 @@ def _look(unit_id: str, running: list) -> tuple[list[dict], dict, dict[str, floa
     return assignments, json.loads(_frame(state)), picked_up
 
 
-def _authenticate(credential: str) -> str | None:
+def _authenticate(credential: str) -> tuple[str | None, bool]:
+    """(the credential's unit or None, whether it may open another stream this minute)."""
     unit = unit_services.unit_authenticate(credential=credential)
-    return None if unit is None else str(unit.pk)
+    if unit is None:
+        return None, False
+    return str(unit.pk), _connect_allowed(str(unit.pk))
+
+
+def _connect_allowed(unit_id: str) -> bool:
+    """At most STREAM_CONNECTS_PER_MIN opens per unit and minute: each one writes, and an agent
+    that reconnects in a loop (or two that fight over one credential) must not hammer the
+    database. Allowed when the cache is away, as the HTTP rate limits are."""
+    key = f"stream-connects:{unit_id}:{int(wall_clock() // 60)}"
+    try:
+        cache.add(key, 0, timeout=120)
+        return cache.incr(key) <= settings.STREAM_CONNECTS_PER_MIN
+    except Exception:  # noqa: BLE001 - the cache is away
+        return True
 
 
 HUB: Hub | None = None
@@ -458,15 +475,16 @@ async def stream_application(scope, receive, send) -> None:
     the_hub = hub()
     the_hub.start()
     try:
-        unit_id = await the_hub.db(_authenticate, _bearer(scope))
+        unit_id, allowed = await the_hub.db(_authenticate, _bearer(scope))
     except Exception:  # noqa: BLE001 - the database is away: come back later, or use HTTP meanwhile
         logger.warning("stream_refused: cannot authenticate now", exc_info=True)
         await send({"type": "websocket.accept"})
         await send({"type": "websocket.close", "code": protocol.StreamClose.TRY_LATER})
         return
     await send({"type": "websocket.accept"})
-    if unit_id is None:
-        await send({"type": "websocket.close", "code": protocol.StreamClose.UNAUTHORISED})
+    if unit_id is None or not allowed:
+        code = protocol.StreamClose.UNAUTHORISED if unit_id is None else protocol.StreamClose.TRY_LATER
+        await send({"type": "websocket.close", "code": code})
         return
     lock = asyncio.Lock()
     closed = False
