@@ -371,3 +371,29 @@ def test_a_unit_reconnecting_in_a_loop_is_told_to_try_later(shed, settings, monk
         assert (await third.frame()) == {"closed": protocol.StreamClose.TRY_LATER}
 
     run(scenario())
+
+
+def test_a_newer_stream_on_another_server_closes_the_older_through_the_database(shed):
+    """Two connection servers (two hubs, as two processes behind a load balancer would be)."""
+    unit, credential = shed
+
+    async def scenario():
+        older = Agent(credential)
+        await older.connect()
+        await older.beat()
+        first_server = server.HUB
+        server.HUB = None  # the next connection lands on another server
+        newer = Agent(credential)
+        await newer.connect()
+        assert server.HUB is not first_server
+        while older.closed is None:
+            await older.frame()
+        assert older.closed == protocol.StreamClose.REPLACED
+        await older.disconnect(protocol.StreamClose.REPLACED)
+        stored = await sync_to_async(Unit.objects.values_list("status", "stream_server_id").get)(pk=unit.pk)
+        assert stored == ("online", server.HUB.server_id)
+        assert (await newer.beat())["status"] == 200
+        await newer.disconnect()
+        first_server.release()
+
+    run(scenario())
