@@ -9,7 +9,8 @@ closes streams whose agent fell silent. Database work runs in a small pool of th
 
 A heartbeat that changes nothing the marketplace decides on is answered from memory and writes
 no row. One goes through in full (the HTTP view, through ``calls.call``) when it may change
-something: the first of a stream, a different inventory, running set, limits or country, a unit
+something: the first of a stream, a different inventory, limits or country, a running set other
+than the one this server followed through the starts and finishes it served, a unit
 not online, an allocation the agent was sent but no longer reports past the grace, or every
 STREAM_FULL_BEAT_S anyway.
 """
@@ -54,11 +55,12 @@ def _problem(status: int, title: str, detail: str) -> dict:
 
 
 def _decision_key(beat: dict) -> str:
-    """The heartbeat without its telemetry: what placement and liveness decide on."""
+    """The heartbeat without its telemetry and its running set (compared on its own, as this
+    server follows it through the starts and finishes it serves): what placement decides on."""
     gpus = beat.get("gpus")
     if isinstance(gpus, list):
         gpus = [{k: v for k, v in gpu.items() if k not in _TELEMETRY} if isinstance(gpu, dict) else gpu for gpu in gpus]
-    return json.dumps({**beat, "gpus": gpus}, sort_keys=True, default=str)
+    return json.dumps({**beat, "gpus": gpus, "running": None}, sort_keys=True, default=str)
 
 
 def _readings(beat: dict) -> list[dict] | None:
@@ -94,7 +96,7 @@ class Stream:
     last_beat_at: float
     key: str | None = None  # the last full heartbeat's decision key
     reply: dict | None = None  # what a heartbeat is answered with now
-    running: list = field(default_factory=list)
+    running: set[str] = field(default_factory=set)  # as the last full beat said, plus starts, less finishes
     full_at: float = 0.0
     active_until: float = 0.0
     full_needed: bool = True
@@ -123,8 +125,8 @@ class Stream:
         active = now < self.active_until
         return settings.HEARTBEAT_INTERVAL_S if active else settings.HEARTBEAT_IDLE_INTERVAL_S
 
-    def beat_is_cheap(self, key: str, now: float, lease_ok: bool) -> bool:
-        if not lease_ok or self.full_needed or key != self.key or self.reply is None:
+    def beat_is_cheap(self, key: str, running: set[str], now: float, lease_ok: bool) -> bool:
+        if not lease_ok or self.full_needed or key != self.key or running != self.running or self.reply is None:
             return False
         if now - self.full_at >= settings.STREAM_FULL_BEAT_S:
             return False
@@ -377,8 +379,14 @@ class Hub:
             status, answer, retry_after = await self.db(calls.call, stream.environ, "POST", path, body)
         finally:
             stream.calls -= 1
-        if path.endswith("/finish") and status < 300:
-            stream.expected.pop(path.split("/")[1], None)
+        allocation, action = path.split("/")[1:3]
+        if action in ("start", "finish") and status < 300:
+            # The agent runs it now, or no more: its next heartbeat says so, and stays cheap.
+            if action == "start":
+                stream.running.add(allocation)
+            else:
+                stream.running.discard(allocation)
+                stream.expected.pop(allocation, None)
             stream.active_until = time.monotonic() + settings.STREAM_ACTIVE_HOLD_S
         await self._reply(stream, call_id, status, answer, retry_after)
 
@@ -387,20 +395,23 @@ class Hub:
         stream.last_beat_at = now
         key, readings = _decision_key(beat), _readings(beat)
         running = beat.get("running")
+        running = {str(allocation) for allocation in running} if isinstance(running, list) else None
+        if "running" not in beat:
+            running = set()  # as the HTTP API reads it
         # Answered from memory only while this server's lease keeps the unit seen (renewed within
         # half of UNIT_SUSPECT_AFTER), so that in a database outage the agent hears the outage
         # (a 503 from the full path), not a stale "all well".
         lease_ok = now - self.renewed_at <= settings.UNIT_SUSPECT_AFTER.total_seconds() / 2
-        if readings is not None and isinstance(running, list) and stream.beat_is_cheap(key, now, lease_ok):
+        if readings is not None and running is not None and stream.beat_is_cheap(key, running, now, lease_ok):
             self._note_readings(stream, readings, now)
             await self._reply(stream, call_id, 200, {**stream.reply, "heartbeat_interval_s": stream.interval(now)})
             return
         status, answer, retry_after = await self.db(calls.call, stream.environ, "POST", protocol.HEARTBEAT, beat)
         if status == 200 and isinstance(answer, dict):
-            if key != stream.key:
+            if key != stream.key or running != stream.running:
                 stream.active_until = now + settings.STREAM_ACTIVE_HOLD_S
             stream.key, stream.reply, stream.full_at = key, dict(answer), now
-            stream.running = [str(allocation) for allocation in running]
+            stream.running = running or set()
             stream.full_needed = answer.get("status") not in _ALIVE
             stream.expected = {a: at for a, at in stream.expected.items() if a not in stream.running}
             answer = {**answer, "heartbeat_interval_s": stream.interval(now)}
