@@ -277,8 +277,6 @@ class Hub:
         self.streams[stream.unit_id] = stream
         if older is not None:
             await self.close(older, protocol.StreamClose.REPLACED, "replaced")
-        await self.db(streams.stream_opened, unit_id=stream.unit_id, server_id=self.server_id,
-                      connection=stream.connection)  # fmt: skip
         logger.info("stream_opened unit=%s connection=%s", stream.unit_id, stream.connection)
         self.look(stream)
 
@@ -440,12 +438,16 @@ def _look(unit_id: str, running: list) -> tuple[list[dict], dict, dict[str, floa
     return assignments, json.loads(_frame(state)), picked_up
 
 
-def _authenticate(credential: str) -> tuple[str | None, bool]:
-    """(the credential's unit or None, whether it may open another stream this minute)."""
+def _open(credential: str, *, server_id: str, connection: str) -> tuple[str | None, bool]:
+    """Admit a stream, in one trip to the database: (the credential's unit or None, whether it
+    may open another stream this minute); if both, the unit's stream is this one now."""
     unit = unit_services.unit_authenticate(credential=credential)
     if unit is None:
         return None, False
-    return str(unit.pk), _connect_allowed(str(unit.pk))
+    if not _connect_allowed(str(unit.pk)):
+        return str(unit.pk), False
+    streams.stream_opened(unit_id=str(unit.pk), server_id=server_id, connection=connection)
+    return str(unit.pk), True
 
 
 def _connect_allowed(unit_id: str) -> bool:
@@ -485,8 +487,9 @@ async def stream_application(scope, receive, send) -> None:
         return
     the_hub = hub()
     the_hub.start()
+    connection = secrets.token_hex(8)
     try:
-        unit_id, allowed = await the_hub.db(_authenticate, _bearer(scope))
+        unit_id, allowed = await the_hub.db(_open, _bearer(scope), server_id=the_hub.server_id, connection=connection)
     except Exception:  # noqa: BLE001 - the database is away: come back later, or use HTTP meanwhile
         logger.warning("stream_refused: cannot authenticate now", exc_info=True)
         await send({"type": "websocket.accept"})
@@ -516,15 +519,15 @@ async def stream_application(scope, receive, send) -> None:
 
     now = time.monotonic()
     stream = Stream(
-        unit_id=unit_id, connection=secrets.token_hex(8), environ=calls.environ_base(scope),
+        unit_id=unit_id, connection=connection, environ=calls.environ_base(scope),
         send_frame=send_frame, close_with=close_with, opened_at=now, last_beat_at=now,
         tokens=settings.STREAM_FRAMES_PER_S * 10, tokens_at=now,
     )  # fmt: skip
     hello = {"connection": stream.connection, "heartbeat_interval_s": settings.HEARTBEAT_INTERVAL_S}
-    await send_frame(_frame({"push": "hello", "body": hello}))
     code = protocol.StreamClose.TRY_LATER
     tasks: set[asyncio.Task] = set()
-    try:
+    try:  # from here on the unit's stream is this one: it is detached however it ends
+        await send_frame(_frame({"push": "hello", "body": hello}))
         await the_hub.attach(stream)
         while True:
             message = await receive()
