@@ -130,16 +130,18 @@ def run(**options) -> dict:
     _open_files(math.ceil(units / min(swarms, servers)) + 1024)
     idle_s = settings.STREAM_FULL_BEAT_S if options["idle"] is None else options["idle"]
     log_dir = Path(tempfile.mkdtemp(prefix="bench-agents-"))
-    interrupted = _interrupt_on_sigterm()
+    handlers = _interrupt_once()
     try:
         with scratch_database(keep=options["keep_database"]) as database:
             return _bench(options, database, log_dir, swarms=swarms, servers=servers, idle_s=idle_s)
     except KeyboardInterrupt:
+        database = "kept" if options["keep_database"] else "dropped"
         raise CommandError(
-            f"Interrupted: every process stopped, the scratch database dropped; logs in {log_dir}."
+            f"Interrupted: every process stopped, the scratch database {database}; logs in {log_dir}."
         ) from None
     finally:
-        signal.signal(signal.SIGTERM, interrupted)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 def _bench(options: dict, database: dict, log_dir: Path, *, swarms: int, servers: int, idle_s: float) -> dict:
@@ -152,7 +154,7 @@ def _bench(options: dict, database: dict, log_dir: Path, *, swarms: int, servers
     keys = [api_key_create(user=renter, name=f"bench {n}")[1] for n in range(SUBMITTERS)]
     tps = pgbench_tps(database, seconds=options["pgbench_seconds"], clients=4)
     stack = devstack.Stack(env=dict(os.environ), log_dir=log_dir)
-    swarm = None
+    swarm = leases = None
     try:
         redis_url = _redis_start(stack)
         stack.env = _environ(database, redis_url, log_dir)
@@ -214,6 +216,8 @@ def _bench(options: dict, database: dict, log_dir: Path, *, swarms: int, servers
             time.sleep(options["hold"])
         return result
     finally:
+        if leases is not None:
+            leases.stop()
         _stop(stack, swarm)
 
 
@@ -386,7 +390,8 @@ class LeaseWatch:
 
     def stop(self) -> float:
         self.stopping.set()
-        self.thread.join()
+        if self.thread.is_alive():
+            self.thread.join()
         return round(self.oldest, 1)
 
 
@@ -683,10 +688,15 @@ def _open_files(need: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def _interrupt_on_sigterm():
-    """SIGTERM ends the benchmark as Ctrl-C does: children stopped, database dropped."""
+def _interrupt_once() -> dict:
+    """Ctrl-C or SIGTERM ends the benchmark: the children are stopped and the database dropped,
+    and a second one does not cut that short (it would leave processes behind). Returns the
+    handlers replaced."""
 
     def interrupt(signum, frame):
+        for name in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(name, signal.SIG_IGN)
+        print("interrupted: stopping every process", file=sys.stderr, flush=True)
         raise KeyboardInterrupt
 
-    return signal.signal(signal.SIGTERM, interrupt)
+    return {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}

@@ -8,7 +8,7 @@ after a simulated run (``run_s``), or as "cancelled" as soon as it hears of a ca
 in a heartbeat's answer); the allocations it runs are in its heartbeats. A call unanswered after
 CALL_TIMEOUT_S (where the real agent would turn to HTTP) or answered other than 2xx is an error,
 and a failed heartbeat is retried with the agent's backoff. A dropped stream is an error, and is
-opened again after a jittered second. It imports no Django: asyncio, websockets and json.
+opened again as the agent does (``Agent._hold``). It imports no Django: asyncio, websockets and json.
 
 An agent counts as connected from the answer to its stream's first heartbeat. Agents start at
 ``ramp_per_s``, with at most ``ramp_pending`` of them connecting at once (see ``Swarm.run``).
@@ -42,6 +42,10 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 USAGE_EVERY_S = 10.0
 RUN_S = (20.0, 90.0)  # a simulated job's run time, uniform
 CALL_TIMEOUT_S = 10.0  # as the agent's client: then it would make the call over HTTP
+OPEN_TIMEOUT_S = 10.0  # as the agent's stream
+STREAM_RETRY_S = 60.0  # protocol.STREAM_RETRY_S: the longest wait before the next try
+RECONNECT_SOON = {1001, 1012, 4408}  # the server went away or found the stream silent
+RECONNECT_LATER = {4401, 4409}  # refused, or replaced by a newer stream of the unit
 PING_S = 20.0  # as the real agent
 MAX_FRAME = 2**20 + 2**16
 AGENT_VERSION = "bench-swarm"
@@ -98,27 +102,27 @@ class Swarm:
         }
 
     async def run(self) -> None:
+        tasks: list[asyncio.Task] = []
+        ramp = asyncio.create_task(self._ramp(tasks))
+        await self.stopping.wait()
+        ramp.cancel()
+        await asyncio.gather(*(agent.close() for agent in self.agents), return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(ramp, *tasks, return_exceptions=True)
+
+    async def _ramp(self, tasks: list[asyncio.Task]) -> None:
         """Start the agents at ramp_per_s, in small groups, with at most ramp_pending of them
         between their first connect and their first answered heartbeat: a server slower than
         the ramp sets the pace instead of a queue of first heartbeats timing out."""
-        tasks = []
         slots = asyncio.Semaphore(self.ramp_pending)
         batch = max(1, int(self.ramp_per_s / 20))  # 20 groups a second
         for start in range(0, len(self.agents), batch):
             group = self.agents[start : start + batch]
             for agent in group:
                 await slots.acquire()
-                if self.stopping.is_set():
-                    break
                 tasks.append(asyncio.create_task(agent.hold(slots.release)))
-            if self.stopping.is_set():
-                break
             await asyncio.sleep(len(group) / self.ramp_per_s)
-        await self.stopping.wait()
-        await asyncio.gather(*(agent.close() for agent in self.agents), return_exceptions=True)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class Agent:
@@ -148,7 +152,7 @@ class Agent:
 
     async def hold(self, ramped) -> None:
         """Hold the stream, opening it again after a drop; ``ramped()`` is called once, when its
-        first heartbeat is answered or its first try failed."""
+        first heartbeat is answered (or the agent stops)."""
         self.ramped = ramped
         try:
             await self._hold()
@@ -161,28 +165,43 @@ class Agent:
             ramped()
 
     async def _hold(self) -> None:
+        """The real agent's reconnects: soon after a server went away, after STREAM_RETRY_S when
+        replaced or refused, else with exponential backoff (equal jitter) up to STREAM_RETRY_S,
+        reset by a hello."""
         swarm = self.swarm
+        failures = 0
         while not swarm.stopping.is_set():
+            code = None
             try:
                 async with connect(
                     self.url, additional_headers=self.headers, user_agent_header=AGENT_VERSION, proxy=None,
-                    open_timeout=30, ping_interval=PING_S, ping_timeout=PING_S, close_timeout=5,
+                    open_timeout=OPEN_TIMEOUT_S, ping_interval=PING_S, ping_timeout=PING_S, close_timeout=5,
                     max_size=MAX_FRAME, compression=None,
                 ) as ws:  # fmt: skip
-                    await self._session(ws)
+                    if await self._session(ws):
+                        failures = 0
+                code = ws.close_code
             except (OSError, TimeoutError, InvalidStatus, WebSocketException) as exc:
                 if not swarm.stopping.is_set():
                     swarm.error(f"connect:{type(exc).__name__}", f"{self.unit} {exc}")
-            self._ramped()
-            if not swarm.stopping.is_set():
-                await asyncio.sleep(jittered(1.0, self.rng, 0.5))
+            if swarm.stopping.is_set():
+                return
+            if code in RECONNECT_SOON:
+                delay = jittered(1.0, self.rng, 0.5)
+            elif code in RECONNECT_LATER:
+                delay = STREAM_RETRY_S
+            else:
+                delay = min(STREAM_RETRY_S, 2.0**failures) * (0.5 + self.rng.random() / 2)
+                failures = min(failures + 1, 30)
+            await asyncio.sleep(delay)
 
-    async def _session(self, ws) -> None:
+    async def _session(self, ws) -> bool:
+        """Serve one connection until it ends; whether it said hello."""
         swarm = self.swarm
-        hello = json.loads(await ws.recv())
+        hello = json.loads(await asyncio.wait_for(ws.recv(), OPEN_TIMEOUT_S))
         if hello.get("push") != "hello":
             swarm.error("hello", f"{self.unit} {str(hello)[:200]}")
-            return
+            return False
         self.interval_s = float(hello["body"].get("heartbeat_interval_s") or 5)
         self.ws, self.next_at, self.established = ws, 0.0, False
         self.up.set()
@@ -198,10 +217,11 @@ class Agent:
             for future in self.pending.values():
                 future.cancel()
             self.pending.clear()
-            code = ws.close_code
             if not swarm.stopping.is_set():
-                swarm.error(f"closed:{code}", self.unit)
-                swarm.drops.setdefault(self.unit, []).append(time.time())
+                swarm.error(f"closed:{ws.close_code}", self.unit)
+                if self.established:
+                    swarm.drops.setdefault(self.unit, []).append(time.time())
+        return True
 
     async def _read(self, ws) -> None:
         try:
