@@ -134,7 +134,8 @@ def _inventory_sync(unit: Unit, reports: list[GpuReport], advertise: set[str] | 
     None means every healthy GPU. Returns whether anything changed, so callers know capacity
     may have grown.
     """
-    known = {gpu.device_uuid: gpu for gpu in unit.gpus.all()}
+    # The slices come with their GPUs (one query, not one per GPU): every full heartbeat runs this.
+    known = {gpu.device_uuid: gpu for gpu in unit.gpus.prefetch_related("slices")}
     changed = False
     for report in reports:
         fields = {

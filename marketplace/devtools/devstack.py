@@ -22,7 +22,7 @@ def web_argv(port: int, *, workers: int = 1) -> list[str]:
     waits in the event loop instead of holding a thread."""
     return [
         PYTHON, "-m", "gunicorn", "marketplace.asgi:application", "--bind", f"127.0.0.1:{port}",
-        "--worker-class", "uvicorn_worker.UvicornWorker", "--workers", str(workers),
+        "--worker-class", "marketplace.kernel.gunicorn.Worker", "--workers", str(workers),
         "--graceful-timeout", "5", "--access-logfile", "-", "--no-control-socket",
     ]  # fmt: skip
 

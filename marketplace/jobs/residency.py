@@ -83,8 +83,7 @@ def residency_stops(unit: Unit, country: str, subdivision: str) -> list[Running]
     moved.country, moved.subdivision = country, subdivision
     where = unit_location(moved)._replace(verified=bool(nodes_services.location_evidence(moved)))
     return [
-        unit_running_row(unit, breach.allocation, why=RULES[breach.rule])
-        for breach in residency_breaches(unit, where)
+        unit_running_row(unit, breach.allocation, why=RULES[breach.rule]) for breach in residency_breaches(unit, where)
     ]
 
 

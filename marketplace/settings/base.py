@@ -458,6 +458,11 @@ STREAM_NUDGE_POLL_S = env_float("STREAM_NUDGE_POLL_S", 0.1)
 STREAM_NUDGE_KEEP = timedelta(minutes=env_int("STREAM_NUDGE_KEEP_MIN", 10))
 # Threads per connection server for the database work behind streams (full heartbeats, reports).
 STREAM_THREADS = env_int("STREAM_THREADS", 8)
+# New streams are refused at once (1013: the agent polls over HTTP and tries again later) while
+# this many agents' calls wait for a thread: at the tens of calls a second one server's pool
+# serves, a deeper queue would outlast the agent's 10 s handshake timeout, and a reconnecting
+# fleet would pile up admissions whose agents have already given up.
+STREAM_ADMIT_BACKLOG = env_int("STREAM_ADMIT_BACKLOG", 8 * STREAM_THREADS)
 # Calls one stream may have in flight, and make a second (bursts of ten seconds' worth); beyond
 # either a call is answered 429 at once.
 STREAM_CALLS_IN_FLIGHT = env_int("STREAM_CALLS_IN_FLIGHT", 32)

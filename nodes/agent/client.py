@@ -173,7 +173,6 @@ class AgentClient:
             return response
         raise error_for(response, f"{method} {path}")
 
-
     def _over_stream(self, method: str, path: str, body: Any) -> httpx.Response | None:
         """The call's answer over the stream, as an HTTP response; None to make it over HTTP.
         A call the stream dropped may have been served: every agent call is safe to repeat."""

@@ -34,6 +34,10 @@ ALLOCATION_ACTIONS = ("start", "usage", "logs", "finish")
 # hold the stream, and tries the stream again after STREAM_RETRY_S.
 STREAM = "stream"
 STREAM_RETRY_S = 60.0  # the agent's next try at the stream after it fell back to HTTP (jittered)
+# The agent pings this often (and gives up on a stream whose pong is this late): its heartbeats
+# prove the stream while they are answered; the ping finds a connection that died silently (a NAT
+# that forgot it) between them. The server sends no pings of its own.
+STREAM_PING_S = 60.0
 STREAM_CALLS = (HEARTBEAT, *(f"allocations/{{id}}/{action}" for action in ALLOCATION_ACTIONS))
 
 

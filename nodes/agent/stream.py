@@ -60,7 +60,7 @@ class Stream:
         *,
         retry_s: float = protocol.STREAM_RETRY_S,
         open_timeout_s: float = 10.0,
-        ping_interval_s: float = 20.0,
+        ping_interval_s: float = protocol.STREAM_PING_S,
         rng: Callable[[], float] = random.random,
         sleep: Callable[[float], None] | None = None,
     ) -> None:

@@ -43,7 +43,13 @@ def test_the_web_server_serves_the_asgi_application_with_uvicorn_workers():
     [(target, worker)] = re.findall(r'"gunicorn", "(\w+\.asgi):application".*"--worker-class", "([\w.]+)"', TEXT)
     module = __import__(target, fromlist=["application"])
     assert callable(module.application)
-    assert import_string(worker).__name__ == "UvicornWorker"
+    from uvicorn_worker import UvicornWorker
+
+    worker_class = import_string(worker)
+    assert issubclass(worker_class, UvicornWorker)
+    # The agents' streams: the sans-I/O WebSocket implementation, and no server pings.
+    assert worker_class.CONFIG_KWARGS["ws"] == "websockets-sansio"
+    assert worker_class.CONFIG_KWARGS["ws_ping_interval"] is None
 
 
 @pytest.mark.parametrize("role", sorted(set(re.findall(r"celery\W+-A\W+marketplace\.celery\W+(\w+)", TEXT))))

@@ -3,6 +3,7 @@ would drive it, on the test database, with its hub's loops running."""
 
 import asyncio
 import json
+import threading
 from dataclasses import asdict
 from datetime import timedelta
 
@@ -312,6 +313,37 @@ def test_the_sweep_counts_a_unit_seen_while_its_server_renews_the_lease(shed, se
     assert unit_status(unit) == "offline"
 
 
+def test_the_lease_is_renewed_and_pushes_go_out_while_every_call_thread_is_busy(shed, renter, settings):
+    # A reconnecting fleet can keep the agents' call threads busy for minutes: the lease (without
+    # which every unit of the server looks silent) and the pushes must not wait behind them.
+    settings.STREAM_THREADS = 2
+    release = threading.Event()
+
+    async def scenario():
+        agent = Agent(shed[1])
+        await agent.connect()
+        await agent.beat()
+        the_hub = server.hub()
+        busy = [asyncio.ensure_future(the_hub.db(release.wait, 60)) for _ in range(settings.STREAM_THREADS)]
+        try:
+            renewed = await sync_to_async(StreamServer.objects.values_list("renewed_at", flat=True).get)(
+                pk=the_hub.server_id
+            )
+            await eventually(
+                lambda: StreamServer.objects.filter(pk=the_hub.server_id, renewed_at__gt=renewed).exists(),
+                "the lease renewed",
+            )
+            job = await sync_to_async(job_make)(renter, gpu_count=1)
+            await sync_to_async(job_place)(job_id=job.pk)
+            assignment = await agent.push("assignment")
+            assert assignment["job"]["id"] == str(job.pk)
+        finally:
+            release.set()
+            await asyncio.gather(*busy)
+
+    run(scenario())
+
+
 def test_placement_takes_a_streamed_unit_as_fresh(shed, renter):
     unit, _ = shed
     StreamServer.objects.create(id="server-a", renewed_at=timezone.now())
@@ -371,6 +403,32 @@ def test_a_unit_reconnecting_in_a_loop_is_told_to_try_later(shed, settings, monk
         assert (await third.frame()) == {"closed": protocol.StreamClose.TRY_LATER}
 
     run(scenario())
+
+
+def test_a_server_whose_calls_queue_deep_refuses_new_streams_without_touching_the_database(shed, settings):
+    settings.STREAM_ADMIT_BACKLOG = 3
+
+    async def scenario():
+        held = Agent(shed[1])
+        await held.connect()
+        await held.beat()
+        the_hub = server.hub()
+        the_hub.calls_waiting = 3  # as if three calls waited for a thread
+        newcomer = Agent(shed[1])
+        await newcomer.wire.send_input({"type": "websocket.connect"})
+        assert (await newcomer.wire.receive_output(WAIT_S))["type"] == "websocket.accept"
+        assert (await newcomer.frame()) == {"closed": protocol.StreamClose.TRY_LATER}
+        connection = await sync_to_async(Unit.objects.values_list("stream_connection", flat=True).get)(pk=shed[0].pk)
+        assert connection == held_connection(the_hub, shed[0])  # the held stream is still the unit's
+        the_hub.calls_waiting = 2  # below the bound: admitted again
+        admitted = Agent(shed[1])
+        assert (await admitted.connect())["connection"] != connection
+
+    run(scenario())
+
+
+def held_connection(the_hub, unit) -> str:
+    return the_hub.streams[str(unit.pk)].connection
 
 
 def test_a_newer_stream_on_another_server_closes_the_older_through_the_database(shed):

@@ -26,8 +26,9 @@ same clock):
    false: measured anyway). Beat, and with it the liveness sweep, starts then: the units'
    liveness is judged from then on, from their streams alone.
 3. settle: STREAM_ACTIVE_HOLD_S + HEARTBEAT_INTERVAL_S, so that every stream is at its idle cadence.
-4. idle: ``--idle`` seconds with no work. By default STREAM_FULL_BEAT_S, so that each stream's
-   periodic full heartbeat falls in the window once, as it does in a steady state.
+4. idle: ``--idle`` seconds with no work. A stream's periodic full heartbeat (every
+   STREAM_FULL_BEAT_S, reported as ``full_beat_s``) falls in it only if the window is at least
+   that long, so ``db_writes_per_heartbeat`` is the steady idle figure only then.
 5. busy: ``--duration`` seconds of renters submitting at ``--rate`` through the REST API (mostly
    one-GPU jobs, ``SUBMITTERS`` clients), a tenth of the jobs cancelled CANCEL_AFTER_S after their
    submit (by then they have started: the swarm's jobs run 20–90 s), until the last cancel is
@@ -52,7 +53,9 @@ busy whose agent's stream was up before and never dropped; ``lease_age_max_s``: 
 connection servers' lease got over that time, read every second (their units count as seen up
 to its renewal, so near UNIT_SUSPECT_AFTER it makes false suspects). ``errors``: the swarm's
 (answers other than 2xx, calls unanswered, streams closed unasked, failed connects) plus the
-renter calls answered other than 2xx; ``errors_by_kind`` says which.
+renter calls answered other than 2xx, from the end of the ramp on; ``errors_by_kind`` says which.
+During the ramp a server whose calls queue deep refuses new streams (1013: try later, as
+STREAM_ADMIT_BACKLOG says) and the agents come back: ``ramp_errors_by_kind`` counts those apart.
 
 ``--hold S`` keeps everything running S seconds after the measurement (``holding`` on stderr), so
 that another benchmark can run beside the connected agents. At the end, or on Ctrl-C, every child
@@ -96,6 +99,7 @@ GANGS = [(1, 80), (2, 15), (4, 5)]  # job GPU counts and their weights: mostly o
 WORKER_PROCESSES = 2
 WEB_WORKERS = 2
 WRITE_TABLES_SHOWN = 8
+ERROR_SAMPLES = 8
 
 
 def add_arguments(parser) -> None:
@@ -103,7 +107,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--gpus-per-unit", type=int, default=8)
     parser.add_argument("--duration", type=float, default=120.0, help="seconds of submitting jobs")
     parser.add_argument("--rate", type=float, default=20.0, help="job submits per second")
-    parser.add_argument("--idle", type=float, default=None, help="seconds of the idle window (STREAM_FULL_BEAT_S)")
+    parser.add_argument("--idle", type=float, default=120.0, help="seconds of the idle window")
     parser.add_argument("--swarm-processes", type=int, default=None, help="default: one per 5,000 agents")
     parser.add_argument("--connection-servers", type=int, default=1)
     parser.add_argument("--ramp-per-s", type=float, default=200.0, help="new streams per second, all together")
@@ -128,7 +132,7 @@ def run(**options) -> dict:
     if min(units, swarms, servers, options["gpus_per_unit"]) < 1 or options["rate"] <= 0:
         raise CommandError("--units, --gpus-per-unit, --swarm-processes, --connection-servers and --rate must be > 0.")
     _open_files(math.ceil(units / min(swarms, servers)) + 1024)
-    idle_s = settings.STREAM_FULL_BEAT_S if options["idle"] is None else options["idle"]
+    idle_s = options["idle"]
     log_dir = Path(tempfile.mkdtemp(prefix="bench-agents-"))
     handlers = _interrupt_once()
     try:
@@ -176,6 +180,7 @@ def _bench(options: dict, database: dict, log_dir: Path, *, swarms: int, servers
         ramp_started = time.time()
         ramp_complete = swarm.wait_connected(len(agents), timeout=options["ramp_timeout"])
         ramp_s = time.time() - ramp_started
+        ramp_errors = swarm.errors_by_kind()  # a server refusing streams while it admits others is by design
         stack.start("beat", devstack.beat_argv(log_dir / "celerybeat-schedule"))
         judged_from = time.time()
         leases = LeaseWatch()
@@ -193,6 +198,8 @@ def _bench(options: dict, database: dict, log_dir: Path, *, swarms: int, servers
         lease_age_max_s = leases.stop()
         rss_mb = sum(_rss_mb(pid) for pid in pids)
         measured = swarm.report()
+        measured["errors"] = Counter(measured["errors"])
+        measured["errors"].subtract(ramp_errors)
         result = _summarise(measured, load, idle, busy, swarm.connected_between(idle.start, busy.end), judged_from)
         result.update(
             lease_age_max_s=lease_age_max_s,
@@ -206,7 +213,9 @@ def _bench(options: dict, database: dict, log_dir: Path, *, swarms: int, servers
             connection_servers=servers,
             ramp_s=round(ramp_s, 1),
             ramp_complete=ramp_complete,
+            ramp_errors_by_kind=dict(ramp_errors),
             idle_s=idle_s,
+            full_beat_s=settings.STREAM_FULL_BEAT_S,
             duration_s=options["duration"],
             rate=options["rate"],
             logs=str(log_dir),
@@ -269,6 +278,7 @@ class Load:
         self.submitted: dict[str, float] = {}  # job id -> when the submit returned
         self.cancelled: dict[str, float] = {}  # job id -> when the cancel returned
         self.errors: Counter = Counter()
+        self.error_samples: list[str] = []
         self.due: list[tuple[float, str]] = []  # (when, job id) of the cancels to make
 
     def post(self, n: int, path: str, **kwargs) -> httpx.Response | None:
@@ -279,8 +289,11 @@ class Load:
                 self.errors[f"renter:{type(exc).__name__}"] += 1
             return None
         if not 200 <= response.status_code < 300:
+            kind = f"renter:{path.split('/')[-1] or 'submit'}:{response.status_code}"
             with self.lock:
-                self.errors[f"renter:{path.split('/')[-1] or 'submit'}:{response.status_code}"] += 1
+                self.errors[kind] += 1
+                if len(self.error_samples) < ERROR_SAMPLES:
+                    self.error_samples.append(f"{kind} {path} {response.text[:200]}")
             return None
         return response
 
@@ -451,7 +464,7 @@ def _summarise(measured: dict, load: Load, idle: Window, busy: Window, connected
             heard_by[via] += 1
         else:
             cancels_unheard += 1
-    errors = Counter(measured["errors"]) + load.errors
+    errors = +(Counter(measured["errors"]) + load.errors)  # errors since the ramp, by kind
     hb, push, cancel = _percentiles(both), _percentiles(pushes), _percentiles(cancel_ms)
     return {
         "connected_agents": connected,
@@ -473,7 +486,7 @@ def _summarise(measured: dict, load: Load, idle: Window, busy: Window, connected
         "server_cpu_busy_cores": round(busy.cpu_s / (busy.end - busy.start), 2),
         "errors": sum(errors.values()),
         "errors_by_kind": dict(errors.most_common()),
-        "error_samples": measured["error_samples"][:5],
+        "error_samples": measured["error_samples"][: ERROR_SAMPLES // 2] + load.error_samples[: ERROR_SAMPLES // 2],
         "falsely_suspect": _falsely_suspect(judged_from, busy.end, measured),
         "jobs_submitted": len(load.submitted),
         "jobs_placed": len({job for _, job, _ in allocations}),
@@ -552,6 +565,9 @@ class Swarm:
     def connected(self) -> int:
         return sum(status.get("connected", 0) for status in self.status)
 
+    def errors_by_kind(self) -> Counter:
+        return sum((Counter(status.get("errors_by_kind") or {}) for status in self.status), Counter())
+
     def connected_between(self, start: float, end: float) -> int:
         return min((n for at, n in self.samples if start <= at <= end), default=0)
 
@@ -604,7 +620,8 @@ class Swarm:
 def _connection_server_argv(port: int) -> list[str]:
     return [
         sys.executable, "-m", "uvicorn", "marketplace.asgi:application", "--host", "127.0.0.1", "--port", str(port),
-        "--ws", "websockets", "--ws-ping-interval", "10", "--ws-ping-timeout", "10", "--no-access-log",
+        # As the image's worker class (marketplace.kernel.gunicorn.Worker) sets them.
+        "--ws", "websockets-sansio", "--ws-ping-interval", "0", "--no-access-log",
         "--backlog", "4096", "--timeout-graceful-shutdown", "5",
     ]  # fmt: skip
 

@@ -17,7 +17,7 @@ An agent counts as connected from the answer to its stream's first heartbeat. Ag
 
 SPEC: {"ramp_per_s", "ramp_pending", "seed", "run_s"?, "agents": [{"unit", "url", "credential", "gpus":
 [GpuReport...], "run_s"?}]} (``run_s``: [shortest, longest] simulated run, default RUN_S).
-Prints one JSON status line a second on stdout ({"connected", "errors", "heartbeats"}). Reads
+Prints one JSON status line a second on stdout ({"connected", "errors", "errors_by_kind", "heartbeats"}). Reads
 commands on stdin: ``report`` writes RESULTS (what it measured so far) and prints
 ``{"reported": ...}``, ``stop`` (or SIGTERM, or stdin closing) closes every stream and exits.
 """
@@ -46,7 +46,7 @@ OPEN_TIMEOUT_S = 10.0  # as the agent's stream
 STREAM_RETRY_S = 60.0  # protocol.STREAM_RETRY_S: the longest wait before the next try
 RECONNECT_SOON = {1001, 1012, 4408}  # the server went away or found the stream silent
 RECONNECT_LATER = {4401, 4409}  # refused, or replaced by a newer stream of the unit
-PING_S = 20.0  # as the real agent
+PING_S = 60.0  # as the real agent (protocol.STREAM_PING_S)
 MAX_FRAME = 2**20 + 2**16
 AGENT_VERSION = "bench-swarm"
 ERROR_SAMPLES = 20
@@ -400,7 +400,8 @@ async def main(spec_path: str, results_path: str) -> None:
     async def status() -> None:
         while True:
             errors = sum(swarm.errors.values())
-            _emit({"connected": swarm.connected, "errors": errors, "heartbeats": len(swarm.beat_at)})
+            _emit({"connected": swarm.connected, "errors": errors, "errors_by_kind": dict(swarm.errors),
+                   "heartbeats": len(swarm.beat_at)})  # fmt: skip
             await asyncio.sleep(1.0)
 
     reporter = asyncio.create_task(status())

@@ -138,7 +138,16 @@ class Hub:
     def __init__(self) -> None:
         self.server_id = f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(4)}"
         self.streams: dict[str, Stream] = {}
-        self._executor = ThreadPoolExecutor(settings.STREAM_THREADS, thread_name_prefix="stream")
+        # Three pools, so that no kind of work waits behind another: the hub's own (its lease, the
+        # nudges, telemetry), whose delay would make every unit it holds look silent; the pushes
+        # (``look``), which must go out within a second of their commit; and the agents' calls
+        # (admissions, full heartbeats, reports), which a reconnecting fleet can queue deep.
+        self._pools = {
+            "hub": ThreadPoolExecutor(1, thread_name_prefix="stream-hub"),
+            "push": ThreadPoolExecutor(2, thread_name_prefix="stream-push"),
+            "calls": ThreadPoolExecutor(settings.STREAM_THREADS, thread_name_prefix="stream"),
+        }
+        self.calls_waiting = 0  # agents' calls queued for the "calls" pool, not yet running
         self._tasks: list[asyncio.Task] = []
         self._readings: dict[str, dict] = {}
         self._sample: set[str] = set()
@@ -150,14 +159,26 @@ class Hub:
 
     # -- database work, in the pool -------------------------------------------------------------
 
-    async def db(self, fn, *args, **kwargs):
+    async def db(self, fn, *args, pool: str = "calls", **kwargs):
+        queued = pool == "calls"
+
         def run():
+            if queued:
+                self.calls_waiting -= 1
             try:
                 return fn(*args, **kwargs)
             finally:
                 close_old_connections()
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        if queued:
+            self.calls_waiting += 1
+        return await asyncio.get_running_loop().run_in_executor(self._pools[pool], run)
+
+    def saturated(self) -> bool:
+        """Whether the agents' calls queue so deep that a new stream's admission would wait
+        longer than its agent waits for the handshake: then it is refused at once (1013, try
+        later), without a trip to the database, and the streams already held keep the pool."""
+        return self.calls_waiting >= settings.STREAM_ADMIT_BACKLOG
 
     # -- the loops --------------------------------------------------------------------------------
 
@@ -186,16 +207,18 @@ class Hub:
         self._stopping.set()
         if self._listener is not None:
             self._listener.join(timeout=5.0)
-        barrier = threading.Barrier(settings.STREAM_THREADS, timeout=5.0)
+        for pool in self._pools.values():
+            threads = pool._max_workers
+            barrier = threading.Barrier(threads, timeout=5.0)
 
-        def close_mine():  # on every thread of the pool at once, so each closes its own
-            connections.close_all()
-            with contextlib.suppress(threading.BrokenBarrierError):
-                barrier.wait()
+            def close_mine(barrier=barrier):  # on every thread of the pool at once, so each closes its own
+                connections.close_all()
+                with contextlib.suppress(threading.BrokenBarrierError):
+                    barrier.wait()
 
-        for _ in range(settings.STREAM_THREADS):
-            self._executor.submit(close_mine)
-        self._executor.shutdown(wait=True)
+            for _ in range(threads):
+                pool.submit(close_mine)
+            pool.shutdown(wait=True)
 
     async def _every(self, seconds: float, step, what: str) -> None:
         while True:
@@ -213,19 +236,19 @@ class Hub:
         async def renew():
             nonlocal rounds
             now = timezone.now()
-            await self.db(streams.server_renew, self.server_id, now=now)
+            await self.db(streams.server_renew, self.server_id, now=now, pool="hub")
             self.renewed_at = time.monotonic()
             rounds += 1
             if rounds % 30 == 1:
-                await self.db(streams.prune, now=now)
+                await self.db(streams.prune, now=now, pool="hub")
 
         await self._every(settings.STREAM_LEASE_RENEW_S, renew, "lease")
 
     async def _nudge_loop(self) -> None:
         async def read():
             if self._last_nudge is None:
-                self._last_nudge = await self.db(streams.nudges_last_id)
-            for pk, unit_id, kind, connection in await self.db(streams.nudges_after, self._last_nudge):
+                self._last_nudge = await self.db(streams.nudges_last_id, pool="hub")
+            for pk, unit_id, kind, connection in await self.db(streams.nudges_after, self._last_nudge, pool="hub"):
                 self._last_nudge = pk
                 stream = self.streams.get(unit_id)
                 if stream is None:
@@ -253,7 +276,7 @@ class Hub:
                 return
             readings, sample = self._readings, self._sample & set(self._readings)
             self._readings, self._sample = {}, set()
-            await self.db(streams.telemetry_store, readings, now=timezone.now(), sample=sample)
+            await self.db(streams.telemetry_store, readings, now=timezone.now(), sample=sample, pool="hub")
 
         await self._every(1.0, flush, "telemetry")
 
@@ -306,7 +329,7 @@ class Hub:
         try:
             while True:
                 stream.look_again = False
-                assignments, state, expected = await self.db(_look, stream.unit_id, list(stream.running))
+                assignments, state, expected = await self.db(_look, stream.unit_id, list(stream.running), pool="push")
                 if self.streams.get(stream.unit_id) is not stream:
                     return  # gone meanwhile: what was picked up, reconciliation gives back
                 now = time.monotonic()
@@ -488,6 +511,11 @@ async def stream_application(scope, receive, send) -> None:
     the_hub = hub()
     the_hub.start()
     connection = secrets.token_hex(8)
+    if the_hub.saturated():
+        logger.info("stream_refused: %d calls waiting", the_hub.calls_waiting)
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.close", "code": protocol.StreamClose.TRY_LATER})
+        return
     try:
         unit_id, allowed = await the_hub.db(_open, _bearer(scope), server_id=the_hub.server_id, connection=connection)
     except Exception:  # noqa: BLE001 - the database is away: come back later, or use HTTP meanwhile
@@ -506,9 +534,13 @@ async def stream_application(scope, receive, send) -> None:
     async def send_frame(text: str) -> None:
         if len(text) > protocol.STREAM_MAX_FRAME:
             raise ValueError("frame too large")
+        nonlocal closed
         async with lock:
             if not closed:
-                await send({"type": "websocket.send", "text": text})
+                try:
+                    await send({"type": "websocket.send", "text": text})
+                except OSError:  # the agent has gone: the receive loop hears of it and detaches
+                    closed = True
 
     async def close_with(code: int) -> None:
         nonlocal closed

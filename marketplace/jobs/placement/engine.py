@@ -90,7 +90,6 @@ class Decision:
 class Engine:
     """One worker's placement loop over its capacity view."""
 
-
     def __init__(self, shard: int = 0, shards: int = 1) -> None:
         self.view = CapacityView(shards)
         self.shard = shard % shards

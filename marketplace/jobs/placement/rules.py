@@ -21,6 +21,7 @@ from nodes.models import Isolation, RentersAccepted, Unit, interruptible_price
 if TYPE_CHECKING:
     from marketplace.jobs.placement.engine import Pass
 
+
 class Profile(NamedTuple):
     """Everything about a unit a job's or owner's rules look at, apart from its free slices.
 
