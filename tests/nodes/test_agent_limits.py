@@ -4,6 +4,7 @@ failed enrolments lock an address out for a while."""
 import pytest
 from rest_framework.test import APIClient
 
+from marketplace.jobs.agent_stream import calls
 from marketplace.kernel.ratelimit import Rate
 from nodes.agent.loop import Options
 from nodes.agent.reports import Reporter
@@ -58,6 +59,27 @@ class TestPerUnit:
             client.get(ASSIGNMENT)
 
         assert [beat(client).status_code for _ in range(3)] == [200, 200, 429]
+
+    @pytest.mark.django_db(transaction=True)  # a call opens and closes the thread's connection, as a request does
+    def test_stream_calls_are_left_to_the_streams_budget_but_full_heartbeats_are_counted(self, owner, settings):
+        settings.AGENT_RATE_LIMIT = "2/min"
+        settings.AGENT_HEARTBEAT_RATE_LIMIT = "2/min"
+        _, credential = unit_online(owner)
+        headers = [(b"host", b"testserver"), (b"authorization", f"Bearer {credential}".encode())]
+        environ = calls.environ_base({"headers": headers})
+        missing = "allocations/00000000-0000-0000-0000-000000000000/start"
+        # Reports over the stream: the stream's frame budget bounds them, not AGENT_RATE_LIMIT.
+        assert [calls.call(environ, "POST", missing, {})[0] for _ in range(4)] == [404] * 4
+        assert [calls.call(environ, "POST", "heartbeat", {"gpus": []})[0] for _ in range(3)] == [200, 200, 429]
+        # Over HTTP the same unit's budget is untouched by the stream's calls.
+        assert [agent_client(credential).get(ASSIGNMENT).status_code for _ in range(3)] == [204, 204, 429]
+
+    def test_a_client_cannot_claim_its_http_call_came_over_a_stream(self, owner, settings):
+        settings.AGENT_RATE_LIMIT = "2/min"
+        _, credential = unit_online(owner)
+        client = agent_client(credential)
+        header = {"HTTP_SHEDSHARE.STREAM_CALL": "1", "HTTP_SHEDSHARE_STREAM_CALL": "1"}
+        assert [client.get(ASSIGNMENT, **header).status_code for _ in range(3)] == [204, 204, 429]
 
 
 def per_minute(setting: str) -> float:

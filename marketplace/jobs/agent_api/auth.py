@@ -45,19 +45,37 @@ class IsUnitAgent(permissions.BasePermission):
         return isinstance(request.user, UnitAgent)
 
 
+# Set in the WSGI environ of a call that came over the agent's stream (marketplace/jobs/
+# agent_stream/calls.py). A client cannot set it: the headers it sends all become HTTP_* keys.
+STREAM_CALL = "shedshare.stream_call"
+
+
 class UnitRateThrottle(SharedRateThrottle):
-    """Counts each unit's agent calls (the unit, not the address: many sheds share a NAT)."""
+    """Counts each unit's agent calls (the unit, not the address: many sheds share a NAT).
+
+    Calls over the stream are left to the stream's own budget (STREAM_FRAMES_PER_S a second,
+    stricter than AGENT_RATE_LIMIT), which is kept in memory: counting them here as well would
+    cost two round trips to the cache on every report."""
 
     scope = "agent"
     setting = "AGENT_RATE_LIMIT"
+    counts_stream_calls = False
 
     def ident(self, request, view) -> str | None:
-        return f"unit:{request.user.unit.pk}" if isinstance(request.user, UnitAgent) else None
+        if not isinstance(request.user, UnitAgent):
+            return None
+        if request.META.get(STREAM_CALL) and not self.counts_stream_calls:
+            return None
+        return f"unit:{request.user.unit.pk}"
 
 
 class UnitHeartbeatThrottle(UnitRateThrottle):
+    """Heartbeats have a budget of their own. Over the stream only the full ones reach it (a
+    heartbeat that changes nothing is answered from memory), and those write: counted."""
+
     scope = "agent-heartbeat"
     setting = "AGENT_HEARTBEAT_RATE_LIMIT"
+    counts_stream_calls = True
 
 
 def enrol_failures() -> Limiter:

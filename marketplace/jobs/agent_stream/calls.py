@@ -9,6 +9,7 @@ from django.core import signals
 from django.core.handlers.wsgi import WSGIHandler, WSGIRequest
 from django.urls import set_script_prefix
 
+from marketplace.jobs.agent_api.auth import STREAM_CALL
 from nodes.agent.protocol import API_PREFIX
 
 # Headers of the WebSocket handshake that describe the connection itself, not the calls over it.
@@ -30,6 +31,7 @@ def environ_base(scope: dict) -> dict:
         "wsgi.multithread": True,
         "wsgi.multiprocess": True,
         "wsgi.run_once": False,
+        STREAM_CALL: True,
     }
     client, server = scope.get("client") or ("", 0), scope.get("server") or ("localhost", 80)
     environ["REMOTE_ADDR"] = client[0] if client else ""
