@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -97,6 +98,10 @@ class Stream:
     key: str | None = None  # the last full heartbeat's decision key
     reply: dict | None = None  # what a heartbeat is answered with now
     running: set[str] = field(default_factory=set)  # as the last full beat said, plus starts, less finishes
+    # Allocations whose start or finish is being served (until: inf) or was just served (until:
+    # the agent's next beat at the active cadence): a beat sent across the call may list them or
+    # not, and is no change for that.
+    settling: dict[str, float] = field(default_factory=dict)
     full_at: float = 0.0
     active_until: float = 0.0
     full_needed: bool = True
@@ -125,8 +130,16 @@ class Stream:
         active = now < self.active_until
         return settings.HEARTBEAT_INTERVAL_S if active else settings.HEARTBEAT_IDLE_INTERVAL_S
 
+    def running_agrees(self, running: set[str], now: float) -> bool:
+        """Whether the agent's running set is the one this server follows, but for starts and
+        finishes that are settling."""
+        self.settling = {allocation: until for allocation, until in self.settling.items() if until >= now}
+        return all(allocation in self.settling for allocation in running ^ self.running)
+
     def beat_is_cheap(self, key: str, running: set[str], now: float, lease_ok: bool) -> bool:
-        if not lease_ok or self.full_needed or key != self.key or running != self.running or self.reply is None:
+        if not lease_ok or self.full_needed or key != self.key or self.reply is None:
+            return False
+        if not self.running_agrees(running, now):
             return False
         if now - self.full_at >= settings.STREAM_FULL_BEAT_S:
             return False
@@ -395,12 +408,18 @@ class Hub:
         if stream.calls >= settings.STREAM_CALLS_IN_FLIGHT:
             await self._reply(stream, call_id, 429, _problem(429, "Too many calls", "Wait for answers first."), 1.0)
             return
+        allocation, action = path.split("/")[1:3]
+        changes_running = action in ("start", "finish")
         stream.calls += 1
+        if changes_running:
+            stream.settling[allocation] = math.inf
         try:
             status, answer, retry_after = await self.db(calls.call, stream.environ, "POST", path, body)
         finally:
             stream.calls -= 1
-        allocation, action = path.split("/")[1:3]
+            if changes_running:
+                # The agent's next beat, at the active cadence, says what it runs now.
+                stream.settling[allocation] = time.monotonic() + 2 * settings.HEARTBEAT_INTERVAL_S
         if action in ("start", "finish") and status < 300:
             # The agent runs it now, or no more: its next heartbeat says so, and stays cheap.
             if action == "start":
@@ -429,7 +448,7 @@ class Hub:
             return
         status, answer, retry_after = await self.db(calls.call, stream.environ, "POST", protocol.HEARTBEAT, beat)
         if status == 200 and isinstance(answer, dict):
-            if key != stream.key or running != stream.running:
+            if key != stream.key or not stream.running_agrees(running, now):
                 stream.active_until = now + settings.STREAM_ACTIVE_HOLD_S
             stream.key, stream.reply, stream.full_at = key, dict(answer), now
             stream.running = running or set()
