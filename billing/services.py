@@ -67,10 +67,7 @@ def ledger_post_many(postings: list[Posting]) -> list[LedgerTransaction]:
     # is the caller's error too.
     with transaction.atomic(savepoint=False):
         txns = LedgerTransaction.objects.bulk_create(
-            [
-                LedgerTransaction(key=p.key, kind=p.kind, allocation_id=p.allocation_id, memo=p.memo)
-                for p in postings
-            ]
+            [LedgerTransaction(key=p.key, kind=p.kind, allocation_id=p.allocation_id, memo=p.memo) for p in postings]
         )
         LedgerEntry.objects.bulk_create(
             [

@@ -109,7 +109,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--rate", type=float, default=20.0, help="job submits per second")
     parser.add_argument("--idle", type=float, default=120.0, help="seconds of the idle window")
     parser.add_argument("--swarm-processes", type=int, default=None, help="default: one per 5,000 agents")
-    parser.add_argument("--connection-servers", type=int, default=1)
+    parser.add_argument(
+        "--connection-servers", type=int, default=None, help="default: one per CPU (each is one event loop)"
+    )
     parser.add_argument("--ramp-per-s", type=float, default=200.0, help="new streams per second, all together")
     parser.add_argument(
         "--ramp-pending", type=int, default=100, help="at most this many agents between connect and first answer"
@@ -128,7 +130,7 @@ def run(**options) -> dict:
         raise CommandError("bench agents needs PostgreSQL: set DATABASE_URL to a PostgreSQL server.")
     units = options["units"]
     swarms = options["swarm_processes"] or max(1, math.ceil(units / 5000))
-    servers = options["connection_servers"]
+    servers = options["connection_servers"] or os.cpu_count() or 1
     if min(units, swarms, servers, options["gpus_per_unit"]) < 1 or options["rate"] <= 0:
         raise CommandError("--units, --gpus-per-unit, --swarm-processes, --connection-servers and --rate must be > 0.")
     _open_files(math.ceil(units / min(swarms, servers)) + 1024)
