@@ -458,31 +458,6 @@ def test_a_newer_stream_on_another_server_closes_the_older_through_the_database(
 
 
 def test_starts_and_finishes_served_over_the_stream_keep_the_heartbeats_cheap(shed, renter):
-    unit, credential = shed
-
-    def last_stored():
-        return Unit.objects.values_list("last_heartbeat_at", flat=True).get(pk=unit.pk)
-
-    async def scenario():
-        agent = Agent(credential)
-        await agent.connect()
-        await agent.beat()
-        job = await sync_to_async(job_make)(renter, gpu_count=1)
-        await sync_to_async(job_place)(job_id=job.pk)
-        allocation_id = (await agent.push("assignment"))["allocation_id"]
-        before = await sync_to_async(last_stored)()
-        assert (await agent.call(protocol.allocation_path(allocation_id, "start"), {}))["status"] == 200
-        assert (await agent.beat(running=[allocation_id]))["status"] == 200
-        finish = {"exit_code": 0, "reason": "exited"}
-        assert (await agent.call(protocol.allocation_path(allocation_id, "finish"), finish))["status"] == 200
-        assert (await agent.beat())["status"] == 200
-        assert await sync_to_async(last_stored)() == before  # neither beat wrote the unit
-        await agent.disconnect()
-
-    run(scenario())
-
-
-def test_a_beat_sent_across_a_start_or_finish_is_no_change(shed, renter):
     # The agent lists a job as running once its start is answered, and stops listing it once its
     # finish is: a beat it sent before the answer reached it (arriving after the call was
     # served) is answered from memory, as is the one after.

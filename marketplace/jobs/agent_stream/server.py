@@ -155,10 +155,10 @@ class Hub:
         # nudges, telemetry), whose delay would make every unit it holds look silent; the pushes
         # (``look``), which must go out within a second of their commit; and the agents' calls
         # (admissions, full heartbeats, reports), which a reconnecting fleet can queue deep.
+        self._threads = {"hub": 1, "push": 2, "calls": settings.STREAM_THREADS}
         self._pools = {
-            "hub": ThreadPoolExecutor(1, thread_name_prefix="stream-hub"),
-            "push": ThreadPoolExecutor(2, thread_name_prefix="stream-push"),
-            "calls": ThreadPoolExecutor(settings.STREAM_THREADS, thread_name_prefix="stream"),
+            name: ThreadPoolExecutor(threads, thread_name_prefix=f"stream-{name}")
+            for name, threads in self._threads.items()
         }
         self.calls_waiting = 0  # agents' calls queued for the "calls" pool, not yet running
         self._tasks: list[asyncio.Task] = []
@@ -167,17 +167,24 @@ class Hub:
         self._last_nudge: int | None = None
         self.renewed_at = -1e9  # monotonic time of the last lease renewal that committed
         self._woken = asyncio.Event()
+        # Set once the nudge loop knows where the nudges stand: a stream attached before then
+        # could miss one written between its first look and that reading.
+        self.nudges_read = asyncio.Event()
         self._stopping = threading.Event()
         self._listener: threading.Thread | None = None
 
     # -- database work, in the pool -------------------------------------------------------------
 
     async def db(self, fn, *args, pool: str = "calls", **kwargs):
+        loop = asyncio.get_running_loop()
         queued = pool == "calls"
+
+        def call_started() -> None:  # on the event loop, as every count of calls_waiting is
+            self.calls_waiting -= 1
 
         def run():
             if queued:
-                self.calls_waiting -= 1
+                loop.call_soon_threadsafe(call_started)
             try:
                 return fn(*args, **kwargs)
             finally:
@@ -185,7 +192,7 @@ class Hub:
 
         if queued:
             self.calls_waiting += 1
-        return await asyncio.get_running_loop().run_in_executor(self._pools[pool], run)
+        return await loop.run_in_executor(self._pools[pool], run)
 
     def saturated(self) -> bool:
         """Whether the agents' calls queue so deep that a new stream's admission would wait
@@ -220,8 +227,8 @@ class Hub:
         self._stopping.set()
         if self._listener is not None:
             self._listener.join(timeout=5.0)
-        for pool in self._pools.values():
-            threads = pool._max_workers
+        for name, pool in self._pools.items():
+            threads = self._threads[name]
             barrier = threading.Barrier(threads, timeout=5.0)
 
             def close_mine(barrier=barrier):  # on every thread of the pool at once, so each closes its own
@@ -261,6 +268,7 @@ class Hub:
         async def read():
             if self._last_nudge is None:
                 self._last_nudge = await self.db(streams.nudges_last_id, pool="hub")
+                self.nudges_read.set()
             for pk, unit_id, kind, connection in await self.db(streams.nudges_after, self._last_nudge, pool="hub"):
                 self._last_nudge = pk
                 stream = self.streams.get(unit_id)
@@ -420,7 +428,7 @@ class Hub:
             if changes_running:
                 # The agent's next beat, at the active cadence, says what it runs now.
                 stream.settling[allocation] = time.monotonic() + 2 * settings.HEARTBEAT_INTERVAL_S
-        if action in ("start", "finish") and status < 300:
+        if changes_running and status < 300:
             # The agent runs it now, or no more: its next heartbeat says so, and stays cheap.
             if action == "start":
                 stream.running.add(allocation)
@@ -504,6 +512,7 @@ def _connect_allowed(unit_id: str) -> bool:
         return True
 
 
+NUDGES_READ_WAIT_S = 10.0  # as long as the agent waits for its handshake
 HUB: Hub | None = None
 
 
@@ -530,23 +539,25 @@ async def stream_application(scope, receive, send) -> None:
     the_hub = hub()
     the_hub.start()
     connection = secrets.token_hex(8)
+
+    async def refuse(code: int) -> None:  # accepted first, so the agent reads the code
+        await send({"type": "websocket.accept"})
+        await send({"type": "websocket.close", "code": code})
+
     if the_hub.saturated():
         logger.info("stream_refused: %d calls waiting", the_hub.calls_waiting)
-        await send({"type": "websocket.accept"})
-        await send({"type": "websocket.close", "code": protocol.StreamClose.TRY_LATER})
+        await refuse(protocol.StreamClose.TRY_LATER)
         return
     try:
         unit_id, allowed = await the_hub.db(_open, _bearer(scope), server_id=the_hub.server_id, connection=connection)
     except Exception:  # noqa: BLE001 - the database is away: come back later, or use HTTP meanwhile
         logger.warning("stream_refused: cannot authenticate now", exc_info=True)
-        await send({"type": "websocket.accept"})
-        await send({"type": "websocket.close", "code": protocol.StreamClose.TRY_LATER})
+        await refuse(protocol.StreamClose.TRY_LATER)
+        return
+    if unit_id is None or not allowed:
+        await refuse(protocol.StreamClose.UNAUTHORISED if unit_id is None else protocol.StreamClose.TRY_LATER)
         return
     await send({"type": "websocket.accept"})
-    if unit_id is None or not allowed:
-        code = protocol.StreamClose.UNAUTHORISED if unit_id is None else protocol.StreamClose.TRY_LATER
-        await send({"type": "websocket.close", "code": code})
-        return
     lock = asyncio.Lock()
     closed = False
 
@@ -579,6 +590,8 @@ async def stream_application(scope, receive, send) -> None:
     tasks: set[asyncio.Task] = set()
     try:  # from here on the unit's stream is this one: it is detached however it ends
         await send_frame(_frame({"push": "hello", "body": hello}))
+        # Bounded: a database gone meanwhile ends the stream (1013), as a failed attach does.
+        await asyncio.wait_for(the_hub.nudges_read.wait(), NUDGES_READ_WAIT_S)
         await the_hub.attach(stream)
         while True:
             message = await receive()
