@@ -15,7 +15,9 @@ from tests.conftest import ledger_backdate
 
 pytestmark = pytest.mark.django_db
 
-NOW = timezone.now()
+# Noon UTC of yesterday: payouts are keyed by UTC day, and a test that runs late in the evening
+# must not see "an hour later" fall on the next day.
+NOW = (timezone.now() - timedelta(days=1)).replace(hour=12, minute=0, second=0, microsecond=0)
 OLD = NOW - timedelta(days=30)
 RECENT = NOW - timedelta(days=2)
 

@@ -81,11 +81,13 @@ def test_a_queued_job_says_in_words_why_it_waits(client, owner, renter):
     assert "0 of 2 units fit: 1 outside the allowed jurisdictions, 1 above the price cap" in page
 
 
-TODAY = datetime.now(UTC).date()
+def today():
+    """Read at each use, not at import: the suite may pass midnight between collecting and running."""
+    return datetime.now(UTC).date()
 
 
 def at(days_ago: int, hour: int, minute: int = 0) -> datetime:
-    return datetime.combine(TODAY - timedelta(days=days_ago), time(hour, minute), tzinfo=UTC)
+    return datetime.combine(today() - timedelta(days=days_ago), time(hour, minute), tzinfo=UTC)
 
 
 def placed_long_ago(job):
@@ -148,10 +150,10 @@ class TestCharts:
         rows = table_rows(earnings_page(client, owner), "Earnings per day as a table")
 
         assert len(rows) == 30
-        assert rows[str(TODAY - timedelta(days=2))] == ["1.70"]
-        assert rows[str(TODAY - timedelta(days=1))] == ["40.80"]  # not the stranger's $6 of yesterday
-        assert rows[str(TODAY)] == ["0.00"]
-        assert rows[str(TODAY - timedelta(days=29))] == ["0.00"]
+        assert rows[str(today() - timedelta(days=2))] == ["1.70"]
+        assert rows[str(today() - timedelta(days=1))] == ["40.80"]  # not the stranger's $6 of yesterday
+        assert rows[str(today())] == ["0.00"]
+        assert rows[str(today() - timedelta(days=29))] == ["0.00"]
 
     def test_the_earnings_chart_is_an_svg_with_a_bar_per_day_scaled_to_the_best_day(
         self, client, owner, two_days_on_the_garden
@@ -163,20 +165,20 @@ class TestCharts:
         bars = re.findall(r'<rect class="bar"[^>]*height="([\d.]+)"[^>]*><title>([^<]*)</title>', chart)
         assert len(bars) == 30
         heights = dict((title, float(height)) for height, title in bars)
-        best = heights[f"{TODAY - timedelta(days=1)}: 40.80 USD"]
+        best = heights[f"{today() - timedelta(days=1)}: 40.80 USD"]
         assert best == pytest.approx(180 * 40.8 / 50, abs=0.1)  # the axis tops out at 50.00, the next 1-2-5 step
-        assert heights[f"{TODAY - timedelta(days=2)}: 1.70 USD"] == pytest.approx(180 * 1.7 / 50, abs=0.1)
-        assert heights[f"{TODAY}: 0.00 USD"] == 0
+        assert heights[f"{today() - timedelta(days=2)}: 1.70 USD"] == pytest.approx(180 * 1.7 / 50, abs=0.1)
+        assert heights[f"{today()}: 0.00 USD"] == 0
 
     def test_utilisation_is_gpu_time_used_over_gpu_time_there_was(self, client, owner, two_days_on_the_garden):
         page = earnings_page(client, owner)
         rows = table_rows(page, "Utilisation of garden as a table")
 
-        assert rows[str(TODAY - timedelta(days=1))] == ["24.00", "25.0%"]  # 1 of 4 GPUs, all day
-        assert rows[str(TODAY - timedelta(days=2))] == ["1.00", "1.0%"]  # 1 GPU-hour of 96
-        assert rows[str(TODAY - timedelta(days=3))] == ["0.00", "0.0%"]
+        assert rows[str(today() - timedelta(days=1))] == ["24.00", "25.0%"]  # 1 of 4 GPUs, all day
+        assert rows[str(today() - timedelta(days=2))] == ["1.00", "1.0%"]  # 1 GPU-hour of 96
+        assert rows[str(today() - timedelta(days=3))] == ["0.00", "0.0%"]
         chart = svg(page, "utilisation-chart-1")
-        assert f"<title>{TODAY - timedelta(days=1)}: 25.0%</title>" in chart
+        assert f"<title>{today() - timedelta(days=1)}: 25.0%</title>" in chart
         assert chart.count('<rect class="bar"') == 30
 
     def test_a_unit_without_work_shows_zero_and_the_page_says_how_utilisation_is_counted(self, client, owner):
@@ -202,7 +204,7 @@ class TestScoping:
 
         assert "garden" not in page and "train-llm" not in page
         assert "attic" in page
-        assert table_rows(page, "Earnings per day as a table")[str(TODAY - timedelta(days=1))] == ["5.10"]
+        assert table_rows(page, "Earnings per day as a table")[str(today() - timedelta(days=1))] == ["5.10"]
         assert str(two_days_on_the_garden.job_id)[:8] not in page
 
     def test_the_csv_holds_only_the_callers_lines(self, client, stranger, two_days_on_the_garden, strangers_attic):
@@ -244,11 +246,11 @@ class TestCsv:
 
         job = two_days_on_the_garden.job_id
         assert response["Content-Type"] == "text/csv; charset=utf-8"
-        assert response["Content-Disposition"] == f'attachment; filename="shedshare-earnings-{TODAY}.csv"'
+        assert response["Content-Disposition"] == f'attachment; filename="shedshare-earnings-{today()}.csv"'
         assert body == (
             "date,unit,job_id,gpu_seconds,amount,currency\r\n"
-            f"{TODAY - timedelta(days=2)}T10:05:00Z,garden,{job},3600.000,1.700000,USD\r\n"
-            f"{TODAY - timedelta(days=1)}T12:05:00Z,garden,{job},86400.000,40.800000,USD\r\n"
+            f"{today() - timedelta(days=2)}T10:05:00Z,garden,{job},3600.000,1.700000,USD\r\n"
+            f"{today() - timedelta(days=1)}T12:05:00Z,garden,{job},86400.000,40.800000,USD\r\n"
         )
 
     def test_an_amount_below_a_cent_is_not_rounded(self, client, owner, renter):
