@@ -543,14 +543,17 @@ def unit_location_attestation_revoke(*, unit: Unit, by) -> Unit:
     return unit
 
 
-def units_capacity_changed(unit_ids) -> None:
+def units_capacity_changed(unit_ids, *, agents_know: bool = False) -> None:
     """Tell placement these units' capacity or policy changed, so it reads them again, and
-    their agents' streams, so they push the policy and status at once."""
+    their agents' streams, so they push the policy and status at once; unless the change is
+    the agent's own report (``agents_know``: a job it says has ended frees its GPUs, and it
+    has nothing new to hear)."""
     unit_ids = list(unit_ids)
     Unit.objects.filter(pk__in=unit_ids).update(
         capacity_version=F("capacity_version") + 1, capacity_changed_at=timezone.now()
     )
-    streams.nudge(unit_ids)
+    if not agents_know:
+        streams.nudge(unit_ids)
 
 
 def gpu_report(data: dict) -> GpuReport:

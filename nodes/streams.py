@@ -29,16 +29,18 @@ ALIVE = (Unit.Status.ONLINE, Unit.Status.DRAINING)
 NUDGE_CHANNEL = "shedshare_nudges"  # PostgreSQL's NOTIFY channel that wakes the connection servers
 
 
-def nudge(unit_ids, *, kind: str = UnitNudge.Kind.LOOK, connection: str = "") -> None:
+def nudge(unit_ids, *, kind: str = UnitNudge.Kind.LOOK, connection: str = "") -> list[int]:
     """Tell the units' connection servers to read these units again and push what changed.
     Written in the caller's transaction, so a nudge is seen only once what it announces is; on
-    PostgreSQL a NOTIFY, delivered at the commit, wakes the servers at once."""
+    PostgreSQL a NOTIFY, delivered at the commit, wakes the servers at once. Returns the
+    nudges' ids."""
     rows = [UnitNudge(unit_id=unit_id, kind=kind, connection=connection) for unit_id in dict.fromkeys(unit_ids)]
     if rows:
         UnitNudge.objects.bulk_create(rows)
         if db_connection.vendor == "postgresql":
             with db_connection.cursor() as cursor:
                 cursor.execute(f"NOTIFY {NUDGE_CHANNEL}")
+    return [row.pk for row in rows]
 
 
 def nudges_listen(woken, stopping: threading.Event) -> None:
@@ -89,11 +91,14 @@ def prune(*, now: datetime) -> None:
 
 
 @transaction.atomic
-def stream_opened(*, unit_id: str, server_id: str, connection: str) -> None:
+def stream_opened(*, unit_id: str, server_id: str, connection: str) -> int:
     """Record that the unit's stream is held here now; older streams of the unit, here or on
-    another server, close when they read the "connected" nudge."""
+    another server, close when they read the "connected" nudge. Returns that nudge's id: a
+    stream closes only for a "connected" nudge after its own (one before it, read late, came
+    from an older stream)."""
     Unit.objects.filter(pk=unit_id).update(stream_server_id=server_id, stream_connection=connection)
-    nudge([unit_id], kind=UnitNudge.Kind.CONNECTED, connection=connection)
+    [nudge_id] = nudge([unit_id], kind=UnitNudge.Kind.CONNECTED, connection=connection)
+    return nudge_id
 
 
 @transaction.atomic

@@ -36,13 +36,15 @@ def job_submit(*, renter, spec: dict) -> Job:
     return job
 
 
-def _allocation_release(allocation: Allocation, *, reason: str) -> None:
+def _allocation_release(allocation: Allocation, *, reason: str, by_agent: bool = False) -> None:
+    """Free the allocation's slices. ``by_agent``: its agent reported the end (a finish, a
+    refusal), so its stream is not nudged to hear of it."""
     now = timezone.now()
     if Allocation.objects.filter(pk=allocation.pk, released_at__isnull=True).update(
         released_at=now, release_reason=reason
     ):
         allocation.leases.filter(released_at__isnull=True).update(released_at=now)
-        units_capacity_changed([allocation.unit_id])
+        units_capacity_changed([allocation.unit_id], agents_know=by_agent)
         unit_reliability_update(allocation.unit_id, now=now)
         audit_record("allocation.released", allocation.job_id, allocation=str(allocation.pk), reason=reason)
         placement_request()
@@ -159,7 +161,7 @@ def allocation_finish(*, allocation: Allocation, exit_code: int | None, reason: 
     else:
         # A job told to stop for residency (and ended meanwhile) is released as that, not "preempted".
         stopped_for = allocation.stop_reason if reason == protocol.Finish.PREEMPTED else ""
-        _allocation_release(allocation, reason=stopped_for or reason or "finished")
+        _allocation_release(allocation, reason=stopped_for or reason or "finished", by_agent=True)
     if job.state in Job.ACTIVE_STATES:
         job.state = Job.State.SUCCEEDED if exit_code == 0 else Job.State.FAILED
         job.exit_code = exit_code
@@ -182,7 +184,7 @@ def _allocation_preempted(allocation: Allocation, job: Job) -> None:
     a stop that was not the job's doing is not one of its attempts."""
     reason = allocation.stop_reason or protocol.Finish.PREEMPTED
     if allocation.released_at is None:
-        _allocation_release(allocation, reason=reason)
+        _allocation_release(allocation, reason=reason, by_agent=True)
     if allocation.preempted_by_id is not None:
         placement_request(allocation.preempted_by_id)
     job.state, job.placed_at, job.started_at = Job.State.QUEUED, None, None
@@ -198,7 +200,7 @@ def _allocation_refused(allocation: Allocation, job: Job, *, reason: str) -> Non
     make a job fail by refusing it; placement keeps the refusing unit away from the job instead
     (``placement.record.units_that_refused``), and the refusal counts against the unit's
     reliability."""
-    _allocation_release(allocation, reason=reason)
+    _allocation_release(allocation, reason=reason, by_agent=True)
     actor = f"unit:{allocation.unit_id}"
     audit_record(
         "allocation.refused",

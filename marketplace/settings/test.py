@@ -25,3 +25,6 @@ PLACEMENT_REFRESH_INTERVAL_S = 0
 WALLET_MIN_RUN_S = 0
 # Usage is posted as soon as it is recorded, so tests see it at once.
 USAGE_POSTING_INTERVAL_S = 0
+# The test process is not a connection server: its interpreter keeps its defaults (one test
+# turns the tuning on and puts them back).
+STREAM_TUNE_PROCESS = False

@@ -2,7 +2,9 @@
 would drive it, on the test database, with its hub's loops running."""
 
 import asyncio
+import gc
 import json
+import sys
 import threading
 from dataclasses import asdict
 from datetime import timedelta
@@ -21,7 +23,7 @@ from marketplace.jobs.placement import job_place
 from marketplace.jobs.services import job_cancel
 from nodes import streams
 from nodes.agent import protocol
-from nodes.models import StreamServer, Unit
+from nodes.models import StreamServer, Unit, UnitNudge
 from nodes.services import units_mark_unresponsive
 from tests.conftest import gpus_make, job_make, unit_online
 
@@ -485,3 +487,52 @@ def test_starts_and_finishes_served_over_the_stream_keep_the_heartbeats_cheap(sh
         await agent.disconnect()
 
     run(scenario())
+
+
+def test_a_finish_the_agent_reports_nudges_no_stream_and_leaves_no_stale_cancel(shed, renter):
+    # The agent's own report changes nothing it must hear: no nudge (no look, no push), and a
+    # cancel it was told of is gone from what its next beats are answered with.
+    unit, credential = shed
+
+    def looks():
+        return UnitNudge.objects.filter(unit_id=unit.pk, kind=UnitNudge.Kind.LOOK).count()
+
+    async def scenario():
+        agent = Agent(credential)
+        await agent.connect()
+        await agent.beat()
+        job = await sync_to_async(job_make)(renter, gpu_count=1)
+        await sync_to_async(job_place)(job_id=job.pk)
+        allocation_id = (await agent.push("assignment"))["allocation_id"]
+        assert (await agent.call(protocol.allocation_path(allocation_id, "start"), {}))["status"] == 200
+        await agent.beat(running=[allocation_id])
+        await sync_to_async(job_cancel)(job=await sync_to_async(type(job).objects.get)(pk=job.pk), actor="test")
+        while allocation_id not in (await agent.push("state"))["cancel"]:
+            pass
+        before = await sync_to_async(looks)()
+        finish = {"exit_code": 143, "reason": "cancelled"}
+        assert (await agent.call(protocol.allocation_path(allocation_id, "finish"), finish))["status"] == 200
+        assert await sync_to_async(looks)() == before
+        reply = await agent.beat()
+        assert reply["status"] == 200 and reply["body"]["cancel"] == []
+        await agent.disconnect()
+
+    run(scenario())
+
+
+def test_a_connection_server_tunes_its_interpreter_once(settings):
+    thresholds, interval = gc.get_threshold(), sys.getswitchinterval()
+    settings.STREAM_TUNE_PROCESS = True
+    try:
+        server.tune_process()
+        assert gc.get_threshold() == settings.STREAM_GC_THRESHOLDS
+        assert sys.getswitchinterval() == pytest.approx(settings.STREAM_SWITCH_INTERVAL_S)
+        assert gc.get_freeze_count() > 0
+        gc.set_threshold(*thresholds)
+        server.tune_process()  # once: a second call changes nothing
+        assert gc.get_threshold() == thresholds
+    finally:
+        server._tuned = False
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
+        sys.setswitchinterval(interval)

@@ -1,12 +1,17 @@
 """An agent API call that came over a stream, answered by the same Django views, middleware,
-authentication, throttles and error handling as over HTTP: the stream is only a transport."""
+authentication, throttles and error handling as over HTTP: the stream is only a transport.
+
+Unlike an HTTP request, a call does not send Django's request_started and request_finished
+signals: they hand the thread's database connection back after every request (and check it
+again before the next), which costs two trips to the database on every report. The connection
+servers' pool threads keep theirs instead (``connections_tidy``)."""
 
 import io
 import json
 import sys
 
-from django.core import signals
 from django.core.handlers.wsgi import WSGIHandler, WSGIRequest
+from django.db import connections, reset_queries
 from django.urls import set_script_prefix
 
 from marketplace.jobs.agent_api.auth import STREAM_CALL
@@ -61,15 +66,29 @@ def call(base: dict, method: str, path: str, body) -> tuple[int, object, float |
         "wsgi.input": io.BytesIO(data),
     }
     set_script_prefix("")
-    signals.request_started.send(sender=WSGIHandler, environ=environ)
+    reset_queries()
     response = _handler.get_response(WSGIRequest(environ))
+    content = response.content  # the agent API's answers are JSON, made whole: nothing to close
     try:
-        content = response.content
-        try:
-            answer = json.loads(content) if content else None
-        except ValueError:  # not JSON (an error page): what the agent needs is the status
-            answer = {"title": response.reason_phrase, "status": response.status_code}
-        retry_after = response.headers.get("Retry-After")
-        return response.status_code, answer, float(retry_after) if retry_after and retry_after.isdigit() else None
-    finally:
-        response.close()  # request_finished: the thread's database connections go back
+        answer = json.loads(content) if content else None
+    except ValueError:  # not JSON (an error page): what the agent needs is the status
+        answer = {"title": response.reason_phrase, "status": response.status_code}
+    retry_after = response.headers.get("Retry-After")
+    return response.status_code, answer, float(retry_after) if retry_after and retry_after.isdigit() else None
+
+
+def connections_tidy() -> None:
+    """After a pool thread's database work: keep its connections for the next (a connection
+    server's threads are few and long-lived, so they hold one each, as a Celery worker does),
+    but close one that failed and no longer answers (the database restarted: the next call
+    connects afresh) or was left inside a transaction."""
+    for connection in connections.all(initialized_only=True):
+        if connection.connection is None:
+            continue
+        if connection.in_atomic_block or not connection.get_autocommit():
+            connection.close()
+        elif connection.errors_occurred:
+            if connection.is_usable():
+                connection.errors_occurred = False
+            else:
+                connection.close()

@@ -17,6 +17,7 @@ STREAM_FULL_BEAT_S anyway.
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ import os
 import re
 import secrets
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.core.cache import cache
-from django.db import close_old_connections, connections
+from django.db import connections
 from django.utils import timezone
 
 from marketplace.jobs import agent_use_cases as use_cases
@@ -47,6 +49,7 @@ logger = logging.getLogger(__name__)
 _ALLOCATION_CALL = re.compile(r"allocations/([0-9a-fA-F-]{36})/(" + "|".join(protocol.ALLOCATION_ACTIONS) + ")")
 _ALIVE = {Unit.Status.ONLINE, Unit.Status.DRAINING}
 _TELEMETRY = ("temperature_c", "power_w")
+_STOPS = ("cancel", "preempt")  # the answer's lists of allocations the agent must stop
 SERVER_SHUTDOWN = 1012  # the code a connection ends with when this server shuts down
 wall_clock = time.time  # the minutes the connect budget counts in (tests fix it)
 
@@ -80,6 +83,30 @@ def _readings(beat: dict) -> list[dict] | None:
     return readings
 
 
+_tuned = False
+
+
+def tune_process() -> None:
+    """Tune this process's interpreter for holding streams, once. It answers thousands of cheap
+    heartbeats on its event loop between the database calls of its pool threads, and two things
+    of the interpreter's defaults stalled that loop for hundreds of milliseconds:
+
+    - The garbage collector's full collections, which walk every object the process holds (the
+      streams, Django's modules) and came every few seconds, as Django's requests leave cycles:
+      what exists once the server is up is frozen out of collection, and the young generation
+      collected less often (STREAM_GC_THRESHOLDS), so full collections come rarely.
+    - The GIL's switch interval: a pool thread running Python kept the loop waiting up to 5 ms
+      each time it wanted the interpreter back (STREAM_SWITCH_INTERVAL_S)."""
+    global _tuned
+    if _tuned or not settings.STREAM_TUNE_PROCESS:
+        return
+    _tuned = True
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*settings.STREAM_GC_THRESHOLDS)
+    sys.setswitchinterval(settings.STREAM_SWITCH_INTERVAL_S)
+
+
 def _frame(data) -> str:
     return json.dumps(data, default=str, separators=(",", ":"))
 
@@ -109,6 +136,7 @@ class Stream:
     sample_at: float = 0.0
     calls: int = 0
     closing: str = ""  # why this server closes it: "replaced", "silent"
+    opened_nudge: int = 0  # the id of the "connected" nudge its opening wrote
     beat_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     tokens: float = 0.0  # frames it may still send now (a token bucket, STREAM_FRAMES_PER_S)
     tokens_at: float = 0.0
@@ -188,7 +216,7 @@ class Hub:
             try:
                 return fn(*args, **kwargs)
             finally:
-                close_old_connections()
+                calls.connections_tidy()
 
         if queued:
             self.calls_waiting += 1
@@ -206,6 +234,7 @@ class Hub:
         if self._tasks:
             return
         loop = asyncio.get_running_loop()
+        tune_process()
         for step in (self._renew_loop, self._nudge_loop, self._telemetry_loop, self._silence_loop):
             self._tasks.append(loop.create_task(step()))
         # PostgreSQL's NOTIFY wakes the nudge loop the moment nudges commit; it polls regardless.
@@ -275,7 +304,7 @@ class Hub:
                 if stream is None:
                     continue
                 if kind == UnitNudge.Kind.CONNECTED:
-                    if connection != stream.connection:
+                    if connection != stream.connection and pk > stream.opened_nudge:
                         await self.close(stream, protocol.StreamClose.REPLACED, "replaced")
                 else:
                     self.look(stream)
@@ -435,6 +464,13 @@ class Hub:
             else:
                 stream.running.discard(allocation)
                 stream.expected.pop(allocation, None)
+                # Its stream is not nudged for an end it reported (nodes.services.
+                # units_capacity_changed): what a beat is answered with forgets it here.
+                if stream.reply is not None:
+                    stream.reply = {
+                        **stream.reply,
+                        **{name: [a for a in stream.reply.get(name) or [] if a != allocation] for name in _STOPS},
+                    }
             stream.active_until = time.monotonic() + settings.STREAM_ACTIVE_HOLD_S
         await self._reply(stream, call_id, status, answer, retry_after)
 
@@ -488,16 +524,16 @@ def _look(unit_id: str, running: list) -> tuple[list[dict], dict, dict[str, floa
     return assignments, json.loads(_frame(state)), picked_up
 
 
-def _open(credential: str, *, server_id: str, connection: str) -> tuple[str | None, bool]:
-    """Admit a stream, in one trip to the database: (the credential's unit or None, whether it
-    may open another stream this minute); if both, the unit's stream is this one now."""
+def _open(credential: str, *, server_id: str, connection: str) -> tuple[str | None, int | None]:
+    """Admit a stream, in one trip to the database: (the credential's unit or None, the id of
+    its "connected" nudge, or None if it may not open another stream this minute); if both,
+    the unit's stream is this one now."""
     unit = unit_services.unit_authenticate(credential=credential)
     if unit is None:
-        return None, False
+        return None, None
     if not _connect_allowed(str(unit.pk)):
-        return str(unit.pk), False
-    streams.stream_opened(unit_id=str(unit.pk), server_id=server_id, connection=connection)
-    return str(unit.pk), True
+        return str(unit.pk), None
+    return str(unit.pk), streams.stream_opened(unit_id=str(unit.pk), server_id=server_id, connection=connection)
 
 
 def _connect_allowed(unit_id: str) -> bool:
@@ -549,12 +585,14 @@ async def stream_application(scope, receive, send) -> None:
         await refuse(protocol.StreamClose.TRY_LATER)
         return
     try:
-        unit_id, allowed = await the_hub.db(_open, _bearer(scope), server_id=the_hub.server_id, connection=connection)
+        unit_id, opened_nudge = await the_hub.db(
+            _open, _bearer(scope), server_id=the_hub.server_id, connection=connection
+        )
     except Exception:  # noqa: BLE001 - the database is away: come back later, or use HTTP meanwhile
         logger.warning("stream_refused: cannot authenticate now", exc_info=True)
         await refuse(protocol.StreamClose.TRY_LATER)
         return
-    if unit_id is None or not allowed:
+    if unit_id is None or opened_nudge is None:
         await refuse(protocol.StreamClose.UNAUTHORISED if unit_id is None else protocol.StreamClose.TRY_LATER)
         return
     await send({"type": "websocket.accept"})
@@ -583,7 +621,7 @@ async def stream_application(scope, receive, send) -> None:
     stream = Stream(
         unit_id=unit_id, connection=connection, environ=calls.environ_base(scope),
         send_frame=send_frame, close_with=close_with, opened_at=now, last_beat_at=now,
-        tokens=settings.STREAM_FRAMES_PER_S * 10, tokens_at=now,
+        tokens=settings.STREAM_FRAMES_PER_S * 10, tokens_at=now, opened_nudge=opened_nudge,
     )  # fmt: skip
     hello = {"connection": stream.connection, "heartbeat_interval_s": settings.HEARTBEAT_INTERVAL_S}
     code = protocol.StreamClose.TRY_LATER
