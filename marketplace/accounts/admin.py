@@ -2,7 +2,7 @@ from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin
 
 from marketplace.accounts import services
-from marketplace.accounts.models import ApiKey, RenterProfile, User
+from marketplace.accounts.models import ApiKey, RenterProfile, Secret, User
 
 admin.site.register(User, UserAdmin)
 
@@ -15,6 +15,22 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request) -> bool:
         # A key's secret must be shown once to its owner: create keys with `manage.py api_key`.
+        return False
+
+
+@admin.register(Secret)
+class SecretAdmin(admin.ModelAdmin):
+    """Names and dates only: a secret's value is never shown, not even sealed."""
+
+    list_display = ["name", "owner", "created_at", "updated_at"]
+    search_fields = ["name", "owner__username"]
+    fields = ["owner", "name", "created_at", "updated_at"]
+    readonly_fields = fields
+
+    def has_add_permission(self, request) -> bool:
+        return False  # set by their owners, through the API or the CLI
+
+    def has_change_permission(self, request, obj=None) -> bool:
         return False
 
 

@@ -57,3 +57,21 @@ class RenterProfile(models.Model):
 
     def __str__(self) -> str:
         return f"renter {self.user}"
+
+
+class Secret(models.Model):
+    """A renter's named secret (an API token, a registry password): sealed at rest
+    (marketplace/kernel/sealing.py), shown to no one once stored, and handed only to the agent
+    running a job of its owner's that names it."""
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="secrets")
+    name = models.CharField(max_length=64)
+    sealed = models.TextField()
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["owner", "name"], name="secret_name_unique_per_owner")]
+
+    def __str__(self) -> str:
+        return self.name

@@ -104,6 +104,15 @@ class RenterClient:
         params = {"offset": offset, "wait": wait_s}
         return self._get(f"/jobs/{quote(job_id, safe='')}/logs", params, timeout=wait_s + self._timeout_s)
 
+    def secrets(self) -> list[dict[str, Any]]:
+        return self._get("/secrets")
+
+    def secret_set(self, name: str, value: str) -> dict[str, Any]:
+        return self._call("PUT", f"/secrets/{quote(name, safe='')}", json={"value": value})
+
+    def secret_delete(self, name: str) -> None:
+        self._call("DELETE", f"/secrets/{quote(name, safe='')}")
+
     def _pages(self, path: str, params: dict[str, Any], *, limit: int | None = None) -> Iterator[dict[str, Any]]:
         """Follow `next` links (limit/offset or cursor pagination alike) until the end or `limit`."""
         page = self._get(path, params)
@@ -135,6 +144,8 @@ class RenterClient:
             if response.status_code not in (429, 503) or attempt == RETRIES:
                 break
             sleep(_wait_s(response, attempt))
+        if response.status_code == 204:
+            return None
         try:
             body = response.json()
         except ValueError:

@@ -1,7 +1,8 @@
-"""`shedshare`: log in, search offers, submit and follow jobs, read the balance."""
+"""`shedshare`: log in, search offers, submit and follow jobs, keep secrets, read the balance."""
 
 import json
 import os
+import sys
 import uuid
 from datetime import UTC, datetime
 from time import sleep
@@ -195,3 +196,65 @@ def balance(as_json: bool) -> None:
         _print_json(wallet)
     else:
         click.echo(f"{wallet['balance']} {wallet['currency']}")
+
+
+@main.group()
+def secret() -> None:
+    """Keep secrets (API tokens, registry passwords) that jobs name in `secrets:`."""
+
+
+@secret.command("set")
+@click.argument("name")
+@click.option(
+    "--from-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Read the value from this file (as is). Else from standard input, or asked for without echo.",
+)
+@click.pass_obj
+def secret_set(as_json: bool, name: str, from_file: str | None) -> None:
+    """Create or replace the secret NAME. The value is never an argument (a shell's history and
+    the process list would keep it): it is asked for, piped in, or read from a file."""
+    if from_file:
+        try:
+            with open(from_file, encoding="utf-8") as source:
+                value = source.read()
+        except (OSError, UnicodeError) as exc:
+            raise click.ClickException(f"cannot read {from_file}: {exc}") from None
+    elif sys.stdin.isatty():
+        value = click.prompt(f"Value of {name}", hide_input=True, confirmation_prompt=True)
+    else:
+        value = sys.stdin.read()
+        value = value[:-1] if value.endswith("\n") else value  # what `echo` adds
+    if not value:
+        raise click.ClickException("a secret cannot be empty")
+    with _client() as client:
+        stored = client.secret_set(name, value)
+    if as_json:
+        _print_json(stored)
+    else:
+        click.echo(f"Secret {stored['name']} set; name it in a job's secrets: {{VARIABLE: {stored['name']}}}.")
+
+
+@secret.command("list")
+@click.pass_obj
+def secret_list(as_json: bool) -> None:
+    """List your secrets' names (a value is never shown again)."""
+    with _client() as client:
+        found = client.secrets()
+    if as_json:
+        _print_json(found)
+    else:
+        render.table(found, render.SECRET_COLUMNS, empty="No secrets.")
+
+
+@secret.command("rm")
+@click.argument("name")
+@click.pass_obj
+def secret_rm(as_json: bool, name: str) -> None:
+    """Delete the secret NAME (a job naming it that has not started then fails)."""
+    with _client() as client:
+        client.secret_delete(name)
+    if as_json:
+        _print_json({"deleted": name})
+    else:
+        click.echo(f"Secret {name} deleted.")

@@ -65,3 +65,10 @@ def job_line(job: dict[str, Any]) -> str:
     if job.get("exit_code") is not None:
         line += f"  exit code {job['exit_code']}"
     return line
+
+
+SECRET_COLUMNS: list[Column] = [
+    ("NAME", lambda s: s.get("name")),
+    ("CREATED", lambda s: s.get("created_at")),
+    ("UPDATED", lambda s: s.get("updated_at")),
+]

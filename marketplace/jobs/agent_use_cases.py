@@ -1,5 +1,5 @@
 """What the node agent API does, one function per call (enrol, heartbeat, next assignment, and
-start, usage, logs and finish of an allocation). The views in ``agent_api/`` only parse the
+start, secrets, usage, logs and finish of an allocation). The views in ``agent_api/`` only parse the
 request, call one of these and serialise the answer; each answer is a protocol shape
 (``nodes/agent/protocol.py``)."""
 
@@ -96,6 +96,12 @@ def agent_allocation_logs(*, allocation: Allocation, offset: int, data: str) -> 
     return {"accepted": accepted, "truncated": truncated}
 
 
+def agent_allocation_secrets(*, allocation: Allocation) -> dict:
+    """The values of the job's secrets, by variable name, for the agent about to start it (or,
+    after a restart, running it: it scrubs them from the job's log)."""
+    return {"env": market.allocation_secrets(allocation=allocation)}
+
+
 def agent_allocation_finish(*, allocation: Allocation, exit_code: int | None, reason: str) -> dict:
     job = market.allocation_finish(allocation=allocation, exit_code=exit_code, reason=reason)
     return {"state": job.state}
@@ -126,6 +132,9 @@ def _assignment(allocation: Allocation) -> dict:
             "allowed_countries": jurisdictions.countries_of(job.jurisdictions),
             "network_egress": job.network_egress,
             "sandboxed": job.sandboxed,
+            "env": job.env,
+            # Names only: the agent asks for the values (agent_allocation_secrets) as it starts.
+            "secrets": sorted(job.secrets),
         },
         "gpus": gpus,
         "price_per_gpu_hour_micros": allocation.price_per_gpu_hour_micros,

@@ -66,6 +66,10 @@ class Job(models.Model):
         help_text="Run at the unit's interruptible price; an on-demand job may stop it (with notice) to take its "
         "GPUs, and it is queued again. Usage is billed up to the notice.",
     )
+    env = models.JSONField(default=dict, blank=True, help_text="Environment variables: name -> value.")
+    secrets = models.JSONField(
+        default=dict, blank=True, help_text="Environment variables from the renter's secrets: name -> secret name."
+    )
     network_egress = models.BooleanField(default=False, help_text="May the job reach the network?")
     sandboxed = models.BooleanField(default=False, help_text="Run under a sandboxed runtime such as gVisor.")
     state = models.CharField(max_length=10, choices=State.choices, default=State.QUEUED)

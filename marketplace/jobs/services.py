@@ -1,20 +1,27 @@
+import contextlib
 from datetime import datetime
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from marketplace.accounts.secrets import SecretMissing, SecretsUnavailable, secrets_missing, secrets_reveal
 from marketplace.jobs import ports
 from marketplace.jobs.models import Allocation, Job, LogChunk
 from marketplace.jobs.selectors import allocation_log_size
 from marketplace.jobs.units import unit_reliability_update
 from marketplace.kernel.audit import audit_record
-from marketplace.kernel.errors import StateConflict
+from marketplace.kernel.errors import DomainError, StateConflict
 from marketplace.kernel.tasks import publish_on_commit
 from nodes import streams
 from nodes.agent import protocol
 from nodes.models import Unit
 from nodes.services import units_capacity_changed
+
+
+class SecretUnknown(DomainError):
+    code = "secret-unknown"
+    title = "Unknown secret"
 
 
 def placement_request(job_id=None) -> None:
@@ -30,6 +37,12 @@ def placement_request(job_id=None) -> None:
 
 @transaction.atomic
 def job_submit(*, renter, spec: dict) -> Job:
+    missing = secrets_missing(owner=renter, names=(spec.get("secrets") or {}).values())
+    if missing:
+        raise SecretUnknown(
+            f"You have no secret named {missing[0]!r}: set it first (shedshare secret set {missing[0]}, or PUT "
+            f"/api/v1/secrets/{missing[0]})."
+        )
     job = Job.objects.create(renter=renter, **spec)
     audit_record("job.submitted", job.id, actor=f"user:{renter.pk}")
     placement_request(job.id)
@@ -121,6 +134,26 @@ def allocation_start(*, allocation: Allocation) -> Job:
     job.save(update_fields=["state", "started_at"])
     audit_record("job.started", job.id, actor=f"unit:{allocation.unit_id}")
     return job
+
+
+def allocation_secrets(*, allocation: Allocation) -> dict[str, str]:
+    """The values of the job's secrets, by variable name, for its allocation's agent while the
+    allocation holds. A secret deleted since the submit, or sealed with a key the marketplace no
+    longer has, fails the job (it could never start): StateConflict either way."""
+    job = allocation.job
+    if allocation.released_at is not None or job.state not in Job.ACTIVE_STATES:
+        raise StateConflict(f"This allocation has ended: the job is {job.state}.")
+    try:
+        values = secrets_reveal(owner=job.renter, names=set(job.secrets.values()))
+    except (SecretMissing, SecretsUnavailable) as error:
+        with contextlib.suppress(StateConflict):  # ended meanwhile
+            job_stop(job=job, actor="platform", reason=f"secrets: {error.detail}"[:255])
+        raise StateConflict(f"The job cannot start: {error.detail}") from None
+    audit_record(
+        "job.secrets_delivered", job.id, actor=f"unit:{allocation.unit_id}", allocation=str(allocation.pk),
+        variables=sorted(job.secrets),
+    )  # fmt: skip
+    return {variable: values[secret] for variable, secret in job.secrets.items()}
 
 
 # Ends that are not the job's doing: the shed's agent stopped it, or never got the server's

@@ -31,6 +31,23 @@ def _development_secret_key() -> str:
 
 # Production must provide a secret key; only development generates one.
 SECRET_KEY = env_str("SECRET_KEY", required=not DEBUG) or _development_secret_key()
+
+
+def _development_secrets_key() -> list[str]:
+    # Renters' secrets are sealed with keys of their own (marketplace/kernel/sealing.py); a
+    # development install generates one beside the data, as it does SECRET_KEY.
+    from cryptography.fernet import Fernet
+
+    path = DATA_DIR / "dev-secrets-key"
+    if not path.exists():
+        path.write_bytes(Fernet.generate_key())
+        path.chmod(0o600)
+    return [path.read_text().strip()]
+
+
+# Fernet keys for renters' secrets, newest first (comma-separated). Production sets them; without
+# any, storing or delivering a secret is refused (503), and `manage.py check` warns.
+SECRETS_KEYS = env_list("SECRETS_KEYS", []) or (_development_secrets_key() if DEBUG else [])
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"] if DEBUG else [])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 PUBLIC_URL = env_str("PUBLIC_URL", "http://127.0.0.1:8000")
@@ -303,6 +320,12 @@ API_RATE_LIMIT = env_str("API_RATE_LIMIT", "120/min")
 API_SUBMIT_RATE_LIMIT = env_str("API_SUBMIT_RATE_LIMIT", "30/min")
 # Active (neither revoked nor expired) API keys one account may hold.
 API_KEYS_PER_USER = env_int("API_KEYS_PER_USER", 20)
+# Renters' secrets (marketplace/accounts/secrets.py) an account may hold, and the bounds of a
+# job's environment: variables and secrets together, each value, and all of it.
+SECRETS_PER_USER = env_int("SECRETS_PER_USER", 100)
+JOB_ENV_MAX_VARIABLES = 64
+JOB_ENV_MAX_VALUE_BYTES = 32 * 1024
+JOB_ENV_MAX_BYTES = 64 * 1024
 # Per unit, whatever address its agent calls from. An honest agent makes about two calls a second
 # at the tests' 1 s heartbeat (a heartbeat and an assignment poll) and at most ten report calls
 # per 0.25 s tick while it catches up: the limits sit above both. Heartbeats have their own budget,

@@ -1,9 +1,10 @@
-"""Test settings: the shared base settings with a fixed development secret and a test data folder."""
+"""Test settings: the shared base settings with fixed development secrets and a test data folder."""
 
 import os
 from pathlib import Path
 
 os.environ.setdefault("SECRET_KEY", "tests-only-secret-key-not-for-production-0123456789")
+os.environ.setdefault("SECRETS_KEYS", "dGVzdHMtb25seS1zZWNyZXRzLWtleS0zMi1ieXRlcyE=")  # Fernet: 32 bytes, base64
 os.environ.setdefault("SHEDSHARE_DATA_DIR", str(Path(__file__).resolve().parents[2] / ".data" / "tests"))
 
 from marketplace.settings.base import *  # noqa: E402, F403

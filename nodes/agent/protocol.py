@@ -12,7 +12,17 @@ API_PREFIX = "/api/agent/v1"
 ENROL = "enrol"
 HEARTBEAT = "heartbeat"
 NEXT_ASSIGNMENT = "assignments/next"
-ALLOCATION_ACTIONS = ("start", "usage", "logs", "finish")
+ALLOCATION_ACTIONS = ("start", "usage", "logs", "finish", "secrets")
+
+# A job's environment variables (its own and its secrets'): the names a job may set. The agent
+# sets the reserved ones itself (the devices, the job's ids, its home), and they always win.
+JOB_ENV_NAME = r"[A-Za-z_][A-Za-z0-9_]{0,127}"
+JOB_ENV_RESERVED = frozenset({"HOME", "CUDA_VISIBLE_DEVICES"})
+JOB_ENV_RESERVED_PREFIXES = ("SHEDSHARE_", "NVIDIA_")
+
+
+def job_env_reserved(name: str) -> bool:
+    return name.upper() in JOB_ENV_RESERVED or name.upper().startswith(JOB_ENV_RESERVED_PREFIXES)
 
 # The agent's stream: one WebSocket per unit (``ws(s)://<server>`` + API_PREFIX + "/" + STREAM),
 # opened with the same ``Authorization: Bearer <node credential>`` header as every HTTP call.

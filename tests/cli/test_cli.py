@@ -397,3 +397,56 @@ class TestLogs:
 
         assert result.stdout == "abc\n"
         assert [r.url.params["wait"] for r in seen] == ["0", "0"]
+
+
+class TestSecrets:
+    VALUE = "hf_cli-secret-value-9f8e7d"
+
+    def test_set_from_standard_input_list_and_remove_and_the_value_is_never_printed(self, logged_in, renter):
+        from marketplace.accounts.models import Secret
+        from marketplace.kernel import sealing
+
+        set_result = run("secret", "set", "hf-token", input=self.VALUE + "\n")
+        listed = run("secret", "list")
+        as_json = run("--json", "secret", "list")
+
+        assert set_result.exit_code == 0, set_result.output
+        assert sealing.unseal(Secret.objects.get(owner=renter, name="hf-token").sealed) == self.VALUE  # echo's \n gone
+        assert "hf-token" in listed.stdout
+        assert [row["name"] for row in json.loads(as_json.stdout)] == ["hf-token"]
+        for result in (set_result, listed, as_json):
+            assert self.VALUE not in result.output
+
+        removed = run("secret", "rm", "hf-token")
+        assert removed.exit_code == 0, removed.output
+        assert not Secret.objects.exists()
+
+    def test_set_from_a_file_keeps_it_as_is(self, logged_in, renter, tmp_path):
+        from marketplace.accounts.models import Secret
+        from marketplace.kernel import sealing
+
+        path = tmp_path / "token"
+        path.write_text("line one\nline two\n")
+
+        assert run("secret", "set", "multi", "--from-file", str(path)).exit_code == 0
+        assert sealing.unseal(Secret.objects.get(name="multi").sealed) == "line one\nline two\n"
+
+    def test_bad_names_and_empty_values_get_one_readable_line(self, logged_in):
+        bad_name = run("secret", "set", "Not OK", input="x")
+        empty = run("secret", "set", "ok", input="")
+        missing = run("secret", "rm", "never-set")
+
+        assert bad_name.exit_code == 1 and "name" in bad_name.stderr
+        assert empty.exit_code == 1 and "cannot be empty" in empty.stderr
+        assert missing.exit_code == 1 and "404" in missing.stderr
+
+    def test_a_job_file_names_its_secrets_and_env(self, logged_in, renter, tmp_path):
+        run("secret", "set", "hf-token", input=self.VALUE)
+        path = tmp_path / "job.yaml"
+        path.write_text(JOB_YAML + 'env: {EPOCHS: "3"}\nsecrets: {HF_TOKEN: hf-token}\n')
+
+        result = run("submit", str(path))
+
+        assert result.exit_code == 0, result.output
+        job = Job.objects.get(renter=renter)
+        assert (job.env, job.secrets) == ({"EPOCHS": "3"}, {"HF_TOKEN": "hf-token"})

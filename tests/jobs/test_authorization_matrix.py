@@ -38,7 +38,8 @@ from rest_framework.test import APIClient
 from billing.models import TopUp
 from billing.selectors import wallet_balance_micros
 from billing.topups import topup_create
-from marketplace.accounts.models import ApiKey
+from marketplace.accounts.models import ApiKey, Secret
+from marketplace.accounts.secrets import secret_set
 from marketplace.accounts.services import api_key_create
 from marketplace.jobs.models import Allocation, Job, LogChunk, UsageSample
 from marketplace.jobs.placement import job_place
@@ -67,6 +68,7 @@ IDENTITIES = (ANON, A, A_READ, B, OWNER, STAFF, OTHER_AGENT, OWN_AGENT)
 MAY_CHANGE_A = {A, OWN_AGENT}
 
 SECRET_LOG = "renter-a-secret-output\n"
+SECRET_VALUE = "renter-a-secret-value-for-its-job"
 
 
 def renter_api(*, statuses: dict, anonymous: int = 401, agents: int = 401) -> dict:
@@ -122,6 +124,14 @@ MATRIX = [
     ("GET", "/api/v1/api-keys", None, every_user(200)),
     ("POST", "/api/v1/api-keys", lambda w: {"name": "matrix"}, every_user(201, read_only=403)),
     ("DELETE", "/api/v1/api-keys/{key}", None, a_only(204, read_only=403)),
+    ("GET", "/api/v1/secrets", None, every_user(200)),
+    (
+        "PUT",
+        "/api/v1/secrets/{secret}",
+        lambda w: {"value": "another value"},
+        renter_api(statuses={A: 200, A_READ: 403, B: 201, OWNER: 201, STAFF: 201}),  # A's replaced, the others' own
+    ),
+    ("DELETE", "/api/v1/secrets/{secret}", None, a_only(204, read_only=403)),
     ("GET", "/api/v1/balance", None, every_user(200)),
     ("POST", "/api/v1/top-ups", lambda w: {"amount": "25.00"}, every_user(201, read_only=403)),
     ("GET", "/api/v1/top-ups/{topup}", None, a_only(200)),
@@ -130,6 +140,7 @@ MATRIX = [
     ("POST", "/api/agent/v1/heartbeat", heartbeat_body, agent_api(own=200, other=200)),
     ("GET", "/api/agent/v1/assignments/next", None, agent_api(own=200, other=204)),
     ("POST", "/api/agent/v1/allocations/{allocation}/start", None, agent_api(own=200, other=404)),
+    ("POST", "/api/agent/v1/allocations/{allocation}/secrets", None, agent_api(own=200, other=404)),
     ("POST", "/api/agent/v1/allocations/{allocation}/usage", usage_body, agent_api(own=200, other=404)),
     (
         "POST",
@@ -151,7 +162,8 @@ def world(db, owner, renter, stranger, staff, stripe_fake):
     """Renter A with a placed job (usage and logs recorded), a top-up and keys; renter B with a
     job; the owner's unit and another owner's unit, each with its agent credential; staff."""
     unit, own_credential = unit_online(owner, name="shed", gpus=4)
-    job_a = job_make(renter, name="a-job")
+    secret_set(owner=renter, name="a-secret", value=SECRET_VALUE)
+    job_a = job_make(renter, name="a-job", secrets={"A_TOKEN": "a-secret"})
     allocation = job_place(job_id=job_a.pk)
     assert allocation is not None and allocation.unit_id == unit.pk
     allocation_since(allocation, datetime.now(UTC) - timedelta(minutes=5))
@@ -181,6 +193,7 @@ def world(db, owner, renter, stranger, staff, stripe_fake):
         str(job_a.pk): {A, A_READ, OWN_AGENT},
         str(allocation.pk): {A, A_READ, OWN_AGENT},
         SECRET_LOG.strip(): {A, A_READ},
+        SECRET_VALUE: {OWN_AGENT},  # the agent running A's job, and no one else, ever
         str(topup.pk): {A, A_READ},
         str(job_b.pk): {B},
         str(spare_key.pk): {A, A_READ},
@@ -211,12 +224,15 @@ def a_world(renter) -> dict:
         "events": AuditEvent.objects.filter(subject_id__in=Job.objects.filter(renter=renter).values("pk")).count(),
         "keys": list(ApiKey.objects.filter(user=renter).order_by("pk").values("pk", "name", "scopes", "revoked_at")),
         "topups": list(TopUp.objects.filter(renter=renter).order_by("pk").values()),
+        "secrets": list(Secret.objects.filter(owner=renter).order_by("pk").values("pk", "name", "sealed")),
         "balance": wallet_balance_micros(renter),
     }
 
 
 def concrete(template: str, w: dict) -> str:
-    return template.format(job=w["job"].pk, key=w["key"].pk, topup=w["topup"].pk, allocation=w["allocation"].pk)
+    return template.format(
+        job=w["job"].pk, key=w["key"].pk, topup=w["topup"].pk, allocation=w["allocation"].pk, secret="a-secret"
+    )
 
 
 def call(client: APIClient, method: str, path: str, body):
@@ -306,7 +322,8 @@ SAMPLE = {"job": "0" * 8 + "-0000-0000-0000-" + "0" * 12}
 
 
 def test_every_route_has_a_row():
-    sample = {"job": SAMPLE["job"], "key": SAMPLE["job"], "topup": SAMPLE["job"], "allocation": SAMPLE["job"]}
+    sample = {"job": SAMPLE["job"], "key": SAMPLE["job"], "topup": SAMPLE["job"], "allocation": SAMPLE["job"],
+              "secret": "a-secret"}  # fmt: skip
     covered = {resolve(template.format(**sample)).route.lstrip("^") for _, template, _, _ in MATRIX}
     covered |= {resolve(path).route.lstrip("^") for _, path in EXCLUDED}
     assert api_routes() - covered == set(), "routes without a row in MATRIX"

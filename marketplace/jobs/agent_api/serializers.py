@@ -126,6 +126,16 @@ class AssignmentJobSerializer(serializers.Serializer):
     allowed_countries = serializers.ListField(child=serializers.CharField())
     network_egress = serializers.BooleanField()
     sandboxed = serializers.BooleanField()
+    env = serializers.DictField(child=serializers.CharField(), help_text="The job's environment variables.")
+    secrets = serializers.ListField(
+        child=serializers.CharField(),
+        help_text="Variables whose values are the renter's secrets: POST allocations/{id}/secrets for them before "
+        "the start, keep them in memory only, and scrub them from the log.",
+    )
+
+
+class SecretsSerializer(serializers.Serializer):
+    env = serializers.DictField(child=serializers.CharField(), help_text="Variable name -> the secret's value.")
 
 
 class AssignmentGpuSerializer(serializers.Serializer):

@@ -2,6 +2,7 @@
 ``marketplace/jobs/agent_use_cases.py`` and serialises the answer."""
 
 from django.conf import settings
+from django.utils.cache import add_never_cache_headers
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import exceptions, status
 from rest_framework.response import Response
@@ -139,6 +140,23 @@ class AllocationStartView(AgentView):
     )
     def post(self, request, allocation_id):
         return Response(use_cases.agent_allocation_start(allocation=self.own_allocation(allocation_id)))
+
+
+class AllocationSecretsView(AgentView):
+    @extend_schema(
+        request=None,
+        responses={
+            200: s.SecretsSerializer,
+            409: OpenApiResponse(
+                description="problem+json: the allocation has ended (the job was cancelled meanwhile), or a secret "
+                "it names is gone or unreadable (the job has failed with that reason): do not start it"
+            ),
+        },
+    )
+    def post(self, request, allocation_id):
+        response = Response(use_cases.agent_allocation_secrets(allocation=self.own_allocation(allocation_id)))
+        add_never_cache_headers(response)
+        return response
 
 
 class AllocationUsageView(AgentView):

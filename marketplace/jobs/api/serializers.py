@@ -3,16 +3,33 @@ import re
 from django.conf import settings
 from rest_framework import serializers
 
+from marketplace.accounts import secrets as renter_secrets
 from marketplace.jobs import job_reads, jurisdictions
 from marketplace.jobs.models import Job
 from marketplace.jobs.pending import pending_summary
 from marketplace.jobs.selectors import job_usage
 from marketplace.kernel.api.serializers import StrictSerializer
 from marketplace.kernel.money import from_micros, to_micros
-from nodes.agent import imageref
+from nodes.agent import imageref, protocol
 from nodes.models import Isolation, WorkloadClass
 
 CUDA_RE = re.compile(r"^(?P<major>\d{1,2})(\.(?P<minor>\d{1,2}))?$")
+ENV_NAME = re.compile(protocol.JOB_ENV_NAME)
+
+
+def _env_names_problems(names) -> list[str]:
+    problems = []
+    for name in names:
+        if not ENV_NAME.fullmatch(name):
+            problems.append(
+                f"{name[:130]!r} is not a variable name: a letter or '_', then letters, digits or '_' (at most 128)."
+            )
+        elif protocol.job_env_reserved(name):
+            problems.append(
+                f"{name!r} is set by the shed itself (HOME, CUDA_VISIBLE_DEVICES, SHEDSHARE_*, NVIDIA_*): "
+                "choose another name."
+            )
+    return problems
 
 
 class JobSubmitSerializer(StrictSerializer):
@@ -67,6 +84,40 @@ class JobSubmitSerializer(StrictSerializer):
     )
     network_egress = serializers.BooleanField(default=False)
     sandboxed = serializers.BooleanField(default=False)
+    env = serializers.DictField(
+        child=serializers.CharField(allow_blank=True, trim_whitespace=False),
+        required=False,
+        default=dict,
+        help_text="Environment variables, name -> value, shown in the job's record (use secrets for credentials). "
+        f"With secrets, at most {settings.JOB_ENV_MAX_VARIABLES} variables and {settings.JOB_ENV_MAX_BYTES} bytes, "
+        f"each value at most {settings.JOB_ENV_MAX_VALUE_BYTES}; HOME, CUDA_VISIBLE_DEVICES, SHEDSHARE_* and NVIDIA_* "
+        "are the shed's.",
+    )
+    secrets = serializers.DictField(
+        child=serializers.CharField(max_length=64),
+        required=False,
+        default=dict,
+        help_text="Environment variables from your secrets, name -> secret name (see /api/v1/secrets): the values "
+        "go only to the shed running the job, and are scrubbed from its logs.",
+    )
+
+    def validate_env(self, value: dict) -> dict:
+        problems = _env_names_problems(value)
+        for name, text in value.items():
+            if len(text.encode()) > settings.JOB_ENV_MAX_VALUE_BYTES:
+                problems.append(f"The value of {name} is over {settings.JOB_ENV_MAX_VALUE_BYTES} bytes.")
+        if problems:
+            raise serializers.ValidationError(problems)
+        return value
+
+    def validate_secrets(self, value: dict) -> dict:
+        problems = _env_names_problems(value)
+        for name, secret in value.items():
+            if not renter_secrets.NAME.fullmatch(secret):
+                problems.append(f"{name}: {secret[:70]!r} is not a secret's name ({renter_secrets.NAME_RULE}).")
+        if problems:
+            raise serializers.ValidationError(problems)
+        return value
 
     def validate_image(self, value: str) -> str:
         """The image reference as Docker reads it, and not on a registry that is obviously inside
@@ -112,6 +163,18 @@ class JobSubmitSerializer(StrictSerializer):
             raise serializers.ValidationError(
                 {"gpu_milli": "A fraction of a GPU needs gpu_count 1 and isolation shared or mig."}
             )
+        env, bound = data.get("env") or {}, data.get("secrets") or {}
+        both = sorted(set(env) & set(bound))
+        if both:
+            raise serializers.ValidationError({"secrets": [f"{both[0]} is set in env as well; name it once."]})
+        if len(env) + len(bound) > settings.JOB_ENV_MAX_VARIABLES:
+            raise serializers.ValidationError(
+                {"env": [f"At most {settings.JOB_ENV_MAX_VARIABLES} variables, env and secrets together."]}
+            )
+        size = sum(len(name.encode()) + len(text.encode()) for name, text in env.items())
+        if size > settings.JOB_ENV_MAX_BYTES:
+            detail = f"The variables come to over {settings.JOB_ENV_MAX_BYTES} bytes."
+            raise serializers.ValidationError({"env": [detail]})
         return data
 
     def to_spec(self) -> dict:
@@ -149,7 +212,7 @@ class JobSerializer(serializers.ModelSerializer):
             "id", "name", "state", "image", "command", "gpu_count", "gpu_models", "min_vram_gb",
             "max_price_per_gpu_hour", "isolation", "jurisdictions", "require_verified_location",
             "gpu_milli", "min_cuda", "workload_class", "rank", "max_duration_s", "restartable",
-            "interruptible", "network_egress", "sandboxed",
+            "interruptible", "network_egress", "sandboxed", "env", "secrets",
             "attempts", "exit_code", "failure_reason", "pending_reason", "pending_summary", "placement", "usage",
             "created_at", "placed_at", "started_at", "finished_at",
         ]  # fmt: skip

@@ -2,6 +2,7 @@ from django.urls import include, path, re_path
 from rest_framework.routers import SimpleRouter
 
 from marketplace.accounts.api.keys import ApiKeyViewSet
+from marketplace.accounts.api.secrets import SecretViewSet
 from marketplace.jobs.api.offers import OfferSearchView
 from marketplace.jobs.api.views import JobViewSet
 
@@ -11,6 +12,7 @@ router = SimpleRouter()
 router.trailing_slash = "/?"
 router.register("jobs", JobViewSet, basename="job")
 router.register("api-keys", ApiKeyViewSet, basename="api-key")
+router.register("secrets", SecretViewSet, basename="secret")
 
 urlpatterns = [
     re_path(r"^offers/?$", OfferSearchView.as_view(), name="offers"),
