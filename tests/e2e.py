@@ -34,6 +34,7 @@ def stack_env(data_dir) -> dict:
     env.update(
         DATABASE_URL=test_database_url(),
         SECRET_KEY=settings.SECRET_KEY,
+        SECRETS_KEYS=",".join(settings.SECRETS_KEYS),
         DEBUG="false",
         ALLOWED_HOSTS="127.0.0.1,localhost",
         SHEDSHARE_DATA_DIR=str(data_dir),

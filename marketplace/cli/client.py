@@ -113,6 +113,18 @@ class RenterClient:
     def secret_delete(self, name: str) -> None:
         self._call("DELETE", f"/secrets/{quote(name, safe='')}")
 
+    def templates(self) -> list[dict[str, Any]]:
+        return self._get("/templates")
+
+    def template(self, name: str) -> dict[str, Any]:
+        return self._get(f"/templates/{quote(name, safe='')}")
+
+    def template_save(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return self._call("PUT", f"/templates/{quote(name, safe='')}", json=spec)
+
+    def template_delete(self, name: str) -> None:
+        self._call("DELETE", f"/templates/{quote(name, safe='')}")
+
     def _pages(self, path: str, params: dict[str, Any], *, limit: int | None = None) -> Iterator[dict[str, Any]]:
         """Follow `next` links (limit/offset or cursor pagination alike) until the end or `limit`."""
         page = self._get(path, params)

@@ -12,7 +12,7 @@ import click
 
 from marketplace.cli import config, render
 from marketplace.cli.client import VERSION, CliError, RenterClient, Unreachable
-from marketplace.cli.jobfile import load_spec
+from marketplace.cli.jobfile import load_spec, parse_overrides
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 FINAL_STATES = ("succeeded", "failed", "cancelled", "lost")
@@ -84,7 +84,15 @@ def offers(as_json: bool, query: str, sort: str | None, limit: int) -> None:
 
 
 @main.command()
-@click.argument("spec_file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("spec_file", type=click.Path(exists=True, dir_okay=False), required=False)
+@click.option("-t", "--template", help="Start from this saved template (see `shedshare template`).")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="FIELD=VALUE",
+    help="Set one field (a YAML value: gpu_count=2, env={EPOCHS: '3'}); after SPEC_FILE's, repeatable.",
+)
 @click.option("--wait", is_flag=True, help="Follow the job until it ends; exit 0 only if it succeeded.")
 @click.option(
     "--idempotency-key",
@@ -94,9 +102,22 @@ def offers(as_json: bool, query: str, sort: str | None, limit: int) -> None:
 )
 @click.option("--interval", type=click.FloatRange(min=0), default=2.0, show_default=True, help="Seconds between polls.")
 @click.pass_context
-def submit(ctx: click.Context, spec_file: str, wait: bool, idempotency_key: str, interval: float) -> None:
-    """Submit the job described in SPEC_FILE (YAML or JSON; see the README)."""
-    spec = load_spec(spec_file)
+def submit(
+    ctx: click.Context,
+    spec_file: str | None,
+    template: str | None,
+    overrides: tuple[str, ...],
+    wait: bool,
+    idempotency_key: str,
+    interval: float,
+) -> None:
+    """Submit the job described in SPEC_FILE (YAML or JSON; see the README), or by a saved
+    template with SPEC_FILE's fields and --set's over it."""
+    if spec_file is None and template is None:
+        raise click.UsageError("name a job file, a --template, or both")
+    spec = {**(load_spec(spec_file) if spec_file else {}), **parse_overrides(overrides)}
+    if template is not None:
+        spec["template"] = template
     with _client() as client:
         job = _submit(client, spec, idempotency_key)
         if not wait:
@@ -258,3 +279,55 @@ def secret_rm(as_json: bool, name: str) -> None:
         _print_json({"deleted": name})
     else:
         click.echo(f"Secret {name} deleted.")
+
+
+@main.group()
+def template() -> None:
+    """Save job specs by name, and submit from them (`shedshare submit -t NAME`)."""
+
+
+@template.command("save")
+@click.argument("name")
+@click.argument("spec_file", type=click.Path(exists=True, dir_okay=False))
+@click.pass_obj
+def template_save(as_json: bool, name: str, spec_file: str) -> None:
+    """Save SPEC_FILE's fields (all of a job or some) as the template NAME, replacing it if it exists."""
+    with _client() as client:
+        saved = client.template_save(name, load_spec(spec_file))
+    if as_json:
+        _print_json(saved)
+    else:
+        click.echo(f"Template {saved['name']} saved; submit from it with: shedshare submit -t {saved['name']}")
+
+
+@template.command("list")
+@click.pass_obj
+def template_list(as_json: bool) -> None:
+    """List your templates."""
+    with _client() as client:
+        found = client.templates()
+    if as_json:
+        _print_json(found)
+    else:
+        render.table(found, render.TEMPLATE_COLUMNS, empty="No templates.")
+
+
+@template.command("show")
+@click.argument("name")
+def template_show(name: str) -> None:
+    """Print the template NAME's fields as JSON."""
+    with _client() as client:
+        _print_json(client.template(name)["spec"])
+
+
+@template.command("rm")
+@click.argument("name")
+@click.pass_obj
+def template_rm(as_json: bool, name: str) -> None:
+    """Delete the template NAME."""
+    with _client() as client:
+        client.template_delete(name)
+    if as_json:
+        _print_json({"deleted": name})
+    else:
+        click.echo(f"Template {name} deleted.")

@@ -33,3 +33,28 @@ def load_spec(filename: str) -> dict[str, Any]:
     if not isinstance(spec, dict):
         raise click.ClickException(f"{path}: a job file is a mapping of field: value, e.g. image: ghcr.io/acme/train:1")
     return spec
+
+
+def parse_overrides(overrides) -> dict[str, Any]:
+    """``FIELD=VALUE`` pairs as fields, each VALUE read as YAML (as JSON without PyYAML; a
+    string when it is neither)."""
+    fields = {}
+    for override in overrides:
+        field, sep, text = override.partition("=")
+        if not sep or not field.strip():
+            raise click.ClickException(f"--set {override!r}: write FIELD=VALUE, e.g. gpu_count=2")
+        fields[field.strip()] = _value(text)
+    return fields
+
+
+def _value(text: str) -> Any:
+    if yaml is not None:
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            return text
+        return text if value is None and text else value
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text

@@ -72,3 +72,10 @@ SECRET_COLUMNS: list[Column] = [
     ("CREATED", lambda s: s.get("created_at")),
     ("UPDATED", lambda s: s.get("updated_at")),
 ]
+
+TEMPLATE_COLUMNS: list[Column] = [
+    ("NAME", lambda t: t.get("name")),
+    ("IMAGE", lambda t: (t.get("spec") or {}).get("image")),
+    ("GPUS", lambda t: (t.get("spec") or {}).get("gpu_count")),
+    ("UPDATED", lambda t: t.get("updated_at")),
+]

@@ -232,3 +232,20 @@ class UsageSample(models.Model):
 
     def __str__(self) -> str:
         return f"usage {self.allocation_id}#{self.seq}"
+
+
+class JobTemplate(models.Model):
+    """A renter's saved job spec, by name: the fields of a submit (all or some), which a submit
+    naming the template starts from and overrides field by field."""
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="job_templates")
+    name = models.CharField(max_length=64)
+    spec = models.JSONField(help_text="Submit fields as the renter sent them.")
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["owner", "name"], name="job_template_name_unique_per_owner")]
+
+    def __str__(self) -> str:
+        return self.name

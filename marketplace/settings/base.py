@@ -323,6 +323,7 @@ API_KEYS_PER_USER = env_int("API_KEYS_PER_USER", 20)
 # Renters' secrets (marketplace/accounts/secrets.py) an account may hold, and the bounds of a
 # job's environment: variables and secrets together, each value, and all of it.
 SECRETS_PER_USER = env_int("SECRETS_PER_USER", 100)
+JOB_TEMPLATES_PER_USER = env_int("JOB_TEMPLATES_PER_USER", 100)
 JOB_ENV_MAX_VARIABLES = 64
 JOB_ENV_MAX_VALUE_BYTES = 32 * 1024
 JOB_ENV_MAX_BYTES = 64 * 1024

@@ -7,6 +7,7 @@ from nodes.agent.backoff import Backoff
 from nodes.agent.gpus import Gpu
 from nodes.agent.protocol import Finish, Isolation, Refused, SliceKind
 from nodes.agent.runtime import Handle, JobSpec
+from nodes.agent.runtime.environment import VARIABLE_NAME, Secrets
 
 # One hour of wall time per sample: for 64 GPUs that is the most GPU time the server takes in one.
 MAX_SAMPLE_WALL_MS = 3_600_000
@@ -37,10 +38,16 @@ class Allocation:
     start_backoff: Backoff = field(default_factory=Backoff)
     sampled_at: str = ""  # wall-clock time (ISO 8601) of the last sample, or of the start
     log_offset: int = 0  # bytes of the job's log already queued for the server
+    # The values of the job's secrets, in memory only: None until the server has given them.
+    secrets: Secrets | None = None
 
     @property
     def id(self) -> str:
         return self.spec.allocation_id
+
+    @property
+    def awaiting_secrets(self) -> bool:
+        return bool(self.spec.secrets) and self.secrets is None
 
     def mark_started(self, handle: Handle, now: float, wall: str = "") -> None:
         self.handle = handle
@@ -132,6 +139,8 @@ def parse_assignment(
             allowed_countries=_countries(job.get("allowed_countries") or []),
             network_egress=_flag(job, "network_egress"),
             sandboxed=_flag(job, "sandboxed"),
+            env=_env(job.get("env") or {}),
+            secrets=_names(job.get("secrets") or []),
         )
         max_duration = job.get("max_duration_s")
     except (KeyError, TypeError, ValueError) as exc:
@@ -160,6 +169,20 @@ def _flag(job: dict[str, Any], key: str) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{key} must be true or false")
     return value
+
+
+def _env(env: Any) -> dict[str, str]:
+    # The messages name no value: the renter may have put something private in one all the same.
+    if not isinstance(env, dict) or not all(isinstance(value, str) and "\0" not in value for value in env.values()):
+        raise ValueError("env must map variable names to text without NUL")
+    _names(list(env))
+    return dict(env)
+
+
+def _names(names: Any) -> tuple[str, ...]:
+    if not isinstance(names, list) or not all(isinstance(n, str) and VARIABLE_NAME.fullmatch(n) for n in names):
+        raise ValueError(f"variable names must match {VARIABLE_NAME.pattern}")
+    return tuple(names)
 
 
 def _countries(codes: Any) -> tuple[str, ...]:

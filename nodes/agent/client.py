@@ -139,6 +139,10 @@ class AgentClient:
     def start(self, allocation_id: str) -> None:
         self._call("POST", _allocation(allocation_id, "start"), json={})
 
+    def secrets(self, allocation_id: str) -> dict[str, Any]:
+        """The values of the job's secrets, as {"env": {name: value}}: to be kept in memory only."""
+        return _json(self._call("POST", _allocation(allocation_id, "secrets"), json={}))
+
     def usage(self, allocation_id: str, samples: list[dict[str, Any]]) -> dict[str, Any]:
         return _json(self._call("POST", _allocation(allocation_id, "usage"), json={"samples": samples}))
 

@@ -1,12 +1,21 @@
-"""New bytes of a job's log, cut into the chunks the server takes.
+"""New bytes of a job's log, cut into the chunks the server takes, with the job's secrets masked.
 
 Offsets count bytes of the log file, so a chunk sent again after a restart has the same offset
 and the same text. Chunks hold whole UTF-8 characters and at most 64 KiB, and shipping stops at
 1 MiB per job, as much as the server keeps.
+
+Every byte of a secret value is replaced by "*", so offsets stay those of the file. A value can
+be recognised only once it is whole, so what may be the start of one waits at the end of the file,
+as a cut character does, until the rest is written; when the job has ended there, what it wrote
+of the value is masked if it is MIN_MASK_BYTES long (a value's first letter alone is not worth
+garbling an ordinary last line for). Values shorter than that are not masked at all.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from nodes.agent.runtime.environment import MIN_MASK_BYTES
 
 CHUNK_BYTES = 64 * 1024
 CAP_BYTES = 1024 * 1024
@@ -19,15 +28,24 @@ class Chunk:
     data: str
 
 
-def new_chunks(path: Path, offset: int, *, final: bool = False) -> list[Chunk]:
-    """Chunks from byte `offset` on. Until `final`, a character cut short at the end of the file
-    waits for its last bytes."""
+def new_chunks(path: Path, offset: int, *, final: bool = False, masks: Sequence[bytes] = ()) -> list[Chunk]:
+    """Chunks from byte `offset` on, with every value in `masks` masked (`environment.masks`).
+    Until `final`, a character cut short at the end of the file waits for its last bytes, and so
+    does an end of the file that may be the start of a masked value."""
+    room = max(0, CAP_BYTES - offset)
+    # Read past the cap as far as a value that starts before it may reach, to mask all of it.
+    beyond = max((len(mask) for mask in masks), default=1) - 1
     try:
         with open(path, "rb") as log:
             log.seek(offset)
-            raw = log.read(max(0, CAP_BYTES - offset))
+            raw = log.read(room + beyond)
     except OSError:
         return []
+    spans = _spans(raw, masks)
+    pending = unfinished(raw, masks)
+    if final and pending >= MIN_MASK_BYTES:
+        spans.append((len(raw) - pending, len(raw)))  # the job ended part way through a value
+    raw = _masked(raw, spans)[: room if final else _ship_until(len(raw) - pending, spans, room)]
     chunks = []
     while raw:
         piece = raw[:CHUNK_BYTES]
@@ -39,6 +57,46 @@ def new_chunks(path: Path, offset: int, *, final: bool = False) -> list[Chunk]:
         offset += len(piece)
         raw = raw[len(piece) :]
     return chunks
+
+
+def unfinished(data: bytes, masks: Sequence[bytes]) -> int:
+    """The length of the longest end of `data` that is the start, but not the whole, of a value
+    in `masks`: a value the job may be writing still."""
+    longest = 0
+    for mask in masks:
+        for size in range(min(len(mask) - 1, len(data)), longest, -1):
+            if data.endswith(mask[:size]):
+                longest = size
+                break
+    return longest
+
+
+def _spans(data: bytes, masks: Sequence[bytes]) -> list[tuple[int, int]]:
+    """Where each value in `masks` occurs in `data`, overlaps included."""
+    spans = []
+    for mask in masks:
+        at = data.find(mask)
+        while at != -1:
+            spans.append((at, at + len(mask)))
+            at = data.find(mask, at + 1)
+    return spans
+
+
+def _masked(data: bytes, spans: list[tuple[int, int]]) -> bytes:
+    masked = bytearray(data)
+    for start, end in spans:
+        masked[start:end] = b"*" * (end - start)
+    return bytes(masked)
+
+
+def _ship_until(end: int, spans: list[tuple[int, int]], room: int) -> int:
+    """Where to stop, at `end` or short of it, so that no masked value is cut: the next read
+    starts there and must see each value whole to mask it again (of "abab" held back from its
+    second "ab" on, which may start another one, that "ab" would go out as it is)."""
+    for start, stop in sorted(spans, reverse=True):
+        if start < end < stop:
+            end = start
+    return min(end, room)
 
 
 def whole_characters(piece: bytes) -> int:

@@ -9,11 +9,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from nodes.agent import logs, logship
+from nodes.agent import job_secrets, logs, logship
 from nodes.agent.allocations import Allocation, InvalidAssignment, held_slots, parse_assignment
 from nodes.agent.backoff import Backoff
 from nodes.agent.backyard import Backyard, GpuReading, Policy
-from nodes.agent.client import AgentClient, AgentError
+from nodes.agent.client import AgentClient, AgentError, Conflict
 from nodes.agent.gpus import Gpu, Inventory, InventoryError
 from nodes.agent.heartbeat import Heartbeater
 from nodes.agent.protocol import Finish, Refused
@@ -21,6 +21,7 @@ from nodes.agent.recovery import Journal
 from nodes.agent.refusal import LocalPolicy, refuse_unfit
 from nodes.agent.reports import Outbox, Reporter
 from nodes.agent.runtime import Housekeeping, Runtime, StartFailed
+from nodes.agent.runtime.environment import NO_SECRETS, masks, redact
 from nodes.agent.status import StatusWriter
 
 logger = logging.getLogger(__name__)
@@ -243,9 +244,7 @@ class Agent:
             refuse_unfit(allocation, self.gpus, self.policy)
             self._refuse_over_limits(allocation)
         except InvalidAssignment as exc:
-            logs.event(
-                logger, "assignment_refused", logging.ERROR, allocation=exc.allocation_id, reason=exc.reason, error=exc
-            )
+            self._log_refusal(exc)
             if exc.allocation_id:
                 self.reporter.finish(str(exc.allocation_id), None, exc.reason)
             return
@@ -259,6 +258,11 @@ class Agent:
         )
         self.allocations[allocation.id] = allocation
         self._try_start(allocation)
+
+    def _log_refusal(self, exc: InvalidAssignment) -> None:
+        logs.event(
+            logger, "assignment_refused", logging.ERROR, allocation=exc.allocation_id, reason=exc.reason, error=exc
+        )
 
     def _refuse_over_limits(self, allocation: Allocation) -> None:
         """A limit that came into force after the server placed the job (heat, quiet hours,
@@ -275,22 +279,47 @@ class Agent:
                 self._try_start(allocation)
 
     def _try_start(self, allocation: Allocation) -> None:
+        if not self._secrets_ready(allocation):
+            return
         try:
             self._client.start(allocation.id)
         except AgentError as exc:
             self._start_refused(allocation, exc)
             return
         self._journal.save_starting(allocation)
+        secrets = allocation.secrets or NO_SECRETS
         try:
-            handle = self._runtime.start(allocation.spec)
+            handle = self._runtime.start(allocation.spec, secrets)
         except StartFailed as exc:
-            logs.event(logger, "start_failed", logging.ERROR, allocation=allocation.id, error=exc)
+            error = redact(str(exc), secrets)
+            logs.event(logger, "start_failed", logging.ERROR, allocation=allocation.id, error=error)
             self._journal.forget(allocation.id)
             self._abandon(allocation, Finish.START_FAILED)
             return
         allocation.mark_started(handle, self._clock(), self._wall())
         self._journal.save(allocation)
         logs.event(logger, "job_started", allocation=allocation.id, job=allocation.spec.job_id)
+
+    def _secrets_ready(self, allocation: Allocation) -> bool:
+        """Whether the job has the values of its secrets, asked for now if not: it never starts
+        without them. The server answers 409 for an allocation it has ended meanwhile (a cancel,
+        or a secret gone, for which it fails the job itself)."""
+        if not allocation.awaiting_secrets:
+            return True
+        try:
+            allocation.secrets = job_secrets.fetch(self._client, allocation.spec)
+        except InvalidAssignment as exc:
+            self._log_refusal(exc)
+            self._abandon(allocation, exc.reason)
+            return False
+        except Conflict as exc:
+            logs.event(logger, "secrets_refused", logging.WARNING, allocation=allocation.id, error=exc)
+            self._abandon(allocation, Finish.CANCELLED)
+            return False
+        except AgentError as exc:
+            self._start_refused(allocation, exc)
+            return False
+        return True
 
     def _start_refused(self, allocation: Allocation, exc: AgentError) -> None:
         now = self._clock()
@@ -328,9 +357,24 @@ class Agent:
         log_path = getattr(allocation.handle, "log_path", None)
         if log_path is None or allocation.id in self.reporter.logs_truncated:
             return
-        for chunk in logship.new_chunks(log_path, allocation.log_offset, final=final):
+        if allocation.awaiting_secrets:
+            self._secrets_again(allocation, final)
+        if allocation.awaiting_secrets:
+            return  # the log cannot be scrubbed: it waits on the shed
+        values = masks(allocation.secrets or NO_SECRETS)
+        for chunk in logship.new_chunks(log_path, allocation.log_offset, final=final, masks=values):
             self.reporter.logs(allocation.id, chunk.offset, chunk.end, chunk.data)
             allocation.log_offset = chunk.end
+
+    def _secrets_again(self, allocation: Allocation, final: bool) -> None:
+        """Ask again for the secrets of a job adopted after a restart, which only scrubbing its
+        log needs. Until the server gives them, asked at every usage report, the log is not
+        shipped: better late, or never for a job that ends meanwhile, than with a secret in it."""
+        try:
+            allocation.secrets = job_secrets.fetch(self._client, allocation.spec)
+        except (InvalidAssignment, AgentError) as exc:
+            event = "logs_withheld" if final else "secrets_unavailable"
+            logs.event(logger, event, logging.WARNING, allocation=allocation.id, error=exc)
 
     def _complete(self, allocation: Allocation, exit_code: int, now: float) -> None:
         assert allocation.handle is not None

@@ -24,6 +24,7 @@ JOB_ENV_RESERVED_PREFIXES = ("SHEDSHARE_", "NVIDIA_")
 def job_env_reserved(name: str) -> bool:
     return name.upper() in JOB_ENV_RESERVED or name.upper().startswith(JOB_ENV_RESERVED_PREFIXES)
 
+
 # The agent's stream: one WebSocket per unit (``ws(s)://<server>`` + API_PREFIX + "/" + STREAM),
 # opened with the same ``Authorization: Bearer <node credential>`` header as every HTTP call.
 # Frames are JSON text. Over it:

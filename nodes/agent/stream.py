@@ -195,7 +195,8 @@ class Stream:
         try:
             frame = json.loads(text)
         except ValueError:
-            logs.event(logger, "stream_bad_frame", logging.WARNING, frame=str(text)[:80])
+            # Its size, not its text: an answer may carry the values of a job's secrets.
+            logs.event(logger, "stream_bad_frame", logging.WARNING, size=len(text))
             return
         if not isinstance(frame, dict):
             return

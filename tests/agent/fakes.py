@@ -49,21 +49,36 @@ class FakeServer:
         self.finished: dict[str, dict[str, Any]] = {}
         self.logs: dict[str, dict[int, str]] = defaultdict(dict)
         self.log_cap = 2**20
+        self.secrets: dict[str, dict[str, str]] = {}  # allocation id -> the values of its job's secrets
+        self.secrets_status = 200  # or what POST …/secrets answers instead: 404, 409, 503
 
-    def assign(self, command: list[str], gpu_count: int = 2, max_duration_s: int = 3600) -> str:
+    def assign(
+        self,
+        command: list[str],
+        gpu_count: int = 2,
+        max_duration_s: int = 3600,
+        env: dict[str, str] | None = None,
+        secrets: dict[str, str] | None = None,
+    ) -> str:
+        """Queue a job. Without `env` and `secrets` its assignment has neither, as from a server
+        that predates them; `secrets` are the values the server keeps and hands out when asked."""
         allocation_id = str(uuid.uuid4())
+        job = {
+            "id": str(uuid.uuid4()),
+            "image": "ignored:latest",
+            "command": command,
+            "gpu_count": gpu_count,
+            "max_duration_s": max_duration_s,
+            "isolation": "gpu",
+            "allowed_countries": ["DE"],
+        }
+        if env is not None or secrets is not None:
+            job |= {"env": env or {}, "secrets": sorted(secrets or {})}
+            self.secrets[allocation_id] = secrets or {}
         self.queue.append(
             {
                 "allocation_id": allocation_id,
-                "job": {
-                    "id": str(uuid.uuid4()),
-                    "image": "ignored:latest",
-                    "command": command,
-                    "gpu_count": gpu_count,
-                    "max_duration_s": max_duration_s,
-                    "isolation": "gpu",
-                    "allowed_countries": ["DE"],
-                },
+                "job": job,
                 "gpus": [{"index": g.index, "uuid": g.uuid} for g in self.inventory[:gpu_count]],
                 "price_per_gpu_hour_micros": 2_000_000,
             }
@@ -98,6 +113,8 @@ class FakeServer:
         _, _, allocation_id, action = path.split("/")
         if action == "start":
             return self._start(allocation_id)
+        if action == "secrets":
+            return self._secrets(allocation_id)
         if action == "usage":
             return self._usage(allocation_id, body["samples"])
         if action == "logs":
@@ -132,6 +149,12 @@ class FakeServer:
         if self.preempt_once_started:
             self.to_preempt.add(allocation_id)
         return httpx.Response(200, json={})
+
+    def _secrets(self, allocation_id: str) -> httpx.Response:
+        if self.secrets_status == 200:
+            return httpx.Response(200, json={"env": self.secrets[allocation_id]})
+        detail = {404: "No such allocation.", 409: "This allocation has ended.", 503: "Try again."}
+        return problem(self.secrets_status, detail[self.secrets_status])
 
     def _usage(self, allocation_id: str, samples: list[dict[str, Any]]) -> httpx.Response:
         known = self.samples[allocation_id]

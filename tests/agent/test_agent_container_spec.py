@@ -167,3 +167,26 @@ def test_a_sandbox_keeps_the_jobs_process_limit_inside_and_a_wider_one_for_its_o
 def test_an_owner_may_sandbox_every_job():
     config = IsolationConfig(sandbox_runtime="runsc", sandbox_all_jobs=True)
     assert container_spec(job(sandboxed=False), config)["runtime"] == "runsc"
+
+
+def test_the_jobs_variables_and_secrets_are_in_its_environment_but_never_override_the_agents():
+    renters = {"EPOCHS": "3", "HOME": "/root", "SHEDSHARE_JOB_ID": "forged", "NVIDIA_VISIBLE_DEVICES": "all"}
+    spec = job(env=renters, secrets=("HF_TOKEN", "NVIDIA_DRIVER_CAPABILITIES"))
+
+    created = container_spec(spec, CONFIG, secrets={"HF_TOKEN": "hf_value", "NVIDIA_DRIVER_CAPABILITIES": "all"})
+
+    assert created["environment"] == {
+        "EPOCHS": "3",
+        "HF_TOKEN": "hf_value",
+        "NVIDIA_VISIBLE_DEVICES": "GPU-aaa,GPU-bbb",
+        "NVIDIA_DRIVER_CAPABILITIES": "compute,utility",
+        "HOME": "/scratch",
+        "SHEDSHARE_JOB_ID": "job-1",
+        "SHEDSHARE_ALLOCATION_ID": ALLOCATION,
+    }
+
+
+def test_a_job_without_variables_gets_only_the_agents():
+    assert set(container_spec(job(), CONFIG)["environment"]) == {
+        "NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES", "HOME", "SHEDSHARE_JOB_ID", "SHEDSHARE_ALLOCATION_ID",
+    }  # fmt: skip

@@ -2,13 +2,14 @@ import time
 from datetime import datetime
 
 import pytest
+from docker.errors import APIError
 from docker.types import DeviceRequest
 
 from nodes.agent.egress import EgressUnavailable
 from nodes.agent.isolation import IsolationConfig
 from nodes.agent.runtime import JobSpec, RuntimeUnavailable, StartFailed
 from nodes.agent.runtime.docker import DockerHandle, DockerRuntime, connect
-from tests.agent.docker_fakes import FakeDocker
+from tests.agent.docker_fakes import FakeContainer, FakeDocker
 
 ALLOCATION = "5f0c9a4e-1b2d-4c3e-8f6a-7b8c9d0e1f2a"
 NAME = f"shedshare-{ALLOCATION}"
@@ -153,6 +154,21 @@ def test_a_container_the_engine_cannot_start_fails_the_start_and_is_removed(engi
         runtime.start(job())
 
     assert engine.removed == [(NAME, True)]
+
+
+def test_the_secrets_reach_the_container_and_no_engine_error_quotes_them(engine, runtime, monkeypatch):
+    handle = runtime.start(job(secrets=("HF_TOKEN",)), {"HF_TOKEN": "hf_value"})
+    assert engine.created[0].kwargs["environment"]["HF_TOKEN"] == "hf_value"
+    assert "hf_value" not in repr(handle)
+
+    def refuse(container) -> None:
+        raise APIError(f"invalid environment HF_TOKEN={container.kwargs['environment']['HF_TOKEN']}")
+
+    monkeypatch.setattr(FakeContainer, "start", refuse)
+    with pytest.raises(StartFailed) as failed:
+        runtime.start(job(allocation="other", secrets=("HF_TOKEN",)), {"HF_TOKEN": "hf_value"})
+
+    assert str(failed.value) == "APIError: invalid environment HF_TOKEN=***"
 
 
 def test_a_job_it_cannot_isolate_fails_before_anything_is_created(engine, tmp_path):

@@ -1,3 +1,4 @@
+import dataclasses
 import time
 from pathlib import Path
 
@@ -72,6 +73,40 @@ def test_a_job_sees_only_the_scrubbed_environment(runtime, monkeypatch):
         "PATH", "HOME", "LANG", "CUDA_VISIBLE_DEVICES", "SHEDSHARE_JOB_ID",
         "SHEDSHARE_ALLOCATION_ID",
     }  # fmt: skip
+
+
+def test_the_jobs_variables_and_secrets_reach_it_and_never_override_the_runtimes_own(runtime):
+    job = dataclasses.replace(
+        spec("sh", "-c", "env"),
+        env={"EPOCHS": "3", "HOME": "/root", "PATH": "/opt", "SHEDSHARE_JOB_ID": "forged", "NVIDIA_DRIVER_X": "1"},
+        secrets=("HF_TOKEN", "CUDA_VISIBLE_DEVICES", "EPOCHS"),
+    )
+    handle = runtime.start(job, {"HF_TOKEN": "hf_value", "CUDA_VISIBLE_DEVICES": "0", "EPOCHS": "4"})
+    wait_exit(runtime, handle)
+
+    env = dict(line.split("=", 1) for line in handle.log_path.read_text().splitlines() if "=" in line)
+
+    assert env["HF_TOKEN"] == "hf_value"
+    assert env["EPOCHS"] == "4"  # a secret of the same name wins over the plain variable
+    assert env["HOME"] == str(handle.workdir)
+    assert env["PATH"] != "/opt"
+    assert env["SHEDSHARE_JOB_ID"] == "job-1"
+    assert env["CUDA_VISIBLE_DEVICES"] == "GPU-aaa,GPU-bbb"
+    assert "NVIDIA_DRIVER_X" not in env
+
+
+def test_the_shim_never_runs_with_the_renters_variables(runtime):
+    """As root it would load whatever LD_PRELOAD names; only the job gets them."""
+    job = dataclasses.replace(spec("sh", "-c", "echo $RENTERS; sleep 30"), env={"RENTERS": "choice"}, secrets=("KEY",))
+    handle = runtime.start(job, {"KEY": "hf_value"})
+    try:
+        assert wait_for_output(handle) == "choice\n"
+
+        shims_own = Path(f"/proc/{handle.pid}/environ").read_bytes()
+        assert b"RENTERS" not in shims_own and b"hf_value" not in shims_own
+    finally:
+        runtime.kill(handle)
+        wait_exit(runtime, handle)
 
 
 def test_the_working_directory_is_removed_after_the_job_and_the_log_kept(runtime, tmp_path):

@@ -1,6 +1,7 @@
 """A restarted agent finds its jobs again from its state folder: the real loop and process runtime
 against the fake server, the "crash" being the loop torn down at a chosen moment."""
 
+import dataclasses
 import os
 import signal
 import time
@@ -18,6 +19,7 @@ from nodes.agent.loop import Agent, Options
 from nodes.agent.outbox import Outbox, Report
 from nodes.agent.recovery import Journal
 from nodes.agent.runtime import Adopted, JobSpec
+from nodes.agent.runtime.environment import Secrets
 from nodes.agent.runtime.process import ProcessRuntime
 from tests.agent.fakes import CREDENTIAL, HONOURS_ALL, FakeServer
 
@@ -227,6 +229,18 @@ class TestJournal:
         assert found.exit_code is None
         assert found.allocation.samples(100.0, "later") == [{"seq": 5, "gpu_ms": 2 * 6000, "recorded_at": "later"}]
         assert found.allocation.log_offset == 10
+
+    def test_the_record_keeps_the_jobs_variables_and_the_names_of_its_secrets_never_their_values(self, tmp_path):
+        spec = dataclasses.replace(self.spec(), env={"EPOCHS": "3"}, secrets=("HF_TOKEN",))
+        journal = self.journal_with_a_record(
+            tmp_path, FakeRuntime(lambda handle: Adopted(handle)), spec=spec, secrets=Secrets({"HF_TOKEN": "hf_value"})
+        )
+        assert b"hf_value" not in (tmp_path / "allocations" / f"{self.ALLOCATION}.json").read_bytes()
+
+        [found] = journal.recover(Outbox(), self.GPUS, now=100.0, wall_now="2025-01-01T00:00:10.000Z")
+
+        assert found.allocation.spec == spec
+        assert found.allocation.awaiting_secrets  # asked for again, to mask them in the job's log
 
     def test_a_job_that_ended_is_metered_only_until_it_ended(self, tmp_path):
         ended = datetime.fromisoformat("2025-01-01T00:00:05.500Z").timestamp()

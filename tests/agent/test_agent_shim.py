@@ -4,6 +4,8 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import suppress
+from pathlib import Path
 
 import pytest
 
@@ -14,9 +16,15 @@ from tests.agent.fakes import wait_exit
 ALLOCATION = "5f0c9a4e-1b2d-4c3e-8f6a-7b8c9d0e1f2a"
 
 
-def shim(exit_file, *command: str) -> subprocess.Popen:
+def shim(exit_file, *command: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """The shim running `command`, with `env` (by default only PATH) given as the job's environment."""
     argv = [sys.executable, "-I", str(SHIM), str(exit_file), "--", *command]
-    return subprocess.Popen(argv, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        argv, start_new_session=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    with suppress(BrokenPipeError), process.stdin:  # a shim that refuses its arguments reads nothing
+        process.stdin.write(json.dumps(env or {"PATH": os.environ["PATH"]}).encode())
+    return process
 
 
 def recorded(exit_file) -> dict:
@@ -61,6 +69,20 @@ def test_a_command_that_cannot_run_is_recorded_as_127(tmp_path):
     assert process.wait(timeout=10) == 127
     assert b"cannot run '/nonexistent/trainer'" in process.stdout.read()
     assert recorded(exit_file)["exit_code"] == 127
+
+
+def test_the_job_gets_the_environment_from_stdin_and_the_shim_keeps_its_own(tmp_path):
+    """As root the shim must not run with what the renter chose: LD_PRELOAD would load into it."""
+    exit_file = tmp_path / "job.exit"
+    env = {"PATH": os.environ["PATH"], "RENTERS_CHOICE": "yes"}
+    process = shim(exit_file, "sh", "-c", "echo $RENTERS_CHOICE; sleep 30", env=env)
+    try:
+        assert process.stdout.readline() == b"yes\n"
+
+        assert b"RENTERS_CHOICE" not in Path(f"/proc/{process.pid}/environ").read_bytes()
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=10)
 
 
 def test_a_shim_without_a_command_explains_its_usage(tmp_path):

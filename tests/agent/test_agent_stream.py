@@ -121,6 +121,15 @@ def test_calls_go_over_the_stream_while_it_is_up_with_the_answers_http_gives(ser
         assert client.stream.state == "connected"
 
 
+def test_the_secrets_are_asked_for_over_the_stream_while_it_is_up(server):
+    allocation_id = server.assign(["true"], secrets={"HF_TOKEN": "hf_value"})
+    with stream_server(server) as (side, url), client_for(server, url) as client:
+        assert wait_connected(client.stream, WAIT_S)
+
+        assert client.secrets(allocation_id) == {"env": {"HF_TOKEN": "hf_value"}}
+        assert side.over_stream == [f"allocations/{allocation_id}/secrets"]
+
+
 def test_a_retry_after_over_the_stream_reaches_the_caller(server, monkeypatch):
     def busy(self, *args):
         return httpx.Response(503, json={"title": "Busy", "status": 503}, headers={"Retry-After": "7"})

@@ -41,7 +41,8 @@ from billing.topups import topup_create
 from marketplace.accounts.models import ApiKey, Secret
 from marketplace.accounts.secrets import secret_set
 from marketplace.accounts.services import api_key_create
-from marketplace.jobs.models import Allocation, Job, LogChunk, UsageSample
+from marketplace.jobs.job_templates import template_save
+from marketplace.jobs.models import Allocation, Job, JobTemplate, LogChunk, UsageSample
 from marketplace.jobs.placement import job_place
 from marketplace.jobs.services import log_chunk_record
 from marketplace.jobs.usage import SampleReport, usage_record
@@ -132,6 +133,15 @@ MATRIX = [
         renter_api(statuses={A: 200, A_READ: 403, B: 201, OWNER: 201, STAFF: 201}),  # A's replaced, the others' own
     ),
     ("DELETE", "/api/v1/secrets/{secret}", None, a_only(204, read_only=403)),
+    ("GET", "/api/v1/templates", None, every_user(200)),
+    ("GET", "/api/v1/templates/{template}", None, a_only(200)),
+    (
+        "PUT",
+        "/api/v1/templates/{template}",
+        lambda w: JOB_SPEC,
+        renter_api(statuses={A: 200, A_READ: 403, B: 201, OWNER: 201, STAFF: 201}),  # A's replaced, the others' own
+    ),
+    ("DELETE", "/api/v1/templates/{template}", None, a_only(204, read_only=403)),
     ("GET", "/api/v1/balance", None, every_user(200)),
     ("POST", "/api/v1/top-ups", lambda w: {"amount": "25.00"}, every_user(201, read_only=403)),
     ("GET", "/api/v1/top-ups/{topup}", None, a_only(200)),
@@ -163,6 +173,7 @@ def world(db, owner, renter, stranger, staff, stripe_fake):
     job; the owner's unit and another owner's unit, each with its agent credential; staff."""
     unit, own_credential = unit_online(owner, name="shed", gpus=4)
     secret_set(owner=renter, name="a-secret", value=SECRET_VALUE)
+    template_save(owner=renter, name="a-template", spec={**JOB_SPEC, "name": "renter-a-template-marker"})
     job_a = job_make(renter, name="a-job", secrets={"A_TOKEN": "a-secret"})
     allocation = job_place(job_id=job_a.pk)
     assert allocation is not None and allocation.unit_id == unit.pk
@@ -193,7 +204,8 @@ def world(db, owner, renter, stranger, staff, stripe_fake):
         str(job_a.pk): {A, A_READ, OWN_AGENT},
         str(allocation.pk): {A, A_READ, OWN_AGENT},
         SECRET_LOG.strip(): {A, A_READ},
-        SECRET_VALUE: {OWN_AGENT},  # the agent running A's job, and no one else, ever
+        SECRET_VALUE: {OWN_AGENT},
+        "renter-a-template-marker": {A, A_READ},  # the agent running A's job, and no one else, ever
         str(topup.pk): {A, A_READ},
         str(job_b.pk): {B},
         str(spare_key.pk): {A, A_READ},
@@ -225,13 +237,19 @@ def a_world(renter) -> dict:
         "keys": list(ApiKey.objects.filter(user=renter).order_by("pk").values("pk", "name", "scopes", "revoked_at")),
         "topups": list(TopUp.objects.filter(renter=renter).order_by("pk").values()),
         "secrets": list(Secret.objects.filter(owner=renter).order_by("pk").values("pk", "name", "sealed")),
+        "templates": list(JobTemplate.objects.filter(owner=renter).order_by("pk").values("pk", "name", "spec")),
         "balance": wallet_balance_micros(renter),
     }
 
 
 def concrete(template: str, w: dict) -> str:
     return template.format(
-        job=w["job"].pk, key=w["key"].pk, topup=w["topup"].pk, allocation=w["allocation"].pk, secret="a-secret"
+        job=w["job"].pk,
+        key=w["key"].pk,
+        topup=w["topup"].pk,
+        allocation=w["allocation"].pk,
+        secret="a-secret",
+        template="a-template",
     )
 
 
@@ -323,7 +341,7 @@ SAMPLE = {"job": "0" * 8 + "-0000-0000-0000-" + "0" * 12}
 
 def test_every_route_has_a_row():
     sample = {"job": SAMPLE["job"], "key": SAMPLE["job"], "topup": SAMPLE["job"], "allocation": SAMPLE["job"],
-              "secret": "a-secret"}  # fmt: skip
+              "secret": "a-secret", "template": "a-template"}  # fmt: skip
     covered = {resolve(template.format(**sample)).route.lstrip("^") for _, template, _, _ in MATRIX}
     covered |= {resolve(path).route.lstrip("^") for _, path in EXCLUDED}
     assert api_routes() - covered == set(), "routes without a row in MATRIX"

@@ -146,3 +146,36 @@ def test_a_cancel_reaches_the_job_within_a_second_and_billing_stops_with_it(runn
     assert used_ms <= (term_at + 1.0 - started) * 1000, (used_ms, term_at - started)
     last = allocation.usage_samples.order_by("-recorded_at").first().recorded_at.timestamp()
     assert last <= term_at + 1.0
+
+
+def test_a_jobs_secret_reaches_its_process_and_nothing_else(running_stack, tmp_path):
+    """Through the real processes: the value reaches the job's environment, and no trace of it is
+    left in the job's log (masked on the shed), the processes' logs, the audit trail or any answer."""
+    stack = running_stack
+    _, renter, _, shopper = agent_start(stack, tmp_path, connection="stream")
+    value = "hf_e2e-Secret-Value-0123456789"
+    assert shopper.http.put("/api/v1/secrets/hf-token", json={"value": value}).status_code == 201
+    # The job prints the value (masked before the log leaves the shed) and its length (checked here).
+    script = 'echo "epochs=$EPOCHS"; echo "token=$HF_TOKEN"; echo "length=${#HF_TOKEN}"'
+    job = shopper.submit(image="docker.io/library/python:3.12-slim", command=["sh", "-c", script],
+                         jurisdictions=["DE"], env={"EPOCHS": "3"}, secrets={"HF_TOKEN": "hf-token"})  # fmt: skip
+    try:
+        final = shopper.wait_final(job["id"])
+        text = wait_until(
+            lambda: (log := job_log_read(Job.objects.get(pk=job["id"]), offset=0, limit=4096).data) and "length=" in log
+            and log,
+            timeout=30, what="the job's log",
+        )  # fmt: skip
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{dump_logs(stack)}") from None
+
+    assert final["state"] == "succeeded", dump_logs(stack)
+    assert "epochs=3" in text and f"length={len(value)}" in text
+    assert f"token={'*' * len(value)}" in text
+    paths = [f"/api/v1/jobs/{job['id']}{tail}" for tail in ("", "/events", "/logs", "/placements")]
+    answers = [shopper.http.get(path).text for path in [*paths, "/api/v1/secrets"]]
+    audit = str(list(AuditEvent.objects.values_list("action", "actor", "data")))
+    processes = [stack.log(name) for name in ("web", "worker", "agent")]
+    for place in [text, audit, *answers, *processes]:
+        assert value not in place
+    assert "job.secrets_delivered" in audit

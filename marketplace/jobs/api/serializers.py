@@ -101,6 +101,13 @@ class JobSubmitSerializer(StrictSerializer):
         "go only to the shed running the job, and are scrubbed from its logs.",
     )
 
+    template = serializers.CharField(
+        max_length=64,
+        required=False,
+        help_text="One of your templates (/api/v1/templates) to start from: its fields, then this submit's, each "
+        "replacing the template's whole.",
+    )
+
     def validate_env(self, value: dict) -> dict:
         problems = _env_names_problems(value)
         for name, text in value.items():
@@ -179,6 +186,7 @@ class JobSubmitSerializer(StrictSerializer):
 
     def to_spec(self) -> dict:
         data = dict(self.validated_data)
+        data.pop("template", None)
         price = data.pop("max_price_per_gpu_hour", None)
         data["max_price_per_gpu_hour_micros"] = None if price is None else to_micros(price)
         return data

@@ -4,6 +4,7 @@ from rest_framework.routers import SimpleRouter
 from marketplace.accounts.api.keys import ApiKeyViewSet
 from marketplace.accounts.api.secrets import SecretViewSet
 from marketplace.jobs.api.offers import OfferSearchView
+from marketplace.jobs.api.templates import JobTemplateViewSet
 from marketplace.jobs.api.views import JobViewSet
 
 router = SimpleRouter()
@@ -13,6 +14,7 @@ router.trailing_slash = "/?"
 router.register("jobs", JobViewSet, basename="job")
 router.register("api-keys", ApiKeyViewSet, basename="api-key")
 router.register("secrets", SecretViewSet, basename="secret")
+router.register("templates", JobTemplateViewSet, basename="job-template")
 
 urlpatterns = [
     re_path(r"^offers/?$", OfferSearchView.as_view(), name="offers"),

@@ -7,7 +7,7 @@ from rest_framework.exceptions import ValidationError
 from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
-from marketplace.jobs import job_reads, services
+from marketplace.jobs import job_reads, job_templates, services
 from marketplace.jobs.api import serializers as s
 from marketplace.jobs.api.filters import JOB_LIST_PARAMETERS, jobs_filter
 from marketplace.jobs.api.serializers import JobSerializer, JobSubmitSerializer, PlacementRecordSerializer
@@ -48,7 +48,11 @@ class JobViewSet(LongPollMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin
     @extend_schema(request=JobSubmitSerializer, responses={201: JobSerializer})
     @idempotent
     def create(self, request):
-        submitted = JobSubmitSerializer(data=request.data)
+        data = request.data
+        if isinstance(data, dict) and "template" in data:
+            fields = {field: value for field, value in data.items() if field != "template"}
+            data = job_templates.template_apply(owner=request.user, name=data["template"], fields=fields)
+        submitted = JobSubmitSerializer(data=data)
         submitted.is_valid(raise_exception=True)
         job = services.job_submit(renter=request.user, spec=submitted.to_spec())
         job = self.get_queryset().get(pk=job.pk)

@@ -6,7 +6,8 @@ removes whatever the job left behind once it has exited. A runtime that is also 
 lets a restarted agent find its jobs again.
 """
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -34,6 +35,8 @@ class JobSpec:
     sandboxed: bool = False
     # What each device is held as: the GPU uuid (whole), the MIG uuid, or "<GPU uuid>#<share>".
     slots: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)  # the renter's variables
+    secrets: tuple[str, ...] = ()  # the names of the job's secret variables; never their values
 
 
 class Handle(Protocol):
@@ -42,7 +45,8 @@ class Handle(Protocol):
 
 
 class Runtime(Protocol):
-    def start(self, spec: JobSpec) -> Handle: ...
+    def start(self, spec: JobSpec, secrets: Mapping[str, str] = ...) -> Handle:
+        """Launch the job with `spec.env` and the values of `spec.secrets` in its environment."""
 
     def poll(self, handle: Handle) -> int | None:
         """Exit code once the job has exited (128 + N when killed by signal N), else None."""

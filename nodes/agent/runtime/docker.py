@@ -14,10 +14,10 @@ size cap is refused and removed, and the images the agent pulled are pruned once
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from nodes.agent.images import ImagePolicy, size_problem
 from nodes.agent.isolation import IsolationConfig
 from nodes.agent.runtime import Adopted, Handle, JobSpec, RuntimeUnavailable, StartFailed
 from nodes.agent.runtime.container_logs import follow, in_background
+from nodes.agent.runtime.environment import NO_SECRETS, redact
 from nodes.agent.runtime.image_store import PulledImages, prune
 from nodes.agent.runtime.process import SAFE_ID
 from nodes.agent.runtime.sandbox import reap
@@ -46,7 +47,9 @@ logger = logging.getLogger(__name__)
 class DockerHandle:
     spec: JobSpec
     log_path: Path
-    kwargs: dict[str, Any] | None = None
+    # Both hold the values of the job's secrets: never shown.
+    kwargs: dict[str, Any] | None = field(default=None, repr=False)
+    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
     container: Any = None
     pull: Future[Any] | None = None
     output: Future[Any] | None = None
@@ -129,15 +132,15 @@ class DockerRuntime:
         self._next_prune_at = clock()
         self._pruning: Future[Any] | None = None
 
-    def start(self, spec: JobSpec) -> DockerHandle:
+    def start(self, spec: JobSpec, secrets: Mapping[str, str] = NO_SECRETS) -> DockerHandle:
         if not SAFE_ID.fullmatch(spec.allocation_id):
             raise StartFailed(f"unsafe allocation id {spec.allocation_id!r}")
         try:
-            kwargs = container_spec(spec, self.cfg, self.host)
+            kwargs = container_spec(spec, self.cfg, self.host, secrets)
         except SpecError as exc:
             raise StartFailed(str(exc)) from None
         self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        handle = DockerHandle(spec, self.log_dir / f"{spec.allocation_id}.log", kwargs)
+        handle = DockerHandle(spec, self.log_dir / f"{spec.allocation_id}.log", kwargs, secrets)
         image = self._local_image(spec.image)
         if image is None:
             handle.pull = in_background(f"pull-{spec.allocation_id}", lambda: self._pull(spec.image))
@@ -270,7 +273,8 @@ class DockerRuntime:
             handle.container = self.client.containers.create(**_sdk_kwargs(handle.kwargs))
             handle.container.start()
         except Exception as exc:  # the SDK raises several unrelated types
-            handle.failed = f"{type(exc).__name__}: {exc}"
+            # Written to the job's log and the agent's: the engine's answer may quote the settings.
+            handle.failed = redact(f"{type(exc).__name__}: {exc}", handle.secrets)
             return
         handle.output = follow(handle.container, handle.log_path)
 

@@ -8,6 +8,7 @@ outlives the agent and a restarted agent can adopt it again; as root the shim st
 write that file into the agent's private state and runs the job itself as the job user.
 """
 
+import json
 import os
 import re
 import shutil
@@ -15,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 
 from nodes.agent import files
 from nodes.agent.runtime import Adopted, Handle, JobSpec, StartFailed, shim
+from nodes.agent.runtime.environment import NO_SECRETS, job_variables
 from nodes.agent.runtime.job_user import JobUser, jobs_root
 
 SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -60,7 +62,7 @@ class ProcessRuntime:
         self.job_user = job_user
         self._clock = clock
 
-    def start(self, spec: JobSpec) -> ProcessHandle:
+    def start(self, spec: JobSpec, secrets: Mapping[str, str] = NO_SECRETS) -> ProcessHandle:
         if not SAFE_ID.fullmatch(spec.allocation_id):
             raise StartFailed(f"unsafe allocation id {spec.allocation_id!r}")
         if not spec.command:
@@ -68,23 +70,29 @@ class ProcessRuntime:
         workdir = self.work_dir / spec.allocation_id
         log_path = self.log_dir / f"{spec.allocation_id}.log"
         exit_path = self.log_dir / f"{spec.allocation_id}.exit"
-        env = job_env(spec, workdir)
-        if shutil.which(spec.command[0], path=env["PATH"]) is None:
+        own = _own_env(spec, workdir)
+        if shutil.which(spec.command[0], path=own["PATH"]) is None:
             raise StartFailed(f"cannot run {spec.command[0]!r}: not found or not executable")
         try:
             self._make_fresh(workdir)
             files.remove(exit_path)
             as_user = ["--user", f"{self.job_user.uid}:{self.job_user.gid}"] if self.job_user else []
             with open(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
+                # The shim runs with the runtime's variables only: as root, with the renter's
+                # it would load whatever LD_PRELOAD names. The job's whole environment, secrets
+                # included, reaches it through a pipe, never a file or its command line.
                 popen = subprocess.Popen(
                     [sys.executable, "-I", str(SHIM), str(exit_path), *as_user, "--", *spec.command],
                     cwd=workdir,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
+                    env=own,
+                    stdin=subprocess.PIPE,
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )
+            assert popen.stdin is not None
+            with popen.stdin:
+                popen.stdin.write(json.dumps(job_env(spec, workdir, secrets)).encode())
         except OSError as exc:
             shutil.rmtree(workdir, ignore_errors=True)
             raise StartFailed(f"cannot run {spec.command[0]!r}: {exc}") from None
@@ -144,8 +152,14 @@ class ProcessRuntime:
             os.chown(workdir, self.job_user.uid, self.job_user.gid)
 
 
-def job_env(spec: JobSpec, workdir: Path) -> dict[str, str]:
-    """The whole environment of a job: nothing of the agent's leaks, credentials included."""
+def job_env(spec: JobSpec, workdir: Path, secrets: Mapping[str, str] = NO_SECRETS) -> dict[str, str]:
+    """The whole environment of a job: its variables and secrets, then the runtime's own, which
+    win. Nothing of the agent's own environment leaks, credentials included."""
+    own = _own_env(spec, workdir)
+    return {**job_variables(spec, secrets, own), **own}
+
+
+def _own_env(spec: JobSpec, workdir: Path) -> dict[str, str]:
     return {
         "PATH": os.environ.get("PATH", DEFAULT_PATH),
         "HOME": str(workdir),

@@ -1,12 +1,14 @@
 """Runs a job's command, waits for it, and records how it ended in EXIT_FILE.
 
-    python -I shim.py EXIT_FILE [--user UID:GID] -- COMMAND [ARG...]
+    python -I shim.py EXIT_FILE [--user UID:GID] -- COMMAND [ARG...] < ENVIRONMENT.json
 
 The process runtime starts every job through this shim so that a job outlives the agent: a
 restarted agent cannot wait() for a process it did not start, but it can read the file. It uses
-the standard library only, because it runs by path under the job's scrubbed environment.
+the standard library only, because it runs by path under the runtime's scrubbed environment.
 With --user (an agent running as root) the shim stays root, so the job cannot forge or reach the
 exit file, and runs the command as that user, without supplementary groups and with umask 077.
+The job's environment (the renter's variables and secrets among it) comes as a JSON object on
+stdin: the shim itself never runs with variables the renter chose.
 """
 
 import json
@@ -35,16 +37,17 @@ def main(argv: list[str]) -> int:
     # record the exit. A handler, not SIG_IGN, because an ignored signal is inherited by the job.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, _carry_on)
+    env = json.loads(sys.stdin.buffer.read())
     # Told to stop before the job even began: it never runs.
-    code = 128 + signalled[0] if signalled else run(command, user)
+    code = 128 + signalled[0] if signalled else run(command, env, user)
     record(exit_file, code)
     return code
 
 
-def run(command: list[str], user: tuple[int, int] | None = None) -> int:
+def run(command: list[str], env: dict[str, str], user: tuple[int, int] | None = None) -> int:
     drop = {"user": user[0], "group": user[1], "extra_groups": [], "umask": 0o077} if user else {}
     try:
-        code = subprocess.call(command, **drop)
+        code = subprocess.call(command, env=env, stdin=subprocess.DEVNULL, **drop)
     except OSError as exc:
         print(f"shedshare: cannot run {command[0]!r}: {exc}", file=sys.stderr, flush=True)
         return CANNOT_RUN

@@ -4,11 +4,13 @@ Pure: no Docker SDK here, so every hardening flag is unit-tested on machines wit
 The Docker runtime turns `GpuRequest` into `docker.types.DeviceRequest` at its boundary.
 """
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from nodes.agent.isolation import LEVELS, IsolationConfig
 from nodes.agent.runtime import JobSpec
+from nodes.agent.runtime.environment import NO_SECRETS, job_variables
 
 NOBODY_ID = 65534
 NOBODY = f"{NOBODY_ID}:{NOBODY_ID}"
@@ -61,8 +63,11 @@ def sandboxed(spec: JobSpec, cfg: IsolationConfig) -> bool:
 ANY_HOST = Host()
 
 
-def container_spec(spec: JobSpec, cfg: IsolationConfig, host: Host = ANY_HOST) -> dict[str, Any]:
-    """Keyword arguments for `containers.create`; raises SpecError for a job it cannot isolate."""
+def container_spec(
+    spec: JobSpec, cfg: IsolationConfig, host: Host = ANY_HOST, secrets: Mapping[str, str] = NO_SECRETS
+) -> dict[str, Any]:
+    """Keyword arguments for `containers.create`; raises SpecError for a job it cannot isolate.
+    `secrets` holds the values of `spec.secrets`."""
     _validate(spec, cfg)
     gpus = len(spec.gpu_uuids)
     in_sandbox = sandboxed(spec, cfg)
@@ -71,7 +76,7 @@ def container_spec(spec: JobSpec, cfg: IsolationConfig, host: Host = ANY_HOST) -
         "command": list(spec.command),
         "name": container_name(spec.allocation_id),
         "labels": {LABEL_ALLOCATION: spec.allocation_id, LABEL_JOB: spec.job_id},
-        "environment": _environment(spec),
+        "environment": _environment(spec, secrets),
         "working_dir": "/scratch",
         "user": NOBODY,
         "privileged": False,
@@ -128,14 +133,15 @@ def _validate(spec: JobSpec, cfg: IsolationConfig) -> None:
         raise SpecError("the job may reach the network and this unit allows no egress")
 
 
-def _environment(spec: JobSpec) -> dict[str, str]:
+def _environment(spec: JobSpec, secrets: Mapping[str, str]) -> dict[str, str]:
     # CUDA images set NVIDIA_VISIBLE_DEVICES=all and the NVIDIA runtime honours the variable,
     # so it is pinned to exactly the assigned devices as well as the device request.
     devices = ",".join(spec.gpu_uuids)
-    return {
+    own = {
         "NVIDIA_VISIBLE_DEVICES": devices,
         "NVIDIA_DRIVER_CAPABILITIES": "compute,utility",
         "HOME": "/scratch",
         "SHEDSHARE_JOB_ID": spec.job_id,
         "SHEDSHARE_ALLOCATION_ID": spec.allocation_id,
     }
+    return {**job_variables(spec, secrets, own), **own}
