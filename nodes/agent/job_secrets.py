@@ -8,12 +8,11 @@ out of files and logs).
 
 from nodes.agent.allocations import InvalidAssignment
 from nodes.agent.client import AgentClient, BadRequest, NotFound
+from nodes.agent.protocol import Finish
 from nodes.agent.runtime import JobSpec
 from nodes.agent.runtime.environment import Secrets
 
-# The finish reason of a job whose secrets the server will not give. Not a refusal ("refused:…"),
-# which would queue the job again for other units to be refused as well: the job fails, and says why.
-UNAVAILABLE = "secrets_unavailable"
+UNAVAILABLE = Finish.SECRETS_UNAVAILABLE
 
 
 def fetch(client: AgentClient, spec: JobSpec) -> Secrets:

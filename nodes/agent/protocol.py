@@ -120,6 +120,9 @@ class Finish:
     START_UNCONFIRMED = "start_unconfirmed"
     DRAINED = "drained"  # the agent was stopped with drain="stop" while it ran
     AGENT_STOPPED = "agent_stopped"  # the agent was stopped by force while it ran
+    # The server would not give the job's secrets (not a refusal, which would queue the job again
+    # for other units to be refused as well: the job fails, and says why).
+    SECRETS_UNAVAILABLE = "secrets_unavailable"
 
 
 REFUSED = "refused:"  # the prefix of the finish reason of an agent that would not run what it was sent

@@ -450,3 +450,30 @@ class TestSecrets:
         assert result.exit_code == 0, result.output
         job = Job.objects.get(renter=renter)
         assert (job.env, job.secrets) == ({"EPOCHS": "3"}, {"HF_TOKEN": "hf-token"})
+
+
+class TestTemplates:
+    def test_save_list_show_and_submit_from_a_template_with_overrides(self, logged_in, renter, job_file):
+        saved = run("template", "save", "train", str(job_file))
+        listed = run("template", "list")
+        shown = run("template", "show", "train")
+        submitted = run("submit", "-t", "train", "--set", "gpu_count=2", "--set", "env={EPOCHS: '5'}")
+
+        assert saved.exit_code == 0, saved.output
+        assert "train" in listed.stdout and "ghcr.io/acme/train:1.0" in listed.stdout
+        assert json.loads(shown.stdout)["command"] == ["python", "train.py", "--epochs", "3"]
+        assert submitted.exit_code == 0, submitted.output
+        job = Job.objects.get(renter=renter)
+        assert (job.name, job.gpu_count, job.env, job.jurisdictions) == ("fine-tune", 2, {"EPOCHS": "5"}, ["EU"])
+
+        assert run("template", "rm", "train").exit_code == 0
+        assert "No templates." in run("template", "list").stdout
+
+    def test_submit_needs_a_file_or_a_template_and_a_bad_set_is_one_readable_line(self, logged_in):
+        nothing = run("submit")
+        bad_set = run("submit", "-t", "train", "--set", "gpu_count")
+        unknown = run("submit", "-t", "never-saved")
+
+        assert nothing.exit_code == 2 and "--template" in nothing.output
+        assert bad_set.exit_code == 1 and "FIELD=VALUE" in bad_set.stderr
+        assert unknown.exit_code == 1 and "never-saved" in unknown.stderr
