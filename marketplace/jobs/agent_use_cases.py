@@ -81,8 +81,8 @@ def agent_allocation(*, unit: Unit, allocation_id: UUID) -> Allocation:
     return get_object_or_404(Allocation.objects.select_related("job"), pk=allocation_id, unit=unit)
 
 
-def agent_allocation_start(*, allocation: Allocation) -> dict:
-    job = market.allocation_start(allocation=allocation)
+def agent_allocation_start(*, allocation: Allocation, image_digest: str = "") -> dict:
+    job = market.allocation_start(allocation=allocation, image_digest=image_digest)
     return {"state": job.state}
 
 
@@ -97,9 +97,9 @@ def agent_allocation_logs(*, allocation: Allocation, offset: int, data: str) -> 
 
 
 def agent_allocation_secrets(*, allocation: Allocation) -> dict:
-    """The values of the job's secrets, by variable name, for the agent about to start it (or,
-    after a restart, running it: it scrubs them from the job's log)."""
-    return {"env": market.allocation_secrets(allocation=allocation)}
+    """The values of the job's secrets, by variable name, and its registry credential, for the
+    agent about to start it (or, after a restart, running it: it masks them in the job's log)."""
+    return market.allocation_secrets(allocation=allocation)
 
 
 def agent_allocation_finish(*, allocation: Allocation, exit_code: int | None, reason: str) -> dict:
@@ -135,6 +135,7 @@ def _assignment(allocation: Allocation) -> dict:
             "env": job.env,
             # Names only: the agent asks for the values (agent_allocation_secrets) as it starts.
             "secrets": sorted(job.secrets),
+            "registry_auth": bool(job.registry_secret),
         },
         "gpus": gpus,
         "price_per_gpu_hour_micros": allocation.price_per_gpu_hour_micros,

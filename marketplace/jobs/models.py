@@ -70,6 +70,9 @@ class Job(models.Model):
     secrets = models.JSONField(
         default=dict, blank=True, help_text="Environment variables from the renter's secrets: name -> secret name."
     )
+    registry_secret = models.CharField(
+        max_length=64, blank=True, help_text="The renter's secret holding USERNAME:PASSWORD for the image's registry."
+    )
     network_egress = models.BooleanField(default=False, help_text="May the job reach the network?")
     sandboxed = models.BooleanField(default=False, help_text="Run under a sandboxed runtime such as gVisor.")
     state = models.CharField(max_length=10, choices=State.choices, default=State.QUEUED)
@@ -125,6 +128,9 @@ class Allocation(models.Model):
     # The server asked the agent to stop the job (its notice) for a reason not the renter's: an
     # on-demand job needed these slices (``preempted_by``) or the unit no longer meets the job's
     # residency rules. Usage after this moment is not billed.
+    image_digest = models.CharField(
+        max_length=100, blank=True, help_text="The digest of the image the agent started the job from (sha256:…)."
+    )
     preempted_at = models.DateTimeField(null=True, blank=True)
     preempted_by = models.ForeignKey(Job, on_delete=models.SET_NULL, null=True, blank=True, related_name="preemptions")
     stop_reason = models.CharField(

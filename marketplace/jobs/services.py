@@ -14,7 +14,7 @@ from marketplace.kernel.audit import audit_record
 from marketplace.kernel.errors import DomainError, StateConflict
 from marketplace.kernel.tasks import publish_on_commit
 from nodes import streams
-from nodes.agent import protocol
+from nodes.agent import imageref, protocol
 from nodes.models import Unit
 from nodes.services import units_capacity_changed
 
@@ -37,7 +37,8 @@ def placement_request(job_id=None) -> None:
 
 @transaction.atomic
 def job_submit(*, renter, spec: dict) -> Job:
-    missing = secrets_missing(owner=renter, names=(spec.get("secrets") or {}).values())
+    named = [*(spec.get("secrets") or {}).values(), *([spec["registry_secret"]] if spec.get("registry_secret") else [])]
+    missing = secrets_missing(owner=renter, names=named)
     if missing:
         raise SecretUnknown(
             f"You have no secret named {missing[0]!r}: set it first (shedshare secret set {missing[0]}, or PUT "
@@ -125,35 +126,60 @@ def allocation_pull(*, unit: Unit) -> Allocation | None:
 
 
 @transaction.atomic
-def allocation_start(*, allocation: Allocation) -> Job:
+def allocation_start(*, allocation: Allocation, image_digest: str = "") -> Job:
+    """The agent starts the job, from the image with ``image_digest`` (empty: no registry image,
+    as in the development runtime). A job pinned by digest starts from that image or not at all."""
     job = Job.objects.select_for_update().get(pk=allocation.job_id)
     if allocation.released_at is not None or job.state not in (Job.State.STARTING, Job.State.PLACED):
         raise StateConflict(f"This allocation must not start: the job is {job.state}.")
+    pinned = imageref.parse(job.image).digest
+    if pinned and image_digest and image_digest != pinned:
+        raise StateConflict(f"The job is pinned to {pinned}; this is {image_digest}.")
     job.state = Job.State.RUNNING
     job.started_at = timezone.now()
     job.save(update_fields=["state", "started_at"])
-    audit_record("job.started", job.id, actor=f"unit:{allocation.unit_id}")
+    if image_digest:
+        Allocation.objects.filter(pk=allocation.pk).update(image_digest=image_digest)
+    audit_record("job.started", job.id, actor=f"unit:{allocation.unit_id}", image_digest=image_digest)
     return job
 
 
-def allocation_secrets(*, allocation: Allocation) -> dict[str, str]:
-    """The values of the job's secrets, by variable name, for its allocation's agent while the
-    allocation holds. A secret deleted since the submit, or sealed with a key the marketplace no
-    longer has, fails the job (it could never start): StateConflict either way."""
+class RegistrySecretInvalid(DomainError):
+    pass
+
+
+def allocation_secrets(*, allocation: Allocation) -> dict:
+    """What the job's agent needs of the renter's secrets while the allocation holds: the values of
+    the job's secret variables (``env``) and, if it names one, the registry credential for its
+    image (``registry``: username and password). A secret deleted since the submit, sealed with a
+    key the marketplace no longer has, or a registry secret not USERNAME:PASSWORD fails the job (it
+    could never start): StateConflict either way."""
     job = allocation.job
     if allocation.released_at is not None or job.state not in Job.ACTIVE_STATES:
         raise StateConflict(f"This allocation has ended: the job is {job.state}.")
+    names = {*job.secrets.values(), *([job.registry_secret] if job.registry_secret else [])}
     try:
-        values = secrets_reveal(owner=job.renter, names=set(job.secrets.values()))
-    except (SecretMissing, SecretsUnavailable) as error:
+        values = secrets_reveal(owner=job.renter, names=names)
+        registry = _registry_credential(job, values)
+    except (SecretMissing, SecretsUnavailable, RegistrySecretInvalid) as error:
         with contextlib.suppress(StateConflict):  # ended meanwhile
             job_stop(job=job, actor="platform", reason=f"secrets: {error.detail}"[:255])
         raise StateConflict(f"The job cannot start: {error.detail}") from None
     audit_record(
         "job.secrets_delivered", job.id, actor=f"unit:{allocation.unit_id}", allocation=str(allocation.pk),
-        variables=sorted(job.secrets),
+        variables=sorted(job.secrets), registry_secret=job.registry_secret,
     )  # fmt: skip
-    return {variable: values[secret] for variable, secret in job.secrets.items()}
+    answer = {"env": {variable: values[secret] for variable, secret in job.secrets.items()}}
+    return {**answer, "registry": registry} if registry else answer
+
+
+def _registry_credential(job: Job, values: dict[str, str]) -> dict | None:
+    if not job.registry_secret:
+        return None
+    username, sep, password = values[job.registry_secret].partition(":")
+    if not sep or not username or not password:
+        raise RegistrySecretInvalid(f"The registry secret {job.registry_secret!r} is not USERNAME:PASSWORD.")
+    return {"username": username, "password": password}
 
 
 # Ends that are not the job's doing: the shed's agent stopped it, or never got the server's

@@ -292,3 +292,57 @@ def test_a_key_that_is_not_a_fernet_key_fails_the_check_and_is_never_used(renter
     problem_of(renter_api.put(f"{SECRETS}/hf-token", {"value": VALUE}, format="json"), 503)
     settings.SECRETS_KEYS, settings.DEBUG = [], False
     assert [error.id for error in secrets_keys_check(None)] == ["shedshare.W010"]
+
+
+class TestPrivateImages:
+    def start_url(self, allocation) -> str:
+        return f"{AGENT}/allocations/{allocation.pk}/start"
+
+    def test_the_registry_credential_goes_to_the_allocations_agent_only_and_the_digest_is_recorded(
+        self, renter_api, shed, renter
+    ):
+        _, agent = shed
+        secret_set(owner=renter, name="ghcr", value="robot:" + VALUE)
+        response = renter_api.post(JOBS, {**JOB_SPEC, "registry_secret": "ghcr"}, format="json")
+        job = Job.objects.get(pk=response.json()["id"])
+        allocation = job_place(job_id=job.pk)
+
+        assignment = pulled(agent)
+        given = agent.post(secrets_url(allocation), {}, format="json")
+        digest = "sha256:" + "ab" * 32
+        started = agent.post(self.start_url(allocation), {"image_digest": digest}, format="json")
+
+        assert response.json()["registry_secret"] == "ghcr" and VALUE not in response.content.decode()
+        assert assignment["job"]["registry_auth"] is True and VALUE not in json.dumps(assignment)
+        assert given.json() == {"env": {}, "registry": {"username": "robot", "password": VALUE}}
+        assert started.status_code == 200, started.content
+        assert renter_api.get(f"{JOBS}/{job.pk}").json()["placement"]["image_digest"] == digest
+        assert AuditEvent.objects.get(action="job.started", subject_id=job.pk).data["image_digest"] == digest
+
+    def test_a_registry_secret_the_renter_lacks_or_not_user_colon_password_is_refused_or_fails(
+        self, renter_api, shed, renter
+    ):
+        _, agent = shed
+        problem_of(renter_api.post(JOBS, {**JOB_SPEC, "registry_secret": "nope"}, format="json"), 400)
+        problem_of(renter_api.post(JOBS, {**JOB_SPEC, "registry_secret": "Bad Name"}, format="json"), 400)
+        secret_set(owner=renter, name="token-only", value=VALUE)
+        job = job_make(renter, registry_secret="token-only")
+        allocation = job_place(job_id=job.pk)
+        pulled(agent)
+
+        problem = problem_of(agent.post(secrets_url(allocation), {}, format="json"), 409)
+
+        assert "USERNAME:PASSWORD" in problem["detail"] and VALUE not in json.dumps(problem)
+        job.refresh_from_db()
+        assert job.state == Job.State.FAILED and VALUE not in job.failure_reason
+
+    def test_a_job_pinned_by_digest_starts_from_that_image_or_not_at_all(self, shed, renter):
+        _, agent = shed
+        pinned = "sha256:" + "cd" * 32
+        job = job_make(renter, image=f"ghcr.io/acme/train@{pinned}")
+        allocation = job_place(job_id=job.pk)
+        pulled(agent)
+
+        problem_of(agent.post(self.start_url(allocation), {"image_digest": "sha256:" + "ef" * 32}, format="json"), 409)
+        problem_of(agent.post(self.start_url(allocation), {"image_digest": "latest"}, format="json"), 400)
+        assert agent.post(self.start_url(allocation), {"image_digest": pinned}, format="json").status_code == 200

@@ -126,6 +126,9 @@ class AssignmentJobSerializer(serializers.Serializer):
     allowed_countries = serializers.ListField(child=serializers.CharField())
     network_egress = serializers.BooleanField()
     sandboxed = serializers.BooleanField()
+    registry_auth = serializers.BooleanField(
+        help_text="The job names a registry credential: ask for it with the secrets (its `registry`)."
+    )
     env = serializers.DictField(child=serializers.CharField(), help_text="The job's environment variables.")
     secrets = serializers.ListField(
         child=serializers.CharField(),
@@ -134,8 +137,26 @@ class AssignmentJobSerializer(serializers.Serializer):
     )
 
 
+class RegistryCredentialSerializer(serializers.Serializer):
+    username = serializers.CharField()
+    password = serializers.CharField()
+
+
 class SecretsSerializer(serializers.Serializer):
     env = serializers.DictField(child=serializers.CharField(), help_text="Variable name -> the secret's value.")
+    registry = RegistryCredentialSerializer(
+        required=False, help_text="Only when the job names a registry secret: for its image's pull, and that only."
+    )
+
+
+class StartSerializer(StrictSerializer):
+    image_digest = serializers.RegexField(
+        r"^[a-z0-9]+(?:[+._-][a-z0-9]+)*:[0-9a-f]{32,128}$",
+        required=False,
+        allow_blank=True,
+        default="",
+        help_text="The digest of the image the job runs from (sha256:…); empty or left out without one.",
+    )
 
 
 class AssignmentGpuSerializer(serializers.Serializer):

@@ -132,14 +132,16 @@ class NextAssignmentView(LongPollMixin, AgentView):
 
 class AllocationStartView(AgentView):
     @extend_schema(
-        request=None,
+        request=s.StartSerializer,
         responses={
             200: s.JobStateSerializer,
             409: OpenApiResponse(description="problem+json: the job is past starting (cancelled, ended)"),
         },
     )
     def post(self, request, allocation_id):
-        return Response(use_cases.agent_allocation_start(allocation=self.own_allocation(allocation_id)))
+        allocation = self.own_allocation(allocation_id)
+        started = valid(s.StartSerializer, request.data if request.data else {})
+        return Response(use_cases.agent_allocation_start(allocation=allocation, **started))
 
 
 class AllocationSecretsView(AgentView):

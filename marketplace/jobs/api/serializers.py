@@ -101,12 +101,25 @@ class JobSubmitSerializer(StrictSerializer):
         "go only to the shed running the job, and are scrubbed from its logs.",
     )
 
+    registry_secret = serializers.CharField(
+        max_length=64,
+        required=False,
+        allow_blank=True,
+        default="",
+        help_text="One of your secrets holding USERNAME:PASSWORD (or a token as the password) for the image's "
+        "registry: the shed uses it for this job's pull only. The shed's registry policy still applies.",
+    )
     template = serializers.CharField(
         max_length=64,
         required=False,
         help_text="One of your templates (/api/v1/templates) to start from: its fields, then this submit's, each "
         "replacing the template's whole.",
     )
+
+    def validate_registry_secret(self, value: str) -> str:
+        if value and not renter_secrets.NAME.fullmatch(value):
+            raise serializers.ValidationError(f"Not a secret's name ({renter_secrets.NAME_RULE}).")
+        return value
 
     def validate_env(self, value: dict) -> dict:
         problems = _env_names_problems(value)
@@ -198,6 +211,7 @@ class JobPlacementSerializer(serializers.Serializer):
     subdivision = serializers.CharField(source="unit.subdivision")
     price_per_gpu_hour = serializers.SerializerMethodField()
     gpu_count = serializers.IntegerField()
+    image_digest = serializers.CharField(help_text="The image the shed started the job from; empty until it started.")
 
     def get_price_per_gpu_hour(self, allocation) -> str:
         return str(from_micros(allocation.price_per_gpu_hour_micros))
@@ -220,7 +234,7 @@ class JobSerializer(serializers.ModelSerializer):
             "id", "name", "state", "image", "command", "gpu_count", "gpu_models", "min_vram_gb",
             "max_price_per_gpu_hour", "isolation", "jurisdictions", "require_verified_location",
             "gpu_milli", "min_cuda", "workload_class", "rank", "max_duration_s", "restartable",
-            "interruptible", "network_egress", "sandboxed", "env", "secrets",
+            "interruptible", "network_egress", "sandboxed", "env", "secrets", "registry_secret",
             "attempts", "exit_code", "failure_reason", "pending_reason", "pending_summary", "placement", "usage",
             "created_at", "placed_at", "started_at", "finished_at",
         ]  # fmt: skip
