@@ -21,6 +21,7 @@ urlpatterns = [
     path("portal/", include("nodes.urls")),
     path("portal/", include("billing.urls")),
     path("portal/jobs/", jobs_views.job_list, name="job_list"),
+    path("portal/jobs/<uuid:job_id>/residency/", jobs_views.job_residency, name="job_residency"),
     path("api/v1/", include("marketplace.jobs.api.urls")),
     path("api/v1/", include("billing.api.urls")),
     path(API_PREFIX.lstrip("/") + "/", include("marketplace.jobs.agent_api.urls")),

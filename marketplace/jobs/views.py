@@ -1,8 +1,9 @@
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
-from django.shortcuts import render
+from django.shortcuts import get_object_or_404, render
 
 from marketplace.jobs import ports
+from marketplace.jobs.residency_record import job_residency_record
 from marketplace.jobs.selectors import job_usage, jobs_for
 
 
@@ -15,3 +16,10 @@ def job_list(request):
         "currency": settings.CURRENCY.upper(),
     }
     return render(request, "jobs/job_list.html", context)
+
+
+@login_required
+def job_residency(request, job_id):
+    """The job's residency record as a page to print or file; the renter's own jobs only."""
+    job = get_object_or_404(jobs_for(request.user).filter(renter=request.user), pk=job_id)
+    return render(request, "jobs/job_residency.html", {"job": job, "record": job_residency_record(job)})

@@ -122,6 +122,7 @@ MATRIX = [
     ("GET", "/api/v1/jobs/{job}/logs", None, a_only(200)),
     ("GET", "/api/v1/jobs/{job}/placements", None, a_only(200)),
     ("GET", "/api/v1/jobs/{job}/usage", None, a_only(200)),
+    ("GET", "/api/v1/jobs/{job}/residency", None, a_only(200)),
     ("GET", "/api/v1/api-keys", None, every_user(200)),
     ("POST", "/api/v1/api-keys", lambda w: {"name": "matrix"}, every_user(201, read_only=403)),
     ("DELETE", "/api/v1/api-keys/{key}", None, a_only(204, read_only=403)),

@@ -11,6 +11,7 @@ from marketplace.jobs import job_reads, job_templates, services
 from marketplace.jobs.api import serializers as s
 from marketplace.jobs.api.filters import JOB_LIST_PARAMETERS, jobs_filter
 from marketplace.jobs.api.serializers import JobSerializer, JobSubmitSerializer, PlacementRecordSerializer
+from marketplace.jobs.residency_record import job_residency_record
 from marketplace.jobs.selectors import job_placement_records, jobs_for
 from marketplace.kernel.api.idempotency import idempotent
 from marketplace.kernel.api.longpoll import LongPollMixin, long_poll, wait_slots_take
@@ -133,6 +134,18 @@ class JobViewSet(LongPollMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin
                 return self.wait_for(seconds=wait, ready=ready, answer=answer, interval_s=job_reads.LOG_POLL_S,
                                      slots=slots)  # fmt: skip
         return answer()
+
+    @extend_schema(
+        summary="The job's residency record",
+        description="Where the job ran (each placement's country and subdivision, how the location was verified and "
+        "as of when), the rules it was placed under, its isolation level, runtime and network, the data it staged, "
+        "who was handed its secrets (names only), and the audit events behind each line. A printable page of it is "
+        "at /portal/jobs/<id>/residency/.",
+        responses={200: OpenApiResponse(description="The record, as JSON")},
+    )
+    @action(detail=True, methods=["get"], pagination_class=None)
+    def residency(self, request, pk=None):
+        return Response(job_residency_record(self.get_object()))
 
     @extend_schema(summary="The job's usage and cost so far", responses={200: s.JobUsageSerializer})
     @action(detail=True, methods=["get"], pagination_class=None)

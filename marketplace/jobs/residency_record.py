@@ -1,0 +1,93 @@
+"""The residency record of a job: where it ran and under which guarantees, line by line with the
+audit events behind each, as a data-protection officer files it (``GET /api/v1/jobs/{id}/residency``
+and the printable page ``/portal/jobs/<id>/residency/``)."""
+
+from django.utils import timezone
+
+from marketplace.jobs import job_reads
+from marketplace.jobs.models import Job
+from marketplace.kernel.models import AuditEvent
+
+
+def _location(policy: dict) -> dict:
+    """How the unit's location stood when it was chosen, from its placement record."""
+    evidence = policy.get("verified_location") or {}
+    ways = []
+    if evidence.get("observed_country"):
+        ways.append(f"its agent's public address was in {evidence['observed_country']}")
+    if evidence.get("attested"):
+        ways.append("an operator attested it")
+    return {
+        "verified": bool(evidence.get("verified")),
+        "how": "; ".join(ways) or "declared by its owner, not verified",
+        "required_verified": bool(evidence.get("required")),
+        "jurisdiction_matched": (policy.get("jurisdiction") or {}).get("matched", ""),
+    }
+
+
+def _event(event: AuditEvent, job: Job) -> dict:
+    return {
+        "id": event.pk,
+        "at": event.created_at.isoformat(),
+        "action": event.action,
+        "actor": job_reads.event_actor(event, job),
+        "detail": job_reads.event_detail(event),
+    }
+
+
+def job_residency_record(job: Job) -> dict:
+    events = list(job_reads.job_events(job))
+    allocations = job.allocations.select_related("unit").order_by("created_at", "id")
+    placements = []
+    for allocation in allocations:
+        record = allocation.placement_record or {}
+        mine = [event for event in events if (event.data or {}).get("allocation") == str(allocation.pk)]
+        started = next((event for event in events if event.action == "job.started"
+                        and event.created_at >= allocation.created_at
+                        and event.actor == f"unit:{allocation.unit_id}"), None)  # fmt: skip
+        placements.append({
+            "allocation": str(allocation.pk),
+            "unit": str(allocation.unit_id),
+            "country": record.get("country") or allocation.unit.country.code,
+            "subdivision": record.get("subdivision", allocation.unit.subdivision),
+            "location": {**_location(record.get("policy") or {}), "as_of": allocation.created_at.isoformat()},
+            "placed_at": allocation.created_at.isoformat(),
+            "started_at": started.created_at.isoformat() if started else None,
+            "released_at": allocation.released_at.isoformat() if allocation.released_at else None,
+            "release_reason": allocation.release_reason,
+            "image": job.image,
+            "image_digest": allocation.image_digest,
+            "events": sorted({event.pk for event in [*mine, *([started] if started else [])]}),
+        })  # fmt: skip
+    return {
+        "job": str(job.pk),
+        "name": job.name,
+        "state": job.state,
+        "submitted_at": job.created_at.isoformat(),
+        "generated_at": timezone.now().isoformat(),
+        "rules": {
+            "jurisdictions": list(job.jurisdictions) or "anywhere",
+            "require_verified_location": job.require_verified_location,
+        },
+        "isolation": {
+            "level": job.isolation,
+            "runtime": "gVisor sandbox (runsc)" if job.sandboxed else "the unit's container runtime (runc)",
+            "network": "allowed out (network_egress)" if job.network_egress else "none: the container had no network",
+        },
+        "placements": placements,
+        "data": {
+            "inputs": [],
+            "outputs": [],
+            "note": "The job declared no data to stage: what it used came in its image, and its output in its log.",
+        },
+        "secrets": {
+            "variables": sorted(job.secrets),
+            "registry_secret": job.registry_secret,
+            "delivered_to": [
+                {"at": event.created_at.isoformat(), "actor": event.actor, "event": event.pk}
+                for event in events
+                if event.action == "job.secrets_delivered"
+            ],
+        },
+        "events": [_event(event, job) for event in events],
+    }
