@@ -1,5 +1,5 @@
 """What the node agent API does, one function per call (enrol, heartbeat, next assignment, and
-start, secrets, usage, logs and finish of an allocation). The views in ``agent_api/`` only parse the
+start, secrets, staging, usage, logs and finish of an allocation). The views in ``agent_api/`` only parse the
 request, call one of these and serialise the answer; each answer is a protocol shape
 (``nodes/agent/protocol.py``)."""
 
@@ -102,6 +102,11 @@ def agent_allocation_secrets(*, allocation: Allocation) -> dict:
     return market.allocation_secrets(allocation=allocation)
 
 
+def agent_allocation_staging(*, allocation: Allocation, **report) -> dict:
+    market.allocation_staged(allocation=allocation, **report)
+    return {"recorded": True}
+
+
 def agent_allocation_finish(*, allocation: Allocation, exit_code: int | None, reason: str) -> dict:
     job = market.allocation_finish(allocation=allocation, exit_code=exit_code, reason=reason)
     return {"state": job.state}
@@ -136,6 +141,8 @@ def _assignment(allocation: Allocation) -> dict:
             # Names only: the agent asks for the values (agent_allocation_secrets) as it starts.
             "secrets": sorted(job.secrets),
             "registry_auth": bool(job.registry_secret),
+            "inputs": job.inputs,
+            "outputs": job.outputs,
         },
         "gpus": gpus,
         "price_per_gpu_hour_micros": allocation.price_per_gpu_hour_micros,

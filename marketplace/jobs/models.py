@@ -70,6 +70,12 @@ class Job(models.Model):
     secrets = models.JSONField(
         default=dict, blank=True, help_text="Environment variables from the renter's secrets: name -> secret name."
     )
+    inputs = models.JSONField(
+        default=list, blank=True, help_text="Data the agent fetches before the start: url, path, jurisdiction, …"
+    )
+    outputs = models.JSONField(
+        default=list, blank=True, help_text="Files the agent uploads after the exit: path, url, jurisdiction."
+    )
     registry_secret = models.CharField(
         max_length=64, blank=True, help_text="The renter's secret holding USERNAME:PASSWORD for the image's registry."
     )

@@ -4,7 +4,7 @@ and the printable page ``/portal/jobs/<id>/residency/``)."""
 
 from django.utils import timezone
 
-from marketplace.jobs import job_reads
+from marketplace.jobs import data, job_reads
 from marketplace.jobs.models import Job
 from marketplace.kernel.models import AuditEvent
 
@@ -33,6 +33,33 @@ def _event(event: AuditEvent, job: Job) -> dict:
         "actor": job_reads.event_actor(event, job),
         "detail": job_reads.event_detail(event),
     }
+
+
+STAGINGS = {"inputs": ("job.staged_in", "job.stage_in_failed"), "outputs": ("job.staged_out", "job.stage_out_failed")}
+
+
+def _data(job: Job, events: list[AuditEvent]) -> dict:
+    """Each input's origin and output's destination as declared (without the URLs' signatures),
+    and every staging the agents reported: what moved, its size and SHA-256, when, and whether it
+    all moved."""
+    record = {}
+    for name, declared in (("inputs", job.inputs), ("outputs", job.outputs)):
+        stagings = [
+            {"event": event.pk, "at": event.created_at.isoformat(), "ok": event.action == STAGINGS[name][0],
+             "allocation": event.data.get("allocation"), "seconds": event.data.get("seconds"),
+             "reason": event.data.get("reason", ""), "detail": event.data.get("detail", ""),
+             "files": event.data.get("files", [])}
+            for event in events if event.action in STAGINGS[name]
+        ]  # fmt: skip
+        record[name] = {
+            "declared": [
+                {"path": item["path"], "endpoint": data.endpoint(item["url"]), "jurisdiction": item["jurisdiction"]}
+                for item in declared
+            ],
+            "staged": stagings,
+        }
+    record["moved_by"] = "the shed's agent, before the start and after the exit; the job's container had no network"
+    return record
 
 
 def job_residency_record(job: Job) -> dict:
@@ -75,11 +102,7 @@ def job_residency_record(job: Job) -> dict:
             "network": "allowed out (network_egress)" if job.network_egress else "none: the container had no network",
         },
         "placements": placements,
-        "data": {
-            "inputs": [],
-            "outputs": [],
-            "note": "The job declared no data to stage: what it used came in its image, and its output in its log.",
-        },
+        "data": _data(job, events),
         "secrets": {
             "variables": sorted(job.secrets),
             "registry_secret": job.registry_secret,

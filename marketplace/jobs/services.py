@@ -6,12 +6,13 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from marketplace.accounts.secrets import SecretMissing, SecretsUnavailable, secrets_missing, secrets_reveal
-from marketplace.jobs import ports
+from marketplace.jobs import data, ports
 from marketplace.jobs.models import Allocation, Job, LogChunk
 from marketplace.jobs.selectors import allocation_log_size
 from marketplace.jobs.units import unit_reliability_update
 from marketplace.kernel.audit import audit_record
 from marketplace.kernel.errors import DomainError, StateConflict
+from marketplace.kernel.models import AuditEvent
 from marketplace.kernel.tasks import publish_on_commit
 from nodes import streams
 from nodes.agent import imageref, protocol
@@ -182,6 +183,48 @@ def _registry_credential(job: Job, values: dict[str, str]) -> dict | None:
     return {"username": username, "password": password}
 
 
+class StagedUndeclared(DomainError):
+    status = 422
+    code = "staging-undeclared"
+    title = "Not the job's data"
+
+
+STAGED = {("in", True): "job.staged_in", ("in", False): "job.stage_in_failed",
+          ("out", True): "job.staged_out", ("out", False): "job.stage_out_failed"}  # fmt: skip
+
+
+def allocation_staged(
+    *, allocation: Allocation, phase: str, ok: bool, reason: str, detail: str, files: list[dict], seconds: float
+) -> None:
+    """Record what the allocation's agent staged of the job's data: each file's size and SHA-256
+    as it measured them, with the endpoint and jurisdiction the job declared for its path (never
+    the agent's word for where the data was, nor the URL's signature)."""
+    if allocation.released_at is not None:
+        raise StateConflict("This allocation has ended: its staging is over.")
+    job = allocation.job
+    declared = {item["path"]: item for item in (job.inputs if phase == "in" else job.outputs)}
+    unknown = sorted({file["path"] for file in files} - set(declared))
+    if unknown:
+        raise StagedUndeclared(f"The job declares no {'input' if phase == 'in' else 'output'} at {unknown[0]!r}.")
+    staged = [
+        {**file, "endpoint": data.endpoint(declared[file["path"]]["url"]),
+         "jurisdiction": declared[file["path"]]["jurisdiction"]}
+        for file in files
+    ]  # fmt: skip
+    audit_record(
+        STAGED[phase, ok], job.id, actor=f"unit:{allocation.unit_id}", allocation=str(allocation.pk),
+        files=staged, seconds=round(seconds, 3), reason=reason, detail=detail,
+    )  # fmt: skip
+
+
+def _staging_failure(job: Job, reason: str) -> str:
+    """The failure reason of a job whose data could not be staged: the agent's report's detail."""
+    action = "job.stage_in_failed" if reason == protocol.Finish.STAGE_IN_FAILED else "job.stage_out_failed"
+    event = AuditEvent.objects.filter(subject_id=job.pk, action=action).order_by("-created_at").first()
+    detail = f"{event.data.get('reason')}: {event.data.get('detail')}" if event else ""
+    return f"{reason} ({detail})"[:255] if detail else reason
+
+
 # Ends that are not the job's doing: the shed's agent stopped it, or never got the server's
 # confirmation to start it (an outage); each with what a renter is told if the job is lost.
 STOPPED_BY_THE_SHED = {
@@ -222,10 +265,14 @@ def allocation_finish(*, allocation: Allocation, exit_code: int | None, reason: 
         stopped_for = allocation.stop_reason if reason == protocol.Finish.PREEMPTED else ""
         _allocation_release(allocation, reason=stopped_for or reason or "finished", by_agent=True)
     if job.state in Job.ACTIVE_STATES:
-        job.state = Job.State.SUCCEEDED if exit_code == 0 else Job.State.FAILED
+        # Outputs not all uploaded: failed, however the job exited (never a partial upload as done).
+        staging_failed = reason in (protocol.Finish.STAGE_IN_FAILED, protocol.Finish.STAGE_OUT_FAILED)
+        job.state = Job.State.SUCCEEDED if exit_code == 0 and not staging_failed else Job.State.FAILED
         job.exit_code = exit_code
         job.finished_at = timezone.now()
-        if job.state == Job.State.FAILED:
+        if staging_failed:
+            job.failure_reason = _staging_failure(job, reason)
+        elif job.state == Job.State.FAILED:
             why = reason or protocol.Finish.EXITED
             job.failure_reason = why[:255] if exit_code is None else f"exit code {exit_code}"
         job.save(update_fields=["state", "exit_code", "finished_at", "failure_reason"])

@@ -460,6 +460,9 @@ LOGGING = {
 # operator's own mirror next to the sheds. Empty: only public registries (each shed's owner must
 # still list a mirror in the agent's registry_mirrors for its agent to pull from it).
 JOB_IMAGE_PRIVATE_REGISTRIES = env_list("JOB_IMAGE_PRIVATE_REGISTRIES", [])
+# Hosts (host or host:port) a job's inputs and outputs may be at although they are loopback or
+# private, over plain HTTP too: a development or test object store. Empty in production.
+JOB_DATA_PRIVATE_HOSTS = env_list("JOB_DATA_PRIVATE_HOSTS", [])
 
 # --- Agent streams (marketplace/jobs/agent_stream/, nodes/streams.py) -----------------------------
 # Over a stream an agent beats every HEARTBEAT_INTERVAL_S while something changes (jobs starting

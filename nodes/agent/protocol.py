@@ -12,7 +12,7 @@ API_PREFIX = "/api/agent/v1"
 ENROL = "enrol"
 HEARTBEAT = "heartbeat"
 NEXT_ASSIGNMENT = "assignments/next"
-ALLOCATION_ACTIONS = ("start", "usage", "logs", "finish", "secrets")
+ALLOCATION_ACTIONS = ("start", "usage", "logs", "finish", "secrets", "staging")
 
 # A job's environment variables (its own and its secrets'): the names a job may set. The agent
 # sets the reserved ones itself (the devices, the job's ids, its home), and they always win.
@@ -123,6 +123,27 @@ class Finish:
     # The server would not give the job's secrets (not a refusal, which would queue the job again
     # for other units to be refused as well: the job fails, and says why).
     SECRETS_UNAVAILABLE = "secrets_unavailable"
+    # The job's data could not be staged (its staging report says why): before the start, so the
+    # job never ran; or after it exited, so its outputs are not all where it asked (failed, however
+    # it exited: a partial upload is never presented as complete).
+    STAGE_IN_FAILED = "stage_in_failed"
+    STAGE_OUT_FAILED = "stage_out_failed"
+
+
+class Staging:
+    """The job's data, moved by the agent and never by the job (``allocations/{id}/staging``):
+    inputs fetched into ``<scratch>/inputs/<path>`` before the start, outputs uploaded from
+    ``<scratch>/outputs/<path>`` after the exit. Why a staging failed:"""
+
+    MISSING = "missing"  # the object or URL answered 404 (an output path the job did not write)
+    CHECKSUM = "checksum"  # its SHA-256 is not the declared one
+    SIZE = "size"  # its size is not the declared one
+    SCRATCH_FULL = "scratch_full"  # more than the unit's scratch space
+    EXPIRED = "expired"  # the storage refused the (presigned) URL: 401 or 403
+    UNREACHABLE = "unreachable"  # no answer, a network error, a 5xx, or a redirect elsewhere
+    REFUSED = "refused"  # the endpoint is a private or local address on the shed's network
+    BAD_PATH = "bad_path"  # an output path that escapes outputs/ or is not a regular file
+    REASONS = (MISSING, CHECKSUM, SIZE, SCRATCH_FULL, EXPIRED, UNREACHABLE, REFUSED, BAD_PATH)
 
 
 REFUSED = "refused:"  # the prefix of the finish reason of an agent that would not run what it was sent

@@ -152,6 +152,12 @@ MATRIX = [
     ("GET", "/api/agent/v1/assignments/next", None, agent_api(own=200, other=204)),
     ("POST", "/api/agent/v1/allocations/{allocation}/start", None, agent_api(own=200, other=404)),
     ("POST", "/api/agent/v1/allocations/{allocation}/secrets", None, agent_api(own=200, other=404)),
+    (
+        "POST",
+        "/api/agent/v1/allocations/{allocation}/staging",
+        lambda w: {"phase": "in", "ok": True, "files": [], "seconds": 0.5},
+        agent_api(own=200, other=404),
+    ),
     ("POST", "/api/agent/v1/allocations/{allocation}/usage", usage_body, agent_api(own=200, other=404)),
     (
         "POST",

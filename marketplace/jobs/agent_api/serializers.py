@@ -1,7 +1,7 @@
 from rest_framework import serializers
 
 from marketplace.kernel.api.serializers import StrictSerializer
-from nodes.agent.protocol import LIMIT_NAME_PATTERN, Finish, LimitName, SliceKind
+from nodes.agent.protocol import LIMIT_NAME_PATTERN, Finish, LimitName, SliceKind, Staging
 
 
 class EnrolSerializer(StrictSerializer):
@@ -130,6 +130,12 @@ class AssignmentJobSerializer(serializers.Serializer):
         help_text="The job names a registry credential: ask for it with the secrets (its `registry`)."
     )
     env = serializers.DictField(child=serializers.CharField(), help_text="The job's environment variables.")
+    inputs = serializers.ListField(
+        child=serializers.DictField(), help_text="Fetch each url into <scratch>/inputs/<path> before the start."
+    )
+    outputs = serializers.ListField(
+        child=serializers.DictField(), help_text="PUT each <scratch>/outputs/<path> to its url after the exit."
+    )
     secrets = serializers.ListField(
         child=serializers.CharField(),
         help_text="Variables whose values are the renter's secrets: POST allocations/{id}/secrets for them before "
@@ -147,6 +153,30 @@ class SecretsSerializer(serializers.Serializer):
     registry = RegistryCredentialSerializer(
         required=False, help_text="Only when the job names a registry secret: for its image's pull, and that only."
     )
+
+
+class StagedFileSerializer(StrictSerializer):
+    path = serializers.CharField(max_length=255)
+    size = serializers.IntegerField(min_value=0, max_value=2**50)
+    sha256 = serializers.RegexField(r"^[0-9a-f]{64}$")
+
+
+class StagingSerializer(StrictSerializer):
+    """What the agent did with the job's data: one report per phase, whole."""
+
+    phase = serializers.ChoiceField(choices=["in", "out"])
+    ok = serializers.BooleanField()
+    reason = serializers.ChoiceField(
+        choices=["", *Staging.REASONS], required=False, default="", help_text="Why it failed (when not ok)."
+    )
+    detail = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
+    files = StagedFileSerializer(many=True, max_length=64, help_text="What was staged: each path, size, SHA-256.")
+    seconds = serializers.FloatField(min_value=0, max_value=7 * 24 * 3600)
+
+    def validate(self, data: dict) -> dict:
+        if data["ok"] == bool(data["reason"]):
+            raise serializers.ValidationError({"reason": ["A failed staging gives a reason; a good one gives none."]})
+        return data
 
 
 class StartSerializer(StrictSerializer):

@@ -15,6 +15,7 @@ urlpatterns = [
     path(protocol.NEXT_ASSIGNMENT, views.NextAssignmentView.as_view(), name="assignment-next"),
     path(allocation("start"), views.AllocationStartView.as_view(), name="allocation-start"),
     path(allocation("secrets"), views.AllocationSecretsView.as_view(), name="allocation-secrets"),
+    path(allocation("staging"), views.AllocationStagingView.as_view(), name="allocation-staging"),
     path(allocation("usage"), views.AllocationUsageView.as_view(), name="allocation-usage"),
     path(allocation("logs"), views.AllocationLogsView.as_view(), name="allocation-logs"),
     path(allocation("finish"), views.AllocationFinishView.as_view(), name="allocation-finish"),

@@ -161,6 +161,21 @@ class AllocationSecretsView(AgentView):
         return response
 
 
+class AllocationStagingView(AgentView):
+    @extend_schema(
+        request=s.StagingSerializer,
+        responses={
+            200: OpenApiResponse(description='{"recorded": true}'),
+            409: OpenApiResponse(description="problem+json: the allocation has ended"),
+            422: OpenApiResponse(description="problem+json: a path the job did not declare"),
+        },
+    )
+    def post(self, request, allocation_id):
+        allocation = self.own_allocation(allocation_id)
+        report = valid(s.StagingSerializer, request.data)
+        return Response(use_cases.agent_allocation_staging(allocation=allocation, **report))
+
+
 class AllocationUsageView(AgentView):
     @extend_schema(
         request=s.UsageSerializer,

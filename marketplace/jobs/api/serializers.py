@@ -4,6 +4,7 @@ from django.conf import settings
 from rest_framework import serializers
 
 from marketplace.accounts import secrets as renter_secrets
+from marketplace.jobs import data as jobdata
 from marketplace.jobs import job_reads, jurisdictions
 from marketplace.jobs.models import Job
 from marketplace.jobs.pending import pending_summary
@@ -101,6 +102,22 @@ class JobSubmitSerializer(StrictSerializer):
         "go only to the shed running the job, and are scrubbed from its logs.",
     )
 
+    inputs = jobdata.InputSerializer(
+        many=True,
+        required=False,
+        max_length=jobdata.MAX_ITEMS,
+        default=list,
+        help_text="Data the shed's agent fetches into <scratch>/inputs/<path> before the job starts (its size and "
+        "SHA-256 checked when given); the job itself has no network. Each at a jurisdiction the job allows.",
+    )
+    outputs = jobdata.OutputSerializer(
+        many=True,
+        required=False,
+        max_length=jobdata.MAX_ITEMS,
+        default=list,
+        help_text="Files under <scratch>/outputs/ the agent uploads (PUT) after the job exits, each at a "
+        "jurisdiction the job allows; a missing or failed one fails the job.",
+    )
     registry_secret = serializers.CharField(
         max_length=64,
         required=False,
@@ -183,6 +200,10 @@ class JobSubmitSerializer(StrictSerializer):
             raise serializers.ValidationError(
                 {"gpu_milli": "A fraction of a GPU needs gpu_count 1 and isolation shared or mig."}
             )
+        allowed = data.get("jurisdictions") or []
+        staged = jobdata.data_problems(allowed, data.get("inputs") or [], data.get("outputs") or [])
+        if staged:
+            raise serializers.ValidationError(staged)
         env, bound = data.get("env") or {}, data.get("secrets") or {}
         both = sorted(set(env) & set(bound))
         if both:
@@ -234,7 +255,7 @@ class JobSerializer(serializers.ModelSerializer):
             "id", "name", "state", "image", "command", "gpu_count", "gpu_models", "min_vram_gb",
             "max_price_per_gpu_hour", "isolation", "jurisdictions", "require_verified_location",
             "gpu_milli", "min_cuda", "workload_class", "rank", "max_duration_s", "restartable",
-            "interruptible", "network_egress", "sandboxed", "env", "secrets", "registry_secret",
+            "interruptible", "network_egress", "sandboxed", "env", "secrets", "registry_secret", "inputs", "outputs",
             "attempts", "exit_code", "failure_reason", "pending_reason", "pending_summary", "placement", "usage",
             "created_at", "placed_at", "started_at", "finished_at",
         ]  # fmt: skip
