@@ -1,5 +1,7 @@
 """An assignment from the server, from acceptance to its final usage sample."""
 
+from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -7,7 +9,7 @@ from nodes.agent.backoff import Backoff
 from nodes.agent.gpus import Gpu
 from nodes.agent.protocol import Finish, Isolation, Refused, SliceKind
 from nodes.agent.runtime import Handle, JobSpec
-from nodes.agent.runtime.environment import VARIABLE_NAME, Secrets
+from nodes.agent.runtime.environment import NO_SECRETS, VARIABLE_NAME, Secrets
 
 # One hour of wall time per sample: for 64 GPUs that is the most GPU time the server takes in one.
 MAX_SAMPLE_WALL_MS = 3_600_000
@@ -40,14 +42,25 @@ class Allocation:
     log_offset: int = 0  # bytes of the job's log already queued for the server
     # The values of the job's secrets, in memory only: None until the server has given them.
     secrets: Secrets | None = None
+    # The runtime's pull of the job's image, begun once the secrets are here; its result is the
+    # image's digest, which the start names.
+    pull: Future[str | None] | None = None
+    # When the image was ready: the start's give-up time counts from then, a long pull being no outage.
+    ready_at: float | None = None
 
     @property
     def id(self) -> str:
         return self.spec.allocation_id
 
     @property
+    def given_secrets(self) -> Mapping[str, str]:
+        """The secrets the server has given, none before. Not `secrets or …`: Secrets without a
+        variable are empty, yet may hold the registry credential."""
+        return NO_SECRETS if self.secrets is None else self.secrets
+
+    @property
     def awaiting_secrets(self) -> bool:
-        return bool(self.spec.secrets) and self.secrets is None
+        return (bool(self.spec.secrets) or self.spec.registry_auth) and self.secrets is None
 
     def mark_started(self, handle: Handle, now: float, wall: str = "") -> None:
         self.handle = handle
@@ -141,6 +154,7 @@ def parse_assignment(
             sandboxed=_flag(job, "sandboxed"),
             env=_env(job.get("env") or {}),
             secrets=_names(job.get("secrets") or []),
+            registry_auth=_flag(job, "registry_auth"),
         )
         max_duration = job.get("max_duration_s")
     except (KeyError, TypeError, ValueError) as exc:

@@ -20,8 +20,8 @@ from nodes.agent.protocol import Finish, Refused
 from nodes.agent.recovery import Journal
 from nodes.agent.refusal import LocalPolicy, refuse_unfit
 from nodes.agent.reports import Outbox, Reporter
-from nodes.agent.runtime import Housekeeping, Runtime, StartFailed
-from nodes.agent.runtime.environment import NO_SECRETS, masks, redact
+from nodes.agent.runtime import Housekeeping, Pulling, Runtime, StartFailed
+from nodes.agent.runtime.environment import masks, redact
 from nodes.agent.status import StatusWriter
 
 logger = logging.getLogger(__name__)
@@ -279,15 +279,16 @@ class Agent:
                 self._try_start(allocation)
 
     def _try_start(self, allocation: Allocation) -> None:
-        if not self._secrets_ready(allocation):
+        if not self._secrets_ready(allocation) or not self._image_ready(allocation):
             return
+        digest = allocation.pull.result() if allocation.pull is not None else None
         try:
-            self._client.start(allocation.id)
+            self._client.start(allocation.id, digest)
         except AgentError as exc:
             self._start_refused(allocation, exc)
             return
         self._journal.save_starting(allocation)
-        secrets = allocation.secrets or NO_SECRETS
+        secrets = allocation.given_secrets
         try:
             handle = self._runtime.start(allocation.spec, secrets)
         except StartFailed as exc:
@@ -321,9 +322,39 @@ class Agent:
             return False
         return True
 
+    def _image_ready(self, allocation: Allocation) -> bool:
+        """Whether the job's image is here, its pull begun now if not (with the job's registry
+        credential, if it has one). The start names the image's digest, so it waits for the pull,
+        which is none of the renter's time. A runtime that runs no images has it at once."""
+        if not isinstance(self._runtime, Pulling):
+            return True
+        if allocation.pull is None:
+            registry = allocation.secrets.registry if allocation.secrets is not None else None
+            allocation.pull = self._runtime.pull(allocation.spec, registry)
+        if not allocation.pull.done():
+            return False
+        failure = allocation.pull.exception()
+        if failure is not None:
+            self._image_failed(allocation, failure)
+            return False
+        if allocation.ready_at is None:
+            allocation.ready_at = self._clock()
+        return True
+
+    def _image_failed(self, allocation: Allocation, failure: BaseException) -> None:
+        """End a job whose image cannot run it, unstarted, and tell the renter why in its log
+        where the runtime said so in words for them."""
+        error = redact(f"{failure}", allocation.given_secrets)
+        logs.event(logger, "start_failed", logging.ERROR, allocation=allocation.id, error=error)
+        if isinstance(failure, StartFailed):
+            line = f"shedshare: the job did not start: {error}\n"
+            self.reporter.logs(allocation.id, 0, len(line.encode()), line)
+        self._abandon(allocation, Finish.START_FAILED)
+
     def _start_refused(self, allocation: Allocation, exc: AgentError) -> None:
         now = self._clock()
-        if exc.retryable and now - allocation.accepted_at < self.options.start_give_up_s:
+        since = allocation.accepted_at if allocation.ready_at is None else allocation.ready_at
+        if exc.retryable and now - since < self.options.start_give_up_s:
             allocation.next_start_at = now + allocation.start_backoff.failure()
             logs.event(logger, "start_retry", logging.WARNING, allocation=allocation.id, error=exc)
             return
@@ -361,7 +392,7 @@ class Agent:
             self._secrets_again(allocation, final)
         if allocation.awaiting_secrets:
             return  # the log cannot be scrubbed: it waits on the shed
-        values = masks(allocation.secrets or NO_SECRETS)
+        values = masks(allocation.given_secrets)
         for chunk in logship.new_chunks(log_path, allocation.log_offset, final=final, masks=values):
             self.reporter.logs(allocation.id, chunk.offset, chunk.end, chunk.data)
             allocation.log_offset = chunk.end

@@ -1,5 +1,6 @@
 """A fake of the few Docker SDK calls the Docker runtime makes, with the SDK's own exceptions."""
 
+import hashlib
 import threading
 from typing import Any
 
@@ -16,7 +17,7 @@ class FakeContainer:
             "State": {"ExitCode": 0, "FinishedAt": "0001-01-01T00:00:00Z"},
             "Image": engine.image(kwargs["image"]).id,
         }
-        self.output = [b"hello from a container\n"]
+        self.output = list(engine.output)
         self.signals: list[str] = []
         self.exited = threading.Event()
 
@@ -49,9 +50,22 @@ class FakeContainer:
 
 
 class FakeImage:
-    def __init__(self, name: str, size: int) -> None:
+    def __init__(self, name: str, size: int, digest: str | None) -> None:
         self.id = f"sha256:{abs(hash(name)):064x}"[:71]
-        self.attrs = {"Size": size}
+        self.attrs = {"Size": size, "RepoDigests": [f"{repository(name)}@{digest}"] if digest else []}
+
+
+def repository(name: str) -> str:
+    """The reference without its tag or digest, as RepoDigests names it."""
+    name = name.partition("@")[0]
+    head, slash, last = name.rpartition("/")
+    return head + slash + last.partition(":")[0]
+
+
+def digest_of(name: str) -> str:
+    """What the registry serves for `name`: its pinned digest, or one made up from the name."""
+    pinned = name.partition("@")[2]
+    return pinned or f"sha256:{hashlib.sha256(name.encode()).hexdigest()}"
 
 
 class _Images:
@@ -63,11 +77,15 @@ class _Images:
             raise ImageNotFound(f"No such image: {name}")
         return self.engine.image(name)
 
-    def pull(self, name: str) -> FakeImage:
+    def pull(self, name: str, auth_config: dict[str, str] | None = None) -> FakeImage:
         self.engine.pulls.append(name)
+        self.engine.pull_auth.append(auth_config)
         assert self.engine.pull_release.wait(5)
         if self.engine.pull_error:
             raise APIError(self.engine.pull_error)
+        required = self.engine.private_images.get(name)
+        if required is not None and auth_config != required:
+            raise APIError(f"pull access denied for {repository(name)}: requested access to the resource is denied")
         self.engine.local_images.add(name)
         return self.engine.image(name)
 
@@ -86,6 +104,7 @@ class _Containers:
         self.engine = engine
 
     def create(self, **kwargs: Any) -> FakeContainer:
+        self.engine.images.get(kwargs["image"])  # like the engine: no image, no container
         container = FakeContainer(self.engine, kwargs)
         self.engine.created.append(container)
         self.engine.by_name[kwargs["name"]] = container
@@ -131,6 +150,12 @@ class FakeDocker:
         self.removed: list[tuple[str, bool]] = []
         self.bridges: dict[str, dict[str, Any]] = {}
         self.pulls: list[str] = []
+        self.pull_auth: list[dict[str, str] | None] = []  # the auth_config of each pull, in order
+        # Images the registry serves only with this auth_config; by reference.
+        self.private_images: dict[str, dict[str, str]] = {}
+        # Repo digests by reference, where not digest_of(reference); None: built here, without one.
+        self.digests: dict[str, str | None] = {}
+        self.output = [b"hello from a container\n"]  # what each container writes
         self.pull_release = threading.Event()
         self.pull_release.set()
         self.pull_error = ""
@@ -141,7 +166,7 @@ class FakeDocker:
         self.networks = _Networks(self)
 
     def image(self, name: str) -> FakeImage:
-        return FakeImage(name, self.image_sizes.get(name, 100 * 2**20))
+        return FakeImage(name, self.image_sizes.get(name, 100 * 2**20), self.digests.get(name, digest_of(name)))
 
     def info(self) -> dict[str, Any]:
         return {"Runtimes": {"runc": {}}}

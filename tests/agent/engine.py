@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from nodes.agent.isolation import IsolationConfig
-from nodes.agent.runtime import RuntimeUnavailable
+from nodes.agent.runtime import JobSpec, RuntimeUnavailable
 from nodes.agent.runtime.docker import DockerHandle, DockerRuntime, connect, host_of
 
 SANDBOX = "runsc"
@@ -63,6 +63,12 @@ def runtime(engine: Any, cfg: IsolationConfig, log_dir: Path, **extra: Any) -> D
     return DockerRuntime(engine, cfg, log_dir, kill_grace_s=5, host=host_of(engine, simulated=True), **extra)
 
 
+def start(runtime: DockerRuntime, spec: JobSpec, timeout_s: float = 300) -> DockerHandle:
+    """Start the job as the agent does: its image pulled (or found here) first."""
+    runtime.pull(spec).result(timeout=timeout_s)
+    return runtime.start(spec)
+
+
 def wait_exit(runtime: DockerRuntime, handle: DockerHandle, timeout_s: float = 120) -> int:
     deadline = time.monotonic() + timeout_s
     while (code := runtime.poll(handle)) is None:
@@ -72,14 +78,13 @@ def wait_exit(runtime: DockerRuntime, handle: DockerHandle, timeout_s: float = 1
 
 
 def wait_running(handle: DockerHandle, runtime: DockerRuntime, timeout_s: float = 120) -> None:
-    """Until the container runs (its image pulled and the container started)."""
+    """Until the container runs."""
     deadline = time.monotonic() + timeout_s
-    while handle.container is None or handle.container.status != "running":
+    while handle.container.status != "running":
         assert runtime.poll(handle) is None, handle.log_path.read_text() if handle.log_path.exists() else "no log"
         assert time.monotonic() < deadline, "the container did not start"
         time.sleep(0.1)
-        if handle.container is not None:
-            handle.container.reload()
+        handle.container.reload()
 
 
 def values(output: str) -> dict[str, str]:

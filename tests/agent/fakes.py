@@ -45,11 +45,13 @@ class FakeServer:
         self.heartbeats: list[dict[str, Any]] = []
         self.replies: list[dict[str, Any]] = []  # the heartbeat answers
         self.started: list[str] = []
+        self.start_bodies: dict[str, dict[str, Any]] = {}  # allocation id -> the start call's body
         self.samples: dict[str, dict[int, dict[str, Any]]] = defaultdict(dict)
         self.finished: dict[str, dict[str, Any]] = {}
         self.logs: dict[str, dict[int, str]] = defaultdict(dict)
         self.log_cap = 2**20
         self.secrets: dict[str, dict[str, str]] = {}  # allocation id -> the values of its job's secrets
+        self.registries: dict[str, Any] = {}  # allocation id -> the registry credential the answer carries
         self.secrets_status = 200  # or what POST …/secrets answers instead: 404, 409, 503
 
     def assign(
@@ -59,13 +61,16 @@ class FakeServer:
         max_duration_s: int = 3600,
         env: dict[str, str] | None = None,
         secrets: dict[str, str] | None = None,
+        image: str = "ignored:latest",
+        registry: dict[str, str] | None = None,
     ) -> str:
         """Queue a job. Without `env` and `secrets` its assignment has neither, as from a server
-        that predates them; `secrets` are the values the server keeps and hands out when asked."""
+        that predates them; `secrets` are the values the server keeps and hands out when asked,
+        `registry` the credential for the image (`registry_auth`), handed out with them."""
         allocation_id = str(uuid.uuid4())
         job = {
             "id": str(uuid.uuid4()),
-            "image": "ignored:latest",
+            "image": image,
             "command": command,
             "gpu_count": gpu_count,
             "max_duration_s": max_duration_s,
@@ -75,6 +80,9 @@ class FakeServer:
         if env is not None or secrets is not None:
             job |= {"env": env or {}, "secrets": sorted(secrets or {})}
             self.secrets[allocation_id] = secrets or {}
+        if registry is not None:
+            job["registry_auth"] = True
+            self.registries[allocation_id] = registry
         self.queue.append(
             {
                 "allocation_id": allocation_id,
@@ -112,7 +120,7 @@ class FakeServer:
             return httpx.Response(200, json=self.queue.popleft()) if self.queue else httpx.Response(204)
         _, _, allocation_id, action = path.split("/")
         if action == "start":
-            return self._start(allocation_id)
+            return self._start(allocation_id, body)
         if action == "secrets":
             return self._secrets(allocation_id)
         if action == "usage":
@@ -140,10 +148,11 @@ class FakeServer:
         self.replies.append(reply)
         return httpx.Response(200, json=reply)
 
-    def _start(self, allocation_id: str) -> httpx.Response:
+    def _start(self, allocation_id: str, body: dict[str, Any]) -> httpx.Response:
         if self.refuse_start:
             return problem(409, "The job was cancelled.")
         self.started.append(allocation_id)
+        self.start_bodies[allocation_id] = body
         if self.cancel_once_started:
             self.to_cancel.add(allocation_id)
         if self.preempt_once_started:
@@ -152,7 +161,8 @@ class FakeServer:
 
     def _secrets(self, allocation_id: str) -> httpx.Response:
         if self.secrets_status == 200:
-            return httpx.Response(200, json={"env": self.secrets[allocation_id]})
+            registry = {"registry": self.registries[allocation_id]} if allocation_id in self.registries else {}
+            return httpx.Response(200, json={"env": self.secrets.get(allocation_id, {})} | registry)
         detail = {404: "No such allocation.", 409: "This allocation has ended.", 503: "Try again."}
         return problem(self.secrets_status, detail[self.secrets_status])
 

@@ -4,6 +4,7 @@ import pytest
 
 from nodes.agent.images import ImagePolicy
 from nodes.agent.isolation import IsolationConfig
+from nodes.agent.runtime import StartFailed
 from nodes.agent.runtime.docker import DockerRuntime
 from nodes.agent.runtime.image_store import PulledImages
 from tests.agent.docker_fakes import FakeDocker
@@ -42,22 +43,20 @@ def runtime_with(engine, clock, wall, tmp_path, **policy) -> DockerRuntime:
     )
 
 
-def run_to_end(runtime, handle) -> int:
-    code = wait_for(lambda: runtime.poll(handle))
-    runtime.cleanup(handle)
-    return code
+def pulled_and_started(runtime, image: str):
+    runtime.pull(job(image)).result(timeout=5)
+    return runtime.start(job(image))
 
 
-def test_a_pulled_image_over_the_cap_is_refused_removed_and_the_log_names_the_rule(engine, clock, wall, tmp_path):
+def test_a_pulled_image_over_the_cap_is_refused_removed_and_the_refusal_names_the_rule(engine, clock, wall, tmp_path):
     engine.image_sizes["ghcr.io/acme/huge:1"] = 40 * GIB
     runtime = runtime_with(engine, clock, wall, tmp_path, image_max_mb=32768)
 
-    handle = runtime.start(job("ghcr.io/acme/huge:1"))
+    with pytest.raises(StartFailed) as refused:
+        runtime.pull(job("ghcr.io/acme/huge:1")).result(timeout=5)
 
-    assert run_to_end(runtime, handle) == 125
-    assert engine.created == []
+    assert str(refused.value) == "rule image_max_mb: the image is 40960 MiB, over this unit's cap of 32768 MiB"
     assert engine.removed_images == ["ghcr.io/acme/huge:1"]
-    assert "rule image_max_mb: the image is 40960 MiB, over this unit's cap of 32768 MiB" in handle.log_path.read_text()
     assert runtime.pulled.images == {}
 
 
@@ -65,18 +64,16 @@ def test_an_image_already_here_over_the_cap_is_refused_but_left_alone(engine, cl
     engine.image_sizes["python:3.12-slim"] = 2 * GIB  # the owner's own image
     runtime = runtime_with(engine, clock, wall, tmp_path, image_max_mb=1024)
 
-    handle = runtime.start(job("python:3.12-slim"))
+    with pytest.raises(StartFailed, match="rule image_max_mb"):
+        runtime.pull(job("python:3.12-slim")).result(timeout=5)
 
-    assert run_to_end(runtime, handle) == 125
-    assert engine.created == [] and engine.removed_images == []
-    assert "rule image_max_mb" in handle.log_path.read_text()
+    assert engine.pulls == [] and engine.removed_images == []
 
 
 def test_an_image_under_the_cap_runs_and_is_recorded_as_pulled_by_the_agent(engine, clock, wall, tmp_path):
     runtime = runtime_with(engine, clock, wall, tmp_path)
 
-    handle = runtime.start(job("ghcr.io/acme/train:1"))
-    wait_for(lambda: runtime.poll(handle) is None and engine.created)
+    pulled_and_started(runtime, "ghcr.io/acme/train:1")
 
     assert engine.created[0].status == "running"
     assert set(runtime.pulled.images) == {"ghcr.io/acme/train:1"}
@@ -84,9 +81,7 @@ def test_an_image_under_the_cap_runs_and_is_recorded_as_pulled_by_the_agent(engi
 
 
 def pulled_then_finished(runtime, engine, image: str) -> None:
-    before = len(engine.created)
-    handle = runtime.start(job(image))
-    wait_for(lambda: runtime.poll(handle) is None and len(engine.created) > before)
+    handle = pulled_and_started(runtime, image)
     engine.created[-1].exit(0)
     assert runtime.poll(handle) == 0
     runtime.cleanup(handle)
@@ -110,8 +105,7 @@ def test_an_unused_pulled_image_is_pruned_after_the_keep_time_and_the_owners_ima
 
 def test_an_image_a_container_still_uses_is_kept_however_old(engine, clock, wall, tmp_path):
     runtime = runtime_with(engine, clock, wall, tmp_path, image_keep_hours=1)
-    handle = runtime.start(job("ghcr.io/acme/train:1"))
-    wait_for(lambda: runtime.poll(handle) is None and engine.created)
+    handle = pulled_and_started(runtime, "ghcr.io/acme/train:1")
 
     wall.now += 10 * HOUR
     assert runtime.prune() == []
@@ -156,15 +150,11 @@ def test_housekeeping_prunes_in_the_background_once_per_interval(engine, clock, 
     assert engine.removed_images == ["ghcr.io/acme/train:1", "ghcr.io/acme/other:1"]
 
 
-def test_an_image_whose_job_was_stopped_during_the_pull_is_still_recorded_and_pruned(engine, clock, wall, tmp_path):
+def test_an_image_pulled_for_a_job_that_never_started_is_still_recorded_and_pruned(engine, clock, wall, tmp_path):
+    """Its job was cancelled during the pull: the agent no longer waits for it, the pull goes on."""
     runtime = runtime_with(engine, clock, wall, tmp_path, image_keep_hours=1)
-    engine.pull_release.clear()
-    handle = runtime.start(job("ghcr.io/acme/train:1"))
-    runtime.kill(handle)
-    assert runtime.poll(handle) == 143
 
-    engine.pull_release.set()
-    wait_for(lambda: runtime.pulled.images)
+    runtime.pull(job("ghcr.io/acme/train:1")).result(timeout=5)
     wall.now += 2 * HOUR
 
     assert runtime.prune() == ["ghcr.io/acme/train:1"]

@@ -9,7 +9,7 @@ from nodes.agent.egress import EgressUnavailable
 from nodes.agent.isolation import IsolationConfig
 from nodes.agent.runtime import JobSpec, RuntimeUnavailable, StartFailed
 from nodes.agent.runtime.docker import DockerHandle, DockerRuntime, connect
-from tests.agent.docker_fakes import FakeContainer, FakeDocker
+from tests.agent.docker_fakes import FakeContainer, FakeDocker, digest_of
 
 ALLOCATION = "5f0c9a4e-1b2d-4c3e-8f6a-7b8c9d0e1f2a"
 NAME = f"shedshare-{ALLOCATION}"
@@ -108,43 +108,43 @@ def test_a_job_that_stops_on_sigterm_reports_143(engine, runtime):
     assert engine.created[0].signals == ["SIGTERM"]
 
 
-def test_a_missing_image_is_pulled_in_the_background_and_then_started(engine, runtime):
+def test_a_missing_image_is_pulled_in_the_background_before_the_start(engine, runtime):
     engine.pull_release.clear()
-    handle = runtime.start(job("ghcr.io/renter/trainer:1"))
+    pull = runtime.pull(job("ghcr.io/renter/trainer:1"))
 
-    assert runtime.poll(handle) is None
-    assert engine.created == []
+    assert not pull.done()
     engine.pull_release.set()
-    wait_for(lambda: handle.pull is None or handle.pull.done())
 
-    assert runtime.poll(handle) is None
-    assert engine.pulls == ["ghcr.io/renter/trainer:1"]
+    assert pull.result(timeout=5) == digest_of("ghcr.io/renter/trainer:1")
+    assert engine.pulls == ["ghcr.io/renter/trainer:1"] and engine.pull_auth == [None]
+    runtime.start(job("ghcr.io/renter/trainer:1"))
     assert engine.created[0].status == "running"
 
 
-def test_a_failed_pull_ends_the_job_with_125_and_its_log_says_so_without_the_engines_answer(engine, runtime, caplog):
+def test_an_image_here_is_used_without_a_pull(engine, runtime):
+    digest = runtime.pull(job("python:3.12-slim")).result(timeout=5)
+
+    assert digest == digest_of("python:3.12-slim")
+    assert engine.pulls == []
+
+
+def test_a_failed_pull_fails_the_start_and_says_so_without_the_engines_answer(engine, runtime, caplog):
     engine.pull_error = "Get http://10.0.0.5:5000/v2/: dial tcp 10.0.0.5:5000: connect: connection refused"
-    handle = runtime.start(job("ghcr.io/renter/missing:1"))
 
-    assert wait_for(lambda: runtime.poll(handle)) == 125
-    runtime.cleanup(handle)
+    with pytest.raises(StartFailed) as failed:
+        runtime.pull(job("ghcr.io/renter/missing:1")).result(timeout=5)
 
-    assert engine.created == []
-    log = handle.log_path.read_text()
-    assert "cannot pull ghcr.io/renter/missing:1: the pull failed" in log
-    assert "10.0.0.5" not in log and "connection refused" not in log
+    assert str(failed.value) == (
+        "cannot pull ghcr.io/renter/missing:1: the pull failed (the engine's answer is in the unit owner's log)"
+    )
     assert "connection refused" in caplog.text  # the owner's log keeps it
 
 
-def test_a_job_killed_while_its_image_is_pulled_never_starts(engine, runtime):
-    engine.pull_release.clear()
-    handle = runtime.start(job("ghcr.io/renter/trainer:1"))
+def test_a_job_whose_image_is_not_here_fails_the_start(engine, runtime):
+    with pytest.raises(StartFailed, match="ImageNotFound"):
+        runtime.start(job("ghcr.io/renter/never-pulled:1"))
 
-    runtime.kill(handle)
-
-    assert runtime.poll(handle) == 143
-    engine.pull_release.set()
-    assert engine.created == []
+    assert engine.by_name == {}
 
 
 def test_a_container_the_engine_cannot_start_fails_the_start_and_is_removed(engine, runtime):

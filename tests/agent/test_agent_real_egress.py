@@ -180,7 +180,9 @@ def probe_script(targets: dict[str, str]) -> str:
 
 
 def test_a_job_with_egress_reaches_the_public_stand_in_and_nothing_of_the_owners(runtime, runtime_name, network):
-    neighbour = runtime.start(spec("neighbour", f"echo stand-in > index.html; busybox httpd -f -p {PORT + 8000}", True))
+    neighbour = real.start(
+        runtime, spec("neighbour", f"echo stand-in > index.html; busybox httpd -f -p {PORT + 8000}", True)
+    )
     try:
         real.wait_running(neighbour, runtime)
         settings = neighbour.container.attrs["NetworkSettings"]["Networks"]["shedshare-egress"]
@@ -192,7 +194,7 @@ def test_a_job_with_egress_reaches_the_public_stand_in_and_nothing_of_the_owners
             "host_other": network["host_other"],
             "neighbour": f"{neighbour_address}:{PORT + 8000}",
         }
-        handle = runtime.start(spec("prober", probe_script(targets), True))
+        handle = real.start(runtime, spec("prober", probe_script(targets), True))
         try:
             code = real.wait_exit(runtime, handle)
         finally:
@@ -218,8 +220,9 @@ def test_a_job_with_egress_reaches_the_public_stand_in_and_nothing_of_the_owners
 
 
 def test_a_job_without_egress_reaches_nothing(runtime, runtime_name, network):
-    handle = runtime.start(
-        spec("closed", probe_script({"public": f"{STAND_INS[0].target}:{PORT}"}) + "\nls /sys/class/net", False)
+    handle = real.start(
+        runtime,
+        spec("closed", probe_script({"public": f"{STAND_INS[0].target}:{PORT}"}) + "\nls /sys/class/net", False),
     )
     try:
         code = real.wait_exit(runtime, handle)

@@ -89,7 +89,7 @@ def job(name: str, script: str) -> JobSpec:
 
 
 def run(runtime: DockerRuntime, spec: JobSpec) -> tuple[int, str]:
-    handle = runtime.start(spec)
+    handle = real.start(runtime, spec)
     try:
         code = real.wait_exit(runtime, handle)
     finally:
@@ -155,7 +155,7 @@ def test_a_fork_bomb_meets_the_process_cap_and_the_job_goes_on(runtime, runtime_
 def test_kernel_limits_are_set_and_nothing_is_left_after_a_kill(runtime, runtime_name, engine):
     """CPU, memory and pids limits as the kernel holds them for the container; then SIGTERM."""
     spec = job("limits", "sleep 60")
-    handle = runtime.start(spec)
+    handle = real.start(runtime, spec)
     try:
         real.wait_running(handle, runtime)
         cpus = float(engine.info()["NCPU"])

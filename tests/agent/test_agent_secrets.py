@@ -312,6 +312,7 @@ def test_an_assignment_carries_the_jobs_variables_and_the_names_of_its_secrets()
         {"env": {"NUL": "private\0value"}},
         {"secrets": "HF_TOKEN"},
         {"secrets": ["1ST"]},
+        {"registry_auth": "private value"},
     ],
 )
 def test_malformed_variables_are_refused_without_quoting_a_value(job):

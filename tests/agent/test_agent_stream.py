@@ -121,6 +121,18 @@ def test_calls_go_over_the_stream_while_it_is_up_with_the_answers_http_gives(ser
         assert client.stream.state == "connected"
 
 
+def test_the_start_names_the_image_digest_over_the_stream(server):
+    digest = "sha256:" + "ab" * 32
+    allocation_id = server.assign(["true"])
+    with stream_server(server) as (side, url), client_for(server, url) as client:
+        assert wait_connected(client.stream, WAIT_S)
+
+        client.start(allocation_id, digest)
+
+        assert side.over_stream == [f"allocations/{allocation_id}/start"]
+        assert server.start_bodies[allocation_id] == {"image_digest": digest}
+
+
 def test_the_secrets_are_asked_for_over_the_stream_while_it_is_up(server):
     allocation_id = server.assign(["true"], secrets={"HF_TOKEN": "hf_value"})
     with stream_server(server) as (side, url), client_for(server, url) as client:

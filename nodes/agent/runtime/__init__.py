@@ -3,15 +3,20 @@
 `start` launches and returns a handle at once; `poll` never blocks; `kill` asks the job to stop
 and the runtime escalates on later polls, so a slow job never stalls heartbeats; `cleanup`
 removes whatever the job left behind once it has exited. A runtime that is also `Adoptable`
-lets a restarted agent find its jobs again.
+lets a restarted agent find its jobs again; one that is also `Pulling` runs jobs from images,
+which it fetches before their start.
 """
 
 from collections.abc import Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from nodes.agent.protocol import Isolation
+
+if TYPE_CHECKING:
+    from nodes.agent.runtime.environment import RegistryCredential
 
 
 class StartFailed(Exception):
@@ -37,6 +42,7 @@ class JobSpec:
     slots: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)  # the renter's variables
     secrets: tuple[str, ...] = ()  # the names of the job's secret variables; never their values
+    registry_auth: bool = False  # the image is pulled with the renter's registry credential
 
 
 class Handle(Protocol):
@@ -81,3 +87,11 @@ class Adoptable(Protocol):
 class Housekeeping(Protocol):
     def housekeep(self) -> None:
         """Called every tick; does what is due (pruning unused images) without blocking."""
+
+
+@runtime_checkable
+class Pulling(Protocol):
+    def pull(self, spec: JobSpec, registry: "RegistryCredential | None" = None) -> Future[str | None]:
+        """Bring the job's image here for its start, pulled with `registry` if given (for that
+        pull only), without blocking. The future's result is the image's repo digest (sha256:…;
+        None for an image without one); its exception StartFailed, in words the renter may read."""

@@ -1,15 +1,22 @@
 """Runs a job's image in a hardened container through the Docker SDK (see `spec.py`).
 
-Like the process runtime it never blocks the loop for long: a missing image is pulled in the
-background while the job counts as started, and a failed pull or create ends it with exit code
-125, the code `docker run` itself uses when the engine cannot run a container. Containers are
-named and labelled after their allocation, so a restarted agent adopts them again.
+Like the process runtime it never blocks the loop for long: the job's image is brought here by
+`pull` before the start, in the background, so that the start can name its digest; an engine that
+loses a running container ends the job with exit code 125, the code `docker run` itself uses when
+the engine cannot run a container. Containers are named and labelled after their allocation, so a
+restarted agent adopts them again.
+
+An image already here is used as it is, except for a job with a registry credential, whose image
+is pulled with that credential (so that the registry checks this renter's right to it) unless the
+job is pinned to a digest the copy here carries; and except for an image the agent pulled with a
+credential, which no job uses without pulling it again. The credential goes with that one pull
+(the engine's X-Registry-Auth), never to a file, the engine's configuration or a log.
 
 The registry was checked against the owner's policy before the job was accepted (`images.py`).
-What the renter reads in the job's log about a pull says which rule failed, or only that the pull
-failed: the engine's own answer (a registry's error, a refused connection) goes to the owner's
-log, so that image names cannot be used to probe the owner's network. An image over the owner's
-size cap is refused and removed, and the images the agent pulled are pruned once unused.
+What the renter reads about a pull says which rule failed, or only that the pull failed: the
+engine's own answer (a registry's error, a refused connection) goes to the owner's log, so that
+image names cannot be used to probe the owner's network. An image over the owner's size cap is
+refused and removed, and the images the agent pulled are pruned once unused.
 """
 
 import logging
@@ -22,20 +29,19 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from nodes.agent import logs
+from nodes.agent import imageref, logs
 from nodes.agent.egress import EgressGuard, EgressUnavailable, bridge_of, network_options
 from nodes.agent.images import ImagePolicy, size_problem
 from nodes.agent.isolation import IsolationConfig
 from nodes.agent.runtime import Adopted, Handle, JobSpec, RuntimeUnavailable, StartFailed
 from nodes.agent.runtime.container_logs import follow, in_background
-from nodes.agent.runtime.environment import NO_SECRETS, redact
+from nodes.agent.runtime.environment import NO_SECRETS, RegistryCredential, Secrets, redact
 from nodes.agent.runtime.image_store import PulledImages, prune
 from nodes.agent.runtime.process import SAFE_ID
 from nodes.agent.runtime.sandbox import reap
 from nodes.agent.runtime.spec import ANY_HOST, GpuRequest, Host, SpecError, container_name, container_spec, sandboxed
 
 ENGINE_FAILED = 125
-KILLED = 128 + 15  # what the engine reports for a job ended by SIGTERM
 LOG_DRAIN_S = 2.0
 ENDED = ("exited", "dead")
 PRUNE_EVERY_S = 600.0
@@ -51,7 +57,6 @@ class DockerHandle:
     kwargs: dict[str, Any] | None = field(default=None, repr=False)
     secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
     container: Any = None
-    pull: Future[Any] | None = None
     output: Future[Any] | None = None
     failed: str | None = None
     kill_deadline: float | None = None
@@ -132,7 +137,14 @@ class DockerRuntime:
         self._next_prune_at = clock()
         self._pruning: Future[Any] | None = None
 
+    def pull(self, spec: JobSpec, registry: RegistryCredential | None = None) -> Future[str | None]:
+        """The job's image, checked against the owner's size cap and the digest the job is pinned
+        to: the copy here where it may be used, else pulled. In the background either way: an
+        engine under load may be slow to answer even a look-up."""
+        return in_background(f"pull-{spec.allocation_id}", lambda: self._image_for(spec, registry))
+
     def start(self, spec: JobSpec, secrets: Mapping[str, str] = NO_SECRETS) -> DockerHandle:
+        """Run the job from its image, which `pull` has brought here."""
         if not SAFE_ID.fullmatch(spec.allocation_id):
             raise StartFailed(f"unsafe allocation id {spec.allocation_id!r}")
         try:
@@ -141,30 +153,12 @@ class DockerRuntime:
             raise StartFailed(str(exc)) from None
         self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         handle = DockerHandle(spec, self.log_dir / f"{spec.allocation_id}.log", kwargs, secrets)
-        image = self._local_image(spec.image)
-        if image is None:
-            handle.pull = in_background(f"pull-{spec.allocation_id}", lambda: self._pull(spec.image))
-            return handle
-        handle.failed = size_problem(_size(image), self.images)
-        if handle.failed:
-            return handle  # ended by the next poll, with the rule in the job's log
         self.pulled.used(spec.image)
         self._launch(handle)
-        if handle.failed:
-            self._remove(handle)
-            raise StartFailed(handle.failed)
         return handle
 
     def poll(self, handle: Handle) -> int | None:
         assert isinstance(handle, DockerHandle)
-        if handle.pull is not None:
-            if not handle.pull.done() and handle.kill_deadline is None:
-                return None
-            self._after_pull(handle)
-        if handle.failed:
-            return ENGINE_FAILED
-        if handle.container is None:
-            return KILLED  # stopped while its image was still being pulled
         return self._poll_container(handle)
 
     def kill(self, handle: Handle) -> None:
@@ -174,12 +168,12 @@ class DockerRuntime:
             self._signal(handle, "SIGTERM")
 
     def cleanup(self, handle: Handle) -> None:
-        """Keep the reason a start failed in the allocation's log, then remove the container and
-        with it its tmpfs scratch."""
+        """Keep why the engine lost the container in the allocation's log, then remove the
+        container and with it its tmpfs scratch."""
         assert isinstance(handle, DockerHandle)
         if handle.failed:
             with open(handle.log_path, "ab") as log:
-                log.write(f"shedshare: the container did not run: {handle.failed}\n".encode())
+                log.write(f"shedshare: {handle.failed}\n".encode())
         self._remove(handle)
 
     def describe(self, handle: Handle) -> dict[str, Any]:
@@ -233,21 +227,49 @@ class DockerRuntime:
         except ImageNotFound:
             return None
 
-    def _after_pull(self, handle: DockerHandle) -> None:
-        pull, handle.pull = handle.pull, None
-        assert pull is not None
-        if not pull.done():
-            return  # killed meanwhile; the pull finishes on its own and leaves only the image
-        spec = handle.spec
-        if pull.exception() is not None:
-            logs.event(logger, "pull_failed", logging.WARNING, allocation=spec.allocation_id, error=pull.exception())
-            handle.failed = PULL_FAILED.format(image=spec.image)
-            return
-        handle.failed = size_problem(_size(pull.result()), self.images)
-        if handle.failed:
+    def _image_for(self, spec: JobSpec, registry: RegistryCredential | None) -> str | None:
+        try:
+            ref = imageref.parse(spec.image)
+        except imageref.BadReference as exc:
+            raise StartFailed(str(exc)) from None
+        image = self._local_image(spec.image)
+        if image is not None and self._may_use(image, ref, registry):
+            return self._checked(image, ref, spec.image)
+        return self._pull(spec, ref, registry)
+
+    def _may_use(self, image: Any, ref: imageref.ImageRef, registry: RegistryCredential | None) -> bool:
+        """Whether the copy here may run the job without a pull (see the module's docstring)."""
+        if self.pulled.private(image.id):
+            return False
+        return registry is None or (ref.digest is not None and ref.digest in _repo_digests(image, ref))
+
+    def _pull(self, spec: JobSpec, ref: imageref.ImageRef, registry: RegistryCredential | None) -> str | None:
+        """Pull and record the image, even for a job stopped meanwhile, so that it is pruned."""
+        auth = {"auth_config": registry.auth_config()} if registry else {}
+        try:
+            image = self.client.images.pull(spec.image, **auth)
+        except Exception as exc:  # the SDK raises several unrelated types
+            error = redact(f"{type(exc).__name__}: {exc}", Secrets(registry=registry))
+            logs.event(logger, "pull_failed", logging.WARNING, allocation=spec.allocation_id, error=error)
+            raise StartFailed(PULL_FAILED.format(image=spec.image)) from None
+        self.pulled.pulled(spec.image, image.id, _size(image), private=registry is not None)
+        try:
+            return self._checked(image, ref, spec.image)
+        except StartFailed:
             self._remove_image(spec.image)
-        elif handle.kill_deadline is None:
-            self._launch(handle)
+            raise
+
+    def _checked(self, image: Any, ref: imageref.ImageRef, reference: str) -> str | None:
+        """The image's digest in the job's repository, if it may run the job: within the owner's
+        size cap, and carrying the digest the job is pinned to (the engine checks that as it pulls;
+        a copy found here is checked again)."""
+        problem = size_problem(_size(image), self.images)
+        if problem:
+            raise StartFailed(problem)
+        digests = _repo_digests(image, ref)
+        if ref.digest is not None and ref.digest not in digests:
+            raise StartFailed(f"the image here for {reference} does not carry the digest it is pinned to")
+        return ref.digest or next(iter(digests), None)
 
     def _poll_container(self, handle: DockerHandle) -> int | None:
         container = handle.container
@@ -273,9 +295,9 @@ class DockerRuntime:
             handle.container = self.client.containers.create(**_sdk_kwargs(handle.kwargs))
             handle.container.start()
         except Exception as exc:  # the SDK raises several unrelated types
-            # Written to the job's log and the agent's: the engine's answer may quote the settings.
-            handle.failed = redact(f"{type(exc).__name__}: {exc}", handle.secrets)
-            return
+            self._remove(handle)
+            # For the agent's log: the engine's answer may quote the settings.
+            raise StartFailed(redact(f"{type(exc).__name__}: {exc}", handle.secrets)) from None
         handle.output = follow(handle.container, handle.log_path)
 
     def _guard_egress(self, network: str) -> None:
@@ -289,15 +311,8 @@ class DockerRuntime:
         self.egress.ensure()
 
     def _signal(self, handle: DockerHandle, signal: str) -> None:
-        if handle.container is not None:
-            with suppress(Exception):  # it may have exited meanwhile; the next poll says so
-                handle.container.kill(signal=signal)
-
-    def _pull(self, reference: str) -> Any:
-        """Pull and record the image, even for a job stopped meanwhile, so that it is pruned."""
-        image = self.client.images.pull(reference)
-        self.pulled.pulled(reference, image.id, _size(image))
-        return image
+        with suppress(Exception):  # it may have exited meanwhile; the next poll says so
+            handle.container.kill(signal=signal)
 
     def _remove_image(self, image: str) -> None:
         with suppress(Exception):  # in use by another container, or gone: nothing to free
@@ -329,6 +344,19 @@ def _sdk_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
         for r in requests
     ]
     return {**kwargs, "device_requests": devices}
+
+
+def _repo_digests(image: Any, ref: imageref.ImageRef) -> list[str]:
+    """The image's digests in the repository `ref` names, from its RepoDigests (`name@sha256:…`)."""
+    digests = []
+    for entry in image.attrs.get("RepoDigests") or []:
+        try:
+            named = imageref.parse(entry)
+        except imageref.BadReference:
+            continue
+        if named.digest and (named.host, named.port, named.path) == (ref.host, ref.port, ref.path):
+            digests.append(named.digest)
+    return digests
 
 
 def _size(image: Any) -> int:

@@ -3,6 +3,9 @@
 Only images the agent pulled are ever removed: an image the owner had before is not in the
 record. They are removed by the reference that was pulled, so a tag the owner added stays; and
 never by force, so the engine keeps any image a container still uses.
+
+An image pulled with a renter's registry credential is marked private (the credential itself is
+never kept), so that no other job runs it without a pull of its own.
 """
 
 import logging
@@ -20,8 +23,8 @@ FILENAME = "images.json"
 
 
 class PulledImages:
-    """{reference: {"id", "size", "last_used"}} of the images the agent pulled, `last_used` in
-    Unix time. Pulls finish and pruning runs in background threads, hence the lock."""
+    """{reference: {"id", "size", "last_used", "private"}} of the images the agent pulled,
+    `last_used` in Unix time. Pulls finish and pruning runs in background threads, hence the lock."""
 
     def __init__(self, folder: Path | None, *, wall: Callable[[], float] = time.time) -> None:
         self._path = folder / FILENAME if folder else None
@@ -34,10 +37,15 @@ class PulledImages:
         with self._lock:
             return {reference: dict(image) for reference, image in self._images.items()}
 
-    def pulled(self, reference: str, image_id: str, size: int) -> None:
+    def pulled(self, reference: str, image_id: str, size: int, *, private: bool = False) -> None:
         with self._lock:
-            self._images[reference] = {"id": image_id, "size": size, "last_used": self._wall()}
+            self._images[reference] = {"id": image_id, "size": size, "last_used": self._wall(), "private": private}
             self._save()
+
+    def private(self, image_id: str) -> bool:
+        """Whether the agent pulled this image, by any reference, with a registry credential."""
+        with self._lock:
+            return any(image["id"] == image_id and image.get("private") for image in self._images.values())
 
     def used(self, reference: str, at: float | None = None) -> None:
         with self._lock:
