@@ -47,6 +47,13 @@ class Allocation:
     pull: Future[str | None] | None = None
     # When the image was ready: the start's give-up time counts from then, a long pull being no outage.
     ready_at: float | None = None
+    # The move of the job's data now under way (the inputs' fetch before the start, the outputs'
+    # upload after the exit); its result is the phase's staging report.
+    staging: Future[dict[str, Any]] | None = None
+    staged_in: bool = False
+    # How the job ended, kept while its outputs upload: the finish reports it afterwards.
+    exit_code: int | None = None
+    exit_reason: str = ""
 
     @property
     def id(self) -> str:
@@ -155,6 +162,8 @@ def parse_assignment(
             env=_env(job.get("env") or {}),
             secrets=_names(job.get("secrets") or []),
             registry_auth=_flag(job, "registry_auth"),
+            inputs=_data(job.get("inputs") or [], ("url", "path"), ("sha256", "size")),
+            outputs=_data(job.get("outputs") or [], ("url", "path"), ()),
         )
         max_duration = job.get("max_duration_s")
     except (KeyError, TypeError, ValueError) as exc:
@@ -197,6 +206,21 @@ def _names(names: Any) -> tuple[str, ...]:
     if not isinstance(names, list) or not all(isinstance(n, str) and VARIABLE_NAME.fullmatch(n) for n in names):
         raise ValueError(f"variable names must match {VARIABLE_NAME.pattern}")
     return tuple(names)
+
+
+def _data(items: Any, required: tuple[str, ...], optional: tuple[str, ...]) -> tuple[dict[str, Any], ...]:
+    """The job's inputs or outputs, as the staging needs them; the paths are checked again there."""
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise ValueError("inputs and outputs must be lists of objects")
+    data = []
+    for item in items:
+        if not all(isinstance(item.get(key), str) for key in required):
+            raise ValueError(f"each input and output needs {' and '.join(required)}")
+        kept = {key: item[key] for key in (*required, "jurisdiction", *optional) if item.get(key) is not None}
+        if not isinstance(kept.get("size", 0), int) or not isinstance(kept.get("sha256", ""), str):
+            raise ValueError("an input's size is a number of bytes and its sha256 hex text")
+        data.append(kept)
+    return tuple(data)
 
 
 def _countries(codes: Any) -> tuple[str, ...]:

@@ -130,6 +130,7 @@ def run(
             status_path=cfg.state_dir / STATUS_FILE,
             state_dir=cfg.state_dir,
             inventory=source,
+            data=cfg.data,
         )
         _install_signal_handlers(agent)
         raise SystemExit(agent.run())

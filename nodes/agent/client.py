@@ -157,6 +157,10 @@ class AgentClient:
         path = _allocation(allocation_id, "finish")
         self._call("POST", path, json={"exit_code": exit_code, "reason": reason})
 
+    def staging(self, allocation_id: str, report: dict[str, Any]) -> None:
+        """What the agent did with the job's data in one phase (`staging.report`), for the record."""
+        self._call("POST", _allocation(allocation_id, "staging"), json=report)
+
     def server_date(self) -> datetime | None:
         """The time in the Date header of the server's OpenAPI schema, a page it serves to anyone.
 

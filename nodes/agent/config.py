@@ -1,8 +1,9 @@
 """Agent configuration: a JSON file written by `enrol`, overridden by environment variables.
 
 Keys: url, unit_id, credential (written by enrol) and optionally simulate, work_dir, state_dir and
-the isolation keys of `isolation.IsolationConfig` (country, runtime, limits…) and the image keys of
-`images.ImagePolicy` (registries, registry_mirrors, image_max_mb…).
+the isolation keys of `isolation.IsolationConfig` (country, runtime, limits…), the image keys of
+`images.ImagePolicy` (registries, registry_mirrors, image_max_mb…) and the data keys of
+`staging.DataPolicy` (scratch_max_mb, data_private_hosts).
 Each key can be overridden by SHEDSHARE_AGENT_<KEY>; command-line options override both.
 """
 
@@ -12,12 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nodes.agent import images, isolation
+from nodes.agent import images, isolation, staging
 from nodes.agent.images import ImagePolicy
 from nodes.agent.isolation import IsolationConfig
+from nodes.agent.staging import DataPolicy
 
 REQUIRED = ("url", "unit_id", "credential")
-OPTIONAL = ("simulate", "work_dir", "state_dir", "drain", "stream", *isolation.KEYS, *images.KEYS)
+OPTIONAL = ("simulate", "work_dir", "state_dir", "drain", "stream", *isolation.KEYS, *images.KEYS, *staging.KEYS)
 DRAIN_POLICIES = ("wait", "stop")  # what SIGTERM does to running jobs: wait for them, or stop them
 ENV_PREFIX = "SHEDSHARE_AGENT_"
 
@@ -39,6 +41,7 @@ class AgentConfig:
     images: ImagePolicy = field(default_factory=ImagePolicy)
     # Hold a stream to the server (pushed work, cheap heartbeats); false: HTTP polling only.
     stream: bool = True
+    data: DataPolicy = field(default_factory=DataPolicy)
 
 
 def default_path() -> Path:
@@ -70,6 +73,7 @@ def load(path: Path, **overrides: Any) -> AgentConfig:
     try:
         isolation_config = _section(IsolationConfig, isolation.PARSERS, values)
         image_policy = _section(ImagePolicy, images.PARSERS, values)
+        data_policy = _section(DataPolicy, staging.PARSERS, values)
     except ValueError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     if isolation_config.sandbox_all_jobs and not isolation_config.sandbox_runtime:
@@ -97,6 +101,7 @@ def load(path: Path, **overrides: Any) -> AgentConfig:
         drain=drain,
         images=image_policy,
         stream=stream,
+        data=data_policy,
     )
 
 

@@ -9,19 +9,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from nodes.agent import job_secrets, logs, logship
+from nodes.agent import job_secrets, logs, logship, staging
 from nodes.agent.allocations import Allocation, InvalidAssignment, held_slots, parse_assignment
 from nodes.agent.backoff import Backoff
 from nodes.agent.backyard import Backyard, GpuReading, Policy
 from nodes.agent.client import AgentClient, AgentError, Conflict
 from nodes.agent.gpus import Gpu, Inventory, InventoryError
 from nodes.agent.heartbeat import Heartbeater
-from nodes.agent.protocol import Finish, Refused
+from nodes.agent.protocol import Finish, Refused, Staging
 from nodes.agent.recovery import Journal
 from nodes.agent.refusal import LocalPolicy, refuse_unfit
 from nodes.agent.reports import Outbox, Reporter
-from nodes.agent.runtime import Housekeeping, Pulling, Runtime, StartFailed
+from nodes.agent.runtime import Housekeeping, JobSpec, Pulling, Runtime, Scratch, StartFailed
+from nodes.agent.runtime.container_logs import in_background
 from nodes.agent.runtime.environment import masks, redact
+from nodes.agent.staging import DataPolicy, StagingError
 from nodes.agent.status import StatusWriter
 
 logger = logging.getLogger(__name__)
@@ -59,8 +61,10 @@ class Agent:
         status_path: Path | None = None,
         state_dir: Path | None = None,
         inventory: Inventory | None = None,
+        data: DataPolicy | None = None,
     ) -> None:
         self.options = options or Options()
+        self._data = data or DataPolicy()
         self.gpus = gpus
         self.policy = policy or LocalPolicy()
         self.allocations: dict[str, Allocation] = {}
@@ -281,6 +285,8 @@ class Agent:
     def _try_start(self, allocation: Allocation) -> None:
         if not self._secrets_ready(allocation) or not self._image_ready(allocation):
             return
+        if not self._inputs_ready(allocation):
+            return
         digest = allocation.pull.result() if allocation.pull is not None else None
         try:
             self._client.start(allocation.id, digest)
@@ -351,6 +357,58 @@ class Agent:
             self.reporter.logs(allocation.id, 0, len(line.encode()), line)
         self._abandon(allocation, Finish.START_FAILED)
 
+    def _inputs_ready(self, allocation: Allocation) -> bool:
+        """Whether the job's data is staged: its scratch made and its inputs fetched into it, in
+        the background and before the start, so the renter pays for none of it. A job whose
+        inputs cannot all be fetched never starts."""
+        spec = allocation.spec
+        if allocation.staged_in or not (spec.inputs or spec.outputs):
+            return True
+        if allocation.staging is None:
+            allocation.staging = in_background(f"stage-in-{allocation.id}", lambda: self._stage_in(spec))
+        if not allocation.staging.done():
+            return False
+        report = self._staging_report(allocation, "in")
+        if spec.inputs or not report["ok"]:
+            self.reporter.staging(allocation.id, report)
+        if not report["ok"]:
+            self._abandon(allocation, Finish.STAGE_IN_FAILED)
+            return False
+        allocation.staged_in = True
+        allocation.ready_at = self._clock()  # like a pull, a long fetch is no outage
+        return True
+
+    def _stage_in(self, spec: JobSpec) -> dict[str, Any]:
+        if not isinstance(self._runtime, Scratch):
+            raise StartFailed("this unit's runtime keeps no scratch for a job's data")
+        scratch = self._runtime.make_scratch(spec)
+        return staging.stage_in(list(spec.inputs), scratch, self._data, clock=self._clock)
+
+    def _stage_out(self, spec: JobSpec) -> dict[str, Any]:
+        assert isinstance(self._runtime, Scratch)
+        return staging.stage_out(list(spec.outputs), self._runtime.scratch(spec), self._data, clock=self._clock)
+
+    def _staging_report(self, allocation: Allocation, phase: str) -> dict[str, Any]:
+        """The finished staging's report. One that broke (no scratch, a full disk, a bug) is told
+        to the renter in general words; the owner's log has the error."""
+        assert allocation.staging is not None
+        future, allocation.staging = allocation.staging, None
+        failure = future.exception()
+        if failure is None:
+            report = future.result()
+        else:
+            logs.event(logger, "staging_broke", logging.ERROR, allocation=allocation.id, phase=phase, error=failure)
+            why = "the shed could not keep the job's data" if phase == "in" else "the shed no longer has the outputs"
+            reason = Staging.SCRATCH_FULL if phase == "in" else Staging.MISSING
+            report = staging.report(phase, [], StagingError(reason, why), 0.0)
+        level = logging.INFO if report["ok"] else logging.WARNING
+        files, seconds = len(report["files"]), round(report["seconds"], 3)
+        event = f"staged_{phase}" if report["ok"] else f"stage_{phase}_failed"
+        logs.event(
+            logger, event, level, allocation=allocation.id, files=files, seconds=seconds, detail=report["detail"]
+        )
+        return report
+
     def _start_refused(self, allocation: Allocation, exc: AgentError) -> None:
         now = self._clock()
         since = allocation.accepted_at if allocation.ready_at is None else allocation.ready_at
@@ -365,10 +423,19 @@ class Agent:
         """Give up an allocation whose job never ran: no usage, just the finish."""
         del self.allocations[allocation.id]
         self.reporter.finish(allocation.id, None, reason)
+        if isinstance(self._runtime, Scratch) and (allocation.spec.inputs or allocation.spec.outputs):
+            spec, runtime = allocation.spec, self._runtime
+            if allocation.staging is None:
+                runtime.drop_scratch(spec)
+            else:  # a fetch under way: its folder goes once it stops writing there
+                allocation.staging.add_done_callback(lambda _: runtime.drop_scratch(spec))
 
     def _supervise(self) -> None:
         for allocation in list(self.allocations.values()):
             if allocation.handle is None:
+                continue
+            if allocation.exit_code is not None:
+                self._wind_up(allocation)
                 continue
             now = self._clock()
             code = self._runtime.poll(allocation.handle)
@@ -408,9 +475,30 @@ class Agent:
             logs.event(logger, event, logging.WARNING, allocation=allocation.id, error=exc)
 
     def _complete(self, allocation: Allocation, exit_code: int, now: float) -> None:
+        """The job exited: its usage and log end here (the upload of its outputs is none of the
+        renter's time), then its outputs go, then its finish."""
         assert allocation.handle is not None
-        reason = allocation.stop_reason or Finish.EXITED
+        allocation.exit_code, allocation.exit_reason = exit_code, allocation.stop_reason or Finish.EXITED
         self._report_progress(allocation, now, final=True)
+        self._journal.save(allocation)  # a restart during the upload bills nothing twice
+        self._wind_up(allocation)
+
+    def _wind_up(self, allocation: Allocation) -> None:
+        """Upload the outputs of a job that exited on its own, in the background, then report its
+        finish and clean up. A stopped job (cancelled, preempted, timed out, drained) did not
+        finish its work: nothing of it is uploaded. A failed upload fails the job, whatever its
+        exit code: a partial result is never presented as complete."""
+        assert allocation.handle is not None and allocation.exit_code is not None
+        exit_code, reason = allocation.exit_code, allocation.exit_reason
+        if reason == Finish.EXITED and allocation.spec.outputs:
+            if allocation.staging is None:
+                spec = allocation.spec
+                allocation.staging = in_background(f"stage-out-{allocation.id}", lambda: self._stage_out(spec))
+            if not allocation.staging.done():
+                return
+            report = self._staging_report(allocation, "out")
+            self.reporter.staging(allocation.id, report)
+            reason = reason if report["ok"] else Finish.STAGE_OUT_FAILED
         self.reporter.finish(allocation.id, exit_code, reason)
         self._runtime.cleanup(allocation.handle)
         self._journal.forget(allocation.id)

@@ -7,8 +7,9 @@ not acknowledged. Sending a report twice is harmless because the server takes us
 
 The outbox is bounded by `max_reports`. Past it, a new usage sample is merged into the newest
 sample of the same allocation that has never been sent (keeping that sample's seq, so the
-server sees a gap in seqs but the same GPU time). Finish and log reports are always kept: there
-is one finish per job, and the log shipper caps the bytes it queues per job.
+server sees a gap in seqs but the same GPU time). Finish, staging and log reports are always
+kept: there is one finish and at most two staging reports per job, and the log shipper caps the
+bytes it queues per job.
 """
 
 import logging
@@ -29,7 +30,7 @@ MAX_SAMPLE_GPU_MS = 64 * 3_600_000  # the most GPU time the server takes in one 
 
 @dataclass(frozen=True)
 class Report:
-    kind: Literal["usage", "logs", "finish"]
+    kind: Literal["usage", "logs", "finish", "staging"]
     allocation_id: str
     body: dict[str, Any]
 

@@ -157,6 +157,8 @@ def _fold(record: dict[str, Any], reports: list[Report]) -> dict[str, Any] | Non
         if report.kind == "logs":
             record["log_offset"] = max(record["log_offset"], report.body["end"])
             continue
+        if report.kind == "staging":
+            continue
         record["seq"] = max(record["seq"], report.body["seq"])
         sampled, since = epoch(report.body["recorded_at"]), epoch(record["sampled_at"])
         if sampled is not None and (since is None or sampled > since):

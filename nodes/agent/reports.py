@@ -1,4 +1,4 @@
-"""Usage, log and finish reports, delivered in order and retried until the server has them."""
+"""Usage, log, staging and finish reports, delivered in order and retried until the server has them."""
 
 import logging
 import time
@@ -40,6 +40,9 @@ class Reporter:
     def finish(self, allocation_id: str, exit_code: int | None, reason: str) -> None:
         self.outbox.add(Report("finish", allocation_id, {"exit_code": exit_code, "reason": reason}))
 
+    def staging(self, allocation_id: str, report: dict[str, Any]) -> None:
+        self.outbox.add(Report("staging", allocation_id, report))
+
     def retry_now(self) -> None:
         self._next_try_at = 0.0
         self._backoff.success()
@@ -77,6 +80,10 @@ class Reporter:
             logs.event(logger, "finish_reported", allocation=head.allocation_id, **head.body)
         elif head.kind == "logs":
             self._send_logs(head)
+        elif head.kind == "staging":
+            self._client.staging(head.allocation_id, head.body)
+            body = head.body
+            logs.event(logger, "staging_reported", allocation=head.allocation_id, phase=body["phase"], ok=body["ok"])
         else:
             self._client.usage(head.allocation_id, [report.body for report in batch])
             logs.event(logger, "usage_reported", logging.DEBUG, allocation=head.allocation_id, samples=len(batch))

@@ -53,6 +53,7 @@ class FakeServer:
         self.secrets: dict[str, dict[str, str]] = {}  # allocation id -> the values of its job's secrets
         self.registries: dict[str, Any] = {}  # allocation id -> the registry credential the answer carries
         self.secrets_status = 200  # or what POST …/secrets answers instead: 404, 409, 503
+        self.staging: dict[str, list[dict[str, Any]]] = defaultdict(list)  # allocation id -> its staging reports
 
     def assign(
         self,
@@ -63,10 +64,13 @@ class FakeServer:
         secrets: dict[str, str] | None = None,
         image: str = "ignored:latest",
         registry: dict[str, str] | None = None,
+        inputs: list[dict[str, Any]] | None = None,
+        outputs: list[dict[str, Any]] | None = None,
     ) -> str:
         """Queue a job. Without `env` and `secrets` its assignment has neither, as from a server
         that predates them; `secrets` are the values the server keeps and hands out when asked,
-        `registry` the credential for the image (`registry_auth`), handed out with them."""
+        `registry` the credential for the image (`registry_auth`), handed out with them;
+        `inputs` and `outputs` the job's data, which the agent stages."""
         allocation_id = str(uuid.uuid4())
         job = {
             "id": str(uuid.uuid4()),
@@ -80,6 +84,8 @@ class FakeServer:
         if env is not None or secrets is not None:
             job |= {"env": env or {}, "secrets": sorted(secrets or {})}
             self.secrets[allocation_id] = secrets or {}
+        if inputs is not None or outputs is not None:
+            job |= {"inputs": inputs or [], "outputs": outputs or []}
         if registry is not None:
             job["registry_auth"] = True
             self.registries[allocation_id] = registry
@@ -127,6 +133,9 @@ class FakeServer:
             return self._usage(allocation_id, body["samples"])
         if action == "logs":
             return self._logs(allocation_id, body["offset"], body["data"])
+        if action == "staging":
+            self.staging[allocation_id].append(body)
+            return httpx.Response(200, json={})
         self.finished[allocation_id] = body
         return httpx.Response(200, json={})
 

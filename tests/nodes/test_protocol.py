@@ -57,6 +57,7 @@ def test_the_agent_client_calls_the_protocol_paths():
         client.logs(ALLOCATION, offset=0, data="")
         client.finish(ALLOCATION, exit_code=0, reason=protocol.Finish.EXITED)
         client.secrets(ALLOCATION)
+        client.staging(ALLOCATION, {"phase": "in", "ok": True, "reason": "", "detail": "", "files": [], "seconds": 0})
 
     prefix = protocol.API_PREFIX
     expected = [f"{prefix}/{protocol.ENROL}", f"{prefix}/{protocol.HEARTBEAT}", f"{prefix}/{protocol.NEXT_ASSIGNMENT}"]

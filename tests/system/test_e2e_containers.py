@@ -209,3 +209,80 @@ def test_jobs_run_in_real_containers_from_submit_to_the_bill(stack, tmp_path):
     if os.environ.get("CONTAINER_E2E_REPORT"):
         with open(os.environ["CONTAINER_E2E_REPORT"], "w") as report:
             json.dump(timings, report)
+
+
+def test_a_jobs_data_is_staged_by_the_agent_and_the_container_has_no_network(tmp_path):
+    """Inputs from a real S3-compatible server (moto, on loopback) into the job's scratch, the job
+    (no network: its own try to reach the store fails) transforms them, its output lands in the
+    bucket with the recorded checksum, and the residency record lists both; a bad checksum fails
+    the next job before it runs."""
+    import hashlib
+
+    from marketplace.devtools.s3 import REGION, s3_server
+
+    engine = real.client()
+    image = real.image()
+    with s3_server(tmp_path / "s3.log") as s3:
+        store = s3.client()
+        store.create_bucket(Bucket="renter-data", CreateBucketConfiguration={"LocationConstraint": REGION})
+        numbers = b"1\n2\n3\n4\n"
+        store.put_object(Bucket="renter-data", Key="in/numbers.txt", Body=numbers)
+        registry = os.environ.get("SHEDSHARE_TEST_REGISTRY", "127.0.0.1:5000")
+        stack = stack_start(tmp_path, port=free_port(), JOB_IMAGE_PRIVATE_REGISTRIES=registry,
+                            JOB_DATA_PRIVATE_HOSTS=s3.host)  # fmt: skip
+        stack.registry = registry
+        try:
+            owner, renter = user_make("dora-owner"), user_make("dieter-renter")
+            unit, token = unit_register(owner=owner, name="Data shed", country="DE")
+            wallet_credit_promotional(user=renter, amount_micros=50_000_000, key="e2e-data")
+            shopper = Renter(stack.base_url, api_key_create(user=renter, name="e2e")[1])
+            config = str(tmp_path / "agent" / "agent.json")
+            enrolled = stack.run(devstack.agent_argv("enrol", "--url", stack.base_url, "--token", token, "--config",
+                                                     config, "--country", "DE"))  # fmt: skip
+            assert enrolled.returncode == 0, enrolled.stderr + enrolled.stdout
+            stack.start(
+                "agent",
+                devstack.agent_argv("run", "--config", config, "--simulate", "1xH100-80GB", "--runtime", "docker",
+                                    "--state-dir", str(tmp_path / "agent" / "state"), "--usage-interval", "1"),
+                SHEDSHARE_AGENT_REGISTRIES=registry, SHEDSHARE_AGENT_REGISTRY_MIRRORS=registry,
+                SHEDSHARE_AGENT_MEMORY_MB_PER_GPU="256", SHEDSHARE_AGENT_DATA_PRIVATE_HOSTS=s3.host,
+            )  # fmt: skip
+
+            def logs() -> str:
+                return "\n".join(f"===== {name}\n{stack.log(name)[-5000:]}" for name in ("web", "worker", "agent"))
+
+            wait_until(lambda: Unit.objects.get(pk=unit.pk).status == Unit.Status.ONLINE, timeout=60,
+                       what=lambda: f"the unit online\n{logs()}")  # fmt: skip
+            script = (
+                "awk '{s+=$1} END {print s}' /scratch/inputs/numbers.txt > /scratch/outputs/sum.txt; "
+                f"if wget -q -T 3 -O /dev/null http://{s3.host}/; then echo NETWORK-REACHED; else echo no-network; fi"
+            )
+            data_job = {
+                "image": image, "command": ["sh", "-c", script], "gpu_count": 1, "jurisdictions": ["DE"],
+                "inputs": [{"url": s3.presign("GET", "renter-data", "in/numbers.txt"), "path": "numbers.txt",
+                            "jurisdiction": "DE", "sha256": hashlib.sha256(numbers).hexdigest(), "size": len(numbers)}],
+                "outputs": [{"url": s3.presign("PUT", "renter-data", "out/sum.txt"), "path": "sum.txt",
+                             "jurisdiction": "DE-HE"}],
+            }  # fmt: skip
+            job = shopper.wait_final(shopper.submit(**data_job)["id"], timeout=180)
+            assert job["state"] == "succeeded", (job, logs())
+            output = store.get_object(Bucket="renter-data", Key="out/sum.txt")["Body"].read()
+            assert output.strip() == b"10"
+            text = wait_until(lambda: "network" in (t := shopper.http.get(f"/api/v1/jobs/{job['id']}/logs",
+                              headers={"Accept": "text/plain"}).text) and t, timeout=30, what="the log")  # fmt: skip
+            assert "no-network" in text and "NETWORK-REACHED" not in text
+            data = shopper.http.get(f"/api/v1/jobs/{job['id']}/residency").json()["data"]
+            [staged_in] = data["inputs"]["staged"]
+            [staged_out] = data["outputs"]["staged"]
+            assert staged_in["ok"] and staged_in["files"][0]["sha256"] == hashlib.sha256(numbers).hexdigest()
+            assert staged_out["ok"] and staged_out["files"][0]["sha256"] == hashlib.sha256(output).hexdigest()
+            assert staged_out["files"][0]["jurisdiction"] == "DE-HE"
+            assert "X-Amz-Signature" not in json.dumps(data)
+
+            bad = {**data_job, "inputs": [{**data_job["inputs"][0], "sha256": "0" * 64}]}
+            failed = shopper.wait_final(shopper.submit(**bad)["id"], timeout=120)
+            assert failed["state"] == "failed" and "checksum" in failed["failure_reason"], failed
+            assert failed["started_at"] is None
+            assert containers_of(engine, failed["id"]) == []
+        finally:
+            stack.stop_all()

@@ -4,7 +4,8 @@
 and the runtime escalates on later polls, so a slow job never stalls heartbeats; `cleanup`
 removes whatever the job left behind once it has exited. A runtime that is also `Adoptable`
 lets a restarted agent find its jobs again; one that is also `Pulling` runs jobs from images,
-which it fetches before their start.
+which it fetches before their start; one that is also `Scratch` gives the agent the folder where
+it stages a job's data (`staging.py`).
 """
 
 from collections.abc import Mapping
@@ -43,6 +44,9 @@ class JobSpec:
     env: Mapping[str, str] = field(default_factory=dict)  # the renter's variables
     secrets: tuple[str, ...] = ()  # the names of the job's secret variables; never their values
     registry_auth: bool = False  # the image is pulled with the renter's registry credential
+    # The job's data, which the agent moves for it: {"url", "path", "jurisdiction"[, "sha256", "size"]}.
+    inputs: tuple[Mapping[str, Any], ...] = ()
+    outputs: tuple[Mapping[str, Any], ...] = ()
 
 
 class Handle(Protocol):
@@ -95,3 +99,19 @@ class Pulling(Protocol):
         """Bring the job's image here for its start, pulled with `registry` if given (for that
         pull only), without blocking. The future's result is the image's repo digest (sha256:…;
         None for an image without one); its exception StartFailed, in words the renter may read."""
+
+
+@runtime_checkable
+class Scratch(Protocol):
+    """A folder on this machine with `inputs/` and `outputs/`, which the job sees in its scratch
+    (its HOME) as they are: made before the start for the agent to fetch the job's inputs into,
+    kept by `start`, read for the outputs' upload after the exit, then removed by `cleanup`."""
+
+    def make_scratch(self, spec: JobSpec) -> Path:
+        """Make the folder, new and empty but for `inputs/` and `outputs/`; where it is."""
+
+    def scratch(self, spec: JobSpec) -> Path:
+        """Where the folder is, for a job started (or adopted) with one."""
+
+    def drop_scratch(self, spec: JobSpec) -> None:
+        """Remove the folder of a job that never started."""

@@ -20,6 +20,8 @@ refused and removed, and the images the agent pulled are pruned once unused.
 """
 
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
@@ -37,9 +39,19 @@ from nodes.agent.runtime import Adopted, Handle, JobSpec, RuntimeUnavailable, St
 from nodes.agent.runtime.container_logs import follow, in_background
 from nodes.agent.runtime.environment import NO_SECRETS, RegistryCredential, Secrets, redact
 from nodes.agent.runtime.image_store import PulledImages, prune
+from nodes.agent.runtime.job_user import JobUser, hand_over
 from nodes.agent.runtime.process import SAFE_ID
 from nodes.agent.runtime.sandbox import reap
-from nodes.agent.runtime.spec import ANY_HOST, GpuRequest, Host, SpecError, container_name, container_spec, sandboxed
+from nodes.agent.runtime.spec import (
+    ANY_HOST,
+    NOBODY_ID,
+    GpuRequest,
+    Host,
+    SpecError,
+    container_name,
+    container_spec,
+    sandboxed,
+)
 
 ENGINE_FAILED = 125
 LOG_DRAIN_S = 2.0
@@ -124,8 +136,13 @@ class DockerRuntime:
         wall: Callable[[], float] = time.time,
         host: Host = ANY_HOST,
         egress: EgressGuard | None = None,
+        scratch_dir: Path | None = None,
     ) -> None:
+        """`scratch_dir`: where jobs' staged data is kept on this machine; None: nowhere, so
+        a job with data fails its staging."""
         self.client = client
+        self.scratch_dir = scratch_dir
+        self._staged: set[str] = set()  # allocations whose data is staged, to mount at the start
         self.cfg = cfg
         self.host = host
         self.egress = egress
@@ -143,12 +160,35 @@ class DockerRuntime:
         engine under load may be slow to answer even a look-up."""
         return in_background(f"pull-{spec.allocation_id}", lambda: self._image_for(spec, registry))
 
+    def make_scratch(self, spec: JobSpec) -> Path:
+        folder = self.scratch(spec)
+        folder.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(mode=0o700)
+        for name in ("inputs", "outputs"):
+            (folder / name).mkdir(mode=0o700)
+        self._staged.add(spec.allocation_id)
+        return folder
+
+    def scratch(self, spec: JobSpec) -> Path:
+        if self.scratch_dir is None:
+            raise OSError("this unit keeps no staged data (no scratch_dir)")
+        if not SAFE_ID.fullmatch(spec.allocation_id):
+            raise StartFailed(f"unsafe allocation id {spec.allocation_id!r}")
+        return self.scratch_dir / spec.allocation_id
+
+    def drop_scratch(self, spec: JobSpec) -> None:
+        self._staged.discard(spec.allocation_id)
+        if self.scratch_dir is not None and SAFE_ID.fullmatch(spec.allocation_id):
+            shutil.rmtree(self.scratch(spec), ignore_errors=True)
+
     def start(self, spec: JobSpec, secrets: Mapping[str, str] = NO_SECRETS) -> DockerHandle:
         """Run the job from its image, which `pull` has brought here."""
         if not SAFE_ID.fullmatch(spec.allocation_id):
             raise StartFailed(f"unsafe allocation id {spec.allocation_id!r}")
+        scratch = self._hand_over(spec) if spec.allocation_id in self._staged else None
         try:
-            kwargs = container_spec(spec, self.cfg, self.host, secrets)
+            kwargs = container_spec(spec, self.cfg, self.host, secrets, scratch)
         except SpecError as exc:
             raise StartFailed(str(exc)) from None
         self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -175,6 +215,7 @@ class DockerRuntime:
             with open(handle.log_path, "ab") as log:
                 log.write(f"shedshare: {handle.failed}\n".encode())
         self._remove(handle)
+        self.drop_scratch(handle.spec)
 
     def describe(self, handle: Handle) -> dict[str, Any]:
         assert isinstance(handle, DockerHandle)
@@ -270,6 +311,24 @@ class DockerRuntime:
         if ref.digest is not None and ref.digest not in digests:
             raise StartFailed(f"the image here for {reference} does not carry the digest it is pinned to")
         return ref.digest or next(iter(digests), None)
+
+    def _hand_over(self, spec: JobSpec) -> Path:
+        """The staged data's folder, given to the container's user, who reads and writes it
+        through the mounts: as root by owning it; otherwise the agent cannot give a file away,
+        so the folders are opened to every user (the folder above them stays the agent's own)."""
+        self._staged.discard(spec.allocation_id)
+        folder = self.scratch(spec)
+        try:
+            if os.geteuid() == 0:
+                for name in ("inputs", "outputs"):
+                    hand_over(folder / name, JobUser(NOBODY_ID, NOBODY_ID))
+            else:
+                for root, dirs, _ in os.walk(folder):
+                    for name in dirs:
+                        os.chmod(os.path.join(root, name), 0o777 if root == str(folder) else 0o755)
+        except OSError as exc:
+            raise StartFailed(f"cannot give the job its staged data: {exc}") from None
+        return folder
 
     def _poll_container(self, handle: DockerHandle) -> int | None:
         container = handle.container

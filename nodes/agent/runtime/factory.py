@@ -41,6 +41,7 @@ def runtime_for(cfg: AgentConfig, *, euid: int | None = None) -> Runtime:
             pulled=PulledImages(cfg.state_dir),
             host=host,
             egress=egress,
+            scratch_dir=cfg.work_dir,
         )
     if cfg.isolation.allow_unisolated_dev_runtime:
         logs.event(logger, "unisolated_runtime", logging.WARNING, note="development only: jobs run as host processes")

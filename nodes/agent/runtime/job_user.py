@@ -95,3 +95,12 @@ def _reachable(path: Path, user: JobUser) -> bool:
         if not info.st_mode & bit:
             return False
     return True
+
+
+def hand_over(folder: Path, user: JobUser) -> None:
+    """Give the job user what the agent wrote in the job's folder (its staged inputs), links
+    never followed: only the agent has written there yet, but the job will."""
+    os.lchown(folder, user.uid, user.gid)
+    for root, dirs, names in os.walk(folder):
+        for name in (*dirs, *names):
+            os.lchown(os.path.join(root, name), user.uid, user.gid)

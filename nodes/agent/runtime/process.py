@@ -25,7 +25,7 @@ from typing import Any
 from nodes.agent import files
 from nodes.agent.runtime import Adopted, Handle, JobSpec, StartFailed, shim
 from nodes.agent.runtime.environment import NO_SECRETS, job_variables
-from nodes.agent.runtime.job_user import JobUser, jobs_root
+from nodes.agent.runtime.job_user import JobUser, hand_over, jobs_root
 
 SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -61,20 +61,40 @@ class ProcessRuntime:
         self.kill_grace_s = kill_grace_s
         self.job_user = job_user
         self._clock = clock
+        self._staged: set[str] = set()  # allocations whose working directory holds staged data
+
+    def make_scratch(self, spec: JobSpec) -> Path:
+        """The job's working directory, its HOME, made now with `inputs/` and `outputs/`."""
+        workdir = self._workdir(spec)
+        self._make_fresh(workdir)
+        for name in ("inputs", "outputs"):
+            (workdir / name).mkdir(mode=0o700)
+        self._staged.add(spec.allocation_id)
+        return workdir
+
+    def scratch(self, spec: JobSpec) -> Path:
+        return self._workdir(spec)
+
+    def drop_scratch(self, spec: JobSpec) -> None:
+        self._staged.discard(spec.allocation_id)
+        shutil.rmtree(self._workdir(spec), ignore_errors=True)
 
     def start(self, spec: JobSpec, secrets: Mapping[str, str] = NO_SECRETS) -> ProcessHandle:
-        if not SAFE_ID.fullmatch(spec.allocation_id):
-            raise StartFailed(f"unsafe allocation id {spec.allocation_id!r}")
+        workdir = self._workdir(spec)
         if not spec.command:
             raise StartFailed("the job has an empty command")
-        workdir = self.work_dir / spec.allocation_id
         log_path = self.log_dir / f"{spec.allocation_id}.log"
         exit_path = self.log_dir / f"{spec.allocation_id}.exit"
         own = _own_env(spec, workdir)
         if shutil.which(spec.command[0], path=own["PATH"]) is None:
             raise StartFailed(f"cannot run {spec.command[0]!r}: not found or not executable")
         try:
-            self._make_fresh(workdir)
+            if spec.allocation_id in self._staged:
+                self._staged.discard(spec.allocation_id)
+                if self.job_user:
+                    hand_over(workdir, self.job_user)  # the agent fetched the inputs as itself
+            else:
+                self._make_fresh(workdir)
             files.remove(exit_path)
             as_user = ["--user", f"{self.job_user.uid}:{self.job_user.gid}"] if self.job_user else []
             with open(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
@@ -142,6 +162,11 @@ class ProcessRuntime:
         if exited is None:
             return None
         return Adopted(handle, exit_code=exited[0], exited_at=exited[1])
+
+    def _workdir(self, spec: JobSpec) -> Path:
+        if not SAFE_ID.fullmatch(spec.allocation_id):
+            raise StartFailed(f"unsafe allocation id {spec.allocation_id!r}")
+        return self.work_dir / spec.allocation_id
 
     def _make_fresh(self, workdir: Path) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True, mode=0o711 if self.job_user else 0o700)

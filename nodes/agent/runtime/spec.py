@@ -6,6 +6,7 @@ The Docker runtime turns `GpuRequest` into `docker.types.DeviceRequest` at its b
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from nodes.agent.isolation import LEVELS, IsolationConfig
@@ -64,10 +65,15 @@ ANY_HOST = Host()
 
 
 def container_spec(
-    spec: JobSpec, cfg: IsolationConfig, host: Host = ANY_HOST, secrets: Mapping[str, str] = NO_SECRETS
+    spec: JobSpec,
+    cfg: IsolationConfig,
+    host: Host = ANY_HOST,
+    secrets: Mapping[str, str] = NO_SECRETS,
+    scratch: Path | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for `containers.create`; raises SpecError for a job it cannot isolate.
-    `secrets` holds the values of `spec.secrets`."""
+    `secrets` holds the values of `spec.secrets`; `scratch`, the host folder of the job's staged
+    data, whose `inputs/` and `outputs/` it sees as /scratch/inputs and /scratch/outputs."""
     _validate(spec, cfg)
     gpus = len(spec.gpu_uuids)
     in_sandbox = sandboxed(spec, cfg)
@@ -83,7 +89,8 @@ def container_spec(
         "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges:true"],
         "read_only": True,
-        # tmpfs lives only as long as the container, so scratch is wiped with it; no host mounts.
+        # tmpfs lives only as long as the container, so scratch is wiped with it; the only host
+        # mounts are the job's staged data, which outlive the container for the outputs' upload.
         # Scratch is the job's HOME: owned by the job's user through the mount itself (runc 1.1
         # resets a tmpfs's mode to that of the directory Docker made for `working_dir`, so a mode
         # alone leaves it root's), and executable, since Python packages, compiled kernels and
@@ -106,7 +113,14 @@ def container_spec(
         "use_config_proxy": False,
         "log_config": {"type": "json-file", "config": {"max-size": "50m", "max-file": "1"}},
         **(_sandbox(cfg) if in_sandbox else {}),
+        **(_data_mounts(scratch) if scratch is not None else {}),
     }
+
+
+def _data_mounts(scratch: Path) -> dict[str, Any]:
+    # Mounted over the /scratch tmpfs: the engine mounts the shallower path first.
+    binds = {str(scratch / name): {"bind": f"/scratch/{name}", "mode": "rw"} for name in ("inputs", "outputs")}
+    return {"volumes": binds}
 
 
 def _host_pids(cfg: IsolationConfig, in_sandbox: bool) -> int:

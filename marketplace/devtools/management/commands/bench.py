@@ -4,9 +4,16 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
-from marketplace.devtools.bench import agents, metering, offers, placement, replay
+from marketplace.devtools.bench import agents, metering, offers, placement, replay, staging
 
-BENCHMARKS = {"placement": placement, "replay-openb": replay, "metering": metering, "offers": offers, "agents": agents}
+BENCHMARKS = {
+    "placement": placement,
+    "replay-openb": replay,
+    "metering": metering,
+    "offers": offers,
+    "agents": agents,
+    "staging": staging,
+}
 
 
 class Command(BaseCommand):
