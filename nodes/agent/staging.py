@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 
 from nodes.agent import __version__, imageref, images
@@ -71,7 +72,21 @@ KEYS = tuple(f.name for f in fields(DataPolicy) if f.name != "resolve")
 PARSERS: dict[str, Callable[[Any], Any]] = {"scratch_max_mb": positive(int), "data_private_hosts": _hosts}
 
 
+# httpcore reads a response 64 KiB per receive, which holds a gigabyte's fetch to a fraction of
+# what the disk and the hash take; its connections read this much instead (a larger read returns
+# whatever has arrived, so small answers are unchanged).
+READ_BYTES = 2**20
+
+
+def _read_larger() -> None:
+    connection = getattr(getattr(httpcore, "_sync", None), "http11", None)
+    connection = getattr(connection, "HTTP11Connection", None)
+    if connection is not None and getattr(connection, "READ_NUM_BYTES", READ_BYTES) < READ_BYTES:
+        connection.READ_NUM_BYTES = READ_BYTES
+
+
 def new_client() -> httpx.Client:
+    _read_larger()
     # identity: a file is the bytes the storage holds, not a transfer encoding of them.
     headers = {"User-Agent": f"shedshare-agent/{__version__}", "Accept-Encoding": "identity"}
     return httpx.Client(timeout=TIMEOUT, headers=headers, trust_env=False, follow_redirects=False)

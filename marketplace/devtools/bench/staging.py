@@ -19,8 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 from marketplace.devtools.s3 import REGION, s3_server
 from nodes.agent import staging
 
@@ -59,7 +57,7 @@ def run(**options) -> dict:
         (scratch / "outputs").mkdir(parents=True)
         source = scratch / "outputs" / "data.bin"
         expected = _write_random(source, size)
-        with s3_server() as s3, httpx.Client(timeout=httpx.Timeout(60.0)) as client:
+        with s3_server() as s3, staging.new_client() as client:
             s3.client().create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
             allow = {s3.host}
             output = {"path": "data.bin", "url": s3.presign("PUT", BUCKET, "data.bin"), "jurisdiction": "DE"}
