@@ -216,6 +216,7 @@ class TestRead:
             "subdivision": "",
             "price_per_gpu_hour": "2.000000",
             "gpu_count": 1,
+            "image_digest": "",  # until its agent starts it
         }
 
     def test_another_renters_job_is_a_404(self, renter, stranger_api):
