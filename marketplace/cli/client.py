@@ -104,6 +104,9 @@ class RenterClient:
         params = {"offset": offset, "wait": wait_s}
         return self._get(f"/jobs/{quote(job_id, safe='')}/logs", params, timeout=wait_s + self._timeout_s)
 
+    def residency(self, job_id: str) -> dict[str, Any]:
+        return self._get(f"/jobs/{quote(job_id, safe='')}/residency")
+
     def secrets(self) -> list[dict[str, Any]]:
         return self._get("/secrets")
 

@@ -5,12 +5,13 @@ import os
 import sys
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from time import sleep
 from typing import Any
 
 import click
 
-from marketplace.cli import config, render
+from marketplace.cli import config, render, storage
 from marketplace.cli.client import VERSION, CliError, RenterClient, Unreachable
 from marketplace.cli.jobfile import load_spec, parse_overrides
 
@@ -118,6 +119,8 @@ def submit(
     spec = {**(load_spec(spec_file) if spec_file else {}), **parse_overrides(overrides)}
     if template is not None:
         spec["template"] = template
+    if storage.uses_s3(spec):
+        spec = storage.presign_spec(spec, storage.Storage())
     with _client() as client:
         job = _submit(client, spec, idempotency_key)
         if not wait:
@@ -292,8 +295,14 @@ def template() -> None:
 @click.pass_obj
 def template_save(as_json: bool, name: str, spec_file: str) -> None:
     """Save SPEC_FILE's fields (all of a job or some) as the template NAME, replacing it if it exists."""
+    spec = load_spec(spec_file)
+    if storage.uses_s3(spec):
+        raise click.ClickException(
+            "s3:// URLs are presigned as a job is submitted, and a template is kept for later: "
+            "give them in the job file or with --set when you submit from it"
+        )
     with _client() as client:
-        saved = client.template_save(name, load_spec(spec_file))
+        saved = client.template_save(name, spec)
     if as_json:
         _print_json(saved)
     else:
@@ -331,3 +340,62 @@ def template_rm(as_json: bool, name: str) -> None:
         _print_json({"deleted": name})
     else:
         click.echo(f"Template {name} deleted.")
+
+
+@main.command()
+@click.argument("job_id")
+@click.pass_obj
+def residency(as_json: bool, job_id: str) -> None:
+    """Where the job ran and where its data came from and went, with the audit events behind it."""
+    with _client() as client:
+        record = client.residency(job_id)
+    if as_json:
+        _print_json(record)
+    else:
+        for line in render.residency(record):
+            click.echo(line)
+
+
+@main.group()
+def output() -> None:
+    """What a job's shed uploaded: list the outputs, fetch one and check it against the shed's record."""
+
+
+@output.command("list")
+@click.argument("job_id")
+@click.pass_obj
+def output_list(as_json: bool, job_id: str) -> None:
+    """The job's declared outputs, with the size and SHA-256 of each upload."""
+    with _client() as client:
+        outputs = storage.job_outputs(client.residency(job_id))
+    if as_json:
+        _print_json(outputs)
+    else:
+        render.table(outputs, render.OUTPUT_COLUMNS, empty="The job declared no outputs.")
+
+
+@output.command("get")
+@click.argument("job_id")
+@click.argument("path")
+@click.option("-o", "--out", "target", type=click.Path(dir_okay=False), help="File to write [default: PATH's name].")
+@click.pass_obj
+def output_get(as_json: bool, job_id: str, path: str, target: str | None) -> None:
+    """Fetch the output PATH from your storage (s3://, with your credentials) and keep it only if
+    its size and SHA-256 are those the job's shed recorded as it uploaded it."""
+    with _client() as client:
+        outputs = storage.job_outputs(client.residency(job_id))
+    found = next((item for item in outputs if item["path"] == path), None)
+    if found is None:
+        names = ", ".join(item["path"] for item in outputs) or "none"
+        raise click.ClickException(f"job {job_id} declared no output {path!r} (its outputs: {names})")
+    uploaded = found["uploaded"]
+    if uploaded is None:
+        raise click.ClickException(f"{path}: the job's shed has not uploaded it (see `shedshare residency {job_id}`)")
+    store = storage.Storage()
+    url = store.presign("GET", *store.object_of(found["endpoint"]))
+    destination = Path(target or Path(path).name)
+    storage.download(url, destination, size=uploaded["size"], sha256=uploaded["sha256"])
+    if as_json:
+        _print_json({"path": path, "file": str(destination), "size": uploaded["size"], "sha256": uploaded["sha256"]})
+    else:
+        click.echo(f"{destination}: {uploaded['size']} bytes, SHA-256 {uploaded['sha256']} as the shed uploaded it")

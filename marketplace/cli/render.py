@@ -79,3 +79,51 @@ TEMPLATE_COLUMNS: list[Column] = [
     ("GPUS", lambda t: (t.get("spec") or {}).get("gpu_count")),
     ("UPDATED", lambda t: t.get("updated_at")),
 ]
+
+OUTPUT_COLUMNS: list[Column] = [
+    ("PATH", lambda o: o.get("path")),
+    ("SIZE", lambda o: (o.get("uploaded") or {}).get("size")),
+    ("SHA-256", lambda o: (o.get("uploaded") or {}).get("sha256")),
+    ("UPLOADED", lambda o: (o.get("uploaded") or {}).get("at") or "not uploaded"),
+    ("WHERE", lambda o: o.get("jurisdiction")),
+    ("DESTINATION", lambda o: o.get("endpoint")),
+]
+
+
+def residency(record: dict[str, Any]) -> list[str]:
+    """The residency record in lines a person reads; `--json` prints all of it."""
+    rules = record.get("rules", {})
+    isolation = record.get("isolation", {})
+    allowed = rules.get("jurisdictions")
+    lines = [
+        f"Job {record.get('job')} ({record.get('name') or 'unnamed'}), {record.get('state')}",
+        f"  Rules       jurisdictions {cell(allowed)}; verified location "
+        f"{'required' if rules.get('require_verified_location') else 'not required'}",
+    ]
+    for placement in record.get("placements", []):
+        where = placement.get("subdivision") or placement.get("country")
+        location = placement.get("location", {})
+        lines.append(
+            f"  Ran on      unit {placement.get('unit')} in {where} ({location.get('how')}), "
+            f"from {placement.get('started_at') or 'never started'} to {placement.get('released_at') or 'now'}"
+        )
+        lines.append(f"              image {placement.get('image')} {placement.get('image_digest') or ''}".rstrip())
+    network = isolation.get("network")
+    lines.append(f"  Isolation   {isolation.get('level')}, {isolation.get('runtime')}; network: {network}")
+    data = record.get("data", {})
+    for name, label, way in (("inputs", "Input", "from"), ("outputs", "Output", "to")):
+        moved = {}
+        for staging in data.get(name, {}).get("staged", []):
+            for file in staging.get("files", []):
+                moved[file["path"]] = f"{file['size']} bytes, SHA-256 {file['sha256']}, {staging.get('at')}"
+            if not staging.get("ok"):
+                lines.append(f"  {label} failed: {staging.get('reason')} ({staging.get('detail')})")
+        for item in data.get(name, {}).get("declared", []):
+            what = moved.get(item["path"], "not moved")
+            lines.append(f"  {label:<11} {item['path']} {way} {item['endpoint']} ({item['jurisdiction']}): {what}")
+    delivered = record.get("secrets", {}).get("delivered_to", [])
+    for handover in delivered:
+        variables = cell(record.get("secrets", {}).get("variables"))
+        lines.append(f"  Secrets     {variables} handed to {handover.get('actor')} at {handover.get('at')}")
+    lines.append(f"  Audit       {len(record.get('events', []))} events (--json lists them)")
+    return lines

@@ -20,6 +20,10 @@ class S3:
     endpoint: str  # http://127.0.0.1:PORT
     host: str  # 127.0.0.1:PORT, for JOB_DATA_PRIVATE_HOSTS and the agent's data_private_hosts
 
+    @classmethod
+    def on_port(cls, port: int) -> "S3":
+        return cls(endpoint=f"http://127.0.0.1:{port}", host=f"127.0.0.1:{port}")
+
     def client(self):
         import boto3
 
@@ -35,6 +39,25 @@ class S3:
         )
 
 
+def server_argv(port: int) -> list[str]:
+    return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+
+
+def wait_ready(endpoint: str, *, alive=lambda: True, timeout: float = START_TIMEOUT_S) -> None:
+    """Until the server at `endpoint` answers; `alive()` false means its process has exited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not alive():
+            raise RuntimeError("moto's S3 server exited before it answered")
+        try:
+            httpx.get(f"{endpoint}/moto-api/", timeout=2)
+            return
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise RuntimeError("moto's S3 server did not answer in time") from None
+            time.sleep(0.1)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -46,23 +69,11 @@ def s3_server(log_path=None) -> Iterator[S3]:
     """Start moto's server on a free loopback port; stop it on leaving."""
     port = _free_port()
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115 - closed below
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
-    )
-    endpoint = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(server_argv(port), stdout=log, stderr=log)
+    store = S3.on_port(port)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"moto's S3 server exited ({process.returncode}) before it answered")
-            try:
-                httpx.get(f"{endpoint}/moto-api/", timeout=2)
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("moto's S3 server did not answer in time") from None
-                time.sleep(0.1)
-        yield S3(endpoint=endpoint, host=f"127.0.0.1:{port}")
+        wait_ready(store.endpoint, alive=lambda: process.poll() is None)
+        yield store
     finally:
         process.terminate()
         try:

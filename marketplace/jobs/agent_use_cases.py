@@ -81,8 +81,8 @@ def agent_allocation(*, unit: Unit, allocation_id: UUID) -> Allocation:
     return get_object_or_404(Allocation.objects.select_related("job"), pk=allocation_id, unit=unit)
 
 
-def agent_allocation_start(*, allocation: Allocation, image_digest: str = "") -> dict:
-    job = market.allocation_start(allocation=allocation, image_digest=image_digest)
+def agent_allocation_start(*, allocation: Allocation, image_digest: str = "", runs_in: str = "") -> dict:
+    job = market.allocation_start(allocation=allocation, image_digest=image_digest, runs_in=runs_in)
     return {"state": job.state}
 
 

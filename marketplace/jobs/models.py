@@ -137,6 +137,9 @@ class Allocation(models.Model):
     image_digest = models.CharField(
         max_length=100, blank=True, help_text="The digest of the image the agent started the job from (sha256:…)."
     )
+    runs_in = models.CharField(
+        max_length=10, blank=True, help_text="What the agent started the job in (protocol.RunsIn); empty: not said."
+    )
     preempted_at = models.DateTimeField(null=True, blank=True)
     preempted_by = models.ForeignKey(Job, on_delete=models.SET_NULL, null=True, blank=True, related_name="preemptions")
     stop_reason = models.CharField(

@@ -5,8 +5,30 @@ and the printable page ``/portal/jobs/<id>/residency/``)."""
 from django.utils import timezone
 
 from marketplace.jobs import data, job_reads
-from marketplace.jobs.models import Job
+from marketplace.jobs.models import Allocation, Job
 from marketplace.kernel.models import AuditEvent
+from nodes.agent.protocol import RunsIn
+
+# What the unit's agent said it started the job in, in words: the record states what ran, not
+# what the job asked for.
+RUNS_IN = {
+    RunsIn.CONTAINER: "a container of the unit's engine (runc)",
+    RunsIn.SANDBOX: "a gVisor sandbox (runsc) on the unit's engine",
+    RunsIn.PROCESS: "a plain process on the unit's host (the development runtime): not isolated",
+}
+
+
+def _isolation(job: Job, started: list[Allocation]) -> dict:
+    """The isolation the job ran under, as the agent of its last started placement reported it."""
+    runs_in = started[-1].runs_in if started else None
+    if runs_in is None:
+        runtime, network = "never started", "never started"
+    elif runs_in == RunsIn.PROCESS:
+        runtime, network = RUNS_IN[runs_in], "not cut: a process on the host reaches what the host reaches"
+    else:
+        runtime = RUNS_IN.get(runs_in, "not reported by the unit's agent")
+        network = "allowed out (network_egress)" if job.network_egress else "none: the container had no network"
+    return {"level": job.isolation, "runs_in": runs_in or "", "runtime": runtime, "network": network}
 
 
 def _location(policy: dict) -> dict:
@@ -58,13 +80,13 @@ def _data(job: Job, events: list[AuditEvent]) -> dict:
             ],
             "staged": stagings,
         }
-    record["moved_by"] = "the shed's agent, before the start and after the exit; the job's container had no network"
+    record["moved_by"] = "the shed's agent, before the start and after the exit, not the job (see isolation.network)"
     return record
 
 
 def job_residency_record(job: Job) -> dict:
     events = list(job_reads.job_events(job))
-    allocations = job.allocations.select_related("unit").order_by("created_at", "id")
+    allocations = list(job.allocations.select_related("unit").order_by("created_at", "id"))
     placements = []
     for allocation in allocations:
         record = allocation.placement_record or {}
@@ -84,6 +106,7 @@ def job_residency_record(job: Job) -> dict:
             "release_reason": allocation.release_reason,
             "image": job.image,
             "image_digest": allocation.image_digest,
+            "runs_in": allocation.runs_in,
             "events": sorted({event.pk for event in [*mine, *([started] if started else [])]}),
         })  # fmt: skip
     return {
@@ -96,11 +119,7 @@ def job_residency_record(job: Job) -> dict:
             "jurisdictions": list(job.jurisdictions) or "anywhere",
             "require_verified_location": job.require_verified_location,
         },
-        "isolation": {
-            "level": job.isolation,
-            "runtime": "gVisor sandbox (runsc)" if job.sandboxed else "the unit's container runtime (runc)",
-            "network": "allowed out (network_egress)" if job.network_egress else "none: the container had no network",
-        },
+        "isolation": _isolation(job, [a for a, p in zip(allocations, placements, strict=True) if p["started_at"]]),
         "placements": placements,
         "data": _data(job, events),
         "secrets": {

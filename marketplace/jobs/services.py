@@ -127,9 +127,10 @@ def allocation_pull(*, unit: Unit) -> Allocation | None:
 
 
 @transaction.atomic
-def allocation_start(*, allocation: Allocation, image_digest: str = "") -> Job:
+def allocation_start(*, allocation: Allocation, image_digest: str = "", runs_in: str = "") -> Job:
     """The agent starts the job, from the image with ``image_digest`` (empty: no registry image,
-    as in the development runtime). A job pinned by digest starts from that image or not at all."""
+    as in the development runtime), in what ``runs_in`` says (``protocol.RunsIn``; empty: an
+    agent that does not say). A job pinned by digest starts from that image or not at all."""
     job = Job.objects.select_for_update().get(pk=allocation.job_id)
     if allocation.released_at is not None or job.state not in (Job.State.STARTING, Job.State.PLACED):
         raise StateConflict(f"This allocation must not start: the job is {job.state}.")
@@ -139,9 +140,10 @@ def allocation_start(*, allocation: Allocation, image_digest: str = "") -> Job:
     job.state = Job.State.RUNNING
     job.started_at = timezone.now()
     job.save(update_fields=["state", "started_at"])
-    if image_digest:
-        Allocation.objects.filter(pk=allocation.pk).update(image_digest=image_digest)
-    audit_record("job.started", job.id, actor=f"unit:{allocation.unit_id}", image_digest=image_digest)
+    Allocation.objects.filter(pk=allocation.pk).update(image_digest=image_digest, runs_in=runs_in)
+    audit_record(
+        "job.started", job.id, actor=f"unit:{allocation.unit_id}", image_digest=image_digest, runs_in=runs_in
+    )
     return job
 
 

@@ -136,10 +136,13 @@ class AgentClient:
         response = self._call("GET", path, params={"wait": wait_s}, timeout=wait_s + self._timeout_s)
         return None if response.status_code == 204 else _json(response)
 
-    def start(self, allocation_id: str, image_digest: str | None = None) -> None:
+    def start(self, allocation_id: str, image_digest: str | None = None, runs_in: str = "") -> None:
         """Confirm the start, naming the digest of the image the job runs from (sha256:…) where
-        it has one; the server refuses a digest other than the one a job is pinned to (409)."""
+        it has one, and what it runs in (`protocol.RunsIn`); the server refuses a digest other
+        than the one a job is pinned to (409)."""
         body = {"image_digest": image_digest} if image_digest else {}
+        if runs_in:
+            body["runs_in"] = runs_in
         self._call("POST", _allocation(allocation_id, "start"), json=body)
 
     def secrets(self, allocation_id: str) -> dict[str, Any]:

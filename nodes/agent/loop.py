@@ -282,6 +282,10 @@ class Agent:
             if allocation.handle is None and now >= allocation.next_start_at:
                 self._try_start(allocation)
 
+    def _runs_in(self, spec) -> str:
+        runs_in = getattr(self._runtime, "runs_in", None)
+        return runs_in(spec) if runs_in is not None else ""
+
     def _try_start(self, allocation: Allocation) -> None:
         if not self._secrets_ready(allocation) or not self._image_ready(allocation):
             return
@@ -289,7 +293,7 @@ class Agent:
             return
         digest = allocation.pull.result() if allocation.pull is not None else None
         try:
-            self._client.start(allocation.id, digest)
+            self._client.start(allocation.id, digest, self._runs_in(allocation.spec))
         except AgentError as exc:
             self._start_refused(allocation, exc)
             return

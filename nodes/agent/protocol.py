@@ -146,6 +146,16 @@ class Staging:
     REASONS = (MISSING, CHECKSUM, SIZE, SCRATCH_FULL, EXPIRED, UNREACHABLE, REFUSED, BAD_PATH)
 
 
+class RunsIn:
+    """What the agent started a job in, as it confirms the start (``allocations/{id}/start``): the
+    residency record states it rather than what the job asked for."""
+
+    CONTAINER = "container"  # a container of the unit's engine, on its default runtime (runc)
+    SANDBOX = "sandbox"  # a container under the engine's sandbox runtime (gVisor's runsc)
+    PROCESS = "process"  # a plain process on the host: the development runtime, which isolates nothing
+    ALL = (CONTAINER, SANDBOX, PROCESS)
+
+
 REFUSED = "refused:"  # the prefix of the finish reason of an agent that would not run what it was sent
 
 

@@ -51,7 +51,8 @@ def test_the_agent_runs_an_assignment_and_reports_usage_then_its_exit_code(serve
 
     assert status == 0
     assert server.started == [allocation_id]
-    assert server.start_bodies[allocation_id] == {}  # the process runtime runs no image: no digest
+    # The process runtime runs no image (no digest), and says that the job is a plain process.
+    assert server.start_bodies[allocation_id] == {"runs_in": "process"}
     assert server.finished[allocation_id] == {"exit_code": 3, "reason": "exited"}
     assert seqs(server, allocation_id) == list(range(1, len(seqs(server, allocation_id)) + 1))
     assert len(seqs(server, allocation_id)) >= 4

@@ -94,8 +94,8 @@ def test_the_start_names_the_digest_of_the_image_the_job_runs_from(server, tmp_p
     run(agent_on(server, tmp_path, engine, until=lambda agent: len(engine.created) == 2))
 
     assert server.start_bodies == {
-        pulled: {"image_digest": digest_of(PRIVATE)},
-        here: {"image_digest": digest_of("python:3.12-slim")},
+        pulled: {"image_digest": digest_of(PRIVATE), "runs_in": "container"},
+        here: {"image_digest": digest_of("python:3.12-slim"), "runs_in": "container"},
     }
 
 
@@ -105,7 +105,7 @@ def test_an_image_without_a_repo_digest_starts_without_one(server, tmp_path, eng
 
     run(agent_on(server, tmp_path, engine, until=lambda agent: engine.created))
 
-    assert server.start_bodies[allocation_id] == {}
+    assert server.start_bodies[allocation_id] == {"runs_in": "container"}
 
 
 def test_the_credential_stays_off_the_disk_and_the_agents_log_and_is_masked_in_the_jobs_log(

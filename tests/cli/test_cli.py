@@ -477,3 +477,147 @@ class TestTemplates:
         assert nothing.exit_code == 2 and "--template" in nothing.output
         assert bad_set.exit_code == 1 and "FIELD=VALUE" in bad_set.stderr
         assert unknown.exit_code == 1 and "never-saved" in unknown.stderr
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """The renter's storage: a real S3-compatible server on loopback, with a bucket."""
+    from marketplace.devtools.s3 import REGION, s3_server
+
+    with s3_server(tmp_path_factory.mktemp("s3") / "s3.log") as s3:
+        s3.client().create_bucket(Bucket="mine", CreateBucketConfiguration={"LocationConstraint": REGION})
+        yield s3
+
+
+@pytest.fixture
+def storage_env(store, monkeypatch, settings, tmp_path):
+    """The renter's credentials for `store`, and a server that takes data from it (it is on loopback)."""
+    from marketplace.devtools.s3 import REGION
+
+    for name in ("AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.setenv(name, str(tmp_path / "no-aws-file"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", store.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "renter-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "renter-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    settings.JOB_DATA_PRIVATE_HOSTS = [store.host]
+    return store
+
+
+DATA_JOB_YAML = (
+    JOB_YAML
+    + """\
+inputs: [{url: s3://mine/in/corpus.txt, path: corpus.txt, jurisdiction: DE}]
+outputs: [{url: s3://mine/out/counts.txt, path: counts.txt, jurisdiction: DE}]
+"""
+)
+
+
+def output_uploaded(job, owner, content: bytes) -> None:
+    """The job ran on a shed whose agent uploaded `content` as its output counts.txt and said so."""
+    import hashlib
+
+    from marketplace.jobs.placement import job_place
+    from marketplace.jobs.services import allocation_staged
+    from tests.conftest import unit_online
+
+    unit_online(owner, name="shed", country="DE", gpus=1)
+    allocation = job_place(job_id=job.pk)
+    assert httpx.put(job.outputs[0]["url"], content=content).status_code == 200
+    files = [{"path": "counts.txt", "size": len(content), "sha256": hashlib.sha256(content).hexdigest()}]
+    allocation_staged(allocation=allocation, phase="out", ok=True, reason="", detail="", files=files, seconds=0.1)
+
+
+class TestStorage:
+    def test_s3_urls_are_presigned_with_the_renters_credentials_get_for_inputs_put_for_outputs(
+        self, logged_in, storage_env, tmp_path, renter
+    ):
+        storage_env.client().put_object(Bucket="mine", Key="in/corpus.txt", Body=b"a shed in a garden")
+        (tmp_path / "data.yaml").write_text(DATA_JOB_YAML)
+
+        result = run("submit", str(tmp_path / "data.yaml"))
+
+        assert result.exit_code == 0, result.output
+        job = Job.objects.get(renter=renter)
+        [given], [taken] = job.inputs, job.outputs
+        assert given["url"].startswith(f"{storage_env.endpoint}/mine/in/corpus.txt?")
+        assert "X-Amz-Signature=" in given["url"] and "renter-secret" not in json.dumps([given, taken])
+        assert httpx.get(given["url"]).content == b"a shed in a garden"  # good for a GET
+        assert httpx.put(taken["url"], content=b"3 a").status_code == 200  # and this one for a PUT
+        assert storage_env.client().get_object(Bucket="mine", Key="out/counts.txt")["Body"].read() == b"3 a"
+
+    def test_without_storage_credentials_nothing_is_submitted_and_the_cli_says_what_to_set(
+        self, logged_in, storage_env, monkeypatch, tmp_path, renter
+    ):
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+        monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+        (tmp_path / "data.yaml").write_text(DATA_JOB_YAML)
+
+        result = run("submit", str(tmp_path / "data.yaml"))
+
+        assert result.exit_code == 1
+        assert "AWS_ACCESS_KEY_ID" in result.stderr
+        assert not Job.objects.filter(renter=renter).exists()
+
+    def test_a_template_keeps_no_s3_url(self, logged_in, storage_env, tmp_path):
+        (tmp_path / "data.yaml").write_text(DATA_JOB_YAML)
+
+        result = run("template", "save", "counts", str(tmp_path / "data.yaml"))
+
+        assert result.exit_code == 1
+        assert "presigned as a job is submitted" in result.stderr
+
+    def test_output_get_keeps_the_file_only_while_it_is_what_the_shed_uploaded(
+        self, logged_in, storage_env, tmp_path, renter, owner, monkeypatch
+    ):
+        (tmp_path / "data.yaml").write_text(DATA_JOB_YAML)
+        assert run("submit", str(tmp_path / "data.yaml")).exit_code == 0
+        job = Job.objects.get(renter=renter)
+        output_uploaded(job, owner, b"4 the\n3 shed\n")
+        monkeypatch.chdir(tmp_path)
+
+        listed = run("output", "list", str(job.pk))
+        fetched = run("output", "get", str(job.pk), "counts.txt")
+
+        assert "counts.txt" in listed.stdout and " 13 " in listed.stdout
+        assert fetched.exit_code == 0, fetched.output
+        assert (tmp_path / "counts.txt").read_bytes() == b"4 the\n3 shed\n"
+
+        # Someone changed the object since: the CLI says so and writes nothing.
+        storage_env.client().put_object(Bucket="mine", Key="out/counts.txt", Body=b"9 forged\n")
+        changed = run("output", "get", str(job.pk), "counts.txt", "-o", str(tmp_path / "again.txt"))
+
+        assert changed.exit_code == 1
+        assert "the object changed since; nothing written" in changed.stderr
+        assert sorted(p.name for p in tmp_path.iterdir() if "again" in p.name) == []
+
+    def test_output_get_refuses_what_is_not_there(self, logged_in, storage_env, tmp_path, renter, owner, monkeypatch):
+        (tmp_path / "data.yaml").write_text(DATA_JOB_YAML)
+        assert run("submit", str(tmp_path / "data.yaml")).exit_code == 0
+        job = Job.objects.get(renter=renter)
+        monkeypatch.chdir(tmp_path)
+
+        unknown = run("output", "get", str(job.pk), "model.bin")
+        not_yet = run("output", "get", str(job.pk), "counts.txt")
+        output_uploaded(job, owner, b"4 the\n")
+        monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # credentials for another store
+        elsewhere = run("output", "get", str(job.pk), "counts.txt")
+
+        assert unknown.exit_code == 1 and "declared no output 'model.bin' (its outputs: counts.txt)" in unknown.stderr
+        assert not_yet.exit_code == 1 and "has not uploaded it" in not_yet.stderr
+        assert elsewhere.exit_code == 1 and "is not an object of the store your credentials reach" in elsewhere.stderr
+        assert not (tmp_path / "counts.txt").exists()
+
+    def test_residency_prints_where_the_job_ran_and_what_moved(self, logged_in, storage_env, tmp_path, renter, owner):
+        (tmp_path / "data.yaml").write_text(DATA_JOB_YAML)
+        assert run("submit", str(tmp_path / "data.yaml")).exit_code == 0
+        job = Job.objects.get(renter=renter)
+        output_uploaded(job, owner, b"4 the\n")
+
+        text = run("residency", str(job.pk)).stdout
+        record = json.loads(run("--json", "residency", str(job.pk)).stdout)
+
+        assert f"Job {job.pk}" in text and "Rules       jurisdictions EU" in text
+        assert f"Output      counts.txt to {storage_env.endpoint}/mine/out/counts.txt (DE): 6 bytes" in text
+        assert "Input       corpus.txt from" in text and "not moved" in text
+        assert record["data"]["outputs"]["declared"][0]["endpoint"] == f"{storage_env.endpoint}/mine/out/counts.txt"

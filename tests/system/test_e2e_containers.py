@@ -271,7 +271,10 @@ def test_a_jobs_data_is_staged_by_the_agent_and_the_container_has_no_network(tmp
             text = wait_until(lambda: "network" in (t := shopper.http.get(f"/api/v1/jobs/{job['id']}/logs",
                               headers={"Accept": "text/plain"}).text) and t, timeout=30, what="the log")  # fmt: skip
             assert "no-network" in text and "NETWORK-REACHED" not in text
-            data = shopper.http.get(f"/api/v1/jobs/{job['id']}/residency").json()["data"]
+            record = shopper.http.get(f"/api/v1/jobs/{job['id']}/residency").json()
+            assert [p["runs_in"] for p in record["placements"]] == ["container"]
+            assert record["isolation"]["network"] == "none: the container had no network"
+            data = record["data"]
             [staged_in] = data["inputs"]["staged"]
             [staged_out] = data["outputs"]["staged"]
             assert staged_in["ok"] and staged_in["files"][0]["sha256"] == hashlib.sha256(numbers).hexdigest()

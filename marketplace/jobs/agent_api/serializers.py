@@ -1,7 +1,7 @@
 from rest_framework import serializers
 
 from marketplace.kernel.api.serializers import StrictSerializer
-from nodes.agent.protocol import LIMIT_NAME_PATTERN, Finish, LimitName, SliceKind, Staging
+from nodes.agent.protocol import LIMIT_NAME_PATTERN, Finish, LimitName, RunsIn, SliceKind, Staging
 
 
 class EnrolSerializer(StrictSerializer):
@@ -186,6 +186,12 @@ class StartSerializer(StrictSerializer):
         allow_blank=True,
         default="",
         help_text="The digest of the image the job runs from (sha256:…); empty or left out without one.",
+    )
+    runs_in = serializers.ChoiceField(
+        choices=RunsIn.ALL,
+        required=False,
+        default="",
+        help_text="What the agent started the job in: a container, a sandboxed container, or (development) a process.",
     )
 
 

@@ -55,6 +55,9 @@ class Handle(Protocol):
 
 
 class Runtime(Protocol):
+    def runs_in(self, spec: JobSpec) -> str:
+        """What the job runs in here: a `protocol.RunsIn` value."""
+
     def start(self, spec: JobSpec, secrets: Mapping[str, str] = ...) -> Handle:
         """Launch the job with `spec.env` and the values of `spec.secrets` in its environment."""
 

@@ -35,6 +35,7 @@ from nodes.agent import imageref, logs
 from nodes.agent.egress import EgressGuard, EgressUnavailable, bridge_of, network_options
 from nodes.agent.images import ImagePolicy, size_problem
 from nodes.agent.isolation import IsolationConfig
+from nodes.agent.protocol import RunsIn
 from nodes.agent.runtime import Adopted, Handle, JobSpec, RuntimeUnavailable, StartFailed
 from nodes.agent.runtime.container_logs import follow, in_background
 from nodes.agent.runtime.environment import NO_SECRETS, RegistryCredential, Secrets, redact
@@ -181,6 +182,9 @@ class DockerRuntime:
         self._staged.discard(spec.allocation_id)
         if self.scratch_dir is not None and SAFE_ID.fullmatch(spec.allocation_id):
             shutil.rmtree(self.scratch(spec), ignore_errors=True)
+
+    def runs_in(self, spec: JobSpec) -> str:
+        return RunsIn.SANDBOX if sandboxed(spec, self.cfg) else RunsIn.CONTAINER
 
     def start(self, spec: JobSpec, secrets: Mapping[str, str] = NO_SECRETS) -> DockerHandle:
         """Run the job from its image, which `pull` has brought here."""

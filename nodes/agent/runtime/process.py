@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from nodes.agent import files
+from nodes.agent.protocol import RunsIn
 from nodes.agent.runtime import Adopted, Handle, JobSpec, StartFailed, shim
 from nodes.agent.runtime.environment import NO_SECRETS, job_variables
 from nodes.agent.runtime.job_user import JobUser, hand_over, jobs_root
@@ -78,6 +79,9 @@ class ProcessRuntime:
     def drop_scratch(self, spec: JobSpec) -> None:
         self._staged.discard(spec.allocation_id)
         shutil.rmtree(self._workdir(spec), ignore_errors=True)
+
+    def runs_in(self, spec: JobSpec) -> str:
+        return RunsIn.PROCESS
 
     def start(self, spec: JobSpec, secrets: Mapping[str, str] = NO_SECRETS) -> ProcessHandle:
         workdir = self._workdir(spec)
