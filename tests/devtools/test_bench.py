@@ -55,3 +55,13 @@ def test_seed_list_overrides_the_seed_count_and_best_fit_can_be_skipped(trace_di
 def test_replay_refuses_a_folder_without_the_trace(tmp_path):
     with pytest.raises(CommandError, match="trace files not found"):
         bench("replay-openb", "--trace-dir", str(tmp_path), "--workers", "1")
+
+
+def test_staging_moves_the_bytes_intact_through_a_real_s3_server_and_prints_each_pace(tmp_path):
+    result = bench("staging", "--size-mb", "4", "--dir", str(tmp_path))
+
+    assert result["size_mb"] == 4 and result["sha256_intact"] is True
+    for key in ("fetch_mb_s", "upload_mb_s", "raw_copy_mb_s", "store_get_mb_s", "store_put_mb_s", "sha256_mb_s"):
+        assert result[key] > 0, key
+    assert result["fetch_vs_raw"] == pytest.approx(result["fetch_mb_s"] / result["raw_copy_mb_s"], abs=0.002)
+    assert list(tmp_path.iterdir()) == []  # its scratch is removed

@@ -8,16 +8,21 @@ presigned URL into the scratch's inputs, checking the SHA-256 the upload measure
 (``fetch_mb_s``), and ``shutil.copyfile`` copies it once more (``raw_copy_mb_s``). The three
 move the same bytes between the same disk and, for the first two, the same loopback server, so
 the ratios show what the agent's streaming, hashing and HTTP cost. The S3 server runs on the same
-two cores and keeps the object in memory, so its own work is in the figures too.
+two cores and keeps the object in memory, so its own work is in the figures too: the same URLs
+moved by a bare ``http.client`` (no hashing, nothing written) give the store's own pace
+(``store_get_mb_s``, ``store_put_mb_s``), which no client of it can pass, and ``sha256_mb_s`` is
+the pace of hashing alone on one core, which bounds any path that checks what it moves.
 """
 
 import hashlib
+import http.client
 import logging
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from marketplace.devtools.s3 import REGION, s3_server
 from nodes.agent import staging
@@ -45,6 +50,59 @@ def _write_random(path: Path, size: int) -> str:
     return digest.hexdigest()
 
 
+def _connection(url: str) -> tuple[http.client.HTTPConnection, str]:
+    parts = urlsplit(url)
+    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=600), f"{parts.path}?{parts.query}"
+
+
+def _bare_put(url: str, source: Path, size: int) -> None:
+    connection, target = _connection(url)
+    connection.putrequest("PUT", target)
+    connection.putheader("Content-Length", str(size))
+    connection.endheaders()
+    with open(source, "rb") as data:
+        while block := data.read(CHUNK):
+            connection.send(block)
+    answer = connection.getresponse()
+    answer.read()
+    connection.close()
+    if answer.status != 200:
+        raise RuntimeError(f"the store answered {answer.status} to a bare PUT")
+
+
+def _bare_get(url: str, size: int) -> None:
+    connection, target = _connection(url)
+    connection.request("GET", target)
+    answer, received = connection.getresponse(), 0
+    while block := answer.read(CHUNK):
+        received += len(block)
+    connection.close()
+    if answer.status != 200 or received != size:
+        raise RuntimeError(f"the store answered {answer.status} with {received} bytes to a bare GET")
+
+
+def _sha256_mb_s(size: int) -> float:
+    block, digest = os.urandom(CHUNK), hashlib.sha256()
+    started = time.perf_counter()
+    for _ in range(max(1, size // CHUNK)):
+        digest.update(block)
+    return max(1, size // CHUNK) * CHUNK / 2**20 / (time.perf_counter() - started)
+
+
+def _timed(work) -> tuple:
+    """What `work()` returns, and the seconds it took."""
+    started = time.perf_counter()
+    result = work()
+    return result, time.perf_counter() - started
+
+
+def _urls(s3) -> tuple[dict, str]:
+    """A fresh store's bucket: the output item to PUT data.bin to, and the URL to GET it back."""
+    s3.client().create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
+    output = {"path": "data.bin", "url": s3.presign("PUT", BUCKET, "data.bin"), "jurisdiction": "DE"}
+    return output, s3.presign("GET", BUCKET, "data.bin")
+
+
 def run(**options) -> dict:
     size_mb = options["size_mb"]
     if size_mb < 1:
@@ -58,22 +116,22 @@ def run(**options) -> dict:
         source = scratch / "outputs" / "data.bin"
         expected = _write_random(source, size)
         with s3_server() as s3, staging.new_client() as client:
-            s3.client().create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": REGION})
+            output, get_url = _urls(s3)
             allow = {s3.host}
-            output = {"path": "data.bin", "url": s3.presign("PUT", BUCKET, "data.bin"), "jurisdiction": "DE"}
-            started = time.perf_counter()
-            uploaded = staging.upload(output, scratch, client=client, allow=allow)
-            upload_s = time.perf_counter() - started
-
-            item = {"path": "data.bin", "url": s3.presign("GET", BUCKET, "data.bin"), "jurisdiction": "DE",
+            uploaded, upload_s = _timed(lambda: staging.upload(output, scratch, client=client, allow=allow))
+            item = {"path": "data.bin", "url": get_url, "jurisdiction": "DE",
                     "sha256": uploaded.sha256, "size": uploaded.size}  # fmt: skip
-            started = time.perf_counter()
-            fetched = staging.fetch(item, scratch, client=client, allow=allow, limit_bytes=2 * size)
-            fetch_s = time.perf_counter() - started
+            fetched, fetch_s = _timed(
+                lambda: staging.fetch(item, scratch, client=client, allow=allow, limit_bytes=2 * size)
+            )
+        # The store's own pace: the same moves by a bare client, without hashing or a disk, into
+        # a store as fresh as the agent's was (moto slows as it holds more).
+        with s3_server() as s3:
+            output, get_url = _urls(s3)
+            _, store_put_s = _timed(lambda: _bare_put(output["url"], source, size))
+            _, store_get_s = _timed(lambda: _bare_get(get_url, size))
 
-        started = time.perf_counter()
-        shutil.copyfile(source, root / "raw-copy.bin")
-        copy_s = time.perf_counter() - started
+        _, copy_s = _timed(lambda: shutil.copyfile(source, root / "raw-copy.bin"))
         mb = size / (1024 * 1024)
         fetch_mb_s, upload_mb_s, raw_mb_s = mb / fetch_s, mb / upload_s, mb / copy_s
         return {
@@ -83,6 +141,11 @@ def run(**options) -> dict:
             "raw_copy_mb_s": round(raw_mb_s, 1),
             "fetch_vs_raw": round(fetch_mb_s / raw_mb_s, 3),
             "upload_vs_raw": round(upload_mb_s / raw_mb_s, 3),
+            "store_get_mb_s": round(mb / store_get_s, 1),
+            "store_put_mb_s": round(mb / store_put_s, 1),
+            "fetch_vs_store": round(store_get_s / fetch_s, 3),
+            "upload_vs_store": round(store_put_s / upload_s, 3),
+            "sha256_mb_s": round(_sha256_mb_s(min(size, 256 * 2**20)), 1),
             "sha256_intact": uploaded.sha256 == expected == fetched.sha256,
             "cpus": os.cpu_count(),
         }
