@@ -137,6 +137,7 @@ def _assignment(allocation: Allocation) -> dict:
             "allowed_countries": jurisdictions.countries_of(job.jurisdictions),
             "network_egress": job.network_egress,
             "sandboxed": job.sandboxed,
+            "interruptible": allocation.interruptible,
             "env": job.env,
             # Names only: the agent asks for the values (agent_allocation_secrets) as it starts.
             "secrets": sorted(job.secrets),

@@ -159,6 +159,7 @@ def parse_assignment(
             allowed_countries=_countries(job.get("allowed_countries") or []),
             network_egress=_flag(job, "network_egress"),
             sandboxed=_flag(job, "sandboxed"),
+            interruptible=_flag(job, "interruptible"),
             env=_env(job.get("env") or {}),
             secrets=_names(job.get("secrets") or []),
             registry_auth=_flag(job, "registry_auth"),

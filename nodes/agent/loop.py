@@ -167,7 +167,10 @@ class Agent:
         readings = [GpuReading(g.uuid, g.healthy, g.temperature_c, g.power_w, g.power_limit_w) for g in self.gpus]
         busy = set(held_slots(list(self.allocations.values())))
         policy = Policy.from_server(self.heartbeater.policy)
-        limits = self._backyard.evaluate(policy, readings, busy, datetime.now(UTC), room=set(self._free_gpus()))
+        # A GPU an interruptible job holds is room for an on-demand one: the server stops that job
+        # for it (a preemption), which it can only where the GPU stays advertised.
+        room = set(self._free_gpus([a for a in self.allocations.values() if not a.spec.interruptible]))
+        limits = self._backyard.evaluate(policy, readings, busy, datetime.now(UTC), room=room)
         report = limits.report(total=len(self.gpus))
         if report != self.limits:
             in_force = ",".join(limits.in_force) or "none"
@@ -204,10 +207,10 @@ class Agent:
         self._idle_since = self._idle_since if self._idle_since is not None else now
         return now - self._idle_since >= self.options.drain_report_timeout_s
 
-    def _free_gpus(self) -> dict[str, Gpu]:
-        """GPUs with room for another job: not held whole (a MIG instance or a share of one may
-        still be free; the server knows which)."""
-        held = held_slots(list(self.allocations.values()))
+    def _free_gpus(self, allocations: list[Allocation] | None = None) -> dict[str, Gpu]:
+        """GPUs with room for another job: not held whole by `allocations` (by default all this
+        agent runs; a MIG instance or a share of one may still be free; the server knows which)."""
+        held = held_slots(list(self.allocations.values()) if allocations is None else allocations)
         return {gpu.uuid: gpu for gpu in self.gpus if gpu.uuid not in held.get(gpu.uuid, set())}
 
     def _pull(self) -> None:

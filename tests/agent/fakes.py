@@ -66,6 +66,7 @@ class FakeServer:
         registry: dict[str, str] | None = None,
         inputs: list[dict[str, Any]] | None = None,
         outputs: list[dict[str, Any]] | None = None,
+        interruptible: bool | None = None,
     ) -> str:
         """Queue a job. Without `env` and `secrets` its assignment has neither, as from a server
         that predates them; `secrets` are the values the server keeps and hands out when asked,
@@ -86,6 +87,8 @@ class FakeServer:
             self.secrets[allocation_id] = secrets or {}
         if inputs is not None or outputs is not None:
             job |= {"inputs": inputs or [], "outputs": outputs or []}
+        if interruptible is not None:
+            job["interruptible"] = interruptible
         if registry is not None:
             job["registry_auth"] = True
             self.registries[allocation_id] = registry

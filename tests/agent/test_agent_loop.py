@@ -238,3 +238,30 @@ def test_heartbeats_keep_claiming_a_finished_job_until_its_reports_are_delivered
     assert server.finished[allocation_id] == {"exit_code": 0, "reason": "exited"}
     assert len(in_flight_claims) >= 2
     assert all(in_flight_claims)
+
+
+@pytest.mark.parametrize("interruptible", [True, False])
+def test_a_gpu_held_by_an_interruptible_job_stays_advertised_for_an_on_demand_one(server, tmp_path, interruptible):
+    """Placement stops an interruptible job for an on-demand one only on GPUs the unit
+    advertises: while the job runs, its GPU stays advertised if (and only if) it may be stopped."""
+    release = tmp_path / "release"
+    server.assign(
+        ["sh", "-c", f"while [ ! -e {release} ]; do sleep 0.05; done"], gpu_count=1, interruptible=interruptible
+    )
+    held, idle = server.inventory[0].uuid, {gpu.uuid for gpu in server.inventory[1:]}
+    seen = []
+
+    def watch(agent):
+        # The job runs until three heartbeats have gone out since it started.
+        if any(a.handle is not None for a in agent.allocations.values()):
+            seen.append(len(server.heartbeats))
+            if seen[-1] - seen[0] >= 3:
+                release.touch()
+
+    status = make_agent(server, tmp_path, FAST, on_tick=watch).run()
+
+    assert status == 0 and seen
+    during = [beat["advertise"] for beat in server.heartbeats[seen[0] + 1 : seen[-1]] if "advertise" in beat]
+    assert during, "no heartbeat while the job ran"
+    for advertised in during:
+        assert set(advertised) == (idle | {held} if interruptible else idle)

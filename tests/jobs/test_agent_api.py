@@ -225,6 +225,7 @@ class TestAssignments:
         assert body["job"]["image"] == job.image
         assert body["job"]["command"] == job.command
         assert body["job"]["gpu_count"] == 1
+        assert body["job"]["interruptible"] is False  # on demand: its GPU is not advertised while it runs
         whole = {"index": 0, "uuid": "GPU-shed-0", "gpu_uuid": "GPU-shed-0", "kind": "whole", "share": 0}
         assert body["gpus"] == [whole]
         assert body["price_per_gpu_hour_micros"] == allocation.price_per_gpu_hour_micros

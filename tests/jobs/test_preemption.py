@@ -109,6 +109,29 @@ class TestPreemption:
         assert stored(needy).state == Job.State.PLACED
         assert heartbeat(unit, credential, running_ids=[])["preempt"] == []
 
+    def test_the_spot_jobs_gpus_are_found_in_the_steady_state_as_the_agent_advertises_them(
+        self, owner, renter, stranger
+    ):
+        """After the start, the unit's heartbeats go on advertising the GPUs an interruptible job
+        holds (the agent keeps them open for an on-demand job): placement still stops it. A GPU
+        the agent withdraws (a backyard limit in force) is not taken that way."""
+        unit, credential = shed(owner, "full")
+        spot = running(job_make(stranger, gpu_count=2, interruptible=True, restartable=True))
+        gpus = [vars(g) for g in gpus_make(2, prefix=f"GPU-{unit.name}")]
+        beat = {"gpus": gpus, "running": [str(spot.pk)], "limits": {"in_force": [], "advertised_gpus": 2, "gpus": 2}}
+        client = agent_client(credential)
+
+        hot = {**beat, "advertise": [], "limits": {"in_force": ["thermal"], "advertised_gpus": 0, "gpus": 2}}
+        assert client.post("/api/agent/v1/heartbeat", hot, format="json").status_code == 200
+        held_back = job_make(renter, gpu_count=2)
+        assert job_place(job_id=held_back.pk) is None
+        assert stored(spot).preempted_at is None
+
+        opened = {**beat, "advertise": [g["uuid"] for g in gpus]}
+        assert client.post("/api/agent/v1/heartbeat", opened, format="json").status_code == 200
+        assert job_place(job_id=job_make(renter, gpu_count=2).pk) is None
+        assert stored(spot).preempted_at is not None
+
     def test_free_gpus_elsewhere_come_before_stopping_anyone(self, owner, renter, stranger):
         shed(owner, "busy", gpus=1)
         spot = running(job_make(stranger, interruptible=True))

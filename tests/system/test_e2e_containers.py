@@ -193,6 +193,10 @@ def test_jobs_run_in_real_containers_from_submit_to_the_bill(stack, tmp_path):
         container = wait_until(lambda: (found := containers_of(engine, spot["id"])) and found[0], timeout=60,
                                what="the spot job's container")  # fmt: skip
         wait_until(lambda: b"ready" in container.logs(), timeout=60, what="the spot job's trap set")
+        # Let the agent's heartbeats since the start (1 s apart here) say which GPUs stay open:
+        # the on-demand job must find the spot job's GPUs in the steady state, not only in the
+        # moment before the first of them. (Waiting longer only makes the check stricter.)
+        time.sleep(3)
         needy = shopper.submit(image=image, command=["sh", "-c", "echo took the room"], gpu_count=2)
         needy = shopper.wait_final(needy["id"], timeout=120)
         assert needy["state"] == "succeeded", logs()

@@ -126,6 +126,9 @@ class AssignmentJobSerializer(serializers.Serializer):
     allowed_countries = serializers.ListField(child=serializers.CharField())
     network_egress = serializers.BooleanField()
     sandboxed = serializers.BooleanField()
+    interruptible = serializers.BooleanField(
+        help_text="Placement may stop it for an on-demand job: its GPUs stay advertised while it runs."
+    )
     registry_auth = serializers.BooleanField(
         help_text="The job names a registry credential: ask for it with the secrets (its `registry`)."
     )

@@ -39,6 +39,7 @@ class JobSpec:
     allowed_countries: tuple[str, ...] = ()  # empty: anywhere
     network_egress: bool = False
     sandboxed: bool = False
+    interruptible: bool = False  # placement may stop it for an on-demand job (a preemption)
     # What each device is held as: the GPU uuid (whole), the MIG uuid, or "<GPU uuid>#<share>".
     slots: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)  # the renter's variables
