@@ -14,11 +14,14 @@ Keys (config file or SHEDSHARE_AGENT_<KEY>, lists as JSON lists or comma-separat
 - `scratch_max_mb`: the most a job's inputs may hold, all together (default 100 GiB).
 - `data_private_hosts`: `host` or `host:port` of storage the owner trusts on an internal address
   or over plain HTTP (none by default).
+- `data_ca_file`: a PEM file of certificate authorities trusted for HTTPS besides the public
+  ones (certifi's), for the owner's own storage under a private CA (none by default).
 """
 
 import errno
 import hashlib
 import os
+import ssl
 import stat
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import certifi
 import httpcore
 import httpx
 
@@ -59,6 +63,7 @@ class Staged:
 class DataPolicy:
     scratch_max_mb: int = 102400
     data_private_hosts: tuple[str, ...] = ()
+    data_ca_file: str = ""
     # How an endpoint's name is looked up: injected so that tests need no DNS.
     resolve: Callable[[str], list[str]] = field(default=images.resolve, compare=False, repr=False)
 
@@ -69,7 +74,21 @@ def _hosts(value: Any) -> tuple[str, ...]:
 
 
 KEYS = tuple(f.name for f in fields(DataPolicy) if f.name != "resolve")
-PARSERS: dict[str, Callable[[Any], Any]] = {"scratch_max_mb": positive(int), "data_private_hosts": _hosts}
+def _ca_file(value: Any) -> str:
+    path = str(value).strip()
+    if path:
+        try:
+            ssl.create_default_context(cafile=path)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"{path}: not a PEM file of certificates ({exc})") from None
+    return path
+
+
+PARSERS: dict[str, Callable[[Any], Any]] = {
+    "scratch_max_mb": positive(int),
+    "data_private_hosts": _hosts,
+    "data_ca_file": _ca_file,
+}
 
 
 # httpcore reads a response 64 KiB per receive, which holds a gigabyte's fetch to a fraction of
@@ -85,11 +104,15 @@ def _read_larger() -> None:
         connection.READ_NUM_BYTES = READ_BYTES
 
 
-def new_client() -> httpx.Client:
+def new_client(ca_file: str = "") -> httpx.Client:
+    """The data path's HTTP client; `ca_file` adds certificate authorities to the public ones."""
     _read_larger()
     # identity: a file is the bytes the storage holds, not a transfer encoding of them.
     headers = {"User-Agent": f"shedshare-agent/{__version__}", "Accept-Encoding": "identity"}
-    return httpx.Client(timeout=TIMEOUT, headers=headers, trust_env=False, follow_redirects=False)
+    verify = ssl.create_default_context(cafile=certifi.where())
+    if ca_file:
+        verify.load_verify_locations(cafile=ca_file)
+    return httpx.Client(timeout=TIMEOUT, headers=headers, trust_env=False, follow_redirects=False, verify=verify)
 
 
 def parts(path: str) -> list[str]:
@@ -130,10 +153,8 @@ def fetch(
             except BaseException:
                 target.unlink(missing_ok=True)
                 raise
-    except httpx.TimeoutException:
-        raise StagingError(Staging.UNREACHABLE, f"{path}: {_host(item['url'])} timed out") from None
     except httpx.HTTPError as exc:
-        raise StagingError(Staging.UNREACHABLE, f"{path}: {_host(item['url'])}: {type(exc).__name__}") from None
+        raise _unreachable(path, item["url"], exc) from None
     except OSError as exc:
         reason = Staging.SCRATCH_FULL if exc.errno in (errno.ENOSPC, errno.EDQUOT) else Staging.BAD_PATH
         raise StagingError(reason, f"{path}: cannot write it to scratch: {exc.strerror}") from None
@@ -182,10 +203,8 @@ def upload(
         headers = {"Content-Length": str(size), "Content-Type": "application/octet-stream"}
         try:
             response = client.put(item["url"], content=_read(source, size, digest), headers=headers)
-        except httpx.TimeoutException:
-            raise StagingError(Staging.UNREACHABLE, f"{path}: {_host(item['url'])} timed out") from None
         except httpx.HTTPError as exc:
-            raise StagingError(Staging.UNREACHABLE, f"{path}: {_host(item['url'])}: {type(exc).__name__}") from None
+            raise _unreachable(path, item["url"], exc) from None
         except OSError as exc:
             raise StagingError(Staging.BAD_PATH, f"{path}: cannot read it: {exc.strerror}") from None
     _check_answer(path, item["url"], response)
@@ -267,6 +286,17 @@ def _check_answer(path: str, url: str, response: httpx.Response) -> None:
     raise StagingError(Staging.UNREACHABLE, f"{path}: {host} answered {status}")
 
 
+def _unreachable(path: str, url: str, exc: httpx.HTTPError) -> StagingError:
+    """Why the storage could not be reached, in words naming its host, never the URL."""
+    host = _host(url)
+    if isinstance(exc, httpx.TimeoutException):
+        return StagingError(Staging.UNREACHABLE, f"{path}: {host} timed out")
+    if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        why = "its TLS certificate is not one this unit trusts (an owner's private CA goes in data_ca_file)"
+        return StagingError(Staging.UNREACHABLE, f"{path}: {host}: {why}")
+    return StagingError(Staging.UNREACHABLE, f"{path}: {host}: {type(exc).__name__}")
+
+
 def _host(url: str) -> str:
     # Only the host: a URL's query holds the signature that opens the data.
     return urlsplit(url).netloc.rpartition("@")[2]
@@ -279,7 +309,7 @@ def stage_in(
     began, staged, failure = clock(), [], None
     left = policy.scratch_max_mb * 2**20
     allow = frozenset(policy.data_private_hosts)
-    with new_client() as client:
+    with new_client(policy.data_ca_file) as client:
         for item in items:
             try:
                 done = fetch(item, scratch, client=client, limit_bytes=left, allow=allow, resolve=policy.resolve)
@@ -298,7 +328,7 @@ def stage_out(
     is); the phase's report names the first failure."""
     began, staged, failures = clock(), [], []
     allow = frozenset(policy.data_private_hosts)
-    with new_client() as client:
+    with new_client(policy.data_ca_file) as client:
         for item in items:
             try:
                 staged.append(upload(item, scratch, client=client, allow=allow, resolve=policy.resolve))

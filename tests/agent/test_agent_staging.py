@@ -449,3 +449,95 @@ def test_a_root_agent_hands_the_staged_inputs_to_the_job_user_who_writes_its_out
         assert not scratch.exists()
     finally:
         shutil.rmtree(jobs)
+
+
+def _authority_and_certificate(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A certificate authority of the test's own and a certificate it signs for 127.0.0.1: the
+    CA's PEM, the server's certificate chain and its key."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "owner's storage CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    server = (
+        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    pem = serialization.Encoding.PEM
+    paths = tmp_path / "ca.pem", tmp_path / "server.pem", tmp_path / "server.key"
+    paths[0].write_bytes(ca.public_bytes(pem))
+    paths[1].write_bytes(server.public_bytes(pem))
+    paths[2].write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return paths
+
+
+@pytest.fixture
+def tls_storage(tmp_path) -> Iterator[tuple[Storage, Path]]:
+    """The storage over HTTPS, under a certificate authority of the test's own (its PEM)."""
+    import ssl
+
+    ca, certificate, key = _authority_and_certificate(tmp_path)
+    httpd = _Server(("127.0.0.1", 0), _Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certificate, key)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    httpd.storage = Storage(host=f"127.0.0.1:{httpd.server_address[1]}")
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield httpd.storage, ca
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_https_data_moves_to_and_from_storage_under_the_owners_own_ca(tls_storage, tmp_path):
+    storage, ca = tls_storage
+    storage.objects["/data.bin"] = (200, DATA)
+    policy = DataPolicy(data_private_hosts=(storage.host,), data_ca_file=str(ca), resolve=public)
+    item = {"path": "data.bin", "url": storage.url("/data.bin", "https"), "sha256": DATA_SHA}
+    output = {"path": "result.bin", "url": storage.url("/out/result.bin", "https")}
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "result.bin").write_bytes(b"done")
+
+    fetched = staging.stage_in([item], tmp_path, policy)
+    uploaded = staging.stage_out([output], tmp_path, policy)
+
+    assert fetched["ok"] and fetched["files"] == [{"path": "data.bin", "size": len(DATA), "sha256": DATA_SHA}]
+    assert (tmp_path / "inputs" / "data.bin").read_bytes() == DATA
+    assert uploaded["ok"] and storage.puts == {"/out/result.bin": b"done"}
+
+
+def test_an_https_storage_whose_certificate_is_not_trusted_is_refused_and_says_so(tls_storage, tmp_path, client):
+    storage, _ = tls_storage
+    storage.objects["/data.bin"] = (200, DATA)
+    item = {"path": "data.bin", "url": storage.url("/data.bin", "https")}
+
+    failure = reason_of(lambda: get(storage, tmp_path, client, item))
+
+    assert failure.reason == Staging.UNREACHABLE
+    assert "TLS certificate is not one this unit trusts" in failure.detail and "s3cr3t" not in failure.detail
+    assert storage.gets == [] and not (tmp_path / "inputs" / "data.bin").exists()
+
+
+def test_a_ca_file_that_is_not_one_is_a_config_error(tmp_path):
+    (tmp_path / "ca.pem").write_text("not a certificate")
+
+    with pytest.raises(ValueError, match="not a PEM file of certificates"):
+        staging.PARSERS["data_ca_file"](str(tmp_path / "ca.pem"))
