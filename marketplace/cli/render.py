@@ -110,6 +110,8 @@ def residency(record: dict[str, Any]) -> list[str]:
         lines.append(f"              image {placement.get('image')} {placement.get('image_digest') or ''}".rstrip())
     network = isolation.get("network")
     lines.append(f"  Isolation   {isolation.get('level')}, {isolation.get('runtime')}; network: {network}")
+    if isolation.get("short_of_request"):
+        lines.append(f"  WARNING     {isolation['short_of_request']}")
     data = record.get("data", {})
     for name, label, way in (("inputs", "Input", "from"), ("outputs", "Output", "to")):
         moved = {}

@@ -28,7 +28,17 @@ def _isolation(job: Job, started: list[Allocation]) -> dict:
     else:
         runtime = RUNS_IN.get(runs_in, "not reported by the unit's agent")
         network = "allowed out (network_egress)" if job.network_egress else "none: the container had no network"
-    return {"level": job.isolation, "runs_in": runs_in or "", "runtime": runtime, "network": network}
+    # The unit's agent says what it ran the job in; the server cannot look inside the shed. Where
+    # that is less than the job asked for, the record says so rather than repeat the request.
+    asked = job.sandboxed and runs_in not in (None, "", RunsIn.SANDBOX)
+    return {
+        "level": job.isolation,
+        "runs_in": runs_in or "",
+        "runtime": runtime,
+        "network": network,
+        "reported_by": "the unit's agent, as it confirmed the start",
+        "short_of_request": "the job asked for a gVisor sandbox; its unit's agent reported none" if asked else "",
+    }
 
 
 def _location(policy: dict) -> dict:

@@ -141,9 +141,7 @@ def allocation_start(*, allocation: Allocation, image_digest: str = "", runs_in:
     job.started_at = timezone.now()
     job.save(update_fields=["state", "started_at"])
     Allocation.objects.filter(pk=allocation.pk).update(image_digest=image_digest, runs_in=runs_in)
-    audit_record(
-        "job.started", job.id, actor=f"unit:{allocation.unit_id}", image_digest=image_digest, runs_in=runs_in
-    )
+    audit_record("job.started", job.id, actor=f"unit:{allocation.unit_id}", image_digest=image_digest, runs_in=runs_in)
     return job
 
 

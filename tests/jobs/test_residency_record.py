@@ -96,6 +96,8 @@ def test_the_record_states_what_the_agent_started_the_job_in(
     assert record["isolation"]["runtime"].startswith(runtime)
     assert record["isolation"]["network"].startswith(network)
     assert [p["runs_in"] for p in record["placements"]] == [(start or {}).get("runs_in", "")]
+    short = fields.get("sandboxed") and (start or {}).get("runs_in") not in (None, "sandbox")
+    assert bool(record["isolation"]["short_of_request"]) == bool(short)
 
 
 def test_an_agent_saying_it_runs_jobs_in_something_unknown_is_refused(owner, renter):
