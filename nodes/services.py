@@ -127,6 +127,18 @@ def unit_authenticate(*, credential: str) -> Unit | None:
     return unit
 
 
+def units_authenticate(credentials: set[str]) -> dict[str, Unit]:
+    """``unit_authenticate`` for many credentials in one query: the units of those that hold."""
+    lookups = {credential: tokens.token_lookup(credential, NODE_CREDENTIAL_KIND) for credential in credentials}
+    units = Unit.objects.filter(credential_lookup__in={lookup for lookup in lookups.values() if lookup})
+    by_lookup = {unit.credential_lookup: unit for unit in units.exclude(status=Unit.Status.RETIRED)}
+    return {
+        credential: unit
+        for credential, lookup in lookups.items()
+        if (unit := by_lookup.get(lookup)) is not None and tokens.token_matches(credential, unit.credential_digest)
+    }
+
+
 def _inventory_sync(unit: Unit, reports: list[GpuReport], advertise: set[str] | None) -> bool:
     """Bring the unit's GPUs and slices in line with the agent's report and the owner's policy.
 

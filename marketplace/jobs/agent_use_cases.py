@@ -11,7 +11,7 @@ from django.shortcuts import get_object_or_404
 from marketplace.jobs import jurisdictions
 from marketplace.jobs import services as market
 from marketplace.jobs.models import Allocation
-from marketplace.jobs.usage import SampleReport, usage_record
+from marketplace.jobs.usage import SampleReport, UsageReport, usage_record, usage_record_many
 from nodes import services
 from nodes.agent import protocol
 from nodes.models import Unit
@@ -89,6 +89,26 @@ def agent_allocation_start(*, allocation: Allocation, image_digest: str = "", ru
 def agent_allocation_usage(*, allocation: Allocation, samples: list[dict]) -> dict:
     accepted, duplicates = usage_record(allocation=allocation, samples=[SampleReport(**sample) for sample in samples])
     return {"accepted": accepted, "duplicates": duplicates}
+
+
+def agent_usage_many(calls: list[tuple[str, UUID, list[dict]]]) -> list[dict | None]:
+    """Many agents' usage calls (node credential, allocation, valid samples), taken in one
+    transaction (``usage_record_many``). Each gets the answer ``agent_allocation_usage`` would
+    give, or None where it must be made on its own to get its answer: an unknown credential, an
+    allocation not of its unit, a refused batch."""
+    units = services.units_authenticate({credential for credential, _, _ in calls})
+    reports, at = [], []
+    for credential, allocation_id, samples in calls:
+        unit = units.get(credential)
+        at.append(len(reports) if unit is not None else None)
+        if unit is not None:
+            reports.append(UsageReport(unit.pk, allocation_id, [SampleReport(**sample) for sample in samples]))
+    results = usage_record_many(reports) if reports else []
+    answers = []
+    for index in at:
+        result = results[index] if index is not None else None
+        answers.append(None if result is None else {"accepted": result[0], "duplicates": result[1]})
+    return answers
 
 
 def agent_allocation_logs(*, allocation: Allocation, offset: int, data: str) -> dict:

@@ -13,6 +13,8 @@ as ``unit.usage_refused``, and the implausible ones count towards putting the un
 Samples already stored are duplicates, whenever they come again.
 """
 
+import uuid
+from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -88,10 +90,7 @@ def usage_record(*, allocation: Allocation, samples: list[SampleReport]) -> tupl
         new = [sample for sample in unique if sample.seq not in known]
         refusal = _refusal(current, new, now) if new else None
         if refusal is None:
-            accepted = sum(
-                _samples_insert(current.pk, new[start : start + INSERT_ROWS])
-                for start in range(0, len(new), INSERT_ROWS)
-            )
+            accepted = len(_samples_insert([(current.pk, sample) for sample in new]))
     if refusal is not None:
         _refused(current, refusal, samples=len(new), now=now)
         raise refusal
@@ -100,8 +99,11 @@ def usage_record(*, allocation: Allocation, samples: list[SampleReport]) -> tupl
     return accepted, len(samples) - accepted
 
 
-def _refusal(allocation: Allocation, new: list[SampleReport], now: datetime) -> UsageRefused | None:
-    """The first rule the new samples break, or None."""
+def _refusal(
+    allocation: Allocation, new: list[SampleReport], now: datetime, before: int | None = None
+) -> UsageRefused | None:
+    """The first rule the new samples break, or None. ``before``: the GPU-ms already stored for
+    the allocation, if the caller has read it."""
     released = allocation.released_at
     skew = timedelta(seconds=settings.USAGE_CLOCK_SKEW_S)
     if released is not None and now > released + timedelta(seconds=settings.USAGE_LATE_GRACE_S):
@@ -127,7 +129,8 @@ def _refusal(allocation: Allocation, new: list[SampleReport], now: datetime) -> 
             return UsageRefused(AFTER_RELEASE, detail)
     active_ms = max(0, round(((released or now) - allocation.created_at).total_seconds() * 1000))
     allowed = allocation.gpu_count * (active_ms + settings.USAGE_TOLERANCE_S * 1000)
-    before = UsageSample.objects.filter(allocation=allocation).aggregate(total=Sum("gpu_ms"))["total"] or 0
+    if before is None:
+        before = UsageSample.objects.filter(allocation=allocation).aggregate(total=Sum("gpu_ms"))["total"] or 0
     total = before + sum(sample.gpu_ms for sample in new)
     if total > allowed:
         detail = (
@@ -153,23 +156,103 @@ def _refused(allocation: Allocation, refusal: UsageRefused, *, samples: int, now
 # Table and columns are fixed by the model; only the VALUES placeholders vary with the batch.
 SAMPLES_INSERT = (
     "INSERT INTO {table} (allocation_id, seq, gpu_ms, recorded_at, received_at) VALUES {rows} "
-    "ON CONFLICT (allocation_id, seq) DO NOTHING RETURNING seq"
+    "ON CONFLICT (allocation_id, seq) DO NOTHING RETURNING allocation_id, seq"
 )
 
 
-def _samples_insert(allocation_id, samples: list[SampleReport]) -> int:
-    """Insert in one statement, skipping (allocation, seq) pairs already stored; returns how many
-    rows were new. RETURNING lists only the rows this statement inserted (PostgreSQL, SQLite >=
-    3.35), so the count stays exact even if the same samples were stored meanwhile."""
-    if not samples:
-        return 0
+def _samples_insert(rows: list[tuple[uuid.UUID, SampleReport]]) -> set[tuple[uuid.UUID, int]]:
+    """Insert (allocation, sample) rows, INSERT_ROWS to a statement, skipping (allocation, seq)
+    pairs already stored; returns the pairs that were new. RETURNING lists only the rows the
+    statement inserted (PostgreSQL, SQLite >= 3.35), so the count stays exact even if the same
+    samples were stored meanwhile."""
     prep = connection.ops.adapt_datetimefield_value
-    allocation_id = UsageSample._meta.get_field("allocation").get_db_prep_save(allocation_id, connection)
+    field = UsageSample._meta.get_field("allocation")
     received_at = prep(timezone.now())
-    params = []
-    for sample in samples:
-        params += [allocation_id, sample.seq, sample.gpu_ms, prep(sample.recorded_at), received_at]
-    rows = ", ".join(["(%s, %s, %s, %s, %s)"] * len(samples))
-    with connection.cursor() as cursor:
-        cursor.execute(SAMPLES_INSERT.format(table=UsageSample._meta.db_table, rows=rows), params)
-        return len(cursor.fetchall())
+    inserted = set()
+    for start in range(0, len(rows), INSERT_ROWS):
+        chunk, params = rows[start : start + INSERT_ROWS], []
+        for allocation_id, sample in chunk:
+            params += [field.get_db_prep_save(allocation_id, connection), sample.seq, sample.gpu_ms,
+                       prep(sample.recorded_at), received_at]  # fmt: skip
+        values = ", ".join(["(%s, %s, %s, %s, %s)"] * len(chunk))
+        with connection.cursor() as cursor:
+            cursor.execute(SAMPLES_INSERT.format(table=UsageSample._meta.db_table, rows=values), params)
+            inserted.update((_uuid(allocation_id), seq) for allocation_id, seq in cursor.fetchall())
+    return inserted
+
+
+def _uuid(value) -> uuid.UUID:
+    """A UUID as the database returns it: a UUID (PostgreSQL) or its hex (SQLite)."""
+    return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+
+
+@dataclass(frozen=True)
+class UsageReport:
+    """One agent call's batch of samples, for ``usage_record_many``."""
+
+    unit_id: uuid.UUID
+    allocation_id: uuid.UUID
+    samples: list[SampleReport]
+
+
+def usage_record_many(reports: list[UsageReport]) -> list[tuple[int, int] | None]:
+    """Store the batches of many agent calls in one transaction, each as ``usage_record`` would
+    have stored it after the ones before it: what the connection servers do with the reports
+    that arrive while such a transaction runs, so that a thousand running jobs reporting every
+    few seconds cost a few statements a round rather than a few each.
+
+    Returns, for each report, (accepted, duplicates), or None where this takes nothing of it:
+    its allocation is not of its unit, or a rule refuses it. The caller makes that one through
+    ``usage_record`` (which answers the 404, or refuses, audits and counts the refusal)."""
+    now = timezone.now()
+    ids = sorted({report.allocation_id for report in reports})
+    with transaction.atomic():
+        # Locked in one order, so that two such transactions never wait on each other in a cycle.
+        allocations = {
+            allocation.pk: allocation
+            for allocation in Allocation.objects.select_for_update().filter(pk__in=ids).order_by("pk")
+        }
+        mine = {
+            report.allocation_id
+            for report in reports
+            if (allocation := allocations.get(report.allocation_id)) is not None
+            and allocation.unit_id == report.unit_id
+        }
+        seqs = {sample.seq for report in reports for sample in report.samples}
+        known: defaultdict[uuid.UUID, set[int]] = defaultdict(set)
+        for allocation_id, seq in UsageSample.objects.filter(allocation_id__in=mine, seq__in=seqs).values_list(
+            "allocation_id", "seq"
+        ):
+            known[allocation_id].add(seq)
+        totals = defaultdict(int, UsageSample.objects.filter(allocation_id__in=mine).values("allocation_id")
+                             .annotate(total=Sum("gpu_ms")).values_list("allocation_id", "total"))  # fmt: skip
+        taken: list[list[SampleReport] | None] = []
+        for report in reports:
+            allocation = allocations.get(report.allocation_id)
+            if allocation is None or allocation.unit_id != report.unit_id:
+                taken.append(None)
+                continue
+            unique = list({sample.seq: sample for sample in reversed(report.samples)}.values())
+            new = [sample for sample in unique if sample.seq not in known[allocation.pk]]
+            if new and _refusal(allocation, new, now, before=totals[allocation.pk]) is not None:
+                taken.append(None)
+                continue
+            known[allocation.pk].update(sample.seq for sample in new)
+            totals[allocation.pk] += sum(sample.gpu_ms for sample in new)
+            taken.append(new)
+        inserted = _samples_insert(
+            [(report.allocation_id, sample) for report, new in zip(reports, taken, strict=True) for sample in new or []]
+        )
+    results = []
+    for report, new in zip(reports, taken, strict=True):
+        if new is None:
+            results.append(None)
+            continue
+        accepted = sum((report.allocation_id, sample.seq) in inserted for sample in new)
+        results.append((accepted, len(report.samples) - accepted))
+    if settings.USAGE_POSTING_INTERVAL_S <= 0:  # otherwise the rating sweep posts them within the interval
+        for allocation_id in {
+            report.allocation_id for report, result in zip(reports, results, strict=True) if result and result[0]
+        }:
+            ports.usage_due(allocation_id)
+    return results

@@ -18,14 +18,15 @@ from django.utils import timezone
 
 from marketplace.asgi import application
 from marketplace.jobs.agent_stream import server
-from marketplace.jobs.models import Allocation
+from marketplace.jobs.models import Allocation, UsageSample
 from marketplace.jobs.placement import job_place
 from marketplace.jobs.services import job_cancel
+from marketplace.kernel.models import AuditEvent
 from nodes import streams
 from nodes.agent import protocol
 from nodes.models import StreamServer, Unit, UnitNudge
 from nodes.services import units_mark_unresponsive
-from tests.conftest import gpus_make, job_make, unit_online
+from tests.conftest import allocation_since, gpus_make, job_make, unit_online
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -536,3 +537,82 @@ def test_a_connection_server_tunes_its_interpreter_once(settings):
         gc.unfreeze()
         gc.set_threshold(*thresholds)
         sys.setswitchinterval(interval)
+
+
+def test_usage_over_the_stream_is_answered_as_over_http(shed, owner, renter, settings):
+    settings.USAGE_TOLERANCE_S = 30
+    unit, credential = shed
+    an_hour_ago = timezone.now() - timedelta(hours=1)
+    mine = allocation_since(job_place(job_id=job_make(renter, gpu_count=1).pk), an_hour_ago)
+    other, _ = unit_online(owner, name="other", gpus=2)
+    theirs = job_place(job_id=job_make(renter, gpu_count=2).pk)  # the shed has one GPU left
+    assert (mine.unit_id, theirs.unit_id) == (unit.pk, other.pk)
+
+    def samples(*pairs):
+        at = timezone.now().isoformat()
+        return {"samples": [{"seq": seq, "gpu_ms": gpu_ms, "recorded_at": at} for seq, gpu_ms in pairs]}
+
+    async def scenario():
+        agent = Agent(credential)
+        await agent.connect()
+        usage = protocol.allocation_path(str(mine.pk), "usage")
+        first = await agent.call(usage, samples((1, 1_000), (2, 1_000)))
+        assert (first["status"], first["body"]) == (200, {"accepted": 2, "duplicates": 0})
+        again = await agent.call(usage, samples((2, 1_000), (3, 1_000)))
+        assert (again["status"], again["body"]) == (200, {"accepted": 1, "duplicates": 1})
+        invalid = await agent.call(usage, {"samples": [{"seq": 0, "gpu_ms": -1}]})
+        assert invalid["status"] == 400 and invalid["body"]["status"] == 400
+        foreign = await agent.call(protocol.allocation_path(str(theirs.pk), "usage"), samples((1, 1_000)))
+        assert foreign["status"] == 404
+        refused = await agent.call(usage, samples((4, 2 * 3_600_000)))
+        assert refused["status"] == 422 and refused["body"]["type"] == "/problems/usage-exceeds-gpu-time"
+        await agent.disconnect()
+
+    run(scenario())
+
+    assert set(UsageSample.objects.filter(allocation=mine).values_list("seq", flat=True)) == {1, 2, 3}
+    assert not UsageSample.objects.filter(allocation=theirs).exists()
+    assert AuditEvent.objects.filter(action="unit.usage_refused", subject_id=unit.pk).count() == 1
+
+
+def test_usage_reports_that_arrive_during_a_round_are_stored_together_in_the_next(shed, renter, monkeypatch):
+    unit, credential = shed
+    an_hour_ago = timezone.now() - timedelta(hours=1)
+    allocation = allocation_since(job_place(job_id=job_make(renter, gpu_count=2).pk), an_hour_ago)
+    rounds, release = [], threading.Event()
+    original = server._usage_round
+
+    def held_round(items):
+        rounds.append(len(items))
+        if len(rounds) == 1:
+            release.wait(WAIT_S)
+        return original(items)
+
+    monkeypatch.setattr(server, "_usage_round", held_round)
+    usage = protocol.allocation_path(str(allocation.pk), "usage")
+
+    def report(seq):
+        sample = {"seq": seq, "gpu_ms": 1_000, "recorded_at": timezone.now().isoformat()}
+        return json.dumps({"id": seq, "method": "POST", "path": usage, "body": {"samples": [sample]}})
+
+    async def scenario():
+        agent = Agent(credential)
+        await agent.connect()
+        await agent.wire.send_input({"type": "websocket.receive", "text": report(1)})
+        await eventually(lambda: rounds == [1], "the first round under way")
+        for seq in range(2, 12):
+            await agent.wire.send_input({"type": "websocket.receive", "text": report(seq)})
+        await eventually(lambda: len(server.hub()._usage_waiting) == 10, "ten waiting")
+        release.set()
+        answers = {}
+        while len(answers) < 11:
+            frame = await agent.frame()
+            if "re" in frame:
+                answers[frame["re"]] = (frame["status"], frame["body"])
+        assert answers == {seq: (200, {"accepted": 1, "duplicates": 0}) for seq in range(1, 12)}
+        await agent.disconnect()
+
+    run(scenario())
+
+    assert rounds == [1, 10]
+    assert UsageSample.objects.filter(allocation=allocation).count() == 11

@@ -13,6 +13,12 @@ something: the first of a stream, a different inventory, limits or country, a ru
 than the one this server followed through the starts and finishes it served, a unit
 not online, an allocation the agent was sent but no longer reports past the grace, or every
 STREAM_FULL_BEAT_S anyway.
+
+Usage reports, the commonest call of a busy fleet (every running job's agent reports every few
+seconds), are taken together: those that arrive while one transaction stores the ones before
+are stored by the next, in a few statements for all of them (``usage_record_many``). One that
+cannot be taken so (a body the API would refuse, an allocation not of its unit, a batch a rule
+refuses) is made alone through the HTTP view, which gives its answer.
 """
 
 import asyncio
@@ -28,6 +34,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -37,7 +44,7 @@ from django.db import connections
 from django.utils import timezone
 
 from marketplace.jobs import agent_use_cases as use_cases
-from marketplace.jobs.agent_api.serializers import AssignmentSerializer
+from marketplace.jobs.agent_api.serializers import AssignmentSerializer, UsageSerializer
 from marketplace.jobs.agent_stream import calls
 from nodes import services as unit_services
 from nodes import streams
@@ -118,6 +125,7 @@ class Stream:
     unit_id: str
     connection: str
     environ: dict
+    credential: str  # the node credential it was admitted with
     send_frame: object  # async (str) -> None
     close_with: object  # async (int) -> None
     opened_at: float
@@ -189,6 +197,8 @@ class Hub:
             for name, threads in self._threads.items()
         }
         self.calls_waiting = 0  # agents' calls queued for the "calls" pool, not yet running
+        self._usage_waiting: list[tuple[str, str, dict, asyncio.Future]] = []  # for the next usage round
+        self._usage_rounds: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
         self._readings: dict[str, dict] = {}
         self._sample: set[str] = set()
@@ -451,7 +461,11 @@ class Hub:
         if changes_running:
             stream.settling[allocation] = math.inf
         try:
-            status, answer, retry_after = await self.db(calls.call, stream.environ, "POST", path, body)
+            answer = await self._usage(stream, allocation, body) if action == "usage" else None
+            if answer is not None:
+                status, retry_after = 200, None
+            else:
+                status, answer, retry_after = await self.db(calls.call, stream.environ, "POST", path, body)
         finally:
             stream.calls -= 1
             if changes_running:
@@ -473,6 +487,35 @@ class Hub:
                     }
             stream.active_until = time.monotonic() + settings.STREAM_ACTIVE_HOLD_S
         await self._reply(stream, call_id, status, answer, retry_after)
+
+    async def _usage(self, stream: Stream, allocation: str, body: dict) -> dict | None:
+        """The answer to a usage call, from the next usage round; None if it must be made alone."""
+        future = asyncio.get_running_loop().create_future()
+        self._usage_waiting.append((stream.credential, allocation, body, future))
+        if self._usage_rounds is None:
+            self._usage_rounds = asyncio.get_running_loop().create_task(self._usage_loop())
+        return await future
+
+    async def _usage_loop(self) -> None:
+        """One round after another while reports wait, each taking all that wait (up to
+        STREAM_USAGE_ROUND_MAX): the busier the fleet, the more each round takes."""
+        try:
+            while self._usage_waiting:
+                limit = settings.STREAM_USAGE_ROUND_MAX
+                round_, self._usage_waiting = self._usage_waiting[:limit], self._usage_waiting[limit:]
+                try:
+                    answers = await self.db(_usage_round, [item[:3] for item in round_])
+                except Exception as error:  # noqa: BLE001 - each call answers 503, as a failed call does
+                    answers, failure = None, error
+                for index, (*_, future) in enumerate(round_):
+                    if future.done():  # its stream has gone
+                        continue
+                    if answers is None:
+                        future.set_exception(failure)
+                    else:
+                        future.set_result(answers[index])
+        finally:
+            self._usage_rounds = None
 
     async def _heartbeat(self, stream: Stream, call_id: int, beat: dict) -> None:
         now = time.monotonic()
@@ -522,6 +565,18 @@ def _look(unit_id: str, running: list) -> tuple[list[dict], dict, dict[str, floa
     # cancel right after a start must not wait for the heartbeat that names the job).
     state = use_cases.agent_state(unit=unit, running=list(dict.fromkeys([*running, *picked_up])))
     return assignments, json.loads(_frame(state)), picked_up
+
+
+def _usage_round(items: list[tuple[str, str, dict]]) -> list[dict | None]:
+    """Answers to usage calls (credential, allocation, body), None for each to be made alone."""
+    valid, at = [], []
+    for credential, allocation, body in items:
+        serializer = UsageSerializer(data=body)
+        at.append(len(valid) if serializer.is_valid() else None)
+        if at[-1] is not None:
+            valid.append((credential, uuid.UUID(allocation), serializer.validated_data["samples"]))
+    answers = use_cases.agent_usage_many(valid) if valid else []
+    return [answers[index] if index is not None else None for index in at]
 
 
 def _open(credential: str, *, server_id: str, connection: str) -> tuple[str | None, int | None]:
@@ -580,14 +635,13 @@ async def stream_application(scope, receive, send) -> None:
         await send({"type": "websocket.accept"})
         await send({"type": "websocket.close", "code": code})
 
+    credential = _bearer(scope)
     if the_hub.saturated():
         logger.info("stream_refused: %d calls waiting", the_hub.calls_waiting)
         await refuse(protocol.StreamClose.TRY_LATER)
         return
     try:
-        unit_id, opened_nudge = await the_hub.db(
-            _open, _bearer(scope), server_id=the_hub.server_id, connection=connection
-        )
+        unit_id, opened_nudge = await the_hub.db(_open, credential, server_id=the_hub.server_id, connection=connection)
     except Exception:  # noqa: BLE001 - the database is away: come back later, or use HTTP meanwhile
         logger.warning("stream_refused: cannot authenticate now", exc_info=True)
         await refuse(protocol.StreamClose.TRY_LATER)
@@ -619,7 +673,7 @@ async def stream_application(scope, receive, send) -> None:
 
     now = time.monotonic()
     stream = Stream(
-        unit_id=unit_id, connection=connection, environ=calls.environ_base(scope),
+        unit_id=unit_id, connection=connection, environ=calls.environ_base(scope), credential=credential,
         send_frame=send_frame, close_with=close_with, opened_at=now, last_beat_at=now,
         tokens=settings.STREAM_FRAMES_PER_S * 10, tokens_at=now, opened_nudge=opened_nudge,
     )  # fmt: skip
