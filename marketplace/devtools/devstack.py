@@ -17,13 +17,20 @@ PYTHON = sys.executable
 REPO = Path(__file__).resolve().parents[2]
 
 
+# How long the web server keeps an idle connection open: longer than its clients' and load
+# balancers' own idle timeouts (httpx 5 s, common balancers 60 s), so that it is never the server
+# that closes a connection a client is about to reuse (gunicorn's 2 s default made a renter's
+# next request on such a connection fail with a read error).
+KEEP_ALIVE_S = 75
+
+
 def web_argv(port: int, *, workers: int = 1) -> list[str]:
     """The web server as the image runs it: gunicorn with uvicorn workers (ASGI), so a long poll
     waits in the event loop instead of holding a thread."""
     return [
         PYTHON, "-m", "gunicorn", "marketplace.asgi:application", "--bind", f"127.0.0.1:{port}",
         "--worker-class", "marketplace.kernel.gunicorn.Worker", "--workers", str(workers),
-        "--graceful-timeout", "5", "--access-logfile", "-", "--no-control-socket",
+        "--graceful-timeout", "5", "--keep-alive", str(KEEP_ALIVE_S), "--access-logfile", "-", "--no-control-socket",
     ]  # fmt: skip
 
 

@@ -498,6 +498,8 @@ STREAM_FRAMES_PER_S = env_int("STREAM_FRAMES_PER_S", 20)
 # those waiting beyond it go in the next. A round's statements grow with it, so a bound keeps
 # one round short (a thousand reports of ten samples: one insert of 10,000 rows).
 STREAM_USAGE_ROUND_MAX = env_int("STREAM_USAGE_ROUND_MAX", 1000)
+# A connection server logs a line of what it served (stream_stats) this often.
+STREAM_STATS_S = env_float("STREAM_STATS_S", 60.0)
 # Streams a unit may open a minute (each open writes); beyond it the stream is closed 1013 and
 # the agent polls over HTTP until it tries again.
 STREAM_CONNECTS_PER_MIN = env_int("STREAM_CONNECTS_PER_MIN", 30)

@@ -46,7 +46,9 @@ when the cancel call returned to the renter (a push that beats the answer counts
 deleted rows (``pg_stat_user_tables``, so also beat's sweeps and the lease renewals) over the
 heartbeats answered in the window, with the tables that took most (``db_writes_idle_by_table``);
 PostgreSQL publishes these counters up to a second late, which the windows' length makes small.
-``server_rss_mb`` is the connection servers' resident memory at the end of busy,
+``busy_cores_by_process``: the cores each of the stack's processes (with its children: gunicorn's
+and Celery's workers), the swarm and PostgreSQL took over busy, busiest first: where the machine
+went. ``server_rss_mb`` is the connection servers' resident memory at the end of busy,
 ``server_cpu_s_per_1000_heartbeats`` their user+system CPU over idle and busy per 1000 heartbeats.
 ``falsely_suspect``: units judged suspect or offline between the start of beat and the end of
 busy whose agent's stream was up before and never dropped; ``lease_age_max_s``: the oldest the
@@ -189,14 +191,18 @@ def _bench(options: dict, database: dict, log_dir: Path, *, swarms: int, servers
         time.sleep(settings.STREAM_ACTIVE_HOLD_S + settings.HEARTBEAT_INTERVAL_S)
 
         pids = [stack.processes[f"connections-{n}"].pid for n in range(servers)]
+        groups = {name: [process.pid] for name, process in stack.processes.items()}
+        groups["swarm"] = [process.pid for process in swarm.processes]
         idle = Window.open(pids)
         time.sleep(idle_s)
         idle.close()
         busy = Window.open(pids)
+        cpu_before = _cpu_by_group(groups)
         load = _load(f"http://127.0.0.1:{web_port}", keys, rng, rate=options["rate"], duration=options["duration"])
         # Long enough for a cancel that only a heartbeat's answer brings to be heard.
         time.sleep(settings.HEARTBEAT_IDLE_INTERVAL_S * 1.1 + 2)
         busy.close()
+        cpu_after = _cpu_by_group(groups)
         lease_age_max_s = leases.stop()
         rss_mb = sum(_rss_mb(pid) for pid in pids)
         measured = swarm.report()
@@ -213,6 +219,10 @@ def _bench(options: dict, database: dict, log_dir: Path, *, swarms: int, servers
             cpus=os.cpu_count(),
             swarm_processes=swarms,
             connection_servers=servers,
+            busy_cores_by_process={
+                name: round((cpu_after[name] - cpu_before.get(name, 0.0)) / (busy.end - busy.start), 2)
+                for name in sorted(cpu_after, key=lambda name: -(cpu_after[name] - cpu_before.get(name, 0.0)))
+            },
             ramp_s=round(ramp_s, 1),
             ramp_complete=ramp_complete,
             ramp_errors_by_kind=dict(ramp_errors),
@@ -333,7 +343,12 @@ def _load(base_url: str, keys: list[str], rng: random.Random, *, rate: float, du
         time.sleep(max(0.0, started + n / rate - time.perf_counter()))
         load.submit(n, *plan[n])
 
-    with ThreadPoolExecutor(max_workers=SUBMITTERS * 2) as pool:
+    # The cancels have a pool of their own: every submit is queued at the start, each waiting for
+    # its moment, and a cancel queued behind them would go out only after the last submit.
+    with (
+        ThreadPoolExecutor(max_workers=SUBMITTERS * 2) as pool,
+        ThreadPoolExecutor(max_workers=SUBMITTERS) as cancel_pool,
+    ):
 
         def cancels() -> None:
             n, pending = 0, []
@@ -342,7 +357,7 @@ def _load(base_url: str, keys: list[str], rng: random.Random, *, rate: float, du
                 if job is None:
                     time.sleep(0.05)
                     continue
-                pending.append(pool.submit(load.cancel, n, job))
+                pending.append(cancel_pool.submit(load.cancel, n, job))
                 n += 1
             for future in pending:
                 future.result()
@@ -424,6 +439,36 @@ def _cpu_s(pids: list[int]) -> float:
             fields = stat.read().rsplit(")", 1)[1].split()
         total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
     return total
+
+
+def _cpu_by_group(groups: dict[str, list[int]]) -> dict[str, float]:
+    """User+system CPU seconds of each group's processes and all their descendants (gunicorn's
+    and Celery's workers, uvicorn), and of PostgreSQL's processes as ``postgres``: where a busy
+    machine's cores go. A process that ended meanwhile takes its seconds with it (a closed
+    PostgreSQL backend), so the figures are a lower bound."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    parent, cpu, postgres = {}, {}, []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{entry}/stat") as stat:
+                head, tail = stat.read().rsplit(")", 1)
+            fields = tail.split()
+            pid = int(entry)
+            parent[pid], cpu[pid] = int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks
+            if head.endswith("(postgres"):
+                postgres.append(pid)
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+
+    def tree(pid: int) -> float:
+        return cpu.get(pid, 0.0) + sum(tree(child) for child in children.get(pid, []))
+
+    totals = {name: sum(tree(pid) for pid in pids) for name, pids in groups.items()}
+    totals["postgres"] = sum(cpu[pid] for pid in postgres)
+    return totals
 
 
 def _rss_mb(pid: int) -> float:

@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -197,6 +198,7 @@ class Hub:
             for name, threads in self._threads.items()
         }
         self.calls_waiting = 0  # agents' calls queued for the "calls" pool, not yet running
+        self.stats: Counter = Counter()  # what it served since its last stats line (_stats_loop)
         self._usage_waiting: list[tuple[str, str, dict, asyncio.Future]] = []  # for the next usage round
         self._usage_rounds: asyncio.Task | None = None
         self._tasks: list[asyncio.Task] = []
@@ -230,6 +232,7 @@ class Hub:
 
         if queued:
             self.calls_waiting += 1
+            self.stats["calls_waiting_max"] = max(self.stats["calls_waiting_max"], self.calls_waiting)
         return await loop.run_in_executor(self._pools[pool], run)
 
     def saturated(self) -> bool:
@@ -245,7 +248,7 @@ class Hub:
             return
         loop = asyncio.get_running_loop()
         tune_process()
-        for step in (self._renew_loop, self._nudge_loop, self._telemetry_loop, self._silence_loop):
+        for step in (self._renew_loop, self._nudge_loop, self._telemetry_loop, self._silence_loop, self._stats_loop):
             self._tasks.append(loop.create_task(step()))
         # PostgreSQL's NOTIFY wakes the nudge loop the moment nudges commit; it polls regardless.
         self._listener = threading.Thread(
@@ -348,6 +351,22 @@ class Hub:
 
         await self._every(5.0, sweep, "silence")
 
+    async def _stats_loop(self) -> None:
+        """Every STREAM_STATS_S, one log line of what this server served since the last: its
+        streams, heartbeats answered from memory and in full, calls by kind, usage rounds and the
+        reports they took, pushes, the deepest the calls' queue got, and the longest its event
+        loop was late (every answer from memory waits for the loop)."""
+        tick, started, lag_max = 0.05, time.monotonic(), 0.0
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(tick)
+            lag_max = max(lag_max, time.monotonic() - before - tick)
+            if time.monotonic() - started >= settings.STREAM_STATS_S:
+                stats, self.stats = self.stats, Counter()
+                fields = " ".join(f"{name}={stats[name]}" for name in sorted(stats))
+                logger.info("stream_stats streams=%d loop_lag_max_ms=%d %s", len(self.streams), lag_max * 1000, fields)
+                started, lag_max = time.monotonic(), 0.0
+
     # -- streams ---------------------------------------------------------------------------------
 
     async def close(self, stream: Stream, code: int, why: str) -> None:
@@ -383,6 +402,7 @@ class Hub:
             stream.look_again = True
             return
         stream.looking = True
+        self.stats["looks"] += 1
         asyncio.get_running_loop().create_task(self._look(stream))
 
     async def _look(self, stream: Stream) -> None:
@@ -456,6 +476,7 @@ class Hub:
             await self._reply(stream, call_id, 429, _problem(429, "Too many calls", "Wait for answers first."), 1.0)
             return
         allocation, action = path.split("/")[1:3]
+        self.stats[f"calls_{action}"] += 1
         changes_running = action in ("start", "finish")
         stream.calls += 1
         if changes_running:
@@ -503,6 +524,7 @@ class Hub:
             while self._usage_waiting:
                 limit = settings.STREAM_USAGE_ROUND_MAX
                 round_, self._usage_waiting = self._usage_waiting[:limit], self._usage_waiting[limit:]
+                self.stats["usage_rounds"] += 1
                 try:
                     answers = await self.db(_usage_round, [item[:3] for item in round_])
                 except Exception as error:  # noqa: BLE001 - each call answers 503, as a failed call does
@@ -531,9 +553,12 @@ class Hub:
         lease_ok = now - self.renewed_at <= settings.UNIT_SUSPECT_AFTER.total_seconds() / 2
         if readings is not None and running is not None and stream.beat_is_cheap(key, running, now, lease_ok):
             self._note_readings(stream, readings, now)
+            self.stats["beats_cheap"] += 1
             await self._reply(stream, call_id, 200, {**stream.reply, "heartbeat_interval_s": stream.interval(now)})
             return
+        self.stats["beats_full"] += 1
         status, answer, retry_after = await self.db(calls.call, stream.environ, "POST", protocol.HEARTBEAT, beat)
+        self.stats["beats_full_ms_max"] = max(self.stats["beats_full_ms_max"], int((time.monotonic() - now) * 1000))
         if status == 200 and isinstance(answer, dict):
             if key != stream.key or not stream.running_agrees(running, now):
                 stream.active_until = now + settings.STREAM_ACTIVE_HOLD_S
