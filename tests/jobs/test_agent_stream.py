@@ -6,6 +6,7 @@ import gc
 import json
 import sys
 import threading
+from collections import Counter
 from dataclasses import asdict
 from datetime import timedelta
 
@@ -616,3 +617,31 @@ def test_usage_reports_that_arrive_during_a_round_are_stored_together_in_the_nex
 
     assert rounds == [1, 10]
     assert UsageSample.objects.filter(allocation=allocation).count() == 11
+
+
+def test_a_connection_server_logs_what_it_served(shed, settings, caplog):
+    settings.STREAM_STATS_S = 0.2
+    caplog.set_level("INFO", logger="marketplace.jobs.agent_stream.server")
+
+    def served() -> Counter:
+        """The counts of every stats line so far, added up (the beats may fall in two lines)."""
+        total = Counter()
+        for record in caplog.records:
+            message = record.getMessage()
+            if message.startswith("stream_stats"):
+                fields = dict(field.split("=") for field in message.split()[1:])
+                assert {"streams", "loop_lag_max_ms"} <= set(fields)
+                total.update({name: int(value) for name, value in fields.items() if name.startswith("beats_")})
+        return total
+
+    async def scenario():
+        agent = Agent(shed[1])
+        await agent.connect()
+        await agent.beat()
+        await agent.beat()
+        await eventually(lambda: served()["beats_cheap"] == 1, "the cheap beat in a stats line")
+        await agent.disconnect()
+
+    run(scenario())
+
+    assert served()["beats_full"] == 1

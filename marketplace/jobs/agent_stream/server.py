@@ -357,15 +357,32 @@ class Hub:
         reports they took, pushes, the deepest the calls' queue got, and the longest its event
         loop was late (every answer from memory waits for the loop)."""
         tick, started, lag_max = 0.05, time.monotonic(), 0.0
-        while True:
-            before = time.monotonic()
-            await asyncio.sleep(tick)
-            lag_max = max(lag_max, time.monotonic() - before - tick)
-            if time.monotonic() - started >= settings.STREAM_STATS_S:
-                stats, self.stats = self.stats, Counter()
-                fields = " ".join(f"{name}={stats[name]}" for name in sorted(stats))
-                logger.info("stream_stats streams=%d loop_lag_max_ms=%d %s", len(self.streams), lag_max * 1000, fields)
-                started, lag_max = time.monotonic(), 0.0
+        collecting = {}
+
+        def collected(phase: str, info: dict) -> None:  # the collector's pauses, by generation
+            if phase == "start":
+                collecting["at"] = time.perf_counter()
+            elif "at" in collecting:
+                ms = (time.perf_counter() - collecting.pop("at")) * 1000
+                name = f"gc{info.get('generation')}"
+                self.stats[f"{name}_ms"] += round(ms)
+                self.stats[f"{name}_ms_max"] = max(self.stats[f"{name}_ms_max"], round(ms))
+
+        gc.callbacks.append(collected)
+        try:
+            while True:
+                before = time.monotonic()
+                await asyncio.sleep(tick)
+                lag_max = max(lag_max, time.monotonic() - before - tick)
+                if time.monotonic() - started >= settings.STREAM_STATS_S:
+                    stats, self.stats = self.stats, Counter()
+                    fields = " ".join(f"{name}={stats[name]}" for name in sorted(stats))
+                    logger.info(
+                        "stream_stats streams=%d loop_lag_max_ms=%d %s", len(self.streams), lag_max * 1000, fields
+                    )
+                    started, lag_max = time.monotonic(), 0.0
+        finally:
+            gc.callbacks.remove(collected)
 
     # -- streams ---------------------------------------------------------------------------------
 
