@@ -494,10 +494,11 @@ STREAM_ADMIT_BACKLOG = env_int("STREAM_ADMIT_BACKLOG", 8 * STREAM_THREADS)
 # either a call is answered 429 at once.
 STREAM_CALLS_IN_FLIGHT = env_int("STREAM_CALLS_IN_FLIGHT", 32)
 STREAM_FRAMES_PER_S = env_int("STREAM_FRAMES_PER_S", 20)
-# Usage reports a connection server stores in one transaction at most (agent_stream/server.py):
-# those waiting beyond it go in the next. A round's statements grow with it, so a bound keeps
-# one round short (a thousand reports of ten samples: one insert of 10,000 rows).
-STREAM_USAGE_ROUND_MAX = env_int("STREAM_USAGE_ROUND_MAX", 1000)
+# Usage samples a connection server stores in one transaction at most (agent_stream/server.py):
+# the reports waiting beyond it go in the next round (a report larger than it goes alone). A
+# round's statements grow with its samples, so the bound keeps one round short: an honest agent
+# reports about ten samples a call, and a report may carry up to 1,000.
+STREAM_USAGE_ROUND_SAMPLES = env_int("STREAM_USAGE_ROUND_SAMPLES", 10_000)
 # A connection server logs a line of what it served (stream_stats) this often.
 STREAM_STATS_S = env_float("STREAM_STATS_S", 60.0)
 # Streams a unit may open a minute (each open writes); beyond it the stream is closed 1013 and

@@ -645,3 +645,50 @@ def test_a_connection_server_logs_what_it_served(shed, settings, caplog):
     run(scenario())
 
     assert served()["beats_full"] == 1
+
+
+def test_a_usage_round_takes_reports_up_to_its_bound_of_samples(shed, renter, settings, monkeypatch):
+    settings.STREAM_USAGE_ROUND_SAMPLES = 25
+    unit, credential = shed
+    an_hour_ago = timezone.now() - timedelta(hours=1)
+    allocation = allocation_since(job_place(job_id=job_make(renter, gpu_count=2).pk), an_hour_ago)
+    rounds, release = [], threading.Event()
+    original = server._usage_round
+
+    def held_round(items):
+        rounds.append([len(body["samples"]) for _, _, body in items])
+        if len(rounds) == 1:
+            release.wait(WAIT_S)
+        return original(items)
+
+    monkeypatch.setattr(server, "_usage_round", held_round)
+    usage = protocol.allocation_path(str(allocation.pk), "usage")
+    sizes = {1: 1, 2: 10, 3: 10, 4: 10, 5: 40, 6: 5}  # call id -> samples in its report
+    first_seq = {call: sum(list(sizes.values())[: call - 1]) + 1 for call in sizes}
+
+    def report(call):
+        at = timezone.now().isoformat()
+        samples = [{"seq": first_seq[call] + n, "gpu_ms": 10, "recorded_at": at} for n in range(sizes[call])]
+        return json.dumps({"id": call, "method": "POST", "path": usage, "body": {"samples": samples}})
+
+    async def scenario():
+        agent = Agent(credential)
+        await agent.connect()
+        await agent.wire.send_input({"type": "websocket.receive", "text": report(1)})
+        await eventually(lambda: len(rounds) == 1, "the first round under way")
+        for call in range(2, 7):
+            await agent.wire.send_input({"type": "websocket.receive", "text": report(call)})
+        await eventually(lambda: len(server.hub()._usage_waiting) == 5, "five waiting")
+        release.set()
+        answers = {}
+        while len(answers) < len(sizes):
+            frame = await agent.frame()
+            if "re" in frame:
+                answers[frame["re"]] = (frame["status"], frame["body"])
+        assert answers == {call: (200, {"accepted": n, "duplicates": 0}) for call, n in sizes.items()}
+        await agent.disconnect()
+
+    run(scenario())
+
+    # 10 + 10 fit in 25 samples, the third 10 would not; 40 is over the bound, so it goes alone.
+    assert rounds == [[1], [10, 10], [10], [40], [5]]

@@ -535,12 +535,18 @@ class Hub:
         return await future
 
     async def _usage_loop(self) -> None:
-        """One round after another while reports wait, each taking all that wait (up to
-        STREAM_USAGE_ROUND_MAX): the busier the fleet, the more each round takes."""
+        """One round after another while reports wait, each taking those that wait, in their
+        order, up to STREAM_USAGE_ROUND_SAMPLES samples (at least one report): the busier the
+        fleet, the more each round takes."""
         try:
             while self._usage_waiting:
-                limit = settings.STREAM_USAGE_ROUND_MAX
-                round_, self._usage_waiting = self._usage_waiting[:limit], self._usage_waiting[limit:]
+                taken = samples = 0
+                for *_, body, _future in self._usage_waiting:
+                    samples += len(body["samples"]) if isinstance(body.get("samples"), list) else 1
+                    if taken and samples > settings.STREAM_USAGE_ROUND_SAMPLES:
+                        break
+                    taken += 1
+                round_, self._usage_waiting = self._usage_waiting[:taken], self._usage_waiting[taken:]
                 self.stats["usage_rounds"] += 1
                 try:
                     answers = await self.db(_usage_round, [item[:3] for item in round_])
