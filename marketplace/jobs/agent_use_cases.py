@@ -97,18 +97,15 @@ def agent_usage_many(calls: list[tuple[str, UUID, list[dict]]]) -> list[dict | N
     give, or None where it must be made on its own to get its answer: an unknown credential, an
     allocation not of its unit, a refused batch."""
     units = services.units_authenticate({credential for credential, _, _ in calls})
-    reports, at = [], []
-    for credential, allocation_id, samples in calls:
-        unit = units.get(credential)
-        at.append(len(reports) if unit is not None else None)
-        if unit is not None:
-            reports.append(UsageReport(unit.pk, allocation_id, [SampleReport(**sample) for sample in samples]))
-    results = usage_record_many(reports) if reports else []
-    answers = []
-    for index in at:
-        result = results[index] if index is not None else None
-        answers.append(None if result is None else {"accepted": result[0], "duplicates": result[1]})
-    return answers
+    reports = [
+        # A credential that does not hold names no unit, and no allocation is of none.
+        UsageReport(getattr(units.get(credential), "pk", None), allocation_id, [SampleReport(**s) for s in samples])
+        for credential, allocation_id, samples in calls
+    ]
+    return [
+        None if result is None else {"accepted": result[0], "duplicates": result[1]}
+        for result in usage_record_many(reports)
+    ]
 
 
 def agent_allocation_logs(*, allocation: Allocation, offset: int, data: str) -> dict:

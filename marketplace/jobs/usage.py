@@ -80,14 +80,13 @@ def usage_record(*, allocation: Allocation, samples: list[SampleReport]) -> tupl
     and store none. A (allocation, seq) already stored, or repeated within the batch (the first
     one counts), is a duplicate and ignored. Returns (accepted, duplicates)."""
     now = timezone.now()
-    unique = list({sample.seq: sample for sample in reversed(samples)}.values())
     with transaction.atomic():
         # Locked so that concurrent batches of one allocation are checked one after the other,
         # each against what the one before it stored.
         current = Allocation.objects.select_for_update().get(pk=allocation.pk)
-        stored = UsageSample.objects.filter(allocation=current, seq__in=[sample.seq for sample in unique])
+        stored = UsageSample.objects.filter(allocation=current, seq__in={sample.seq for sample in samples})
         known = set(stored.values_list("seq", flat=True))
-        new = [sample for sample in unique if sample.seq not in known]
+        new = _new_samples(samples, known)
         refusal = _refusal(current, new, now) if new else None
         if refusal is None:
             accepted = len(_samples_insert([(current.pk, sample) for sample in new]))
@@ -97,6 +96,13 @@ def usage_record(*, allocation: Allocation, samples: list[SampleReport]) -> tupl
     if accepted and settings.USAGE_POSTING_INTERVAL_S <= 0:
         ports.usage_due(allocation.pk)  # otherwise the rating sweep posts it within the interval
     return accepted, len(samples) - accepted
+
+
+def _new_samples(samples: list[SampleReport], known: set[int]) -> list[SampleReport]:
+    """The samples whose seq is not stored already (``known``), each seq once: the first of a
+    batch that repeats one counts."""
+    unique = {sample.seq: sample for sample in reversed(samples)}
+    return [sample for seq, sample in unique.items() if seq not in known]
 
 
 def _refusal(
@@ -190,7 +196,7 @@ def _uuid(value) -> uuid.UUID:
 class UsageReport:
     """One agent call's batch of samples, for ``usage_record_many``."""
 
-    unit_id: uuid.UUID
+    unit_id: uuid.UUID | None  # None: no unit's (its allocation is of none)
     allocation_id: uuid.UUID
     samples: list[SampleReport]
 
@@ -232,8 +238,7 @@ def usage_record_many(reports: list[UsageReport]) -> list[tuple[int, int] | None
             if allocation is None or allocation.unit_id != report.unit_id:
                 taken.append(None)
                 continue
-            unique = list({sample.seq: sample for sample in reversed(report.samples)}.values())
-            new = [sample for sample in unique if sample.seq not in known[allocation.pk]]
+            new = _new_samples(report.samples, known[allocation.pk])
             if new and _refusal(allocation, new, now, before=totals[allocation.pk]) is not None:
                 taken.append(None)
                 continue

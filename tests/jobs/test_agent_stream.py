@@ -576,20 +576,27 @@ def test_usage_over_the_stream_is_answered_as_over_http(shed, owner, renter, set
     assert AuditEvent.objects.filter(action="unit.usage_refused", subject_id=unit.pk).count() == 1
 
 
-def test_usage_reports_that_arrive_during_a_round_are_stored_together_in_the_next(shed, renter, monkeypatch):
-    unit, credential = shed
-    an_hour_ago = timezone.now() - timedelta(hours=1)
-    allocation = allocation_since(job_place(job_id=job_make(renter, gpu_count=2).pk), an_hour_ago)
+def held_usage_rounds(monkeypatch) -> tuple[list[list[int]], threading.Event]:
+    """The samples of each report of each usage round, as the rounds run; the first round is
+    held until the event is set, so that reports wait for the next."""
     rounds, release = [], threading.Event()
     original = server._usage_round
 
     def held_round(items):
-        rounds.append(len(items))
+        rounds.append([len(body["samples"]) for _, _, body in items])
         if len(rounds) == 1:
             release.wait(WAIT_S)
         return original(items)
 
     monkeypatch.setattr(server, "_usage_round", held_round)
+    return rounds, release
+
+
+def test_usage_reports_that_arrive_during_a_round_are_stored_together_in_the_next(shed, renter, monkeypatch):
+    unit, credential = shed
+    an_hour_ago = timezone.now() - timedelta(hours=1)
+    allocation = allocation_since(job_place(job_id=job_make(renter, gpu_count=2).pk), an_hour_ago)
+    rounds, release = held_usage_rounds(monkeypatch)
     usage = protocol.allocation_path(str(allocation.pk), "usage")
 
     def report(seq):
@@ -600,7 +607,7 @@ def test_usage_reports_that_arrive_during_a_round_are_stored_together_in_the_nex
         agent = Agent(credential)
         await agent.connect()
         await agent.wire.send_input({"type": "websocket.receive", "text": report(1)})
-        await eventually(lambda: rounds == [1], "the first round under way")
+        await eventually(lambda: rounds == [[1]], "the first round under way")
         for seq in range(2, 12):
             await agent.wire.send_input({"type": "websocket.receive", "text": report(seq)})
         await eventually(lambda: len(server.hub()._usage_waiting) == 10, "ten waiting")
@@ -615,7 +622,7 @@ def test_usage_reports_that_arrive_during_a_round_are_stored_together_in_the_nex
 
     run(scenario())
 
-    assert rounds == [1, 10]
+    assert rounds == [[1], [1] * 10]
     assert UsageSample.objects.filter(allocation=allocation).count() == 11
 
 
@@ -652,16 +659,7 @@ def test_a_usage_round_takes_reports_up_to_its_bound_of_samples(shed, renter, se
     unit, credential = shed
     an_hour_ago = timezone.now() - timedelta(hours=1)
     allocation = allocation_since(job_place(job_id=job_make(renter, gpu_count=2).pk), an_hour_ago)
-    rounds, release = [], threading.Event()
-    original = server._usage_round
-
-    def held_round(items):
-        rounds.append([len(body["samples"]) for _, _, body in items])
-        if len(rounds) == 1:
-            release.wait(WAIT_S)
-        return original(items)
-
-    monkeypatch.setattr(server, "_usage_round", held_round)
+    rounds, release = held_usage_rounds(monkeypatch)
     usage = protocol.allocation_path(str(allocation.pk), "usage")
     sizes = {1: 1, 2: 10, 3: 10, 4: 10, 5: 40, 6: 5}  # call id -> samples in its report
     first_seq = {call: sum(list(sizes.values())[: call - 1]) + 1 for call in sizes}
