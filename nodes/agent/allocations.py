@@ -7,7 +7,7 @@ from typing import Any
 
 from nodes.agent.backoff import Backoff
 from nodes.agent.gpus import Gpu
-from nodes.agent.protocol import Finish, Isolation, Refused, SliceKind
+from nodes.agent.protocol import MAX_JOB_PORTS, Finish, Isolation, Refused, SliceKind
 from nodes.agent.runtime import Handle, JobSpec
 from nodes.agent.runtime.environment import NO_SECRETS, VARIABLE_NAME, Secrets
 
@@ -165,6 +165,7 @@ def parse_assignment(
             registry_auth=_flag(job, "registry_auth"),
             inputs=_data(job.get("inputs") or [], ("url", "path"), ("sha256", "size")),
             outputs=_data(job.get("outputs") or [], ("url", "path"), ()),
+            ports=_ports(job.get("ports") or []),
         )
         max_duration = job.get("max_duration_s")
     except (KeyError, TypeError, ValueError) as exc:
@@ -180,6 +181,15 @@ def parse_assignment(
         max_duration_s=float(max_duration) if max_duration else None,
         accepted_at=now,
     )
+
+
+def _ports(ports: Any) -> tuple[int, ...]:
+    if not isinstance(ports, list) or len(ports) > MAX_JOB_PORTS:
+        raise ValueError(f"ports must be a list of at most {MAX_JOB_PORTS}")
+    numbers = tuple(entry.get("port") if isinstance(entry, dict) else None for entry in ports)
+    if not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 65535 for n in numbers):
+        raise ValueError("a port is a number from 1 to 65535")
+    return numbers
 
 
 def _argv(command: Any) -> list[str]:

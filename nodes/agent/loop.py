@@ -20,7 +20,7 @@ from nodes.agent.protocol import Finish, Refused, Staging
 from nodes.agent.recovery import Journal
 from nodes.agent.refusal import LocalPolicy, refuse_unfit
 from nodes.agent.reports import Outbox, Reporter
-from nodes.agent.runtime import Housekeeping, JobSpec, Pulling, Runtime, Scratch, StartFailed
+from nodes.agent.runtime import Housekeeping, JobSpec, Ports, Pulling, Runtime, Scratch, StartFailed
 from nodes.agent.runtime.container_logs import in_background
 from nodes.agent.runtime.environment import masks, redact
 from nodes.agent.staging import DataPolicy, StagingError
@@ -91,6 +91,8 @@ class Agent:
         self._backyard = Backyard()
         self._advertise: list[str] | None = None  # GPUs open to new work; None until limits are known
         self._status = StatusWriter(status_path, gpus, clock=clock) if status_path else None
+        if self._stream is not None:
+            self._stream.serve_ports(self.port_address)
 
     def run(self) -> int:
         logs.event(logger, "agent_started", gpus=len(self.gpus), max_jobs=self.options.max_jobs)
@@ -534,12 +536,29 @@ class Agent:
             logs.event(logger, "job_preempted", allocation=allocation.id, job=allocation.spec.job_id)
         self._stop(allocation, Finish.PREEMPTED)
 
+    def port_address(self, allocation_id: str, port: int) -> "tuple[str, int] | str":
+        """Where a relay channel reaches `port` of a job running here, or why it cannot (called
+        from the relay's threads: reads only)."""
+        allocation = self.allocations.get(allocation_id)
+        if allocation is None or allocation.handle is None or allocation.stop_reason is not None:
+            return "the job is not running here"
+        if port not in allocation.spec.ports:
+            return f"the job declared no port {port}"
+        if not isinstance(self._runtime, Ports):
+            return "this agent's runtime serves no ports"
+        try:
+            return self._runtime.port_address(allocation.handle, port)
+        except StartFailed as exc:
+            return str(exc)
+
     def _stop(self, allocation: Allocation, reason: str) -> None:
         if allocation.handle is None:
             self._abandon(allocation, reason)
             return
         if allocation.stop_reason is None:
             allocation.stop_reason = reason
+            if self._stream is not None:
+                self._stream.drop_channels(allocation.id)  # it serves no one from now on
             self._runtime.kill(allocation.handle)
             self._journal.save(allocation)
             logs.event(logger, "job_stopping", allocation=allocation.id, reason=reason)

@@ -104,7 +104,43 @@ class SliceKind:
 SLICE_KINDS = (SliceKind.WHOLE, SliceKind.MIG, SliceKind.SHARED)
 
 # What a job is for, as the renter declares it; owners choose which classes they accept.
-WORKLOAD_CLASSES = ("training", "fine_tuning", "inference", "batch", "interactive")
+WORKLOAD_CLASSES = ("training", "fine_tuning", "inference", "batch", "interactive", "service")
+SERVICE = "service"  # long-running, reached through its declared ports; billed per second as any job
+
+# A job's ports (``"ports": [{"port": 8000, "protocol": "http"}]``): what it listens on inside its
+# container. The agent reaches them over the job's private network and nothing else on the host
+# can; renters reach them through the marketplace's relay over the agent's stream (below).
+PORT_PROTOCOLS = ("http", "tcp")
+MAX_JOB_PORTS = 8
+
+
+class Relay:
+    """Relay channels over the agent's stream: one TCP connection to a port of a running job.
+
+    Control frames are JSON text, ``{"relay": <kind>, "channel": n, ...}``:
+
+    - OPEN (server to agent): ``"allocation_id"``, ``"port"``; the agent connects to the job's
+      port and answers OPENED, or REFUSED with a ``"detail"`` (not its job, not a declared port,
+      nothing listening);
+    - EOF (either way): the sender sends no more bytes (a half close, as TCP's);
+    - CLOSE (either way): the channel is over, ``"detail"`` may say why;
+    - CREDIT (either way): the receiver has taken ``"bytes"`` more bytes off the channel.
+
+    Bytes are binary frames: the channel number as 4 bytes big-endian, then up to CHUNK bytes.
+    A sender keeps at most WINDOW bytes unacknowledged by CREDIT on a channel, so a slow reader
+    holds the writer back instead of filling either side's memory; more is a protocol error and
+    ends the channel. Channel numbers are the server's, unique per stream."""
+
+    OPEN = "open"
+    OPENED = "opened"
+    REFUSED = "refused"
+    EOF = "eof"
+    CLOSE = "close"
+    CREDIT = "credit"
+    WINDOW = 4 * 2**20
+    CHUNK = 256 * 2**10
+    HEADER = 4
+    OPEN_TIMEOUT_S = 10.0  # the agent's connect to the job's port
 
 
 class Finish:

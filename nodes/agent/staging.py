@@ -74,6 +74,8 @@ def _hosts(value: Any) -> tuple[str, ...]:
 
 
 KEYS = tuple(f.name for f in fields(DataPolicy) if f.name != "resolve")
+
+
 def _ca_file(value: Any) -> str:
     path = str(value).strip()
     if path:

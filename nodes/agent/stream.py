@@ -27,6 +27,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from nodes.agent import __version__, logs, protocol
 from nodes.agent.backoff import Backoff, jittered
+from nodes.agent.relay import AddressOf, AgentRelay
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,13 @@ class Stream:
         self.state = "connecting"
         self.connection = ""  # the server's id of the connection, as its logs name it
         self.connects = 0
+        self._address_of: AddressOf | None = None
+        self._relay: AgentRelay | None = None  # the relay channels of the connection up now
+
+    def serve_ports(self, address_of: AddressOf) -> None:
+        """Relay channels to jobs' ports (``relay.py``), reached at what ``address_of`` says;
+        without it every channel is refused."""
+        self._address_of = address_of
 
     # -- the main loop's side ----------------------------------------------------------------------
 
@@ -175,8 +183,12 @@ class Stream:
         self.connection = str((hello.get("body") or {}).get("connection", ""))
         self.connects += 1
         self._backoff.success()
+        relay = AgentRelay(
+            lambda message: ws.send(json.dumps(message)), ws.send, self._port_address,
+        )  # fmt: skip
         with self._lock:
             self._ws = ws
+            self._relay = relay
         self.state = "connected"
         logs.event(logger, "stream_connected", connection=self.connection)
         try:
@@ -185,13 +197,31 @@ class Stream:
         except ConnectionClosed as exc:
             return self._closed(exc)
         finally:
+            relay.drop_all()
             with self._lock:
                 self._ws = None
+                self._relay = None
                 waiting, self._pending = self._pending, {}
             for answer in waiting.values():
                 answer.set_exception(StreamUnavailable("the stream dropped"))
 
+    def drop_channels(self, allocation_id: str) -> None:
+        """End the relay channels to this allocation's job (it is being stopped)."""
+        relay = self._relay
+        if relay is not None:
+            relay.drop_allocation(allocation_id)
+
+    def _port_address(self, allocation_id: str, port: int) -> "tuple[str, int] | str":
+        if self._address_of is None:
+            return "this agent serves no ports"
+        return self._address_of(allocation_id, port)
+
     def _received(self, text: str | bytes) -> None:
+        if isinstance(text, bytes):  # a relay channel's bytes
+            relay = self._relay
+            if relay is not None:
+                relay.data(text)
+            return
         try:
             frame = json.loads(text)
         except ValueError:
@@ -205,6 +235,11 @@ class Stream:
                 answer = self._pending.get(frame["re"])
             if answer is not None and not answer.done():
                 answer.set_result(frame)
+            return
+        if "relay" in frame:
+            relay = self._relay
+            if relay is not None:
+                relay.control(frame)
             return
         body = frame.get("body")
         if frame.get("push") == "assignment" and isinstance(body, dict):

@@ -48,6 +48,7 @@ class JobSpec:
     # The job's data, which the agent moves for it: {"url", "path", "jurisdiction"[, "sha256", "size"]}.
     inputs: tuple[Mapping[str, Any], ...] = ()
     outputs: tuple[Mapping[str, Any], ...] = ()
+    ports: tuple[int, ...] = ()  # what it listens on, for the relay (protocol.Relay)
 
 
 class Handle(Protocol):
@@ -89,6 +90,13 @@ class Adoptable(Protocol):
     def adopt(self, spec: JobSpec, saved: dict[str, Any]) -> Adopted | None:
         """The job `describe` saved, or None when it is gone without a trace (a reboot). `saved`
         is empty for a job the agent was starting when it stopped."""
+
+
+@runtime_checkable
+class Ports(Protocol):
+    def port_address(self, handle: Handle, port: int) -> tuple[str, int]:
+        """Where the agent connects to reach `port` of the running job: an address only the
+        agent can reach (the job's private network). Raises StartFailed when there is none."""
 
 
 @runtime_checkable

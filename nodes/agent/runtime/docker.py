@@ -45,12 +45,15 @@ from nodes.agent.runtime.process import SAFE_ID
 from nodes.agent.runtime.sandbox import reap
 from nodes.agent.runtime.spec import (
     ANY_HOST,
+    JOB_NETWORK_PREFIX,
     NOBODY_ID,
     GpuRequest,
     Host,
     SpecError,
     container_name,
     container_spec,
+    job_network,
+    network_mode,
     sandboxed,
 )
 
@@ -351,9 +354,25 @@ class DockerRuntime:
             self._signal(handle, "SIGKILL")
         return None
 
+    def port_address(self, handle: Handle, port: int) -> tuple[str, int]:
+        """The container's address on its network (its own, or the egress bridge, whose
+        containers cannot reach each other)."""
+        assert isinstance(handle, DockerHandle)
+        network = network_mode(handle.spec, self.cfg)
+        try:
+            handle.container.reload()
+            address = handle.container.attrs["NetworkSettings"]["Networks"][network]["IPAddress"]
+        except Exception as exc:  # noqa: BLE001 - gone, or not on the network
+            raise StartFailed(f"the job's container has no address: {type(exc).__name__}") from None
+        if not address:
+            raise StartFailed("the job's container has no address")
+        return (address, port)
+
     def _launch(self, handle: DockerHandle) -> None:
         assert handle.kwargs is not None
         try:
+            if handle.kwargs["network_mode"] == job_network(handle.spec.allocation_id):
+                self._job_network(handle.kwargs["network_mode"])
             self._guard_egress(handle.kwargs["network_mode"])
             handle.container = self.client.containers.create(**_sdk_kwargs(handle.kwargs))
             handle.container.start()
@@ -363,10 +382,16 @@ class DockerRuntime:
             raise StartFailed(redact(f"{type(exc).__name__}: {exc}", handle.secrets)) from None
         handle.output = follow(handle.container, handle.log_path)
 
+    def _job_network(self, name: str) -> None:
+        if not [network for network in self.client.networks.list(names=[name]) if network.name == name]:
+            self.client.networks.create(
+                name=name, driver="bridge", internal=True, enable_ipv6=False, labels={"shedshare.network": "job"}
+            )
+
     def _guard_egress(self, network: str) -> None:
         """Checked before every job that may reach the network: an engine restart or an owner's
         firewall script may have removed the rules since the last one."""
-        if network == "none":
+        if network == "none" or network.startswith(JOB_NETWORK_PREFIX):
             return
         if self.egress is None:
             raise EgressUnavailable("this unit guards no egress network")
@@ -389,12 +414,14 @@ class DockerRuntime:
         if container is None:
             with suppress(Exception):  # never created
                 container = self.client.containers.get(container_name(handle.spec.allocation_id))
-        if container is None:
-            return
-        with suppress(Exception):  # already gone
-            container.remove(force=True)
-        if sandboxed(handle.spec, self.cfg):
-            reap(container.id)
+        if container is not None:
+            with suppress(Exception):  # already gone
+                container.remove(force=True)
+            if sandboxed(handle.spec, self.cfg):
+                reap(container.id)
+        if handle.spec.ports and not handle.spec.network_egress:
+            with suppress(Exception):  # never made, or gone
+                self.client.networks.get(job_network(handle.spec.allocation_id)).remove()
 
 
 def _sdk_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:

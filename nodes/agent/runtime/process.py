@@ -133,6 +133,11 @@ class ProcessRuntime:
             _signal_group(handle, signal.SIGKILL)
         return _exit_code(handle)
 
+    def port_address(self, handle: Handle, port: int) -> tuple[str, int]:
+        """The job's port on the host's loopback: a process shares the host's network (and so
+        its ports with other jobs: development only)."""
+        return ("127.0.0.1", port)
+
     def kill(self, handle: Handle) -> None:
         assert isinstance(handle, ProcessHandle)
         if handle.kill_deadline is None:

@@ -56,6 +56,22 @@ def container_name(allocation_id: str) -> str:
     return f"shedshare-{allocation_id}"
 
 
+JOB_NETWORK_PREFIX = "shedshare-job-"
+
+
+def job_network(allocation_id: str) -> str:
+    """The private network of a job that serves ports and may not reach out: internal (no route
+    anywhere), its container alone on it, so that the agent on the host reaches its ports and
+    nothing else does."""
+    return f"{JOB_NETWORK_PREFIX}{allocation_id}"
+
+
+def network_mode(spec: JobSpec, cfg: IsolationConfig) -> str:
+    if spec.network_egress:
+        return cfg.egress_network  # its bridge keeps containers apart (no inter-container traffic)
+    return job_network(spec.allocation_id) if spec.ports else "none"
+
+
 def sandboxed(spec: JobSpec, cfg: IsolationConfig) -> bool:
     """Whether the job runs in the sandbox: when it asks, or when the owner sandboxes every job."""
     return spec.sandboxed or cfg.sandbox_all_jobs
@@ -105,7 +121,7 @@ def container_spec(
         "mem_limit": f"{cfg.memory_mb_per_gpu * gpus}m",
         "memswap_limit": f"{cfg.memory_mb_per_gpu * gpus}m",  # equal to mem_limit: no swap
         "nano_cpus": round(cpu_limit(cfg, gpus, host) * 1e9),
-        "network_mode": cfg.egress_network if spec.network_egress else "none",
+        "network_mode": network_mode(spec, cfg),
         "device_requests": [GpuRequest(device_ids=spec.gpu_uuids)] if host.gpus else [],
         # An init as PID 1 forwards SIGTERM and reaps orphans, so a stop reaches the real job.
         "init": True,
