@@ -12,11 +12,14 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.settings.production
 django_application = get_asgi_application()
 
 # Need the apps loaded:
-from marketplace.jobs.agent_stream.server import shutdown, stream_application  # noqa: E402
+from marketplace.jobs.agent_stream.server import relay_application, shutdown, stream_application  # noqa: E402
 from marketplace.kernel.asgi import body_limit, with_websockets  # noqa: E402
 from nodes.agent.protocol import API_PREFIX, STREAM  # noqa: E402
 
-# HTTP for the API, the portal and the agents' fallback; the agents' streams as WebSockets.
-application = with_websockets(
-    body_limit(django_application), {f"{API_PREFIX}/{STREAM}": stream_application}, on_shutdown=shutdown
+# HTTP for the API, the portal and the agents' fallback; the agents' streams as WebSockets; jobs'
+# ports (their HTTP under RELAY_HTTP_PREFIX, any port as a WebSocket tunnel) through the relay.
+application = relay_application(
+    with_websockets(
+        body_limit(django_application), {f"{API_PREFIX}/{STREAM}": stream_application}, on_shutdown=shutdown
+    )
 )

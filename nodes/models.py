@@ -317,6 +317,8 @@ class StreamServer(models.Model):
     id = models.CharField(max_length=80, primary_key=True)
     started_at = models.DateTimeField(default=timezone.now)
     renewed_at = models.DateTimeField()
+    # host:port where the other servers reach it for the relay to a job whose stream it holds
+    relay_address = models.CharField(max_length=100, blank=True)
 
     def __str__(self) -> str:
         return f"connection server {self.id}"

@@ -78,11 +78,13 @@ def nudges_last_id() -> int:
     return UnitNudge.objects.order_by("-pk").values_list("pk", flat=True).first() or 0
 
 
-def server_renew(server_id: str, *, now: datetime) -> None:
-    """Renew the connection server's lease (one row for all the units it holds), and prune
-    what no server needs any more: nudges older than STREAM_NUDGE_KEEP, leases long expired."""
-    if not StreamServer.objects.filter(pk=server_id).update(renewed_at=now):
-        StreamServer.objects.update_or_create(pk=server_id, defaults={"renewed_at": now})
+def server_renew(server_id: str, *, now: datetime, relay_address: str = "") -> None:
+    """Renew the connection server's lease (one row for all the units it holds), with where the
+    relay's peers reach it."""
+    if not StreamServer.objects.filter(pk=server_id).update(renewed_at=now, relay_address=relay_address):
+        StreamServer.objects.update_or_create(
+            pk=server_id, defaults={"renewed_at": now, "relay_address": relay_address}
+        )
 
 
 def prune(*, now: datetime) -> None:

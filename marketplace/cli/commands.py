@@ -399,3 +399,32 @@ def output_get(as_json: bool, job_id: str, path: str, target: str | None) -> Non
         _print_json({"path": path, "file": str(destination), "size": uploaded["size"], "sha256": uploaded["sha256"]})
     else:
         click.echo(f"{destination}: {uploaded['size']} bytes, SHA-256 {uploaded['sha256']} as the shed uploaded it")
+
+
+@main.command()
+@click.argument("job_id")
+@click.argument("port", type=click.IntRange(1, 65535))
+@click.option("--local-port", type=click.IntRange(0, 65535), default=None, help="Local port [default: PORT; 0: any].")
+@click.option("--address", default="127.0.0.1", show_default=True, help="Local address to listen on.")
+def forward(job_id: str, port: int, local_port: int | None, address: str) -> None:
+    """Reach PORT of your running job JOB_ID at a local port (SSH, a notebook, a debugger): each
+    connection goes through the marketplace and the shed's own connection; Ctrl-C stops."""
+    import asyncio
+
+    from marketplace.cli.forward import serve
+
+    credentials = config.load()
+
+    def ready(bound: int) -> None:
+        click.echo(f"Forwarding {address}:{bound} -> job {job_id} port {port} (Ctrl-C to stop)", err=True)
+
+    def refused(why: str) -> None:
+        click.echo(f"shedshare forward: a connection was refused: {why}", err=True)
+
+    try:
+        asyncio.run(serve(credentials.url, credentials.key, job_id, port, port if local_port is None else local_port,
+                          ready=ready, refused=refused, bind=address))  # fmt: skip
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {address}:{local_port or port}: {exc.strerror}") from None
+    except KeyboardInterrupt:
+        pass

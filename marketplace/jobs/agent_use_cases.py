@@ -158,6 +158,7 @@ def _assignment(allocation: Allocation) -> dict:
             "env": job.env,
             # Names only: the agent asks for the values (agent_allocation_secrets) as it starts.
             "secrets": sorted(job.secrets),
+            "ports": list(job.ports or []),
             "registry_auth": bool(job.registry_secret),
             "inputs": job.inputs,
             "outputs": job.outputs,

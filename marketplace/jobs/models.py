@@ -60,6 +60,7 @@ class Job(models.Model):
     workload_class = models.CharField(max_length=12, choices=WorkloadClass.choices, default=WorkloadClass.BATCH)
     rank = models.CharField(max_length=10, choices=Rank.choices, default=Rank.CHEAPEST)
     max_duration_s = models.PositiveIntegerField(default=3600)
+    ports = models.JSONField(default=list, blank=True, help_text='[{"port": 8000, "protocol": "http"}, ...]')
     restartable = models.BooleanField(default=False)
     interruptible = models.BooleanField(
         default=False,
@@ -264,3 +265,21 @@ class JobTemplate(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class ServiceTraffic(models.Model):
+    """What a job served through the relay (marketplace/jobs/relay/), per day and port: requests
+    (HTTP requests and forwarded connections) and bytes each way, never what they carried."""
+
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="traffic")
+    day = models.DateField()
+    port = models.PositiveIntegerField()
+    requests = models.BigIntegerField(default=0)
+    bytes_in = models.BigIntegerField(default=0, help_text="To the job.")
+    bytes_out = models.BigIntegerField(default=0, help_text="From the job.")
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["job", "day", "port"], name="service_traffic_job_day_port")]
+
+    def __str__(self) -> str:
+        return f"{self.job_id} :{self.port} {self.day}"

@@ -94,6 +94,20 @@ def _data(job: Job, events: list[AuditEvent]) -> dict:
     return record
 
 
+def _services(job: Job) -> dict:
+    """What the job served through the relay: its ports, and per day and port the requests and
+    bytes (the relay keeps no payload)."""
+    rows = job.traffic.order_by("day", "port")
+    return {
+        "ports": list(job.ports or []),
+        "traffic": [
+            {"day": row.day.isoformat(), "port": row.port, "requests": row.requests, "bytes_in": row.bytes_in,
+             "bytes_out": row.bytes_out}  # fmt: skip
+            for row in rows
+        ],
+    }
+
+
 def job_residency_record(job: Job) -> dict:
     events = list(job_reads.job_events(job))
     allocations = list(job.allocations.select_related("unit").order_by("created_at", "id"))
@@ -132,6 +146,7 @@ def job_residency_record(job: Job) -> dict:
         "isolation": _isolation(job, [a for a, p in zip(allocations, placements, strict=True) if p["started_at"]]),
         "placements": placements,
         "data": _data(job, events),
+        "services": _services(job),
         "secrets": {
             "variables": sorted(job.secrets),
             "registry_secret": job.registry_secret,

@@ -233,6 +233,8 @@ LIVENESS_OUTAGE_AFTER = timedelta(seconds=env_int("LIVENESS_OUTAGE_AFTER_S", 10)
 # as the units' silence).
 LIVENESS_PROBE_URL = env_str("LIVENESS_PROBE_URL", "")
 JOB_MAX_ATTEMPTS = env_int("JOB_MAX_ATTEMPTS", 3)
+JOB_DEFAULT_MAX_DURATION_S = 3600
+JOB_MAX_DURATION_S = 30 * 24 * 3600  # also a service's default: it runs until stopped, within this
 # A placement worker re-reads changed units at most this often while placing job after job.
 PLACEMENT_REFRESH_INTERVAL_S = env_int("PLACEMENT_REFRESH_INTERVAL_MS", 20) / 1000
 # ... and rebuilds its view from scratch about this often (each process at its own moment).
@@ -511,6 +513,20 @@ STREAM_TELEMETRY_SAMPLE_S = env_int("STREAM_TELEMETRY_SAMPLE_S", 600)
 # objects it holds once up are frozen out of garbage collection, young objects are collected
 # every 50,000 allocations rather than 700 (the cycles a request leaves die there) and full
 # collections come a tenth as often; a thread hands the interpreter back within 1 ms, not 5.
+# Services: jobs' ports reached through the relay (marketplace/jobs/relay/). A job's HTTP ports are
+# served under RELAY_HTTP_PREFIX on the API host: <prefix>/<job id>/<port>/<path>.
+RELAY_HTTP_PREFIX = "/services"
+RELAY_CHANNELS_PER_JOB = env_int("RELAY_CHANNELS_PER_JOB", 64)  # requests and forwards open at once
+RELAY_CHANNELS_PER_UNIT = env_int("RELAY_CHANNELS_PER_UNIT", 256)
+RELAY_REQUEST_MAX_BYTES = env_int("RELAY_REQUEST_MAX_BYTES", 64 * 2**20)  # a request's body
+RELAY_RESPONSE_MAX_BYTES = env_int("RELAY_RESPONSE_MAX_BYTES", 2**30)  # a response's body
+RELAY_IDLE_TIMEOUT_S = env_float("RELAY_IDLE_TIMEOUT_S", 60.0)  # no byte either way this long: closed
+RELAY_OPEN_TIMEOUT_S = env_float("RELAY_OPEN_TIMEOUT_S", 15.0)  # the agent's answer to an open
+# The address the relay's peers reach this connection server at (another process holding a job's
+# stream): host:port to listen on, and to advertise (the pod's address behind a load balancer).
+RELAY_PEER_BIND = env_str("RELAY_PEER_BIND") or "127.0.0.1:0"
+RELAY_PEER_ADVERTISE = env_str("RELAY_PEER_ADVERTISE") or ""
+
 STREAM_TUNE_PROCESS = env_bool("STREAM_TUNE_PROCESS", True)
 STREAM_GC_THRESHOLDS = (50_000, 20, 100)
 STREAM_SWITCH_INTERVAL_S = 0.001

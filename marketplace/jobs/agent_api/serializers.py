@@ -139,6 +139,10 @@ class AssignmentJobSerializer(serializers.Serializer):
     outputs = serializers.ListField(
         child=serializers.DictField(), help_text="PUT each <scratch>/outputs/<path> to its url after the exit."
     )
+    ports = serializers.ListField(
+        child=serializers.DictField(),
+        help_text="What the job listens on ({port, protocol}): relay channels (protocol.Relay) reach these only.",
+    )
     secrets = serializers.ListField(
         child=serializers.CharField(),
         help_text="Variables whose values are the renter's secrets: POST allocations/{id}/secrets for them before "

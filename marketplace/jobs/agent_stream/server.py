@@ -47,6 +47,10 @@ from django.utils import timezone
 from marketplace.jobs import agent_use_cases as use_cases
 from marketplace.jobs.agent_api.serializers import AssignmentSerializer, UsageSerializer
 from marketplace.jobs.agent_stream import calls
+from marketplace.jobs.relay import access as relay_access
+from marketplace.jobs.relay import endpoints as relay_endpoints
+from marketplace.jobs.relay import peer as relay_peer
+from marketplace.jobs.relay.channels import Channels
 from nodes import services as unit_services
 from nodes import streams
 from nodes.agent import protocol
@@ -129,6 +133,7 @@ class Stream:
     credential: str  # the node credential it was admitted with
     send_frame: object  # async (str) -> None
     close_with: object  # async (int) -> None
+    send_bytes: object  # async (bytes) -> None: a relay channel's
     opened_at: float
     last_beat_at: float
     key: str | None = None  # the last full heartbeat's decision key
@@ -192,7 +197,7 @@ class Hub:
         # nudges, telemetry), whose delay would make every unit it holds look silent; the pushes
         # (``look``), which must go out within a second of their commit; and the agents' calls
         # (admissions, full heartbeats, reports), which a reconnecting fleet can queue deep.
-        self._threads = {"hub": 1, "push": 2, "calls": settings.STREAM_THREADS}
+        self._threads = {"hub": 1, "push": 2, "calls": settings.STREAM_THREADS, "relay": 2}
         self._pools = {
             name: ThreadPoolExecutor(threads, thread_name_prefix=f"stream-{name}")
             for name, threads in self._threads.items()
@@ -212,6 +217,11 @@ class Hub:
         self.nudges_read = asyncio.Event()
         self._stopping = threading.Event()
         self._listener: threading.Thread | None = None
+        # Renters' connections to jobs' ports over the streams held here (marketplace/jobs/relay/).
+        self.relay = Channels()
+        self.traffic = relay_endpoints.Traffic()
+        self.relay_address = ""  # where other servers reach this one's streams
+        self._peers: asyncio.AbstractServer | None = None
 
     # -- database work, in the pool -------------------------------------------------------------
 
@@ -248,7 +258,8 @@ class Hub:
             return
         loop = asyncio.get_running_loop()
         tune_process()
-        for step in (self._renew_loop, self._nudge_loop, self._telemetry_loop, self._silence_loop, self._stats_loop):
+        for step in (self._renew_loop, self._nudge_loop, self._telemetry_loop, self._silence_loop, self._stats_loop,
+                     self._relay_loop):  # fmt: skip
             self._tasks.append(loop.create_task(step()))
         # PostgreSQL's NOTIFY wakes the nudge loop the moment nudges commit; it polls regardless.
         self._listener = threading.Thread(
@@ -261,6 +272,8 @@ class Hub:
         for task in self._tasks:
             task.cancel()
         self._tasks.clear()
+        if self._peers is not None:
+            self._peers.close()
         await asyncio.get_running_loop().run_in_executor(None, self.release)
 
     def release(self) -> None:
@@ -298,7 +311,7 @@ class Hub:
         async def renew():
             nonlocal rounds
             now = timezone.now()
-            await self.db(streams.server_renew, self.server_id, now=now, pool="hub")
+            await self.db(streams.server_renew, self.server_id, now=now, relay_address=self.relay_address, pool="hub")
             self.renewed_at = time.monotonic()
             rounds += 1
             if rounds % 30 == 1:
@@ -351,6 +364,26 @@ class Hub:
 
         await self._every(5.0, sweep, "silence")
 
+    async def _relay_loop(self) -> None:
+        """Take the relay's peers (requests for jobs whose streams are held here, from the other
+        servers), and store the relay's traffic counts every few seconds."""
+        host, _, port = settings.RELAY_PEER_BIND.rpartition(":")
+        try:
+            self._peers = await asyncio.start_server(
+                lambda reader, writer: relay_peer.serve(self, reader, writer), host or "127.0.0.1", int(port)
+            )
+            bound = self._peers.sockets[0].getsockname()
+            self.relay_address = settings.RELAY_PEER_ADVERTISE or f"{bound[0]}:{bound[1]}"
+        except OSError:
+            logger.warning("relay_peers_unserved: cannot listen on %s", settings.RELAY_PEER_BIND, exc_info=True)
+
+        async def store():
+            counts = self.traffic.take()
+            if counts:
+                await self.db(relay_access.traffic_add, counts, pool="relay")
+
+        await self._every(5.0, store, "relay_traffic")
+
     async def _stats_loop(self) -> None:
         """Every STREAM_STATS_S, one log line of what this server served since the last: its
         streams, heartbeats answered from memory and in full, calls by kind, usage rounds and the
@@ -402,6 +435,7 @@ class Hub:
     async def detach(self, stream: Stream, code: int) -> None:
         if self.streams.get(stream.unit_id) is stream:
             del self.streams[stream.unit_id]
+        self.relay.stream_gone(stream)
         why = stream.closing or f"closed:{code}"
         logger.info("stream_closed unit=%s connection=%s why=%s", stream.unit_id, stream.connection, why)
         if stream.closing == "replaced" or code == SERVER_SHUTDOWN:
@@ -454,6 +488,9 @@ class Hub:
             frame = json.loads(text)
         except ValueError:
             frame = None
+        if isinstance(frame, dict) and "relay" in frame:
+            self.relay.agent_frame(stream, frame)
+            return
         if not isinstance(frame, dict) or not isinstance(frame.get("id"), int):
             detail = "A call is a JSON object with an integer id, a method, a path and a body."
             await self._reply(stream, None, 400, _problem(400, "Bad frame", detail))
@@ -712,6 +749,17 @@ async def stream_application(scope, receive, send) -> None:
                 except OSError:  # the agent has gone: the receive loop hears of it and detaches
                     closed = True
 
+    async def send_bytes(data: bytes) -> None:
+        nonlocal closed
+        async with lock:
+            if closed:
+                raise ConnectionError("the stream is closed")
+            try:
+                await send({"type": "websocket.send", "bytes": data})
+            except OSError:
+                closed = True
+                raise
+
     async def close_with(code: int) -> None:
         nonlocal closed
         async with lock:
@@ -722,7 +770,7 @@ async def stream_application(scope, receive, send) -> None:
     now = time.monotonic()
     stream = Stream(
         unit_id=unit_id, connection=connection, environ=calls.environ_base(scope), credential=credential,
-        send_frame=send_frame, close_with=close_with, opened_at=now, last_beat_at=now,
+        send_frame=send_frame, close_with=close_with, send_bytes=send_bytes, opened_at=now, last_beat_at=now,
         tokens=settings.STREAM_FRAMES_PER_S * 10, tokens_at=now, opened_nudge=opened_nudge,
     )  # fmt: skip
     hello = {"connection": stream.connection, "heartbeat_interval_s": settings.HEARTBEAT_INTERVAL_S}
@@ -739,8 +787,9 @@ async def stream_application(scope, receive, send) -> None:
                 code = message.get("code", 1005)
                 break
             text = message.get("text")
-            if text is None:
-                text = (message.get("bytes") or b"").decode("utf-8", "replace")
+            if text is None:  # binary: a relay channel's bytes
+                the_hub.relay.agent_bytes(stream, message.get("bytes") or b"")
+                continue
             if len(text) > protocol.STREAM_MAX_FRAME:
                 await the_hub.close(stream, protocol.StreamClose.TOO_BIG, "too_big")
                 continue
@@ -755,6 +804,26 @@ async def stream_application(scope, receive, send) -> None:
         for task in tasks:
             task.cancel()
         await the_hub.detach(stream, code)
+
+
+def relay_application(app):
+    """``app`` with the relay's endpoints in front (marketplace/jobs/relay/endpoints.py): the
+    HTTP of jobs' ports under RELAY_HTTP_PREFIX, and the forward tunnels."""
+    prefix = settings.RELAY_HTTP_PREFIX + "/"
+
+    async def application(scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path.startswith(prefix):
+            the_hub = hub()
+            the_hub.start()
+            return await relay_endpoints.http_application(the_hub, scope, receive, send)
+        if scope["type"] == "websocket" and relay_endpoints.FORWARD_PATH.fullmatch(path):
+            the_hub = hub()
+            the_hub.start()
+            return await relay_endpoints.forward_application(the_hub, scope, receive, send)
+        return await app(scope, receive, send)
+
+    return application
 
 
 async def shutdown() -> None:

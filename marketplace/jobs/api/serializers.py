@@ -33,6 +33,15 @@ def _env_names_problems(names) -> list[str]:
     return problems
 
 
+class PortSerializer(StrictSerializer):
+    port = serializers.IntegerField(min_value=1, max_value=65535, help_text="What the job listens on, in its container.")
+    protocol = serializers.ChoiceField(
+        choices=protocol.PORT_PROTOCOLS,
+        default="http",
+        help_text="http: served at the job's URL (see the job's `services`); tcp: reached with `shedshare forward`.",
+    )
+
+
 class JobSubmitSerializer(StrictSerializer):
     name = serializers.CharField(max_length=120, required=False, allow_blank=True)
     image = serializers.CharField(max_length=255)
@@ -75,7 +84,20 @@ class JobSubmitSerializer(StrictSerializer):
     )
     workload_class = serializers.ChoiceField(choices=WorkloadClass.choices, default=WorkloadClass.BATCH)
     rank = serializers.ChoiceField(choices=Job.Rank.choices, default=Job.Rank.CHEAPEST)
-    max_duration_s = serializers.IntegerField(min_value=1, max_value=30 * 24 * 3600, default=3600)
+    max_duration_s = serializers.IntegerField(
+        min_value=1,
+        max_value=settings.JOB_MAX_DURATION_S,
+        required=False,
+        help_text="The job is stopped after this long. Default: an hour; for a service, the longest allowed.",
+    )
+    ports = PortSerializer(
+        many=True,
+        required=False,
+        default=list,
+        max_length=protocol.MAX_JOB_PORTS,
+        help_text="Ports the job listens on: each reachable only by you (and those you give an endpoint token), "
+        "through the marketplace and the shed's own outbound connection.",
+    )
     restartable = serializers.BooleanField(default=False)
     interruptible = serializers.BooleanField(
         default=False,
@@ -200,6 +222,12 @@ class JobSubmitSerializer(StrictSerializer):
             raise serializers.ValidationError(
                 {"gpu_milli": "A fraction of a GPU needs gpu_count 1 and isolation shared or mig."}
             )
+        numbers = [entry["port"] for entry in data.get("ports") or []]
+        if len(set(numbers)) != len(numbers):
+            raise serializers.ValidationError({"ports": ["Each port once."]})
+        if "max_duration_s" not in data:
+            service = data.get("workload_class") == protocol.SERVICE
+            data["max_duration_s"] = settings.JOB_MAX_DURATION_S if service else settings.JOB_DEFAULT_MAX_DURATION_S
         allowed = data.get("jurisdictions") or []
         staged = jobdata.data_problems(allowed, data.get("inputs") or [], data.get("outputs") or [])
         if staged:
@@ -256,7 +284,7 @@ class JobSerializer(serializers.ModelSerializer):
             "max_price_per_gpu_hour", "isolation", "jurisdictions", "require_verified_location",
             "gpu_milli", "min_cuda", "workload_class", "rank", "max_duration_s", "restartable",
             "interruptible", "network_egress", "sandboxed", "env", "secrets", "registry_secret", "inputs", "outputs",
-            "attempts", "exit_code", "failure_reason", "pending_reason", "pending_summary", "placement", "usage",
+            "ports", "attempts", "exit_code", "failure_reason", "pending_reason", "pending_summary", "placement", "usage",
             "created_at", "placed_at", "started_at", "finished_at",
         ]  # fmt: skip
         read_only_fields = fields

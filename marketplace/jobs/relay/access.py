@@ -1,0 +1,71 @@
+"""Who may reach which job's port, and where its agent's stream is held: the relay's database
+work (synchronous, run in the connection server's threads), and its traffic counts."""
+
+import uuid
+from dataclasses import dataclass
+from datetime import date
+
+from django.db import transaction
+from django.db.models import F
+
+from marketplace.accounts.services import API_KEY_KIND, api_key_authenticate
+from marketplace.jobs.models import Allocation, Job, ServiceTraffic
+from marketplace.jobs.relay.channels import Unavailable
+
+NOT_FOUND = "No such job or port of yours."
+
+
+@dataclass(frozen=True)
+class Target:
+    job_id: str
+    allocation_id: str
+    unit_id: str
+    port: int
+    holder: str  # the id of the connection server holding the unit's stream ("" if none)
+    holder_address: str  # where that server takes relay peers
+
+
+def target(token: str, job_id: str, port: int, *, protocol: str | None) -> Target:
+    """The running job ``job_id`` of the renter whose API key ``token`` is, and its ``port``
+    (of ``protocol``, if given). Raises Unavailable: 401 without a valid key, 404 for a job or
+    port that is not the caller's (another renter's job is not said to exist), 503 for a job not
+    running yet, 410 for one that ended."""
+    key = api_key_authenticate(plaintext=token) if token.startswith(f"{API_KEY_KIND}_") else None
+    if key is None:
+        raise Unavailable(401, "An API key of the job's renter is needed (Authorization: Bearer ...).")
+    try:
+        job = Job.objects.get(pk=uuid.UUID(job_id), renter=key.user)
+    except (ValueError, Job.DoesNotExist):
+        raise Unavailable(404, NOT_FOUND) from None
+    declared = {entry.get("port"): entry.get("protocol", "http") for entry in job.ports or []}
+    if port not in declared or (protocol is not None and declared[port] != protocol):
+        raise Unavailable(404, NOT_FOUND)
+    if job.state in Job.FINAL_STATES:
+        raise Unavailable(410, f"The job has ended ({job.state}).")
+    allocation = (
+        Allocation.objects.filter(job=job, released_at__isnull=True).select_related("unit__stream_server").first()
+    )
+    if job.state != Job.State.RUNNING or allocation is None:
+        raise Unavailable(503, f"The job is not running yet ({job.state}).", 5.0)
+    unit = allocation.unit
+    server = unit.stream_server
+    return Target(
+        job_id=str(job.pk),
+        allocation_id=str(allocation.pk),
+        unit_id=str(unit.pk),
+        port=port,
+        holder=server.pk if server else "",
+        holder_address=server.relay_address if server else "",
+    )
+
+
+def traffic_add(counts: dict[tuple[str, date, int], list[int]]) -> None:
+    """Add (job id, day, port) -> [requests, bytes in, bytes out] to the jobs' traffic."""
+    for (job_id, day, port), (requests, bytes_in, bytes_out) in counts.items():
+        with transaction.atomic():
+            row, _ = ServiceTraffic.objects.select_for_update().get_or_create(job_id=job_id, day=day, port=port)
+            ServiceTraffic.objects.filter(pk=row.pk).update(
+                requests=F("requests") + requests,
+                bytes_in=F("bytes_in") + bytes_in,
+                bytes_out=F("bytes_out") + bytes_out,
+            )

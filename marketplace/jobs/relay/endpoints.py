@@ -1,0 +1,260 @@
+"""The relay's endpoints on the connection servers: a job's HTTP ports at
+``RELAY_HTTP_PREFIX/<job id>/<port>/<path>``, and any declared port as a WebSocket tunnel at
+``/api/v1/jobs/<job id>/ports/<port>/forward`` (what ``shedshare forward`` opens).
+
+Both take the renter's API key (``Authorization: Bearer``; for HTTP also ``X-Shedshare-Key``,
+leaving ``Authorization`` to the service) and never pass it on. The HTTP endpoint writes the
+request to the job's port over a channel as HTTP/1.1 (``Connection: close``, one request per
+channel) and streams the answer back as it comes (chunks, server-sent events), with h11 parsing
+the job's side. Bounds: RELAY_REQUEST_MAX_BYTES and RELAY_RESPONSE_MAX_BYTES, RELAY_IDLE_TIMEOUT_S
+without a byte either way, RELAY_CHANNELS_PER_JOB at once; each answered as a problem.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+from collections import defaultdict
+
+import h11
+from django.conf import settings
+from django.utils import timezone
+
+from marketplace.jobs.relay import access, peer
+from marketplace.jobs.relay.channels import ChannelClosed, Unavailable
+from marketplace.kernel.api.errors import PROBLEM_CONTENT_TYPE
+
+logger = logging.getLogger(__name__)
+
+FORWARD_PATH = re.compile(r"/api/v1/jobs/(?P<job>[0-9a-fA-F-]{36})/ports/(?P<port>[0-9]{1,5})/forward")
+_HTTP_PATH = re.compile(r"/(?P<job>[^/]{1,64})/(?P<port>[0-9]{1,5})(?P<rest>/.*)?", re.DOTALL)
+_HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
+               b"te", b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length"}  # fmt: skip
+KEY_HEADER = b"x-shedshare-key"
+# A WebSocket tunnel refused after its handshake closes with 4000 + the HTTP status it would have had.
+CLOSE_BASE = 4000
+
+
+class Traffic:
+    """Requests and bytes by (job, day, port), kept in memory and stored every few seconds."""
+
+    def __init__(self) -> None:
+        self.counts: dict = defaultdict(lambda: [0, 0, 0])
+
+    def add(self, target: access.Target, channel) -> None:
+        row = self.counts[(target.job_id, timezone.now().date(), target.port)]
+        row[0] += 1
+        row[1] += channel.bytes_in
+        row[2] += channel.bytes_out
+
+    def take(self) -> dict:
+        counts, self.counts = dict(self.counts), defaultdict(lambda: [0, 0, 0])
+        return counts
+
+
+async def _target(hub, token: str, job_id: str, port: int, protocol: str | None) -> access.Target:
+    return await hub.db(access.target, token, job_id, port, protocol=protocol, pool="relay")
+
+
+async def _channel(hub, target: access.Target):
+    """A channel to the target: over the stream held here, or through the server that holds it."""
+    stream = hub.streams.get(target.unit_id)
+    if stream is not None:
+        return await hub.relay.connect(
+            stream, job_id=target.job_id, allocation_id=target.allocation_id, port=target.port
+        )
+    if target.holder == hub.server_id or not target.holder:
+        raise Unavailable(503, "The shed running the job is not connected now.", 5.0)
+    return await peer.connect(target)
+
+
+async def _ended(hub, channel) -> None:
+    await channel.close()
+    if hasattr(channel, "stream"):
+        hub.relay.forget(channel)
+
+
+# -- HTTP ------------------------------------------------------------------------------------------
+
+
+async def http_application(hub, scope, receive, send) -> None:
+    """One request to a job's HTTP port (scope["path"] starts with RELAY_HTTP_PREFIX)."""
+    match = _HTTP_PATH.fullmatch(scope["path"][len(settings.RELAY_HTTP_PREFIX) :])
+    headers = list(scope.get("headers") or [])
+    if match is None:
+        return await _problem(send, Unavailable(404, "A service URL is <prefix>/<job id>/<port>/<path>."))
+    token, headers = _credential(headers)
+    try:
+        target = await _target(hub, token, match["job"], int(match["port"]), "http")
+        channel = await _channel(hub, target)
+    except Unavailable as exc:
+        return await _problem(send, exc)
+    try:
+        await _exchange(channel, scope, headers, match["rest"] or "/", target.port, receive, send)
+    finally:
+        await _ended(hub, channel)
+        hub.traffic.add(target, channel)
+
+
+def _credential(headers: list) -> tuple[str, list]:
+    """The renter's API key, and the headers without it."""
+    for name, value in headers:
+        if name.lower() == KEY_HEADER:
+            return value.decode("latin-1").strip(), [(n, v) for n, v in headers if n.lower() != KEY_HEADER]
+    for name, value in headers:
+        if name.lower() == b"authorization":
+            scheme, _, credential = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer":
+                return credential.strip(), [(n, v) for n, v in headers if n.lower() != b"authorization"]
+    return "", headers
+
+
+async def _exchange(channel, scope, headers: list, path: str, port: int, receive, send) -> None:
+    connection = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
+    target = path + ("?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else "")
+    client = (scope.get("client") or ("", 0))[0]
+    forwarded = [
+        (n, v) for n, v in headers if n.lower() not in _HOP_BY_HOP and not n.lower().startswith(b"x-forwarded-")
+    ]
+    forwarded += [(b"host", f"localhost:{port}".encode()),
+                  (b"connection", b"close"), (b"x-forwarded-for", client.encode()),
+                  (b"x-forwarded-proto", scope.get("scheme", "http").encode()),
+                  (b"x-forwarded-prefix", scope["path"][: len(scope["path"]) - len(path)].encode())]  # fmt: skip
+    declared = dict(headers).get(b"content-length")
+    if declared is not None:
+        forwarded.append((b"content-length", declared))
+    elif scope["method"] not in ("GET", "HEAD", "DELETE", "OPTIONS"):
+        forwarded.append((b"transfer-encoding", b"chunked"))
+    started = False
+    try:
+        await channel.write(connection.send(h11.Request(method=scope["method"], target=target, headers=forwarded)))
+        body = asyncio.ensure_future(_request_body(channel, connection, receive))
+        try:
+            started = await _response(channel, connection, scope, send)
+        finally:
+            if not body.done():
+                body.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ChannelClosed, Unavailable, h11.LocalProtocolError):
+                await body
+    except (ChannelClosed, h11.RemoteProtocolError, h11.LocalProtocolError, Unavailable) as exc:
+        if not started:
+            status, detail = _failure(exc, channel)
+            await _problem(send, Unavailable(status, detail))
+        # After the head there is no status to change: the response ends short, and the client sees it.
+
+
+def _failure(exc: Exception, channel) -> tuple[int, str]:
+    if isinstance(exc, Unavailable):
+        return exc.status, exc.detail
+    if isinstance(exc, h11.RemoteProtocolError):
+        return 502, "The job's answer was not HTTP/1.1."
+    if channel.closed == "idle":
+        return 504, f"The job sent nothing for {settings.RELAY_IDLE_TIMEOUT_S:g} s."
+    return 502, f"The job's connection ended: {channel.closed or exc}."
+
+
+async def _request_body(channel, connection: h11.Connection, receive) -> None:
+    size = 0
+    while True:
+        message = await asyncio.wait_for(receive(), settings.RELAY_IDLE_TIMEOUT_S)
+        if message["type"] != "http.request":
+            await channel.close("the client went away")
+            return
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > settings.RELAY_REQUEST_MAX_BYTES:
+            await channel.close("request too large")
+            raise Unavailable(413, f"A request body may be at most {settings.RELAY_REQUEST_MAX_BYTES} bytes.")
+        if chunk:
+            await channel.write(connection.send(h11.Data(data=chunk)))
+        if not message.get("more_body", False):
+            await channel.write(connection.send(h11.EndOfMessage()))
+            return
+
+
+async def _response(channel, connection: h11.Connection, scope, send) -> bool:
+    """Stream the job's answer to the client; whether its head went out."""
+    started, size = False, 0
+    while True:
+        event = connection.next_event()
+        if event is h11.NEED_DATA:
+            connection.receive_data(await channel.read())
+            continue
+        if isinstance(event, h11.InformationalResponse):
+            continue
+        if isinstance(event, h11.Response):
+            headers = [
+                (n, v) for n, v in event.headers if n.lower() not in _HOP_BY_HOP or n.lower() == b"content-length"
+            ]
+            await send({"type": "http.response.start", "status": event.status_code, "headers": headers})
+            started = True
+        elif isinstance(event, h11.Data):
+            size += len(event.data)
+            if size > settings.RELAY_RESPONSE_MAX_BYTES:
+                logger.info("relay_response_cut job=%s bytes=%d", channel.job_id, size)
+                raise ChannelClosed("the response is over RELAY_RESPONSE_MAX_BYTES")
+            await send({"type": "http.response.body", "body": event.data, "more_body": True})
+        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return started
+
+
+async def _problem(send, exc: Unavailable) -> None:
+    titles = {401: "Unauthorised", 404: "Not found", 410: "Gone", 413: "Request too large", 429: "Too many connections",
+              502: "Bad gateway", 503: "Service unavailable", 504: "Gateway timeout"}  # fmt: skip
+    body = json.dumps({"type": "about:blank", "title": titles.get(exc.status, "Error"), "status": exc.status,
+                       "detail": exc.detail}).encode()  # fmt: skip
+    headers = [(b"content-type", PROBLEM_CONTENT_TYPE.encode()), (b"content-length", str(len(body)).encode())]
+    if exc.retry_after is not None:
+        headers.append((b"retry-after", str(max(1, round(exc.retry_after))).encode()))
+    if exc.status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="api"'))
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+# -- TCP, as a WebSocket tunnel --------------------------------------------------------------------
+
+
+async def forward_application(hub, scope, receive, send) -> None:
+    """``shedshare forward``'s connection: the WebSocket's binary messages are the TCP stream."""
+    match = FORWARD_PATH.fullmatch(scope["path"])
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    await send({"type": "websocket.accept"})
+    token, _ = _credential(list(scope.get("headers") or []))
+    try:
+        target = await _target(hub, token, match["job"], int(match["port"]), None)
+        channel = await _channel(hub, target)
+    except Unavailable as exc:
+        return await send({"type": "websocket.close", "code": CLOSE_BASE + exc.status, "reason": exc.detail[:120]})
+
+    async def inward() -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "websocket.disconnect":
+                await channel.write_eof()
+                return
+            data = message.get("bytes") or (message.get("text") or "").encode()
+            if data:
+                await channel.write(data)
+
+    async def outward() -> None:
+        while data := await channel.read():
+            await send({"type": "websocket.send", "bytes": data})
+        await send({"type": "websocket.close", "code": 1000})
+
+    tasks = [asyncio.ensure_future(inward()), asyncio.ensure_future(outward())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(tasks, timeout=settings.RELAY_IDLE_TIMEOUT_S)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):  # already closed
+            await send({"type": "websocket.close", "code": 1000})
+        await _ended(hub, channel)
+        hub.traffic.add(target, channel)

@@ -1,0 +1,193 @@
+"""Services on sheds, end to end through real processes: a job serving HTTP and TCP is reached
+through the marketplace's relay over its agent's stream (the web server, the Celery worker and
+the agent as in test_e2e.py; the agent's development runtime, whose jobs listen on the host's
+loopback)."""
+
+import asyncio
+import hashlib
+import socket
+import threading
+
+import httpx
+import pytest
+
+from marketplace.accounts.services import api_key_create
+from marketplace.cli.forward import serve
+from marketplace.jobs.models import ServiceTraffic
+from tests.conftest import user_make
+from tests.e2e import free_port, wait_until
+from tests.system.test_e2e import agent_start, dump_logs
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+BIG = 100 * 2**20
+
+# The job: HTTP on one port (/hello; /big?n=BYTES, a deterministic body sent in chunks; /stream,
+# three server-sent events), a TCP echo on the other.
+SERVER = r"""
+import http.server, socket, sys, threading, time
+http_port, echo_port = int(sys.argv[1]), int(sys.argv[2])
+def block(i):
+    return bytes([(i * 7 + j) % 251 for j in range(256)]) * 256
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *args):
+        pass
+    def do_GET(self):
+        if self.path.startswith("/big"):
+            n = int(self.path.split("=")[1])
+            self.send_response(200)
+            self.send_header("Content-Length", str(n))
+            self.end_headers()
+            i = 0
+            while n > 0:
+                chunk = block(i % 16)[:n]
+                self.wfile.write(chunk)
+                n -= len(chunk)
+                i += 1
+        elif self.path == "/stream":
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(3):
+                data = f"data: token {i}\n\n".encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+                time.sleep(0.05)
+            self.wfile.write(b"0\r\n\r\n")
+        else:
+            body = f"hello {self.path} auth={self.headers.get('Authorization')}".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[::-1])
+def echo():
+    listener = socket.create_server(("127.0.0.1", echo_port))
+    while True:
+        conn, _ = listener.accept()
+        def serve(conn):
+            with conn:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+threading.Thread(target=echo, daemon=True).start()
+http.server.ThreadingHTTPServer(("127.0.0.1", http_port), Handler).serve_forever()
+"""
+
+
+def expected_big(n: int) -> str:
+    digest, i = hashlib.sha256(), 0
+    while n > 0:
+        chunk = (bytes([((i % 16) * 7 + j) % 251 for j in range(256)]) * 256)[:n]
+        digest.update(chunk)
+        n -= len(chunk)
+        i += 1
+    return digest.hexdigest()
+
+
+def forward_in_thread(base_url: str, key: str, job_id: str, port: int) -> tuple[int, list[str]]:
+    bound, refusals, ready = [], [], threading.Event()
+
+    def run() -> None:
+        def on_ready(port: int) -> None:
+            bound.append(port)
+            ready.set()
+
+        asyncio.run(serve(base_url, key, job_id, port, 0, ready=on_ready, refused=refusals.append))
+
+    threading.Thread(target=run, daemon=True).start()
+    assert ready.wait(15), "the forward did not listen"
+    return bound[0], refusals
+
+
+def test_a_service_job_is_reached_through_the_relay(running_stack, tmp_path):
+    stack = running_stack
+    _owner, _renter, _unit, shopper = agent_start(stack, tmp_path, connection="stream")
+    key = shopper.http.headers["Authorization"].removeprefix("Bearer ")
+    _, stranger_key = api_key_create(user=user_make("sam-stranger"), name="e2e")
+    http_port, echo_port = free_port(), free_port()
+    job = shopper.submit(
+        image="docker.io/library/python:3.12-slim",
+        command=["python3", "-c", SERVER, str(http_port), str(echo_port)],
+        workload_class="service",
+        ports=[{"port": http_port, "protocol": "http"}, {"port": echo_port, "protocol": "tcp"}],
+    )
+    assert job["max_duration_s"] == 30 * 24 * 3600  # a service runs until stopped, within the cap
+    base = f"{stack.base_url}/services/{job['id']}/{http_port}"
+    web = httpx.Client(timeout=60)
+    try:
+        wait_until(
+            lambda: shopper.job(job["id"])["state"] == "running",
+            timeout=60,
+            what=lambda: f"the job running: {shopper.job(job['id'])}",
+        )
+        hello = wait_until(
+            lambda: (r := web.get(f"{base}/hello?x=1", headers={"Authorization": f"Bearer {key}"})).status_code == 200
+            and r,
+            timeout=30,
+            what="the service answering",
+        )
+        # The renter's key reaches the service, and is not passed on to it.
+        assert hello.text == "hello /hello?x=1 auth=None"
+        # X-Shedshare-Key leaves Authorization to the service's own clients.
+        own = web.get(f"{base}/mine", headers={"X-Shedshare-Key": key, "Authorization": "Bearer service-token"})
+        assert own.text == "hello /mine auth=Bearer service-token"
+        assert web.post(f"{base}/echo", content=b"abc", headers={"X-Shedshare-Key": key}).content == b"cba"
+
+        assert web.get(f"{base}/hello").status_code == 401
+        stranger = web.get(f"{base}/hello", headers={"Authorization": f"Bearer {stranger_key}"})
+        assert stranger.status_code == 404 and stranger.headers["content-type"] == "application/problem+json"
+        undeclared = f"{stack.base_url}/services/{job['id']}/{free_port()}/hello"
+        assert web.get(undeclared, headers={"Authorization": f"Bearer {key}"}).status_code == 404
+        tcp_as_http = f"{stack.base_url}/services/{job['id']}/{echo_port}/"
+        assert web.get(tcp_as_http, headers={"Authorization": f"Bearer {key}"}).status_code == 404
+
+        with web.stream("GET", f"{base}/stream", headers={"Authorization": f"Bearer {key}"}) as events:
+            assert events.headers["content-type"] == "text/event-stream"
+            assert [line for line in events.iter_lines() if line] == [f"data: token {i}" for i in range(3)]
+
+        digest, size = hashlib.sha256(), 0
+        with web.stream("GET", f"{base}/big?n={BIG}", headers={"Authorization": f"Bearer {key}"}) as big:
+            assert big.status_code == 200
+            for chunk in big.iter_bytes():
+                digest.update(chunk)
+                size += len(chunk)
+        assert size == BIG and digest.hexdigest() == expected_big(BIG)
+
+        local, refusals = forward_in_thread(stack.base_url, key, job["id"], echo_port)
+        with socket.create_connection(("127.0.0.1", local), timeout=30) as conn:
+            payload = bytes(range(256)) * 4096  # 1 MiB through the tunnel and back
+            conn.sendall(payload)
+            received = b""
+            while len(received) < len(payload):
+                received += conn.recv(65536)
+            assert received == payload
+        denied, denied_refusals = forward_in_thread(stack.base_url, stranger_key, job["id"], echo_port)
+        with socket.create_connection(("127.0.0.1", denied), timeout=30) as conn:
+            assert conn.recv(10) == b""
+        wait_until(lambda: denied_refusals, timeout=15, what="the stranger's forward refused")
+        assert denied_refusals[0].startswith("404")
+        assert refusals == []
+
+        assert shopper.http.post(f"/api/v1/jobs/{job['id']}/cancel").status_code in (200, 202)
+        after = web.get(f"{base}/hello", headers={"Authorization": f"Bearer {key}"})
+        assert after.status_code == 410, after.text
+        shopper.wait_final(job["id"])
+
+        traffic = wait_until(
+            lambda: list(ServiceTraffic.objects.filter(job_id=job["id"], port=http_port)),
+            timeout=20,
+            what="the traffic stored",
+        )
+        assert traffic[0].requests >= 5 and traffic[0].bytes_out > BIG
+        record = shopper.http.get(f"/api/v1/jobs/{job['id']}/residency").json()
+        assert record["services"]["traffic"][0]["bytes_out"] > BIG
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{dump_logs(stack)}") from None
