@@ -101,8 +101,13 @@ def _services(job: Job) -> dict:
     return {
         "ports": list(job.ports or []),
         "traffic": [
-            {"day": row.day.isoformat(), "port": row.port, "requests": row.requests, "bytes_in": row.bytes_in,
-             "bytes_out": row.bytes_out}  # fmt: skip
+            {
+                "day": row.day.isoformat(),
+                "port": row.port,
+                "requests": row.requests,
+                "bytes_in": row.bytes_in,
+                "bytes_out": row.bytes_out,
+            }  # fmt: skip
             for row in rows
         ],
     }

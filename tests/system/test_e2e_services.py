@@ -129,8 +129,9 @@ def test_a_service_job_is_reached_through_the_relay(running_stack, tmp_path):
             what=lambda: f"the job running: {shopper.job(job['id'])}",
         )
         hello = wait_until(
-            lambda: (r := web.get(f"{base}/hello?x=1", headers={"Authorization": f"Bearer {key}"})).status_code == 200
-            and r,
+            lambda: (
+                (r := web.get(f"{base}/hello?x=1", headers={"Authorization": f"Bearer {key}"})).status_code == 200 and r
+            ),
             timeout=30,
             what="the service answering",
         )

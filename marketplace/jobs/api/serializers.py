@@ -34,7 +34,7 @@ def _env_names_problems(names) -> list[str]:
 
 
 class PortSerializer(StrictSerializer):
-    port = serializers.IntegerField(min_value=1, max_value=65535, help_text="What the job listens on, in its container.")
+    port = serializers.IntegerField(min_value=1, max_value=65535, help_text="What the job listens on, in its container")
     protocol = serializers.ChoiceField(
         choices=protocol.PORT_PROTOCOLS,
         default="http",
@@ -284,8 +284,8 @@ class JobSerializer(serializers.ModelSerializer):
             "max_price_per_gpu_hour", "isolation", "jurisdictions", "require_verified_location",
             "gpu_milli", "min_cuda", "workload_class", "rank", "max_duration_s", "restartable",
             "interruptible", "network_egress", "sandboxed", "env", "secrets", "registry_secret", "inputs", "outputs",
-            "ports", "attempts", "exit_code", "failure_reason", "pending_reason", "pending_summary", "placement", "usage",
-            "created_at", "placed_at", "started_at", "finished_at",
+            "ports", "attempts", "exit_code", "failure_reason", "pending_reason", "pending_summary", "placement",
+            "usage", "created_at", "placed_at", "started_at", "finished_at",
         ]  # fmt: skip
         read_only_fields = fields
 
