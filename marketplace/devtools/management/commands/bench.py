@@ -4,7 +4,7 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
-from marketplace.devtools.bench import agents, metering, offers, placement, replay, staging
+from marketplace.devtools.bench import agents, metering, offers, placement, relay, replay, staging
 
 BENCHMARKS = {
     "placement": placement,
@@ -13,6 +13,7 @@ BENCHMARKS = {
     "offers": offers,
     "agents": agents,
     "staging": staging,
+    "relay": relay,
 }
 
 
