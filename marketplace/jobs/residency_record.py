@@ -27,7 +27,12 @@ def _isolation(job: Job, started: list[Allocation]) -> dict:
         runtime, network = RUNS_IN[runs_in], "not cut: a process on the host reaches what the host reaches"
     else:
         runtime = RUNS_IN.get(runs_in, "not reported by the unit's agent")
-        network = "allowed out (network_egress)" if job.network_egress else "none: the container had no network"
+        if job.network_egress:
+            network = "allowed out (network_egress)"
+        elif job.ports:
+            network = "its own, reached by the shed's agent only (for its ports): nothing out, not the host"
+        else:
+            network = "none: the container had no network"
     # The unit's agent says what it ran the job in; the server cannot look inside the shed. Where
     # that is less than the job asked for, the record says so rather than repeat the request.
     asked = job.sandboxed and runs_in not in (None, "", RunsIn.SANDBOX)

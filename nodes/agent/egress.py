@@ -192,3 +192,81 @@ def _read(path: Path) -> str:
         return path.read_text().strip()
     except OSError:
         return ""
+
+
+# A job that serves ports and may not reach out has a network of its own (internal: no route
+# anywhere), whose bridge is named JOB_BRIDGE_PREFIX + a hash; but the host answers on the bridge's
+# gateway like on any of its addresses. One chain for all of them keeps the host's services off
+# every such bridge, leaving the agent its connections to the jobs' ports (the replies).
+JOB_BRIDGE_PREFIX = "shs-j"
+JOB_CHAIN_IN = "SHEDSHARE-JOBNET-IN"
+
+
+def job_bridge(allocation_id: str) -> str:
+    return f"{JOB_BRIDGE_PREFIX}{zlib.crc32(allocation_id.encode()):08x}"
+
+
+def job_network_options(name: str, allocation_id: str) -> dict[str, Any]:
+    """`networks.create` arguments for a job's own network."""
+    return {
+        "name": name,
+        "driver": "bridge",
+        "internal": True,
+        "enable_ipv6": False,
+        "options": {BRIDGE_OPTION: job_bridge(allocation_id)},
+        "labels": {"shedshare.network": "job"},
+    }
+
+
+class JobNetworkGuard:
+    """Installs and checks the INPUT rules of the jobs' own bridges (every one, by its prefix)."""
+
+    def __init__(self, *, run: Runner = run_command) -> None:
+        self._run = run
+
+    def _plan(self) -> tuple[list[Rule], list[Rule]]:
+        wildcard = JOB_BRIDGE_PREFIX + "+"
+        established = ("-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "RETURN")
+        rules = [
+            Rule("iptables", JOB_CHAIN_IN, established),
+            Rule("iptables", JOB_CHAIN_IN, tuple(REJECT)),
+            Rule("ip6tables", JOB_CHAIN_IN, established),
+            Rule("ip6tables", JOB_CHAIN_IN, tuple(REJECT6)),
+        ]
+        jumps = [Rule(tool, "INPUT", ("-i", wildcard, "-j", JOB_CHAIN_IN)) for tool in ("iptables", "ip6tables")]
+        return rules, jumps
+
+    def problems(self) -> list[str]:
+        rules, jumps = self._plan()
+        found = [f"{r.tool}: missing in {r.chain}: {' '.join(r.spec)}" for r in rules if not self._has(r)]
+        for jump in jumps:
+            first = self._run([jump.tool, "-w", "-S", "INPUT", "1"]).stdout.split()
+            if first != ["-A", "INPUT", *jump.spec]:
+                found.append(f"{jump.tool}: INPUT does not send the jobs' bridges to {JOB_CHAIN_IN} first")
+        return found
+
+    def ensure(self) -> None:
+        """Put the rules in place if any is missing; raise EgressUnavailable when they cannot be."""
+        if not self.problems():
+            return
+        rules, jumps = self._plan()
+        for tool in ("iptables", "ip6tables"):
+            self._run([tool, "-w", "-N", JOB_CHAIN_IN])  # exists already: fine
+            self._call(tool, "-F", JOB_CHAIN_IN)
+        for rule in rules:
+            self._call(rule.tool, "-A", rule.chain, *rule.spec)
+        for jump in jumps:
+            while self._has(jump):
+                self._call(jump.tool, "-D", jump.chain, *jump.spec)
+            self._call(jump.tool, "-I", jump.chain, "1", *jump.spec)
+        problems = self.problems()
+        if problems:
+            raise EgressUnavailable("; ".join(problems))
+
+    def _has(self, rule: Rule) -> bool:
+        return self._run([rule.tool, "-w", "-C", rule.chain, *rule.spec]).returncode == 0
+
+    def _call(self, tool: str, *args: str) -> None:
+        done = self._run([tool, "-w", *args])
+        if done.returncode != 0:
+            raise EgressUnavailable(f"{tool} {' '.join(args)}: {done.stderr.strip() or done.returncode}")

@@ -54,6 +54,7 @@ table = Table(
         "/scratch (HOME)": "writable and executable by the job",
         "scratch size": "capped (32 MiB here)",
         "network without egress": "loopback only",
+        "a job serving ports reaches": "nothing: not the host, another job, nor the internet (the agent reaches it)",
         "Docker socket": "absent",
         "host mounts": "none",
         "GPU devices": "only the job's",
@@ -187,3 +188,68 @@ def cgroup(container_id: str, controller: str, name: str) -> str | None:
         if (base / name).exists():
             return (base / name).read_text().strip()
     return None
+
+
+def test_a_jobs_port_is_reached_by_the_agent_alone(runtime, runtime_name, engine):
+    """A job that serves a port and may not reach out gets a network of its own: the agent (on the
+    host) reaches its port there; the job reaches neither the host's services nor another job's
+    port, nor anything beyond; its network goes with it."""
+    import dataclasses
+    import socket
+    import threading
+
+    from nodes.agent.runtime.spec import job_network
+
+    serve = "mkdir -p $HOME/www && echo served-by-the-job > $HOME/www/index.html && exec httpd -f -p 8080 -h $HOME/www"
+    first = dataclasses.replace(job("ports", serve), ports=(8080,))
+    second = dataclasses.replace(job("ports2", serve), ports=(8080,))
+    listener = socket.create_server(("0.0.0.0", 0))  # noqa: S104 - a host service the job must not reach
+
+    def accept_all() -> None:
+        with contextlib.suppress(OSError):  # closed at the end
+            while True:
+                listener.accept()[0].close()
+
+    threading.Thread(target=accept_all, daemon=True).start()
+    handles = [real.start(runtime, spec) for spec in (first, second)]
+    try:
+        for handle in handles:
+            real.wait_running(handle, runtime)
+        host, port = runtime.port_address(handles[0], 8080)
+
+        def fetch() -> bytes:
+            with socket.create_connection((host, port), timeout=5) as conn:
+                conn.sendall(b"GET /index.html HTTP/1.0\r\n\r\n")
+                return b"".join(iter(lambda: conn.recv(4096), b""))
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                answer = fetch()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the job's port did not answer"
+                time.sleep(0.2)
+        assert b"served-by-the-job" in answer
+        gateway = engine.networks.get(job_network(first.allocation_id)).attrs["IPAM"]["Config"][0]["Gateway"]
+        probes = {
+            "host": f"{gateway} {listener.getsockname()[1]}",
+            "other_job": f"{runtime.port_address(handles[1], 8080)[0]} 8080",
+            "internet": "1.1.1.1 80",
+        }
+        container = engine.containers.get(container_name(first.allocation_id))
+        reached = []
+        for what, target in probes.items():
+            _, output = container.exec_run(["sh", "-c", f"echo x | nc -w 3 {target} && echo REACHED"])
+            if b"REACHED" in output:
+                reached.append(what)
+        observed = "nothing: not the host, another job, nor the internet (the agent reaches it)"
+        table.observer(runtime_name)("a job serving ports reaches", ", ".join(reached) if reached else observed)
+        assert reached == [], f"{runtime_name}: the job reached {reached}"
+    finally:
+        for handle in handles:
+            runtime.kill(handle)
+            real.wait_exit(runtime, handle)
+            runtime.cleanup(handle)
+        listener.close()
+    assert not engine.networks.list(names=[job_network(first.allocation_id)])

@@ -32,7 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from nodes.agent import imageref, logs
-from nodes.agent.egress import EgressGuard, EgressUnavailable, bridge_of, network_options
+from nodes.agent.egress import (
+    EgressGuard,
+    EgressUnavailable,
+    JobNetworkGuard,
+    bridge_of,
+    job_network_options,
+    network_options,
+)
 from nodes.agent.images import ImagePolicy, size_problem
 from nodes.agent.isolation import IsolationConfig
 from nodes.agent.protocol import RunsIn
@@ -141,6 +148,7 @@ class DockerRuntime:
         host: Host = ANY_HOST,
         egress: EgressGuard | None = None,
         scratch_dir: Path | None = None,
+        job_networks: JobNetworkGuard | None = None,
     ) -> None:
         """`scratch_dir`: where jobs' staged data is kept on this machine; None: nowhere, so
         a job with data fails its staging."""
@@ -150,6 +158,7 @@ class DockerRuntime:
         self.cfg = cfg
         self.host = host
         self.egress = egress
+        self.job_networks = job_networks or JobNetworkGuard()
         self.log_dir = log_dir
         self.kill_grace_s = kill_grace_s
         self.images = images or ImagePolicy()
@@ -372,7 +381,7 @@ class DockerRuntime:
         assert handle.kwargs is not None
         try:
             if handle.kwargs["network_mode"] == job_network(handle.spec.allocation_id):
-                self._job_network(handle.kwargs["network_mode"])
+                self._job_network(handle.kwargs["network_mode"], handle.spec.allocation_id)
             self._guard_egress(handle.kwargs["network_mode"])
             handle.container = self.client.containers.create(**_sdk_kwargs(handle.kwargs))
             handle.container.start()
@@ -382,11 +391,11 @@ class DockerRuntime:
             raise StartFailed(redact(f"{type(exc).__name__}: {exc}", handle.secrets)) from None
         handle.output = follow(handle.container, handle.log_path)
 
-    def _job_network(self, name: str) -> None:
+    def _job_network(self, name: str, allocation_id: str) -> None:
+        """The job's own network, and the rules that keep the host's services off it."""
+        self.job_networks.ensure()
         if not [network for network in self.client.networks.list(names=[name]) if network.name == name]:
-            self.client.networks.create(
-                name=name, driver="bridge", internal=True, enable_ipv6=False, labels={"shedshare.network": "job"}
-            )
+            self.client.networks.create(**job_network_options(name, allocation_id))
 
     def _guard_egress(self, network: str) -> None:
         """Checked before every job that may reach the network: an engine restart or an owner's
