@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import socket
 import threading
+import time
 
 import httpx
 import pytest
@@ -192,3 +193,101 @@ def test_a_service_job_is_reached_through_the_relay(running_stack, tmp_path):
         assert record["services"]["traffic"][0]["bytes_out"] > BIG
     except AssertionError as error:
         raise AssertionError(f"{error}\n{dump_logs(stack)}") from None
+
+
+ABUSED = r"""
+import http.server, sys, time
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *args):
+        pass
+    def do_GET(self):
+        if self.path == "/slow":
+            time.sleep(1.5)
+        if self.path == "/forever":
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            data = b"x" * 65536
+            while True:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        body = b"ok"
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(body)
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def test_the_relay_bounds_what_a_client_or_a_job_can_take(tmp_path):
+    """Many concurrent requests, a response that never ends, a request body that stalls, a body
+    over the cap, a job not running yet: each answered within its bound, and the shed's stream
+    and heartbeats go on."""
+    from marketplace.jobs.models import Job
+    from nodes.models import Unit
+    from tests.e2e import stack_start
+
+    stack = stack_start(tmp_path, port=free_port(), RELAY_CHANNELS_PER_JOB="8", RELAY_IDLE_TIMEOUT_S="3",
+                        RELAY_RESPONSE_MAX_BYTES=str(4 * 2**20), RELAY_REQUEST_MAX_BYTES=str(2**20))  # fmt: skip
+    try:
+        _owner, _renter, unit, shopper = agent_start(stack, tmp_path, connection="stream")
+        key = shopper.http.headers["Authorization"].removeprefix("Bearer ")
+        port = free_port()
+        job = shopper.submit(image="docker.io/library/python:3.12-slim", command=["python3", "-c", ABUSED, str(port)],
+                             workload_class="service", ports=[{"port": port}])  # fmt: skip
+        waiting = shopper.submit(image="docker.io/library/python:3.12-slim", command=["true"], gpu_count=8,
+                                 ports=[{"port": port}])  # fmt: skip
+        auth = {"Authorization": f"Bearer {key}"}
+        base = f"{stack.base_url}/services/{job['id']}/{port}"
+        wait_until(lambda: httpx.get(f"{base}/", headers=auth, timeout=10).status_code == 200, timeout=60,
+                   what=lambda: f"the service answering: {shopper.job(job['id'])['state']}")  # fmt: skip
+
+        queued = httpx.get(f"{stack.base_url}/services/{waiting['id']}/{port}/", headers=auth, timeout=10)
+        assert queued.status_code == 503 and queued.headers["retry-after"] == "5", queued.text
+
+        async def crowd() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=200)) as client:
+                return await asyncio.gather(*(client.get(f"{base}/slow", headers=auth) for _ in range(200)))
+
+        started = time.monotonic()
+        answers = asyncio.run(crowd())
+        assert time.monotonic() - started < 30
+        statuses = [answer.status_code for answer in answers]
+        assert set(statuses) <= {200, 429} and statuses.count(200) >= 8 and statuses.count(429) >= 100, statuses
+        refused = next(answer for answer in answers if answer.status_code == 429)
+        assert refused.headers["content-type"] == "application/problem+json" and "retry-after" in refused.headers
+
+        got, started = 0, time.monotonic()
+        with (
+            pytest.raises(httpx.HTTPError),
+            httpx.stream("GET", f"{base}/forever", headers=auth, timeout=30) as endless,
+        ):
+            for chunk in endless.iter_raw():
+                got += len(chunk)
+        assert 4 * 2**20 <= got <= 4 * 2**20 + 2**20 and time.monotonic() - started < 30
+
+        with socket.create_connection(("127.0.0.1", int(stack.base_url.rsplit(":", 1)[1])), timeout=30) as loris:
+            loris.sendall(f"POST /services/{job['id']}/{port}/ HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                          "Content-Length: 100\r\n\r\nonly a little".encode())  # fmt: skip
+            started = time.monotonic()
+            answer = loris.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 15, answer
+
+        too_big = httpx.post(f"{base}/", headers=auth, content=b"x" * (2**20 + 1), timeout=30)
+        assert too_big.status_code == 413
+
+        assert httpx.get(f"{base}/", headers=auth, timeout=10).status_code == 200  # still serving
+        assert Unit.objects.get(pk=unit.pk).status == Unit.Status.ONLINE
+        assert "stream_unavailable" not in stack.log("agent") and "stream_closed" not in stack.log("agent")
+        assert Job.objects.get(pk=job["id"]).state == Job.State.RUNNING
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{dump_logs(stack)}") from None
+    finally:
+        stack.stop_all()

@@ -85,6 +85,11 @@ async def http_application(hub, scope, receive, send) -> None:
     if match is None:
         return await _problem(send, Unavailable(404, "A service URL is <prefix>/<job id>/<port>/<path>."))
     token, headers = _credential(headers)
+    declared = dict(headers).get(b"content-length", b"")
+    if declared.isdigit() and int(declared) > settings.RELAY_REQUEST_MAX_BYTES:
+        return await _problem(
+            send, Unavailable(413, f"A request body may be at most {settings.RELAY_REQUEST_MAX_BYTES} bytes.")
+        )
     try:
         target = await _target(hub, token, match["job"], int(match["port"]), "http")
         channel = await _channel(hub, target)
@@ -126,22 +131,24 @@ async def _exchange(channel, scope, headers: list, path: str, port: int, receive
         forwarded.append((b"content-length", declared))
     elif scope["method"] not in ("GET", "HEAD", "DELETE", "OPTIONS"):
         forwarded.append((b"transfer-encoding", b"chunked"))
-    started = False
+    started, body = False, None
     try:
         await channel.write(connection.send(h11.Request(method=scope["method"], target=target, headers=forwarded)))
         body = asyncio.ensure_future(_request_body(channel, connection, receive))
-        try:
-            started = await _response(channel, connection, scope, send)
-        finally:
-            if not body.done():
-                body.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ChannelClosed, Unavailable, h11.LocalProtocolError):
-                await body
+        started = await _response(channel, connection, scope, send)
     except (ChannelClosed, h11.RemoteProtocolError, h11.LocalProtocolError, Unavailable) as exc:
-        if not started:
-            status, detail = _failure(exc, channel)
+        if not started:  # after the head there is no status to change: the answer ends short
+            failure: Exception = exc
+            if body is not None:
+                await asyncio.wait([body], timeout=1.0)  # a body that failed says why better
+                if body.done() and not body.cancelled() and isinstance(body.exception(), Unavailable):
+                    failure = body.exception()
+            status, detail = _failure(failure, channel)
             await _problem(send, Unavailable(status, detail))
-        # After the head there is no status to change: the response ends short, and the client sees it.
+    finally:
+        if body is not None:
+            body.cancel()
+            await asyncio.gather(body, return_exceptions=True)
 
 
 def _failure(exc: Exception, channel) -> tuple[int, str]:
@@ -157,7 +164,11 @@ def _failure(exc: Exception, channel) -> tuple[int, str]:
 async def _request_body(channel, connection: h11.Connection, receive) -> None:
     size = 0
     while True:
-        message = await asyncio.wait_for(receive(), settings.RELAY_IDLE_TIMEOUT_S)
+        try:
+            message = await asyncio.wait_for(receive(), settings.RELAY_IDLE_TIMEOUT_S)
+        except TimeoutError:
+            await channel.close("the request stalled")
+            raise Unavailable(408, f"The request's body stalled for {settings.RELAY_IDLE_TIMEOUT_S:g} s.") from None
         if message["type"] != "http.request":
             await channel.close("the client went away")
             return
@@ -201,7 +212,8 @@ async def _response(channel, connection: h11.Connection, scope, send) -> bool:
 
 
 async def _problem(send, exc: Unavailable) -> None:
-    titles = {401: "Unauthorised", 404: "Not found", 410: "Gone", 413: "Request too large", 429: "Too many connections",
+    titles = {401: "Unauthorised", 404: "Not found", 408: "Request timeout", 410: "Gone", 413: "Request too large",
+              429: "Too many connections",
               502: "Bad gateway", 503: "Service unavailable", 504: "Gateway timeout"}  # fmt: skip
     body = json.dumps({"type": "about:blank", "title": titles.get(exc.status, "Error"), "status": exc.status,
                        "detail": exc.detail}).encode()  # fmt: skip
