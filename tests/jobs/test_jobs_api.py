@@ -61,6 +61,33 @@ class TestSubmit:
         assert body["max_price_per_gpu_hour"] is None
         assert body["restartable"] is False
 
+    def test_a_service_declares_its_ports_and_runs_until_stopped_within_the_cap(self, renter_api, settings):
+        ports = [{"port": 8000, "protocol": "http"}, {"port": 22, "protocol": "tcp"}]
+        service = renter_api.post(JOBS, {**JOB_SPEC, "workload_class": "service", "ports": ports}, format="json")
+        assert service.status_code == 201, service.content
+        assert service.json()["ports"] == ports
+        assert service.json()["max_duration_s"] == settings.JOB_MAX_DURATION_S
+        batch = renter_api.post(JOBS, {**JOB_SPEC, "ports": [{"port": 8888}]}, format="json").json()
+        assert batch["max_duration_s"] == settings.JOB_DEFAULT_MAX_DURATION_S
+        assert batch["ports"] == [{"port": 8888, "protocol": "http"}]
+
+    @pytest.mark.parametrize(
+        "ports",
+        [
+            pytest.param([{"port": 0}], id="port-0"),
+            pytest.param([{"port": 65536}], id="port-too-high"),
+            pytest.param([{"port": 80, "protocol": "udp"}], id="unknown-protocol"),
+            pytest.param([{"port": 80}, {"port": 80, "protocol": "tcp"}], id="twice"),
+            pytest.param([{"port": 1000 + n} for n in range(9)], id="too-many"),
+            pytest.param([{"port": 80, "host": "any"}], id="unknown-field"),
+            pytest.param({"port": 80}, id="not-a-list"),
+        ],
+    )
+    def test_bad_ports_are_refused(self, renter_api, ports):
+        body = problem_of(renter_api.post(JOBS, {**JOB_SPEC, "ports": ports}, format="json"), 400)
+        assert "ports" in body["errors"], body
+        assert not Job.objects.exists()
+
     def test_placement_requirements_are_stored_normalised(self, renter_api):
         spec = {
             **JOB_SPEC,
