@@ -3,8 +3,9 @@
 from dataclasses import dataclass
 
 from django.db.models import Q
+from django.utils import timezone
 
-from marketplace.jobs.models import Allocation, Job, LogChunk
+from marketplace.jobs.models import Allocation, Job, LogChunk, ServiceTraffic
 from marketplace.jobs.selectors import allocations_with_usage
 from marketplace.kernel.models import AuditEvent
 from marketplace.kernel.money import from_micros
@@ -85,3 +86,9 @@ def job_log_ready(job: Job, *, offset: int) -> bool:
 def job_allocations_usage(job: Job) -> list[Allocation]:
     """The job's allocations, oldest first, each annotated with its usage and charge in one query."""
     return list(allocations_with_usage(Allocation.objects.filter(job=job).order_by("created_at", "id")))
+
+
+def job_traffic_today(job) -> dict[int, int]:
+    """Requests the relay served today to each of the job's ports (stored every few seconds)."""
+    rows = ServiceTraffic.objects.filter(job=job, day=timezone.now().date()).values_list("port", "requests")
+    return dict(rows)

@@ -283,3 +283,19 @@ class ServiceTraffic(models.Model):
 
     def __str__(self) -> str:
         return f"{self.job_id} :{self.port} {self.day}"
+
+
+class EndpointToken(models.Model):
+    """A token the renter gives their own users for one job's HTTP ports (the relay's endpoint),
+    shown once; stored as a lookup and an HMAC, like API keys. Revoked, it opens nothing."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="endpoint_tokens")
+    name = models.CharField(max_length=80)
+    lookup = models.CharField(max_length=12, unique=True)
+    digest = models.CharField(max_length=64)
+    created_at = models.DateTimeField(default=timezone.now)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.job_id})"

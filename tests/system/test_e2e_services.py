@@ -143,6 +143,11 @@ def test_a_service_job_is_reached_through_the_relay(running_stack, tmp_path):
         assert own.text == "hello /mine auth=Bearer service-token"
         assert web.post(f"{base}/echo", content=b"abc", headers={"X-Shedshare-Key": key}).content == b"cba"
 
+        made = shopper.http.post(f"/api/v1/jobs/{job['id']}/endpoint-tokens", json={"name": "my users"}).json()
+        with_token = web.get(f"{base}/hello", headers={"Authorization": f"Bearer {made['token']}"})
+        assert with_token.status_code == 200 and with_token.text == "hello /hello auth=None"
+        assert shopper.http.delete(f"/api/v1/jobs/{job['id']}/endpoint-tokens/{made['id']}").status_code == 204
+        assert web.get(f"{base}/hello", headers={"Authorization": f"Bearer {made['token']}"}).status_code == 401
         assert web.get(f"{base}/hello").status_code == 401
         stranger = web.get(f"{base}/hello", headers={"Authorization": f"Bearer {stranger_key}"})
         assert stranger.status_code == 404 and stranger.headers["content-type"] == "application/problem+json"
@@ -188,9 +193,12 @@ def test_a_service_job_is_reached_through_the_relay(running_stack, tmp_path):
             timeout=20,
             what="the traffic stored",
         )
-        assert traffic[0].requests >= 5 and traffic[0].bytes_out > BIG
+        assert traffic[0].requests >= 6 and traffic[0].bytes_out > BIG
         record = shopper.http.get(f"/api/v1/jobs/{job['id']}/residency").json()
         assert record["services"]["traffic"][0]["bytes_out"] > BIG
+        services = shopper.job(job["id"])["services"]
+        assert services[0]["url"] == f"{base}/" and services[0]["requests_today"] >= 6
+        assert services[1]["forward"] == f"shedshare forward {job['id']} {echo_port}"
     except AssertionError as error:
         raise AssertionError(f"{error}\n{dump_logs(stack)}") from None
 

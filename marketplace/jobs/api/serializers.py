@@ -33,6 +33,17 @@ def _env_names_problems(names) -> list[str]:
     return problems
 
 
+class EndpointTokenCreateSerializer(StrictSerializer):
+    name = serializers.CharField(max_length=80, help_text="Whom it is for: shown in the list, never the token.")
+
+
+class EndpointTokenSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    name = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    revoked_at = serializers.DateTimeField(allow_null=True)
+
+
 class PortSerializer(StrictSerializer):
     port = serializers.IntegerField(min_value=1, max_value=65535, help_text="What the job listens on, in its container")
     protocol = serializers.ChoiceField(
@@ -276,6 +287,10 @@ class JobSerializer(serializers.ModelSerializer):
     pending_summary = serializers.SerializerMethodField()
     placement = serializers.SerializerMethodField()
     usage = serializers.SerializerMethodField()
+    services = serializers.SerializerMethodField(
+        help_text="Each declared port: its URL (HTTP, with your API key or an endpoint token), the command that "
+        "forwards it to your machine, and the requests served today (counted every few seconds)."
+    )
 
     class Meta:
         model = Job
@@ -285,7 +300,7 @@ class JobSerializer(serializers.ModelSerializer):
             "gpu_milli", "min_cuda", "workload_class", "rank", "max_duration_s", "restartable",
             "interruptible", "network_egress", "sandboxed", "env", "secrets", "registry_secret", "inputs", "outputs",
             "ports", "attempts", "exit_code", "failure_reason", "pending_reason", "pending_summary", "placement",
-            "usage", "created_at", "placed_at", "started_at", "finished_at",
+            "usage", "services", "created_at", "placed_at", "started_at", "finished_at",
         ]  # fmt: skip
         read_only_fields = fields
 
@@ -310,6 +325,24 @@ class JobSerializer(serializers.ModelSerializer):
     def get_usage(self, job) -> dict:
         gpu_ms, cost = job_usage(job)
         return {"gpu_seconds": round(gpu_ms / 1000, 3), "cost": str(from_micros(cost))}
+
+    def get_services(self, job) -> list[dict]:
+        if not job.ports:
+            return []
+        request = self.context.get("request")
+        today = job_reads.job_traffic_today(job)
+        services = []
+        for entry in job.ports:
+            port, kind = entry["port"], entry.get("protocol", "http")
+            path = f"{settings.RELAY_HTTP_PREFIX}/{job.pk}/{port}/"
+            services.append({
+                "port": port,
+                "protocol": kind,
+                "url": (request.build_absolute_uri(path) if request else path) if kind == "http" else None,
+                "forward": f"shedshare forward {job.pk} {port}",
+                "requests_today": today.get(port, 0),
+            })  # fmt: skip
+        return services
 
 
 class PlacementRecordSerializer(serializers.Serializer):

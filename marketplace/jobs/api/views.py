@@ -1,5 +1,6 @@
 from django.conf import settings
 from django.http import HttpResponse
+from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
@@ -11,6 +12,7 @@ from marketplace.jobs import job_reads, job_templates, services
 from marketplace.jobs.api import serializers as s
 from marketplace.jobs.api.filters import JOB_LIST_PARAMETERS, jobs_filter
 from marketplace.jobs.api.serializers import JobSerializer, JobSubmitSerializer, PlacementRecordSerializer
+from marketplace.jobs.relay.tokens import TooManyTokens, endpoint_token_create, endpoint_token_revoke
 from marketplace.jobs.residency_record import job_residency_record
 from marketplace.jobs.selectors import job_placement_records, jobs_for
 from marketplace.kernel.api.idempotency import idempotent
@@ -146,6 +148,39 @@ class JobViewSet(LongPollMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin
     @action(detail=True, methods=["get"], pagination_class=None)
     def residency(self, request, pk=None):
         return Response(job_residency_record(self.get_object()))
+
+    @extend_schema(
+        methods=["GET"], summary="The job's endpoint tokens (never their values)",
+        responses={200: s.EndpointTokenSerializer(many=True)},
+    )  # fmt: skip
+    @extend_schema(
+        methods=["POST"],
+        summary="A token for your own users to call the job's HTTP ports",
+        description="The token is shown once, in this answer: they send it as Authorization: Bearer (or "
+        "X-Shedshare-Key) to the job's service URL. It opens no other job, nor any API.",
+        request=s.EndpointTokenCreateSerializer,
+        responses={201: OpenApiResponse(description="The token's record and its value, `token`, shown once")},
+    )
+    @action(detail=True, methods=["get", "post"], url_path="endpoint-tokens", pagination_class=None)
+    def endpoint_tokens(self, request, pk=None):
+        job = self.get_object()
+        if request.method == "GET":
+            return Response(s.EndpointTokenSerializer(job.endpoint_tokens.order_by("created_at"), many=True).data)
+        body = s.EndpointTokenCreateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        try:
+            token, plaintext = endpoint_token_create(job=job, name=body.validated_data["name"],
+                                                     actor=f"user:{request.user.pk}")  # fmt: skip
+        except TooManyTokens as exc:
+            raise ValidationError({"name": [str(exc)]}) from None
+        return Response({**s.EndpointTokenSerializer(token).data, "token": plaintext}, status=status.HTTP_201_CREATED)
+
+    @extend_schema(summary="Revoke an endpoint token", request=None, responses={204: None})
+    @action(detail=True, methods=["delete"], url_path=r"endpoint-tokens/(?P<token_id>[0-9a-f-]{36})")
+    def endpoint_token_revoke(self, request, pk=None, token_id=None):
+        token = get_object_or_404(self.get_object().endpoint_tokens, pk=token_id)
+        endpoint_token_revoke(token=token, actor=f"user:{request.user.pk}")
+        return Response(status=status.HTTP_204_NO_CONTENT)
 
     @extend_schema(summary="The job's usage and cost so far", responses={200: s.JobUsageSerializer})
     @action(detail=True, methods=["get"], pagination_class=None)

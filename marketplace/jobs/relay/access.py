@@ -11,6 +11,7 @@ from django.db.models import F
 from marketplace.accounts.services import API_KEY_KIND, api_key_authenticate
 from marketplace.jobs.models import Allocation, Job, ServiceTraffic
 from marketplace.jobs.relay.channels import Unavailable
+from marketplace.jobs.relay.tokens import endpoint_token_job
 
 NOT_FOUND = "No such job or port of yours."
 
@@ -26,15 +27,20 @@ class Target:
 
 
 def target(token: str, job_id: str, port: int, *, protocol: str | None) -> Target:
-    """The running job ``job_id`` of the renter whose API key ``token`` is, and its ``port``
-    (of ``protocol``, if given). Raises Unavailable: 401 without a valid key, 404 for a job or
-    port that is not the caller's (another renter's job is not said to exist), 503 for a job not
-    running yet, 410 for one that ended."""
+    """The running job ``job_id`` of the renter whose API key ``token`` is (or, for HTTP, whose
+    endpoint token it is), and its ``port`` (of ``protocol``, if given). Raises Unavailable: 401
+    without a valid key or token (or a key without the read scope), 404 for a job or port that
+    is not the caller's (another renter's job is not said to exist), 503 for a job not running
+    yet, 410 for one that ended."""
     key = api_key_authenticate(plaintext=token) if token.startswith(f"{API_KEY_KIND}_") else None
-    if key is None:
-        raise Unavailable(401, "An API key of the job's renter is needed (Authorization: Bearer ...).")
+    if key is not None and "read" not in key.scopes:
+        raise Unavailable(401, "This API key lacks the 'read' scope.")
+    opens = endpoint_token_job(token) if key is None and protocol == "http" else None
+    if key is None and opens is None:
+        raise Unavailable(401, "The renter's API key, or an endpoint token of the job, is needed.")
     try:
-        job = Job.objects.get(pk=uuid.UUID(job_id), renter=key.user)
+        mine = Job.objects.filter(renter=key.user) if key is not None else Job.objects.filter(pk=opens)
+        job = mine.get(pk=uuid.UUID(job_id))
     except (ValueError, Job.DoesNotExist):
         raise Unavailable(404, NOT_FOUND) from None
     declared = {entry.get("port"): entry.get("protocol", "http") for entry in job.ports or []}
