@@ -26,8 +26,10 @@ def dump_logs(stack) -> str:
     return "\n".join(f"===== {name}\n{stack.log(name)[-4000:]}" for name in ("web", "worker", "agent"))
 
 
-def agent_start(stack, tmp_path, *, connection: str):
-    """A renter with credit and an API key, and a shed's agent in Germany, online."""
+def agent_start(stack, tmp_path, *, connection: str, url: str | None = None):
+    """A renter with credit and an API key, and a shed's agent in Germany, online; its agent
+    talks to ``url`` (by default the stack's web server)."""
+    url = url or stack.base_url
     owner, renter = user_make("olivia-owner"), user_make("rita-renter")
     unit, token = unit_register(owner=owner, name="Garden shed", country="DE")
     wallet_credit_promotional(user=renter, amount_micros=50_000_000, key="e2e-credit")
@@ -35,7 +37,7 @@ def agent_start(stack, tmp_path, *, connection: str):
     config = str(tmp_path / "agent" / "agent.json")
 
     enrolled = stack.run(
-        devstack.agent_argv("enrol", "--url", stack.base_url, "--token", token, "--config", config, "--country", "DE")
+        devstack.agent_argv("enrol", "--url", url, "--token", token, "--config", config, "--country", "DE")
     )
     assert enrolled.returncode == 0, enrolled.stderr + enrolled.stdout
     stack.start(

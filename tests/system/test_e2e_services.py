@@ -299,3 +299,48 @@ def test_the_relay_bounds_what_a_client_or_a_job_can_take(tmp_path):
         raise AssertionError(f"{error}\n{dump_logs(stack)}") from None
     finally:
         stack.stop_all()
+
+
+def test_a_request_reaches_a_stream_held_by_another_connection_server(running_stack, tmp_path):
+    """The agent's stream on one connection server, the renter's request on another (the web
+    server): the request goes through the server holding the stream."""
+    import sys
+
+    from marketplace.devtools import devstack
+
+    stack = running_stack
+    port = free_port()
+    stack.start("connections", [sys.executable, "-m", "uvicorn", "marketplace.asgi:application", "--host",
+                                "127.0.0.1", "--port", str(port), "--ws", "websockets-sansio"])  # fmt: skip
+    devstack.wait_http(f"http://127.0.0.1:{port}/api/schema/", timeout=30)
+    _owner, _renter, _unit, shopper = agent_start(stack, tmp_path, connection="stream", url=f"http://127.0.0.1:{port}")
+    key = shopper.http.headers["Authorization"].removeprefix("Bearer ")
+    http_port, echo_port = free_port(), free_port()
+    job = shopper.submit(image="docker.io/library/python:3.12-slim",
+                         command=["python3", "-c", SERVER, str(http_port), str(echo_port)],
+                         ports=[{"port": http_port}, {"port": echo_port, "protocol": "tcp"}])  # fmt: skip
+    auth = {"Authorization": f"Bearer {key}"}
+    try:
+        assert "stream_opened" not in stack.log("web")  # the web server holds no stream
+        hello = wait_until(
+            lambda: (r := httpx.get(f"{stack.base_url}/services/{job['id']}/{http_port}/peer", headers=auth,
+                                    timeout=30)).status_code == 200 and r,
+            timeout=60, what=lambda: f"the service through the web server: {shopper.job(job['id'])['state']}",
+        )  # fmt: skip
+        assert hello.text == "hello /peer auth=None"
+        digest, size = hashlib.sha256(), 0
+        with httpx.stream("GET", f"{stack.base_url}/services/{job['id']}/{http_port}/big?n={8 * 2**20}",
+                          headers=auth, timeout=60) as big:  # fmt: skip
+            for chunk in big.iter_bytes():
+                digest.update(chunk)
+                size += len(chunk)
+        assert size == 8 * 2**20 and digest.hexdigest() == expected_big(8 * 2**20)
+        local, refusals = forward_in_thread(stack.base_url, key, job["id"], echo_port)
+        with socket.create_connection(("127.0.0.1", local), timeout=30) as conn:
+            conn.sendall(b"through two servers")
+            assert conn.recv(100) == b"through two servers"
+        assert refusals == []
+    except AssertionError as error:
+        raise AssertionError(
+            f"{error}\n{dump_logs(stack)}\n===== connections\n{stack.log('connections')[-3000:]}"
+        ) from None
