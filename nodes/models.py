@@ -319,6 +319,7 @@ class StreamServer(models.Model):
     renewed_at = models.DateTimeField()
     # host:port where the other servers reach it for the relay to a job whose stream it holds
     relay_address = models.CharField(max_length=100, blank=True)
+    location = models.CharField(max_length=10, blank=True, help_text="Where it runs (RELAY_LOCATION).")
 
     def __str__(self) -> str:
         return f"connection server {self.id}"

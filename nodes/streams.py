@@ -80,11 +80,10 @@ def nudges_last_id() -> int:
 
 def server_renew(server_id: str, *, now: datetime, relay_address: str = "") -> None:
     """Renew the connection server's lease (one row for all the units it holds), with where the
-    relay's peers reach it."""
-    if not StreamServer.objects.filter(pk=server_id).update(renewed_at=now, relay_address=relay_address):
-        StreamServer.objects.update_or_create(
-            pk=server_id, defaults={"renewed_at": now, "relay_address": relay_address}
-        )
+    relay's peers reach it and where it runs (RELAY_LOCATION)."""
+    fields = {"renewed_at": now, "relay_address": relay_address, "location": settings.RELAY_LOCATION}
+    if not StreamServer.objects.filter(pk=server_id).update(**fields):
+        StreamServer.objects.update_or_create(pk=server_id, defaults=fields)
 
 
 def prune(*, now: datetime) -> None:

@@ -61,6 +61,9 @@ class Job(models.Model):
     rank = models.CharField(max_length=10, choices=Rank.choices, default=Rank.CHEAPEST)
     max_duration_s = models.PositiveIntegerField(default=3600)
     ports = models.JSONField(default=list, blank=True, help_text='[{"port": 8000, "protocol": "http"}, ...]')
+    relay_in_jurisdiction = models.BooleanField(
+        default=False, help_text="Its ports are served only by connection servers within its jurisdictions."
+    )
     restartable = models.BooleanField(default=False)
     interruptible = models.BooleanField(
         default=False,
@@ -274,12 +277,17 @@ class ServiceTraffic(models.Model):
     job = models.ForeignKey(Job, on_delete=models.CASCADE, related_name="traffic")
     day = models.DateField()
     port = models.PositiveIntegerField()
+    relayed_in = models.CharField(
+        max_length=10, blank=True, help_text="Where the connection server that served it runs (RELAY_LOCATION)."
+    )
     requests = models.BigIntegerField(default=0)
     bytes_in = models.BigIntegerField(default=0, help_text="To the job.")
     bytes_out = models.BigIntegerField(default=0, help_text="From the job.")
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["job", "day", "port"], name="service_traffic_job_day_port")]
+        constraints = [
+            models.UniqueConstraint(fields=["job", "day", "port", "relayed_in"], name="service_traffic_job_day_port")
+        ]
 
     def __str__(self) -> str:
         return f"{self.job_id} :{self.port} {self.day}"

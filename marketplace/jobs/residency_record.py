@@ -100,19 +100,21 @@ def _data(job: Job, events: list[AuditEvent]) -> dict:
 
 
 def _services(job: Job) -> dict:
-    """What the job served through the relay: its ports, and per day and port the requests and
-    bytes (the relay keeps no payload)."""
-    rows = job.traffic.order_by("day", "port")
+    """What the job served through the relay: its ports, and per day, port and place of the
+    connection server the requests and bytes (the relay keeps no payload)."""
+    rows = job.traffic.order_by("day", "port", "relayed_in")
     return {
         "ports": list(job.ports or []),
+        "relay_in_jurisdiction": job.relay_in_jurisdiction,
         "traffic": [
             {
                 "day": row.day.isoformat(),
                 "port": row.port,
+                "relayed_in": row.relayed_in or "not stated",
                 "requests": row.requests,
                 "bytes_in": row.bytes_in,
                 "bytes_out": row.bytes_out,
-            }  # fmt: skip
+            }
             for row in rows
         ],
     }

@@ -526,6 +526,9 @@ RELAY_OPEN_TIMEOUT_S = env_float("RELAY_OPEN_TIMEOUT_S", 15.0)  # the agent's an
 # stream): host:port to listen on, and to advertise (the pod's address behind a load balancer).
 RELAY_PEER_BIND = env_str("RELAY_PEER_BIND") or "127.0.0.1:0"
 RELAY_PEER_ADVERTISE = env_str("RELAY_PEER_ADVERTISE") or ""
+# Where this deployment of connection servers runs: an ISO 3166 country or subdivision ("DE",
+# "DE-HE"). A job with relay_in_jurisdiction is served only by servers within its jurisdictions.
+RELAY_LOCATION = env_str("RELAY_LOCATION") or ""
 
 STREAM_TUNE_PROCESS = env_bool("STREAM_TUNE_PROCESS", True)
 STREAM_GC_THRESHOLDS = (50_000, 20, 100)

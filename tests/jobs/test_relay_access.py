@@ -79,8 +79,8 @@ def test_the_job_shows_its_services_and_the_traffic_counts_add_up(served, renter
     from django.utils import timezone
 
     today = timezone.now().date()
-    access.traffic_add({(str(served.pk), today, HTTP): [3, 100, 5000]})
-    access.traffic_add({(str(served.pk), today, HTTP): [2, 10, 500]})
+    access.traffic_add({(str(served.pk), today, HTTP, "DE"): [3, 100, 5000]})
+    access.traffic_add({(str(served.pk), today, HTTP, "DE"): [2, 10, 500]})
     row = ServiceTraffic.objects.get(job=served, port=HTTP)
     assert (row.requests, row.bytes_in, row.bytes_out) == (5, 110, 5500)
 
@@ -90,5 +90,29 @@ def test_the_job_shows_its_services_and_the_traffic_counts_add_up(served, renter
     assert tcp["url"] is None and tcp["forward"] == f"shedshare forward {served.pk} {TCP}"
     record = renter_client(renter).get(f"/api/v1/jobs/{served.pk}/residency").json()
     assert record["services"]["traffic"] == [
-        {"day": today.isoformat(), "port": HTTP, "requests": 5, "bytes_in": 110, "bytes_out": 5500}
+        {"day": today.isoformat(), "port": HTTP, "relayed_in": "DE", "requests": 5, "bytes_in": 110, "bytes_out": 5500}
     ]
+
+
+def test_a_job_kept_in_its_jurisdictions_is_served_only_by_servers_within_them(served, renter, settings):
+    Job.objects.filter(pk=served.pk).update(jurisdictions=["EU"], relay_in_jurisdiction=True)
+    _, key = api_key_create(user=renter, name="mine")
+    target = access.target(key, str(served.pk), HTTP, protocol="http")
+    assert access.relay_refusal(target, here="DE-HE", through_holder=False) is None
+    assert "runs in US" in access.relay_refusal(target, here="US", through_holder=False)
+    assert "unstated" in access.relay_refusal(target, here="", through_holder=False)
+    # Through another server, both must be within: that one holds the stream the bytes cross.
+    assert "holding the shed's connection" in access.relay_refusal(target, here="FR", through_holder=True)
+    Job.objects.filter(pk=served.pk).update(relay_in_jurisdiction=False)
+    free = access.target(key, str(served.pk), HTTP, protocol="http")
+    assert access.relay_refusal(free, here="US", through_holder=True) is None
+
+
+def test_relay_in_jurisdiction_needs_jurisdictions(renter_api):
+    from tests.conftest import JOB_SPEC, problem_of
+
+    body = problem_of(renter_api.post("/api/v1/jobs", {**JOB_SPEC, "relay_in_jurisdiction": True}, format="json"), 400)
+    assert "relay_in_jurisdiction" in body["errors"]
+    kept = renter_api.post("/api/v1/jobs", {**JOB_SPEC, "relay_in_jurisdiction": True, "jurisdictions": ["DE"]},
+                           format="json")  # fmt: skip
+    assert kept.status_code == 201 and kept.json()["relay_in_jurisdiction"] is True

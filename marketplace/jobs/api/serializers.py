@@ -109,6 +109,11 @@ class JobSubmitSerializer(StrictSerializer):
         help_text="Ports the job listens on: each reachable only by you (and those you give an endpoint token), "
         "through the marketplace and the shed's own outbound connection.",
     )
+    relay_in_jurisdiction = serializers.BooleanField(
+        default=False,
+        help_text="Serve the job's ports only through connection servers within its jurisdictions (needs "
+        "jurisdictions): elsewhere its URL answers 421.",
+    )
     restartable = serializers.BooleanField(default=False)
     interruptible = serializers.BooleanField(
         default=False,
@@ -233,6 +238,8 @@ class JobSubmitSerializer(StrictSerializer):
             raise serializers.ValidationError(
                 {"gpu_milli": "A fraction of a GPU needs gpu_count 1 and isolation shared or mig."}
             )
+        if data.get("relay_in_jurisdiction") and not data.get("jurisdictions"):
+            raise serializers.ValidationError({"relay_in_jurisdiction": ["Name the jurisdictions it is to stay in."]})
         numbers = [entry["port"] for entry in data.get("ports") or []]
         if len(set(numbers)) != len(numbers):
             raise serializers.ValidationError({"ports": ["Each port once."]})
@@ -299,8 +306,8 @@ class JobSerializer(serializers.ModelSerializer):
             "max_price_per_gpu_hour", "isolation", "jurisdictions", "require_verified_location",
             "gpu_milli", "min_cuda", "workload_class", "rank", "max_duration_s", "restartable",
             "interruptible", "network_egress", "sandboxed", "env", "secrets", "registry_secret", "inputs", "outputs",
-            "ports", "attempts", "exit_code", "failure_reason", "pending_reason", "pending_summary", "placement",
-            "usage", "services", "created_at", "placed_at", "started_at", "finished_at",
+            "ports", "relay_in_jurisdiction", "attempts", "exit_code", "failure_reason", "pending_reason",
+            "pending_summary", "placement", "usage", "services", "created_at", "placed_at", "started_at", "finished_at",
         ]  # fmt: skip
         read_only_fields = fields
 

@@ -9,6 +9,7 @@ from django.db import transaction
 from django.db.models import F
 
 from marketplace.accounts.services import API_KEY_KIND, api_key_authenticate
+from marketplace.jobs import jurisdictions
 from marketplace.jobs.models import Allocation, Job, ServiceTraffic
 from marketplace.jobs.relay.channels import Unavailable
 from marketplace.jobs.relay.tokens import endpoint_token_job
@@ -24,6 +25,8 @@ class Target:
     port: int
     holder: str  # the id of the connection server holding the unit's stream ("" if none)
     holder_address: str  # where that server takes relay peers
+    holder_location: str = ""  # where that server runs
+    jurisdictions: tuple[str, ...] = ()  # where the job may be served from, if relay_in_jurisdiction
 
 
 def target(token: str, job_id: str, port: int, *, protocol: str | None) -> Target:
@@ -62,14 +65,40 @@ def target(token: str, job_id: str, port: int, *, protocol: str | None) -> Targe
         port=port,
         holder=server.pk if server else "",
         holder_address=server.relay_address if server else "",
+        holder_location=server.location if server else "",
+        jurisdictions=tuple(job.jurisdictions) if job.relay_in_jurisdiction else (),
     )
 
 
-def traffic_add(counts: dict[tuple[str, date, int], list[int]]) -> None:
-    """Add (job id, day, port) -> [requests, bytes in, bytes out] to the jobs' traffic."""
-    for (job_id, day, port), (requests, bytes_in, bytes_out) in counts.items():
+def relay_refusal(target: Target, *, here: str, through_holder: bool) -> str | None:
+    """Why this server may not serve the target (its job asks to be served within its
+    jurisdictions, and this server, or the one holding its stream, is not), or None."""
+    if not target.jurisdictions:
+        return None
+    servers = [("this server", here)]
+    if through_holder:
+        servers.append(("the server holding the shed's connection", target.holder_location))
+    for who, location in servers:
+        if not _within(target.jurisdictions, location):
+            where = location or "an unstated place"
+            return f"The job is served only from {', '.join(target.jurisdictions)}; {who} runs in {where}."
+    return None
+
+
+def _within(codes: tuple[str, ...], location: str) -> bool:
+    if not location:
+        return False
+    subdivision = location if "-" in location else ""
+    return jurisdictions.match(codes, location.split("-")[0], subdivision) is not None
+
+
+def traffic_add(counts: dict[tuple[str, date, int, str], list[int]]) -> None:
+    """Add (job id, day, port, relayed in) -> [requests, bytes in, bytes out] to the jobs' traffic."""
+    for (job_id, day, port, relayed_in), (requests, bytes_in, bytes_out) in counts.items():
         with transaction.atomic():
-            row, _ = ServiceTraffic.objects.select_for_update().get_or_create(job_id=job_id, day=day, port=port)
+            row, _ = ServiceTraffic.objects.select_for_update().get_or_create(
+                job_id=job_id, day=day, port=port, relayed_in=relayed_in
+            )
             ServiceTraffic.objects.filter(pk=row.pk).update(
                 requests=F("requests") + requests,
                 bytes_in=F("bytes_in") + bytes_in,

@@ -43,7 +43,7 @@ class Traffic:
         self.counts: dict = defaultdict(lambda: [0, 0, 0])
 
     def add(self, target: access.Target, channel) -> None:
-        row = self.counts[(target.job_id, timezone.now().date(), target.port)]
+        row = self.counts[(target.job_id, timezone.now().date(), target.port, settings.RELAY_LOCATION)]
         row[0] += 1
         row[1] += channel.bytes_in
         row[2] += channel.bytes_out
@@ -60,6 +60,9 @@ async def _target(hub, token: str, job_id: str, port: int, protocol: str | None)
 async def _channel(hub, target: access.Target):
     """A channel to the target: over the stream held here, or through the server that holds it."""
     stream = hub.streams.get(target.unit_id)
+    refusal = access.relay_refusal(target, here=settings.RELAY_LOCATION, through_holder=stream is None)
+    if refusal is not None:
+        raise Unavailable(421, refusal)
     if stream is not None:
         return await hub.relay.connect(
             stream, job_id=target.job_id, allocation_id=target.allocation_id, port=target.port
@@ -213,7 +216,7 @@ async def _response(channel, connection: h11.Connection, scope, send) -> bool:
 
 async def _problem(send, exc: Unavailable) -> None:
     titles = {401: "Unauthorised", 404: "Not found", 408: "Request timeout", 410: "Gone", 413: "Request too large",
-              429: "Too many connections",
+              421: "Served elsewhere", 429: "Too many connections",
               502: "Bad gateway", 503: "Service unavailable", 504: "Gateway timeout"}  # fmt: skip
     body = json.dumps({"type": "about:blank", "title": titles.get(exc.status, "Error"), "status": exc.status,
                        "detail": exc.detail}).encode()  # fmt: skip
