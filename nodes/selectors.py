@@ -73,6 +73,8 @@ class Running:
     interruptible: bool
     price_per_gpu_hour_micros: int
     why: str = ""  # what would stop it: set on the owner's warning before a location change
+    ports: tuple[int, ...] = ()  # what it serves through the relay
+    served_bytes: int = 0  # bytes its ports served, both ways, since it began
 
 
 def residency_stops(unit: Unit, *, country: str, subdivision: str) -> list[Running]:

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from django.db.models import Q
+from django.db.models import Q, Sum
 from django.utils import timezone
 
 from marketplace.jobs.models import Allocation, Job, LogChunk, ServiceTraffic
@@ -90,5 +90,16 @@ def job_allocations_usage(job: Job) -> list[Allocation]:
 
 def job_traffic_today(job) -> dict[int, int]:
     """Requests the relay served today to each of the job's ports (stored every few seconds)."""
-    rows = ServiceTraffic.objects.filter(job=job, day=timezone.now().date()).values_list("port", "requests")
-    return dict(rows)
+    return {port: requests for (_, port), requests in jobs_traffic_today([job]).items()}
+
+
+def jobs_traffic_today(jobs) -> dict[tuple, int]:
+    """Requests the relay served today, by (job id, port), for these jobs, in one query."""
+    if not jobs:
+        return {}
+    rows = (
+        ServiceTraffic.objects.filter(job__in=jobs, day=timezone.now().date())
+        .values_list("job_id", "port")
+        .annotate(total=Sum("requests"))
+    )
+    return {(job_id, port): total for job_id, port, total in rows}

@@ -4,11 +4,11 @@ owner's page, and their reliability from the allocations they kept. The first tw
 
 from datetime import datetime, timedelta
 
-from django.db.models import Count, Exists, FloatField, OuterRef, Prefetch, Q, QuerySet, Subquery
+from django.db.models import Count, Exists, F, FloatField, OuterRef, Prefetch, Q, QuerySet, Subquery, Sum
 from django.db.models.functions import Cast, Coalesce
 from django.utils import timezone
 
-from marketplace.jobs.models import Allocation, Lease
+from marketplace.jobs.models import Allocation, Lease, ServiceTraffic
 from nodes.agent.protocol import REFUSED, Finish, Refused
 from nodes.models import Slice, Unit
 from nodes.selectors import Running, renter_alias
@@ -33,17 +33,26 @@ def slices_free() -> QuerySet:
 
 def unit_running(unit: Unit) -> list[Running]:
     """What runs on the unit now, the renter shown only by an alias."""
-    allocations = (
+    allocations = list(
         Allocation.objects.filter(unit=unit, released_at__isnull=True)
         .select_related("job")
         .prefetch_related(Prefetch("leases", queryset=Lease.objects.select_related("slice__gpu")))
         .order_by("created_at")
     )
-    return [unit_running_row(unit, allocation) for allocation in allocations]
+    serving = [allocation.job_id for allocation in allocations if allocation.job.ports]
+    served = dict(
+        ServiceTraffic.objects.filter(job_id__in=serving)
+        .values_list("job_id")
+        .annotate(total=Sum(F("bytes_in") + F("bytes_out")))
+        if serving
+        else ()
+    )
+    return [unit_running_row(unit, allocation, served=served.get(allocation.job_id, 0)) for allocation in allocations]
 
 
-def unit_running_row(unit: Unit, allocation: Allocation, *, why: str = "") -> Running:
-    """One allocation as the unit's owner may see it (``why``: what would stop it, if anything)."""
+def unit_running_row(unit: Unit, allocation: Allocation, *, why: str = "", served: int = 0) -> Running:
+    """One allocation as the unit's owner may see it (``why``: what would stop it, if anything;
+    ``served``: the bytes its ports served through the relay)."""
     return Running(
         job=allocation.job.name or str(allocation.job_id)[:8],
         renter=renter_alias(owner_id=unit.owner_id, renter_id=allocation.job.renter_id),
@@ -52,6 +61,8 @@ def unit_running_row(unit: Unit, allocation: Allocation, *, why: str = "") -> Ru
         interruptible=allocation.interruptible,
         price_per_gpu_hour_micros=allocation.price_per_gpu_hour_micros,
         why=why,
+        ports=tuple(entry["port"] for entry in allocation.job.ports or []),
+        served_bytes=served or 0,
     )
 
 

@@ -114,3 +114,17 @@ def test_an_agent_saying_it_runs_jobs_in_something_unknown_is_refused(owner, ren
 def test_another_renter_gets_a_404(stranger_api, ran):
     job, _, _ = ran
     problem_of(stranger_api.get(f"/api/v1/jobs/{job.pk}/residency"), 404)
+
+
+def test_the_job_list_shows_how_to_reach_a_jobs_services(renter, settings):
+    from django.utils import timezone
+
+    from marketplace.jobs.models import ServiceTraffic
+
+    job = job_make(renter, ports=[{"port": 8000}, {"port": 22, "protocol": "tcp"}])
+    ServiceTraffic.objects.create(job=job, day=timezone.now().date(), port=8000, requests=3)
+    mine = Client()
+    mine.force_login(renter)
+    page = mine.get("/portal/jobs/").content.decode()
+    assert f"/services/{job.pk}/8000/</code> (3 requests today)" in page
+    assert f"<code>shedshare forward {job.pk} 22</code> (0 requests today)" in page

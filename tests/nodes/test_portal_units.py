@@ -151,6 +151,22 @@ class TestTheUnitPage:
         assert f"llama-finetune {alias} 0, 1" in running
         assert renter.username not in page
 
+    def test_a_service_shows_its_ports_and_what_it_served_but_not_whom(self, owner, renter, garage):
+        from django.utils import timezone
+
+        from marketplace.jobs.models import ServiceTraffic
+
+        job = job_make(renter, name="llm-api", workload_class="service", ports=[{"port": 8000}, {"port": 22}])
+        job_place(job_id=job.pk)
+        ServiceTraffic.objects.create(job=job, day=timezone.now().date(), port=8000, requests=9, bytes_in=1000,
+                                      bytes_out=2_000_000)  # fmt: skip
+
+        page = logged_in(owner).get(url(garage)).content.decode()
+
+        running = text(page[page.index('<table id="running">') : page.index("</table>", page.index('id="running"'))])
+        assert "ports 8000, 22: 1.9 MB through the relay" in running.replace("\xa0", " ")
+        assert renter.username not in page
+
     def test_reliability_says_no_history_yet_until_a_job_has_ended(self, owner, renter, garage):
         assert "no history yet" in text(logged_in(owner).get(url(garage)).content.decode())
 
