@@ -128,6 +128,8 @@ def submit(
                 _print_json(job)
             else:
                 click.echo(f"Submitted job {job['id']} ({job['state']})")
+                for line in render.services(job):
+                    click.echo(line)
             return
         click.echo(f"Submitted job {job['id']}", err=ctx.obj)
         job = _follow(client, job, interval, err=ctx.obj)

@@ -90,6 +90,16 @@ OUTPUT_COLUMNS: list[Column] = [
 ]
 
 
+def services(job: dict[str, Any]) -> list[str]:
+    """How to reach the job's ports once it runs: a URL (with your API key, or an endpoint
+    token) or the forward command."""
+    lines = []
+    for service in job.get("services") or []:
+        reach = service.get("url") or service.get("forward")
+        lines.append(f"  port {service.get('port')} ({service.get('protocol')}): {reach}")
+    return lines
+
+
 def residency(record: dict[str, Any]) -> list[str]:
     """The residency record in lines a person reads; `--json` prints all of it."""
     rules = record.get("rules", {})
@@ -127,5 +137,10 @@ def residency(record: dict[str, Any]) -> list[str]:
     for handover in delivered:
         variables = cell(record.get("secrets", {}).get("variables"))
         lines.append(f"  Secrets     {variables} handed to {handover.get('actor')} at {handover.get('at')}")
+    for row in record.get("services", {}).get("traffic", []):
+        lines.append(
+            f"  Served      port {row['port']} on {row['day']} through a relay in {row['relayed_in']}: "
+            f"{row['requests']} requests, {row['bytes_in']} bytes in, {row['bytes_out']} bytes out"
+        )
     lines.append(f"  Audit       {len(record.get('events', []))} events (--json lists them)")
     return lines

@@ -1,6 +1,7 @@
 """The `shedshare` renter CLI, run with click's CliRunner against the real app over WSGI (no network)."""
 
 import json
+import socket
 import stat
 
 import httpx
@@ -121,6 +122,28 @@ class TestSubmit:
         assert job.command == ["python", "train.py", "--epochs", "3"]
         assert job.jurisdictions == ["EU"]
         assert job.max_price_per_gpu_hour_micros == 2_500_000
+
+    def test_a_service_is_submitted_with_how_to_reach_its_ports(self, logged_in, tmp_path, renter):
+        spec = tmp_path / "serve.json"
+        spec.write_text(json.dumps({"image": "ghcr.io/acme/serve:1", "command": ["serve"], "workload_class": "service",
+                                    "ports": [{"port": 8000}, {"port": 22, "protocol": "tcp"}]}))  # fmt: skip
+        result = run("submit", str(spec))
+
+        assert result.exit_code == 0, result.output
+        job = Job.objects.get(renter=renter)
+        assert result.stdout.splitlines()[1:] == [
+            f"  port 8000 (http): http://testserver/services/{job.pk}/8000/",
+            f"  port 22 (tcp): shedshare forward {job.pk} 22",
+        ]
+
+    def test_forward_without_a_listening_port_is_one_readable_line(self, logged_in):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            result = run("forward", "00000000-0000-0000-0000-000000000000", "22", "--local-port", str(port))
+        assert result.exit_code == 1
+        assert result.stderr.startswith(f"Error: cannot listen on 127.0.0.1:{port}")
 
     def test_json_prints_the_created_job(self, logged_in, tmp_path, renter):
         path = tmp_path / "job.json"

@@ -59,7 +59,7 @@ class JobViewSet(LongPollMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin
         submitted.is_valid(raise_exception=True)
         job = services.job_submit(renter=request.user, spec=submitted.to_spec())
         job = self.get_queryset().get(pk=job.pk)
-        return Response(JobSerializer(job).data, status=status.HTTP_201_CREATED)
+        return Response(self.get_serializer(job).data, status=status.HTTP_201_CREATED)
 
     @extend_schema(
         request=None,
@@ -68,7 +68,7 @@ class JobViewSet(LongPollMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin
     @action(detail=True, methods=["post"])
     def cancel(self, request, pk=None):
         job = services.job_cancel(job=self.get_object(), actor=f"user:{request.user.pk}")
-        return Response(JobSerializer(self.get_queryset().get(pk=job.pk)).data)
+        return Response(self.get_serializer(self.get_queryset().get(pk=job.pk)).data)
 
     @extend_schema(
         summary="The job's placement records",
