@@ -293,3 +293,81 @@ def test_a_jobs_data_is_staged_by_the_agent_and_the_container_has_no_network(tmp
             assert containers_of(engine, failed["id"]) == []
         finally:
             stack.stop_all()
+
+
+def test_a_service_in_a_real_container_is_reached_through_the_relay(stack, tmp_path):
+    """A busybox container serving HTTP (a 100 MiB file among others) and a TCP echo, reached
+    through the marketplace over the agent's stream: with the renter's key only, every byte
+    intact, the echo through `shedshare forward`'s tunnel, and nothing served once cancelled."""
+    import asyncio
+    import hashlib
+    import socket
+    import threading
+
+    import httpx
+
+    from marketplace.cli.forward import serve
+
+    size = 100 * 2**20
+    owner, renter, stranger = user_make("sora-owner"), user_make("rei-renter"), user_make("sven-stranger")
+    unit, token = unit_register(owner=owner, name="Service shed", country="DE")
+    wallet_credit_promotional(user=renter, amount_micros=50_000_000, key="e2e-service")
+    key = api_key_create(user=renter, name="e2e")[1]
+    shopper = Renter(stack.base_url, key)
+    config = str(tmp_path / "agent" / "agent.json")
+    enrolled = stack.run(devstack.agent_argv("enrol", "--url", stack.base_url, "--token", token, "--config", config,
+                                             "--country", "DE"))  # fmt: skip
+    assert enrolled.returncode == 0, enrolled.stderr + enrolled.stdout
+    start_agent(stack, config, tmp_path)
+
+    def logs() -> str:
+        return "\n".join(f"===== {name}\n{stack.log(name)[-5000:]}" for name in ("web", "worker", "agent"))
+
+    script = (f"mkdir -p $HOME/www && echo hello from a container > $HOME/www/index.html && "
+              f"yes 0123456789abcdef | head -c {size} > $HOME/www/big && "
+              "(nc -ll -p 7007 -e cat &) && exec httpd -f -p 8080 -h $HOME/www")  # fmt: skip
+    job = shopper.submit(image=real.image(), command=["sh", "-c", script], workload_class="service",
+                         ports=[{"port": 8080}, {"port": 7007, "protocol": "tcp"}])  # fmt: skip
+    base = f"{stack.base_url}/services/{job['id']}/8080"
+    auth = {"Authorization": f"Bearer {key}"}
+    try:
+        wait_until(lambda: Unit.objects.get(pk=unit.pk).status == Unit.Status.ONLINE, timeout=60,
+                   what=lambda: f"the unit online\n{logs()}")  # fmt: skip
+        hello = wait_until(
+            lambda: (r := httpx.get(f"{base}/index.html", headers=auth, timeout=30)).status_code == 200 and r,
+            timeout=180, what=lambda: f"the service answering: {shopper.job(job['id'])['state']}\n{logs()}",
+        )  # fmt: skip
+        assert hello.text == "hello from a container\n"
+        assert httpx.get(f"{base}/index.html", timeout=30).status_code == 401
+        theirs = {"Authorization": f"Bearer {api_key_create(user=stranger, name='e2e')[1]}"}
+        assert httpx.get(f"{base}/index.html", headers=theirs, timeout=30).status_code == 404
+
+        expected = hashlib.sha256()
+        line = b"0123456789abcdef\n"
+        whole, rest = divmod(size, len(line))
+        expected.update(line * whole + line[:rest])
+        digest, got = hashlib.sha256(), 0
+        with httpx.stream("GET", f"{base}/big", headers=auth, timeout=120) as big:
+            assert big.status_code == 200
+            for chunk in big.iter_bytes():
+                digest.update(chunk)
+                got += len(chunk)
+        assert got == size and digest.hexdigest() == expected.hexdigest()
+
+        bound, ready = [], threading.Event()
+
+        def forward() -> None:
+            asyncio.run(serve(stack.base_url, key, job["id"], 7007, 0,
+                              ready=lambda port: (bound.append(port), ready.set()), refused=print))  # fmt: skip
+
+        threading.Thread(target=forward, daemon=True).start()
+        assert ready.wait(15)
+        with socket.create_connection(("127.0.0.1", bound[0]), timeout=30) as conn:
+            conn.sendall(b"echo through the shed\n")
+            assert conn.recv(100) == b"echo through the shed\n"
+
+        assert shopper.http.post(f"/api/v1/jobs/{job['id']}/cancel").status_code == 200
+        assert httpx.get(f"{base}/index.html", headers=auth, timeout=30).status_code == 410
+        assert shopper.wait_final(job["id"], timeout=60)["state"] == "cancelled"
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{logs()}") from None
