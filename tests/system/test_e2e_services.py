@@ -235,13 +235,18 @@ http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_
 
 
 def test_the_relay_bounds_what_a_client_or_a_job_can_take(tmp_path):
-    """Many concurrent requests, a response that never ends, a request body that stalls, a body
+    """A thousand concurrent requests, a response that never ends, a request body that stalls, a body
     over the cap, a job not running yet: each answered within its bound, and the shed's stream
     and heartbeats go on."""
+    import resource
+
     from marketplace.jobs.models import Job
     from nodes.models import Unit
     from tests.e2e import stack_start
 
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4096 <= hard or hard == resource.RLIM_INFINITY:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (4096, hard))  # a thousand clients here, as many there
     stack = stack_start(tmp_path, port=free_port(), RELAY_CHANNELS_PER_JOB="8", RELAY_IDLE_TIMEOUT_S="3",
                         RELAY_RESPONSE_MAX_BYTES=str(4 * 2**20), RELAY_REQUEST_MAX_BYTES=str(2**20))  # fmt: skip
     try:
@@ -261,14 +266,14 @@ def test_the_relay_bounds_what_a_client_or_a_job_can_take(tmp_path):
         assert queued.status_code == 503 and queued.headers["retry-after"] == "5", queued.text
 
         async def crowd() -> list[httpx.Response]:
-            async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=200)) as client:
-                return await asyncio.gather(*(client.get(f"{base}/slow", headers=auth) for _ in range(200)))
+            async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=1000)) as client:
+                return await asyncio.gather(*(client.get(f"{base}/slow", headers=auth) for _ in range(1000)))
 
         started = time.monotonic()
         answers = asyncio.run(crowd())
-        assert time.monotonic() - started < 30
+        assert time.monotonic() - started < 120  # every one answered: none waits out a timeout
         statuses = [answer.status_code for answer in answers]
-        assert set(statuses) <= {200, 429} and statuses.count(200) >= 8 and statuses.count(429) >= 100, statuses
+        assert set(statuses) <= {200, 429} and statuses.count(200) >= 8 and statuses.count(429) >= 500, statuses
         refused = next(answer for answer in answers if answer.status_code == 429)
         assert refused.headers["content-type"] == "application/problem+json" and "retry-after" in refused.headers
 
