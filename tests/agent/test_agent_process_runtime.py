@@ -183,3 +183,22 @@ def test_an_unusable_work_dir_is_a_start_failure(tmp_path):
 
     with pytest.raises(StartFailed):
         runtime.start(spec("true"))
+
+
+def test_a_jobs_port_is_reached_only_while_the_job_itself_listens_there(runtime):
+    import socket
+    import sys
+
+    listen = "import socket, time; s = socket.create_server(('127.0.0.1', 0)); print(s.getsockname()[1], flush=True); time.sleep(60)"
+    handle = runtime.start(spec(sys.executable, "-c", listen))
+    other = socket.create_server(("127.0.0.1", 0))  # the host's, not the job's
+    try:
+        port = int(wait_for_output(handle).split()[0])
+        assert runtime.port_address(handle, port) == ("127.0.0.1", port)
+        with pytest.raises(StartFailed, match="does not listen"):
+            runtime.port_address(handle, other.getsockname()[1])
+    finally:
+        other.close()
+        runtime.kill(handle)
+        wait_exit(runtime, handle)
+        runtime.cleanup(handle)

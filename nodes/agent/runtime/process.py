@@ -135,7 +135,11 @@ class ProcessRuntime:
 
     def port_address(self, handle: Handle, port: int) -> tuple[str, int]:
         """The job's port on the host's loopback: a process shares the host's network (and so
-        its ports with other jobs: development only)."""
+        its ports with other jobs: development only). Only while one of the job's own processes
+        listens on it there: else a renter declaring port 22 would reach the host's SSH."""
+        assert isinstance(handle, ProcessHandle)
+        if port not in _listening(_session_pids(handle.pid)):
+            raise StartFailed(f"the job does not listen on port {port}")
         return ("127.0.0.1", port)
 
     def kill(self, handle: Handle) -> None:
@@ -253,6 +257,38 @@ def _proc_stat(pid: int) -> tuple[str, str] | None:
 def _start_ticks(pid: int) -> str | None:
     stat = _proc_stat(pid)
     return stat[1] if stat else None
+
+
+def _session_pids(session: int) -> list[int]:
+    """The processes of a session (a job started with start_new_session leads its own)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with suppress(OSError, IndexError, ValueError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[3]) == session:  # the fields after the name: state, ppid, pgrp, session
+                    pids.append(int(entry.name))
+    return pids
+
+
+def _listening(pids: list[int]) -> set[int]:
+    """The TCP ports these processes listen on (any address, IPv4 or IPv6), from Linux's /proc."""
+    inodes = set()
+    for pid in pids:
+        with suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if len(fields) > 9 and fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 def _boot_id() -> str:
