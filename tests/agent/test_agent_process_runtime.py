@@ -189,7 +189,10 @@ def test_a_jobs_port_is_reached_only_while_the_job_itself_listens_there(runtime)
     import socket
     import sys
 
-    listen = "import socket, time; s = socket.create_server(('127.0.0.1', 0)); print(s.getsockname()[1], flush=True); time.sleep(60)"
+    listen = (
+        "import socket, time; s = socket.create_server(('127.0.0.1', 0)); "
+        "print(s.getsockname()[1], flush=True); time.sleep(60)"
+    )
     handle = runtime.start(spec(sys.executable, "-c", listen))
     other = socket.create_server(("127.0.0.1", 0))  # the host's, not the job's
     try:
