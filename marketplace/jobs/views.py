@@ -3,6 +3,7 @@ from django.contrib.auth.decorators import login_required
 from django.shortcuts import get_object_or_404, render
 
 from marketplace.jobs import job_reads, ports
+from marketplace.jobs.relay.endpoints import service_url
 from marketplace.jobs.residency_record import job_residency_record
 from marketplace.jobs.selectors import job_usage, jobs_for
 
@@ -25,7 +26,7 @@ def _services(request, job, today: dict) -> list[dict]:
     shown = []
     for entry in job.ports or []:
         port, kind = entry["port"], entry.get("protocol", "http")
-        url = request.build_absolute_uri(f"{settings.RELAY_HTTP_PREFIX}/{job.pk}/{port}/") if kind == "http" else ""
+        url = service_url(request.build_absolute_uri("/").rstrip("/"), job.pk, port) if kind == "http" else ""
         shown.append({"port": port, "url": url, "forward": f"shedshare forward {job.pk} {port}",
                       "requests": today.get((job.pk, port), 0)})  # fmt: skip
     return shown

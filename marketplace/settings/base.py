@@ -516,6 +516,9 @@ STREAM_TELEMETRY_SAMPLE_S = env_int("STREAM_TELEMETRY_SAMPLE_S", 600)
 # Services: jobs' ports reached through the relay (marketplace/jobs/relay/). A job's HTTP ports are
 # served under RELAY_HTTP_PREFIX on the API host: <prefix>/<job id>/<port>/<path>.
 RELAY_HTTP_PREFIX = "/services"
+# Or at a host of their own, <job id>-<port>.<RELAY_SERVICE_DOMAIN> (a wildcard DNS name and
+# certificate pointing at the connection servers): the job's paths then start at its root.
+RELAY_SERVICE_DOMAIN = (env_str("RELAY_SERVICE_DOMAIN") or "").lower().strip(".")
 RELAY_CHANNELS_PER_JOB = env_int("RELAY_CHANNELS_PER_JOB", 64)  # requests and forwards open at once
 RELAY_CHANNELS_PER_UNIT = env_int("RELAY_CHANNELS_PER_UNIT", 256)
 RELAY_REQUEST_MAX_BYTES = env_int("RELAY_REQUEST_MAX_BYTES", 64 * 2**20)  # a request's body

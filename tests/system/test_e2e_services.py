@@ -249,6 +249,7 @@ def test_the_relay_bounds_what_a_client_or_a_job_can_take(tmp_path):
     if soft < 4096 <= hard or hard == resource.RLIM_INFINITY:
         resource.setrlimit(resource.RLIMIT_NOFILE, (4096, hard))  # a thousand clients here, as many there
     stack = stack_start(tmp_path, port=free_port(), RELAY_CHANNELS_PER_JOB="8", RELAY_IDLE_TIMEOUT_S="3",
+                        RELAY_SERVICE_DOMAIN="svc.test",
                         RELAY_RESPONSE_MAX_BYTES=str(4 * 2**20), RELAY_REQUEST_MAX_BYTES=str(2**20))  # fmt: skip
     try:
         _owner, _renter, unit, shopper = agent_start(stack, tmp_path, connection="stream")
@@ -262,6 +263,13 @@ def test_the_relay_bounds_what_a_client_or_a_job_can_take(tmp_path):
         base = f"{stack.base_url}/services/{job['id']}/{port}"
         wait_until(lambda: httpx.get(f"{base}/", headers=auth, timeout=10).status_code == 200, timeout=60,
                    what=lambda: f"the service answering: {shopper.job(job['id'])['state']}")  # fmt: skip
+
+        # At a host of its own too, its paths at the root.
+        by_host = httpx.get(f"{stack.base_url}/", headers={**auth, "Host": f"{job['id']}-{port}.svc.test"}, timeout=10)
+        assert by_host.status_code == 200 and by_host.text == "ok", by_host.text
+        unknown = httpx.get(f"{stack.base_url}/", headers={**auth, "Host": "nonsense.svc.test"}, timeout=10)
+        assert unknown.status_code == 404 and unknown.headers["content-type"] == "application/problem+json"
+        assert shopper.job(job["id"])["services"][0]["url"] == f"http://{job['id']}-{port}.svc.test/"
 
         queued = httpx.get(f"{stack.base_url}/services/{waiting['id']}/{port}/", headers=auth, timeout=10)
         assert queued.status_code == 503 and queued.headers["retry-after"] == "5", queued.text

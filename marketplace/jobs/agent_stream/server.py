@@ -808,12 +808,12 @@ async def stream_application(scope, receive, send) -> None:
 
 def relay_application(app):
     """``app`` with the relay's endpoints in front (marketplace/jobs/relay/endpoints.py): the
-    HTTP of jobs' ports under RELAY_HTTP_PREFIX, and the forward tunnels."""
-    prefix = settings.RELAY_HTTP_PREFIX + "/"
+    HTTP of jobs' ports (under RELAY_HTTP_PREFIX, or at their hosts under RELAY_SERVICE_DOMAIN),
+    and the forward tunnels."""
 
     async def application(scope, receive, send):
         path = scope.get("path", "")
-        if scope["type"] == "http" and path.startswith(prefix):
+        if scope["type"] == "http" and relay_endpoints.service_of(scope) is not None:
             the_hub = hub()
             the_hub.start()
             return await relay_endpoints.http_application(the_hub, scope, receive, send)

@@ -8,6 +8,7 @@ from marketplace.jobs import data as jobdata
 from marketplace.jobs import job_reads, jurisdictions
 from marketplace.jobs.models import Job
 from marketplace.jobs.pending import pending_summary
+from marketplace.jobs.relay.endpoints import service_url
 from marketplace.jobs.selectors import job_usage
 from marketplace.kernel.api.serializers import StrictSerializer
 from marketplace.kernel.money import from_micros, to_micros
@@ -341,11 +342,11 @@ class JobSerializer(serializers.ModelSerializer):
         services = []
         for entry in job.ports:
             port, kind = entry["port"], entry.get("protocol", "http")
-            path = f"{settings.RELAY_HTTP_PREFIX}/{job.pk}/{port}/"
+            base = request.build_absolute_uri("/").rstrip("/") if request else ""
             services.append({
                 "port": port,
                 "protocol": kind,
-                "url": (request.build_absolute_uri(path) if request else path) if kind == "http" else None,
+                "url": service_url(base, job.pk, port) if kind == "http" else None,
                 "forward": f"shedshare forward {job.pk} {port}",
                 "requests_today": today.get(port, 0),
             })  # fmt: skip

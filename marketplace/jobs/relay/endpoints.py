@@ -81,12 +81,41 @@ async def _ended(hub, channel) -> None:
 # -- HTTP ------------------------------------------------------------------------------------------
 
 
+_HOST_LABEL = re.compile(r"(?P<job>[0-9a-f-]{36})-(?P<port>[0-9]{1,5})")
+
+
+def service_of(scope) -> dict | None:
+    """What a request is for, {"job", "port", "rest"} (all str; None values where the URL is
+    malformed): by its host, <job id>-<port>.RELAY_SERVICE_DOMAIN, or by its path,
+    RELAY_HTTP_PREFIX/<job id>/<port>/<rest>; None when it is for neither (Django serves it)."""
+    domain = settings.RELAY_SERVICE_DOMAIN
+    if domain:
+        host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1").lower().rsplit(":", 1)[0]
+        if host.endswith("." + domain):
+            label = _HOST_LABEL.fullmatch(host[: -len(domain) - 1])
+            return {"job": label["job"], "port": label["port"], "rest": scope["path"]} if label else {}
+    prefix = settings.RELAY_HTTP_PREFIX
+    if scope["path"].startswith(prefix + "/"):
+        match = _HTTP_PATH.fullmatch(scope["path"][len(prefix) :])
+        return {"job": match["job"], "port": match["port"], "rest": match["rest"] or "/"} if match else {}
+    return None
+
+
+def service_url(base: str, job_id, port: int) -> str:
+    """The URL of a job's HTTP port, for a server reached at ``base`` (scheme://host)."""
+    domain = settings.RELAY_SERVICE_DOMAIN
+    if domain:
+        return f"{base.split('://', 1)[0]}://{job_id}-{port}.{domain}/"
+    return f"{base}{settings.RELAY_HTTP_PREFIX}/{job_id}/{port}/"
+
+
 async def http_application(hub, scope, receive, send) -> None:
-    """One request to a job's HTTP port (scope["path"] starts with RELAY_HTTP_PREFIX)."""
-    match = _HTTP_PATH.fullmatch(scope["path"][len(settings.RELAY_HTTP_PREFIX) :])
+    """One request to a job's HTTP port (``service_of`` says which)."""
+    match = service_of(scope)
     headers = list(scope.get("headers") or [])
-    if match is None:
-        return await _problem(send, Unavailable(404, "A service URL is <prefix>/<job id>/<port>/<path>."))
+    if not match:
+        detail = "A service URL is <job id>-<port>.<service domain>/<path> or <prefix>/<job id>/<port>/<path>."
+        return await _problem(send, Unavailable(404, detail))
     token, headers = _credential(headers)
     declared = dict(headers).get(b"content-length", b"")
     if declared.isdigit() and int(declared) > settings.RELAY_REQUEST_MAX_BYTES:
@@ -99,7 +128,7 @@ async def http_application(hub, scope, receive, send) -> None:
     except Unavailable as exc:
         return await _problem(send, exc)
     try:
-        await _exchange(channel, scope, headers, match["rest"] or "/", target.port, receive, send)
+        await _exchange(channel, scope, headers, match["rest"], target.port, receive, send)
     finally:
         await _ended(hub, channel)
         hub.traffic.add(target, channel)
