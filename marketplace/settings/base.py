@@ -525,8 +525,9 @@ RELAY_REQUEST_MAX_BYTES = env_int("RELAY_REQUEST_MAX_BYTES", 64 * 2**20)  # a re
 RELAY_RESPONSE_MAX_BYTES = env_int("RELAY_RESPONSE_MAX_BYTES", 2**30)  # a response's body
 RELAY_IDLE_TIMEOUT_S = env_float("RELAY_IDLE_TIMEOUT_S", 60.0)  # no byte either way this long: closed
 RELAY_OPEN_TIMEOUT_S = env_float("RELAY_OPEN_TIMEOUT_S", 15.0)  # the agent's answer to an open
-# The address the relay's peers reach this connection server at (another process holding a job's
-# stream): host:port to listen on, and to advertise (the pod's address behind a load balancer).
+# Where the relay's peers (the other connection server processes) reach this one for the streams
+# it holds: host:port to listen on (port 0: any, each worker process its own), and the host to
+# record for them (the pod's address where it listens on 0.0.0.0; by default the one bound).
 RELAY_PEER_BIND = env_str("RELAY_PEER_BIND") or "127.0.0.1:0"
 RELAY_PEER_ADVERTISE = env_str("RELAY_PEER_ADVERTISE") or ""
 # Where this deployment of connection servers runs: an ISO 3166 country or subdivision ("DE",

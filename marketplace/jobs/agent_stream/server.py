@@ -373,7 +373,8 @@ class Hub:
                 lambda reader, writer: relay_peer.serve(self, reader, writer), host or "127.0.0.1", int(port)
             )
             bound = self._peers.sockets[0].getsockname()
-            self.relay_address = settings.RELAY_PEER_ADVERTISE or f"{bound[0]}:{bound[1]}"
+            # The port as bound (each worker process of a server binds its own), the host as said.
+            self.relay_address = f"{settings.RELAY_PEER_ADVERTISE or bound[0]}:{bound[1]}"
         except OSError:
             logger.warning("relay_peers_unserved: cannot listen on %s", settings.RELAY_PEER_BIND, exc_info=True)
 

@@ -1,6 +1,6 @@
 """The hop between connection servers: a request for a job whose agent's stream another server
 holds is relayed through that server, which takes peers on RELAY_PEER_BIND and records where
-(RELAY_PEER_ADVERTISE, or the bound address) with its lease.
+(the host RELAY_PEER_ADVERTISE, or the one bound, and the port bound) with its lease.
 
 A peer connection is one TCP connection per channel: a line of JSON naming the target, signed
 with an HMAC of SECRET_KEY (every server of a deployment shares it) and dated, so that nothing
