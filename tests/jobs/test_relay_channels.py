@@ -17,6 +17,7 @@ from marketplace.jobs.relay import peer
 from marketplace.jobs.relay.channels import ChannelClosed, Channels, Unavailable
 from nodes.agent.protocol import Relay
 from nodes.agent.relay import AgentRelay, frame, unframe
+from tests.conftest import run_async
 
 WAIT_S = 10.0
 
@@ -68,7 +69,7 @@ def test_bytes_flow_both_ways_within_the_window_and_credit_reopens_it(settings):
         channels.agent_frame(stream, {"relay": Relay.EOF, "channel": channel.number})
         assert await channel.read() == b""
 
-    asyncio.run(scenario())
+    run_async(scenario())
 
 
 def test_an_agent_is_not_heard_for_another_streams_channel_nor_past_its_window():
@@ -85,7 +86,7 @@ def test_an_agent_is_not_heard_for_another_streams_channel_nor_past_its_window()
         with pytest.raises(ChannelClosed):
             await channel.read()
 
-    asyncio.run(scenario())
+    run_async(scenario())
 
 
 def test_a_refused_open_is_a_502_and_a_silent_agent_a_504(settings):
@@ -105,7 +106,7 @@ def test_a_refused_open_is_a_502_and_a_silent_agent_a_504(settings):
         assert silent.value.status == 504
         assert channels.open == {} and not channels.by_job and not channels.by_unit
 
-    asyncio.run(scenario())
+    run_async(scenario())
 
 
 def test_a_job_has_at_most_its_channels_at_once(settings):
@@ -124,7 +125,7 @@ def test_a_job_has_at_most_its_channels_at_once(settings):
         with pytest.raises(ChannelClosed):
             await second.read()
 
-    asyncio.run(scenario())
+    run_async(scenario())
 
 
 def test_a_peer_that_cannot_sign_is_not_heard(settings):
@@ -148,7 +149,7 @@ def test_a_peer_that_cannot_sign_is_not_heard(settings):
         assert signed["status"] == 503  # a real peer: told the stream is not here
         server.close()
 
-    asyncio.run(scenario())
+    run_async(scenario())
 
 
 # -- the agent's end -------------------------------------------------------------------------------
