@@ -126,10 +126,12 @@ class Relay:
     - CLOSE (either way): the channel is over, ``"detail"`` may say why;
     - CREDIT (either way): the receiver has taken ``"bytes"`` more bytes off the channel.
 
-    Bytes are binary frames: the channel number as 4 bytes big-endian, then up to CHUNK bytes.
-    A sender keeps at most WINDOW bytes unacknowledged by CREDIT on a channel, so a slow reader
-    holds the writer back instead of filling either side's memory; more is a protocol error and
-    ends the channel. Channel numbers are the server's, unique per stream."""
+    Bytes are binary frames: the channel number as 4 bytes big-endian, then 1 to CHUNK bytes.
+    Each frame counts its bytes plus FRAME_COST against a window of WINDOW a channel may have
+    unacknowledged by CREDIT (which gives back the same count), so a slow reader holds the
+    writer back instead of filling either side's memory, with tiny frames as with large; more,
+    or a larger frame, is a protocol error and ends the channel. Channel numbers are the
+    server's, unique per stream."""
 
     OPEN = "open"
     OPENED = "opened"
@@ -140,6 +142,7 @@ class Relay:
     WINDOW = 4 * 2**20
     CHUNK = 256 * 2**10
     HEADER = 4
+    FRAME_COST = 512  # what a frame costs a receiver beyond its bytes (its queue entry, its object)
     OPEN_TIMEOUT_S = 10.0  # the agent's connect to the job's port
 
 

@@ -89,7 +89,7 @@ class AgentRelay:
         number, data = parsed
         with self._lock:
             channel = self._channels.get(number)
-        if channel is not None and data:
+        if channel is not None:
             channel.received(data)
 
     def drop_allocation(self, allocation_id: str) -> None:
@@ -154,11 +154,11 @@ class _Channel:
 
     def received(self, data: bytes) -> None:
         with self._cond:
-            self._unacked_in += len(data)
-            over = self._unacked_in > Relay.WINDOW
+            self._unacked_in += len(data) + Relay.FRAME_COST
+            over = self._unacked_in > Relay.WINDOW or not 0 < len(data) <= Relay.CHUNK
         if over:
             logs.event(logger, "relay_window_exceeded", logging.WARNING, channel=self.number)
-            self.end(tell=True, detail="more bytes than the window")
+            self.end(tell=True, detail="a frame past the window, or out of bounds")
             return
         self.inbox.put(data)
 
@@ -168,9 +168,9 @@ class _Channel:
                 return
             self._ended = True
             self._cond.notify_all()
+            sock = self.sock  # under the lock: a connect that finishes after this closes its own
         self.relay._forget(self.number)
         self.inbox.put(None)
-        sock = self.sock
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -196,8 +196,14 @@ class _Channel:
             return
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = sock
-        if self._ended or not self.relay._tell({"relay": Relay.OPENED, "channel": self.number}):
+        with self._cond:
+            ended = self._ended
+            if not ended:
+                self.sock = sock
+        if ended:  # ended while it connected: no one else will close it
+            sock.close()
+            return
+        if not self.relay._tell({"relay": Relay.OPENED, "channel": self.number}):
             self.end(tell=False)
             return
         threading.Thread(target=self._to_job, name=f"relay-{self.number}-in", daemon=True).start()
@@ -207,17 +213,17 @@ class _Channel:
         try:
             while True:
                 with self._cond:
-                    while self._credit <= 0 and not self._ended:
+                    while self._credit <= Relay.FRAME_COST and not self._ended:
                         self._cond.wait()
                     if self._ended:
                         return
-                    room = min(self._credit, Relay.CHUNK)
+                    room = min(self._credit - Relay.FRAME_COST, Relay.CHUNK)
                 data = sock.recv(room)
                 if not data:
                     self.relay._tell({"relay": Relay.EOF, "channel": self.number})
                     return
                 with self._cond:
-                    self._credit -= len(data)
+                    self._credit -= len(data) + Relay.FRAME_COST
                 self.relay._send_bytes(frame(self.number, data))
         except Exception:  # noqa: BLE001 - the job closed, or the stream dropped
             self.end(tell=True, detail="the job's connection ended")
@@ -234,8 +240,8 @@ class _Channel:
                     continue
                 sock.sendall(item)
                 with self._cond:
-                    self._unacked_in -= len(item)
-                owed += len(item)
+                    self._unacked_in -= len(item) + Relay.FRAME_COST
+                owed += len(item) + Relay.FRAME_COST
                 if owed >= Relay.WINDOW // 4:
                     self.relay._tell({"relay": Relay.CREDIT, "channel": self.number, "bytes": owed})
                     owed = 0

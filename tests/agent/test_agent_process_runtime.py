@@ -190,14 +190,15 @@ def test_a_jobs_port_is_reached_only_while_the_job_itself_listens_there(runtime)
     import sys
 
     listen = (
-        "import socket, time; s = socket.create_server(('127.0.0.1', 0)); "
+        "import socket, time; s = socket.create_server(('127.0.0.2', 0)); "
         "print(s.getsockname()[1], flush=True); time.sleep(60)"
     )
     handle = runtime.start(spec(sys.executable, "-c", listen))
     other = socket.create_server(("127.0.0.1", 0))  # the host's, not the job's
     try:
         port = int(wait_for_output(handle).split()[0])
-        assert runtime.port_address(handle, port) == ("127.0.0.1", port)
+        # Where the job listens: not the host's 127.0.0.1, where another service may have the port.
+        assert runtime.port_address(handle, port) == ("127.0.0.2", port)
         with pytest.raises(StartFailed, match="does not listen"):
             runtime.port_address(handle, other.getsockname()[1])
     finally:
@@ -205,3 +206,20 @@ def test_a_jobs_port_is_reached_only_while_the_job_itself_listens_there(runtime)
         runtime.kill(handle)
         wait_exit(runtime, handle)
         runtime.cleanup(handle)
+
+
+@pytest.mark.parametrize(
+    ("written", "address"),
+    [
+        ("0100007F", "127.0.0.1"),
+        ("00000000", "127.0.0.1"),  # every address: reached on loopback
+        ("0200007F", "127.0.0.2"),
+        ("00000000000000000000000001000000", "::1"),
+        ("00000000000000000000000000000000", "::1"),
+        ("0000000000000000FFFF00000200007F", "127.0.0.2"),  # IPv4-mapped
+    ],
+)
+def test_proc_addresses_are_read_as_linux_writes_them(written, address):
+    from nodes.agent.runtime.process import _proc_address
+
+    assert _proc_address(written) == address

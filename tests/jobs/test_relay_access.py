@@ -36,7 +36,12 @@ def test_the_renters_key_reaches_every_declared_port_and_nothing_else(served, re
     assert refused(key, served, TCP, "http") == 404  # a TCP port has no URL
     assert refused(key, served, 9999, None) == 404
     assert refused(api_key_create(user=stranger, name="theirs")[1], served, HTTP, "http") == 404
-    assert refused(api_key_create(user=renter, name="narrow", scopes=["submit"])[1], served, HTTP, "http") == 401
+    assert refused(api_key_create(user=renter, name="narrow", scopes=["submit"])[1], served, HTTP, "http") == 403
+    read_only = api_key_create(user=renter, name="reader", scopes=["read"])[1]
+    assert access.target(read_only, str(served.pk), HTTP, protocol="http", scope="read").port == HTTP
+    with pytest.raises(Unavailable) as writes:  # a POST to the service, or a tunnel, is more than reading
+        access.target(read_only, str(served.pk), TCP, protocol=None, scope="submit")
+    assert writes.value.status == 403
     assert refused("", served, HTTP, "http") == 401
     Job.objects.filter(pk=served.pk).update(state=Job.State.CANCELLED)
     assert refused(key, served, HTTP, "http") == 410

@@ -5,6 +5,7 @@ its window; a peer that cannot sign is not heard."""
 
 import asyncio
 import json
+import secrets
 import socket
 import struct
 import threading
@@ -58,14 +59,15 @@ def test_bytes_flow_both_ways_within_the_window_and_credit_reopens_it(settings):
         header = struct.pack(">I", channel.number)
         channels.agent_bytes(stream, header + b"hello")
         assert await channel.read() == b"hello"
-        # The server writes at most the window before the agent's credit.
+        # The server writes at most the window (bytes and frames) before the agent's credit.
         writer = asyncio.ensure_future(channel.write(b"x" * (Relay.WINDOW + 10)))
         await asyncio.sleep(0.05)
-        assert not writer.done() and sum(len(d) - 4 for d in stream.sent) == Relay.WINDOW
-        assert all(len(d) - 4 <= Relay.CHUNK and d[:4] == header for d in stream.sent)
-        channels.agent_frame(stream, {"relay": Relay.CREDIT, "channel": channel.number, "bytes": 100})
+        cost = sum(len(d) - 4 + Relay.FRAME_COST for d in stream.sent)
+        assert not writer.done() and Relay.WINDOW - Relay.FRAME_COST <= cost <= Relay.WINDOW
+        assert all(0 < len(d) - 4 <= Relay.CHUNK and d[:4] == header for d in stream.sent)
+        channels.agent_frame(stream, {"relay": Relay.CREDIT, "channel": channel.number, "bytes": cost})
         await asyncio.wait_for(writer, WAIT_S)
-        assert channel.bytes_in == Relay.WINDOW + 10
+        assert channel.bytes_in == Relay.WINDOW + 10 == sum(len(d) - 4 for d in stream.sent)
         channels.agent_frame(stream, {"relay": Relay.EOF, "channel": channel.number})
         assert await channel.read() == b""
 
@@ -133,7 +135,8 @@ def test_a_peer_that_cannot_sign_is_not_heard(settings):
         hub = SimpleNamespace(streams={}, relay=Channels())
         server = await asyncio.start_server(lambda r, w: peer.serve(hub, r, w), "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        fields = {"job": "j", "allocation": "a", "unit": "u", "port": 80, "at": int(time.time())}
+        fields = {"job": "j", "allocation": "a", "unit": "u", "port": 80, "at": int(time.time()),
+                  "nonce": secrets.token_hex(8)}  # fmt: skip
 
         async def ask(body: dict) -> bytes:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -143,10 +146,12 @@ def test_a_peer_that_cannot_sign_is_not_heard(settings):
             return answer
 
         assert await ask({**fields, "sig": "0" * 64}) == b""  # closed without a word
-        stale = {**fields, "at": int(time.time()) - 3600}
+        stale = {**fields, "at": int(time.time()) - 3600, "nonce": secrets.token_hex(8)}
         assert await ask({**stale, "sig": peer._signature(stale)}) == b""
+        assert await ask(["not", "an", "object"]) == b""
         signed = json.loads(await ask({**fields, "sig": peer._signature(fields)}))
         assert signed["status"] == 503  # a real peer: told the stream is not here
+        assert await ask({**fields, "sig": peer._signature(fields)}) == b""  # the same line again: a replay
         server.close()
 
     run_async(scenario())

@@ -210,7 +210,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def log_message(self, *args):
         pass
+    def do_HEAD(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
     def do_GET(self):
+        if self.path.startswith("/path/"):
+            body = self.path.encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         if self.path == "/slow":
             time.sleep(1.5)
         if self.path == "/forever":
@@ -282,9 +293,12 @@ def test_the_relay_bounds_what_a_client_or_a_job_can_take(tmp_path):
         answers = run_async(crowd())
         assert time.monotonic() - started < 120  # every one answered: none waits out a timeout
         statuses = [answer.status_code for answer in answers]
-        assert set(statuses) <= {200, 429} and statuses.count(200) >= 8 and statuses.count(429) >= 500, statuses
-        refused = next(answer for answer in answers if answer.status_code == 429)
-        assert refused.headers["content-type"] == "application/problem+json" and "retry-after" in refused.headers
+        # Served, or refused at once: past the job's channels (429) or the lookups the relay
+        # queues (503), each with Retry-After.
+        assert set(statuses) <= {200, 429, 503} and statuses.count(200) >= 8, statuses
+        refused = [answer for answer in answers if answer.status_code != 200]
+        assert len(refused) >= 500 and all("retry-after" in answer.headers for answer in refused)
+        assert all(answer.headers["content-type"] == "application/problem+json" for answer in refused)
 
         got, started = 0, time.monotonic()
         with (
@@ -304,6 +318,25 @@ def test_the_relay_bounds_what_a_client_or_a_job_can_take(tmp_path):
 
         too_big = httpx.post(f"{base}/", headers=auth, content=b"x" * (2**20 + 1), timeout=30)
         assert too_big.status_code == 413
+
+        # The path reaches the job as the client wrote it: %3F stays in the path, not a query.
+        raw = httpx.get(f"{base}/path/caf%C3%A9%3Fx%2Fy?q=1", headers=auth, timeout=10)
+        assert raw.status_code == 200 and raw.text == "/path/caf%C3%A9%3Fx%2Fy?q=1"
+        head = httpx.head(f"{base}/", headers=auth, timeout=10)
+        assert head.status_code == 200 and head.content == b""
+        tunnel = httpx.request("CONNECT", f"{base}/", headers=auth, timeout=10)
+        assert tunnel.status_code == 405 and tunnel.headers["content-type"] == "application/problem+json"
+
+        # A reader of an endless answer that leaves gives its channel back: all 8 serve again.
+        with httpx.stream("GET", f"{base}/forever", headers=auth, timeout=30) as leaving:
+            next(leaving.iter_raw())
+
+        async def eight() -> list[int]:
+            async with httpx.AsyncClient(timeout=30) as client:
+                answers = await asyncio.gather(*(client.get(f"{base}/slow", headers=auth) for _ in range(8)))
+                return [answer.status_code for answer in answers]
+
+        wait_until(lambda: run_async(eight()) == [200] * 8, timeout=30, what="the left channel given back")
 
         assert httpx.get(f"{base}/", headers=auth, timeout=10).status_code == 200  # still serving
         assert Unit.objects.get(pk=unit.pk).status == Unit.Status.ONLINE

@@ -63,6 +63,7 @@ _ALIVE = {Unit.Status.ONLINE, Unit.Status.DRAINING}
 _TELEMETRY = ("temperature_c", "power_w")
 _STOPS = ("cancel", "preempt")  # the answer's lists of allocations the agent must stop
 SERVER_SHUTDOWN = 1012  # the code a connection ends with when this server shuts down
+CLOSE_WAIT_S = 5.0  # the longest closing a stream may wait for its sends
 wall_clock = time.time  # the minutes the connect budget counts in (tests fix it)
 
 
@@ -422,8 +423,10 @@ class Hub:
 
     async def close(self, stream: Stream, code: int, why: str) -> None:
         stream.closing = stream.closing or why
-        with contextlib.suppress(Exception):  # already gone
-            await stream.close_with(code)
+        # Bounded: an agent that stopped reading holds its stream's sends, and must not hold the
+        # sweep that closes it (nor anything else waiting here).
+        with contextlib.suppress(Exception):  # already gone, or stuck
+            await asyncio.wait_for(stream.close_with(code), CLOSE_WAIT_S)
 
     async def attach(self, stream: Stream) -> None:
         older = self.streams.get(stream.unit_id)

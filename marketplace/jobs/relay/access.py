@@ -29,15 +29,17 @@ class Target:
     jurisdictions: tuple[str, ...] = ()  # where the job may be served from, if relay_in_jurisdiction
 
 
-def target(token: str, job_id: str, port: int, *, protocol: str | None) -> Target:
+def target(token: str, job_id: str, port: int, *, protocol: str | None, scope: str = "read") -> Target:
     """The running job ``job_id`` of the renter whose API key ``token`` is (or, for HTTP, whose
-    endpoint token it is), and its ``port`` (of ``protocol``, if given). Raises Unavailable: 401
-    without a valid key or token (or a key without the read scope), 404 for a job or port that
+    endpoint token it is), and its ``port`` (of ``protocol``, if given). A key needs ``scope``:
+    "read" to read from a service (GET, HEAD, OPTIONS), "submit" for anything else and for a
+    tunnel. Raises Unavailable: 401 without a valid key or token, 403 for a key without the
+    scope, 404 for a job or port that
     is not the caller's (another renter's job is not said to exist), 503 for a job not running
     yet, 410 for one that ended."""
     key = api_key_authenticate(plaintext=token) if token.startswith(f"{API_KEY_KIND}_") else None
-    if key is not None and "read" not in key.scopes:
-        raise Unavailable(401, "This API key lacks the 'read' scope.")
+    if key is not None and scope not in key.scopes:
+        raise Unavailable(403, f"This API key lacks the '{scope}' scope.")
     opens = endpoint_token_job(token) if key is None and protocol == "http" else None
     if key is None and opens is None:
         raise Unavailable(401, "The renter's API key, or an endpoint token of the job, is needed.")

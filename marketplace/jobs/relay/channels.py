@@ -9,6 +9,7 @@ writes the same.
 """
 
 import asyncio
+import contextlib
 import itertools
 import json
 import struct
@@ -62,8 +63,8 @@ class Channel:
 
     def agent_data(self, data: bytes) -> bool:
         """Bytes from the job; False if they break the window (the channel is then over)."""
-        self._unread += len(data)
-        if self._unread > Relay.WINDOW:
+        self._unread += len(data) + Relay.FRAME_COST
+        if self._unread > Relay.WINDOW or not 0 < len(data) <= Relay.CHUNK:
             return False
         self.bytes_out += len(data)
         self._inbox.append(data)
@@ -103,8 +104,8 @@ class Channel:
                 await self.close("idle")
                 raise ChannelClosed("idle") from None
         data = self._inbox.popleft()
-        self._unread -= len(data)
-        self._owed += len(data)
+        self._unread -= len(data) + Relay.FRAME_COST
+        self._owed += len(data) + Relay.FRAME_COST
         if self._owed >= Relay.WINDOW // 4 and not self.closed:
             owed, self._owed = self._owed, 0
             await self._control(Relay.CREDIT, bytes=owed)
@@ -113,7 +114,7 @@ class Channel:
     async def write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            while self._credit <= 0 and not self.closed:
+            while self._credit <= Relay.FRAME_COST and not self.closed:
                 self._credited.clear()
                 try:
                     await asyncio.wait_for(self._credited.wait(), settings.RELAY_IDLE_TIMEOUT_S)
@@ -121,10 +122,10 @@ class Channel:
                     await self.close("idle")
             if self.closed:
                 raise ChannelClosed(self.closed)
-            size = min(len(view), self._credit, Relay.CHUNK)
-            self._credit -= size
+            size = min(len(view), self._credit - Relay.FRAME_COST, Relay.CHUNK)
+            self._credit -= size + Relay.FRAME_COST
             self.bytes_in += size
-            await self._send_bytes(_HEADER.pack(self.number) + bytes(view[:size]))
+            await self._send(self._send_bytes(_HEADER.pack(self.number) + bytes(view[:size])))
             view = view[size:]
 
     async def write_eof(self) -> None:
@@ -137,10 +138,17 @@ class Channel:
             await self._control(Relay.CLOSE, detail=why)
 
     async def _control(self, kind: str, **fields) -> None:
+        with contextlib.suppress(ChannelClosed):  # it is over: ended says so
+            await self._send(self._send_frame(json.dumps({"relay": kind, "channel": self.number, **fields})))
+
+    async def _send(self, sending) -> None:
+        """A send over the stream, bounded: an agent that stops reading its stream holds no
+        channel (nor the request on it) past RELAY_IDLE_TIMEOUT_S."""
         try:
-            await self._send_frame(json.dumps({"relay": kind, "channel": self.number, **fields}))
-        except Exception:  # noqa: BLE001 - the stream is gone: so is the channel
+            await asyncio.wait_for(sending, settings.RELAY_IDLE_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - the stream is gone or stuck: so is the channel
             self.ended("the shed's connection dropped")
+            raise ChannelClosed(self.closed) from None
 
 
 class Channels:
@@ -148,6 +156,7 @@ class Channels:
 
     def __init__(self) -> None:
         self._numbers = itertools.count(1)
+        self.lookups_waiting = 0  # renters' requests waiting for the database (endpoints._target)
         self.open: dict[int, Channel] = {}
         self.by_job: Counter = Counter()
         self.by_unit: Counter = Counter()
@@ -172,11 +181,12 @@ class Channels:
             await channel._control(Relay.OPEN, allocation_id=allocation_id, port=port)
             await asyncio.wait_for(asyncio.shield(channel.opened), settings.RELAY_OPEN_TIMEOUT_S)
         except TimeoutError:
+            self.forget(channel)
             await channel.close("the shed did not answer")
-            self.forget(channel)
             raise Unavailable(504, "The shed did not connect to the job's port in time.") from None
-        except Unavailable:
+        except BaseException:  # refused, or the request went away meanwhile: the slot is free again
             self.forget(channel)
+            channel.ended("not opened")
             raise
         return channel
 
@@ -205,7 +215,7 @@ class Channels:
             channel.agent_credit(frame["bytes"])
 
     def agent_bytes(self, stream, data: bytes) -> None:
-        if len(data) < Relay.HEADER:
+        if len(data) <= Relay.HEADER:
             return
         channel = self.open.get(_HEADER.unpack_from(data)[0])
         if channel is None or channel.stream is not stream or channel.closed:

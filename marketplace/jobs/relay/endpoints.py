@@ -31,6 +31,9 @@ FORWARD_PATH = re.compile(r"/api/v1/jobs/(?P<job>[0-9a-fA-F-]{36})/ports/(?P<por
 _HTTP_PATH = re.compile(r"/(?P<job>[^/]{1,64})/(?P<port>[0-9]{1,5})(?P<rest>/.*)?", re.DOTALL)
 _HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
                b"te", b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length"}  # fmt: skip
+# CONNECT would turn the job's connection into a tunnel (use `shedshare forward`); TRACE echoes.
+_REFUSED_METHODS = {"CONNECT", "TRACE"}
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 KEY_HEADER = b"x-shedshare-key"
 # A WebSocket tunnel refused after its handshake closes with 4000 + the HTTP status it would have had.
 CLOSE_BASE = 4000
@@ -53,8 +56,23 @@ class Traffic:
         return counts
 
 
-async def _target(hub, token: str, job_id: str, port: int, protocol: str | None) -> access.Target:
-    return await hub.db(access.target, token, job_id, port, protocol=protocol, pool="relay")
+LOOKUPS_WAITING_MAX = 256  # relay lookups queued for the database beyond which a request is a 503
+
+
+async def _target(hub, token: str, job_id: str, port: int, protocol: str | None, scope: str) -> access.Target:
+    """Who may reach what, from the database: a 503 (never a 500) when it cannot say now."""
+    if hub.relay.lookups_waiting >= LOOKUPS_WAITING_MAX:
+        raise Unavailable(503, "The relay is busy; try again shortly.", 1.0)
+    hub.relay.lookups_waiting += 1
+    try:
+        return await hub.db(access.target, token, job_id, port, protocol=protocol, scope=scope, pool="relay")
+    except Unavailable:
+        raise
+    except Exception:  # noqa: BLE001 - the database is away
+        logger.warning("relay_lookup_failed job=%s", job_id, exc_info=True)
+        raise Unavailable(503, "The marketplace cannot look the job up now.", 5.0) from None
+    finally:
+        hub.relay.lookups_waiting -= 1
 
 
 async def _channel(hub, target: access.Target):
@@ -73,9 +91,9 @@ async def _channel(hub, target: access.Target):
 
 
 async def _ended(hub, channel) -> None:
-    await channel.close()
     if hasattr(channel, "stream"):
-        hub.relay.forget(channel)
+        hub.relay.forget(channel)  # first: a close the agent does not take must not keep the slot
+    await channel.close()
 
 
 # -- HTTP ------------------------------------------------------------------------------------------
@@ -118,20 +136,39 @@ async def http_application(hub, scope, receive, send) -> None:
         return await _problem(send, Unavailable(404, detail))
     token, headers = _credential(headers)
     declared = dict(headers).get(b"content-length", b"")
+    if scope["method"] in _REFUSED_METHODS:
+        return await _problem(
+            send, Unavailable(405, f"{scope['method']} is not relayed; a tunnel is `shedshare forward`.")
+        )
     if declared.isdigit() and int(declared) > settings.RELAY_REQUEST_MAX_BYTES:
         return await _problem(
             send, Unavailable(413, f"A request body may be at most {settings.RELAY_REQUEST_MAX_BYTES} bytes.")
         )
+    raw_rest = _raw_rest(scope, match["rest"])
+    if raw_rest is None:
+        return await _problem(send, Unavailable(400, "The service URL's prefix may not be percent-encoded."))
+    needs = "read" if scope["method"] in SAFE_METHODS else "submit"
     try:
-        target = await _target(hub, token, match["job"], int(match["port"]), "http")
+        target = await _target(hub, token, match["job"], int(match["port"]), "http", needs)
         channel = await _channel(hub, target)
     except Unavailable as exc:
         return await _problem(send, exc)
     try:
-        await _exchange(channel, scope, headers, match["rest"], target.port, receive, send)
+        await _exchange(channel, scope, headers, match["rest"], raw_rest, target.port, receive, send)
     finally:
         await _ended(hub, channel)
         hub.traffic.add(target, channel)
+
+
+def _raw_rest(scope, rest: str) -> bytes | None:
+    """The request's target for the job as the client wrote it (still percent-encoded: the
+    decoded path would let %3F become a query, or %2F a folder), with its query."""
+    raw = scope.get("raw_path") or scope["path"].encode("utf-8")
+    prefix = scope["path"][: len(scope["path"]) - len(rest)].encode("utf-8")
+    if not raw.startswith(prefix):
+        return None
+    target = raw[len(prefix) :] or b"/"
+    return target + (b"?" + scope["query_string"] if scope.get("query_string") else b"")
 
 
 def _credential(headers: list) -> tuple[str, list]:
@@ -147,9 +184,8 @@ def _credential(headers: list) -> tuple[str, list]:
     return "", headers
 
 
-async def _exchange(channel, scope, headers: list, path: str, port: int, receive, send) -> None:
+async def _exchange(channel, scope, headers: list, path: str, target: bytes, port: int, receive, send) -> None:
     connection = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
-    target = path + ("?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else "")
     client = (scope.get("client") or ("", 0))[0]
     forwarded = [
         (n, v) for n, v in headers if n.lower() not in _HOP_BY_HOP and not n.lower().startswith(b"x-forwarded-")
@@ -158,17 +194,18 @@ async def _exchange(channel, scope, headers: list, path: str, port: int, receive
                   (b"connection", b"close"), (b"x-forwarded-for", client.encode()),
                   (b"x-forwarded-proto", scope.get("scheme", "http").encode()),
                   (b"x-forwarded-prefix", scope["path"][: len(scope["path"]) - len(path)].encode())]  # fmt: skip
-    declared = dict(headers).get(b"content-length")
-    if declared is not None:
+    names = {name.lower() for name, _ in headers}
+    declared = dict((n.lower(), v) for n, v in headers).get(b"content-length")
+    if b"transfer-encoding" in names or (declared is None and scope["method"] not in SAFE_METHODS | {"DELETE"}):
+        forwarded.append((b"transfer-encoding", b"chunked"))  # a body of unknown length, re-chunked
+    elif declared is not None:
         forwarded.append((b"content-length", declared))
-    elif scope["method"] not in ("GET", "HEAD", "DELETE", "OPTIONS"):
-        forwarded.append((b"transfer-encoding", b"chunked"))
     started, body = False, None
     try:
         await channel.write(connection.send(h11.Request(method=scope["method"], target=target, headers=forwarded)))
         body = asyncio.ensure_future(_request_body(channel, connection, receive))
         started = await _response(channel, connection, scope, send)
-    except (ChannelClosed, h11.RemoteProtocolError, h11.LocalProtocolError, Unavailable) as exc:
+    except (ChannelClosed, h11.RemoteProtocolError, h11.LocalProtocolError, Unavailable, OSError) as exc:
         if not started:  # after the head there is no status to change: the answer ends short
             failure: Exception = exc
             if body is not None:
@@ -188,6 +225,8 @@ def _failure(exc: Exception, channel) -> tuple[int, str]:
         return exc.status, exc.detail
     if isinstance(exc, h11.RemoteProtocolError):
         return 502, "The job's answer was not HTTP/1.1."
+    if isinstance(exc, OSError):
+        return 502, "The shed's connection dropped."
     if channel.closed == "idle":
         return 504, f"The job sent nothing for {settings.RELAY_IDLE_TIMEOUT_S:g} s."
     return 502, f"The job's connection ended: {channel.closed or exc}."
@@ -213,7 +252,12 @@ async def _request_body(channel, connection: h11.Connection, receive) -> None:
             await channel.write(connection.send(h11.Data(data=chunk)))
         if not message.get("more_body", False):
             await channel.write(connection.send(h11.EndOfMessage()))
-            return
+            break
+    # The body is sent; what comes now is the client leaving (a reader of an endless stream that
+    # gave up): then the job's answer has no one to go to.
+    while (await receive())["type"] == "http.request":
+        pass
+    await channel.close("the client went away")
 
 
 async def _response(channel, connection: h11.Connection, scope, send) -> bool:
@@ -227,9 +271,11 @@ async def _response(channel, connection: h11.Connection, scope, send) -> bool:
         if isinstance(event, h11.InformationalResponse):
             continue
         if isinstance(event, h11.Response):
-            headers = [
-                (n, v) for n, v in event.headers if n.lower() not in _HOP_BY_HOP or n.lower() == b"content-length"
-            ]
+            chunked = any(n.lower() == b"transfer-encoding" for n, _ in event.headers)
+            keep = (
+                (lambda n: n not in _HOP_BY_HOP) if chunked else (lambda n: n not in _HOP_BY_HOP - {b"content-length"})
+            )
+            headers = [(n, v) for n, v in event.headers if keep(n.lower())]
             await send({"type": "http.response.start", "status": event.status_code, "headers": headers})
             started = True
         elif isinstance(event, h11.Data):
@@ -241,11 +287,14 @@ async def _response(channel, connection: h11.Connection, scope, send) -> bool:
         elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return started
+        else:  # PAUSED (a switch of protocols the relay never asked for) or anything unforeseen
+            raise h11.RemoteProtocolError(f"unexpected {event!r}")
 
 
 async def _problem(send, exc: Unavailable) -> None:
-    titles = {401: "Unauthorised", 404: "Not found", 408: "Request timeout", 410: "Gone", 413: "Request too large",
-              421: "Served elsewhere", 429: "Too many connections",
+    titles = {400: "Bad request", 401: "Unauthorised", 403: "Forbidden", 404: "Not found", 405: "Method not relayed",
+              408: "Request timeout", 410: "Gone", 413: "Request too large", 421: "Served elsewhere",
+              429: "Too many connections",
               502: "Bad gateway", 503: "Service unavailable", 504: "Gateway timeout"}  # fmt: skip
     body = json.dumps({"type": "about:blank", "title": titles.get(exc.status, "Error"), "status": exc.status,
                        "detail": exc.detail}).encode()  # fmt: skip
@@ -270,7 +319,7 @@ async def forward_application(hub, scope, receive, send) -> None:
     await send({"type": "websocket.accept"})
     token, _ = _credential(list(scope.get("headers") or []))
     try:
-        target = await _target(hub, token, match["job"], int(match["port"]), None)
+        target = await _target(hub, token, match["job"], int(match["port"]), None, "submit")
         channel = await _channel(hub, target)
     except Unavailable as exc:
         return await send({"type": "websocket.close", "code": CLOSE_BASE + exc.status, "reason": exc.detail[:120]})

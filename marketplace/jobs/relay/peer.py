@@ -2,10 +2,13 @@
 holds is relayed through that server, which takes peers on RELAY_PEER_BIND and records where
 (the host RELAY_PEER_ADVERTISE, or the one bound, and the port bound) with its lease.
 
-A peer connection is one TCP connection per channel: a line of JSON naming the target, signed
-with an HMAC of SECRET_KEY (every server of a deployment shares it) and dated, so that nothing
-else on the network can open channels; a line of JSON in answer ({"ok": true} or {"status",
-"detail"}); then the channel's bytes both ways, its half close as TCP's.
+A peer connection is one TCP connection per channel: a line of JSON naming the target, dated,
+with a nonce, and signed with an HMAC under a key derived from SECRET_KEY (every server of a
+deployment shares it), so that nothing else on the network can open channels, nor replay a line
+it saw (each nonce is taken once within SIGNED_FOR_S); a line of JSON in answer ({"ok": true} or
+{"status", "detail"}); then the channel's bytes both ways, its half close as TCP's. The bytes
+cross the deployment's own network as they are: run the servers on a private network (or a
+service mesh's mutual TLS) as the database and Redis are.
 """
 
 import asyncio
@@ -14,6 +17,7 @@ import hashlib
 import hmac
 import json
 import logging
+import secrets
 import time
 
 from django.conf import settings
@@ -24,12 +28,28 @@ from nodes.agent.protocol import Relay
 logger = logging.getLogger(__name__)
 
 SIGNED_FOR_S = 60.0
-MAX_LINE = 4096
+HELLO_TIMEOUT_S = 5.0
+PEERS_AT_ONCE = 1024  # peer connections a server holds at once; more are closed at once
+_SIGNED = ("job", "allocation", "unit", "port", "at", "nonce")
+_nonces: dict[str, float] = {}  # nonce -> when it was taken (monotonic), within SIGNED_FOR_S
+_peers = 0
 
 
 def _signature(fields: dict) -> str:
-    text = "|".join(str(fields[name]) for name in ("job", "allocation", "unit", "port", "at"))
-    return hmac.new(settings.SECRET_KEY.encode(), text.encode(), hashlib.sha256).hexdigest()
+    key = hashlib.sha256(b"shedshare.relay.peer:" + settings.SECRET_KEY.encode()).digest()
+    text = "|".join(str(fields.get(name, "")) for name in _SIGNED)
+    return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
+
+
+def _fresh(nonce: str) -> bool:
+    """Whether the nonce was not taken before (within SIGNED_FOR_S); takes it."""
+    now = time.monotonic()
+    for old in [n for n, at in _nonces.items() if now - at > SIGNED_FOR_S]:
+        del _nonces[old]
+    if not nonce or nonce in _nonces:
+        return False
+    _nonces[nonce] = now
+    return True
 
 
 class PeerChannel:
@@ -75,16 +95,25 @@ async def connect(target) -> PeerChannel:
         raise Unavailable(503, "The shed running the job is not connected now.", 5.0)
     host, _, port = target.holder_address.rpartition(":")
     fields = {"job": target.job_id, "allocation": target.allocation_id, "unit": target.unit_id,
-              "port": target.port, "at": int(time.time())}  # fmt: skip
+              "port": target.port, "at": int(time.time()), "nonce": secrets.token_hex(16)}  # fmt: skip
+    writer = None
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 5.0)
         writer.write(json.dumps({**fields, "sig": _signature(fields)}).encode() + b"\n")
         answer = json.loads(await asyncio.wait_for(reader.readline(), settings.RELAY_OPEN_TIMEOUT_S + 5))
-    except (OSError, TimeoutError, ValueError):
+        if not isinstance(answer, dict):
+            raise ValueError("not an answer")
+        if not answer.get("ok"):
+            retry_after = answer.get("retry_after")
+            raise Unavailable(int(answer.get("status") or 502), str(answer.get("detail") or "")[:300],
+                              float(retry_after) if isinstance(retry_after, int | float) else None)  # fmt: skip
+    except (OSError, TimeoutError, ValueError, TypeError):
+        if writer is not None:
+            writer.close()
         raise Unavailable(503, "The server holding the shed's connection did not answer.", 5.0) from None
-    if not answer.get("ok"):
+    except Unavailable:
         writer.close()
-        raise Unavailable(int(answer.get("status") or 502), str(answer.get("detail") or ""), answer.get("retry_after"))
+        raise
     return PeerChannel(reader, writer, target.job_id)
 
 
@@ -95,13 +124,18 @@ async def serve(hub, reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
         writer.write(json.dumps(body).encode() + b"\n")
         await writer.drain()
 
+    global _peers
     channel: Channel | None = None
+    if _peers >= PEERS_AT_ONCE:
+        writer.close()
+        return
+    _peers += 1
     try:
-        line = await asyncio.wait_for(reader.readline(), 10.0)
-        request = json.loads(line[:MAX_LINE])
+        request = json.loads(await asyncio.wait_for(reader.readline(), HELLO_TIMEOUT_S))
+        if not isinstance(request, dict):
+            return
         signed = hmac.compare_digest(str(request.get("sig", "")), _signature(request))
-        if not signed or abs(time.time() - float(request["at"])) > SIGNED_FOR_S:
-            writer.close()
+        if not signed or abs(time.time() - float(request["at"])) > SIGNED_FOR_S or not _fresh(str(request["nonce"])):
             return
         stream = hub.streams.get(str(request["unit"]))
         if stream is None:
@@ -119,9 +153,10 @@ async def serve(hub, reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
     except (OSError, TimeoutError, ValueError, KeyError, TypeError):
         pass
     finally:
+        _peers -= 1
         if channel is not None:
-            await channel.close("peer gone")
             hub.relay.forget(channel)
+            await channel.close("peer gone")
         writer.close()
 
 
@@ -129,7 +164,7 @@ async def splice(channel, reader: asyncio.StreamReader, writer: asyncio.StreamWr
     """Move bytes between a channel and a TCP connection until both directions end."""
 
     async def inward() -> None:
-        while data := await reader.read(Relay.CHUNK):
+        while data := await asyncio.wait_for(reader.read(Relay.CHUNK), settings.RELAY_IDLE_TIMEOUT_S):
             await channel.write(data)
         await channel.write_eof()
 
@@ -144,7 +179,7 @@ async def splice(channel, reader: asyncio.StreamReader, writer: asyncio.StreamWr
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for task in done:
             task.result()
-    except (ChannelClosed, OSError):
+    except (ChannelClosed, OSError, TimeoutError):
         pass
     finally:
         for task in tasks:

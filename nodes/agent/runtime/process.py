@@ -8,6 +8,7 @@ outlives the agent and a restarted agent can adopt it again; as root the shim st
 write that file into the agent's private state and runs the job itself as the job user.
 """
 
+import ipaddress
 import json
 import os
 import re
@@ -138,9 +139,10 @@ class ProcessRuntime:
         its ports with other jobs: development only). Only while one of the job's own processes
         listens on it there: else a renter declaring port 22 would reach the host's SSH."""
         assert isinstance(handle, ProcessHandle)
-        if port not in _listening(_session_pids(handle.pid)):
+        address = _listening(_session_pids(handle.pid)).get(port)
+        if address is None:
             raise StartFailed(f"the job does not listen on port {port}")
-        return ("127.0.0.1", port)
+        return (address, port)
 
     def kill(self, handle: Handle) -> None:
         assert isinstance(handle, ProcessHandle)
@@ -271,8 +273,10 @@ def _session_pids(session: int) -> list[int]:
     return pids
 
 
-def _listening(pids: list[int]) -> set[int]:
-    """The TCP ports these processes listen on (any address, IPv4 or IPv6), from Linux's /proc."""
+def _listening(pids: list[int]) -> dict[int, str]:
+    """The TCP ports these processes listen on, each with the address to reach it at (the one
+    bound; loopback for a socket bound to every address), from Linux's /proc. The address
+    matters: a job bound to 127.0.0.2:6379 must not lead the agent to the host's 127.0.0.1:6379."""
     inodes = set()
     for pid in pids:
         with suppress(OSError):
@@ -281,14 +285,28 @@ def _listening(pids: list[int]) -> set[int]:
                     target = os.readlink(fd)
                     if target.startswith("socket:["):
                         inodes.add(target[8:-1])
-    ports = set()
+    ports: dict[int, str] = {}
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with suppress(OSError):
             for line in Path(table).read_text().splitlines()[1:]:
                 fields = line.split()
                 if len(fields) > 9 and fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+                    hex_address, hex_port = fields[1].rsplit(":", 1)
+                    ports.setdefault(int(hex_port, 16), _proc_address(hex_address))
     return ports
+
+
+def _proc_address(hex_address: str) -> str:
+    """An address as /proc/net/tcp{,6} writes it (little-endian 32-bit words), to connect to."""
+    raw = bytes.fromhex(hex_address)
+    raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    if len(raw) == 4:
+        address = ipaddress.IPv4Address(raw)
+        return "127.0.0.1" if address.is_unspecified else str(address)
+    address = ipaddress.IPv6Address(raw)
+    if address.ipv4_mapped is not None:
+        return "127.0.0.1" if address.ipv4_mapped.is_unspecified else str(address.ipv4_mapped)
+    return "::1" if address.is_unspecified else str(address)
 
 
 def _boot_id() -> str:
