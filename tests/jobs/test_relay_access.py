@@ -78,6 +78,8 @@ def test_another_renter_cannot_make_or_revoke_a_jobs_tokens(served, renter, stra
     )
     token = renter_client(renter).post(f"/api/v1/jobs/{served.pk}/endpoint-tokens", {"name": "a"}, format="json")
     assert stranger_api.delete(f"/api/v1/jobs/{served.pk}/endpoint-tokens/{token.json()['id']}").status_code == 404
+    malformed = "1de42da3fb6bfa9ac76c-aa47e5d107f4381"  # 36 characters of the id's alphabet, no UUID
+    assert renter_client(renter).delete(f"/api/v1/jobs/{served.pk}/endpoint-tokens/{malformed}").status_code == 404
 
 
 def test_the_job_shows_its_services_and_the_traffic_counts_add_up(served, renter):

@@ -1,10 +1,12 @@
+import uuid
+
 from django.conf import settings
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import ValidationError
+from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
@@ -178,6 +180,10 @@ class JobViewSet(LongPollMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin
     @extend_schema(summary="Revoke an endpoint token", request=None, responses={204: None})
     @action(detail=True, methods=["delete"], url_path=r"endpoint-tokens/(?P<token_id>[0-9a-f-]{36})")
     def endpoint_token_revoke(self, request, pk=None, token_id=None):
+        try:
+            token_id = uuid.UUID(token_id)
+        except ValueError:
+            raise NotFound() from None
         token = get_object_or_404(self.get_object().endpoint_tokens, pk=token_id)
         endpoint_token_revoke(token=token, actor=f"user:{request.user.pk}")
         return Response(status=status.HTTP_204_NO_CONTENT)
