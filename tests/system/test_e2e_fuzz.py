@@ -19,7 +19,7 @@ from marketplace.accounts.services import api_key_create
 from marketplace.jobs.models import Allocation
 from marketplace.jobs.placement import job_place
 from tests.conftest import job_make, unit_online, user_make
-from tests.e2e import free_port, stack_start
+from tests.e2e import free_port, stack_start, wait_until
 from tests.system.test_api_fuzz import AGENT_PREFIX, CHECKS, OPERATIONS, cases, known_id
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -63,8 +63,9 @@ def test_the_live_server_answers_every_operation_as_its_schema_says_within_a_sec
     _, credential = unit_online(owner, name="fuzz-shed", gpus=4)
     job = job_make(renter)
     # The stack's worker may place it first (the submit asks it to): then its allocation is the one.
-    allocation = job_place(job_id=job.pk) or Allocation.objects.filter(job=job).first()
-    assert allocation is not None
+    allocation = job_place(job_id=job.pk) or wait_until(
+        lambda: Allocation.objects.filter(job=job).first(), timeout=30, what="the worker's placement"
+    )
     ids = {
         "/api/v1/jobs/{id}/": ("id", str(job.pk)),
         "/api/v1/api-keys/{id}/": ("id", str(spare.pk)),
