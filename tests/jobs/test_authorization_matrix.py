@@ -42,8 +42,9 @@ from marketplace.accounts.models import ApiKey, Secret
 from marketplace.accounts.secrets import secret_set
 from marketplace.accounts.services import api_key_create
 from marketplace.jobs.job_templates import template_save
-from marketplace.jobs.models import Allocation, Job, JobTemplate, LogChunk, UsageSample
+from marketplace.jobs.models import Allocation, EndpointToken, Job, JobTemplate, LogChunk, UsageSample
 from marketplace.jobs.placement import job_place
+from marketplace.jobs.relay.tokens import endpoint_token_create
 from marketplace.jobs.services import log_chunk_record
 from marketplace.jobs.usage import SampleReport, usage_record
 from marketplace.kernel.models import AuditEvent
@@ -123,6 +124,9 @@ MATRIX = [
     ("GET", "/api/v1/jobs/{job}/placements", None, a_only(200)),
     ("GET", "/api/v1/jobs/{job}/usage", None, a_only(200)),
     ("GET", "/api/v1/jobs/{job}/residency", None, a_only(200)),
+    ("GET", "/api/v1/jobs/{job}/endpoint-tokens", None, a_only(200)),
+    ("POST", "/api/v1/jobs/{job}/endpoint-tokens", lambda w: {"name": "matrix"}, a_only(201, read_only=403)),
+    ("DELETE", "/api/v1/jobs/{job}/endpoint-tokens/{endpoint_token}", None, a_only(204, read_only=403)),
     ("GET", "/api/v1/api-keys", None, every_user(200)),
     ("POST", "/api/v1/api-keys", lambda w: {"name": "matrix"}, every_user(201, read_only=403)),
     ("DELETE", "/api/v1/api-keys/{key}", None, a_only(204, read_only=403)),
@@ -202,6 +206,7 @@ def world(db, owner, renter, stranger, staff, stripe_fake):
     ]:
         keys[identity] = api_key_create(user=user, name=identity, scopes=scopes)
     spare_key, _ = api_key_create(user=renter, name="spare")
+    endpoint_token, _ = endpoint_token_create(job=job_a, name="renter-a-endpoint-token", actor="test")
 
     clients = {ANON: APIClient(), OTHER_AGENT: agent_client(other_credential), OWN_AGENT: agent_client(own_credential)}
     for identity, (_, plaintext) in keys.items():
@@ -217,6 +222,8 @@ def world(db, owner, renter, stranger, staff, stripe_fake):
         str(job_b.pk): {B},
         str(spare_key.pk): {A, A_READ},
         spare_key.lookup: {A, A_READ},
+        str(endpoint_token.pk): {A, A_READ},
+        "renter-a-endpoint-token": {A, A_READ},
     }
     for identity, (key, _) in keys.items():
         owned_by[str(key.pk)] = owned_by[key.lookup] = {identity, A, A_READ} if identity in (A, A_READ) else {identity}
@@ -228,6 +235,7 @@ def world(db, owner, renter, stranger, staff, stripe_fake):
         "allocation": allocation,
         "topup": topup,
         "key": spare_key,
+        "endpoint_token": endpoint_token,
         "clients": clients,
         "owned_by": owned_by,
     }
@@ -246,6 +254,9 @@ def a_world(renter) -> dict:
         "secrets": list(Secret.objects.filter(owner=renter).order_by("pk").values("pk", "name", "sealed")),
         "templates": list(JobTemplate.objects.filter(owner=renter).order_by("pk").values("pk", "name", "spec")),
         "balance": wallet_balance_micros(renter),
+        "endpoint_tokens": list(
+            EndpointToken.objects.filter(job__renter=renter).order_by("pk").values("pk", "name", "revoked_at")
+        ),
     }
 
 
@@ -257,6 +268,7 @@ def concrete(template: str, w: dict) -> str:
         allocation=w["allocation"].pk,
         secret="a-secret",
         template="a-template",
+        endpoint_token=w["endpoint_token"].pk,
     )
 
 
@@ -348,7 +360,7 @@ SAMPLE = {"job": "0" * 8 + "-0000-0000-0000-" + "0" * 12}
 
 def test_every_route_has_a_row():
     sample = {"job": SAMPLE["job"], "key": SAMPLE["job"], "topup": SAMPLE["job"], "allocation": SAMPLE["job"],
-              "secret": "a-secret", "template": "a-template"}  # fmt: skip
+              "secret": "a-secret", "template": "a-template", "endpoint_token": SAMPLE["job"]}  # fmt: skip
     covered = {resolve(template.format(**sample)).route.lstrip("^") for _, template, _, _ in MATRIX}
     covered |= {resolve(path).route.lstrip("^") for _, path in EXCLUDED}
     assert api_routes() - covered == set(), "routes without a row in MATRIX"
