@@ -47,8 +47,6 @@ from django.utils import timezone
 from marketplace.jobs import agent_use_cases as use_cases
 from marketplace.jobs.agent_api.serializers import AssignmentSerializer, UsageSerializer
 from marketplace.jobs.agent_stream import calls
-from marketplace.jobs.agent_stream import pool as work
-from marketplace.jobs.agent_stream.pool import PriorityPool
 from marketplace.jobs.relay import access as relay_access
 from marketplace.jobs.relay import endpoints as relay_endpoints
 from marketplace.jobs.relay import peer as relay_peer
@@ -202,10 +200,9 @@ class Hub:
         # (admissions, full heartbeats, reports), which a reconnecting fleet can queue deep.
         self._threads = {"hub": 1, "push": 2, "calls": settings.STREAM_THREADS, "relay": 2}
         self._pools = {
-            name: PriorityPool(threads, f"stream-{name}") if name == "calls" else
-            ThreadPoolExecutor(threads, thread_name_prefix=f"stream-{name}")
+            name: ThreadPoolExecutor(threads, thread_name_prefix=f"stream-{name}")
             for name, threads in self._threads.items()
-        }  # fmt: skip
+        }
         self.calls_waiting = 0  # agents' calls queued for the "calls" pool, not yet running
         self.stats: Counter = Counter()  # what it served since its last stats line (_stats_loop)
         self._usage_waiting: list[tuple[str, str, dict, asyncio.Future]] = []  # for the next usage round
@@ -229,9 +226,7 @@ class Hub:
 
     # -- database work, in the pool -------------------------------------------------------------
 
-    async def db(self, fn, *args, pool: str = "calls", priority: int = work.CALL, **kwargs):
-        """``fn`` in a thread of ``pool``; in the agents' calls pool, the most urgent first
-        (``pool.py``: a full heartbeat before a usage round)."""
+    async def db(self, fn, *args, pool: str = "calls", **kwargs):
         loop = asyncio.get_running_loop()
         queued = pool == "calls"
 
@@ -249,7 +244,6 @@ class Hub:
         if queued:
             self.calls_waiting += 1
             self.stats["calls_waiting_max"] = max(self.stats["calls_waiting_max"], self.calls_waiting)
-            return await asyncio.wrap_future(self._pools[pool].submit(run, priority=priority))
         return await loop.run_in_executor(self._pools[pool], run)
 
     def saturated(self) -> bool:
@@ -298,10 +292,8 @@ class Hub:
                 with contextlib.suppress(threading.BrokenBarrierError):
                     barrier.wait()
 
-            for _ in range(threads):  # after whatever is queued
-                pool.submit(close_mine, priority=work.LAST) if isinstance(pool, PriorityPool) else pool.submit(
-                    close_mine
-                )
+            for _ in range(threads):
+                pool.submit(close_mine)
             pool.shutdown(wait=True)
 
     async def _every(self, seconds: float, step, what: str) -> None:
@@ -598,7 +590,7 @@ class Hub:
                 round_, self._usage_waiting = self._usage_waiting[:taken], self._usage_waiting[taken:]
                 self.stats["usage_rounds"] += 1
                 try:
-                    answers = await self.db(_usage_round, [item[:3] for item in round_], priority=work.USAGE)
+                    answers = await self.db(_usage_round, [item[:3] for item in round_])
                 except Exception as error:  # noqa: BLE001 - each call answers 503, as a failed call does
                     answers, failure = None, error
                 for index, (*_, future) in enumerate(round_):
@@ -629,9 +621,7 @@ class Hub:
             await self._reply(stream, call_id, 200, {**stream.reply, "heartbeat_interval_s": stream.interval(now)})
             return
         self.stats["beats_full"] += 1
-        status, answer, retry_after = await self.db(
-            calls.call, stream.environ, "POST", protocol.HEARTBEAT, beat, priority=work.HEARTBEAT
-        )
+        status, answer, retry_after = await self.db(calls.call, stream.environ, "POST", protocol.HEARTBEAT, beat)
         self.stats["beats_full_ms_max"] = max(self.stats["beats_full_ms_max"], int((time.monotonic() - now) * 1000))
         if status == 200 and isinstance(answer, dict):
             if key != stream.key or not stream.running_agrees(running, now):
