@@ -90,11 +90,11 @@ def job_allocations_usage(job: Job) -> list[Allocation]:
 
 def job_traffic_today(job) -> dict[int, int]:
     """Requests the relay served today to each of the job's ports (stored every few seconds)."""
-    return {port: requests for (_, port), requests in jobs_traffic_today([job]).items()}
+    return jobs_traffic_today([job]).get(job.pk, {})
 
 
-def jobs_traffic_today(jobs) -> dict[tuple, int]:
-    """Requests the relay served today, by (job id, port), for these jobs, in one query."""
+def jobs_traffic_today(jobs) -> dict:
+    """Requests the relay served today, job id -> {port: requests}, for these jobs, in one query."""
     if not jobs:
         return {}
     rows = (
@@ -102,4 +102,7 @@ def jobs_traffic_today(jobs) -> dict[tuple, int]:
         .values_list("job_id", "port")
         .annotate(total=Sum("requests"))
     )
-    return {(job_id, port): total for job_id, port, total in rows}
+    found: dict = {}
+    for job_id, port, total in rows:
+        found.setdefault(job_id, {})[port] = total
+    return found

@@ -8,7 +8,7 @@ from marketplace.jobs import data as jobdata
 from marketplace.jobs import job_reads, jurisdictions
 from marketplace.jobs.models import Job
 from marketplace.jobs.pending import pending_summary
-from marketplace.jobs.relay.endpoints import service_url
+from marketplace.jobs.relay.endpoints import job_services
 from marketplace.jobs.selectors import job_usage
 from marketplace.kernel.api.serializers import StrictSerializer
 from marketplace.kernel.money import from_micros, to_micros
@@ -338,19 +338,8 @@ class JobSerializer(serializers.ModelSerializer):
         if not job.ports:
             return []
         request = self.context.get("request")
-        today = job_reads.job_traffic_today(job)
-        services = []
-        for entry in job.ports:
-            port, kind = entry["port"], entry.get("protocol", "http")
-            base = request.build_absolute_uri("/").rstrip("/") if request else ""
-            services.append({
-                "port": port,
-                "protocol": kind,
-                "url": service_url(base, job.pk, port) if kind == "http" else None,
-                "forward": f"shedshare forward {job.pk} {port}",
-                "requests_today": today.get(port, 0),
-            })  # fmt: skip
-        return services
+        base = request.build_absolute_uri("/").rstrip("/") if request else ""
+        return job_services(job, base, job_reads.job_traffic_today(job))
 
 
 class PlacementRecordSerializer(serializers.Serializer):

@@ -127,6 +127,22 @@ def service_url(base: str, job_id, port: int) -> str:
     return f"{base}{settings.RELAY_HTTP_PREFIX}/{job_id}/{port}/"
 
 
+def job_services(job, base: str, requests_today: dict[int, int]) -> list[dict]:
+    """The job's ports as its renter reaches them, for a server reached at ``base``: the URL (an
+    HTTP port's) or the command that forwards it, and the requests served today (by port)."""
+    services = []
+    for entry in job.ports or []:
+        port, kind = entry["port"], entry.get("protocol", "http")
+        services.append({
+            "port": port,
+            "protocol": kind,
+            "url": service_url(base, job.pk, port) if kind == "http" else None,
+            "forward": f"shedshare forward {job.pk} {port}",
+            "requests_today": requests_today.get(port, 0),
+        })  # fmt: skip
+    return services
+
+
 async def http_application(hub, scope, receive, send) -> None:
     """One request to a job's HTTP port (``service_of`` says which)."""
     match = service_of(scope)
