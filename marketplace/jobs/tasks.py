@@ -1,7 +1,7 @@
 import logging
 import time
 
-from celery import shared_task
+from celery import current_app, shared_task
 from celery.signals import worker_process_init
 
 from marketplace.jobs import placement
@@ -12,6 +12,8 @@ log = logging.getLogger(__name__)
 # periodic deep pass at many more.
 SHALLOW_PASS_JOBS = 20
 DEEP_PASS_JOBS = 1000
+# The queue the placement tasks are routed to (CELERY_TASK_ROUTES).
+PLACEMENT_QUEUE = "placement"
 
 
 @shared_task(acks_late=True)
@@ -50,7 +52,11 @@ def offer_snapshots_refresh() -> int:
 @worker_process_init.connect
 def placement_view_build(**_) -> None:
     """Build the process's capacity view before it takes its first task, so the first submits
-    it serves do not wait seconds for it (CELERY_WORKER_PROC_ALIVE_TIMEOUT allows for this)."""
+    it serves do not wait seconds for it (CELERY_WORKER_PROC_ALIVE_TIMEOUT allows for this).
+    Only in a worker that takes the placement queue (CELERY_TASK_ROUTES): one started for the
+    other queues alone never places, and would hold a view of every unit for nothing."""
+    if PLACEMENT_QUEUE not in current_app.amqp.queues.consume_from:
+        return
     started = time.perf_counter()
     try:
         view = placement.engine().view

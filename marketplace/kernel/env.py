@@ -54,3 +54,15 @@ def env_list(name: str, default: list[str]) -> list[str]:
     if raw is None:
         return default
     return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+def env_ordinal(name: str, default: int) -> int:
+    """A number, or a name that ends in one after a dash: a Kubernetes StatefulSet names its pods
+    `<set>-0`, `<set>-1`, …, so a pod's own name (given by the downward API) says which it is."""
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    number = raw.rpartition("-")[2]
+    if not (number.isascii() and number.isdigit()):
+        raise ImproperlyConfigured(f"{name}={raw!r} is neither a number nor a name ending in -<number>.")
+    return int(number)

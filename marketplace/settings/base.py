@@ -9,8 +9,9 @@ from pathlib import Path
 import dj_database_url
 from celery.schedules import crontab
 from django.core.management.utils import get_random_secret_key
+from kombu import Exchange, Queue
 
-from marketplace.kernel.env import env_bool, env_float, env_int, env_list, env_str
+from marketplace.kernel.env import env_bool, env_float, env_int, env_list, env_ordinal, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 DATA_DIR = Path(env_str("SHEDSHARE_DATA_DIR", str(BASE_DIR / ".data")))
@@ -122,6 +123,9 @@ def _database(url: str) -> dict:
         # for a connection: an outage is answered with 503 at once, not after a timeout.
         config["ENGINE"] = "marketplace.kernel.postgres"
         config["OPTIONS"] = {"connect_timeout": env_int("DB_CONNECT_TIMEOUT_S", 3)}
+        # Behind a pooler in transaction mode (PgBouncer) a named cursor does not outlive its
+        # transaction's server connection: QuerySet.iterator() must then read client-side.
+        config["DISABLE_SERVER_SIDE_CURSORS"] = env_bool("DB_TRANSACTION_POOLER", False)
     if postgres and env_bool("DB_POOL", False):
         # The ASGI web process (marketplace/asgi.py turns this on) runs each request's synchronous
         # part in a thread of its own and closes the connection after it, and a long poll between
@@ -242,6 +246,10 @@ PLACEMENT_REBUILD_INTERVAL_S = env_int("PLACEMENT_REBUILD_INTERVAL_S", 600)
 # Placement worker processes prefer disjoint shards of the units, so that concurrent workers pack
 # their own units instead of racing for the same best one; set it to the worker's concurrency.
 PLACEMENT_SHARDS = env_int("PLACEMENT_SHARDS", 1)
+# Several placement workers (the Kubernetes StatefulSet's pods) share the shards out: worker N's
+# processes prefer shards N x PLACEMENT_WORKER_PROCESSES onwards, and PLACEMENT_SHARDS then counts
+# the processes of all of them. PLACEMENT_WORKER is N, or the pod's own name `<set>-N`.
+PLACEMENT_SHARD_FIRST = env_ordinal("PLACEMENT_WORKER", 0) * env_int("PLACEMENT_WORKER_PROCESSES", 1)
 # A placement no agent has pulled after this long is released and its job queued again.
 ASSIGNMENT_ACK_TIMEOUT = timedelta(seconds=env_int("ASSIGNMENT_ACK_TIMEOUT_S", 60))
 # An agent that pulled a job this long ago but no longer reports it has lost it.
@@ -425,6 +433,20 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_TIME_LIMIT = 60
 CELERY_TASK_SOFT_TIME_LIMIT = 50
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Queues. Placement workers take `placement` (each of their processes builds a capacity view of every
+# unit when it starts); the calls to Stripe and the daily money runs wait on `billing`, so that a
+# slow Stripe never holds up the liveness sweep; everything else goes to Celery's default queue.
+# All three are declared, so a worker started without -Q (the demo, compose, the tests, the
+# benchmarks) takes them all; the Kubernetes deployment runs one kind of worker per queue. Each
+# queue has an exchange of its own: three queues bound to one with one key would each get every task.
+CELERY_TASK_QUEUES = [Queue(name, Exchange(name), routing_key=name) for name in ("celery", "placement", "billing")]
+_QUEUE_TASKS = {
+    "placement": ("marketplace.jobs.tasks.job_place", "marketplace.jobs.tasks.placement_pass",
+                  "marketplace.jobs.tasks.placement_sweep"),
+    "billing": ("billing.tasks.outbox_send", "billing.tasks.outbox_sweep", "billing.tasks.webhook_process",
+                "billing.tasks.meter_events_enqueue", "billing.tasks.payouts_run", "billing.tasks.stripe_reconcile"),
+}  # fmt: skip
+CELERY_TASK_ROUTES = {task: {"queue": queue} for queue, tasks in _QUEUE_TASKS.items() for task in tasks}
 # Celery's Django fix-up would close the database connection around every task (a new
 # connection each time costs more than most of our tasks); the connection is kept for this many
 # tasks instead, and marketplace.celery drops it by CONN_MAX_AGE and health, as Django does.

@@ -12,6 +12,9 @@ from marketplace.settings.base import DEBUG, EMAIL_BACKEND
 
 if not DEBUG:
     SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", True)
+    # Probes (the kubelet's; the liveness sweep's LIVENESS_PROBE_URL inside a cluster) speak plain
+    # HTTP to a pod: answered there, not redirected (a probe counts a redirect as an answer).
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
     SESSION_COOKIE_SECURE = env_bool("SECURE_COOKIES", True)
     CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
     # Browsers remember for a year to come only over HTTPS (sent on HTTPS responses only).

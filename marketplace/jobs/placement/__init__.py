@@ -65,11 +65,12 @@ _engine: Engine | None = None
 def engine() -> Engine:
     """This process's placement engine (one per Celery worker process), which the entry points
     use unless they are given one (``using=``: benchmarks and tests pass their own). With PLACEMENT_SHARDS
-    above one, the worker's process index picks the shard of units it prefers."""
+    above one, the worker's process index, after the shards of the workers before it
+    (PLACEMENT_SHARD_FIRST), picks the shard of units it prefers."""
     global _engine
     if _engine is None:
-        index = current_process_index(base=0) or 0
-        _engine = Engine(shard=index, shards=max(1, settings.PLACEMENT_SHARDS))
+        shard = settings.PLACEMENT_SHARD_FIRST + (current_process_index(base=0) or 0)
+        _engine = Engine(shard=shard, shards=max(1, settings.PLACEMENT_SHARDS))
     return _engine
 
 
