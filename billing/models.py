@@ -93,6 +93,7 @@ class OutboxMessage(models.Model):
         PENDING = "pending"
         SENT = "sent"
         FAILED = "failed"  # Stripe refused it for good (a bug or a bad request): needs a person
+        CANCELLED = "cancelled"  # an operator gave it up before it was sent (billing.outbox.CANCELLABLE)
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     operation = models.CharField(max_length=40, help_text="e.g. customers.create, payment_intents.create.")
@@ -106,6 +107,10 @@ class OutboxMessage(models.Model):
     )
     state = models.CharField(max_length=10, choices=State.choices, default=State.PENDING)
     attempts = models.PositiveIntegerField(default=0)
+    # Stripe answers a key it has seen with its first answer, a refusal too, for 24 hours: a row
+    # an operator sends again after Stripe refused it (billing.outbox.outbox_retry) needs a key of
+    # its own, and each such resend counts here.
+    resends = models.PositiveSmallIntegerField(default=0)
     next_attempt_at = models.DateTimeField(default=timezone.now)
     last_error = models.TextField(blank=True)
     stripe_id = models.CharField(max_length=64, blank=True, help_text="The object Stripe made or returned.")
@@ -122,7 +127,8 @@ class OutboxMessage(models.Model):
 
     @property
     def idempotency_key(self) -> str:
-        return f"shedshare-outbox-{self.id}"
+        key = f"shedshare-outbox-{self.id}"
+        return f"{key}-resend-{self.resends}" if self.resends else key
 
 
 class TopUp(models.Model):

@@ -19,9 +19,10 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from billing.models import BillingProfile, OutboxMessage
+from billing.models import BillingProfile, LedgerTransaction, OutboxMessage
 from billing.stripe_api import PaymentsUnavailable, client, configured
 from marketplace.kernel.audit import audit_record
+from marketplace.kernel.errors import StateConflict
 from marketplace.kernel.tasks import publish_on_commit
 
 log = logging.getLogger(__name__)
@@ -320,3 +321,78 @@ def outbox_sweep(limit: int = SWEEP_BATCH) -> int:
         except Exception:  # one broken row must not stop the rest of the sweep
             log.exception("outbox %s could not be sent", message_id)
     return len(due)
+
+
+# What an operator may cancel before it is sent: the rows that move no money. A transfer, a
+# transfer reversal or a refund is money at Stripe, and an unsent row may still have been applied
+# there (a timeout after Stripe acted): cancelling it would leave our ledger and Stripe apart. A
+# meter event is the renter's bill, and each later event reports only what earlier rows did not,
+# so a cancelled one would be usage never billed.
+CANCELLABLE = frozenset({"customers.create", "accounts.create", "account_links.create", "payment_intents.create"})
+
+
+def _payout_reversed(message: OutboxMessage) -> bool:
+    from billing.payouts import PAYOUT, PAYOUT_REVERSAL
+
+    txn = message.ledger_transaction
+    if message.operation != "transfers.create" or txn is None or txn.kind != PAYOUT:
+        return False
+    return LedgerTransaction.objects.filter(key=f"{PAYOUT_REVERSAL}:{txn.key}").exists()
+
+
+def _locked(message_id) -> OutboxMessage:
+    # The lock outbox_send holds across its call to Stripe: an operator's change waits for a send
+    # in flight and then sees what it did. The payout run takes it too before reversing a payout.
+    return OutboxMessage.objects.select_for_update(of=("self",)).select_related("ledger_transaction").get(pk=message_id)
+
+
+@transaction.atomic
+def outbox_retry(*, message_id, actor: str) -> OutboxMessage:
+    """Send a row again, now: a failed one once a person has fixed its cause, or one backing off;
+    the send is published on commit. A row Stripe refused gets a fresh idempotency key, since
+    Stripe would answer the old one with the same refusal for a day; a refusal made nothing, so
+    the new key cannot make a second object. A row failed for an idempotency conflict keeps its
+    key: the request behind it may have been applied. Refused for a row sent or cancelled, and for
+    a payout whose refused transfer was reversed since: the owner is owed that money again and
+    the next payout pays it, so the old transfer would pay them twice."""
+    message = _locked(message_id)
+    if message.state not in (OutboxMessage.State.PENDING, OutboxMessage.State.FAILED):
+        raise StateConflict(f"The message is {message.state}: there is nothing to send again.")
+    if _payout_reversed(message):
+        raise StateConflict("The payout of this transfer was reversed (the owner is owed it again): not sent twice.")
+    previous = message.state
+    refused = previous == OutboxMessage.State.FAILED and not message.last_error.startswith("IdempotencyError")
+    message.resends += refused
+    message.state, message.next_attempt_at = OutboxMessage.State.PENDING, timezone.now()
+    message.save(update_fields=["state", "next_attempt_at", "resends"])
+    audit_record(
+        "outbox.retried", message.id, actor=actor, operation=message.operation, previous=previous,
+        attempts=message.attempts, idempotency_key=message.idempotency_key,
+    )  # fmt: skip
+    from billing import tasks
+
+    publish_on_commit(tasks.outbox_send, str(message.id))
+    return message
+
+
+@transaction.atomic
+def outbox_cancel(*, message_id, actor: str) -> OutboxMessage:
+    """Give up a row that was never sent and moves no money (``CANCELLABLE``); a top-up waiting
+    for its PaymentIntent fails with it. Anything else is refused."""
+    message = _locked(message_id)
+    if message.state not in (OutboxMessage.State.PENDING, OutboxMessage.State.FAILED):
+        raise StateConflict(f"The message is {message.state}: only one not sent can be cancelled.")
+    if message.operation not in CANCELLABLE:
+        raise StateConflict(
+            f"A {message.operation} row is never cancelled: it moves money or bills usage, and may have reached "
+            "Stripe already. Retry it, or settle it at Stripe and in the ledger."
+        )
+    previous = message.state
+    message.state = OutboxMessage.State.CANCELLED
+    message.save(update_fields=["state"])
+    audit_record("outbox.cancelled", message.id, actor=actor, operation=message.operation, previous=previous)
+    if message.operation == "payment_intents.create":
+        from billing.topups import topup_payment_intent_cancelled
+
+        topup_payment_intent_cancelled(message=message)
+    return message

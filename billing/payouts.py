@@ -22,6 +22,7 @@ from billing.selectors import owner_payable_micros
 from billing.services import account_for, ledger_post
 from billing.stripe_api import PaymentsUnavailable, client
 from marketplace.kernel.audit import audit_record
+from marketplace.kernel.errors import StateConflict
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,34 @@ def connect_onboarding_link(*, owner, return_url: str, refresh_url: str) -> str:
         }
     )
     return link.url
+
+
+def connect_account_sync(*, account_id: str) -> int:
+    """Copy the Connect account's standing as Stripe says it now (``account.updated`` and the
+    operators' "sync" both come here); returns how many profiles name the account."""
+    account = client().v1.accounts.retrieve(account_id).to_dict()
+    requirements = account.get("requirements") or {}
+    due = list(dict.fromkeys((requirements.get("past_due") or []) + (requirements.get("currently_due") or [])))
+    return BillingProfile.objects.filter(stripe_account_id=account["id"]).update(
+        payouts_enabled=bool(account.get("payouts_enabled")),
+        details_submitted=bool(account.get("details_submitted")),
+        requirements_due=due,
+        disabled_reason=(requirements.get("disabled_reason") or "")[:80],
+    )
+
+
+def billing_profile_sync(*, profile: BillingProfile, actor: str) -> BillingProfile:
+    """An operator's re-read of an owner's Connect account, for an ``account.updated`` webhook
+    that never came; a renter's Customer holds nothing of ours to refresh."""
+    if not profile.stripe_account_id:
+        raise StateConflict("The profile has no Connect account: there is nothing at Stripe to sync from.")
+    connect_account_sync(account_id=profile.stripe_account_id)
+    profile.refresh_from_db()
+    audit_record(
+        "billing_profile.synced", profile.user.public_id, actor=actor, account=profile.stripe_account_id,
+        payouts_enabled=profile.payouts_enabled,
+    )  # fmt: skip
+    return profile
 
 
 def payout_amount_micros(*, owner, now: datetime) -> int:
@@ -144,6 +173,11 @@ def payout_create(*, profile: BillingProfile, now: datetime) -> LedgerTransactio
 @transaction.atomic
 def payout_reverse(*, message: OutboxMessage) -> LedgerTransaction | None:
     """Owe the owner again what a refused transfer was meant to pay; once per payout."""
+    # Re-read under the outbox row's lock: an operator may have sent the row again meanwhile
+    # (billing.outbox.outbox_retry), and then no transfer was refused to reverse.
+    message = (
+        OutboxMessage.objects.select_for_update(of=("self",)).select_related("ledger_transaction").get(pk=message.pk)
+    )
     if message.state != OutboxMessage.State.FAILED or message.operation != "transfers.create":
         return None
     txn = message.ledger_transaction

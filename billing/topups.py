@@ -14,9 +14,9 @@ from django.db.models import QuerySet
 from billing.models import Account, OutboxMessage, TopUp
 from billing.outbox import outbox_enqueue, outbox_profile_object, outbox_send
 from billing.services import account_for, ledger_post
-from billing.stripe_api import PaymentsUnavailable
+from billing.stripe_api import PaymentsUnavailable, client
 from marketplace.kernel.audit import audit_record
-from marketplace.kernel.errors import DomainError
+from marketplace.kernel.errors import DomainError, StateConflict
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,55 @@ def topup_payment_intent_sent(*, message: OutboxMessage) -> None:
     client_secret = (message.result or {}).get("client_secret") or ""
     TopUp.objects.filter(pk=topup_id).update(payment_intent_id=message.stripe_id, client_secret=client_secret)
     TopUp.objects.filter(pk=topup_id, state=TopUp.State.CREATED).update(state=TopUp.State.AWAITING_PAYMENT)
+
+
+def topup_payment_intent_cancelled(*, message: OutboxMessage) -> None:
+    """Outbox follow-up: an operator cancelled the PaymentIntent before it was made, so the
+    top-up can never be paid."""
+    for topup in TopUp.objects.filter(outbox=message):
+        topup_fail(topup=topup, reason="cancelled before its payment was set up")
+
+
+def topup_settle(*, topup: TopUp, payment_intent: dict, payment_failed: bool = False) -> TopUp:
+    """Follow what Stripe says of the top-up's PaymentIntent: credited once it succeeded, failed
+    once it was canceled, or when ``payment_failed`` (a failed attempt, not the PaymentIntent
+    still waiting for its first payment method, which looks the same)."""
+    status = payment_intent["status"]
+    if status == "succeeded":
+        return topup_credit(topup=topup, payment_intent=payment_intent)
+    if status == "canceled":
+        return topup_fail(topup=topup, reason="canceled")
+    if payment_failed and status == "requires_payment_method":
+        error = payment_intent.get("last_payment_error") or {}
+        return topup_fail(topup=topup, reason=error.get("code") or "payment_failed")
+    return topup
+
+
+def topup_refresh(*, topup: TopUp, actor: str) -> TopUp:
+    """An operator's look at Stripe for one top-up, as a webhook would have brought it: a
+    PaymentIntent not made yet is sent again through the outbox; one made is re-read and
+    followed (``topup_settle``), so a lost webhook costs no credit and a repeat credits nothing."""
+    if topup.state == TopUp.State.SUCCEEDED:
+        raise StateConflict("The top-up was credited already: there is nothing to refresh.")
+    if not topup.payment_intent_id:
+        if topup.outbox_id is None:
+            raise StateConflict("The top-up has no PaymentIntent and no outbox row to make one.")
+        outbox_send(topup.outbox_id)
+        topup.refresh_from_db()
+        audit_record("topup.refreshed", topup.id, actor=actor, payment_intent=topup.payment_intent_id, status="")
+        return topup
+    payment_intent = client().v1.payment_intents.retrieve(topup.payment_intent_id).to_dict()
+    topup = topup_settle(
+        topup=topup, payment_intent=payment_intent, payment_failed=bool(payment_intent.get("last_payment_error"))
+    )
+    audit_record(
+        "topup.refreshed",
+        topup.id,
+        actor=actor,
+        payment_intent=topup.payment_intent_id,
+        status=payment_intent["status"],
+    )
+    return topup
 
 
 @transaction.atomic

@@ -1,5 +1,6 @@
 from django.contrib import admin, messages
 
+from marketplace.kernel.errors import StateConflict
 from nodes import services
 from nodes.models import GPU, EnrolmentToken, Slice, Unit
 
@@ -38,7 +39,7 @@ class UnitAdmin(admin.ModelAdmin):
     ]  # fmt: skip
     exclude = ["credential_digest"]
     inlines = [GPUInline]
-    actions = ["attest_location", "revoke_attestation", "clear_review"]
+    actions = ["attest_location", "revoke_attestation", "clear_review", "drain", "resume"]
 
     def get_readonly_fields(self, request, obj=None):
         return [*super().get_readonly_fields(request, obj), "reliability"]  # computed from allocations
@@ -67,6 +68,23 @@ class UnitAdmin(admin.ModelAdmin):
     def clear_review(self, request, queryset):
         cleared = sum(services.unit_review_clear(unit=unit, actor=f"user:{request.user.pk}") for unit in queryset)
         self.message_user(request, f"Cleared the review of {cleared} unit(s).", messages.SUCCESS)
+
+    @admin.action(description="Drain (no new work; running jobs finish)", permissions=["change"])
+    def drain(self, request, queryset):
+        # Stopping the running jobs as well is the jobs app's: manage.py unit_drain --stop-jobs.
+        for unit in queryset:
+            try:
+                unit = services.unit_drain(unit=unit, actor=f"user:{request.user.pk}")
+            except StateConflict as error:
+                self.message_user(request, f"{unit}: {error.detail}", messages.ERROR)
+            else:
+                self.message_user(request, f"{unit}: {unit.get_status_display().lower()}.", messages.SUCCESS)
+
+    @admin.action(description="Resume after a drain", permissions=["change"])
+    def resume(self, request, queryset):
+        for unit in queryset:
+            unit = services.unit_resume(unit=unit, actor=f"user:{request.user.pk}")
+            self.message_user(request, f"{unit}: {unit.get_status_display().lower()}.", messages.SUCCESS)
 
     @admin.action(description="Revoke location attestation", permissions=["change"])
     def revoke_attestation(self, request, queryset):

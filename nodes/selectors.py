@@ -1,5 +1,6 @@
 import copy
 import re
+import uuid
 from dataclasses import dataclass
 
 from django.db.models import Count, Exists, IntegerField, OuterRef, Prefetch, Q, Subquery
@@ -254,3 +255,12 @@ def slice_prices(unit: Unit) -> list[SlicePrice]:
             )
         )
     return rows
+
+
+def units_named(reference: str):
+    """The units an operator means by ``reference``: its id, or else every unit of that name
+    (names are unique per owner only, so a name may match several)."""
+    try:
+        return Unit.objects.filter(pk=uuid.UUID(reference))
+    except ValueError:
+        return Unit.objects.filter(name=reference).select_related("owner").order_by("created_at")

@@ -419,6 +419,88 @@ def allocation_withdraw(allocation: Allocation, *, reason: str, actor: str) -> N
         placement_request(allocation.job_id)
 
 
+# An operator's drain that stops the unit's jobs, told to the agent as a notice like a
+# preemption's; the release counts against the unit as the owner's own drain does.
+DRAIN_STOP = protocol.Finish.DRAINED
+# Failure reasons of jobs the platform stopped (residency.py's, and a drain's below): not the
+# renter's doing, so an operator may queue them again.
+PLATFORM_STOPS = ("residency:", "drain:")
+
+
+@transaction.atomic
+def unit_jobs_stop(*, unit: Unit, actor: str) -> list[Job]:
+    """Stop every job on a unit an operator drains because it misbehaves. Nothing of it is the
+    renters' doing: a job its agent has not picked up is withdrawn and queued again at once; one
+    it has is told to stop (a notice, after which nothing is billed) and is queued again when the
+    agent reports it stopped, unless it may not run twice (not restartable): that one fails, and
+    says why, as a residency stop does. Jobs are locked one at a time, in key order."""
+    now, stopped = timezone.now(), []
+    active = Allocation.objects.filter(unit=unit, released_at__isnull=True).order_by("job_id")
+    for allocation in active:
+        job = Job.objects.select_for_update().get(pk=allocation.job_id)
+        if job.is_final:
+            continue
+        if allocation.acknowledged_at is None:
+            allocation_withdraw(allocation, reason=DRAIN_STOP, actor=actor)
+        elif Allocation.objects.filter(pk=allocation.pk, released_at__isnull=True, preempted_at__isnull=True).update(
+            preempted_at=now, stop_reason=DRAIN_STOP
+        ):
+            if not job.restartable:
+                job_stop(job=job, actor=actor, reason="drain: its unit was drained by an operator while it ran")
+        else:
+            continue  # already being stopped (preempted, or for residency)
+        audit_record("job.drain_stopped", job.id, actor=actor, unit=str(unit.pk), allocation=str(allocation.pk))
+        stopped.append(job)
+    streams.nudge([unit.pk])
+    return stopped
+
+
+@transaction.atomic
+def job_requeue(*, job: Job, actor: str) -> Job:
+    """An operator queues a job again that ended or stalled through no doing of its renter: lost
+    (its unit went away), failed because the platform stopped it (``PLATFORM_STOPS``), or placed
+    on a unit whose agent has not picked it up. A queued job is offered to placement again.
+
+    Refused for a job its agent has (starting, running): it may be running, and queuing it would
+    run it twice; cancel it, or drain its unit stopping jobs, instead. Refused too for a job that
+    ended by its renter's doing (its exit code, a cancel, its wallet, its secrets)."""
+    job = Job.objects.select_for_update().get(pk=job.pk)
+    previous = job.state
+    if job.state == Job.State.QUEUED:
+        audit_record("job.placement_requested", job.id, actor=actor)
+        placement_request(job.id)
+        return job
+    if job.state in (Job.State.STARTING, Job.State.RUNNING):
+        raise StateConflict(
+            f"The job is {job.state}: its unit's agent has it and it may be running, so it is not queued twice. "
+            "Cancel it, or drain its unit stopping its jobs."
+        )
+    if job.state == Job.State.PLACED:
+        allocation = _active_allocation(job)
+        if allocation is None or allocation.acknowledged_at is not None:
+            raise StateConflict("The job's unit has picked it up meanwhile: it may be running, so it is not queued.")
+        allocation_withdraw(allocation, reason="requeued", actor=actor)
+        return Job.objects.get(pk=job.pk)
+    if job.state != Job.State.LOST and not (
+        job.state == Job.State.FAILED and job.failure_reason.startswith(PLATFORM_STOPS)
+    ):
+        why = job.failure_reason or (f"exit code {job.exit_code}" if job.exit_code is not None else job.state)
+        raise StateConflict(
+            f"The job ended by its renter's doing ({why}): only lost jobs and jobs the platform stopped are "
+            "queued again."
+        )
+    job.state, job.placed_at, job.started_at, job.finished_at = Job.State.QUEUED, None, None, None
+    job.exit_code, job.failure_reason = None, ""
+    # One more attempt at least, so a job lost at its last attempt is not lost again for it.
+    job.attempts = min(job.attempts, settings.JOB_MAX_ATTEMPTS - 1)
+    job.save(
+        update_fields=["state", "placed_at", "started_at", "finished_at", "exit_code", "failure_reason", "attempts"]
+    )
+    audit_record("job.requeued", job.id, actor=actor, reason="operator", previous=previous, attempts=job.attempts)
+    placement_request(job.id)
+    return job
+
+
 def liveness_followup(*, now: datetime) -> None:
     """After the liveness sweep (``nodes.ports.liveness_swept``): release placements no agent
     picked up, and deal with the jobs of units gone offline."""

@@ -1,8 +1,10 @@
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.contrib.auth import get_permission_codename
 from django.http import JsonResponse
 from django.urls import reverse
 from django.utils.html import format_html
 
+from marketplace.kernel.errors import DomainError
 from marketplace.kernel.models import AuditEvent
 
 
@@ -18,6 +20,23 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None) -> bool:
         return False
+
+    def has_operate_permission(self, request) -> bool:
+        """Who may run the actions marked ``permissions=["operate"]``: staff holding the model's
+        change permission. The rows stay read-only in the form; the actions call the services."""
+        return request.user.has_perm(f"{self.opts.app_label}.{get_permission_codename('change', self.opts)}")
+
+    def act_on_each(self, request, rows, act, *, refused=(DomainError,)) -> None:
+        """Call ``act(row, actor)`` (a service, with the admin user as the actor) for each row and
+        report each outcome: what ``act`` returns, or why the service refused (``refused``)."""
+        actor = f"user:{request.user.pk}"
+        for row in rows:
+            try:
+                outcome = act(row, actor)
+            except refused as error:
+                self.message_user(request, f"{row}: {getattr(error, 'detail', None) or error}", messages.ERROR)
+            else:
+                self.message_user(request, f"{row}: {outcome}", messages.SUCCESS)
 
 
 @admin.register(AuditEvent)

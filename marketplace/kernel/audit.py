@@ -1,3 +1,4 @@
+import getpass
 from collections.abc import Iterable
 from uuid import UUID
 
@@ -14,3 +15,11 @@ def audit_records(rows: Iterable[tuple[str, UUID, dict]], *, actor: str = "") ->
     return AuditEvent.objects.bulk_create(
         [AuditEvent(action=action, subject_id=subject_id, actor=actor, data=data) for action, subject_id, data in rows]
     )
+
+
+def command_actor() -> str:
+    """The actor of a change made by a management command: the operator's login on the host."""
+    try:
+        return f"operator:{getpass.getuser()}"[:80]
+    except (KeyError, OSError):  # no name for the uid (a container without a passwd entry)
+        return "operator:unknown"
