@@ -1,4 +1,5 @@
 import logging
+import time
 from datetime import timedelta
 
 from celery import shared_task
@@ -8,6 +9,7 @@ from django.utils import timezone
 from billing import meters, services, wallet
 from billing.models import RatingClock
 from marketplace.jobs.models import Allocation
+from marketplace.kernel import metrics
 
 log = logging.getLogger(__name__)
 # The daily reconciliation looks back this far (two days, so a missed run leaves no gap).
@@ -99,4 +101,26 @@ def stripe_reconcile() -> int:
     for found in drift:
         log.error(found.line())
     log.info("Stripe reconciliation: %d drift(s) over the last %s.", len(drift), RECONCILE_WINDOW)
+    metrics.RECONCILE_DRIFT.set(len(drift))
+    metrics.RECONCILE_LAST_RUN.set(time.time())
     return len(drift)
+
+
+@shared_task
+def outbox_messages_prune() -> int:
+    """Hourly: settled outbox rows past RETENTION_OUTBOX_DAYS go (billing.retention says which)."""
+    from billing import retention
+
+    deleted = retention.outbox_messages_prune(budget=retention.Budget(settings.RETENTION_RUN_BUDGET_S))
+    metrics.RETENTION_LAST_RUN.labels(task="outbox_messages_prune").set(time.time())
+    return deleted
+
+
+@shared_task
+def webhook_events_prune() -> int:
+    """Hourly: processed webhook events past RETENTION_WEBHOOK_DAYS go."""
+    from billing import retention
+
+    deleted = retention.webhook_events_prune(budget=retention.Budget(settings.RETENTION_RUN_BUDGET_S))
+    metrics.RETENTION_LAST_RUN.labels(task="webhook_events_prune").set(time.time())
+    return deleted

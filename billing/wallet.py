@@ -10,6 +10,7 @@ from billing.models import BillingProfile
 from billing.selectors import wallet_balance_micros
 from marketplace.jobs.models import Allocation, Job
 from marketplace.jobs.services import job_stop
+from marketplace.kernel import metrics
 from marketplace.kernel.errors import StateConflict
 from marketplace.kernel.money import run_cost_micros
 
@@ -57,6 +58,7 @@ def wallet_guard(*, renter_id) -> list[Job]:
     for job in Job.objects.filter(renter_id=renter_id, state__in=Job.ACTIVE_STATES):
         try:
             stopped.append(job_stop(job=job, actor="billing", reason=WALLET_EXHAUSTED))
+            metrics.WALLET_FLOOR_STOPS.inc()
         except StateConflict:
             continue  # it ended meanwhile
     return stopped

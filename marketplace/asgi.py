@@ -14,7 +14,10 @@ django_application = get_asgi_application()
 # Need the apps loaded:
 from marketplace.jobs.agent_stream.server import relay_application, shutdown, stream_application  # noqa: E402
 from marketplace.kernel.asgi import body_limit, with_websockets  # noqa: E402
+from marketplace.ops import telemetry  # noqa: E402
 from nodes.agent.protocol import API_PREFIX, STREAM  # noqa: E402
+
+telemetry.start("web")
 
 # HTTP for the API, the portal and the agents' fallback; the agents' streams as WebSockets; jobs'
 # ports (their HTTP under RELAY_HTTP_PREFIX, any port as a WebSocket tunnel) through the relay.

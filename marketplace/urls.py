@@ -9,6 +9,8 @@ from billing.api import views as billing_api_views
 from marketplace.jobs import views as jobs_views
 from marketplace.kernel import health, outages
 from marketplace.kernel.api.errors import problem_response
+from marketplace.ops import health as readiness
+from marketplace.ops import metrics
 from nodes.agent.protocol import API_PREFIX
 
 urlpatterns = [
@@ -16,6 +18,8 @@ urlpatterns = [
     # The address the demo and the README give for the owner portal.
     path("portal/", RedirectView.as_view(pattern_name="portal:unit_list", permanent=False), name="portal_home"),
     path("healthz", health.healthz, name="healthz"),
+    path("readyz", readiness.readyz, name="readyz"),
+    path("metrics", metrics.metrics_view, name="metrics"),
     path("admin/", admin.site.urls),
     path("accounts/", include("marketplace.accounts.urls")),
     path("portal/", include("nodes.urls")),

@@ -4,3 +4,7 @@ from django.core.wsgi import get_wsgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "marketplace.settings.production")
 application = get_wsgi_application()
+
+from marketplace.ops import telemetry  # noqa: E402 - needs the apps loaded
+
+telemetry.start("web")

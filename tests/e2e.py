@@ -2,6 +2,7 @@
 
 import socket
 import time
+from pathlib import Path
 from urllib.parse import quote
 
 import httpx
@@ -48,6 +49,7 @@ def stack_env(data_dir) -> dict:
         API_RATE_LIMIT="100000/min",
         API_SUBMIT_RATE_LIMIT="100000/min",
         ENROL_FAILURE_LIMIT="100000/min",
+        PROMETHEUS_MULTIPROC_DIR=devstack.metrics_dir(Path(data_dir) / "metrics"),
     )
     return env
 

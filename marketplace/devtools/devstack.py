@@ -4,6 +4,7 @@ Used by ``manage.py demo`` and by the end-to-end tests, so both run the very sam
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,6 +66,15 @@ def wait_http(url: str, *, timeout: float = 30.0) -> None:
 
 
 AGENT_STOP_S = 30.0
+
+
+def metrics_dir(path: Path) -> str:
+    """An empty PROMETHEUS_MULTIPROC_DIR for a stack's web and worker processes, so that the web
+    server's /metrics sums them all (marketplace/ops/metrics.py). Emptied at each start: values
+    left by processes of an earlier run would be summed in too."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return str(path)
 
 
 @dataclass

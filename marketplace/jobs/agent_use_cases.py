@@ -7,11 +7,13 @@ from uuid import UUID
 
 from django.conf import settings
 from django.shortcuts import get_object_or_404
+from django.utils import timezone
 
 from marketplace.jobs import jurisdictions
 from marketplace.jobs import services as market
 from marketplace.jobs.models import Allocation
 from marketplace.jobs.usage import SampleReport, UsageReport, usage_record, usage_record_many
+from marketplace.kernel import metrics
 from nodes import services
 from nodes.agent import protocol
 from nodes.models import Unit
@@ -67,7 +69,10 @@ def agent_unconfirmed(*, unit: Unit) -> dict[str, float]:
 def agent_assignment_next(*, unit: Unit) -> dict | None:
     """The unit's next assignment, marking it acknowledged; None if there is none now."""
     allocation = market.allocation_pull(unit=unit)
-    return None if allocation is None else _assignment(allocation)
+    if allocation is None:
+        return None
+    metrics.ASSIGNMENT_PUSH.observe(max((timezone.now() - allocation.created_at).total_seconds(), 0.0))
+    return _assignment(allocation)
 
 
 def agent_assignment_waiting(*, unit: Unit) -> bool:

@@ -1,5 +1,6 @@
 import contextlib
 from datetime import datetime
+from functools import partial
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -14,6 +15,7 @@ from marketplace.kernel.audit import audit_record
 from marketplace.kernel.errors import DomainError, StateConflict
 from marketplace.kernel.models import AuditEvent
 from marketplace.kernel.tasks import publish_on_commit
+from marketplace.kernel.tracing import trace_enabled, trace_remember, trace_step
 from nodes import streams
 from nodes.agent import imageref, protocol
 from nodes.models import Unit
@@ -47,6 +49,7 @@ def job_submit(*, renter, spec: dict) -> Job:
         )
     job = Job.objects.create(renter=renter, **spec)
     audit_record("job.submitted", job.id, actor=f"user:{renter.pk}")
+    trace_remember(job.id)
     placement_request(job.id)
     return job
 
@@ -142,6 +145,9 @@ def allocation_start(*, allocation: Allocation, image_digest: str = "", runs_in:
     job.save(update_fields=["state", "started_at"])
     Allocation.objects.filter(pk=allocation.pk).update(image_digest=image_digest, runs_in=runs_in)
     audit_record("job.started", job.id, actor=f"unit:{allocation.unit_id}", image_digest=image_digest, runs_in=runs_in)
+    if trace_enabled():
+        step = partial(trace_step, "job.started", job.id, unit=allocation.unit_id, allocation=allocation.pk)
+        transaction.on_commit(step)
     return job
 
 

@@ -3,8 +3,12 @@ import time
 
 from celery import current_app, shared_task
 from celery.signals import worker_process_init
+from django.conf import settings
 
 from marketplace.jobs import placement
+from marketplace.kernel.logcontext import log_context
+from marketplace.kernel.metrics import RETENTION_LAST_RUN
+from marketplace.kernel.retention import Budget
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +22,8 @@ PLACEMENT_QUEUE = "placement"
 
 @shared_task(acks_late=True)
 def job_place(job_id: str) -> None:
-    placement.job_place(job_id=job_id)
+    with log_context(job=job_id):
+        placement.job_place(job_id=job_id)
 
 
 @shared_task(acks_late=True)
@@ -39,6 +44,39 @@ def idempotency_records_prune() -> int:
     from marketplace.kernel.api.idempotency import idempotency_records_prune as prune
 
     return prune()
+
+
+@shared_task
+def usage_samples_roll_up() -> dict:
+    """Hourly: usage past the dispute window rolled up by the hour, then the samples it replaced
+    deleted, within RETENTION_RUN_BUDGET_S; what is left waits for the next run."""
+    from marketplace.jobs import retention
+
+    budget = Budget(settings.RETENTION_RUN_BUDGET_S)
+    done = retention.usage_samples_roll_up(budget=budget)
+    done["deleted"] = retention.usage_samples_prune(budget=budget)
+    RETENTION_LAST_RUN.labels(task="usage_samples_roll_up").set(time.time())
+    return done
+
+
+@shared_task
+def usage_partitions_maintain() -> dict:
+    """Daily (PostgreSQL): usage partitions made ahead, and those wholly rolled up dropped."""
+    from marketplace.jobs import retention
+
+    result = retention.usage_partitions_maintain()
+    RETENTION_LAST_RUN.labels(task="usage_partitions_maintain").set(time.time())
+    return result
+
+
+@shared_task
+def log_chunks_prune() -> int:
+    """Hourly: jobs' logs go RETENTION_LOG_DAYS after their allocation ended."""
+    from marketplace.jobs import retention
+
+    deleted = retention.log_chunks_prune(budget=Budget(settings.RETENTION_RUN_BUDGET_S))
+    RETENTION_LAST_RUN.labels(task="log_chunks_prune").set(time.time())
+    return deleted
 
 
 @shared_task

@@ -3,11 +3,13 @@
 ``production`` adds what only a deployment behind TLS needs; ``test`` what the suite needs."""
 
 import importlib.util
+import ipaddress
 from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
 from celery.schedules import crontab
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management.utils import get_random_secret_key
 from kombu import Exchange, Queue
 
@@ -78,6 +80,7 @@ if importlib.util.find_spec("marketplace.devtools") is not None:
 AUTH_USER_MODEL = "accounts.User"
 
 MIDDLEWARE = [
+    "marketplace.kernel.middleware.ObservedRequestMiddleware",  # first: request id, timing, every answer counted
     "marketplace.kernel.middleware.RequestBoundsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "marketplace.kernel.middleware.StaticFilesMiddleware",  # WhiteNoise
@@ -305,6 +308,29 @@ PAYOUT_RESERVE_PERCENT = env_int("PAYOUT_RESERVE_PERCENT", 10)
 PAYOUT_HOLD_DAYS = env_int("PAYOUT_HOLD_DAYS", 7)
 PAYOUT_MINIMUM_MINOR = env_int("PAYOUT_MINIMUM_MINOR", 100)
 
+# --- Retention (marketplace/jobs/retention.py, billing/retention.py, marketplace/kernel/retention.py)
+# A renter may question a usage charge for this long after the allocation ended: until then its
+# raw samples stay; after it they are rolled up into hourly rows (which statements, meter events
+# and job totals read from then on) and go. The ledger is never pruned.
+USAGE_DISPUTE_WINDOW_DAYS = env_int("USAGE_DISPUTE_WINDOW_DAYS", 35)
+# Samples are partitioned by their allocation's start, a partition per week (PostgreSQL): made
+# this many weeks ahead, dropped once every allocation in it ended more than the window ago.
+USAGE_PARTITIONS_AHEAD_WEEKS = env_int("USAGE_PARTITIONS_AHEAD_WEEKS", 4)
+RETENTION_LOG_DAYS = env_int("RETENTION_LOG_DAYS", 90)  # after the allocation ended
+RETENTION_AUDIT_DAYS = env_int("RETENTION_AUDIT_DAYS", 400)  # then archived to RETENTION_ARCHIVE_DIR
+RETENTION_OUTBOX_DAYS = env_int("RETENTION_OUTBOX_DAYS", 90)  # sent or failed rows only
+# Processed webhook events are what makes a redelivered event a duplicate: Stripe retries for up
+# to three days, so fewer than RETENTION_WEBHOOK_MIN_DAYS is refused.
+RETENTION_WEBHOOK_DAYS = env_int("RETENTION_WEBHOOK_DAYS", 30)
+RETENTION_WEBHOOK_MIN_DAYS = 7
+if RETENTION_WEBHOOK_DAYS < RETENTION_WEBHOOK_MIN_DAYS:
+    raise ImproperlyConfigured(f"RETENTION_WEBHOOK_DAYS must be at least {RETENTION_WEBHOOK_MIN_DAYS}.")
+RETENTION_ARCHIVE_DIR = Path(env_str("RETENTION_ARCHIVE_DIR", str(DATA_DIR / "archive")))
+# Rows per retention transaction, and the seconds one task run spends before it leaves the rest
+# to the next run (under CELERY_TASK_SOFT_TIME_LIMIT).
+RETENTION_BATCH = env_int("RETENTION_BATCH", 5000)
+RETENTION_RUN_BUDGET_S = env_int("RETENTION_RUN_BUDGET_S", 40)
+
 
 # --- Accounts and production hardening: shared throttles, lockouts, mail, CSP ---------------
 # (production.py adds HTTPS, HSTS and secure cookies; README "Configuration" lists the variables.)
@@ -469,16 +495,61 @@ CELERY_BEAT_SCHEDULE = {
     "owner-payouts": {"task": "billing.tasks.payouts_run", "schedule": crontab(hour=6, minute=0)},
     "stripe-reconcile": {"task": "billing.tasks.stripe_reconcile", "schedule": crontab(hour=5, minute=30)},
     "idempotency-prune": {"task": "marketplace.jobs.tasks.idempotency_records_prune", "schedule": crontab(minute=17)},
+    # Retention: each run does what fits in RETENTION_RUN_BUDGET_S and leaves the rest to the next.
+    "usage-roll-up": {"task": "marketplace.jobs.tasks.usage_samples_roll_up", "schedule": crontab(minute=23)},
+    "usage-partitions": {"task": "marketplace.jobs.tasks.usage_partitions_maintain", "schedule": crontab(hour=3, minute=41)},
+    "log-chunks-prune": {"task": "marketplace.jobs.tasks.log_chunks_prune", "schedule": crontab(minute=29)},
+    "audit-archive": {"task": "marketplace.kernel.tasks.audit_events_archive", "schedule": crontab(minute=35)},
+    "outbox-prune": {"task": "billing.tasks.outbox_messages_prune", "schedule": crontab(minute=47)},
+    "webhooks-prune": {"task": "billing.tasks.webhook_events_prune", "schedule": crontab(minute=53)},
 }
 
+# --- Operations (marketplace/ops/, README "Operations") -------------------------------------------
+# Logs: one JSON object per line in production (LOG_FORMAT=json: time, level, logger, message,
+# and the request, job, allocation, unit, renter and task ids bound where the line was written,
+# marketplace.kernel.logcontext); plain lines with DEBUG on, for a person at a terminal.
+LOG_FORMAT = env_str("LOG_FORMAT", "plain" if DEBUG else "json")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"context": {"()": "marketplace.kernel.logcontext.ContextFilter"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
+            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+            "timestamp": False,
+        },
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "json" if LOG_FORMAT == "json" else "plain",
+            "filters": ["context"],
+        }
+    },
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
+# /metrics answers a request bearing this token, or one from these networks that came through no
+# proxy (marketplace/ops/metrics.py); anyone else gets a 404. Set the pod network in Kubernetes.
+METRICS_TOKEN = env_str("METRICS_TOKEN", "")
+METRICS_ALLOWED_NETWORKS = [
+    ipaddress.ip_network(network, strict=False)
+    for network in env_list("METRICS_ALLOWED_NETWORKS", ["127.0.0.0/8", "::1/128"])
+]
+# A Celery worker serves its host's metrics on this port (0: none); the web server's /metrics
+# covers only the processes that share its PROMETHEUS_MULTIPROC_DIR.
+METRICS_WORKER_PORT = env_int("METRICS_WORKER_PORT", 0)
+# /readyz reports the workers stopped once the liveness sweep (every LIVENESS_SWEEP_S) is this late.
+READINESS_WORKERS_STALE_S = env_int("READINESS_WORKERS_STALE_S", max(60, 10 * LIVENESS_SWEEP_S))
+# Error reports (Sentry) and traces (OpenTelemetry over OTLP/HTTP) are off unless configured.
+SENTRY_DSN = env_str("SENTRY_DSN", "")
+SENTRY_ENVIRONMENT = env_str("SENTRY_ENVIRONMENT", "production")
+SENTRY_TRACES_SAMPLE_RATE = env_float("SENTRY_TRACES_SAMPLE_RATE", 0.0)
+# The standard variable: e.g. http://otel-collector:4318. OTEL_SERVICE_NAME names the process.
+OTEL_EXPORTER_OTLP_ENDPOINT = env_str("OTEL_EXPORTER_OTLP_ENDPOINT", "")
 
 # Registries on private addresses that jobs may name anyway (`host[:port]`, exactly): the
 # operator's own mirror next to the sheds. Empty: only public registries (each shed's owner must

@@ -195,6 +195,7 @@ class Chaos:
         self.load = Load(self.stack.base_url, seeded["keys"])
         self.sampler = LeaseSampler(postgres)
         self.agent_deaths: list[tuple[str, datetime, datetime]] = []  # (unit, killed, back)
+        self.readiness_down: list[tuple[int, str | None, dict]] = []  # /readyz in each PostgreSQL stop
         self.report: list[dict] = []
 
     def sql(self, query: str, params=()) -> list[tuple]:
@@ -253,10 +254,27 @@ class Chaos:
         self.placements_resume(_now(), f"Redis stopped {seconds:.0f} s")
 
     def postgres_stop(self, seconds: float) -> None:
+        began = time.monotonic()
         self.pg.stop()
-        time.sleep(seconds)
+        # Readiness says so while it lasts (the orchestrator takes the web server out of rotation).
+        self.readiness_down.append(self.readiness(until=503, within=min(seconds, 15.0)))
+        time.sleep(max(seconds - (time.monotonic() - began), 0))
         self.pg.start()
         self.placements_resume(_now(), f"PostgreSQL stopped {seconds:.0f} s")
+
+    def readiness(self, *, until: int, within: float) -> tuple[int, str | None, dict]:
+        """/readyz?scope=serving polled until it answers ``until`` (or ``within`` seconds pass):
+        its last (status, Retry-After, body)."""
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                answer = httpx.get(f"{self.stack.base_url}/readyz?scope=serving", timeout=10)
+                seen = (answer.status_code, answer.headers.get("retry-after"), answer.json())
+            except (httpx.TransportError, ValueError) as error:
+                seen = (0, None, {"error": type(error).__name__})
+            if seen[0] == until or time.monotonic() > deadline:
+                return seen
+            time.sleep(0.5)
 
     def web_stop(self, seconds: float) -> None:
         """The web tier away (no heartbeat can arrive): the sweep must hold its verdicts."""
@@ -374,6 +392,11 @@ def test_the_marketplace_rides_out_its_parts_failing_with_nothing_lost_and_no_fa
     assert {name: v[:5] for name, v in found.items() if v} == {}
     assert chaos.false_verdicts(began, frozen) == []
     assert chaos.server_errors() == 0
+    # While PostgreSQL was stopped, /readyz said 503 (with Retry-After) and named the database.
+    assert len(chaos.readiness_down) == 2
+    for status, retry_after, body in chaos.readiness_down:
+        assert (status, bool(retry_after)) == (503, True), body
+        assert [check for check, result in body.items() if result != "OK"] == ["Database(alias='default')"], body
     # Every answer was a 201 or a 503 with Retry-After; a request in flight to a killed web
     # server gets no answer at all (a transport error, counted by name).
     assert {a for a in chaos.load.answers if isinstance(a, int) or a.startswith("503")} <= {201, 503}, (

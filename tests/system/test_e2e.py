@@ -3,8 +3,10 @@ agent over its stream (the default) and over HTTP polling (its fallback)."""
 
 import time
 
+import httpx
 import pytest
 from django.db.models import Sum
+from prometheus_client.parser import text_string_to_metric_families
 
 from billing.models import Account, LedgerEntry, LedgerTransaction
 from billing.selectors import wallet_balance_micros
@@ -116,6 +118,37 @@ def test_a_job_travels_from_submit_to_the_bill(running_stack, tmp_path, connecti
     # Over the stream the work was pushed: the agent never polled. Without it, it polled.
     polls = stack.log("web").count("/api/agent/v1/assignments/next")
     assert (polls == 0) if connection == "stream" else (polls > 0), polls
+
+    # The operator's view of the same run (/metrics sums the web and worker processes).
+    scraped = metrics_scrape(stack.base_url)
+    assert scraped[("shedshare_placements_total", ())] == 2
+    assert scraped[("shedshare_placement_lost_races_total", ())] == 0
+    for state in ("queued", "placed", "starting", "running"):
+        assert scraped[("shedshare_jobs", (("state", state),))] == 0
+    assert scraped[("shedshare_units", (("status", "online"),))] == 1
+    assert scraped[("shedshare_scrape_errors", (("app", "billing"),))] == 0
+    submits = ("shedshare_http_requests_total", (("method", "POST"), ("route", "api/v1/jobs"), ("status", "2xx")))
+    assert scraped[submits] == 2
+    assert scraped[("shedshare_db_query_duration_seconds_count", (("alias", "default"),))] > 0
+    if connection == "stream":
+        assert scraped[("shedshare_assignment_push_seconds_count", ())] == 2
+        assert scraped[("shedshare_units_connected", ())] == 1
+        over_stream = sum(value for (name, labels), value in scraped.items()
+                          if name == "shedshare_heartbeats_total" and ("path", "stream") in labels)  # fmt: skip
+        assert over_stream > 0
+    else:
+        assert scraped[("shedshare_heartbeats_total", (("kind", "full"), ("path", "http")))] > 0
+
+
+def metrics_scrape(base_url: str) -> dict:
+    """/metrics as {(sample name, sorted labels): value}."""
+    response = httpx.get(f"{base_url}/metrics", timeout=10)
+    assert response.status_code == 200, response.text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
 
 
 def test_a_cancel_reaches_the_job_within_a_second_and_billing_stops_with_it(running_stack, tmp_path):

@@ -6,6 +6,7 @@ from marketplace.accounts.models import ApiKey
 from marketplace.accounts.services import API_KEY_KIND, api_key_authenticate
 from marketplace.kernel.api.auth import bearer_token
 from marketplace.kernel.api.throttling import SharedRateThrottle
+from marketplace.kernel.logcontext import log_bind
 
 
 class ApiKeyAuthentication(authentication.BaseAuthentication):
@@ -22,6 +23,7 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
         now = timezone.now()
         if key.last_used_at is None or (now - key.last_used_at).total_seconds() > 60:
             ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
+        log_bind(renter=key.user_id)  # for the rest of the request (ObservedRequestMiddleware undoes it)
         return key.user, key
 
     def authenticate_header(self, request) -> str:

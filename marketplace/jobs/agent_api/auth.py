@@ -4,6 +4,7 @@ from rest_framework import authentication, exceptions, permissions
 
 from marketplace.kernel.api.auth import bearer_token
 from marketplace.kernel.api.throttling import SharedRateThrottle
+from marketplace.kernel.logcontext import log_bind
 from marketplace.kernel.ratelimit import Limiter
 from nodes.models import Unit
 from nodes.services import NODE_CREDENTIAL_KIND, unit_authenticate
@@ -34,6 +35,7 @@ class NodeCredentialAuthentication(authentication.BaseAuthentication):
         unit = unit_authenticate(credential=token)
         if unit is None:
             raise exceptions.AuthenticationFailed("Unknown or replaced node credential; enrol the agent again.")
+        log_bind(unit=unit.pk)  # for the rest of the request (ObservedRequestMiddleware undoes it)
         return UnitAgent(unit), unit
 
     def authenticate_header(self, request) -> str:

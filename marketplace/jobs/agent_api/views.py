@@ -11,12 +11,14 @@ from rest_framework.views import APIView
 from marketplace.jobs import agent_use_cases as use_cases
 from marketplace.jobs.agent_api import serializers as s
 from marketplace.jobs.agent_api.auth import (
+    STREAM_CALL,
     IsUnitAgent,
     NodeCredentialAuthentication,
     UnitHeartbeatThrottle,
     UnitRateThrottle,
     enrol_failures,
 )
+from marketplace.kernel import metrics
 from marketplace.kernel.addresses import client_address
 from marketplace.kernel.api.longpoll import LongPollMixin, long_poll, wait_slots_take
 from marketplace.kernel.api.params import query_int
@@ -90,6 +92,8 @@ class HeartbeatView(AgentView):
     def post(self, request):
         beat = valid(s.HeartbeatSerializer, request.data)
         body = use_cases.agent_heartbeat(unit=self.unit, beat=beat, address=client_address(request))
+        if not request.META.get(STREAM_CALL):  # a stream's heartbeats are counted by its server
+            metrics.HEARTBEATS.labels("http", "full").inc()
         return Response(s.HeartbeatResultSerializer(body).data)
 
 

@@ -51,6 +51,7 @@ from marketplace.jobs.relay import access as relay_access
 from marketplace.jobs.relay import endpoints as relay_endpoints
 from marketplace.jobs.relay import peer as relay_peer
 from marketplace.jobs.relay.channels import Channels
+from marketplace.kernel import metrics
 from nodes import services as unit_services
 from nodes import streams
 from nodes.agent import protocol
@@ -618,11 +619,14 @@ class Hub:
         if readings is not None and running is not None and stream.beat_is_cheap(key, running, now, lease_ok):
             self._note_readings(stream, readings, now)
             self.stats["beats_cheap"] += 1
+            metrics.HEARTBEATS.labels("stream", "cheap").inc()
             await self._reply(stream, call_id, 200, {**stream.reply, "heartbeat_interval_s": stream.interval(now)})
             return
         self.stats["beats_full"] += 1
         status, answer, retry_after = await self.db(calls.call, stream.environ, "POST", protocol.HEARTBEAT, beat)
         self.stats["beats_full_ms_max"] = max(self.stats["beats_full_ms_max"], int((time.monotonic() - now) * 1000))
+        metrics.HEARTBEATS.labels("stream", "full").inc()
+        metrics.HEARTBEAT_SECONDS.labels("stream").observe(time.monotonic() - now)
         if status == 200 and isinstance(answer, dict):
             if key != stream.key or not stream.running_agrees(running, now):
                 stream.active_until = now + settings.STREAM_ACTIVE_HOLD_S

@@ -9,16 +9,19 @@ import json
 import time
 from collections.abc import Iterable
 from datetime import datetime
+from functools import partial
 from typing import TYPE_CHECKING
 from uuid import UUID
 
 from django.conf import settings
+from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
 from marketplace.jobs.models import Allocation, Job, Lease
 from marketplace.jobs.placement import record
 from marketplace.kernel.models import AuditEvent
+from marketplace.kernel.tracing import trace_enabled, trace_step
 from nodes import streams
 from nodes.agent import protocol
 from nodes.models import Unit
@@ -76,6 +79,9 @@ def _lease(decisions: list[Decision], now: datetime) -> list[Allocation]:
     )
     for d in decisions:
         d.job.state, d.job.placed_at, d.job.attempts = Job.State.PLACED, now, d.job.attempts + 1
+    if trace_enabled():
+        for a, d in zip(allocations, decisions, strict=True):
+            transaction.on_commit(partial(trace_step, "job.placed", d.job.pk, unit=d.unit.id, allocation=a.id))
     return allocations
 
 

@@ -11,10 +11,11 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from uuid import UUID
 
 from django.conf import settings
-from django.db import DatabaseError
+from django.db import DatabaseError, transaction
 from django.utils import timezone
 
 from marketplace.accounts.selectors import renter_verified
@@ -32,6 +33,7 @@ from marketplace.jobs.placement.rules import (
     slices_for,
 )
 from marketplace.jobs.placement.view import CHOICE_CACHE_SIZE, CapacityView, Group
+from marketplace.kernel import metrics
 from marketplace.kernel.money import run_cost_micros
 from nodes.models import Isolation
 
@@ -133,6 +135,9 @@ class Engine:
             for unit_id in before:
                 self.view.forget(unit_id)
             raise
+        metrics.PLACEMENT_LOST_RACES.inc(len(lost))
+        if allocations:
+            transaction.on_commit(partial(metrics.PLACEMENTS.inc, len(allocations)))
         return allocations, lost
 
     def _decide(self, job: Job, run: Pass, pending: dict) -> Decision | None:

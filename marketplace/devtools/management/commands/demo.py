@@ -48,6 +48,7 @@ class Command(BaseCommand):
         # The store is on loopback, where neither the server nor the sheds accept data from
         # unless told: it is the demo's one private data host.
         env = {**os.environ, "JOB_DATA_PRIVATE_HOSTS": store.host, "SHEDSHARE_AGENT_DATA_PRIVATE_HOSTS": store.host}
+        env["PROMETHEUS_MULTIPROC_DIR"] = devstack.metrics_dir(settings.DATA_DIR / "demo-metrics")
         stack = devstack.Stack(env=env, log_dir=settings.DATA_DIR / "demo-logs")
         base_url = f"http://127.0.0.1:{port}"
         try:
