@@ -8,6 +8,7 @@ reported is billed in the next hour's event rather than lost, and nothing is rep
 """
 
 import uuid
+from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 
 from django.db import transaction
@@ -16,8 +17,8 @@ from django.db.models.fields.json import KeyTextTransform, KeyTransform
 from django.db.models.functions import Cast
 
 from billing.models import BillingProfile, OutboxMessage
-from marketplace.jobs.models import UsageSample
-from marketplace.jobs.usage import BILLABLE
+from marketplace.jobs.models import UsageHour, UsageSample
+from marketplace.jobs.usage import BILLABLE, NOT_ROLLED_UP
 from marketplace.kernel.money import usage_cost_micros
 
 EVENT_NAME = "gpu_usage"
@@ -106,15 +107,22 @@ def _first_usage_hour(renter_id, *, hour_start: datetime, until: datetime) -> da
 
 def _cost_recorded(renter_id, *, since: datetime, until: datetime) -> int:
     """The renter's usage recorded in [since, until), priced per allocation and rounded down per
-    allocation exactly as ``usage_post`` rounds, with the same cut-offs (``BILLABLE``)."""
-    rows = (
+    allocation exactly as ``usage_post`` rounds, with the same cut-offs (``BILLABLE``). Both ends
+    are on the hour, so the hours rolled up (``UsageHour``) count exactly as their samples did."""
+    samples = (
         UsageSample.objects.filter(allocation__job__renter_id=renter_id, recorded_at__gte=since, recorded_at__lt=until)
-        .filter(BILLABLE)
+        .filter(BILLABLE, NOT_ROLLED_UP)
         .order_by()
         .values("allocation_id", "allocation__price_per_gpu_hour_micros")
         .annotate(gpu_ms=Sum("gpu_ms"))
     )
-    return sum(
-        usage_cost_micros(gpu_ms=row["gpu_ms"], price_per_gpu_hour_micros=row["allocation__price_per_gpu_hour_micros"])
-        for row in rows
+    hours = (
+        UsageHour.objects.filter(allocation__job__renter_id=renter_id, hour__gte=since, hour__lt=until)
+        .order_by()
+        .values("allocation_id", "allocation__price_per_gpu_hour_micros")
+        .annotate(gpu_ms=Sum("billable_gpu_ms"))
     )
+    used: defaultdict[tuple, int] = defaultdict(int)
+    for row in [*samples, *hours]:
+        used[row["allocation_id"], row["allocation__price_per_gpu_hour_micros"]] += row["gpu_ms"]
+    return sum(usage_cost_micros(gpu_ms=gpu_ms, price_per_gpu_hour_micros=price) for (_, price), gpu_ms in used.items())

@@ -11,7 +11,8 @@ from django.db.models.functions import Coalesce, Concat, TruncDate
 from billing.models import Account, BillingProfile, LedgerEntry, LedgerTransaction, OutboxMessage
 from billing.statements import Period, owner_earnings_lines
 from billing.stripe_api import client, configured
-from marketplace.jobs.models import UsageSample
+from marketplace.jobs.models import UsageHour, UsageSample
+from marketplace.jobs.usage import NOT_ROLLED_UP
 from nodes.models import Unit
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,8 @@ def owner_unit_utilisation(user, period: Period, *, now: datetime) -> list[dict]
     """Per unit of the owner's, for every UTC day of the period: GPU time used by jobs (the usage
     samples' GPU-ms, by when the agent recorded them) over GPU time there was (GPUs the unit
     reports now x the day, or the part of today gone by), as a percentage with one decimal,
-    capped at 100 (a sample can carry time from before midnight). Two queries."""
+    capped at 100 (a sample can carry time from before midnight). Three queries: samples, and
+    the hours rolled up from older ones."""
     # Earnings are the caller's own even for staff, so the units beside them are too.
     units = (
         Unit.objects.filter(owner=user)
@@ -91,12 +93,20 @@ def owner_unit_utilisation(user, period: Period, *, now: datetime) -> list[dict]
         .values("pk", "name", "status", "gpu_count")
     )
     samples = (
-        UsageSample.objects.filter(period.within("recorded_at"), allocation__unit__owner=user)
+        UsageSample.objects.filter(period.within("recorded_at"), NOT_ROLLED_UP, allocation__unit__owner=user)
         .order_by()
         .values(unit_id=F("allocation__unit_id"), day=TruncDate("recorded_at", tzinfo=UTC))
         .annotate(gpu_ms=Sum("gpu_ms"))
     )
-    used = {(row["unit_id"], row["day"]): row["gpu_ms"] for row in samples}
+    hours = (
+        UsageHour.objects.filter(period.within("hour"), allocation__unit__owner=user)
+        .order_by()
+        .values(unit_id=F("allocation__unit_id"), day=TruncDate("hour", tzinfo=UTC))
+        .annotate(gpu_ms=Sum("gpu_ms"))
+    )
+    used: dict = {}
+    for row in [*samples, *hours]:
+        used[row["unit_id"], row["day"]] = used.get((row["unit_id"], row["day"]), 0) + row["gpu_ms"]
     result = []
     for unit in units:
         if unit["status"] == Unit.Status.RETIRED and not any(key[0] == unit["pk"] for key in used):

@@ -14,8 +14,8 @@ from django.db.models.functions import TruncDate
 from django.utils import timezone
 
 from billing.models import Account, LedgerEntry, LedgerTransaction, OutboxMessage, TopUp
-from marketplace.jobs.models import UsageSample
-from marketplace.jobs.usage import BILLABLE
+from marketplace.jobs.models import UsageHour, UsageSample
+from marketplace.jobs.usage import BILLABLE, NOT_ROLLED_UP
 
 DEFAULT_DAYS = 30
 MAX_DAYS = 366
@@ -60,7 +60,13 @@ def _balances(entries, period: Period) -> dict:
 
 def _usage_samples(user, period: Period):
     # As metering bills it (BILLABLE).
-    return UsageSample.objects.filter(period.within("recorded_at"), allocation__job__renter=user).filter(BILLABLE)
+    samples = UsageSample.objects.filter(period.within("recorded_at"), allocation__job__renter=user)
+    return samples.filter(BILLABLE, NOT_ROLLED_UP)
+
+
+def _usage_hours(user, period: Period):
+    """Usage rolled up by the hour: periods are whole UTC days, so an hour is in one or not."""
+    return UsageHour.objects.filter(period.within("hour"), allocation__job__renter=user)
 
 
 def _usage_charges(user, period: Period):
@@ -73,22 +79,24 @@ def _usage_charges(user, period: Period):
 
 
 def renter_usage_lines(user, period: Period, *, group: str) -> list[dict]:
-    """GPU-milliseconds and cost (micros, positive) per job or per UTC day, in two queries."""
+    """GPU-milliseconds and cost (micros, positive) per job or per UTC day, in three queries."""
     if group == "job":
-        keys = {"job_id": F("allocation__job_id"), "job_name": F("allocation__job__name")}
+        keys = hour_keys = {"job_id": F("allocation__job_id"), "job_name": F("allocation__job__name")}
         charge_keys = {
             "job_id": F("transaction__allocation__job_id"),
             "job_name": F("transaction__allocation__job__name"),
         }
     else:
         keys = {"day": TruncDate("recorded_at", tzinfo=UTC)}
+        hour_keys = {"day": TruncDate("hour", tzinfo=UTC)}
         charge_keys = {"day": TruncDate("transaction__created_at", tzinfo=UTC)}
     lines: dict = {}
     used = _usage_samples(user, period).order_by().values(**keys).annotate(gpu_ms=Sum("gpu_ms"))
+    rolled_up = _usage_hours(user, period).order_by().values(**hour_keys).annotate(gpu_ms=Sum("billable_gpu_ms"))
     charged = _usage_charges(user, period).order_by().values(**charge_keys).annotate(cost=Sum("amount_micros"))
-    for row in used:
+    for row in [*used, *rolled_up]:
         line = lines.setdefault(_key(row, group), {**_label(row, group), "gpu_ms": 0, "cost_micros": 0})
-        line["gpu_ms"] = row["gpu_ms"] or 0
+        line["gpu_ms"] += row["gpu_ms"] or 0
     for row in charged:
         line = lines.setdefault(_key(row, group), {**_label(row, group), "gpu_ms": 0, "cost_micros": 0})
         line["cost_micros"] = -(row["cost"] or 0)

@@ -27,10 +27,11 @@ from datetime import UTC, datetime
 from django.conf import settings
 
 from billing.models import Account, LedgerEntry, LedgerTransaction
-from marketplace.jobs.models import Allocation, Job, Lease, UsageSample
+from marketplace.jobs.models import Allocation, Job, Lease, UsageHour, UsageSample
 from marketplace.kernel.money import usage_cost_micros
 
 LEASE, ALLOCATION, JOB = Lease._meta.db_table, Allocation._meta.db_table, Job._meta.db_table
+HOUR = UsageHour._meta.db_table
 SAMPLE, TXN, ENTRY, ACCOUNT = (
     UsageSample._meta.db_table, LedgerTransaction._meta.db_table, LedgerEntry._meta.db_table, Account._meta.db_table,
 )  # fmt: skip
@@ -82,12 +83,16 @@ def unbalanced_transaction(cursor) -> list[str]:
 
 
 def _billable_ms(cursor) -> dict[str, int]:
-    """Billable GPU-ms per allocation: samples recorded before its stop notice and its release."""
+    """Billable GPU-ms per allocation: samples recorded before its stop notice and its release,
+    or, once rolled up, its hours' billable GPU-ms."""
     sql = f"""
         SELECT s.allocation_id, SUM(s.gpu_ms) FROM {SAMPLE} s JOIN {ALLOCATION} a ON a.id = s.allocation_id
         WHERE (a.preempted_at IS NULL OR s.recorded_at <= a.preempted_at)
           AND (a.released_at IS NULL OR s.recorded_at <= a.released_at)
+          AND a.usage_rolled_up_at IS NULL
         GROUP BY s.allocation_id
+        UNION ALL
+        SELECT allocation_id, SUM(billable_gpu_ms) FROM {HOUR} GROUP BY allocation_id
     """  # noqa: S608
     return {_id(a): int(ms) for a, ms in _rows(cursor, sql)}
 

@@ -2,7 +2,7 @@ import uuid
 
 from django.conf import settings
 from django.db import models
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 
 from nodes.models import Isolation, Slice, Unit, WorkloadClass
@@ -153,6 +153,9 @@ class Allocation(models.Model):
     placement_record = models.JSONField(
         default=dict, blank=True, help_text="Where the job went and which of its rules and the owner's policy held."
     )
+    # Set when the allocation's usage samples were rolled up into UsageHour rows (marketplace/jobs/
+    # retention.py): from then on its usage is read from those, and its samples are left to go.
+    usage_rolled_up_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
@@ -160,6 +163,16 @@ class Allocation(models.Model):
             models.UniqueConstraint(
                 fields=["job"], condition=Q(released_at__isnull=True), name="allocation_one_active_per_job"
             ),
+            # What a usage sample's (allocation, allocation_started_at) refers to (PostgreSQL), so its
+            # partition key is always its allocation's start.
+            models.UniqueConstraint(fields=["id", "created_at"], name="allocation_id_started"),
+        ]
+        # The few allocations whose usage is still in raw samples: the roll-up's and the partition
+        # drop's look-ups.
+        indexes = [
+            models.Index(
+                fields=["released_at"], condition=Q(usage_rolled_up_at__isnull=True), name="allocation_not_rolled_up"
+            )
         ]
 
     def __str__(self) -> str:
@@ -233,13 +246,20 @@ class OfferSnapshot(models.Model):
 
 class UsageSample(models.Model):
     """GPU time reported by an agent for one allocation; (allocation, seq) is unique, so a
-    repeated or replayed sample can never be counted twice."""
+    repeated or replayed sample can never be counted twice.
+
+    On PostgreSQL the table is partitioned by ``allocation_started_at`` (a week a partition, see
+    marketplace/jobs/partitions.py): a unique constraint there must hold the partition key, and
+    since the key is the allocation's own start (a foreign key to (allocation, created_at) says
+    so), unique (allocation, seq, allocation_started_at) is the same guarantee. The model keeps
+    the plain constraint, which is what SQLite has."""
 
     allocation = models.ForeignKey(Allocation, on_delete=models.PROTECT, related_name="usage_samples")
     seq = models.PositiveIntegerField()
     gpu_ms = models.BigIntegerField(help_text="GPU-milliseconds in this sample (GPUs x wall time).")
     recorded_at = models.DateTimeField(help_text="When the agent took the sample.")
     received_at = models.DateTimeField(default=timezone.now)
+    allocation_started_at = models.DateTimeField(help_text="The allocation's created_at: the partition key.")
 
     class Meta:
         ordering = ["allocation", "seq"]
@@ -251,6 +271,36 @@ class UsageSample(models.Model):
 
     def __str__(self) -> str:
         return f"usage {self.allocation_id}#{self.seq}"
+
+
+class UsageHour(models.Model):
+    """An allocation's usage samples of one UTC hour (by ``recorded_at``), rolled up once the
+    allocation ended more than USAGE_DISPUTE_WINDOW_DAYS ago and all its usage was rated. The
+    sums are exactly those of the samples it replaced; ``billable_gpu_ms`` is what BILLABLE let
+    through, fixed for good once the allocation ended."""
+
+    allocation = models.ForeignKey(Allocation, on_delete=models.PROTECT, related_name="usage_hours")
+    hour = models.DateTimeField(help_text="The start of the UTC hour the samples were recorded in.")
+    samples = models.PositiveIntegerField()
+    gpu_ms = models.BigIntegerField()
+    billable_gpu_ms = models.BigIntegerField()
+    first_seq = models.PositiveIntegerField()
+    last_seq = models.PositiveIntegerField()
+    first_recorded_at = models.DateTimeField()
+    last_recorded_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["allocation", "hour"]
+        indexes = [models.Index(fields=["hour"], name="usage_hour_hour")]  # statements: usage within a range
+        constraints = [
+            models.UniqueConstraint(fields=["allocation", "hour"], name="usage_hour_unique"),
+            models.CheckConstraint(
+                condition=Q(billable_gpu_ms__gte=0, billable_gpu_ms__lte=F("gpu_ms")), name="usage_hour_billable_within"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"usage {self.allocation_id} {self.hour:%Y-%m-%d %H}h"
 
 
 class JobTemplate(models.Model):

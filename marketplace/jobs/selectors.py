@@ -1,8 +1,8 @@
-from django.db.models import BigIntegerField, OuterRef, Prefetch, QuerySet, Subquery, Sum
+from django.db.models import BigIntegerField, Case, OuterRef, Prefetch, QuerySet, Subquery, Sum, When
 from django.db.models.functions import Coalesce, Length
 
 from marketplace.jobs import ports
-from marketplace.jobs.models import Allocation, Job, LogChunk, UsageSample
+from marketplace.jobs.models import Allocation, Job, LogChunk, UsageHour, UsageSample
 from marketplace.jobs.usage import BILLABLE
 
 
@@ -12,7 +12,16 @@ def allocations_with_usage(allocations: QuerySet) -> QuerySet:
     in the allocations' own query instead of two queries per row."""
     used = UsageSample.objects.filter(allocation=OuterRef("pk")).filter(BILLABLE)
     total = used.order_by().values("allocation").annotate(total=Sum("gpu_ms")).values("total")
-    allocations = allocations.annotate(usage_gpu_ms=Coalesce(Subquery(total), 0, output_field=BigIntegerField()))
+    hours = UsageHour.objects.filter(allocation=OuterRef("pk")).order_by().values("allocation")
+    rolled_up = hours.annotate(total=Sum("billable_gpu_ms")).values("total")
+    # A rolled-up allocation's usage is in its hours (its samples may linger: see NOT_ROLLED_UP).
+    allocations = allocations.annotate(
+        usage_gpu_ms=Case(
+            When(usage_rolled_up_at__isnull=True, then=Coalesce(Subquery(total), 0)),
+            default=Coalesce(Subquery(rolled_up), 0),
+            output_field=BigIntegerField(),
+        )
+    )
     return ports.allocations_charged(allocations)
 
 

@@ -48,6 +48,10 @@ class SampleReport:
 BILLABLE = (Q(allocation__preempted_at__isnull=True) | Q(recorded_at__lte=F("allocation__preempted_at"))) & (
     Q(allocation__released_at__isnull=True) | Q(recorded_at__lte=F("allocation__released_at"))
 )
+# The samples still read as samples: those of allocations not rolled up into UsageHour rows
+# (marketplace/jobs/retention.py). A rolled-up allocation's usage is its hours' ``billable_gpu_ms``;
+# its samples may linger until their partition goes, and must not count twice.
+NOT_ROLLED_UP = Q(allocation__usage_rolled_up_at__isnull=True)
 
 
 @dataclass(frozen=True)
@@ -84,12 +88,15 @@ def usage_record(*, allocation: Allocation, samples: list[SampleReport]) -> tupl
         # Locked so that concurrent batches of one allocation are checked one after the other,
         # each against what the one before it stored.
         current = Allocation.objects.select_for_update().get(pk=allocation.pk)
-        stored = UsageSample.objects.filter(allocation=current, seq__in={sample.seq for sample in samples})
+        # The allocation's start names the one partition its samples are in (PostgreSQL).
+        stored = UsageSample.objects.filter(
+            allocation=current, allocation_started_at=current.created_at, seq__in={sample.seq for sample in samples}
+        )
         known = set(stored.values_list("seq", flat=True))
         new = _new_samples(samples, known)
         refusal = _refusal(current, new, now) if new else None
         if refusal is None:
-            accepted = len(_samples_insert([(current.pk, sample) for sample in new]))
+            accepted = len(_samples_insert([(current, sample) for sample in new]))
     if refusal is not None:
         _refused(current, refusal, samples=len(new), now=now)
         raise refusal
@@ -136,7 +143,8 @@ def _refusal(
     active_ms = max(0, round(((released or now) - allocation.created_at).total_seconds() * 1000))
     allowed = allocation.gpu_count * (active_ms + settings.USAGE_TOLERANCE_S * 1000)
     if before is None:
-        before = UsageSample.objects.filter(allocation=allocation).aggregate(total=Sum("gpu_ms"))["total"] or 0
+        mine = UsageSample.objects.filter(allocation=allocation, allocation_started_at=allocation.created_at)
+        before = mine.aggregate(total=Sum("gpu_ms"))["total"] or 0
     total = before + sum(sample.gpu_ms for sample in new)
     if total > allowed:
         detail = (
@@ -160,27 +168,29 @@ def _refused(allocation: Allocation, refusal: UsageRefused, *, samples: int, now
 
 
 # Table and columns are fixed by the model; only the VALUES placeholders vary with the batch.
+# No conflict target: the unique constraint is (allocation, seq) on SQLite and (allocation, seq,
+# allocation_started_at) on partitioned PostgreSQL (marketplace/jobs/partitions.py), the same rule.
 SAMPLES_INSERT = (
-    "INSERT INTO {table} (allocation_id, seq, gpu_ms, recorded_at, received_at) VALUES {rows} "
-    "ON CONFLICT (allocation_id, seq) DO NOTHING RETURNING allocation_id, seq"
+    "INSERT INTO {table} (allocation_id, seq, gpu_ms, recorded_at, received_at, allocation_started_at) "
+    "VALUES {rows} ON CONFLICT DO NOTHING RETURNING allocation_id, seq"
 )
 
 
-def _samples_insert(rows: list[tuple[uuid.UUID, SampleReport]]) -> set[tuple[uuid.UUID, int]]:
+def _samples_insert(rows: list[tuple[Allocation, SampleReport]]) -> set[tuple[uuid.UUID, int]]:
     """Insert (allocation, sample) rows, INSERT_ROWS to a statement, skipping (allocation, seq)
     pairs already stored; returns the pairs that were new. RETURNING lists only the rows the
     statement inserted (PostgreSQL, SQLite >= 3.35), so the count stays exact even if the same
-    samples were stored meanwhile."""
+    samples were stored meanwhile. Each row carries its allocation's start, the partition key."""
     prep = connection.ops.adapt_datetimefield_value
     field = UsageSample._meta.get_field("allocation")
     received_at = prep(timezone.now())
     inserted = set()
     for start in range(0, len(rows), INSERT_ROWS):
         chunk, params = rows[start : start + INSERT_ROWS], []
-        for allocation_id, sample in chunk:
-            params += [field.get_db_prep_save(allocation_id, connection), sample.seq, sample.gpu_ms,
-                       prep(sample.recorded_at), received_at]  # fmt: skip
-        values = ", ".join(["(%s, %s, %s, %s, %s)"] * len(chunk))
+        for allocation, sample in chunk:
+            params += [field.get_db_prep_save(allocation.pk, connection), sample.seq, sample.gpu_ms,
+                       prep(sample.recorded_at), received_at, prep(allocation.created_at)]  # fmt: skip
+        values = ", ".join(["(%s, %s, %s, %s, %s, %s)"] * len(chunk))
         with connection.cursor() as cursor:
             cursor.execute(SAMPLES_INSERT.format(table=UsageSample._meta.db_table, rows=values), params)
             inserted.update((_uuid(allocation_id), seq) for allocation_id, seq in cursor.fetchall())
@@ -225,13 +235,15 @@ def usage_record_many(reports: list[UsageReport]) -> list[tuple[int, int] | None
             and allocation.unit_id == report.unit_id
         }
         seqs = {sample.seq for report in reports for sample in report.samples}
+        # The allocations' starts name the partitions their samples are in (PostgreSQL).
+        stored = UsageSample.objects.filter(
+            allocation_id__in=mine, allocation_started_at__in={allocations[pk].created_at for pk in mine}
+        )
         known: defaultdict[uuid.UUID, set[int]] = defaultdict(set)
-        for allocation_id, seq in UsageSample.objects.filter(allocation_id__in=mine, seq__in=seqs).values_list(
-            "allocation_id", "seq"
-        ):
+        for allocation_id, seq in stored.filter(seq__in=seqs).values_list("allocation_id", "seq"):
             known[allocation_id].add(seq)
-        totals = defaultdict(int, UsageSample.objects.filter(allocation_id__in=mine).values("allocation_id")
-                             .annotate(total=Sum("gpu_ms")).values_list("allocation_id", "total"))  # fmt: skip
+        totals = defaultdict(int, stored.values("allocation_id").annotate(total=Sum("gpu_ms"))
+                             .values_list("allocation_id", "total"))  # fmt: skip
         taken: list[list[SampleReport] | None] = []
         for report in reports:
             allocation = allocations.get(report.allocation_id)
@@ -246,7 +258,11 @@ def usage_record_many(reports: list[UsageReport]) -> list[tuple[int, int] | None
             totals[allocation.pk] += sum(sample.gpu_ms for sample in new)
             taken.append(new)
         inserted = _samples_insert(
-            [(report.allocation_id, sample) for report, new in zip(reports, taken, strict=True) for sample in new or []]
+            [
+                (allocations[report.allocation_id], sample)
+                for report, new in zip(reports, taken, strict=True)
+                for sample in new or []
+            ]
         )
     results = []
     for report, new in zip(reports, taken, strict=True):

@@ -497,7 +497,10 @@ CELERY_BEAT_SCHEDULE = {
     "idempotency-prune": {"task": "marketplace.jobs.tasks.idempotency_records_prune", "schedule": crontab(minute=17)},
     # Retention: each run does what fits in RETENTION_RUN_BUDGET_S and leaves the rest to the next.
     "usage-roll-up": {"task": "marketplace.jobs.tasks.usage_samples_roll_up", "schedule": crontab(minute=23)},
-    "usage-partitions": {"task": "marketplace.jobs.tasks.usage_partitions_maintain", "schedule": crontab(hour=3, minute=41)},
+    "usage-partitions": {
+        "task": "marketplace.jobs.tasks.usage_partitions_maintain",
+        "schedule": crontab(hour=3, minute=41),
+    },
     "log-chunks-prune": {"task": "marketplace.jobs.tasks.log_chunks_prune", "schedule": crontab(minute=29)},
     "audit-archive": {"task": "marketplace.kernel.tasks.audit_events_archive", "schedule": crontab(minute=35)},
     "outbox-prune": {"task": "billing.tasks.outbox_messages_prune", "schedule": crontab(minute=47)},

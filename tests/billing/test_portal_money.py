@@ -362,8 +362,9 @@ def units_with_work(owner, renter, *, units: int):
         sample_posted(allocation, seq=2, gpu_ms=1_800_000, recorded_at=at(0, 0), posted_at=at(0, 0, 1))
 
 
-# Session, user, payable, earnings per day, units, usage per unit-day, recent lines, transfers, Connect profile.
-EARNINGS_PAGE_QUERIES = 9
+# Session, user, payable, earnings per day, units, usage per unit-day (samples, and the hours rolled up
+# from older ones), recent lines, transfers, Connect profile.
+EARNINGS_PAGE_QUERIES = 10
 
 
 @pytest.mark.parametrize("units", [1, 6])

@@ -214,9 +214,10 @@ class TestQueryCounts:
     ):
         user = owner if path.startswith("earnings") else renter
         api = renter_client(user)
-        # Two to authenticate, four for the statement; more jobs, units and days add none.
+        # Two to authenticate, five for the statement (usage: samples, and the hours rolled up
+        # from older ones); more jobs, units and days add none.
         for n in range(5):
             ran(allocation_on(history["garden"], renter, f"extra-{n}"), seq=1, gpu_ms=HOUR_MS, at=DAY1)
-        with django_assert_max_num_queries(6):
+        with django_assert_max_num_queries(7):
             response = api.get(f"/api/v1/statements/{path}&{RANGE}")
         assert response.status_code == 200

@@ -54,7 +54,11 @@ def test_a_sound_history_breaks_no_invariant(finished):
 def test_usage_not_charged_is_a_billing_and_a_wallet_fault_until_it_is_posted(finished):
     _, job, allocation = finished
     UsageSample.objects.create(
-        allocation=allocation, seq=9, gpu_ms=30_000, recorded_at=allocation.released_at - timedelta(seconds=1)
+        allocation=allocation,
+        allocation_started_at=allocation.created_at,
+        seq=9,
+        gpu_ms=30_000,
+        recorded_at=allocation.released_at - timedelta(seconds=1),
     )
 
     assert set(found()) == {"billing", "wallet"}
@@ -66,7 +70,11 @@ def test_usage_after_the_release_is_owed_by_nobody(finished):
     """A sample recorded after the release is not billable: charging it would be the fault."""
     _, _, allocation = finished
     UsageSample.objects.create(
-        allocation=allocation, seq=9, gpu_ms=1_000, recorded_at=allocation.released_at + timedelta(seconds=5)
+        allocation=allocation,
+        allocation_started_at=allocation.created_at,
+        seq=9,
+        gpu_ms=1_000,
+        recorded_at=allocation.released_at + timedelta(seconds=5),
     )
 
     assert found() == {}
@@ -96,7 +104,11 @@ def test_usage_beyond_an_allocations_life_is_implausible(finished):
     _, _, allocation = finished
     life_ms = (allocation.released_at - allocation.created_at).total_seconds() * 1000
     UsageSample.objects.create(
-        allocation=allocation, seq=9, gpu_ms=int(life_ms) + 10_000_000, recorded_at=allocation.created_at
+        allocation=allocation,
+        allocation_started_at=allocation.created_at,
+        seq=9,
+        gpu_ms=int(life_ms) + 10_000_000,
+        recorded_at=allocation.created_at,
     )
     usage_post(allocation_id=allocation.pk)
 
