@@ -149,3 +149,50 @@ def test_log_lines_carry_the_ids_bound_where_they_were_written():
     assert line | {} == {"levelname": "INFO", "message": "job placed", "job": "j-1", "unit": "u-1", "allocation": "a-1"}
     with pytest.raises(ValueError, match="not a log context field"):
         log_context(password="x").__enter__()
+
+
+def test_a_jobs_steps_are_traced_under_its_submit_across_processes(settings):
+    """The submit's span context goes through the cache, so a step recorded by another process
+    (a worker placing it, a server hearing it started) is a child of the submit's span."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from marketplace.kernel.tracing import trace_remember, trace_step
+
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+
+    settings.OTEL_EXPORTER_OTLP_ENDPOINT = ""
+    trace_step("job.placed", "job-0")  # switched off: nothing recorded
+    assert exporter.get_finished_spans() == ()
+
+    settings.OTEL_EXPORTER_OTLP_ENDPOINT = "http://collector.invalid:4318"
+    with trace.get_tracer("test").start_as_current_span("POST /api/v1/jobs") as submit:
+        trace_remember("job-1")
+    trace_step("job.placed", "job-1", unit="u-1")
+    trace_step("job.started", "job-1")
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    for step in ("job.placed", "job.started"):
+        assert spans[step].parent.span_id == submit.get_span_context().span_id
+        assert spans[step].context.trace_id == submit.get_span_context().trace_id
+    assert spans["job.placed"].attributes["shedshare.unit"] == "u-1"
+
+
+def test_the_grafana_dashboard_shows_only_metrics_the_marketplace_exports(client):
+    import re
+    from pathlib import Path
+
+    from django.conf import settings
+
+    dashboard = json.loads((Path(settings.BASE_DIR) / "docker" / "grafana" / "shedshare.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    shown = {re.sub(r"_(total|bucket|count|sum)$", "", name) for e in exprs for name in re.findall(r"shedshare_\w+", e)}
+    response = client.get("/metrics", REMOTE_ADDR="127.0.0.1")
+    exported = {family.name for family in text_string_to_metric_families(response.content.decode())}
+    assert len(shown) > 20 and shown <= exported, shown - exported
