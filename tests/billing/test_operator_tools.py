@@ -420,3 +420,25 @@ class TestReconcileCommand:
         code, out = command("reconcile_stripe")
 
         assert code == 1 and out.startswith("Stripe is not configured")
+
+
+class TestPages:
+    def test_each_list_and_row_reads_without_a_form_to_change_it(self, operator, renter, stripe_fake, plain_static):
+        topup = topup_create(renter=renter, amount_minor=2500)
+        client = Client()
+        client.force_login(operator)
+        rows = {
+            "outboxmessage": topup.outbox_id,
+            "topup": topup.pk,
+            "billingprofile": renter.billing.pk,
+            "webhookevent": WebhookEvent.objects.create(event_id="evt_1", type="account.updated", payload={}).pk,
+        }
+        for model, pk in rows.items():
+            assert client.get(f"/admin/billing/{model}/").status_code == 200
+            page = client.get(f"/admin/billing/{model}/{pk}/change/").content.decode()
+            assert 'name="_save"' not in page
+
+        assert (
+            topup.client_secret
+            and topup.client_secret not in client.get(f"/admin/billing/topup/{topup.pk}/change/").content.decode()
+        )

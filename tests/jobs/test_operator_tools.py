@@ -249,3 +249,15 @@ class TestUnitDrain:
         Unit.objects.filter(pk=unit.pk).update(status=Unit.Status.OFFLINE)
 
         assert command("unit_drain", str(unit.pk)) == (1, "Only an online unit can be drained; this one is offline.")
+
+
+def test_the_job_list_shows_each_job_s_unit_and_finds_jobs_by_it(operator, renter, shed, plain_static):
+    job, _ = placed(renter)
+    waiting = job_make(renter)
+    client = Client()
+    client.force_login(operator)
+
+    page = client.get("/admin/jobs/job/?q=shed").content.decode()
+
+    assert str(job.pk) in page and str(waiting.pk) not in page
+    assert '<td class="field-unit">shed</td>' in page
