@@ -4,7 +4,7 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
-from marketplace.devtools.bench import agents, metering, offers, placement, relay, replay, staging
+from marketplace.devtools.bench import agents, metering, offers, placement, relay, replay, retention, staging
 
 BENCHMARKS = {
     "placement": placement,
@@ -14,6 +14,7 @@ BENCHMARKS = {
     "agents": agents,
     "staging": staging,
     "relay": relay,
+    "retention": retention,
 }
 
 
