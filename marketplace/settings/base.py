@@ -4,6 +4,7 @@
 
 import importlib.util
 import ipaddress
+import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -545,6 +546,8 @@ METRICS_ALLOWED_NETWORKS = [
 # A Celery worker serves its host's metrics on this port (0: none); the web server's /metrics
 # covers only the processes that share its PROMETHEUS_MULTIPROC_DIR.
 METRICS_WORKER_PORT = env_int("METRICS_WORKER_PORT", 0)
+if _metrics_dir := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    Path(_metrics_dir).mkdir(parents=True, exist_ok=True)  # a fresh emptyDir has none yet
 # /readyz reports the workers stopped once the liveness sweep (every LIVENESS_SWEEP_S) is this late.
 READINESS_WORKERS_STALE_S = env_int("READINESS_WORKERS_STALE_S", max(60, 10 * LIVENESS_SWEEP_S))
 # Error reports (Sentry) and traces (OpenTelemetry over OTLP/HTTP) are off unless configured.
