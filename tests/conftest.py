@@ -215,3 +215,50 @@ def ledger_backdate(txn, at) -> None:
         LedgerTransaction.objects.filter(pk=txn.pk).update(created_at=at)
         if connection.vendor == "postgresql":
             cursor.execute("SET LOCAL session_replication_role = DEFAULT")
+
+
+# --- The operator's tools: admin actions and runbook commands -----------------------------------
+
+
+@pytest.fixture
+def operator(db):
+    return user_make("otto-operator", is_staff=True, is_superuser=True)
+
+
+@pytest.fixture
+def plain_static(settings):
+    """Admin pages render without the collected static files' manifest."""
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    }
+
+
+def admin_action(user, action: str, rows) -> list[str]:
+    """POST the admin changelist's ``action`` for ``rows`` (of one model) as ``user``; the
+    messages it left, one per row."""
+    from django.contrib.messages import get_messages
+    from django.test import Client
+
+    meta = rows[0]._meta
+    client = Client()
+    client.force_login(user)
+    response = client.post(
+        f"/admin/{meta.app_label}/{meta.model_name}/", {"action": action, "_selected_action": [str(r.pk) for r in rows]}
+    )
+    assert response.status_code in (200, 302), response.content
+    return [str(message) for message in get_messages(response.wsgi_request)]
+
+
+def command(*args) -> tuple[int, str]:
+    """A management command's exit code and what it printed (its error line, if it failed)."""
+    from io import StringIO
+
+    from django.core.management import CommandError, call_command
+
+    out = StringIO()
+    try:
+        call_command(*args, stdout=out)
+    except CommandError as error:
+        return error.returncode, f"{out.getvalue()}{error}"
+    return 0, out.getvalue()

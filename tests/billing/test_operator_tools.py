@@ -3,12 +3,9 @@ webhook events, top-ups and billing profiles, each changed only through a servic
 who did it, and only by staff holding the change permission."""
 
 from datetime import timedelta
-from io import StringIO
 
 import pytest
 from django.contrib.auth.models import Permission
-from django.contrib.messages import get_messages
-from django.core.management import CommandError, call_command
 from django.test import Client
 from django.utils import timezone
 
@@ -21,14 +18,9 @@ from billing.webhooks import webhook_process, webhook_subject
 from marketplace.kernel.errors import StateConflict
 from marketplace.kernel.models import AuditEvent
 from tests.billing.test_payouts import NOW, OLD, earned, onboarded, transfer_of
-from tests.conftest import user_make
+from tests.conftest import admin_action, command, user_make
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def operator(db):
-    return user_make("otto-operator", is_staff=True, is_superuser=True)
 
 
 @pytest.fixture
@@ -39,34 +31,6 @@ def clerk(db):
         Permission.objects.filter(content_type__app_label="billing", codename__startswith="view_")
     )
     return user
-
-
-@pytest.fixture
-def plain_static(settings):
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
-    }
-
-
-def admin_action(user, model: str, action: str, rows) -> list[str]:
-    """POST the changelist's action for the rows as ``user``; the messages it left."""
-    client = Client()
-    client.force_login(user)
-    response = client.post(
-        f"/admin/billing/{model}/", {"action": action, "_selected_action": [str(row.pk) for row in rows]}
-    )
-    assert response.status_code in (200, 302), response.content
-    return [str(message) for message in get_messages(response.wsgi_request)]
-
-
-def command(*args) -> tuple[int, str]:
-    out = StringIO()
-    try:
-        call_command(*args, stdout=out)
-    except CommandError as error:
-        return error.returncode, f"{out.getvalue()}{error}"
-    return 0, out.getvalue()
 
 
 def customer_row(user, *, state=OutboxMessage.State.FAILED) -> OutboxMessage:
@@ -92,7 +56,7 @@ class TestOutboxRetry:
         message = customer_row(renter)
 
         with django_capture_on_commit_callbacks() as scheduled:
-            notes = admin_action(operator, "outboxmessage", "retry_now", [message])
+            notes = admin_action(operator, "retry_now", [message])
 
         assert notes == [f"{message}: queued to send now."]  # the row as it was
         message.refresh_from_db()
@@ -123,7 +87,7 @@ class TestOutboxRetry:
     def test_staff_without_the_change_permission_cannot_retry(self, clerk, renter, plain_static):
         message = customer_row(renter)
 
-        admin_action(clerk, "outboxmessage", "retry_now", [message])
+        admin_action(clerk, "retry_now", [message])
 
         assert OutboxMessage.objects.get(pk=message.pk).state == OutboxMessage.State.FAILED
         assert audit_actors("outbox.retried") == []
@@ -131,7 +95,7 @@ class TestOutboxRetry:
     def test_a_sent_row_is_not_sent_again(self, operator, renter, stripe_fake):
         message = outbox_send(customer_row(renter, state=OutboxMessage.State.PENDING).pk)
 
-        notes = admin_action(operator, "outboxmessage", "retry_now", [message])
+        notes = admin_action(operator, "retry_now", [message])
 
         assert notes == [f"{message}: The message is sent: there is nothing to send again."]
 
@@ -170,7 +134,7 @@ class TestOutboxCancel:
     def test_the_operator_cancels_an_unsent_customer(self, operator, renter):
         message = customer_row(renter, state=OutboxMessage.State.PENDING)
 
-        notes = admin_action(operator, "outboxmessage", "cancel", [message])
+        notes = admin_action(operator, "cancel", [message])
 
         assert notes == [f"{message}: cancelled."]
         assert OutboxMessage.objects.get(pk=message.pk).state == OutboxMessage.State.CANCELLED
@@ -199,7 +163,7 @@ class TestOutboxCancel:
     def test_rows_that_move_money_or_bill_usage_are_never_cancelled(self, operator, renter, operation, payload):
         message = outbox_enqueue(operation=operation, payload=payload, user=renter)
 
-        [note] = admin_action(operator, "outboxmessage", "cancel", [message])
+        [note] = admin_action(operator, "cancel", [message])
 
         assert f"A {operation} row is never cancelled" in note
         assert OutboxMessage.objects.get(pk=message.pk).state == OutboxMessage.State.PENDING
@@ -208,7 +172,7 @@ class TestOutboxCancel:
     def test_staff_without_the_change_permission_cannot_cancel(self, clerk, renter, plain_static):
         message = customer_row(renter, state=OutboxMessage.State.PENDING)
 
-        admin_action(clerk, "outboxmessage", "cancel", [message])
+        admin_action(clerk, "cancel", [message])
 
         assert OutboxMessage.objects.get(pk=message.pk).state == OutboxMessage.State.PENDING
 
@@ -231,8 +195,8 @@ class TestWebhookReplay:
     def test_the_operator_replays_an_event_that_needs_a_person_and_the_wallet_is_credited_once(
         self, operator, renter, needs_person
     ):
-        notes = admin_action(operator, "webhookevent", "replay", [needs_person])
-        again = admin_action(operator, "webhookevent", "replay", [needs_person])
+        notes = admin_action(operator, "replay", [needs_person])
+        again = admin_action(operator, "replay", [needs_person])
 
         assert notes == again == [f"{needs_person}: processed."]
         assert wallet_balance_micros(renter) == 2500 * 10_000
@@ -256,7 +220,7 @@ class TestWebhookReplay:
         assert "needs a person" in page
 
     def test_staff_without_the_change_permission_cannot_replay(self, clerk, renter, needs_person, plain_static):
-        admin_action(clerk, "webhookevent", "replay", [needs_person])
+        admin_action(clerk, "replay", [needs_person])
 
         assert wallet_balance_micros(renter) == 0
 
@@ -292,8 +256,8 @@ class TestTopUpRefresh:
         topup = topup_create(renter=renter, amount_minor=2500)
         stripe_fake.succeed_payment(topup.payment_intent_id)
 
-        notes = admin_action(operator, "topup", "refresh_from_stripe", [topup])
-        again = admin_action(operator, "topup", "refresh_from_stripe", [topup])
+        notes = admin_action(operator, "refresh_from_stripe", [topup])
+        again = admin_action(operator, "refresh_from_stripe", [topup])
 
         assert notes == [f"{topup}: succeeded."]
         assert again == [
@@ -306,7 +270,7 @@ class TestTopUpRefresh:
         topup = topup_create(renter=renter, amount_minor=2500)
         stripe_fake.fail_payment(topup.payment_intent_id)
 
-        admin_action(operator, "topup", "refresh_from_stripe", [topup])
+        admin_action(operator, "refresh_from_stripe", [topup])
 
         assert TopUp.objects.get(pk=topup.pk).state == TopUp.State.FAILED
 
@@ -315,7 +279,7 @@ class TestTopUpRefresh:
         topup = topup_create(renter=renter, amount_minor=2500)
         OutboxMessage.objects.filter(pk=topup.outbox_id).update(next_attempt_at=timezone.now() + timedelta(hours=1))
 
-        admin_action(operator, "topup", "refresh_from_stripe", [topup])
+        admin_action(operator, "refresh_from_stripe", [topup])
 
         topup.refresh_from_db()
         assert topup.state == TopUp.State.AWAITING_PAYMENT and topup.payment_intent_id
@@ -324,7 +288,7 @@ class TestTopUpRefresh:
         topup = topup_create(renter=renter, amount_minor=2500)
         stripe_fake.fail_next("/v1/payment_intents", "server_error")
 
-        [note] = admin_action(operator, "topup", "refresh_from_stripe", [topup])
+        [note] = admin_action(operator, "refresh_from_stripe", [topup])
 
         assert note.startswith(f"{topup}: ") and TopUp.objects.get(pk=topup.pk).state == TopUp.State.AWAITING_PAYMENT
 
@@ -335,7 +299,7 @@ class TestBillingProfileSync:
         BillingProfile.objects.filter(user=owner).update(payouts_enabled=False)
         stripe_fake.account_update(account_id, requirements={"currently_due": ["external_account"]})
 
-        notes = admin_action(operator, "billingprofile", "sync_from_stripe", [owner.billing])
+        notes = admin_action(operator, "sync_from_stripe", [owner.billing])
 
         profile = BillingProfile.objects.get(user=owner)
         assert notes == [f"{profile}: payouts enabled."]
@@ -345,7 +309,7 @@ class TestBillingProfileSync:
     def test_a_profile_without_a_connect_account_is_refused(self, operator, renter):
         profile = BillingProfile.objects.create(user=renter)
 
-        [note] = admin_action(operator, "billingprofile", "sync_from_stripe", [profile])
+        [note] = admin_action(operator, "sync_from_stripe", [profile])
 
         assert "no Connect account" in note
 

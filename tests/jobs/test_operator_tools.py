@@ -2,12 +2,9 @@
 requeue a job through its services, drain a unit that misbehaves, each recorded with its operator;
 a job that may be running is never queued a second time."""
 
-from io import StringIO
 
 import pytest
 from django.contrib.auth.models import Permission
-from django.contrib.messages import get_messages
-from django.core.management import CommandError, call_command
 from django.test import Client
 
 from marketplace.jobs.models import Allocation, Job
@@ -17,16 +14,11 @@ from marketplace.kernel.errors import StateConflict
 from marketplace.kernel.models import AuditEvent
 from nodes.agent import protocol
 from nodes.models import Unit
-from tests.conftest import agent_client, job_make, unit_online, user_make
+from tests.conftest import admin_action, agent_client, command, job_make, unit_online, user_make
 
 pytestmark = pytest.mark.django_db
 
 AGENT = "/api/agent/v1"
-
-
-@pytest.fixture
-def operator(db):
-    return user_make("otto-operator", is_staff=True, is_superuser=True)
 
 
 @pytest.fixture
@@ -35,14 +27,6 @@ def clerk(db):
     user = user_make("clara-clerk", is_staff=True)
     user.user_permissions.set(Permission.objects.filter(codename="view_job"))
     return user
-
-
-@pytest.fixture
-def plain_static(settings):
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
-    }
 
 
 @pytest.fixture
@@ -74,23 +58,6 @@ def lost(renter, shed) -> Job:
     assert job.state == Job.State.LOST
     Unit.objects.filter(pk=unit.pk).update(status=Unit.Status.ONLINE)
     return job
-
-
-def admin_action(user, action: str, jobs) -> list[str]:
-    client = Client()
-    client.force_login(user)
-    response = client.post("/admin/jobs/job/", {"action": action, "_selected_action": [str(j.pk) for j in jobs]})
-    assert response.status_code in (200, 302), response.content
-    return [str(message) for message in get_messages(response.wsgi_request)]
-
-
-def command(*args) -> tuple[int, str]:
-    out = StringIO()
-    try:
-        call_command(*args, stdout=out)
-    except CommandError as error:
-        return error.returncode, f"{out.getvalue()}{error}"
-    return 0, out.getvalue()
 
 
 def actors(action: str, job) -> list[str]:

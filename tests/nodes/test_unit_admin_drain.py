@@ -3,19 +3,12 @@ look cannot."""
 
 import pytest
 from django.contrib.auth.models import Permission
-from django.contrib.messages import get_messages
-from django.test import Client
 
 from marketplace.kernel.models import AuditEvent
 from nodes.models import Unit
-from tests.conftest import unit_online, user_make
+from tests.conftest import admin_action, unit_online, user_make
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def operator(db):
-    return user_make("otto-operator", is_staff=True, is_superuser=True)
 
 
 @pytest.fixture
@@ -23,22 +16,6 @@ def clerk(db):
     user = user_make("clara-clerk", is_staff=True)
     user.user_permissions.set(Permission.objects.filter(codename="view_unit"))
     return user
-
-
-@pytest.fixture
-def plain_static(settings):
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
-    }
-
-
-def admin_action(user, action: str, units) -> list[str]:
-    client = Client()
-    client.force_login(user)
-    response = client.post("/admin/nodes/unit/", {"action": action, "_selected_action": [str(u.pk) for u in units]})
-    assert response.status_code in (200, 302), response.content
-    return [str(message) for message in get_messages(response.wsgi_request)]
 
 
 def test_the_operator_drains_a_unit_and_resumes_it(operator, owner):
