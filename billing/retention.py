@@ -20,8 +20,7 @@ from django.utils import timezone
 
 from billing.meters import OPERATION as METER_EVENTS
 from billing.models import OutboxMessage, TopUp, WebhookEvent
-from marketplace.kernel.metrics import RETENTION_ROWS
-from marketplace.kernel.retention import Budget
+from marketplace.kernel.retention import Budget, rows_prune
 
 KEPT_OPERATIONS = (METER_EVENTS, "transfers.create", "transfers.create_reversal")
 SETTLED = (OutboxMessage.State.SENT, OutboxMessage.State.FAILED)
@@ -35,7 +34,7 @@ def outbox_messages_prune(*, now: datetime | None = None, budget: Budget | None 
         .exclude(operation__in=KEPT_OPERATIONS)
         .exclude(Exists(TopUp.objects.filter(outbox=OuterRef("pk"))))
     )
-    return _prune(old, OutboxMessage, budget or Budget(None))
+    return rows_prune(old, budget or Budget(None))
 
 
 def webhook_events_prune(*, now: datetime | None = None, budget: Budget | None = None) -> int:
@@ -43,17 +42,4 @@ def webhook_events_prune(*, now: datetime | None = None, budget: Budget | None =
     days = max(settings.RETENTION_WEBHOOK_DAYS, settings.RETENTION_WEBHOOK_MIN_DAYS)
     cutoff = (now or timezone.now()) - timedelta(days=days)
     old = WebhookEvent.objects.filter(processed_at__isnull=False, received_at__lt=cutoff)
-    return _prune(old, WebhookEvent, budget or Budget(None))
-
-
-def _prune(old, model, budget: Budget) -> int:
-    """Delete ``old``'s rows RETENTION_BATCH a statement (each its own transaction), oldest pk first."""
-    deleted = 0
-    while budget.left():
-        ids = list(old.order_by("pk").values_list("pk", flat=True)[: settings.RETENTION_BATCH])
-        if not ids:
-            break
-        count, _ = model.objects.filter(pk__in=ids).delete()
-        deleted += count
-        RETENTION_ROWS.labels(table=model._meta.db_table, action="pruned").inc(count)
-    return deleted
+    return rows_prune(old, budget or Budget(None))

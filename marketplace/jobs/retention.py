@@ -30,7 +30,7 @@ from marketplace.jobs.selectors import allocations_with_usage
 from marketplace.jobs.usage import BILLABLE
 from marketplace.kernel.metrics import RETENTION_ROWS
 from marketplace.kernel.money import usage_cost_micros
-from marketplace.kernel.retention import Budget
+from marketplace.kernel.retention import Budget, rows_prune
 
 log = logging.getLogger(__name__)
 
@@ -192,12 +192,4 @@ def log_chunks_prune(*, now: datetime | None = None, budget: Budget | None = Non
     RETENTION_BATCH a transaction; returns how many went."""
     now, budget = now or timezone.now(), budget or Budget(None)
     old = LogChunk.objects.filter(allocation__released_at__lt=now - timedelta(days=settings.RETENTION_LOG_DAYS))
-    deleted = 0
-    while budget.left():
-        ids = list(old.order_by("pk").values_list("pk", flat=True)[: settings.RETENTION_BATCH])
-        if not ids:
-            break
-        count, _ = LogChunk.objects.filter(pk__in=ids).delete()
-        deleted += count
-        RETENTION_ROWS.labels(table=LogChunk._meta.db_table, action="pruned").inc(count)
-    return deleted
+    return rows_prune(old, budget)

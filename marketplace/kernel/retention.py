@@ -42,6 +42,20 @@ class Budget:
         return self.ends is None or self.clock() < self.ends
 
 
+def rows_prune(old, budget: Budget) -> int:
+    """Delete the rows of the queryset ``old`` RETENTION_BATCH a statement (each its own
+    transaction), oldest pk first, while the budget lasts; returns how many went."""
+    model, deleted = old.model, 0
+    while budget.left():
+        ids = list(old.order_by("pk").values_list("pk", flat=True)[: settings.RETENTION_BATCH])
+        if not ids:
+            break
+        count, _ = model.objects.filter(pk__in=ids).delete()
+        deleted += count
+        RETENTION_ROWS.labels(table=model._meta.db_table, action="pruned").inc(count)
+    return deleted
+
+
 def archive_dir() -> Path:
     return Path(settings.RETENTION_ARCHIVE_DIR) / "audit"
 
