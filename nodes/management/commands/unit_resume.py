@@ -3,7 +3,7 @@
 from django.core.management.base import BaseCommand, CommandError
 
 from marketplace.kernel.audit import command_actor
-from nodes.selectors import units_named
+from nodes.management.lookup import unit_named
 from nodes.services import unit_resume
 
 
@@ -14,15 +14,8 @@ class Command(BaseCommand):
         parser.add_argument("unit", help="The unit's id, or its name.")
 
     def handle(self, *args, unit: str, **options):
-        found = list(units_named(unit))
-        if len(found) != 1:
-            raise CommandError(
-                f"No unit has the id or name {unit!r}."
-                if not found
-                else f"{len(found)} units are named {unit!r}: "
-                f"name one by its id ({', '.join(str(u.pk) for u in found)})."
-            )
-        if not found[0].drain_requested:
-            raise CommandError(f"Unit {found[0].name} is not draining ({found[0].get_status_display().lower()}).")
-        resumed = unit_resume(unit=found[0], actor=command_actor())
+        found = unit_named(unit)
+        if not found.drain_requested:
+            raise CommandError(f"Unit {found.name} is not draining ({found.get_status_display().lower()}).")
+        resumed = unit_resume(unit=found, actor=command_actor())
         self.stdout.write(f"Unit {resumed.name} ({resumed.pk}) is {resumed.get_status_display().lower()}.")

@@ -5,7 +5,7 @@ from django.core.management.base import BaseCommand, CommandError
 from marketplace.jobs.services import unit_jobs_stop
 from marketplace.kernel.audit import command_actor
 from marketplace.kernel.errors import StateConflict
-from nodes.selectors import units_named
+from nodes.management.lookup import unit_named
 from nodes.services import unit_drain
 
 
@@ -23,15 +23,9 @@ class Command(BaseCommand):
         mode.add_argument("--let-finish", action="store_true", help="Let its jobs finish (the default).")
 
     def handle(self, *args, unit: str, stop_jobs: bool, **options):
-        found = list(units_named(unit))
-        if not found:
-            raise CommandError(f"No unit has the id or name {unit!r}.")
-        if len(found) > 1:
-            ids = ", ".join(f"{u.pk} (owner {u.owner})" for u in found)
-            raise CommandError(f"{len(found)} units are named {unit!r}; name one by its id: {ids}.")
         actor = command_actor()
         try:
-            drained = unit_drain(unit=found[0], actor=actor)
+            drained = unit_drain(unit=unit_named(unit), actor=actor)
         except StateConflict as error:
             raise CommandError(error.detail) from None
         self.stdout.write(f"Unit {drained.name} ({drained.pk}) is {drained.get_status_display().lower()}.")
